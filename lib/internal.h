@@ -1,0 +1,111 @@
+/* Engine internals shared by lib/ and ops/. Not installed. */
+#ifndef PLASA_INTERNAL_H
+#define PLASA_INTERNAL_H
+
+#include "plasa.h"
+
+#include <stdarg.h>
+#include <string.h>
+
+#define PL_TENSOR_MAGIC 0x504c5453u /* "PLTS" */
+#define PL_MAX_INPUTS 6
+#define PL_ALIGN 64
+
+/* Hot kernels are compiled twice, baseline x86-64 and AVX2+FMA, and picked at
+ * load time (ifunc), so one binary runs on any x86-64 and is fast on AVX2. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(PL_NO_CLONES)
+#define PL_KERNEL __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PL_KERNEL
+#endif
+
+/* ---- errors ---- */
+/* Sets the thread's error and returns s. Messages read "fn: what was wrong". */
+pl_status pl__err(pl_status s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* ---- heap (counted, hookable) ---- */
+void *pl__malloc(size_t size);
+void *pl__calloc(size_t n, size_t size);
+void pl__free(void *p);
+char *pl__strdup(const char *s);
+
+/* ---- arena ---- */
+typedef struct pl_chunk {
+    struct pl_chunk *next;
+    size_t size, used;
+    unsigned char *data; /* PL_ALIGN aligned */
+} pl_chunk;
+
+typedef struct {
+    pl_chunk *head, *cur;
+    size_t in_use, peak;
+    size_t min_chunk;
+} pl_arena;
+
+void *pl__arena_alloc(pl_arena *a, size_t bytes); /* NULL + error on OOM */
+void pl__arena_reset(pl_arena *a);
+void pl__arena_free(pl_arena *a);
+
+/* ---- tape ---- */
+typedef struct pl_node pl_node;
+typedef void (*pl_backward_fn)(pl_ctx *ctx, pl_node *node);
+
+struct pl_node {
+    pl_node *prev;
+    pl_backward_fn backward;
+    const char *op; /* for messages */
+    pl_tensor *out;
+    int n_in;
+    pl_tensor *in[PL_MAX_INPUTS];
+    void *saved;     /* op-specific data, arena-allocated */
+    int64_t iarg[6]; /* op-specific integers */
+    float farg[4];   /* op-specific floats */
+};
+
+struct pl_ctx {
+    pl_arena arena;
+    pl_arena hdr[2]; /* tensor headers, alternating by epoch (see pl_step_reset) */
+    uint64_t epoch;
+    pl_node *tape;
+    bool grad_enabled;
+    bool tape_consumed;
+    pl_tensor **params;
+    int n_params, cap_params;
+    pl_tensor **persist; /* every persistent tensor, for pl_ctx_free */
+    int n_persist, cap_persist;
+};
+
+/* Checks that t is a live tensor of this context with the given dtype.
+ * argname names the argument in the message. Returns PL_OK or the error. */
+pl_status pl__check(pl_ctx *ctx, const char *fn, const char *argname, const pl_tensor *t,
+                    pl_dtype dt);
+/* A new step tensor with uninitialised data. */
+pl_tensor *pl__new(pl_ctx *ctx, pl_dtype dt, int ndim, const int64_t *shape);
+/* A new step tensor header sharing data with src (views). */
+pl_tensor *pl__view(pl_ctx *ctx, pl_tensor *src, int ndim, const int64_t *shape);
+/* Arena memory for the current step, 64-byte aligned; NULL + error on OOM. */
+void *pl__scratch(pl_ctx *ctx, size_t bytes);
+
+/* True when an op on these inputs must record a node. */
+bool pl__wants_grad(pl_ctx *ctx, int n, pl_tensor *const *in);
+/* Records a node (out->requires_grad becomes true); NULL + error on OOM. */
+pl_node *pl__record(pl_ctx *ctx, const char *op, pl_backward_fn bw, pl_tensor *out, int n_in,
+                    pl_tensor *const *in);
+/* The gradient buffer of t, allocated zeroed on first use. NULL on OOM. */
+float *pl__grad(pl_ctx *ctx, pl_tensor *t);
+
+/* ---- numerics ---- */
+/* C = alpha*op(A)op(B) + beta*C, row-major, via oneDNN. */
+pl_status pl__sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                    const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
+                    float *C, int64_t ldc);
+/* Philox uniform in [0,1) from a 32-bit word (24 bits of mantissa). */
+static inline float pl__u01(uint32_t w) { return (float)(w >> 8) * (1.0f / 16777216.0f); }
+
+static inline int64_t pl__numel(int ndim, const int64_t *shape) {
+    int64_t n = 1;
+    for (int i = 0; i < ndim; i++) n *= shape[i];
+    return n;
+}
+
+#endif

@@ -1,0 +1,102 @@
+/* The tape: a singly linked list of nodes in the arena, newest first, so
+ * backward is a walk from the head. Each node's backward reads out->grad and
+ * adds into its inputs' grads (accumulation is what makes reuse correct). */
+#include "internal.h"
+
+bool pl_set_grad_enabled(pl_ctx *ctx, bool enabled) {
+    if (!ctx) return false;
+    bool old = ctx->grad_enabled;
+    ctx->grad_enabled = enabled;
+    return old;
+}
+
+bool pl_grad_enabled(const pl_ctx *ctx) { return ctx && ctx->grad_enabled; }
+
+bool pl__wants_grad(pl_ctx *ctx, int n, pl_tensor *const *in) {
+    if (!ctx->grad_enabled) return false;
+    for (int i = 0; i < n; i++)
+        if (in[i] && in[i]->requires_grad) return true;
+    return false;
+}
+
+pl_node *pl__record(pl_ctx *ctx, const char *op, pl_backward_fn bw, pl_tensor *out, int n_in,
+                    pl_tensor *const *in) {
+    pl_node *n = pl__arena_alloc(&ctx->arena, sizeof *n);
+    if (!n) return NULL;
+    memset(n, 0, sizeof *n);
+    n->prev = ctx->tape;
+    n->backward = bw;
+    n->op = op;
+    n->out = out;
+    n->n_in = n_in;
+    for (int i = 0; i < n_in && i < PL_MAX_INPUTS; i++) n->in[i] = in[i];
+    ctx->tape = n;
+    out->requires_grad = true;
+    return n;
+}
+
+float *pl__grad(pl_ctx *ctx, pl_tensor *t) {
+    if (!t->grad) {
+        t->grad = pl__arena_alloc(&ctx->arena, (size_t)t->numel * sizeof(float));
+        if (t->grad) memset(t->grad, 0, (size_t)t->numel * sizeof(float));
+    }
+    return t->grad;
+}
+
+static pl_status run_backward(pl_ctx *ctx, pl_tensor *out, const float *seed, const char *fn) {
+    pl_status s = pl__check(ctx, fn, "out", out, PL_F32);
+    if (s) return s;
+    if (ctx->tape_consumed)
+        return pl__err(PL_ERR_STATE,
+                       "%s: backward already ran on this tape; call pl_step_reset and "
+                       "recompute before running it again",
+                       fn);
+    if (!out->requires_grad)
+        return pl__err(PL_ERR_STATE,
+                       "%s: the tensor does not depend on any parameter (or was computed "
+                       "with grad disabled), so there is nothing to differentiate",
+                       fn);
+    float *g = pl__grad(ctx, out);
+    if (!g) return pl_last_status();
+    for (int64_t i = 0; i < out->numel; i++) g[i] += seed ? seed[i] : 1.0f;
+    /* Intermediate grads were zeroed when first touched; a node whose output
+     * never received a gradient contributes nothing and is skipped. */
+    for (pl_node *n = ctx->tape; n; n = n->prev) {
+        if (!n->out->grad) continue;
+        pl_clear_error();
+        n->backward(ctx, n);
+        if (pl_last_status() != PL_OK) {
+            ctx->tape_consumed = true;
+            return pl__err(pl_last_status(), "%s: backward of %s failed: %s", fn, n->op,
+                           pl_last_error());
+        }
+    }
+    ctx->tape_consumed = true;
+    return PL_OK;
+}
+
+pl_status pl_backward(pl_ctx *ctx, pl_tensor *loss) {
+    if (!ctx) return pl__err(PL_ERR_ARG, "pl_backward: ctx is NULL");
+    if (loss && loss->magic == PL_TENSOR_MAGIC && loss->numel != 1)
+        return pl__err(PL_ERR_SHAPE,
+                       "pl_backward: loss has %lld elements; backward needs a scalar, or use "
+                       "pl_backward_seed with a seed gradient",
+                       (long long)loss->numel);
+    return run_backward(ctx, loss, NULL, "pl_backward");
+}
+
+pl_status pl_backward_seed(pl_ctx *ctx, pl_tensor *out, const float *seed) {
+    if (!ctx) return pl__err(PL_ERR_ARG, "pl_backward_seed: ctx is NULL");
+    if (!seed) return pl__err(PL_ERR_ARG, "pl_backward_seed: seed is NULL");
+    return run_backward(ctx, out, seed, "pl_backward_seed");
+}
+
+void pl_zero_grad(pl_ctx *ctx) {
+    for (int i = 0; ctx && i < ctx->n_params; i++)
+        memset(ctx->params[i]->grad, 0, (size_t)ctx->params[i]->numel * sizeof(float));
+}
+
+pl_tensor *pl_detach(pl_ctx *ctx, pl_tensor *x) {
+    if (pl__check(ctx, "pl_detach", "x", x, x ? x->dtype : PL_F32)) return NULL;
+    return pl__view(ctx, x, x->ndim, x->shape);
+}
