@@ -297,6 +297,22 @@ PL_API pl_tensor *pl_softmax(pl_ctx *ctx, pl_tensor *x);
  * mean); targets >= V are an error. Fused: no softmax tensor is kept. */
 PL_API pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets);
 
+/* ------------------------------------------------------------------------ */
+/* Transformer ops (ops/rmsnorm.c, ops/rope.c, ops/swiglu.c, ops/dropout.c,  */
+/* ops/attention.c)                                                          */
+
+/* ------------------------------------------------------------------------ */
+/* Mixture of experts (ops/moe.c)                                            */
+
+/* ------------------------------------------------------------------------ */
+/* Optimisers and initialisation (lib/optim.c)                               */
+
+/* ------------------------------------------------------------------------ */
+/* Checkpoints in the safetensors format (lib/safetensors.c)                 */
+
+/* ------------------------------------------------------------------------ */
+/* PLASA ops (ops/indexer.c, ops/topk.c, ops/sparse_attention.c, ...)        */
+
 #ifdef __cplusplus
 }
 #endif
