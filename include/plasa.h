@@ -304,6 +304,30 @@ PL_API pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *ta
 /* ------------------------------------------------------------------------ */
 /* Mixture of experts (ops/moe.c)                                            */
 
+/* Top-k mixture of SwiGLU experts, routed as Qwen3-MoE does. x [..., d] is
+ * treated as N = numel/d token rows; router_w [d, E]; w_gate, w_up [E, d, F];
+ * w_down [E, F, d]; 1 <= top_k <= E. Per token:
+ *   p = softmax(x router_w)            (float32, over all E experts)
+ *   S = the top_k experts by p         (ties go to the lower expert index)
+ *   w_e = p_e / sum_{j in S} p_j
+ *   y = sum_{e in S} w_e * (silu(x w_gate[e]) * (x w_up[e])) w_down[e]
+ * Output has x's shape. Differentiable in x, router_w (through the weights
+ * w_e; the choice S is not differentiable) and all expert weights. Work per
+ * expert is proportional to the tokens routed to it. */
+PL_API pl_tensor *pl_moe(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *w_gate,
+                         pl_tensor *w_up, pl_tensor *w_down, int top_k);
+/* Same; when expert_counts is not NULL it receives E numbers: how many tokens
+ * were routed to each expert (they sum to N * top_k). */
+PL_API pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *w_gate,
+                            pl_tensor *w_up, pl_tensor *w_down, int top_k,
+                            int64_t *expert_counts);
+/* The routing pl_moe uses, without experts and without recording anything:
+ * *experts (int32) and *weights (float32), both [..., top_k], the chosen
+ * experts in descending probability (ties: lower index first) and their
+ * renormalised weights. Either output pointer may be NULL. */
+PL_API pl_status pl_moe_route(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, int top_k,
+                              pl_tensor **experts, pl_tensor **weights);
+
 /* ------------------------------------------------------------------------ */
 /* Optimisers and initialisation (lib/optim.c)                               */
 
