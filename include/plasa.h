@@ -331,6 +331,93 @@ PL_API pl_status pl_moe_route(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, in
 /* ------------------------------------------------------------------------ */
 /* Optimisers and initialisation (lib/optim.c)                               */
 
+/* Optimisers update every parameter of a context from its grad buffer.
+ * Their state lives in named persistent tensors of the same context, so a
+ * checkpoint of all named persistent tensors captures it:
+ *   AdamW: "adamw.m.<param>", "adamw.v.<param>" (float32, the parameter's
+ *          shape) and "adamw.step" (int32 [1])
+ *   SGD:   "sgd.momentum_buffer.<param>" and "sgd.step" (int32 [1])
+ * where <param> is the parameter's name, or "#<index>" for an unnamed one.
+ * State is created, zeroed, for every parameter that exists when the
+ * optimiser is made; a parameter added later gets its state at the first
+ * step that sees it (that step allocates). A state tensor that already
+ * exists under the right name and shape (e.g. loaded from a checkpoint
+ * first) is adopted, not replaced, so making the optimiser and loading a
+ * checkpoint work in either order. A step makes no heap allocation while the
+ * parameter list stays the same. The state tensors stay in the context
+ * after the optimiser is freed (until pl_ctx_free); a new optimiser on the
+ * same context continues from them. Do not pl_tensor_free them while an
+ * optimiser uses them. Element loops run on OpenMP threads. */
+
+/* torch.optim.AdamW (amsgrad and maximize off). With t the step (1-based):
+ *   p = p * (1 - lr*wd)
+ *   m = lerp(m, g, 1 - beta1)              i.e. beta1*m + (1-beta1)*g
+ *   v = v*beta2 + (1 - beta2)*g*g
+ *   p = p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+ * evaluated in float32 in this order, with the scalars computed in double
+ * and rounded once, as PyTorch's single-tensor CPU implementation does.
+ * One step count for all parameters (PyTorch keeps one per parameter; they
+ * differ only for parameters added after training started). */
+typedef struct {
+    double lr;           /* default 1e-3 */
+    double beta1, beta2; /* default 0.9, 0.999; each in [0, 1) */
+    double eps;          /* default 1e-8 */
+    double weight_decay; /* default 1e-2 (decoupled) */
+} pl_adamw_config;
+typedef struct pl_adamw pl_adamw;
+
+/* PyTorch's defaults. */
+PL_API pl_adamw_config pl_adamw_default_config(void);
+/* NULL cfg: defaults. NULL + error on a bad value or a state tensor whose
+ * existing shape does not fit its parameter. */
+PL_API pl_adamw *pl_adamw_new(pl_ctx *ctx, const pl_adamw_config *cfg);
+PL_API pl_status pl_adamw_step(pl_adamw *opt);
+/* Steps taken so far (0 before the first; what PyTorch stores as "step"). */
+PL_API int64_t pl_adamw_get_step(const pl_adamw *opt);
+PL_API pl_status pl_adamw_set_step(pl_adamw *opt, int64_t step);
+/* For schedules: the lr used from the next step on. */
+PL_API pl_status pl_adamw_set_lr(pl_adamw *opt, double lr);
+PL_API void pl_adamw_free(pl_adamw *opt);
+
+/* torch.optim.SGD (maximize off):
+ *   d = g + wd*p                            (coupled weight decay)
+ *   b = d on the first step, else b = momentum*b + (1 - dampening)*d
+ *   d = nesterov ? d + momentum*b : b        (only if momentum != 0)
+ *   p = p - lr*d
+ * "First step" is the optimiser's first step; a parameter added later starts
+ * from b = 0 (the same as PyTorch when dampening = 0). */
+typedef struct {
+    double lr;           /* no default in PyTorch; default here 1e-2 */
+    double momentum;     /* default 0 (no state is kept then) */
+    double dampening;    /* default 0 */
+    double weight_decay; /* default 0 */
+    bool nesterov;       /* default false; needs momentum > 0, dampening 0 */
+} pl_sgd_config;
+typedef struct pl_sgd pl_sgd;
+
+PL_API pl_sgd_config pl_sgd_default_config(void);
+PL_API pl_sgd *pl_sgd_new(pl_ctx *ctx, const pl_sgd_config *cfg);
+PL_API pl_status pl_sgd_step(pl_sgd *opt);
+PL_API int64_t pl_sgd_get_step(const pl_sgd *opt);
+PL_API pl_status pl_sgd_set_step(pl_sgd *opt, int64_t step);
+PL_API pl_status pl_sgd_set_lr(pl_sgd *opt, double lr);
+PL_API void pl_sgd_free(pl_sgd *opt);
+
+/* torch.nn.utils.clip_grad_norm_ (L2, error_if_nonfinite off): returns the
+ * L2 norm of all parameter gradients taken together (accumulated in double)
+ * and, when coef = max_norm / (norm + 1e-6) is below 1, multiplies every
+ * gradient by coef (rounded to float). max_norm = INFINITY only measures.
+ * Unlike PyTorch, a non-finite norm leaves the gradients untouched (PyTorch
+ * would fill them with NaN); the caller sees the norm and can skip the step.
+ * On error returns -1 and sets *status (status may be NULL). */
+PL_API double pl_clip_grad_norm(pl_ctx *ctx, double max_norm, pl_status *status);
+
+/* PyTorch's nn.Linear initialisation: w and bias ~ U(-1/sqrt(fan_in),
+ * 1/sqrt(fan_in)) (bias may be NULL). Fills w, then bias, from rng. */
+PL_API pl_status pl_init_linear(pl_tensor *w, pl_tensor *bias, int64_t fan_in, pl_rng *rng);
+/* PyTorch's nn.Embedding initialisation: N(0, 1). */
+PL_API pl_status pl_init_embedding(pl_tensor *table, pl_rng *rng);
+
 /* ------------------------------------------------------------------------ */
 /* Checkpoints in the safetensors format (lib/safetensors.c)                 */
 
