@@ -408,7 +408,8 @@ PL_API void pl_sgd_free(pl_sgd *opt);
  * and, when coef = max_norm / (norm + 1e-6) is below 1, multiplies every
  * gradient by coef (rounded to float). max_norm = INFINITY only measures.
  * Unlike PyTorch, a non-finite norm leaves the gradients untouched (PyTorch
- * would fill them with NaN); the caller sees the norm and can skip the step.
+ * would multiply them by 0 or NaN); the caller sees the norm and can skip
+ * the step.
  * On error returns -1 and sets *status (status may be NULL). */
 PL_API double pl_clip_grad_norm(pl_ctx *ctx, double max_norm, pl_status *status);
 
