@@ -4,7 +4,9 @@
  * may hold the same id, so threads must not share table rows: thread t of T
  * handles only the ids with id % T == t (each thread scans all ids, which is
  * cheap next to the row additions). Every row is then summed by one thread
- * in position order: race-free and deterministic for a given T. */
+ * in position order: race-free and deterministic for a given T. The ids are
+ * copied at forward time, so changing the ids tensor before backward cannot
+ * send the scatter out of bounds. */
 #include "internal.h"
 
 #include <omp.h>
@@ -15,13 +17,14 @@ PL_KERNEL static void k_acc(float *restrict o, const float *restrict x, int64_t 
     for (int64_t i = 0; i < n; i++) o[i] += x[i];
 }
 
+/* saved: the ids (validated copy); iarg[0]: their number. */
 static void embedding_backward(pl_ctx *ctx, pl_node *n) {
-    pl_tensor *table = n->in[0], *ids = n->in[1];
+    pl_tensor *table = n->in[0];
     float *dt = pl__grad(ctx, table);
     if (!dt) return;
     const float *g = n->out->grad;
-    const int32_t *id = pl_i32(ids);
-    int64_t N = ids->numel, D = table->shape[1];
+    const int32_t *id = n->saved;
+    int64_t N = n->iarg[0], D = table->shape[1];
     int T = N * D > PAR_MIN ? omp_get_max_threads() : 1;
 #pragma omp parallel num_threads(T) if (T > 1)
     {
@@ -65,8 +68,13 @@ pl_tensor *pl_embedding(pl_ctx *ctx, pl_tensor *table, pl_tensor *ids) {
     for (int64_t p = 0; p < N; p++)
         memcpy(yd + p * D, t + (int64_t)id[p] * D, (size_t)D * sizeof(float));
     pl_tensor *in[2] = {table, ids};
-    if (pl__wants_grad(ctx, 2, in) &&
-        !pl__record(ctx, "embedding", embedding_backward, y, 2, in))
-        return NULL;
+    if (pl__wants_grad(ctx, 2, in)) {
+        pl_node *n = pl__record(ctx, "embedding", embedding_backward, y, 2, in);
+        int32_t *keep = n ? pl__scratch(ctx, (size_t)N * sizeof *keep) : NULL;
+        if (!keep) return NULL;
+        memcpy(keep, id, (size_t)N * sizeof *keep);
+        n->saved = keep;
+        n->iarg[0] = N;
+    }
     return y;
 }

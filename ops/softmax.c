@@ -6,10 +6,11 @@
  *   loss = (1/C) sum_r (lse_r - x[r, t_r]),  lse_r = log sum_j exp x[r, j]
  *   dx[r, j] += dloss/C * (exp(x[r, j] - lse_r) - [j == t_r])
  * Only lse is saved, as two floats per row (m = max and log s, lse = m + log s,
- * so that x - m stays exact for large logits); backward recomputes the softmax
- * from the logits as exp((x - m) - log s). lse comes from one pass over the
- * row: an online log-sum-exp over blocks small enough to stay in L1, where the
- * running sum s is rescaled by exp(m_old - m_new) when a block raises the max. */
+ * so that x - m stays exact for large logits), with a copy of the targets;
+ * backward recomputes the softmax from the logits as exp((x - m) - log s).
+ * lse comes from one pass over the row: an online log-sum-exp over blocks
+ * small enough to stay in L1, where the running sum s is rescaled by
+ * exp(m_old - m_new) when a block raises the max. */
 #include "internal.h"
 
 #include <math.h>
@@ -93,15 +94,21 @@ PL_KERNEL static void k_ce_bw_row(float *restrict dx, const float *restrict x, f
     for (int64_t i = 0; i < n; i++) dx[i] += c * pl__expf((x[i] - m) - ls);
 }
 
-/* saved: (max, log-sum) per row; iarg[0]: number of counted rows. */
+typedef struct {
+    float *lse;   /* (max, log-sum) per row */
+    int32_t *tgt; /* copy of the validated targets */
+} ce_saved;
+
+/* iarg[0]: number of counted rows. */
 static void ce_backward(pl_ctx *ctx, pl_node *n) {
-    pl_tensor *x = n->in[0], *tg = n->in[1];
+    pl_tensor *x = n->in[0];
     int64_t count = n->iarg[0];
     if (count == 0) return; /* every target ignored: the loss is a constant 0 */
     float *dx = pl__grad(ctx, x);
     if (!dx) return;
-    const float *lse = n->saved, *xd = pl_f32(x);
-    const int32_t *t = pl_i32(tg);
+    const ce_saved *sv = n->saved;
+    const float *lse = sv->lse, *xd = pl_f32(x);
+    const int32_t *t = sv->tgt;
     float c = (float)((double)n->out->grad[0] / (double)count);
     int64_t V = x->shape[x->ndim - 1], rows = x->numel / V;
 #pragma omp parallel for if (x->numel > PAR_MIN) schedule(static)
@@ -153,8 +160,13 @@ pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets) 
     pl_tensor *in[2] = {logits, targets};
     if (pl__wants_grad(ctx, 2, in)) {
         pl_node *n = pl__record(ctx, "cross_entropy", ce_backward, y, 2, in);
-        if (!n) return NULL;
-        n->saved = lse;
+        ce_saved *sv = n ? pl__scratch(ctx, sizeof *sv) : NULL;
+        int32_t *keep = sv ? pl__scratch(ctx, (size_t)rows * sizeof *keep) : NULL;
+        if (!keep) return NULL;
+        memcpy(keep, t, (size_t)rows * sizeof *keep);
+        sv->lse = lse;
+        sv->tgt = keep;
+        n->saved = sv;
         n->iarg[0] = count;
     }
     return y;

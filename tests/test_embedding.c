@@ -49,6 +49,21 @@ START_TEST(table_gradient) {
 }
 END_TEST
 
+/* Backward uses the ids as they were at forward time. */
+START_TEST(ids_changed_before_backward) {
+    uint64_t s = 54;
+    pl_tensor *table = tu_param(ctx, "table", PL_DIMS(4, 3), &s, -1, 1);
+    int32_t idv[3] = {2, 2, 0};
+    pl_tensor *ids = pl_from_data(ctx, PL_I32, PL_DIMS(3), idv);
+    pl_tensor *loss = pl_sum(ctx, pl_embedding(ctx, table, ids));
+    pl_i32(ids)[0] = 1000; /* would be out of bounds */
+    pl_i32(ids)[2] = 3;
+    ck_assert_int_eq(pl_backward(ctx, loss), PL_OK);
+    float want[12] = {1, 1, 1, 0, 0, 0, 2, 2, 2, 0, 0, 0};
+    tu_assert_close(table->grad, want, 12, 0, 1e-7);
+}
+END_TEST
+
 START_TEST(large_backward_matches_naive) {
     uint64_t s = 53;
     const int V = 50, D = 64, N = 4096; /* N*D above the parallel threshold */
@@ -107,6 +122,7 @@ int main(void) {
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, forward_matches_naive);
     tcase_add_test(tc, table_gradient);
+    tcase_add_test(tc, ids_changed_before_backward);
     tcase_add_test(tc, large_backward_matches_naive);
     tcase_add_test(tc, errors);
     tcase_set_timeout(tc, 120);

@@ -202,6 +202,22 @@ START_TEST(cross_entropy_large) {
 }
 END_TEST
 
+/* Backward uses the targets as they were at forward time. */
+START_TEST(cross_entropy_targets_changed_before_backward) {
+    uint64_t s = 68;
+    pl_tensor *x = tu_param(ctx, "x", PL_DIMS(2, 5), &s, -1, 1);
+    int32_t tv[2] = {3, -1};
+    pl_tensor *t = pl_from_data(ctx, PL_I32, PL_DIMS(2), tv);
+    pl_tensor *loss = pl_cross_entropy(ctx, x, t);
+    pl_i32(t)[0] = 1 << 30; /* would be out of bounds */
+    pl_i32(t)[1] = 0;
+    ck_assert_int_eq(pl_backward(ctx, loss), PL_OK);
+    float g[10];
+    ce_ref(pl_f32(x), tv, 2, 5, g);
+    tu_assert_close(x->grad, g, 10, 1e-7, 1e-5);
+}
+END_TEST
+
 START_TEST(cross_entropy_all_ignored) {
     uint64_t s = 67;
     pl_tensor *x = tu_param(ctx, "x", PL_DIMS(3, 5), &s, -1, 1);
@@ -256,6 +272,7 @@ int main(void) {
     tcase_add_test(tc, cross_entropy_extreme_logits);
     tcase_add_test(tc, cross_entropy_gradient);
     tcase_add_test(tc, cross_entropy_large);
+    tcase_add_test(tc, cross_entropy_targets_changed_before_backward);
     tcase_add_test(tc, cross_entropy_all_ignored);
     tcase_add_test(tc, errors);
     tcase_set_timeout(tc, 120);
