@@ -251,32 +251,40 @@ PL_API pl_status pl_gradcheck(pl_ctx *ctx, pl_gradcheck_fn fn, void *user,
 
 /* Broadcasting for the binary elementwise ops: b's shape must equal a
  * trailing part of a's shape, with dims of size 1 allowed in b (NumPy rules
- * restricted to "b broadcasts into a"). */
+ * restricted to "b broadcasts into a"; e.g. a [B, T, D] with b [D], [T, 1]
+ * or [1]). The result has a's shape; b's gradient is summed over the dims it
+ * was broadcast along. */
 PL_API pl_tensor *pl_add(pl_ctx *ctx, pl_tensor *a, pl_tensor *b);
 PL_API pl_tensor *pl_sub(pl_ctx *ctx, pl_tensor *a, pl_tensor *b);
 PL_API pl_tensor *pl_mul(pl_ctx *ctx, pl_tensor *a, pl_tensor *b);
 PL_API pl_tensor *pl_scale(pl_ctx *ctx, pl_tensor *a, float s);
 PL_API pl_tensor *pl_add_scalar(pl_ctx *ctx, pl_tensor *a, float s);
 
+/* relu(x) = max(x, 0) (gradient 0 at x = 0); sigmoid(x) = 1 / (1 + e^-x);
+ * silu(x) = x sigmoid(x). */
 PL_API pl_tensor *pl_relu(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_sigmoid(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_silu(pl_ctx *ctx, pl_tensor *x);
 
-/* Sum / mean of all elements: a scalar of shape [1]. */
+/* Sum / mean of all elements (accumulated in double): a scalar of shape [1]. */
 PL_API pl_tensor *pl_sum(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_mean(pl_ctx *ctx, pl_tensor *x);
-/* Sum over the last dimension: [..., n] -> [...]. */
+/* Sum over the last dimension: [..., n] -> [...] ([n] -> [1]). */
 PL_API pl_tensor *pl_sum_last(pl_ctx *ctx, pl_tensor *x);
 
-/* A view with a new shape (same data, same numel); one dim may be -1. */
+/* The shape ops below work on float32 and int32 tensors alike. */
+/* A view with a new shape (same data, same numel); one dim may be -1 (inferred). */
 PL_API pl_tensor *pl_reshape(pl_ctx *ctx, pl_tensor *x, int ndim, const int64_t *shape);
-/* Copies x with its dims reordered: out.shape[i] = x.shape[perm[i]]. */
+/* Copies x with its dims reordered: out.shape[i] = x.shape[perm[i]]; perm has
+ * x->ndim entries. */
 PL_API pl_tensor *pl_permute(pl_ctx *ctx, pl_tensor *x, const int *perm);
-/* Swaps the last two dims. */
+/* Swaps the last two dims (a copy; x needs >= 2 dims). */
 PL_API pl_tensor *pl_transpose(pl_ctx *ctx, pl_tensor *x);
-/* Elements [start, start+len) along dim. */
+/* Elements [start, start+len) along dim (a copy; len >= 1; a negative dim
+ * counts from the end). */
 PL_API pl_tensor *pl_slice(pl_ctx *ctx, pl_tensor *x, int dim, int64_t start, int64_t len);
-/* Joins n tensors along dim; other dims must match. */
+/* Joins n >= 1 tensors (same dtype) along dim; other dims must match; a
+ * negative dim counts from the end. */
 PL_API pl_tensor *pl_concat(pl_ctx *ctx, pl_tensor *const *xs, int n, int dim);
 
 /* C = op(A) op(B) on the last two dims (oneDNN sgemm). Leading dims are
@@ -286,15 +294,19 @@ PL_API pl_tensor *pl_matmul(pl_ctx *ctx, pl_tensor *a, pl_tensor *b, bool trans_
 /* y = x W (+ bias): x [..., in], W [in, out], bias [out] or NULL. */
 PL_API pl_tensor *pl_linear(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *bias);
 
-/* ids (PL_I32, any shape) -> [ids.shape..., dim] rows of table [vocab, dim].
- * An id outside [0, vocab) is an error. */
+/* ids (PL_I32, any shape, at most PL_MAX_DIMS - 1 dims) -> [ids.shape..., dim]
+ * rows of table [vocab, dim]. An id outside [0, vocab) is PL_ERR_ARG (the
+ * message names the id, its flat position and the vocab size). The table's
+ * gradient is a scatter-add: rows looked up several times get the sum. */
 PL_API pl_tensor *pl_embedding(pl_ctx *ctx, pl_tensor *table, pl_tensor *ids);
 
-/* Softmax over the last dimension. */
+/* Softmax over the last dimension (max-subtracted, so large logits are safe). */
 PL_API pl_tensor *pl_softmax(pl_ctx *ctx, pl_tensor *x);
 /* Mean over rows of -log softmax(logits)[target]: logits [..., V], targets
- * PL_I32 with the leading shape. Targets < 0 are ignored (not counted in the
- * mean); targets >= V are an error. Fused: no softmax tensor is kept. */
+ * PL_I32 with the leading shape ([1] for 1-D logits); result shape [1].
+ * Targets < 0 are ignored (not counted in the mean); if all are ignored the
+ * loss is 0 with zero gradient. A target >= V is PL_ERR_ARG. Fused: no
+ * softmax tensor is kept (two floats per row are saved for backward). */
 PL_API pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets);
 
 /* ------------------------------------------------------------------------ */
