@@ -388,8 +388,9 @@ END_TEST
 
 START_TEST(eval_windows_cover_every_token_once) {
     uint64_t s = 3;
-    for (int rep = 0; rep < 40; rep++) {
+    for (int rep = 0; rep < 300; rep++) {
         int L = tu_randint(&s, 1, 9), B = tu_randint(&s, 1, 4);
+        int64_t total = 0;
         int64_t n = tu_randint(&s, 2, 60), cap = rep % 3 == 0 ? tu_randint(&s, 1, 70) : 0;
         uint16_t tok[64];
         for (int64_t i = 0; i < n; i++) tok[i] = (uint16_t)i; /* id = position */
@@ -398,7 +399,7 @@ START_TEST(eval_windows_cover_every_token_once) {
         batch_eval_init(&it, n, L, cap);
         int32_t in[4 * 9], tg[4 * 9];
         int rows;
-        int64_t npred, total = 0;
+        int64_t npred;
         while ((rows = batch_eval_next(&it, tok, B, in, tg, &npred)) > 0) {
             int64_t seen = 0;
             for (int r = 0; r < rows; r++)
@@ -413,9 +414,20 @@ START_TEST(eval_windows_cover_every_token_once) {
             ck_assert_int_eq(seen, npred);
             total += npred;
         }
-        int64_t want = cap && cap < n - 1 ? cap : n - 1;
-        ck_assert_int_eq(total, want);
-        for (int64_t i = 1; i < n; i++) ck_assert_int_eq(hits[i], i <= want ? 1 : 0);
+        ck_assert_int_eq(total, batch_eval_total(&it));
+        if (!cap || cap >= n - 1) { /* every prediction exactly once */
+            ck_assert_int_eq(total, n - 1);
+            for (int64_t i = 1; i < n; i++) ck_assert_int_eq(hits[i], 1);
+        } else { /* a strided subset of whole windows, spanning the split */
+            int64_t windows = (n - 1 + L - 1) / L, stride = it.stride, last = -1;
+            ck_assert_int_le(total, cap + L);
+            for (int64_t w = 0; w < windows; w++) {
+                int64_t lo = w * L + 1, hi = w * L + L < n - 1 ? w * L + L : n - 1;
+                for (int64_t i = lo; i <= hi; i++) ck_assert_int_eq(hits[i], w % stride == 0);
+                if (w % stride == 0) last = w;
+            }
+            ck_assert_int_ge(last, windows - stride);
+        }
         ck_assert_int_eq(hits[0], 0);
     }
 }

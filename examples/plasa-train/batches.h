@@ -26,13 +26,19 @@ void batch_random(const uint16_t *tok, int64_t n, int L, int B, uint64_t seed, u
  * exactly once (token 0 has no context and is never a target). The last
  * window may be partial: its missing positions get input 0 and target -1,
  * which the model must ignore (pl_cross_entropy ignores targets < 0; the
- * model is causal, so padding after a position cannot change it). A cap
- * (max_tokens > 0) evaluates only the first max_tokens predictions. */
+ * model is causal, so padding after a position cannot change it).
+ *
+ * A cap (max_tokens > 0, for quick periodic evaluations) keeps every
+ * stride-th window, stride = ceil(windows / ceil(max_tokens / L)), so the
+ * subset spans the whole split (every genre) instead of its beginning; it
+ * predicts at most about max_tokens + L tokens. */
 typedef struct {
     int64_t n;         /* tokens in the stream */
     int L;
+    int64_t window;    /* next window index */
+    int64_t windows;   /* windows in all: ceil((n-1)/L) */
+    int64_t stride;    /* 1 without a cap */
     int64_t predicted; /* predictions made so far */
-    int64_t total;     /* predictions in all: min(n-1, cap) */
 } batch_eval;
 
 void batch_eval_init(batch_eval *it, int64_t n, int L, int64_t max_tokens);
@@ -40,5 +46,7 @@ void batch_eval_init(batch_eval *it, int64_t n, int L, int64_t max_tokens);
  * >= 0 written. Rows past the returned count are not touched. */
 int batch_eval_next(batch_eval *it, const uint16_t *tok, int B, int32_t *inputs,
                     int32_t *targets, int64_t *npred);
+/* Predictions the whole iteration makes. */
+int64_t batch_eval_total(const batch_eval *it);
 
 #endif

@@ -65,7 +65,8 @@ static const flagdef flags[] = {
     {"eval-every", T_I64, OFF(eval_every), 0, BIG, "N",
      "evaluate on the validation split every N steps (0: only at the end)"},
     {"eval-max-tokens", T_I64, OFF(eval_max_tokens), 0, BIG, "N",
-     "cap on predicted tokens of the periodic evaluations (0: all); the final one uses all"},
+     "periodic evaluations use about N predictions from windows spread over the validation "
+     "split (0: all); the final evaluation always uses all"},
     {"log-every", T_I64, OFF(log_every), 1, BIG, "N",
      "steps between progress lines when stderr is not a terminal"},
     {"json", T_STR, OFF(json), 0, 0, "FILE", "also write the final JSON result to FILE"},
@@ -104,6 +105,7 @@ void cli_defaults(tr_config *c) {
     c->vocab = 8192;
     c->val_share = 0.1;
     c->eval_every = 100;
+    c->eval_max_tokens = 16384;
     c->log_every = 50;
 }
 

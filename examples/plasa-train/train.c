@@ -20,7 +20,7 @@ int tr_evaluate(tr_model *m, const tr_config *cfg, const uint16_t *tok, int64_t 
     batch_eval it;
     batch_eval_init(&it, n, L, cap);
     double loss = 0;
-    int64_t correct = 0, count = 0, expect = 0, npred;
+    int64_t correct = 0, count = 0, npred;
     int rows, rc = 0;
     while ((rows = batch_eval_next(&it, tok, B, in, tg, &npred)) > 0) {
         double ls;
@@ -34,7 +34,7 @@ int tr_evaluate(tr_model *m, const tr_config *cfg, const uint16_t *tok, int64_t 
                          (long long)npred);
             break;
         }
-        loss += ls, correct += c, count += k, expect += npred;
+        loss += ls, correct += c, count += k;
     }
     free(in), free(tg);
     if (rc) return -1;
