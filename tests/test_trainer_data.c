@@ -641,7 +641,7 @@ START_TEST(training_loop_outputs) {
     ck_assert_int_eq(tr_read_file(tmp_path("r.json"), &f), 0);
     const char *keys[] = {"\"score\": ", "\"perplexity\": ", "\"accuracy\": ",
                           "\"train_loss\": ", "\"val_loss\": ", "\"tokens_per_second\": ",
-                          "\"wall_seconds\": ", "\"parameters\": 300", "\"val_tokens\": 776",
+                          "\"wall_seconds\": ", "\"parameters\": 300", "\"val_predicted_tokens\": 776",
                           "\"layer_k\": [16, 4, 4, 8]", "\"config\": {\"steps\": 30"};
     for (size_t i = 0; i < sizeof keys / sizeof *keys; i++)
         ck_assert_msg(strstr(f.data, keys[i]), "JSON lacks %s: %s", keys[i], f.data);

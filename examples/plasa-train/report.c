@@ -272,7 +272,7 @@ int report_json(tr_buf *out, const report_final *r, const tr_config *cfg) {
     jnum(out, "steps", (double)r->steps, false);
     jnum(out, "vocab", (double)r->vocab, false);
     jnum(out, "train_tokens", (double)r->train_tokens, false);
-    jnum(out, "val_tokens", (double)r->val_tokens, false);
+    jnum(out, "val_predicted_tokens", (double)r->val_tokens, false);
     tr_buf_append(out, ", \"data\": ", 10);
     json_string(out, r->data_source ? r->data_source : "");
     tr_buf_append(out, ", \"layer_k\": [", 14);
