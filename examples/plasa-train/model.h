@@ -46,7 +46,9 @@ int model_layer_k(const tr_model *m, int layer);
 int model_train_step(tr_model *m, const int32_t *inputs, const int32_t *targets, int batch,
                      int64_t step, double *loss);
 
-/* Evaluation of one batch without dropout or gradients. Over the targets
+/* Evaluation of one batch of `batch` rows (at most cfg->batch: the last
+ * batch of an evaluation may be smaller) without dropout or gradients, and
+ * without touching the optimiser or the dropout stream. Over the targets
  * >= 0 only: *loss_sum = sum of -log p(target) (natural log), *correct =
  * positions whose argmax prediction equals the target, *count = such
  * targets counted. */
