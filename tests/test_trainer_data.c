@@ -246,6 +246,85 @@ START_TEST(bpe_known_merges_and_ties) {
 }
 END_TEST
 
+/* Naive BPE written independently: recount every adjacent pair of every
+ * sequence after each merge (one per occurrence, overlaps counted), take
+ * the largest count (ties: smaller left id, then smaller right id) and merge
+ * its occurrences left to right. Sequence q is seq[q*W ..], len[q] long. */
+enum { W = 400 };
+static int naive_bpe(int32_t *seq, int *len, int nseq, int nmerges, int32_t (*out)[2]) {
+    static int64_t cnt[300][300];
+    int done = 0;
+    for (int m = 0; m < nmerges; m++) {
+        int id = 256 + m;
+        memset(cnt, 0, sizeof cnt);
+        for (int q = 0; q < nseq; q++)
+            for (int i = 0; i + 1 < len[q]; i++) cnt[seq[q * W + i]][seq[q * W + i + 1]]++;
+        int ba = -1, bb = -1;
+        int64_t best = 0;
+        for (int x = 0; x < id; x++)
+            for (int y = 0; y < id; y++)
+                if (cnt[x][y] > best) best = cnt[x][y], ba = x, bb = y;
+        if (best == 0) break;
+        out[m][0] = ba, out[m][1] = bb;
+        for (int q = 0; q < nseq; q++) {
+            int32_t *x = seq + q * W;
+            int w = 0;
+            for (int i = 0; i < len[q]; i++) {
+                if (i + 1 < len[q] && x[i] == ba && x[i + 1] == bb) x[w++] = id, i++;
+                else x[w++] = x[i];
+            }
+            len[q] = w;
+        }
+        done++;
+    }
+    return done;
+}
+
+START_TEST(bpe_matches_naive_reference) {
+    uint64_t s = 77;
+    static int32_t seq[W * W];
+    for (int rep = 0; rep < 16; rep++) {
+        int pretok = rep % 2;
+        /* a small alphabet makes many ties and overlapping runs (aaaa) */
+        char text[W];
+        int n = tu_randint(&s, 20, W - 1), nseq = 0, len[W];
+        const char alpha[] = "aab ba";
+        for (int i = 0; i < n; i++) text[i] = alpha[tu_randint(&s, 0, rep < 8 ? 2 : 5)];
+        /* the sequences: the whole text, or its pre-tokenisation chunks */
+        for (int i = 0; i < n; nseq++) {
+            int l = pretok ? (int)bpe_chunk_len((const uint8_t *)text + i, (size_t)(n - i)) : n;
+            for (int k = 0; k < l; k++) seq[nseq * W + k] = (uint8_t)text[i + k];
+            len[nseq] = l;
+            i += l;
+        }
+        int32_t want[40][2];
+        int nw = naive_bpe(seq, len, nseq, 40, want);
+        bpe *t = bpe_train((const uint8_t *)text, (size_t)n, 256 + 40, (bpe_pretok)pretok);
+        ck_assert_ptr_nonnull(t);
+        ck_assert_int_eq(bpe_vocab_size(t), 256 + nw);
+        for (int k = 0; k < nw; k++) {
+            int32_t a, b;
+            bpe_merge_of(t, 256 + k, &a, &b);
+            ck_assert_msg(a == want[k][0] && b == want[k][1],
+                          "rep %d merge %d: (%d,%d), naive (%d,%d)", rep, k, a, b, want[k][0],
+                          want[k][1]);
+        }
+        /* and encoding reproduces the naive segmentation */
+        int32_t *ids;
+        size_t nids, k = 0;
+        ck_assert_int_eq(bpe_encode(t, (const uint8_t *)text, (size_t)n, &ids, &nids), 0);
+        for (int q = 0; q < nseq; q++)
+            for (int i = 0; i < len[q]; i++, k++) {
+                ck_assert_uint_lt(k, nids);
+                ck_assert_int_eq(ids[k], seq[q * W + i]);
+            }
+        ck_assert_uint_eq(k, nids);
+        free(ids);
+        bpe_free(t);
+    }
+}
+END_TEST
+
 START_TEST(bpe_deterministic_and_file) {
     mk_tmp();
     uint64_t s = 5;
@@ -813,6 +892,7 @@ static Suite *suite(void) {
     tcase_add_test(tc, text_split_and_utf8);
     tcase_add_test(tc, bpe_roundtrip_any_bytes);
     tcase_add_test(tc, bpe_known_merges_and_ties);
+    tcase_add_test(tc, bpe_matches_naive_reference);
     tcase_add_test(tc, bpe_deterministic_and_file);
     tcase_add_test(tc, pretok_chunks);
     tcase_add_test(tc, token_files);
