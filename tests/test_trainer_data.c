@@ -203,6 +203,26 @@ START_TEST(bpe_roundtrip_any_bytes) {
             }
             roundtrip(t, buf, m);
         }
+        /* the bucket encoder (long sequences) gives the heap encoder's tokens,
+         * also on a mix of short and long pre-tokenisation chunks */
+        {
+            tr_buf mix = {0};
+            tr_buf_append(&mix, text.data, text.len);
+            for (int r = 0; r < 3000; r++) tr_buf_append(&mix, r % 500 ? "ab" : " x ", 2);
+            tr_buf_append(&mix, text.data, text.len);
+            int32_t *h, *b;
+            size_t nh, nb, keep = bpe_bucket_threshold;
+            bpe_bucket_threshold = (size_t)-1;
+            ck_assert_int_eq(bpe_encode(t, (const uint8_t *)mix.data, mix.len, &h, &nh), 0);
+            bpe_bucket_threshold = 100;
+            ck_assert_int_eq(bpe_encode(t, (const uint8_t *)mix.data, mix.len, &b, &nb), 0);
+            bpe_bucket_threshold = keep;
+            ck_assert_uint_eq(nh, nb);
+            ck_assert_int_eq(memcmp(h, b, nh * sizeof *h), 0);
+            roundtrip(t, (const uint8_t *)mix.data, mix.len);
+            free(h), free(b);
+            tr_buf_free(&mix);
+        }
         /* encoding the training text compresses it */
         int32_t *ids;
         size_t nids;
@@ -309,10 +329,13 @@ START_TEST(bpe_matches_naive_reference) {
                           "rep %d merge %d: (%d,%d), naive (%d,%d)", rep, k, a, b, want[k][0],
                           want[k][1]);
         }
-        /* and encoding reproduces the naive segmentation */
+        /* and encoding reproduces the naive segmentation, with the heap
+         * encoder and with the bucket one (made to take every sequence) */
         int32_t *ids;
-        size_t nids, k = 0;
+        size_t nids, k = 0, keep = bpe_bucket_threshold;
+        bpe_bucket_threshold = rep % 4 < 2 ? keep : 0;
         ck_assert_int_eq(bpe_encode(t, (const uint8_t *)text, (size_t)n, &ids, &nids), 0);
+        bpe_bucket_threshold = keep;
         for (int q = 0; q < nseq; q++)
             for (int i = 0; i < len[q]; i++, k++) {
                 ck_assert_uint_lt(k, nids);

@@ -60,6 +60,10 @@ int bpe_encode(const bpe *t, const uint8_t *text, size_t n, int32_t **ids, size_
 /* Appends the bytes of ids to out; an id outside the vocabulary is an error. */
 int bpe_decode(const bpe *t, const int32_t *ids, size_t n, tr_buf *out);
 
+/* Sequences longer than this (in bytes) are encoded with per-merge buckets
+ * instead of a heap; both give the same tokens (tests compare them). */
+extern size_t bpe_bucket_threshold;
+
 /* The pre-tokenisation chunker: length of the chunk starting at s[0]
  * (n > 0), for tests and for the encoder. */
 size_t bpe_chunk_len(const uint8_t *s, size_t n);
