@@ -434,6 +434,83 @@ PL_API pl_status pl_init_embedding(pl_tensor *table, pl_rng *rng);
 /* ------------------------------------------------------------------------ */
 /* Checkpoints in the safetensors format (lib/safetensors.c)                 */
 
+/* The file format (https://github.com/huggingface/safetensors): an 8-byte
+ * little-endian length N, N bytes of JSON header
+ *   {"__metadata__": {"key": "value", ...},
+ *    "name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}, ...}
+ * then the tensors' bytes (little endian); offsets count from the start of
+ * that data section. libplasa reads and writes dtypes F32 and I32.
+ *
+ * Writes are atomic: the file is written to a temporary file beside it,
+ * synced, and renamed over the target, so a failure at any point leaves any
+ * old file untouched (and no temporary behind). Loading checks everything
+ * before trusting it (sizes, JSON, dtypes, shapes, offsets, overlaps,
+ * duplicate names, UTF-8); a bad file gives PL_ERR_FORMAT with a message
+ * naming the file and the problem. */
+
+/* Saves n tensors (any context, float32 or int32) and n_meta string pairs of
+ * metadata. names may be NULL: each tensor's own name is used. Names must be
+ * unique, non-empty UTF-8 and not "__metadata__". */
+PL_API pl_status pl_safetensors_save(const char *path, const pl_tensor *const *tensors,
+                                     const char *const *names, int n,
+                                     const char *const *meta_keys,
+                                     const char *const *meta_values, int n_meta);
+
+/* A loaded file: every tensor's data is in memory, converted to host order. */
+typedef struct pl_safetensors pl_safetensors;
+typedef struct {
+    const char *name;
+    pl_dtype dtype;
+    int ndim; /* 0 for a scalar (shape []); dims may be 0 */
+    int64_t shape[PL_MAX_DIMS];
+    int64_t numel;
+    const void *data;    /* numel values (float or int32_t), 16-byte aligned */
+    uint64_t begin, end; /* data_offsets as written in the file */
+} pl_safetensors_entry;
+
+/* NULL (and the message) if the file cannot be read or is malformed. */
+PL_API pl_safetensors *pl_safetensors_open(const char *path);
+PL_API void pl_safetensors_close(pl_safetensors *st);
+/* Tensors in the order of the file's header. */
+PL_API int pl_safetensors_count(const pl_safetensors *st);
+PL_API const pl_safetensors_entry *pl_safetensors_at(const pl_safetensors *st, int i);
+/* NULL if there is no tensor of that name (sets no error). */
+PL_API const pl_safetensors_entry *pl_safetensors_get(const pl_safetensors *st,
+                                                      const char *name);
+/* Metadata pairs in header order; pl_safetensors_meta returns NULL for an
+ * absent key (sets no error). */
+PL_API int pl_safetensors_meta_count(const pl_safetensors *st);
+PL_API const char *pl_safetensors_meta_key(const pl_safetensors *st, int i);
+PL_API const char *pl_safetensors_meta_value(const pl_safetensors *st, int i);
+PL_API const char *pl_safetensors_meta(const pl_safetensors *st, const char *key);
+/* A metadata value that must be a decimal integer in [0, 2^64) (step
+ * counts, pl_rng seed and offset): PL_ERR_FORMAT if absent or not one. */
+PL_API pl_status pl_safetensors_meta_u64(const pl_safetensors *st, const char *key,
+                                         uint64_t *out);
+
+/* Context checkpoints: every NAMED persistent tensor of the context
+ * (parameters, optimiser state such as "adamw.m.<param>", ...) in creation
+ * order, plus metadata. Unnamed persistent tensors are not saved; two
+ * tensors with the same name are an error. */
+PL_API pl_status pl_checkpoint_save(pl_ctx *ctx, const char *path,
+                                    const char *const *meta_keys,
+                                    const char *const *meta_values, int n_meta);
+
+/* Flags for restoring. By default the named persistent tensors of the
+ * context and the tensors of the file must correspond one to one. */
+#define PL_CKPT_PARAMS_ONLY 1u   /* restore parameters only (not optimiser state) */
+#define PL_CKPT_ALLOW_MISSING 2u /* a tensor absent from the file keeps its value */
+#define PL_CKPT_ALLOW_EXTRA 4u   /* a file tensor matching no tensor is ignored */
+
+/* Copies the file's tensors into the context's tensors of the same name;
+ * dtype and shape must match exactly. Everything is checked before anything
+ * is copied, so on error the context is unchanged. To warm-start from the
+ * weights of a full checkpoint: PL_CKPT_PARAMS_ONLY | PL_CKPT_ALLOW_EXTRA. */
+PL_API pl_status pl_checkpoint_restore(pl_ctx *ctx, const pl_safetensors *st, unsigned flags);
+/* pl_safetensors_open + pl_checkpoint_restore + pl_safetensors_close. To read
+ * metadata too (step, rng state), open the file and restore from it. */
+PL_API pl_status pl_checkpoint_load(pl_ctx *ctx, const char *path, unsigned flags);
+
 /* ------------------------------------------------------------------------ */
 /* PLASA ops (ops/indexer.c, ops/topk.c, ops/sparse_attention.c, ...)        */
 

@@ -135,4 +135,10 @@ static inline float pl__expf(float x) {
     return x == x ? y : x;
 }
 
+/* ---- safetensors (lib/safetensors.c) ---- */
+/* Parses a whole safetensors file held in memory, with the checks of
+ * pl_safetensors_open; label names the source in messages. Used by the
+ * fuzz target (tests/fuzz/fuzz_safetensors.c). */
+pl_safetensors *pl__safetensors_parse(const void *buf, size_t size, const char *label);
+
 #endif
