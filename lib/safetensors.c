@@ -29,7 +29,7 @@
 struct pl_safetensors {
     char *label; /* the file name, for messages */
     int n;
-    pl_safetensors_entry *e;      /* header order */
+    pl_safetensors_entry *e;        /* header order */
     pl_safetensors_entry **by_name; /* sorted by name, for lookups */
     int n_meta;
     const char **meta_keys, **meta_values;
@@ -39,7 +39,7 @@ struct pl_safetensors {
 
 /* Messages read "fn: 'file': problem". */
 __attribute__((format(printf, 4, 5))) static pl_status fail(const char *fn, const char *label,
-                                                             pl_status s, const char *fmt, ...) {
+                                                            pl_status s, const char *fmt, ...) {
     char buf[768];
     va_list ap;
     va_start(ap, fmt);
@@ -75,10 +75,14 @@ static size_t utf8_seq(const unsigned char *s, size_t n) {
     if (c < 0x80) return 1;
     size_t len;
     uint32_t cp;
-    if (c >= 0xC2 && c <= 0xDF) len = 2, cp = c & 0x1F;
-    else if (c >= 0xE0 && c <= 0xEF) len = 3, cp = c & 0x0F;
-    else if (c >= 0xF0 && c <= 0xF4) len = 4, cp = c & 0x07;
-    else return 0;
+    if (c >= 0xC2 && c <= 0xDF)
+        len = 2, cp = c & 0x1F;
+    else if (c >= 0xE0 && c <= 0xEF)
+        len = 3, cp = c & 0x0F;
+    else if (c >= 0xF0 && c <= 0xF4)
+        len = 4, cp = c & 0x07;
+    else
+        return 0;
     if (len > n) return 0;
     for (size_t k = 1; k < len; k++) {
         if ((s[k] & 0xC0) != 0x80) return 0;
@@ -215,8 +219,10 @@ static bool parse_entry(const char *fn, const char *label, const cJSON *j, uint6
         fail(fn, label, PL_ERR_FORMAT, "tensor '%s' has no string \"dtype\"", nm);
         return false;
     }
-    if (!strcmp(dt->valuestring, "F32")) e->dtype = PL_F32;
-    else if (!strcmp(dt->valuestring, "I32")) e->dtype = PL_I32;
+    if (!strcmp(dt->valuestring, "F32"))
+        e->dtype = PL_F32;
+    else if (!strcmp(dt->valuestring, "I32"))
+        e->dtype = PL_I32;
     else {
         bool known = false;
         for (size_t i = 0; i < sizeof other_dtypes / sizeof *other_dtypes; i++)
@@ -255,8 +261,8 @@ static bool parse_entry(const char *fn, const char *label, const cJSON *j, uint6
         return false;
     }
     if (be[0] > be[1]) {
-        fail(fn, label, PL_ERR_FORMAT, "tensor '%s': data_offsets [%llu, %llu] begin after end",
-             nm, (unsigned long long)be[0], (unsigned long long)be[1]);
+        fail(fn, label, PL_ERR_FORMAT, "tensor '%s': data_offsets [%llu, %llu] begin after end", nm,
+             (unsigned long long)be[0], (unsigned long long)be[1]);
         return false;
     }
     if (be[1] > data_size) {
@@ -287,8 +293,8 @@ static bool parse_entry(const char *fn, const char *label, const cJSON *j, uint6
              "tensor '%s': shape %s of %s needs %llu bytes but data_offsets [%llu, %llu] hold "
              "%llu",
              nm, dims_str(dims, nd, buf, sizeof buf), dtype_tag(e->dtype),
-             (unsigned long long)(numel * 4), (unsigned long long)be[0],
-             (unsigned long long)be[1], (unsigned long long)span);
+             (unsigned long long)(numel * 4), (unsigned long long)be[0], (unsigned long long)be[1],
+             (unsigned long long)span);
         return false;
     }
     e->ndim = nd;
@@ -303,8 +309,8 @@ static size_t round_up(size_t x) { return (x + ST_ALIGN - 1) & ~(size_t)(ST_ALIG
 
 /* Validates the JSON header (len bytes) against a data section of data_size
  * bytes and reads every tensor from src. */
-static pl_safetensors *parse_header(const char *fn, const char *label, const char *json,
-                                    size_t len, uint64_t data_size, const st_source *src) {
+static pl_safetensors *parse_header(const char *fn, const char *label, const char *json, size_t len,
+                                    uint64_t data_size, const st_source *src) {
     size_t at;
     const char *why;
     if (!header_bytes_ok((const unsigned char *)json, len, &at, &why)) {
@@ -379,12 +385,12 @@ static pl_safetensors *parse_header(const char *fn, const char *label, const cha
         goto bad;
     }
     char *sp = st->strings;
-#define POOL(dst, s)                                                                              \
-    do {                                                                                          \
-        size_t l_ = strlen(s) + 1;                                                                \
-        memcpy(sp, (s), l_);                                                                      \
-        (dst) = sp;                                                                               \
-        sp += l_;                                                                                 \
+#define POOL(dst, s)                                                                               \
+    do {                                                                                           \
+        size_t l_ = strlen(s) + 1;                                                                 \
+        memcpy(sp, (s), l_);                                                                       \
+        (dst) = sp;                                                                                \
+        sp += l_;                                                                                  \
     } while (0)
     if (meta) {
         const cJSON *m;
@@ -429,8 +435,7 @@ static pl_safetensors *parse_header(const char *fn, const char *label, const cha
             fail(fn, label, PL_ERR_FORMAT,
                  "tensors '%s' [%llu, %llu] and '%s' [%llu, %llu] overlap", tmp[i - 1]->name,
                  (unsigned long long)tmp[i - 1]->begin, (unsigned long long)tmp[i - 1]->end,
-                 tmp[i]->name, (unsigned long long)tmp[i]->begin,
-                 (unsigned long long)tmp[i]->end);
+                 tmp[i]->name, (unsigned long long)tmp[i]->begin, (unsigned long long)tmp[i]->end);
             goto bad;
         }
 
@@ -536,8 +541,7 @@ static pl_safetensors *open_file(const char *fn, const char *path) {
     uint64_t n = rd_le64(h8);
     if (!check_lengths(fn, path, size, n)) goto out;
     if (!(json = pl__malloc((size_t)n))) {
-        fail(fn, path, PL_ERR_NOMEM, "out of memory for a %llu-byte header",
-             (unsigned long long)n);
+        fail(fn, path, PL_ERR_NOMEM, "out of memory for a %llu-byte header", (unsigned long long)n);
         goto out;
     }
     if (fread(json, 1, (size_t)n, f) != (size_t)n) {
@@ -568,8 +572,10 @@ const pl_safetensors_entry *pl_safetensors_get(const pl_safetensors *st, const c
     while (lo <= hi) {
         int mid = lo + (hi - lo) / 2, c = strcmp(st->by_name[mid]->name, name);
         if (!c) return st->by_name[mid];
-        if (c < 0) lo = mid + 1;
-        else hi = mid - 1;
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid - 1;
     }
     return NULL;
 }
@@ -596,8 +602,10 @@ pl_status pl_safetensors_meta_u64(const pl_safetensors *st, const char *key, uin
     bool ok = *v != 0;
     for (const char *p = v; ok && *p; p++) {
         unsigned dgt = (unsigned)(*p - '0');
-        if (dgt > 9 || x > (UINT64_MAX - dgt) / 10) ok = false;
-        else x = x * 10 + dgt;
+        if (dgt > 9 || x > (UINT64_MAX - dgt) / 10)
+            ok = false;
+        else
+            x = x * 10 + dgt;
     }
     if (!ok)
         return fail(fn, st->label, PL_ERR_FORMAT,
@@ -681,8 +689,10 @@ static bool write_le32(FILE *f, const void *data, size_t bytes) {
 static int sync_dir(const char *path) {
     const char *slash = strrchr(path, '/');
     char *dir;
-    if (!slash) dir = pl__strdup(".");
-    else if (slash == path) dir = pl__strdup("/");
+    if (!slash)
+        dir = pl__strdup(".");
+    else if (slash == path)
+        dir = pl__strdup("/");
     else {
         size_t l = (size_t)(slash - path);
         if ((dir = pl__malloc(l + 1))) {
@@ -715,8 +725,7 @@ static pl_status save_impl(const char *fn, const char *path, const pl_tensor *co
         if (!t || t->magic != PL_TENSOR_MAGIC)
             return pl__err(PL_ERR_ARG, "%s: tensor %d is NULL or not a libplasa tensor", fn, i);
         const char *nm = names ? names[i] : t->name;
-        if (!nm || !*nm)
-            return pl__err(PL_ERR_ARG, "%s: tensor %d has no name", fn, i);
+        if (!nm || !*nm) return pl__err(PL_ERR_ARG, "%s: tensor %d has no name", fn, i);
         if (pl__check(t->ctx, fn, nm, t, t->dtype)) return pl_last_status();
         if (!valid_utf8(nm))
             return pl__err(PL_ERR_ARG, "%s: name of tensor %d is not valid UTF-8", fn, i);
@@ -735,8 +744,7 @@ static pl_status save_impl(const char *fn, const char *path, const pl_tensor *co
     if (!sorted) return pl_last_status();
     for (int pass = 0; pass < 2; pass++) {
         int m = pass ? n_meta : n;
-        for (int i = 0; i < m; i++)
-            sorted[i] = pass ? mk[i] : names ? names[i] : tensors[i]->name;
+        for (int i = 0; i < m; i++) sorted[i] = pass ? mk[i] : names ? names[i] : tensors[i]->name;
         qsort(sorted, (size_t)m, sizeof *sorted, cmp_str);
         for (int i = 1; i < m; i++)
             if (!strcmp(sorted[i], sorted[i - 1])) {

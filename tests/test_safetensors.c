@@ -31,7 +31,6 @@ static void plain_free(void *p, void *user) {
     free(p);
 }
 
-
 static void rm_tree(const char *d) {
     DIR *dp = opendir(d);
     if (!dp) return;
@@ -164,8 +163,8 @@ START_TEST(round_trip_bit_exact) {
         for (int k = 0; k < e->ndim; k++) ck_assert_int_eq(e->shape[k], ts[i]->shape[k]);
         ck_assert_int_eq(e->numel, ts[i]->numel);
         ck_assert_uint_eq((uintptr_t)e->data % 16, 0);
-        ck_assert_msg(memcmp(e->data, ts[i]->data, (size_t)e->numel * 4) == 0,
-                      "tensor %s differs", names[i]);
+        ck_assert_msg(memcmp(e->data, ts[i]->data, (size_t)e->numel * 4) == 0, "tensor %s differs",
+                      names[i]);
     }
     ck_assert_uint_eq(bits(((const float *)pl_safetensors_get(st, names[3])->data)[0]),
                       0x80000000u);
@@ -193,10 +192,10 @@ START_TEST(round_trip_bit_exact) {
 END_TEST
 
 START_TEST(metadata_round_trip) {
-    const char *keys[] = {"step", "rng.seed", "rng.offset", "note \"q\" \\ \n\t\x01", "",
-                          "unicode \xe2\x82\xac"};
-    const char *vals[] = {"1000", "42", "18446744073709551615", "multi\nline \"v\"", "empty key",
-                          ""};
+    const char *keys[] = {
+        "step", "rng.seed", "rng.offset", "note \"q\" \\ \n\t\x01", "", "unicode \xe2\x82\xac"};
+    const char *vals[] = {"1000",      "42", "18446744073709551615", "multi\nline \"v\"",
+                          "empty key", ""};
     pl_tensor *w = pl_param_new(ctx, "w", PL_DIMS(2));
     const pl_tensor *ts[1] = {w};
     const char *path = path_in("meta.safetensors");
@@ -296,7 +295,8 @@ START_TEST(checkpoint_save_load) {
     pl_ctx *c2 = pl_ctx_new(NULL);
     build_model(c2, 2, true);
     ck_assert_msg(pl_checkpoint_restore(c2, st, 0) == PL_OK, "%s", pl_last_error());
-    for (int i = 0; i < 5; i++) ck_assert_msg(same_data(ctx, c2, model_names[i]), "%s", model_names[i]);
+    for (int i = 0; i < 5; i++)
+        ck_assert_msg(same_data(ctx, c2, model_names[i]), "%s", model_names[i]);
     pl_safetensors_close(st);
     pl_ctx_free(c2);
 
@@ -476,14 +476,13 @@ static const bad_case bad_cases[] = {
     {"no dtype", "{\"a\":{\"shape\":[1],\"data_offsets\":[0,4]}}", 4, "has no string \"dtype\""},
     {"negative dim", "{\"a\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", 4,
      "shape entry 0 is not a non-negative integer"},
-    {"fractional dim", "{\"a\":{\"dtype\":\"F32\",\"shape\":[2, 1.5],\"data_offsets\":[0,12]}}",
-     12, "shape entry 1 is not a non-negative integer"},
+    {"fractional dim", "{\"a\":{\"dtype\":\"F32\",\"shape\":[2, 1.5],\"data_offsets\":[0,12]}}", 12,
+     "shape entry 1 is not a non-negative integer"},
     {"string dim", "{\"a\":{\"dtype\":\"F32\",\"shape\":[\"1\"],\"data_offsets\":[0,4]}}", 4,
      "shape entry 0 is not a non-negative integer"},
     {"huge dim", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1e300],\"data_offsets\":[0,4]}}", 4,
      "shape entry 0 is not a non-negative integer"},
-    {"7 dims",
-     "{\"a\":{\"dtype\":\"F32\",\"shape\":[1,1,1,1,1,1,1],\"data_offsets\":[0,4]}}", 4,
+    {"7 dims", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1,1,1,1,1,1,1],\"data_offsets\":[0,4]}}", 4,
      "has more than 6 dims"},
     {"shape not an array", "{\"a\":{\"dtype\":\"F32\",\"shape\":4,\"data_offsets\":[0,4]}}", 4,
      "has no \"shape\" array"},
@@ -514,8 +513,10 @@ static const bad_case bad_cases[] = {
      8, "tensor name 'a' appears twice"},
     {"metadata not a string", "{\"__metadata__\":{\"k\":1}}", 0,
      "metadata value of 'k' is not a string"},
-    {"metadata null", "{\"__metadata__\":{\"k\":null}}", 0, "metadata value of 'k' is not a string"},
-    {"metadata not an object", "{\"__metadata__\":[\"k\"]}", 0, "\"__metadata__\" is not an object"},
+    {"metadata null", "{\"__metadata__\":{\"k\":null}}", 0,
+     "metadata value of 'k' is not a string"},
+    {"metadata not an object", "{\"__metadata__\":[\"k\"]}", 0,
+     "\"__metadata__\" is not an object"},
     {"metadata twice", "{\"__metadata__\":{},\"__metadata__\":{}}", 0,
      "two \"__metadata__\" entries"},
     {"duplicate metadata key", "{\"__metadata__\":{\"k\":\"1\",\"k\":\"2\"}}", 0,
@@ -559,8 +560,8 @@ static void expect_bad(const char *what, const unsigned char *b, size_t n, pl_st
     ck_assert_msg(s == NULL, "case '%s' was accepted", what);
     ck_assert_msg(pl_last_status() == st, "case '%s': status %d, message '%s'", what,
                   pl_last_status(), pl_last_error());
-    ck_assert_msg(strstr(pl_last_error(), want) != NULL, "case '%s': message '%s' lacks '%s'",
-                  what, pl_last_error(), want);
+    ck_assert_msg(strstr(pl_last_error(), want) != NULL, "case '%s': message '%s' lacks '%s'", what,
+                  pl_last_error(), want);
     ck_assert_msg(strstr(pl_last_error(), path) != NULL, "case '%s': '%s' does not name the file",
                   what, pl_last_error());
     /* The in-memory parser: same verdict (copied to an exact-size buffer so
@@ -598,7 +599,8 @@ START_TEST(malformed_sizes) {
     pl_safetensors_close(st);
 
     /* Truncated to 0..7 bytes: no room for the header length. */
-    for (size_t k = 0; k < 8; k++) expect_bad("truncated prefix", good, k, PL_ERR_FORMAT, "too short");
+    for (size_t k = 0; k < 8; k++)
+        expect_bad("truncated prefix", good, k, PL_ERR_FORMAT, "too short");
     /* Truncated inside the header: the length runs past the end of file. */
     expect_bad("truncated header", good, 8 + 10, PL_ERR_FORMAT, "runs past the end of the file");
     /* Truncated inside the data section. */
@@ -812,13 +814,17 @@ START_TEST(allocation_failures) {
         pl_status s = pl_checkpoint_save(ctx, path2, k, v, 1);
         /* After the rename only the directory sync can run out of memory;
          * then the file is complete but the call reports the failure. */
-        if (s == PL_OK) saved_ok++;
-        else ck_assert_msg(s == PL_ERR_NOMEM || strstr(pl_last_error(), "syncing its directory"),
-                           "%s", pl_last_error());
+        if (s == PL_OK)
+            saved_ok++;
+        else
+            ck_assert_msg(s == PL_ERR_NOMEM || strstr(pl_last_error(), "syncing its directory"),
+                          "%s", pl_last_error());
         fail_countdown = i;
         s = pl_checkpoint_load(ctx, path, 0);
-        if (s == PL_OK) loaded++;
-        else ck_assert_msg(s == PL_ERR_NOMEM, "%s", pl_last_error());
+        if (s == PL_OK)
+            loaded++;
+        else
+            ck_assert_msg(s == PL_ERR_NOMEM, "%s", pl_last_error());
     }
     fail_countdown = -1;
     pl_set_allocator(NULL);
@@ -866,8 +872,7 @@ START_TEST(reads_python_fixture) {
     const pl_safetensors_entry *em = pl_safetensors_get(st, "empty");
     ck_assert(em->numel == 0 && em->ndim == 2 && em->shape[0] == 0 && em->shape[1] == 5);
     const pl_safetensors_entry *bias = pl_safetensors_get(st, "bias");
-    for (int i = 0; i < 4; i++)
-        ck_assert(((const float *)bias->data)[i] == -ldexpf(1.0f, -i));
+    for (int i = 0; i < 4; i++) ck_assert(((const float *)bias->data)[i] == -ldexpf(1.0f, -i));
     ck_assert_str_eq(pl_safetensors_meta(st, "format"), "pt");
     ck_assert_str_eq(pl_safetensors_meta(st, "note"), "h\xc3\xa9llo \"quoted\" \xcf\x80");
     uint64_t step;

@@ -22,12 +22,12 @@ static void setup_ctx(void) {
     pl_persistent_new(ctx, "ids", PL_I32, PL_DIMS(3), false);
 }
 
-#define CHECK(c)                                                             \
-    do {                                                                     \
-        if (!(c)) {                                                          \
-            fprintf(stderr, "fuzz_safetensors: invariant failed: %s\n", #c); \
-            abort();                                                         \
-        }                                                                    \
+#define CHECK(c)                                                                                   \
+    do {                                                                                           \
+        if (!(c)) {                                                                                \
+            fprintf(stderr, "fuzz_safetensors: invariant failed: %s\n", #c);                       \
+            abort();                                                                               \
+        }                                                                                          \
     } while (0)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
