@@ -23,6 +23,10 @@
 #define ST_MAX_HEADER 100000000ull
 /* Each tensor's data starts at a multiple of this in the loaded block. */
 #define ST_ALIGN 16u
+/* Bound on the JSON values of a header (see header_bytes_ok): about ten
+ * per tensor, so 400k tensors. */
+#define ST_MAX_VALUES 4194304u
+#define ST_MAX_VALUES_STR "4194304"
 /* JSON numbers are doubles: integers are exact up to 2^53. */
 #define ST_MAX_INT 9007199254740992.0
 
@@ -104,8 +108,14 @@ static bool valid_utf8(const char *str) {
 /* The header must be UTF-8 with no raw control bytes (JSON allows tab,
  * newline and return between tokens, and none inside strings) and no
  * \u0000 escape (cJSON would cut a name there, so "a\u0000b" would read as
- * "a"). Returns false with *at and *why set on the first bad byte. */
+ * "a"). It may hold at most ST_MAX_VALUES JSON values: cJSON spends about
+ * 64 bytes on each, so a hostile 100 MB header of "[0,0,0,..." would cost
+ * gigabytes. A value is the root or follows '[', ',' or ':' outside a
+ * string, which bounds the count. Returns false with *at and *why set on
+ * the first bad byte. */
 static bool header_bytes_ok(const unsigned char *s, size_t n, size_t *at, const char **why) {
+    bool in_str = false;
+    size_t values = 1;
     for (size_t i = 0, k; i < n; i += k) {
         *at = i;
         if (!(k = utf8_seq(s + i, n - i))) {
@@ -122,6 +132,12 @@ static bool header_bytes_ok(const unsigned char *s, size_t n, size_t *at, const 
                 return false;
             }
             if (s[i + 1] == '\\' || s[i + 1] == '"') k = 2; /* skip the escaped byte */
+        } else if (s[i] == '"') {
+            in_str = !in_str;
+        } else if (!in_str && (s[i] == '[' || s[i] == ',' || s[i] == ':') &&
+                   ++values > ST_MAX_VALUES) {
+            *why = "more than " ST_MAX_VALUES_STR " JSON values (the limit)";
+            return false;
         }
     }
     return true;

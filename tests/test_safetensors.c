@@ -625,6 +625,18 @@ START_TEST(malformed_sizes) {
     free(b);
     free(good);
 
+    /* A header of more JSON values than the loader allows (cJSON would need
+     * ~64 bytes for each): rejected before parsing. */
+    size_t nv = 4194304 + 1, hn = 2 + 2 * nv;
+    char *many = malloc(hn + 1);
+    many[0] = '[';
+    for (size_t i = 0; i < nv; i++) memcpy(many + 1 + 2 * i, "0,", 2);
+    memcpy(many + hn - 1, "]", 2);
+    b = make_file(many, 0, &n);
+    expect_bad("too many values", b, n, PL_ERR_FORMAT, "more than 4194304 JSON values");
+    free(b);
+    free(many);
+
     /* Not a file at all. */
     pl_clear_error();
     ck_assert_ptr_null(pl_safetensors_open(path_in("nonexistent")));
