@@ -859,8 +859,8 @@ START_TEST(reads_python_fixture) {
     pl_safetensors *st = pl_safetensors_open(PLASA_TEST_DATA_DIR "/fixture.safetensors");
     ck_assert_msg(st != NULL, "%s", pl_last_error());
     ck_assert_int_eq(pl_safetensors_count(st), 5);
-    /* Header order is the script's: sorted names. */
-    const char *order[5] = {"bias", "empty", "ids", "scale", "w.f32"};
+    /* Header order is the reference writer's: F32 before I32, then by name. */
+    const char *order[5] = {"bias", "empty", "scale", "w.f32", "ids"};
     for (int i = 0; i < 5; i++) ck_assert_str_eq(pl_safetensors_at(st, i)->name, order[i]);
 
     const pl_safetensors_entry *w = pl_safetensors_get(st, "w.f32");

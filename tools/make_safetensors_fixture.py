@@ -13,11 +13,14 @@ plain Python (struct + json) following the published format
                         "__metadata__": {str: str}}
   rest:    the tensors' bytes, little endian, offsets relative to this section
 
-It lays the file out as the reference writer does (compact JSON, metadata
-first, tensors sorted by name, header padded with spaces to a multiple of 8)
-and adds what our own writer never produces, so the reader is tested on it:
-non-ASCII metadata written as \\u escapes, header order different from data
-order, a scalar (shape []), an empty tensor, and a gap in the data section.
+It lays the file out as the reference writer (the Rust crate behind the
+Python module) does, so the reference reader would accept it too: metadata
+first, tensors ordered by dtype (F32 before I32) then name, their data packed
+from offset 0 with no gaps in that same order, compact JSON padded with
+spaces to a multiple of 8. One difference: non-ASCII metadata is written as
+\\u escapes (json.dumps' default) where the reference writes raw UTF-8; both
+are the same JSON, and the escapes test the reader's decoding. The file also
+holds a scalar (shape []) and an empty tensor.
 
 The values come from formulas that the C test recomputes independently:
   "w.f32"   F32 [3, 4]     w[i]   = float32((i - 5) * 0.25 + 1/3)
@@ -51,21 +54,15 @@ def main():
         "empty": ("F32", [0, 5], b""),
         "bias": ("F32", [4], f32_bytes([-(2.0 ** -i) for i in range(4)])),
     }
-    # Data order: "ids" first, a 4-byte gap, then the rest in reverse name order,
-    # so neither the header order (sorted names) nor the offsets are trivial.
+    order = sorted(tensors, key=lambda n: (tensors[n][0] != "F32", n))
     data = bytearray()
-    offsets = {}
-    for name in ["ids"] + sorted((n for n in tensors if n != "ids"), reverse=True):
-        if name == "bias":
-            data += b"\xde\xad\xbe\xef"  # unused bytes: allowed by the format
-        begin = len(data)
-        data += tensors[name][2]
-        offsets[name] = [begin, len(data)]
     header = {"__metadata__": {"format": "pt", "step": "1234",
                                "note": "h\u00e9llo \"quoted\" \u03c0"}}
-    for name in sorted(tensors):
-        dtype, shape, _ = tensors[name]
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": offsets[name]}
+    for name in order:
+        dtype, shape, raw = tensors[name]
+        header[name] = {"dtype": dtype, "shape": shape,
+                        "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
     hjson = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     hjson += b" " * ((8 - (8 + len(hjson)) % 8) % 8)
     with open(out, "wb") as f:
