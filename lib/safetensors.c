@@ -525,23 +525,28 @@ static pl_safetensors *open_file(const char *fn, const char *path) {
         pl__err(PL_ERR_ARG, "%s: path is NULL", fn);
         return NULL;
     }
-    FILE *f = fopen(path, "rb");
+    /* O_NONBLOCK: opening a FIFO must not wait for a writer; it is then
+     * rejected as not a regular file (where O_NONBLOCK has no effect). */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+        fail(fn, path, PL_ERR_IO, "cannot open: %s", strerror(errno));
+        return NULL;
+    }
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        fail(fn, path, PL_ERR_IO, "not a regular file");
+        close(fd);
+        return NULL;
+    }
+    FILE *f = fdopen(fd, "rb");
     if (!f) {
         fail(fn, path, PL_ERR_IO, "cannot open: %s", strerror(errno));
+        close(fd);
         return NULL;
     }
     pl_safetensors *st = NULL;
     char *json = NULL;
-    struct stat sb;
     unsigned char h8[8];
-    if (fstat(fileno(f), &sb) != 0) {
-        fail(fn, path, PL_ERR_IO, "cannot stat: %s", strerror(errno));
-        goto out;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        fail(fn, path, PL_ERR_IO, "not a regular file");
-        goto out;
-    }
     uint64_t size = (uint64_t)sb.st_size;
     if (size < 8) {
         fail(fn, path, PL_ERR_FORMAT,
@@ -863,7 +868,7 @@ static pl_status save_impl(const char *fn, const char *path, const pl_tensor *co
         err = errno;
         goto failed;
     }
-    stage = "renaming the temporary file over";
+    stage = "renaming the temporary file over it";
     if (rename(tmp, path) != 0) {
         err = errno;
         goto failed;

@@ -643,6 +643,11 @@ START_TEST(malformed_sizes) {
     tu_assert_error(PL_ERR_IO, "cannot open: No such file");
     ck_assert_ptr_null(pl_safetensors_open(dir));
     tu_assert_error(PL_ERR_IO, "not a regular file");
+    /* A FIFO with no writer: rejected at once, not waited on. */
+    const char *fifo = path_in("fifo");
+    ck_assert_int_eq(mkfifo(fifo, 0600), 0);
+    ck_assert_ptr_null(pl_safetensors_open(fifo));
+    tu_assert_error(PL_ERR_IO, "not a regular file");
     ck_assert_ptr_null(pl_safetensors_open(NULL));
     tu_assert_error(PL_ERR_ARG, "path is NULL");
 }
@@ -768,7 +773,7 @@ START_TEST(atomic_write_failures) {
     const char *dpath = path_in("adir");
     ck_assert_int_eq(mkdir(dpath, 0755), 0);
     ck_assert_int_eq(pl_safetensors_save(dpath, t1, NULL, 1, NULL, NULL, 0), PL_ERR_IO);
-    tu_assert_error(PL_ERR_IO, "renaming the temporary file over failed");
+    tu_assert_error(PL_ERR_IO, "renaming the temporary file over it failed");
     struct stat sb;
     ck_assert_int_eq(stat(dpath, &sb), 0);
     ck_assert(S_ISDIR(sb.st_mode));
