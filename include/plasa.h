@@ -501,6 +501,10 @@ PL_API pl_status pl_checkpoint_save(pl_ctx *ctx, const char *path,
 #define PL_CKPT_PARAMS_ONLY 1u   /* restore parameters only (not optimiser state) */
 #define PL_CKPT_ALLOW_MISSING 2u /* a tensor absent from the file keeps its value */
 #define PL_CKPT_ALLOW_EXTRA 4u   /* a file tensor matching no tensor is ignored */
+/* A file tensor matching no tensor becomes a new persistent tensor (not a
+ * parameter) of the context, e.g. optimiser state loaded before the
+ * optimiser is made (it adopts it). Not with PL_CKPT_PARAMS_ONLY. */
+#define PL_CKPT_CREATE_EXTRA 8u
 
 /* Copies the file's tensors into the context's tensors of the same name;
  * dtype and shape must match exactly. Everything is checked before anything

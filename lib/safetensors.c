@@ -922,8 +922,14 @@ static pl_status restore_impl(const char *fn, pl_ctx *ctx, const pl_safetensors 
                               unsigned flags) {
     if (!ctx) return pl__err(PL_ERR_ARG, "%s: ctx is NULL", fn);
     if (!st) return pl__err(PL_ERR_ARG, "%s: st is NULL", fn);
-    if (flags & ~(PL_CKPT_PARAMS_ONLY | PL_CKPT_ALLOW_MISSING | PL_CKPT_ALLOW_EXTRA))
+    if (flags &
+        ~(PL_CKPT_PARAMS_ONLY | PL_CKPT_ALLOW_MISSING | PL_CKPT_ALLOW_EXTRA | PL_CKPT_CREATE_EXTRA))
         return pl__err(PL_ERR_ARG, "%s: unknown flags 0x%x", fn, flags);
+    /* With PARAMS_ONLY an "extra" tensor may be a non-parameter the context
+     * has already: creating it would make a second tensor of that name. */
+    if ((flags & PL_CKPT_CREATE_EXTRA) && (flags & PL_CKPT_PARAMS_ONLY))
+        return pl__err(PL_ERR_ARG,
+                       "%s: PL_CKPT_CREATE_EXTRA cannot be combined with PL_CKPT_PARAMS_ONLY", fn);
     const char *label = st->label;
     pl_tensor **ts = pl__malloc(((size_t)ctx->n_persist + 1) * sizeof *ts);
     if (!ts) return pl_last_status();
@@ -964,16 +970,58 @@ static pl_status restore_impl(const char *fn, pl_ctx *ctx, const pl_safetensors 
                      dims_str(dims, e->ndim, b1, sizeof b1), pl_shape_str(ts[i], b2, sizeof b2));
         }
     }
-    for (int i = 0; !s && !(flags & PL_CKPT_ALLOW_EXTRA) && i < st->n; i++) {
-        pl_tensor key_t = {.name = st->e[i].name};
+    /* File tensors that match no target: an error, ignored, or created. */
+    bool create = flags & PL_CKPT_CREATE_EXTRA;
+    int n_new = 0;
+    for (int i = 0; !s && (create || !(flags & PL_CKPT_ALLOW_EXTRA)) && i < st->n; i++) {
+        const pl_safetensors_entry *e = &st->e[i];
+        pl_tensor key_t = {.name = e->name};
         pl_tensor *key = &key_t;
-        if (!bsearch(&key, ts, (size_t)n, sizeof *ts, cmp_tensor_name))
+        if (bsearch(&key, ts, (size_t)n, sizeof *ts, cmp_tensor_name)) continue;
+        if (!create) {
             s = fail(fn, label, PL_ERR_FORMAT,
                      "tensor '%s' matches no %s of the context (PL_CKPT_ALLOW_EXTRA ignores it)",
-                     st->e[i].name,
+                     e->name,
                      flags & PL_CKPT_PARAMS_ONLY ? "parameter" : "named persistent tensor");
+            break;
+        }
+        /* Context tensors have 1 to PL_MAX_DIMS dims, each >= 1. */
+        bool ok = e->ndim >= 1;
+        for (int d = 0; ok && d < e->ndim; d++) ok = e->shape[d] >= 1;
+        if (!ok) {
+            uint64_t dims[PL_MAX_DIMS];
+            for (int d = 0; d < e->ndim; d++) dims[d] = (uint64_t)e->shape[d];
+            s = fail(fn, label, PL_ERR_SHAPE,
+                     "tensor '%s' of shape %s cannot become a context tensor (needs >= 1 dim, "
+                     "each >= 1)",
+                     e->name, dims_str(dims, e->ndim, b1, sizeof b1));
+            break;
+        }
+        n_new++;
     }
-    /* Everything matched: only now change the context. */
+    /* Everything matched: only now change the context. New tensors first, as
+     * they can fail (out of memory); then they are removed again. */
+    if (!s && create && n_new) {
+        pl_tensor **made = pl__malloc((size_t)n_new * sizeof *made);
+        int k = 0;
+        for (int i = 0; made && i < st->n && k >= 0; i++) {
+            const pl_safetensors_entry *e = &st->e[i];
+            pl_tensor key_t = {.name = e->name};
+            pl_tensor *key = &key_t;
+            if (bsearch(&key, ts, (size_t)n, sizeof *ts, cmp_tensor_name)) continue;
+            pl_tensor *t = pl_persistent_new(ctx, e->name, e->dtype, e->ndim, e->shape, false);
+            if (!t) {
+                while (k > 0) pl_tensor_free(made[--k]);
+                k = -1;
+                break;
+            }
+            memcpy(t->data, e->data, (size_t)e->numel * 4);
+            made[k++] = t;
+        }
+        if (!made || k < 0)
+            s = fail(fn, label, PL_ERR_NOMEM, "out of memory creating the file's extra tensors");
+        pl__free(made);
+    }
     for (int i = 0; !s && i < n; i++) {
         const pl_safetensors_entry *e = pl_safetensors_get(st, ts[i]->name);
         if (e) memcpy(ts[i]->data, e->data, (size_t)e->numel * 4);

@@ -325,6 +325,86 @@ START_TEST(checkpoint_save_load) {
 }
 END_TEST
 
+/* Resuming AdamW from a checkpoint continues bit for bit: the optimiser's
+ * state (adamw.m.*, adamw.v.*, adamw.step) is among the named persistent
+ * tensors, in either order of making the optimiser and loading. */
+static void set_grads(pl_ctx *c, int step) {
+    for (int i = 0; i < pl_param_count(c); i++) {
+        pl_tensor *p = pl_param_at(c, i);
+        for (int64_t k = 0; k < p->numel; k++)
+            p->grad[k] = (float)((k % 7) - 3) * 0.125f + (float)(step + i) * 0.01f;
+    }
+}
+
+static pl_ctx *adamw_model(uint64_t seed) {
+    pl_ctx *c = pl_ctx_new(NULL);
+    uint64_t s = seed;
+    tu_param(c, "w", PL_DIMS(3, 4), &s, -1, 1);
+    tu_param(c, "b", PL_DIMS(4), &s, -1, 1);
+    return c;
+}
+
+START_TEST(adamw_resume_bit_exact) {
+    pl_adamw_config cfg = pl_adamw_default_config();
+    cfg.lr = 0.05;
+    cfg.weight_decay = 0.1;
+    pl_ctx *a = adamw_model(1);
+    pl_adamw *oa = pl_adamw_new(a, &cfg);
+    ck_assert_ptr_nonnull(oa);
+    for (int t = 0; t < 3; t++) {
+        set_grads(a, t);
+        ck_assert_int_eq(pl_adamw_step(oa), PL_OK);
+    }
+    const char *path = path_in("adamw.safetensors");
+    ck_assert_msg(pl_checkpoint_save(a, path, NULL, NULL, 0) == PL_OK, "%s", pl_last_error());
+    pl_safetensors *st = pl_safetensors_open(path);
+    ck_assert_ptr_nonnull(st);
+    ck_assert_ptr_nonnull(pl_safetensors_get(st, "adamw.m.w"));
+    ck_assert_ptr_nonnull(pl_safetensors_get(st, "adamw.v.b"));
+    ck_assert_int_eq(((const int32_t *)pl_safetensors_get(st, "adamw.step")->data)[0], 3);
+    pl_safetensors_close(st);
+    for (int t = 3; t < 5; t++) {
+        set_grads(a, t);
+        ck_assert_int_eq(pl_adamw_step(oa), PL_OK);
+    }
+
+    for (int order = 0; order < 2; order++) {
+        pl_ctx *b = adamw_model(100 + (uint64_t)order); /* different starting values */
+        pl_adamw *ob = NULL;
+        if (order == 0) ob = pl_adamw_new(b, &cfg); /* optimiser first, then load */
+        /* Loading before the optimiser exists: its state tensors are created
+         * from the file (and then adopted by pl_adamw_new). */
+        unsigned flags = order == 0 ? 0 : PL_CKPT_CREATE_EXTRA;
+        ck_assert_msg(pl_checkpoint_load(b, path, flags) == PL_OK, "%s", pl_last_error());
+        if (order == 1) ob = pl_adamw_new(b, &cfg);
+        ck_assert_ptr_nonnull(ob);
+        ck_assert_int_eq(pl_adamw_get_step(ob), 3);
+        for (int t = 3; t < 5; t++) {
+            set_grads(b, t);
+            ck_assert_int_eq(pl_adamw_step(ob), PL_OK);
+        }
+        const char *names[] = {"w",         "b",         "adamw.m.w", "adamw.v.w",
+                               "adamw.m.b", "adamw.v.b", "adamw.step"};
+        for (int i = 0; i < 7; i++)
+            ck_assert_msg(same_data(a, b, names[i]), "order %d: %s differs", order, names[i]);
+        pl_adamw_free(ob);
+        pl_ctx_free(b);
+    }
+
+    /* Warm start from the weights only: fresh moments, step 0. */
+    pl_ctx *c = adamw_model(7);
+    pl_adamw *oc = pl_adamw_new(c, &cfg);
+    ck_assert_int_eq(pl_checkpoint_load(c, path, PL_CKPT_PARAMS_ONLY | PL_CKPT_ALLOW_EXTRA), PL_OK);
+    ck_assert_int_eq(pl_adamw_get_step(oc), 0);
+    const float *m = pl_f32(find(c, "adamw.m.w"));
+    for (int k = 0; k < 12; k++) ck_assert(m[k] == 0.0f);
+    pl_adamw_free(oc);
+    pl_ctx_free(c);
+    pl_adamw_free(oa);
+    pl_ctx_free(a);
+}
+END_TEST
+
 START_TEST(checkpoint_mismatches) {
     build_model(ctx, 1, true);
     const char *path = path_in("ckpt.safetensors");
@@ -380,6 +460,19 @@ START_TEST(checkpoint_mismatches) {
     tu_assert_error(PL_ERR_FORMAT, "matches no named persistent tensor");
     ck_assert_int_eq(pl_checkpoint_load(c2, path, PL_CKPT_ALLOW_EXTRA), PL_OK);
     ck_assert(same_data(ctx, c2, "w1"));
+
+    /* Or created, as non-parameter persistent tensors. */
+    int before = c2->n_persist;
+    ck_assert_int_eq(pl_checkpoint_load(c2, path, PL_CKPT_CREATE_EXTRA), PL_OK);
+    ck_assert_int_eq(c2->n_persist, before + 4);
+    for (int i = 0; i < 5; i++)
+        ck_assert_msg(same_data(ctx, c2, model_names[i]), "%s", model_names[i]);
+    ck_assert(!find(c2, "counts")->requires_grad);
+    ck_assert_int_eq(find(c2, "counts")->dtype, PL_I32);
+    ck_assert_int_eq(pl_param_count(c2), 1);
+    ck_assert_int_eq(pl_checkpoint_load(c2, path, PL_CKPT_CREATE_EXTRA | PL_CKPT_PARAMS_ONLY),
+                     PL_ERR_ARG);
+    tu_assert_error(PL_ERR_ARG, "cannot be combined");
 
     /* Argument errors. */
     ck_assert_int_eq(pl_checkpoint_load(c2, path, 64), PL_ERR_ARG);
@@ -694,6 +787,11 @@ START_TEST(valid_unusual_files) {
     ck_assert_uint_eq(e->end, 9);
     ck_assert_str_eq(pl_safetensors_meta(st, "k"), "\xcf\x80");
     ck_assert_str_eq(pl_safetensors_at(st, 3)->name, "\xc3\xa9t\xc3\xa9");
+    /* A scalar or an empty tensor cannot become a context tensor; nothing
+     * is created when one of them is in the way. */
+    ck_assert_int_eq(pl_checkpoint_restore(ctx, st, PL_CKPT_CREATE_EXTRA), PL_ERR_SHAPE);
+    tu_assert_error(PL_ERR_SHAPE, "tensor 's' of shape [] cannot become a context tensor");
+    ck_assert_int_eq(ctx->n_persist, 0);
     pl_safetensors_close(st);
 
     /* The empty object. */
@@ -817,7 +915,7 @@ START_TEST(allocation_failures) {
     ck_assert_int_eq(pl_checkpoint_save(ctx, path, k, v, 1), PL_OK);
     pl_allocator a = {failing_alloc, plain_free, NULL};
     pl_set_allocator(&a);
-    int opened = 0, saved_ok = 0, loaded = 0;
+    int opened = 0, saved_ok = 0, loaded = 0, created = 0;
     for (long i = 0; i < 40; i++) {
         fail_countdown = i;
         pl_safetensors *st = pl_safetensors_open(path);
@@ -842,6 +940,21 @@ START_TEST(allocation_failures) {
             loaded++;
         else
             ck_assert_msg(s == PL_ERR_NOMEM, "%s", pl_last_error());
+        /* Creating tensors: on failure the context keeps only what it had. */
+        fail_countdown = -1;
+        pl_ctx *fresh = pl_ctx_new(NULL);
+        pl_param_new(fresh, "w1", PL_DIMS(4, 3));
+        fail_countdown = i;
+        s = pl_checkpoint_load(fresh, path, PL_CKPT_CREATE_EXTRA);
+        fail_countdown = -1;
+        if (s == PL_OK) {
+            created++;
+            ck_assert_int_eq(fresh->n_persist, 5);
+        } else {
+            ck_assert_msg(s == PL_ERR_NOMEM, "%s", pl_last_error());
+            ck_assert_int_eq(fresh->n_persist, 1);
+        }
+        pl_ctx_free(fresh);
     }
     fail_countdown = -1;
     pl_set_allocator(NULL);
@@ -849,6 +962,8 @@ START_TEST(allocation_failures) {
     ck_assert_int_lt(opened, 40);
     ck_assert_int_gt(saved_ok, 0);
     ck_assert_int_gt(loaded, 0);
+    ck_assert_int_gt(created, 0);
+    ck_assert_int_lt(created, 40);
     /* Only the two files: every temporary was removed. */
     ck_assert_int_eq(dir_entries(), 2);
 }
@@ -913,6 +1028,7 @@ int main(void) {
     tcase_add_test(tc, round_trip_bit_exact);
     tcase_add_test(tc, metadata_round_trip);
     tcase_add_test(tc, checkpoint_save_load);
+    tcase_add_test(tc, adamw_resume_bit_exact);
     tcase_add_test(tc, checkpoint_mismatches);
     tcase_add_test(tc, save_argument_errors);
     tcase_add_test(tc, malformed_headers);
