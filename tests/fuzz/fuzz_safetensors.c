@@ -5,7 +5,9 @@
  * error message; an accepted one must satisfy the format's invariants, which
  * are re-checked here independently, and every byte it hands out is read (so
  * ASan sees any out-of-bounds pointer). Accepted files are also restored into
- * a small context, which exercises the name/dtype/shape matching. */
+ * a small context, which exercises the name/dtype/shape matching, and into
+ * an empty one with PL_CKPT_CREATE_EXTRA (all or nothing is created). The
+ * byte comparison assumes a little-endian host. */
 #include "internal.h"
 
 #include <stdint.h>
@@ -78,6 +80,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     pl_status s = pl_checkpoint_restore(ctx, st, (unsigned)(size % 8));
     CHECK(s == PL_OK || pl_last_error()[0] != 0);
+    /* Creating the file's tensors, in a throwaway context. */
+    pl_ctx *fresh = pl_ctx_new(NULL);
+    s = pl_checkpoint_restore(fresh, st, PL_CKPT_CREATE_EXTRA);
+    CHECK(s == PL_OK || pl_last_error()[0] != 0);
+    if (s == PL_OK)
+        CHECK(fresh->n_persist == n);
+    else
+        CHECK(fresh->n_persist == 0);
+    pl_ctx_free(fresh);
     pl_safetensors_close(st);
     return 0;
 }
