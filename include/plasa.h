@@ -313,6 +313,53 @@ PL_API pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *ta
 /* Transformer ops (ops/rmsnorm.c, ops/rope.c, ops/swiglu.c, ops/dropout.c,  */
 /* ops/attention.c)                                                          */
 
+/* RMSNorm over the last dim (Qwen3-Next style, weight stored as an offset):
+ *   y = x / sqrt(mean(x^2) + eps) * (1 + w),   x [..., d], w [d], eps >= 0.
+ * The mean of squares is accumulated in double; the per-row 1/sqrt(...) is
+ * kept for backward. Grads in x and w. */
+PL_API pl_tensor *pl_rmsnorm(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, float eps);
+
+/* Rotary position embedding on adjacent pairs: x [B, L, H, D], D even. Pair
+ * i = (x[2i], x[2i+1]) at sequence index l is rotated by the angle
+ * (pos_offset + l) * theta_i, theta_i = base^(-2i/D):
+ *   y[2i] = x[2i] cos - x[2i+1] sin,   y[2i+1] = x[2i] sin + x[2i+1] cos.
+ * The angles follow PyTorch's float32 pipeline exactly (as in HF rotary
+ * embeddings): inv_freq = float32(1 / float32(base^float32(2i/D))), angle =
+ * float32(float32(pos) * inv_freq), cos and sin of that float angle rounded
+ * to float. Backward rotates by -angle. base > 0, pos_offset >= 0. */
+PL_API pl_tensor *pl_rope(pl_ctx *ctx, pl_tensor *x, float base, int64_t pos_offset);
+
+/* Fused SwiGLU gate: y = silu(a) * b = a * sigmoid(a) * b; a and b the same
+ * shape. Grads in a and b. */
+PL_API pl_tensor *pl_swiglu(pl_ctx *ctx, pl_tensor *a, pl_tensor *b);
+
+/* Inverted dropout: y = x * keep / (1 - p), keep ~ Bernoulli(1 - p).
+ * Element i of x (row-major) takes word i % 4 of pl_philox(rng->seed,
+ * rng->offset + i / 4) and is kept iff that word >= floor(p * 2^32); the
+ * scale is float32(1 / float32(1 - p)) as in PyTorch. rng->offset then
+ * advances by ceil(numel / 4). The mask is a pure function of (seed, offset,
+ * i): reproducible and independent of the thread count; backward regenerates
+ * it (no mask is stored). p must be in [0, 1); p == 0 returns x itself (rng
+ * may then be NULL and is not advanced). Dropout is applied whenever p > 0:
+ * pass p = 0 for evaluation. */
+PL_API pl_tensor *pl_dropout(pl_ctx *ctx, pl_tensor *x, float p, pl_rng *rng);
+
+/* Dense causal multi-head attention, fused (FlashAttention-2 style):
+ *   out[b,t,h,:] = sum_{s<=t} drop(P)[b,h,t,s] v[b,s,h,:],
+ *   P[b,h,t,:] = softmax_{s<=t}( q[b,t,h,:] . k[b,s,h,:] / sqrt(D) ).
+ * q, k, v and out are [B, L, H, D] (a [B, L, H*D] projection reshaped).
+ * Memory is linear in L: forward keeps the output and the per-row
+ * log-sum-exp [B, H, L]; backward recomputes P blockwise. Dropout on P (as
+ * PyTorch's attention dropout, scale 1/(1-p)) uses the counter scheme of
+ * pl_dropout with rows padded to whole Philox blocks: with W = ceil(L / 4),
+ * element (b,h,t,s) takes word s % 4 of
+ *   pl_philox(rng->seed, rng->offset + ((b*H + h)*L + t)*W + s/4)
+ * and is kept iff that word >= floor(p * 2^32); rng->offset advances by
+ * B*H*L*W. dropout_p in [0, 1); rng may be NULL when dropout_p == 0.
+ * Grads in q, k and v; results do not depend on the thread count. */
+PL_API pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v,
+                               float dropout_p, pl_rng *rng);
+
 /* ------------------------------------------------------------------------ */
 /* Mixture of experts (ops/moe.c)                                            */
 

@@ -141,4 +141,13 @@ static inline float pl__expf(float x) {
  * fuzz target (tests/fuzz/fuzz_safetensors.c). */
 pl_safetensors *pl__safetensors_parse(const void *buf, size_t size, const char *label);
 
+/* ---- dropout masks (ops/dropout.c, ops/attention.c) ---- */
+/* An element is kept iff its Philox word is >= this threshold: P(keep) =
+ * 1 - floor(p 2^32) / 2^32, i.e. 1 - p to within 2^-32. Needs 0 <= p < 1. */
+static inline uint32_t pl__drop_threshold(float p) {
+    return (uint32_t)((double)p * 4294967296.0);
+}
+/* The kept elements' scale, as PyTorch computes it: float32(1 / float32(1 - p)). */
+static inline float pl__drop_scale(float p) { return 1.0f / (float)(1.0 - (double)p); }
+
 #endif
