@@ -128,23 +128,60 @@ static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 typedef struct {
     const float *q, *k, *v; /* [B, L, H, D] */
     float *o;               /* forward output */
-    float *lse2;            /* [B*H, L] base-2 log-sum-exp of the scaled scores */
-    int64_t B, L, H, D, Dp, nblk, rs; /* Dp = D rounded up to 8; rs = H*D (row stride) */
-    float scale, scale2;              /* 1/sqrt(D), log2(e)/sqrt(D) */
+    float *lse2;            /* [B*H][Lp] base-2 log-sum-exp of the scaled scores, 0 past L */
+    int64_t B, L, H, D, Dp, nblk, Lp, rs; /* Dp = D rounded up to 8; Lp = nblk*BLK; rs = H*D */
+    float scale, scale2;                  /* 1/sqrt(D), log2(e)/sqrt(D) */
     /* dropout */
     float p, dscale;
     uint32_t thr;
     uint64_t seed, offset, W; /* W = ceil(L/4): Philox counters per row */
+    /* Packed operands (see pack_t, pack_rows): K^T blocks and V rows for the
+     * forward; Q^T and dO^T blocks, Q, dO and K rows for the backward. */
+    const float *KT, *Vp;
+    const float *QT, *dOT, *Qp, *dOp, *Kp;
     /* backward */
-    const float *dout, *dvec;
+    const float *dout, *dvec; /* dvec [B*H][Lp], 0 past L */
     float *dq, *dk, *dv;
 } att;
 
+/* ---- operand packing, once per call: O(L) work and memory ---- */
+
+/* Block blk of head bh of x, transposed: dst [D][BLK], zero past L. */
+static void pack_t(const att *a, const float *x, float *dst, int64_t bh, int64_t blk) {
+    const int64_t D = a->D, rs = a->rs, t0 = blk * BLK, n = imin(BLK, a->L - t0);
+    const float *src = x + ((bh / a->H) * a->L * a->H + bh % a->H) * D + t0 * rs;
+    dst += (bh * a->nblk + blk) * D * BLK;
+    for (int64_t c = 0; c < n; c++)
+        for (int64_t d = 0; d < D; d++) dst[d * BLK + c] = src[c * rs + d];
+    for (int64_t d = 0; d < D; d++)
+        for (int64_t c = n; c < BLK; c++) dst[d * BLK + c] = 0.0f;
+}
+
+/* Block blk of head bh of x as rows padded with zeros: dst [B*H][Lp][Dp].
+ * (Even when D % 8 == 0 the tensor itself is not used as is: its row stride
+ * H*D is often a large power of two, and the rows of a tile then fight over
+ * a few L1 sets.) */
+static void pack_rows(const att *a, const float *x, float *dst, int64_t bh, int64_t blk) {
+    const int64_t D = a->D, Dp = a->Dp, rs = a->rs, t0 = blk * BLK, n = imin(BLK, a->L - t0);
+    const float *src = x + ((bh / a->H) * a->L * a->H + bh % a->H) * D + t0 * rs;
+    dst += (bh * a->Lp + t0) * Dp;
+    for (int64_t c = 0; c < BLK; c++)
+        for (int64_t d = 0; d < Dp; d++) dst[c * Dp + d] = c < n && d < D ? src[c * rs + d] : 0.0f;
+}
+
+/* Gives the arena back down to mark (taken after the last allocation that
+ * must outlive the call, with nothing recorded since). pl_mark_release would
+ * also clear tape_consumed; keep it as it was. */
+static void release(pl_ctx *ctx, pl_mark mark) {
+    bool consumed = ctx->tape_consumed;
+    pl_mark_release(ctx, mark);
+    ctx->tape_consumed = consumed;
+}
+
 /* Floats of per-thread scratch. */
-static int64_t fwd_scratch(const att *a) { return 2 * BLK * a->Dp + BLK * a->D + BLK * BLK + 2 * BLK; }
+static int64_t fwd_scratch(const att *a) { return BLK * BLK + BLK * a->Dp + 2 * BLK; }
 static int64_t bwd_scratch(const att *a, bool whole) {
-    return 5 * BLK * a->Dp + 2 * BLK * a->D + 3 * BLK * BLK + 2 * BLK +
-           (whole ? a->nblk : 1) * BLK * a->Dp;
+    return 3 * BLK * BLK + 2 * BLK * a->Dp + (whole ? a->nblk : 1) * BLK * a->Dp;
 }
 
 /* Dropout multipliers (0 or 1/(1-p)) for queries t0 + r (r < nr) and keys
@@ -156,8 +193,7 @@ static AI void drop_tile(const att *a, int64_t bh, int64_t t0, int64_t nr, int64
         for (int64_t g = 0; g < nc; g += 4, ctr++) {
             uint32_t w[4];
             pl_philox(a->seed, ctr, w);
-            for (int64_t e = 0; e < 4 && g + e < nc; e++)
-            {
+            for (int64_t e = 0; e < 4 && g + e < nc; e++) {
                 float z = w[e] >= a->thr ? a->dscale : 0.0f;
                 if (mul)
                     Z[r * zr + (g + e) * zc] *= z;
@@ -174,10 +210,9 @@ static AI void drop_tile(const att *a, int64_t bh, int64_t t0, int64_t nr, int64
 PL_KERNEL static void fwd_task(const att *a, int64_t bh, int64_t i, float *ws) {
     const int64_t L = a->L, D = a->D, Dp = a->Dp, rs = a->rs, H = a->H;
     const int64_t b = bh / H, h = bh % H;
-    const float *qb = a->q + (b * L * H + h) * D, *kb = a->k + (b * L * H + h) * D,
-                *vb = a->v + (b * L * H + h) * D;
-    float *Kt = ws, *Vp = Kt + D * BLK, *S = Vp + BLK * Dp, *O = S + BLK * BLK, *m = O + BLK * Dp,
-          *l = m + BLK;
+    const float *qb = a->q + (b * L * H + h) * D, *KT = a->KT + bh * a->nblk * D * BLK,
+                *Vb = a->Vp + bh * a->Lp * Dp;
+    float *S = ws, *O = S + BLK * BLK, *m = O + BLK * Dp, *l = m + BLK;
     const int64_t t0 = i * BLK, nr = imin(BLK, L - t0);
     const v8 iota = {0, 1, 2, 3, 4, 5, 6, 7};
     for (int64_t r = 0; r < nr; r++) {
@@ -187,16 +222,7 @@ PL_KERNEL static void fwd_task(const att *a, int64_t bh, int64_t i, float *ws) {
     }
     for (int64_t j = 0; j <= i; j++) {
         const int64_t s0 = j * BLK, nc = imin(BLK, L - s0), ncp = rup8(nc);
-        /* Pack K_j^T [D x ncp] (zero columns past nc) and V_j [nc x Dp]. */
-        for (int64_t d = 0; d < D; d++) {
-            for (int64_t c = 0; c < nc; c++) Kt[d * BLK + c] = kb[(s0 + c) * rs + d];
-            for (int64_t c = nc; c < ncp; c++) Kt[d * BLK + c] = 0.0f;
-        }
-        for (int64_t c = 0; c < nc; c++) {
-            for (int64_t d = 0; d < D; d++) Vp[c * Dp + d] = vb[(s0 + c) * rs + d];
-            for (int64_t d = D; d < Dp; d++) Vp[c * Dp + d] = 0.0f;
-        }
-        gemm(nr, ncp, D, qb + t0 * rs, rs, 1, Kt, BLK, S, BLK, false);
+        gemm(nr, ncp, D, qb + t0 * rs, rs, 1, KT + j * D * BLK, BLK, S, BLK, false);
         /* Online softmax; on the diagonal block keys c > r are masked (that
          * includes the padding past L, which only the diagonal block has). */
         for (int64_t r = 0; r < nr; r++) {
@@ -222,74 +248,31 @@ PL_KERNEL static void fwd_task(const att *a, int64_t bh, int64_t i, float *ws) {
                 for (int64_t d = 0; d < Dp; d += 8) ST(O + r * Dp + d, LD(O + r * Dp + d) * alpha);
         }
         if (a->p > 0.0f) drop_tile(a, bh, t0, nr, s0, nc, S, BLK, 1, true);
-        gemm(nr, Dp, nc, S, BLK, 1, Vp, Dp, O, Dp, true);
+        gemm(nr, Dp, nc, S, BLK, 1, Vb + s0 * Dp, Dp, O, Dp, true);
     }
     float *ob = a->o + (b * L * H + h) * D;
     for (int64_t r = 0; r < nr; r++) {
         float inv = 1.0f / l[r];
         for (int64_t d = 0; d < D; d++) ob[(t0 + r) * rs + d] = O[r * Dp + d] * inv;
-        a->lse2[bh * L + t0 + r] = m[r] + log2f(l[r]);
+        a->lse2[bh * a->Lp + t0 + r] = m[r] + log2f(l[r]);
     }
 }
 
 /* ---- backward ---- */
 
 typedef struct {
-    float *Kp, *QtT, *Qp, *dOt, *dOp, *ST, *dPT, *ZT, *dKa, *dVa, *lseb, *dvb, *dQa;
+    float *ST, *dPT, *ZT, *dKa, *dVa, *dQa;
 } bwd_ws;
 
 static AI bwd_ws bwd_carve(const att *a, float *ws) {
-    const int64_t D = a->D, Dp = a->Dp;
     bwd_ws w;
-    w.Kp = ws;
-    w.Qp = w.Kp + BLK * Dp;
-    w.dOp = w.Qp + BLK * Dp;
-    w.dKa = w.dOp + BLK * Dp;
-    w.dVa = w.dKa + BLK * Dp;
-    w.QtT = w.dVa + BLK * Dp;
-    w.dOt = w.QtT + D * BLK;
-    w.ST = w.dOt + D * BLK;
+    w.ST = ws;
     w.dPT = w.ST + BLK * BLK;
     w.ZT = w.dPT + BLK * BLK;
-    w.lseb = w.ZT + BLK * BLK;
-    w.dvb = w.lseb + BLK;
-    w.dQa = w.dvb + BLK;
+    w.dKa = w.ZT + BLK * BLK;
+    w.dVa = w.dKa + BLK * a->Dp;
+    w.dQa = w.dVa + BLK * a->Dp;
     return w;
-}
-
-/* Query block i: Q_i^T, dO_i^T [D x BLK] (zero past nr), optionally Q_i and
- * dO_i [nr x Dp], and the rows' lse2 and D (zero past nr). */
-static AI void pack_queries(const att *a, int64_t bh, int64_t i, bwd_ws *w, bool rows) {
-    const int64_t L = a->L, D = a->D, Dp = a->Dp, rs = a->rs, H = a->H;
-    const int64_t b = bh / H, h = bh % H, t0 = i * BLK, nr = imin(BLK, L - t0);
-    const float *qb = a->q + (b * L * H + h) * D + t0 * rs,
-                *gb = a->dout + (b * L * H + h) * D + t0 * rs;
-    for (int64_t d = 0; d < D; d++) {
-        for (int64_t r = 0; r < nr; r++) {
-            w->QtT[d * BLK + r] = qb[r * rs + d];
-            w->dOt[d * BLK + r] = gb[r * rs + d];
-        }
-        for (int64_t r = nr; r < BLK; r++) w->QtT[d * BLK + r] = w->dOt[d * BLK + r] = 0.0f;
-    }
-    if (rows)
-        for (int64_t r = 0; r < nr; r++)
-            for (int64_t d = 0; d < Dp; d++) {
-                w->Qp[r * Dp + d] = d < D ? qb[r * rs + d] : 0.0f;
-                w->dOp[r * Dp + d] = d < D ? gb[r * rs + d] : 0.0f;
-            }
-    for (int64_t r = 0; r < BLK; r++) {
-        w->lseb[r] = r < nr ? a->lse2[bh * L + t0 + r] : 0.0f;
-        w->dvb[r] = r < nr ? a->dvec[bh * L + t0 + r] : 0.0f;
-    }
-}
-
-/* Key block j into Kp [nc x Dp]. */
-static AI void pack_keys(const att *a, int64_t bh, int64_t j, bwd_ws *w) {
-    const int64_t L = a->L, D = a->D, Dp = a->Dp, rs = a->rs, H = a->H;
-    const int64_t b = bh / H, h = bh % H, s0 = j * BLK, nc = imin(BLK, L - s0);
-    const float *kb = a->k + (b * L * H + h) * D + s0 * rs;
-    for (int64_t c = 0; c < nc; c++)
-        for (int64_t d = 0; d < Dp; d++) w->Kp[c * Dp + d] = d < D ? kb[c * rs + d] : 0.0f;
 }
 
 /* Tile (query block i, key block j), transposed: ST <- P o Z (if want_pz)
@@ -297,15 +280,18 @@ static AI void pack_keys(const att *a, int64_t bh, int64_t j, bwd_ws *w) {
  * after the query are masked to P = 0. Not inlined: both backward schedules
  * must run the same machine code (FMA contraction may differ per inlining
  * site) to give the same bits. */
-PL_KERNEL __attribute__((noinline)) static void bwd_tile(const att *a, int64_t bh, int64_t i, int64_t j, bwd_ws *w,
-                        bool want_pz) {
-    const int64_t L = a->L, D = a->D, rs = a->rs, H = a->H;
+PL_KERNEL __attribute__((noinline)) static void bwd_tile(const att *a, int64_t bh, int64_t i,
+                                                         int64_t j, bwd_ws *w, bool want_pz) {
+    const int64_t L = a->L, D = a->D, rs = a->rs, H = a->H, Lp = a->Lp;
     const int64_t b = bh / H, h = bh % H, t0 = i * BLK, s0 = j * BLK;
     const int64_t nr = imin(BLK, L - t0), nc = imin(BLK, L - s0), nrp = rup8(nr);
     const float *kb = a->k + (b * L * H + h) * D + s0 * rs,
                 *vb = a->v + (b * L * H + h) * D + s0 * rs;
-    gemm(nc, nrp, D, kb, rs, 1, w->QtT, BLK, w->ST, BLK, false);
-    gemm(nc, nrp, D, vb, rs, 1, w->dOt, BLK, w->dPT, BLK, false);
+    const float *QT = a->QT + (bh * a->nblk + i) * D * BLK,
+                *dOT = a->dOT + (bh * a->nblk + i) * D * BLK;
+    const float *lseb = a->lse2 + bh * Lp + t0, *dvb = a->dvec + bh * Lp + t0;
+    gemm(nc, nrp, D, kb, rs, 1, QT, BLK, w->ST, BLK, false);
+    gemm(nc, nrp, D, vb, rs, 1, dOT, BLK, w->dPT, BLK, false);
     const bool drop = a->p > 0.0f, edge = i == j || nr < BLK;
     if (drop) {
         drop_tile(a, bh, t0, nr, s0, nc, w->ZT, 1, BLK, false);
@@ -316,7 +302,7 @@ PL_KERNEL __attribute__((noinline)) static void bwd_tile(const att *a, int64_t b
     for (int64_t c = 0; c < nc; c++) {
         float *st = w->ST + c * BLK, *dp = w->dPT + c * BLK, *z = w->ZT + c * BLK;
         for (int64_t r = 0; r < nrp; r += 8) {
-            v8 x = LD(st + r) * a->scale2 - LD(w->lseb + r), P = exp2v(&x);
+            v8 x = LD(st + r) * a->scale2 - LD(lseb + r), P = exp2v(&x);
             if (edge) { /* valid: t0 + r >= s0 + c and r < nr */
                 v8 rv = iota + (float)r;
                 v8i ok = (rv + (float)(t0 - s0) >= (float)c) & (rv < (float)nr);
@@ -330,16 +316,17 @@ PL_KERNEL __attribute__((noinline)) static void bwd_tile(const att *a, int64_t b
             } else if (want_pz) {
                 ST(st + r, P);
             }
-            ST(dp + r, P * (dP - LD(w->dvb + r)));
+            ST(dp + r, P * (dP - LD(dvb + r)));
         }
     }
 }
 
 /* dQa [nr x Dp] += dS K_j: the transposed tile read with swapped strides.
  * Not inlined, for the reason given at bwd_tile. */
-PL_KERNEL __attribute__((noinline)) static void dq_accum(const bwd_ws *w, int64_t nr, int64_t nc,
-                                                         int64_t Dp, float *dQa) {
-    gemm(nr, Dp, nc, w->dPT, 1, BLK, w->Kp, Dp, dQa, Dp, true);
+PL_KERNEL __attribute__((noinline)) static void dq_accum(const float *dST, int64_t nr,
+                                                         int64_t nc, int64_t Dp, const float *Kj,
+                                                         float *dQa) {
+    gemm(nr, Dp, nc, dST, 1, BLK, Kj, Dp, dQa, Dp, true);
 }
 
 /* dK_j and dV_j of key block j over the query blocks i >= j; with_dq also
@@ -351,22 +338,23 @@ PL_KERNEL __attribute__((noinline)) static void key_block(const att *a, int64_t 
     const int64_t L = a->L, D = a->D, Dp = a->Dp, rs = a->rs, H = a->H;
     const int64_t b = bh / H, h = bh % H, s0 = j * BLK, nc = imin(BLK, L - s0);
     const bool want_kv = a->dk || a->dv;
+    const float *Qb = a->Qp + bh * a->Lp * Dp, *dOb = a->dOp + bh * a->Lp * Dp,
+                *Kb = a->Kp + bh * a->Lp * Dp;
     if (want_kv)
         for (int64_t x = 0; x < nc * Dp; x += 8) {
             ST(w->dKa + x, splat(0.0f));
             ST(w->dVa + x, splat(0.0f));
         }
-    if (with_dq) pack_keys(a, bh, j, w);
     for (int64_t i = j; i < a->nblk; i++) {
-        const int64_t nr = imin(BLK, L - i * BLK);
-        pack_queries(a, bh, i, w, want_kv);
+        const int64_t t0 = i * BLK, nr = imin(BLK, L - t0);
         bwd_tile(a, bh, i, j, w, want_kv);
         if (want_kv) {
-            gemm(nc, Dp, nr, w->ST, BLK, 1, w->dOp, Dp, w->dVa, Dp, true);  /* (P o Z)^T dO */
-            gemm(nc, Dp, nr, w->dPT, BLK, 1, w->Qp, Dp, w->dKa, Dp, true); /* dS^T Q */
+            gemm(nc, Dp, nr, w->ST, BLK, 1, dOb + t0 * Dp, Dp, w->dVa, Dp, true); /* PZ^T dO */
+            gemm(nc, Dp, nr, w->dPT, BLK, 1, Qb + t0 * Dp, Dp, w->dKa, Dp, true); /* dS^T Q */
         }
-        if (with_dq) dq_accum(w, nr, nc, Dp, w->dQa + i * BLK * Dp);
+        if (with_dq) dq_accum(w->dPT, nr, nc, Dp, Kb + s0 * Dp, w->dQa + t0 * Dp);
     }
+    if (!want_kv) return;
     const int64_t off = (b * L * H + h) * D + s0 * rs;
     for (int64_t c = 0; c < nc; c++)
         for (int64_t d = 0; d < D; d++) {
@@ -376,7 +364,8 @@ PL_KERNEL __attribute__((noinline)) static void key_block(const att *a, int64_t 
 }
 
 /* dQ rows [t0, t0 + nr) += c * dQa. */
-PL_KERNEL __attribute__((noinline)) static void write_dq(const att *a, int64_t bh, int64_t t0, int64_t nr, const float *dQa) {
+PL_KERNEL __attribute__((noinline)) static void write_dq(const att *a, int64_t bh, int64_t t0,
+                                                         int64_t nr, const float *dQa) {
     const int64_t L = a->L, D = a->D, Dp = a->Dp, rs = a->rs, H = a->H;
     float *g = a->dq + ((bh / H) * L * H + bh % H) * D + t0 * rs;
     for (int64_t r = 0; r < nr; r++)
@@ -403,26 +392,28 @@ static void bwd_kv_task(const att *a, int64_t bh, int64_t j, float *ws) {
 static void bwd_dq_task(const att *a, int64_t bh, int64_t i, float *ws) {
     bwd_ws w = bwd_carve(a, ws);
     const int64_t Dp = a->Dp, nr = imin(BLK, a->L - i * BLK);
-    pack_queries(a, bh, i, &w, false);
+    const float *Kb = a->Kp + bh * a->Lp * Dp;
     for (int64_t x = 0; x < nr * Dp; x += 8) ST(w.dQa + x, splat(0.0f));
     for (int64_t j = 0; j <= i; j++) {
         const int64_t nc = imin(BLK, a->L - j * BLK);
-        pack_keys(a, bh, j, &w);
         bwd_tile(a, bh, i, j, &w, false);
-        dq_accum(&w, nr, nc, Dp, w.dQa);
+        dq_accum(w.dPT, nr, nc, Dp, Kb + j * BLK * Dp, w.dQa);
     }
     write_dq(a, bh, i * BLK, nr, w.dQa);
 }
 
-/* D[bh, t] = sum_d dO[b,t,h,d] O[b,t,h,d]. */
-PL_KERNEL static void dvec_rows(const float *o, const float *g, float *dvec, int64_t b, int64_t L,
-                                int64_t H, int64_t D) {
+/* D[bh, t] = sum_d dO[b,t,h,d] O[b,t,h,d]; 0 for t in [L, Lp). */
+PL_KERNEL static void dvec_rows(const att *a, const float *o, float *dvec, int64_t b) {
+    const int64_t L = a->L, H = a->H, D = a->D;
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t t = L; t < a->Lp; t++) dvec[(b * H + h) * a->Lp + t] = 0.0f;
     for (int64_t t = 0; t < L; t++)
         for (int64_t h = 0; h < H; h++) {
-            const float *orow = o + ((b * L + t) * H + h) * D, *grow = g + ((b * L + t) * H + h) * D;
+            const float *orow = o + ((b * L + t) * H + h) * D,
+                        *grow = a->dout + ((b * L + t) * H + h) * D;
             float s = 0.0f;
             for (int64_t d = 0; d < D; d++) s += orow[d] * grow[d];
-            dvec[(b * H + h) * L + t] = s;
+            dvec[(b * H + h) * a->Lp + t] = s;
         }
 }
 
@@ -433,37 +424,57 @@ static void attention_backward(pl_ctx *ctx, pl_node *n) {
     if (k->requires_grad && !(a.dk = pl__grad(ctx, k))) return;
     if (v->requires_grad && !(a.dv = pl__grad(ctx, v))) return;
     a.dout = n->out->grad;
-    const int64_t BH = a.B * a.H, T = omp_get_max_threads();
-    float *dvec = pl__scratch(ctx, (size_t)(BH * a.L) * sizeof(float));
-    if (!dvec) return;
-    a.dvec = dvec;
-    const float *o = pl_f32(n->out);
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < a.B; b++) dvec_rows(o, a.dout, dvec, b, a.L, a.H, a.D);
+    const int64_t BH = a.B * a.H, T = omp_get_max_threads(), nblk = a.nblk;
+    const int64_t tsz = BH * a.Lp * a.D, rsz = BH * a.Lp * a.Dp;
     /* One task per head does 5 tile products per tile, the two passes 7 but
      * spread over every block: take the first unless threads would idle. */
     const int64_t rounds = (BH + T - 1) / T;
     const bool whole = 5 * rounds * T <= 7 * BH;
     const int64_t per = bwd_scratch(&a, whole);
-    float *ws = pl__scratch(ctx, (size_t)(T * per) * sizeof(float));
+    /* Everything below is released for reuse when this backward is done. */
+    pl_mark mark = pl_mark_get(ctx);
+    float *dvec = pl__scratch(ctx, (size_t)(BH * a.Lp + 2 * tsz + 3 * rsz) * sizeof(float));
+    float *ws = dvec ? pl__scratch(ctx, (size_t)(T * per) * sizeof(float)) : NULL;
     if (!ws) return;
+    float *QT = dvec + BH * a.Lp, *dOT = QT + tsz, *Qp = dOT + tsz, *dOp = Qp + rsz,
+          *Kp = dOp + rsz;
+    a.dvec = dvec;
+    a.QT = QT;
+    a.dOT = dOT;
+    a.Qp = Qp;
+    a.dOp = dOp;
+    a.Kp = Kp;
     const att *ap = &a;
-    const int64_t nblk = a.nblk;
+    const float *o = pl_f32(n->out);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static) nowait
+        for (int64_t b = 0; b < a.B; b++) dvec_rows(ap, o, dvec, b);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < BH * nblk; t++) {
+            pack_t(ap, a.q, QT, t / nblk, t % nblk);
+            pack_t(ap, a.dout, dOT, t / nblk, t % nblk);
+            pack_rows(ap, a.q, Qp, t / nblk, t % nblk);
+            pack_rows(ap, a.dout, dOp, t / nblk, t % nblk);
+            pack_rows(ap, a.k, Kp, t / nblk, t % nblk);
+        }
+    }
     if (whole) {
 #pragma omp parallel for schedule(dynamic, 1)
         for (int64_t bh = 0; bh < BH; bh++) bwd_head_task(ap, bh, ws + omp_get_thread_num() * per);
-        return;
-    }
-    if (a.dk || a.dv) {
+    } else {
+        if (a.dk || a.dv) {
 #pragma omp parallel for schedule(dynamic, 1)
-        for (int64_t t = 0; t < BH * nblk; t++) /* longest (j = 0) first */
-            bwd_kv_task(ap, t % BH, t / BH, ws + omp_get_thread_num() * per);
-    }
-    if (a.dq) {
+            for (int64_t t = 0; t < BH * nblk; t++) /* longest (j = 0) first */
+                bwd_kv_task(ap, t % BH, t / BH, ws + omp_get_thread_num() * per);
+        }
+        if (a.dq) {
 #pragma omp parallel for schedule(dynamic, 1)
-        for (int64_t t = 0; t < BH * nblk; t++) /* longest (i = nblk - 1) first */
-            bwd_dq_task(ap, t % BH, nblk - 1 - t / BH, ws + omp_get_thread_num() * per);
+            for (int64_t t = 0; t < BH * nblk; t++) /* longest (i = nblk - 1) first */
+                bwd_dq_task(ap, t % BH, nblk - 1 - t / BH, ws + omp_get_thread_num() * per);
+        }
     }
+    release(ctx, mark);
 }
 
 pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v, float dropout_p,
@@ -496,6 +507,7 @@ pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v, f
     a.Dp = rup8(a.D);
     a.rs = a.H * a.D;
     a.nblk = (a.L + BLK - 1) / BLK;
+    a.Lp = a.nblk * BLK;
     a.scale = (float)(1.0 / sqrt((double)a.D));
     a.scale2 = (float)(1.4426950408889634 / sqrt((double)a.D));
     a.W = (uint64_t)(a.L + 3) / 4;
@@ -509,20 +521,37 @@ pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v, f
     a.q = pl_f32(q);
     a.k = pl_f32(k);
     a.v = pl_f32(v);
-    const int64_t BH = a.B * a.H, T = omp_get_max_threads(), per = fwd_scratch(&a);
+    const int64_t BH = a.B * a.H, T = omp_get_max_threads(), per = fwd_scratch(&a),
+                  nblk = a.nblk;
+    const int64_t tsz = BH * a.Lp * a.D, rsz = BH * a.Lp * a.Dp;
     pl_tensor *out = pl__new(ctx, PL_F32, 4, q->shape);
     att *saved = out ? pl__scratch(ctx, sizeof *saved) : NULL;
-    float *lse2 = saved ? pl__scratch(ctx, (size_t)(BH * a.L) * sizeof(float)) : NULL;
-    float *ws = lse2 ? pl__scratch(ctx, (size_t)(T * per) * sizeof(float)) : NULL;
+    float *lse2 = saved ? pl__scratch(ctx, (size_t)(BH * a.Lp) * sizeof(float)) : NULL;
+    /* Operands and per-thread tiles: released for reuse once the forward is done. */
+    pl_mark mark = pl_mark_get(ctx);
+    float *KT = lse2 ? pl__scratch(ctx, (size_t)(tsz + rsz) * sizeof(float)) : NULL;
+    float *ws = KT ? pl__scratch(ctx, (size_t)(T * per) * sizeof(float)) : NULL;
     if (!ws) return NULL;
     a.o = pl_f32(out);
     a.lse2 = lse2;
+    a.KT = KT;
+    a.Vp = KT + tsz;
     const att *ap = &a;
-    const int64_t nblk = a.nblk;
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t t = 0; t < BH * nblk; t++) /* longest (last query block) first */
-        fwd_task(ap, t % BH, nblk - 1 - t / BH, ws + omp_get_thread_num() * per);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < BH * nblk; t++) {
+            pack_t(ap, a.k, KT, t / nblk, t % nblk);
+            pack_rows(ap, a.v, KT + tsz, t / nblk, t % nblk);
+            for (int64_t x = a.L; x < a.Lp; x++) lse2[(t / nblk) * a.Lp + x] = 0.0f;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < BH * nblk; t++) /* longest (last query block) first */
+            fwd_task(ap, t % BH, nblk - 1 - t / BH, ws + omp_get_thread_num() * per);
+    }
     if (dropout_p > 0.0f) rng->offset += (uint64_t)BH * (uint64_t)a.L * a.W;
+    a.KT = a.Vp = NULL; /* released below */
+    release(ctx, mark);
     pl_tensor *in[3] = {q, k, v};
     if (pl__wants_grad(ctx, 3, in)) {
         pl_node *n = pl__record(ctx, "attention", attention_backward, out, 3, in);
