@@ -149,5 +149,10 @@ static inline uint32_t pl__drop_threshold(float p) {
 }
 /* The kept elements' scale, as PyTorch computes it: float32(1 / float32(1 - p)). */
 static inline float pl__drop_scale(float p) { return 1.0f / (float)(1.0 - (double)p); }
+/* pl_philox on the 8 counters ctr + i*stride, i < 8, at once (AVX2 when the
+ * CPU has it; the same bits either way). Word w of counter i goes to
+ * out[4*i + w] (element order: with stride 1, the words of 32 consecutive
+ * elements), or with by_word to out[8*w + i]. In ops/dropout.c. */
+void pl__philox8(uint64_t seed, uint64_t ctr, uint64_t stride, bool by_word, uint32_t out[32]);
 
 #endif

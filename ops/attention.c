@@ -47,6 +47,8 @@
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8w __attribute__((vector_size(32)));
+typedef uint32_t v8wu __attribute__((vector_size(32), aligned(4)));
 #define LD(p) (*(const v8u *)(p))
 #define ST(p, x) (*(v8u *)(p) = (x))
 
@@ -86,10 +88,11 @@ static AI v8 exp2v(const v8 *px) {
     return SEL(under, splat(0.0f), r);
 }
 
-/* R x 8*NV tile of C (+)= A B: A(r, k) = A[r*sar + k*sak], B row-major. */
+/* R x 8*NV tile of C (+)= A B: A(r, k) = A[r*sar + k*sak], B row-major.
+ * R <= 6, NV <= 2: 12 accumulators hide the FMA latency on AVX2. */
 static AI void tile(int R, int NV, int64_t K, const float *A, int64_t sar, int64_t sak,
                     const float *B, int64_t ldb, float *C, int64_t ldc, bool acc) {
-    v8 c[4][2];
+    v8 c[6][2];
     for (int r = 0; r < R; r++)
         for (int v = 0; v < NV; v++) c[r][v] = acc ? LD(C + r * ldc + 8 * v) : splat(0.0f);
     for (int64_t k = 0; k < K; k++) {
@@ -108,6 +111,12 @@ static AI void tile(int R, int NV, int64_t K, const float *A, int64_t sar, int64
 static AI void gemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t sar, int64_t sak,
                     const float *B, int64_t ldb, float *C, int64_t ldc, bool acc) {
     int64_t m = 0;
+    for (; m + 6 <= M; m += 6) {
+        int64_t n = 0;
+        for (; n + 16 <= N; n += 16)
+            tile(6, 2, K, A + m * sar, sar, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
+        if (n < N) tile(6, 1, K, A + m * sar, sar, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
+    }
     for (; m + 4 <= M; m += 4) {
         int64_t n = 0;
         for (; n + 16 <= N; n += 16)
@@ -184,24 +193,52 @@ static int64_t bwd_scratch(const att *a, bool whole) {
     return 3 * BLK * BLK + 2 * BLK * a->Dp + (whole ? a->nblk : 1) * BLK * a->Dp;
 }
 
-/* Dropout multipliers (0 or 1/(1-p)) for queries t0 + r (r < nr) and keys
- * s0 + c (c < nc): stored to Z[r*zr + c*zc], or multiplied into it (mul). */
-static AI void drop_tile(const att *a, int64_t bh, int64_t t0, int64_t nr, int64_t s0,
-                         int64_t nc, float *Z, int64_t zr, int64_t zc, bool mul) {
+/* Dropout: 8 multipliers (0 or 1/(1-p)) from 8 Philox words. */
+static AI v8 keep8(const att *a, const uint32_t *w) {
+    v8w x = *(const v8wu *)w;
+    v8i k = x >= a->thr;
+    return SEL(k, splat(a->dscale), splat(0.0f));
+}
+
+/* Counter of the Philox block that holds (query t, key s) of head bh. */
+static AI uint64_t drop_ctr(const att *a, int64_t bh, int64_t t, int64_t s) {
+    return a->offset + (uint64_t)((bh * a->L + t) * (int64_t)a->W + s / 4);
+}
+
+/* Forward: S[r][c] *= Z for queries t0 + r (r < nr), keys s0 + c (c < nc).
+ * A row's keys are consecutive counters: 32 elements per pl__philox8. */
+static AI void drop_rows(const att *a, int64_t bh, int64_t t0, int64_t nr, int64_t s0,
+                         int64_t nc, float *S) {
     for (int64_t r = 0; r < nr; r++) {
-        uint64_t ctr = a->offset + (uint64_t)((bh * a->L + t0 + r) * (int64_t)a->W + s0 / 4);
-        for (int64_t g = 0; g < nc; g += 4, ctr++) {
-            uint32_t w[4];
-            pl_philox(a->seed, ctr, w);
-            for (int64_t e = 0; e < 4 && g + e < nc; e++) {
-                float z = w[e] >= a->thr ? a->dscale : 0.0f;
-                if (mul)
-                    Z[r * zr + (g + e) * zc] *= z;
-                else
-                    Z[r * zr + (g + e) * zc] = z;
+        float *sr = S + r * BLK;
+        for (int64_t g = 0; g < nc; g += 32) {
+            uint32_t w[32];
+            pl__philox8(a->seed, drop_ctr(a, bh, t0 + r, s0 + g), 1, false, w);
+            for (int64_t e = 0; e < 32 && g + e < nc; e += 8) {
+                if (g + e + 8 <= nc) {
+                    ST(sr + g + e, LD(sr + g + e) * keep8(a, w + e));
+                } else {
+                    for (int64_t u = 0; g + e + u < nc; u++)
+                        sr[g + e + u] *= w[e + u] >= a->thr ? a->dscale : 0.0f;
+                }
             }
         }
     }
+}
+
+/* Backward: ZT[c][r] = Z for keys s0 + c (c < nc), queries t0 + r (r < nrp;
+ * rows past nr get values that the caller masks). One pl__philox8 covers 8
+ * queries (counters W apart) x 4 keys, delivered word by word: each word is
+ * 8 consecutive entries of a ZT row. */
+static AI void drop_cols(const att *a, int64_t bh, int64_t t0, int64_t nrp, int64_t s0,
+                         int64_t nc, float *ZT) {
+    for (int64_t r = 0; r < nrp; r += 8)
+        for (int64_t g = 0; g < nc; g += 4) {
+            uint32_t w[32];
+            pl__philox8(a->seed, drop_ctr(a, bh, t0 + r, s0 + g), a->W, true, w);
+            for (int64_t e = 0; e < 4 && g + e < nc; e++)
+                ST(ZT + (g + e) * BLK + r, keep8(a, w + 8 * e));
+        }
 }
 
 /* ---- forward ---- */
@@ -247,7 +284,7 @@ PL_KERNEL static void fwd_task(const att *a, int64_t bh, int64_t i, float *ws) {
             if (alpha != 1.0f)
                 for (int64_t d = 0; d < Dp; d += 8) ST(O + r * Dp + d, LD(O + r * Dp + d) * alpha);
         }
-        if (a->p > 0.0f) drop_tile(a, bh, t0, nr, s0, nc, S, BLK, 1, true);
+        if (a->p > 0.0f) drop_rows(a, bh, t0, nr, s0, nc, S);
         gemm(nr, Dp, nc, S, BLK, 1, Vb + s0 * Dp, Dp, O, Dp, true);
     }
     float *ob = a->o + (b * L * H + h) * D;
@@ -293,11 +330,7 @@ PL_KERNEL __attribute__((noinline)) static void bwd_tile(const att *a, int64_t b
     gemm(nc, nrp, D, kb, rs, 1, QT, BLK, w->ST, BLK, false);
     gemm(nc, nrp, D, vb, rs, 1, dOT, BLK, w->dPT, BLK, false);
     const bool drop = a->p > 0.0f, edge = i == j || nr < BLK;
-    if (drop) {
-        drop_tile(a, bh, t0, nr, s0, nc, w->ZT, 1, BLK, false);
-        for (int64_t c = 0; c < nc; c++)
-            for (int64_t r = nr; r < nrp; r++) w->ZT[c * BLK + r] = 0.0f;
-    }
+    if (drop) drop_cols(a, bh, t0, nrp, s0, nc, w->ZT);
     const v8 iota = {0, 1, 2, 3, 4, 5, 6, 7};
     for (int64_t c = 0; c < nc; c++) {
         float *st = w->ST + c * BLK, *dp = w->dPT + c * BLK, *z = w->ZT + c * BLK;

@@ -1,6 +1,7 @@
 /* rmsnorm, rope, swiglu and dropout: forward against naive references
  * written here (double accumulation), gradient checks, the dropout mask rule,
  * its reproducibility and thread-count independence, errors. */
+#include "internal.h" /* pl__philox8 */
 #include "testutil.h"
 
 static pl_ctx *ctx;
@@ -242,6 +243,27 @@ static int ref_keep(uint64_t seed, uint64_t offset, int64_t i, float p) {
     return (double)w[i % 4] >= floor((double)p * 4294967296.0);
 }
 
+/* The 8-counter Philox used by the dropout kernels equals pl_philox, in both
+ * layouts, for any stride, across the 2^32 boundary of the counter. */
+START_TEST(philox8_matches_philox) {
+    const uint64_t starts[3] = {0, 0xFFFFFFFCull, 123456789ull};
+    const uint64_t strides[3] = {1, 33, 1ull << 31};
+    int bad = 0;
+    for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 3; b++)
+            for (int by_word = 0; by_word < 2; by_word++) {
+                uint32_t got[32];
+                pl__philox8(0xDEADBEEF12345ull, starts[a], strides[b], by_word, got);
+                for (int i = 0; i < 8; i++) {
+                    uint32_t w[4];
+                    pl_philox(0xDEADBEEF12345ull, starts[a] + (uint64_t)i * strides[b], w);
+                    for (int j = 0; j < 4; j++) bad += got[by_word ? 8 * j + i : 4 * i + j] != w[j];
+                }
+            }
+    ck_assert_int_eq(bad, 0);
+}
+END_TEST
+
 START_TEST(dropout_forward_rule) {
     uint64_t s = 400;
     int64_t n = 9001;
@@ -388,6 +410,7 @@ int main(void) {
     tcase_add_test(tc, swiglu_forward);
     tcase_add_test(tc, swiglu_gradients);
     tcase_add_test(tc, swiglu_errors);
+    tcase_add_test(tc, philox8_matches_philox);
     tcase_add_test(tc, dropout_forward_rule);
     tcase_add_test(tc, dropout_reproducible_and_thread_independent);
     tcase_add_test(tc, dropout_keep_rate);
