@@ -36,6 +36,7 @@
  * crosses (the helpers are inlined). */
 #if defined(__clang__)
 #pragma clang fp contract(fast)
+#pragma clang diagnostic ignored "-Wpsabi"
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=fast")
 #pragma GCC diagnostic ignored "-Wpsabi"
