@@ -21,11 +21,19 @@
  * products). Every value is summed in a fixed order, so results do not
  * depend on the thread count.
  *
- * Tile products use a register-blocked 4x16 kernel written with GCC vector
+ * Tile products use a register-blocked 6x16 kernel written with GCC vector
  * extensions (AVX2+FMA in the x86-64-v3 clone); no oneDNN call happens inside
- * the parallel regions. Memory: the saved lse2 [B, H, L] and, in backward,
- * D [B, H, L] plus per-thread tiles (and one [L, D] dQ buffer per thread in
- * the per-(b, h) schedule): linear in L. */
+ * the parallel regions. The operands are first copied once into tile-friendly
+ * layouts (K^T blocks and V for the forward; Q^T, dO^T blocks, Q, dO and K
+ * for the backward), O(L) work instead of O(L^2 / BLK) strided gathers.
+ * Memory, all linear in L: the saved lse2 [B, H, L]; during a call, those
+ * copies, D [B, H, L] and per-thread tiles (plus one [L, D] dQ buffer per
+ * thread in the per-(b, h) schedule), given back to the arena on return.
+ *
+ * Dropout: element (b, h, t, s) uses word s % 4 of Philox counter offset +
+ * ((b*H + h)*L + t)*W + s/4, W = ceil(L/4) (see plasa.h); the forward draws a
+ * query row's keys 32 at a time, the backward 8 queries x 4 keys at a time,
+ * both with pl__philox8. */
 #include "internal.h"
 
 #include <math.h>
@@ -577,7 +585,8 @@ pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v, f
         for (int64_t t = 0; t < BH * nblk; t++) {
             pack_t(ap, a.k, KT, t / nblk, t % nblk);
             pack_rows(ap, a.v, KT + tsz, t / nblk, t % nblk);
-            for (int64_t x = a.L; x < a.Lp; x++) lse2[(t / nblk) * a.Lp + x] = 0.0f;
+            if (t % nblk == nblk - 1) /* pad rows of lse2, read by backward's tiles */
+                for (int64_t x = a.L; x < a.Lp; x++) lse2[(t / nblk) * a.Lp + x] = 0.0f;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < BH * nblk; t++) /* longest (last query block) first */
