@@ -162,6 +162,9 @@ static void check_fwd_bwd(shp sh, float p, uint64_t *s) {
 START_TEST(backward_matches_naive) {
     uint64_t s = 2000 + (uint64_t)_i;
     for (int rep = 0; rep < 4; rep++) check_fwd_bwd(pick_shape(&s, rep + 4 * _i), 0.0f, &s);
+    /* Wide heads: several 16-column tiles per row, and a ragged 8-column one. */
+    const shp wide[3] = {{1, 70, 2, 128}, {2, 33, 1, 40}, {1, 65, 3, 64}};
+    check_fwd_bwd(wide[_i], _i == 1 ? 0.2f : 0.0f, &s);
 }
 END_TEST
 
