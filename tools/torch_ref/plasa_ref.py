@@ -177,6 +177,12 @@ def is_indexer(name: str) -> bool:
 # --------------------------------------------------------------------------- ops
 
 
+def mm(a, b):
+    """Every matrix product of the model goes through here (check_fixture.py swaps in a
+    product with another summation order to imitate a different float32 implementation)."""
+    return a @ b
+
+
 def rmsnorm(x, w):
     """y = x / sqrt(mean(x^2) + 1e-6) * (1 + w), float32 (as Qwen3NextRMSNorm)."""
     r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + NORM_EPS)
@@ -218,10 +224,10 @@ def indexer_scores(x1, wq, wk, ww, n_heads):
     with torch.no_grad():
         x1 = x1.detach()
         B, L, _ = x1.shape
-        q = (x1 @ wq).reshape(B, L, n_heads, -1)  # [B, L, HI, dI]
-        k = x1 @ wk  # [B, L, dI]
-        w = x1 @ ww  # [B, L, HI]
-        dots = torch.einsum("btjc,bsc->btjs", q, k)  # [B, L, HI, L]
+        q = mm(x1, wq).reshape(B, L, n_heads, -1)  # [B, L, HI, dI]
+        k = mm(x1, wk)  # [B, L, dI]
+        w = mm(x1, ww)  # [B, L, HI]
+        dots = mm(q.reshape(B, L * n_heads, -1), k.transpose(1, 2)).reshape(B, L, n_heads, L)
         I = (w[..., None] * torch.relu(dots)).sum(2)  # [B, L, L], sum over heads j in order
         causal = torch.ones(L, L, dtype=torch.bool).tril()
         I = I.masked_fill(~causal, float("-inf"))
@@ -242,7 +248,7 @@ def causal_topk_mask(I, k):
 def attention(x1, p, pre, cfg: Config, k, dropout, aux=None):
     B, L, d = x1.shape
     H, D = cfg.heads, cfg.head_dim
-    qkv = x1 @ p[pre + "attn.wqkv"]
+    qkv = mm(x1, p[pre + "attn.wqkv"])
     q, kk, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
     q = q.reshape(B, L, H, D).transpose(1, 2)
     kk = kk.reshape(B, L, H, D).transpose(1, 2)
@@ -256,17 +262,17 @@ def attention(x1, p, pre, cfg: Config, k, dropout, aux=None):
         mask = causal_topk_mask(I, k)
         if aux is not None:
             aux.setdefault("indexer", []).append((k, I, terms, mask))
-    s = (q @ kk.transpose(-1, -2)) * (1.0 / math.sqrt(D))
+    s = mm(q, kk.transpose(-1, -2)) * (1.0 / math.sqrt(D))
     s = s.masked_fill(~mask[:, None], float("-inf"))
     a = torch.softmax(s, dim=-1)
     if dropout > 0:
         a = F.dropout(a, p=dropout, training=True)
-    o = (a @ v).transpose(1, 2).reshape(B, L, d)
-    return o @ p[pre + "attn.wo"]
+    o = mm(a, v).transpose(1, 2).reshape(B, L, d)
+    return mm(o, p[pre + "attn.wo"])
 
 
 def swiglu(x, gate, up, down):
-    return (F.silu(x @ gate) * (x @ up)) @ down
+    return mm(F.silu(mm(x, gate)) * mm(x, up), down)
 
 
 def moe(x, p, pre, cfg: Config, aux=None):
@@ -274,7 +280,7 @@ def moe(x, p, pre, cfg: Config, aux=None):
     weights divided by their sum, output = sum_slot w * expert(x). No shared expert."""
     B, L, d = x.shape
     flat = x.reshape(B * L, d)
-    probs = torch.softmax(flat @ p[pre + "moe.router"], dim=-1)  # [N, E]
+    probs = torch.softmax(mm(flat, p[pre + "moe.router"]), dim=-1)  # [N, E]
     top = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices
     top = top[:, :cfg.top_experts]  # [N, K]
     tw = probs.gather(1, top)
@@ -306,7 +312,7 @@ def forward(params, cfg: Config, inputs, dropout=0.0, aux=None):
         else:
             h = h + swiglu(x2, p[pre + "mlp.gate"], p[pre + "mlp.up"], p[pre + "mlp.down"])
     h = rmsnorm(h, p["final_norm"])
-    return h @ p["lm_head"]
+    return mm(h, p["lm_head"])
 
 
 def loss_fn(logits, targets):
