@@ -108,4 +108,41 @@ static inline int64_t pl__numel(int ndim, const int64_t *shape) {
     return n;
 }
 
+/* ---- PLASA ops: helpers shared by ops/topk.c, ops/indexer.c, ops/sparse_attention.c,
+ * ops/indexer_loss.c ---- */
+/* Writes into out[0..width) the min(k, n) indices s < n with the largest row[s]
+ * (ties to the smaller s; NaN ranks as -inf, -0 equals +0), in ascending s, then
+ * -1 up to width. keys: scratch of n uint32. Reads nothing when k >= n. */
+void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32_t *out, int64_t width,
+                         uint32_t *keys);
+/* Checks an index tensor for the causal sparse ops: PL_I32 [B, L, K] with every
+ * entry -1 (padding) or in [0, t] for its row t. */
+pl_status pl__check_causal_idx(pl_ctx *ctx, const char *fn, const pl_tensor *idx, int64_t B,
+                               int64_t L);
+/* The index sets transposed: for batch b and key s, the entries t*K + j with
+ * idx[b, t, j] == s are list[off[b*(L+1) + s] .. off[b*(L+1) + s + 1]), ascending.
+ * Arena memory; returns PL_OK or the error. Needs L*K < 2^31. */
+pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, int64_t K,
+                         int32_t **off, int32_t **list);
+/* Rows per block of the indexer's blocked score computation (0: automatic).
+ * Tests set it to exercise the block edges; results do not depend on it except
+ * for float rounding. */
+extern int64_t pl__indexer_block_rows;
+
+/* Dot product and y += a*x for the gather kernels: eight partial sums so the
+ * compiler vectorises the reduction without -ffast-math; the order is fixed,
+ * so results do not depend on threads. */
+static inline float pl__dot(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] += a[i + l] * b[i + l];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+static inline void pl__axpy(float *y, float a, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
 #endif

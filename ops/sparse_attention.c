@@ -1,0 +1,268 @@
+/* Sparse attention over per-query index sets (the PLASA attention step).
+ *
+ * For query t, head h, with S_t = { idx[b,t,j] : idx[b,t,j] >= 0 }:
+ *   z_j = q_t . k_{s_j} / sqrt(D),  p = softmax_j(z),  out_t = sum_j p'_j v_{s_j}
+ * with p'_j = p_j * keep_j / (1 - dropout_p) (keep_j = 1 when dropout_p = 0).
+ * Only the selected keys and values are gathered: O(B*H*L*K*D) time.
+ *
+ * Saved for backward (flash-attention style): the row log-sum-exp [B,L,H] and,
+ * with dropout, the keep bits [B,L,H,ceil(K/32)] words; the probabilities are
+ * recomputed, so no [.., K] float tensor is kept.
+ *
+ * Backward, with dO the output gradient and Delta_t = dO_t . out_t:
+ *   dp_j = keep_j/(1-p) * dO_t . v_{s_j},   dz_j = p_j (dp_j - Delta_t)
+ *   dq_t += sum_j dz_j k_{s_j} / sqrt(D)
+ *   dk_s += sum_{(t,j): s_j = s} dz_j q_t / sqrt(D)
+ *   dv_s += sum_{(t,j): s_j = s} p'_j dO_t
+ * dq is a gather per query row; dk and dv are computed per KEY from the index
+ * sets transposed (pl__idx_by_key), so every thread writes only its own rows:
+ * no atomics, and the summation order (ascending t) is fixed. */
+#include "internal.h"
+
+#include <math.h>
+#include <omp.h>
+
+pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, int64_t K,
+                         int32_t **off_out, int32_t **list_out) {
+    if (L * K >= INT32_MAX || B * L * K >= INT32_MAX)
+        return pl__err(PL_ERR_SHAPE,
+                       "index sets of %lld x %lld x %lld entries are too large (limit 2^31)",
+                       (long long)B, (long long)L, (long long)K);
+    int32_t *off = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * (L + 1)));
+    int32_t *cur = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * L));
+    if (!off || !cur) return pl_last_status();
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        int32_t *o = off + b * (L + 1);
+        memset(o, 0, sizeof(int32_t) * (size_t)(L + 1));
+        const int32_t *ib = idx + b * L * K;
+        for (int64_t e = 0; e < L * K; e++)
+            if (ib[e] >= 0) o[ib[e] + 1]++;
+        for (int64_t s = 0; s < L; s++) o[s + 1] += o[s];
+    }
+    int64_t total = 0; /* batch b's list starts after those of batches < b */
+    for (int64_t b = 0; b < B; b++) {
+        int32_t *o = off + b * (L + 1);
+        int64_t n = o[L];
+        for (int64_t s = 0; s <= L; s++) o[s] += (int32_t)total;
+        total += n;
+    }
+    int32_t *list = pl__scratch(ctx, sizeof(int32_t) * (size_t)(total > 0 ? total : 1));
+    if (!list) return pl_last_status();
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        const int32_t *o = off + b * (L + 1);
+        int32_t *c = cur + b * L;
+        memcpy(c, o, sizeof(int32_t) * (size_t)L);
+        const int32_t *ib = idx + b * L * K;
+        for (int64_t e = 0; e < L * K; e++)
+            if (ib[e] >= 0) list[c[ib[e]]++] = (int32_t)e;
+    }
+    *off_out = off;
+    *list_out = list;
+    return PL_OK;
+}
+
+typedef struct {
+    int64_t B, L, H, D, K, W; /* W: 32-bit keep words per (b,t,h) row */
+    float scale, p, keep_scale;
+    uint64_t seed, offset;
+    const float *q, *k, *v;
+    const int32_t *idx;
+    float *out;
+    float *lse;     /* [B,L,H]; NULL when nothing is recorded */
+    uint32_t *keep; /* [B,L,H,W] keep bits; NULL without dropout */
+} sa_args;
+
+static inline bool keep_bit(const uint32_t *row, int64_t j) { return (row[j >> 5] >> (j & 31)) & 1u; }
+
+/* Gathers the valid entries of row (b,t): sel = key, pos = j. */
+static inline int64_t gather_row(const int32_t *ir, int64_t K, int32_t *sel, int32_t *pos) {
+    int64_t n = 0;
+    for (int64_t j = 0; j < K; j++)
+        if (ir[j] >= 0) {
+            sel[n] = ir[j];
+            pos[n++] = (int32_t)j;
+        }
+    return n;
+}
+
+PL_KERNEL static void sa_fwd_row(const sa_args *a, int64_t b, int64_t t, float *z, int32_t *sel,
+                                 int32_t *pos) {
+    const int64_t L = a->L, H = a->H, D = a->D, K = a->K;
+    const int64_t n = gather_row(a->idx + (b * L + t) * K, K, sel, pos);
+    for (int64_t h = 0; h < H; h++) {
+        const int64_t row = (b * L + t) * H + h;
+        const float *qh = a->q + row * D;
+        float *oh = a->out + row * D;
+        memset(oh, 0, sizeof(float) * (size_t)D);
+        uint32_t *kr = a->keep ? a->keep + row * a->W : NULL;
+        if (kr) memset(kr, 0, sizeof(uint32_t) * (size_t)a->W);
+        if (n == 0) { /* nothing selected: output 0, no gradient */
+            if (a->lse) a->lse[row] = -INFINITY;
+            continue;
+        }
+        float m = -INFINITY;
+        for (int64_t i = 0; i < n; i++) {
+            z[i] = pl__dot(qh, a->k + ((b * L + sel[i]) * H + h) * D, D) * a->scale;
+            if (z[i] > m) m = z[i];
+        }
+        float sum = 0;
+        for (int64_t i = 0; i < n; i++) {
+            z[i] = expf(z[i] - m);
+            sum += z[i];
+        }
+        if (a->lse) a->lse[row] = m + logf(sum);
+        const float inv = 1.0f / sum;
+        if (kr) { /* element e = ((b*H+h)*L+t)*K + j: word e%4 of Philox(seed, offset + e/4) */
+            const uint64_t e0 = (uint64_t)(((b * H + h) * L + t) * K);
+            uint64_t blk = UINT64_MAX;
+            uint32_t w[4];
+            for (int64_t i = 0; i < n; i++) {
+                uint64_t e = e0 + (uint64_t)pos[i];
+                if (e >> 2 != blk) {
+                    blk = e >> 2;
+                    pl_philox(a->seed, a->offset + blk, w);
+                }
+                if (pl__u01(w[e & 3]) >= a->p) kr[pos[i] >> 5] |= 1u << (pos[i] & 31);
+            }
+        }
+        for (int64_t i = 0; i < n; i++) {
+            float pr = z[i] * inv;
+            if (kr) {
+                if (!keep_bit(kr, pos[i])) continue;
+                pr *= a->keep_scale;
+            }
+            pl__axpy(oh, pr, a->v + ((b * L + sel[i]) * H + h) * D, D);
+        }
+    }
+}
+
+/* Delta for every head of row (b,t), and dq if wanted. */
+PL_KERNEL static void sa_bwd_q_row(const sa_args *a, const float *dO, float *delta, float *dq,
+                                   int64_t b, int64_t t, int32_t *sel, int32_t *pos) {
+    const int64_t L = a->L, H = a->H, D = a->D, K = a->K;
+    const int64_t n = gather_row(a->idx + (b * L + t) * K, K, sel, pos);
+    for (int64_t h = 0; h < H; h++) {
+        const int64_t row = (b * L + t) * H + h;
+        const float *dOh = dO + row * D;
+        const float dl = pl__dot(dOh, a->out + row * D, D);
+        delta[row] = dl;
+        if (!dq || n == 0) continue;
+        const float *qh = a->q + row * D, lse = a->lse[row];
+        const uint32_t *kr = a->keep ? a->keep + row * a->W : NULL;
+        float *dqh = dq + row * D;
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t ko = ((b * L + sel[i]) * H + h) * D;
+            float p = expf(pl__dot(qh, a->k + ko, D) * a->scale - lse);
+            float dp = pl__dot(dOh, a->v + ko, D);
+            if (kr) dp = keep_bit(kr, pos[i]) ? dp * a->keep_scale : 0.0f;
+            pl__axpy(dqh, p * (dp - dl) * a->scale, a->k + ko, D);
+        }
+    }
+}
+
+/* dk and dv of key s from the queries that selected it. */
+PL_KERNEL static void sa_bwd_kv_key(const sa_args *a, const float *dO, const float *delta,
+                                    float *dk, float *dv, int64_t b, int64_t s,
+                                    const int32_t *list, int64_t n) {
+    const int64_t L = a->L, H = a->H, D = a->D, K = a->K;
+    for (int64_t e = 0; e < n; e++) {
+        const int64_t t = list[e] / K, j = list[e] % K;
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t row = (b * L + t) * H + h, ko = ((b * L + s) * H + h) * D;
+            const float *qh = a->q + row * D, *dOh = dO + row * D;
+            float p = expf(pl__dot(qh, a->k + ko, D) * a->scale - a->lse[row]);
+            float ks = 1.0f;
+            if (a->keep) ks = keep_bit(a->keep + row * a->W, j) ? a->keep_scale : 0.0f;
+            if (dv) pl__axpy(dv + ko, p * ks, dOh, D);
+            if (dk) {
+                float dp = pl__dot(dOh, a->v + ko, D) * ks;
+                pl__axpy(dk + ko, p * (dp - delta[row]) * a->scale, qh, D);
+            }
+        }
+    }
+}
+
+static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
+    const sa_args *a = n->saved;
+    pl_tensor *q = n->in[0], *k = n->in[1], *v = n->in[2];
+    const float *dO = n->out->grad;
+    const int64_t B = a->B, L = a->L, K = a->K;
+    float *dq = q->requires_grad ? pl__grad(ctx, q) : NULL;
+    float *dk = k->requires_grad ? pl__grad(ctx, k) : NULL;
+    float *dv = v->requires_grad ? pl__grad(ctx, v) : NULL;
+    if ((q->requires_grad && !dq) || (k->requires_grad && !dk) || (v->requires_grad && !dv))
+        return;
+    const int nt = omp_get_max_threads();
+    float *delta = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * a->H));
+    int32_t *ibuf = pl__scratch(ctx, sizeof(int32_t) * 2 * (size_t)K * (size_t)nt);
+    if (!delta || !ibuf) return;
+#pragma omp parallel
+    {
+        int32_t *sel = ibuf + 2 * (size_t)K * (size_t)omp_get_thread_num(), *pos = sel + K;
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t r = 0; r < B * L; r++) sa_bwd_q_row(a, dO, delta, dq, r / L, r % L, sel, pos);
+    }
+    if (!dk && !dv) return;
+    int32_t *off, *list;
+    if (pl__idx_by_key(ctx, a->idx, B, L, K, &off, &list)) return;
+#pragma omp parallel for schedule(dynamic, 8)
+    for (int64_t r = 0; r < B * L; r++) {
+        const int64_t b = r / L, s = r % L;
+        const int32_t *o = off + b * (L + 1) + s;
+        sa_bwd_kv_key(a, dO, delta, dk, dv, b, s, list + o[0], o[1] - o[0]);
+    }
+}
+
+pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v,
+                               pl_tensor *idx, float dropout_p, pl_rng *rng) {
+    static const char *fn = "pl_sparse_attention";
+    if (pl__check(ctx, fn, "q", q, PL_F32) || pl__check(ctx, fn, "k", k, PL_F32) ||
+        pl__check(ctx, fn, "v", v, PL_F32))
+        return NULL;
+    char sq[96], sk[96], sv[96];
+    if (q->ndim != 4 || !pl_same_shape(q, k) || !pl_same_shape(q, v))
+        return pl__err(PL_ERR_SHAPE, "%s: q, k, v must all be [B, L, H, D]; got %s, %s, %s", fn,
+                       pl_shape_str(q, sq, sizeof sq), pl_shape_str(k, sk, sizeof sk),
+                       pl_shape_str(v, sv, sizeof sv)),
+               NULL;
+    const int64_t B = q->shape[0], L = q->shape[1], H = q->shape[2], D = q->shape[3];
+    if (pl__check_causal_idx(ctx, fn, idx, B, L)) return NULL;
+    if (!(dropout_p >= 0.0f && dropout_p < 1.0f))
+        return pl__err(PL_ERR_ARG, "%s: dropout_p = %g must be in [0, 1)", fn, (double)dropout_p),
+               NULL;
+    if (dropout_p > 0.0f && !rng)
+        return pl__err(PL_ERR_ARG, "%s: rng is NULL but dropout_p > 0", fn), NULL;
+    const int64_t K = idx->shape[2];
+    pl_tensor *out = pl__new(ctx, PL_F32, 4, q->shape);
+    if (!out) return NULL;
+    pl_tensor *in[3] = {q, k, v};
+    const bool record = pl__wants_grad(ctx, 3, in);
+    sa_args a = {B, L, H, D, K, (K + 31) / 32, 1.0f / sqrtf((float)D), dropout_p,
+                 1.0f / (1.0f - dropout_p), rng ? rng->seed : 0, rng ? rng->offset : 0,
+                 pl_f32(q), pl_f32(k), pl_f32(v), pl_i32(idx), pl_f32(out), NULL, NULL};
+    if (record && !(a.lse = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * H)))) return NULL;
+    if (dropout_p > 0.0f &&
+        !(a.keep = pl__scratch(ctx, sizeof(uint32_t) * (size_t)(B * L * H * a.W))))
+        return NULL;
+    const int nt = omp_get_max_threads();
+    float *zbuf = pl__scratch(ctx, sizeof(float) * 3 * (size_t)K * (size_t)nt);
+    if (!zbuf) return NULL;
+#pragma omp parallel
+    {
+        float *z = zbuf + 3 * (size_t)K * (size_t)omp_get_thread_num();
+        int32_t *sel = (int32_t *)(z + K), *pos = sel + K;
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t r = 0; r < B * L; r++) sa_fwd_row(&a, r / L, r % L, z, sel, pos);
+    }
+    if (dropout_p > 0.0f) rng->offset += ((uint64_t)(B * H * L * K) + 3) / 4;
+    if (record) {
+        pl_node *nd = pl__record(ctx, "sparse_attention", sparse_attention_backward, out, 3, in);
+        sa_args *sv2 = nd ? pl__scratch(ctx, sizeof *sv2) : NULL;
+        if (!sv2) return NULL;
+        *sv2 = a;
+        nd->saved = sv2;
+    }
+    return out;
+}
