@@ -151,16 +151,15 @@ START_TEST(gradient_only_into_scores) {
     pl_zero_grad(ctx);
     pl_tensor *loss = kl_fn(ctx, &sc, &kc);
     ck_assert_int_eq(pl_backward(ctx, loss), PL_OK);
-    for (int64_t i = 0; i < kc.q->numel; i++) {
-        ck_assert(kc.q->grad[i] == 0.0f);
-        ck_assert(kc.k->grad[i] == 0.0f);
-    }
+    int64_t bad = 0;
+    for (int64_t i = 0; i < kc.q->numel; i++) bad += kc.q->grad[i] != 0 || kc.k->grad[i] != 0;
+    ck_assert_int_eq(bad, 0);
     double nz = 0;
     for (int64_t i = 0; i < sc->numel; i++) nz += fabsf(sc->grad[i]);
     ck_assert(nz > 0);
     /* padding entries get no gradient */
-    for (int64_t i = 0; i < sc->numel; i++)
-        if (pl_i32(kc.idx)[i] < 0) ck_assert(sc->grad[i] == 0.0f);
+    for (int64_t i = 0; i < sc->numel; i++) bad += pl_i32(kc.idx)[i] < 0 && sc->grad[i] != 0;
+    ck_assert_int_eq(bad, 0);
 }
 END_TEST
 

@@ -67,10 +67,11 @@ static void check_case(uint64_t *seed, int B, int L, int k, int mode) {
         for (int t = 0; t < L; t++) {
             naive_topk(d + ((size_t)b * L + t) * L, t, k, ref);
             const int32_t *got = pl_i32(idx) + ((size_t)b * L + t) * k;
-            for (int j = 0; j < k; j++)
-                ck_assert_msg(got[j] == ref[j],
-                              "B=%d L=%d k=%d mode=%d: row (%d,%d) entry %d: got %d want %d", B,
-                              L, k, mode, b, t, j, got[j], ref[j]);
+            int j = 0;
+            while (j < k && got[j] == ref[j]) j++;
+            if (j < k) /* assert only on failure: Check logs every assert */
+                ck_abort_msg("B=%d L=%d k=%d mode=%d: row (%d,%d) entry %d: got %d want %d", B, L,
+                             k, mode, b, t, j, got[j], ref[j]);
         }
     free(ref);
 }
@@ -98,9 +99,10 @@ START_TEST(ties_go_to_smaller_s_and_future_is_ignored) {
         for (int s = 0; s < L; s++) pl_f32(sc)[t * L + s] = s <= t ? 1.0f : 1e30f;
     pl_tensor *idx = pl_causal_topk(ctx, sc, k);
     ck_assert_ptr_nonnull(idx);
+    int bad = 0;
     for (int t = 0; t < L; t++)
-        for (int j = 0; j < k; j++)
-            ck_assert_int_eq(pl_i32(idx)[t * k + j], j <= t ? j : -1);
+        for (int j = 0; j < k; j++) bad += pl_i32(idx)[t * k + j] != (j <= t ? j : -1);
+    ck_assert_int_eq(bad, 0);
     /* NaN ranks lowest: a row of NaN except one -inf picks the smallest s first. */
     for (int s = 0; s < L; s++) pl_f32(sc)[(L - 1) * L + s] = NAN;
     pl_f32(sc)[(L - 1) * L + 7] = -INFINITY;
