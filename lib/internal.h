@@ -144,5 +144,46 @@ static inline float pl__dot(const float *a, const float *b, int64_t n) {
 static inline void pl__axpy(float *y, float a, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
+static inline float pl__sum(const float *x, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] += x[i + l];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+
+/* exp(x) in float, vectorisable (no libm call): Cephes' expf polynomial after
+ * x = n ln2 + r, |r| <= ln2/2; within 2 ulp of expf. exp(x) = 0 below -87.3
+ * (including -inf), +inf above 88 (expf overflows at 88.7); NaN in, NaN out. */
+static inline float pl__expf(float x) {
+    const float hi = 88.0f, lo = -87.33654f;
+    /* quiet comparisons (no FP exception on NaN), so the selects vectorise */
+    float xc = __builtin_isgreater(x, hi) ? hi : x;
+    xc = __builtin_isless(xc, lo) ? lo : xc;
+    float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    float r = xc - n * 0.693359375f - n * -2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    y *= scale;
+    y = __builtin_isless(x, lo) ? 0.0f : y;
+    y = __builtin_isgreater(x, hi) ? __builtin_inff() : y;
+    return __builtin_isunordered(x, x) ? x : y;
+}
+
+/* Parallel regions cost a barrier: the PLASA kernels run serially below this
+ * much work (roughly multiply-adds), `#pragma omp parallel if (work >= PL_PAR_MIN)`.
+ * A variable (default 32768) so that tests can force the parallel paths (0). */
+extern int64_t pl__par_min;
+#define PL_PAR_MIN pl__par_min
 
 #endif

@@ -85,31 +85,25 @@ PL_KERNEL static void ix_row_scores(float *out, const float *D, int64_t ld, cons
     }
 }
 
-/* Turns the dots of row t into dDots in place (zero for s > t) and returns
- * dw for every head into dw (may be NULL). */
+/* Turns the dots of row t into dDots in place (zero for s > t) and adds dw for
+ * every head into dw (may be NULL). */
 PL_KERNEL static void ix_row_backward(float *D, int64_t ld, const float *g, const float *w,
                                       int64_t HI, int64_t n, float *dw) {
     for (int64_t j = 0; j < HI; j++) {
         float *Dj = D + j * ld;
         const float wj = w[j];
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* sum_s g[s] ReLU(D[s]) */
         int64_t s = 0;
         for (; s + 8 <= n; s += 8)
             for (int l = 0; l < 8; l++) {
                 float x = Dj[s + l];
-                bool pos = x > 0.0f;
-                acc[l] += pos ? g[s + l] * x : 0.0f;
-                Dj[s + l] = pos ? g[s + l] * wj : 0.0f;
+                acc[l] += g[s + l] * (x > 0.0f ? x : 0.0f);
             }
         float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        for (; s < n; s++) {
-            float x = Dj[s];
-            bool pos = x > 0.0f;
-            sum += pos ? g[s] * x : 0.0f;
-            Dj[s] = pos ? g[s] * wj : 0.0f;
-        }
-        for (s = n; s < ld; s++) Dj[s] = 0.0f;
+        for (; s < n; s++) sum += g[s] * (Dj[s] > 0.0f ? Dj[s] : 0.0f);
         if (dw) dw[j] += sum;
+        for (s = 0; s < n; s++) Dj[s] = Dj[s] > 0.0f ? g[s] * wj : 0.0f;
+        for (; s < ld; s++) Dj[s] = 0.0f;
     }
 }
 
@@ -129,7 +123,7 @@ static void indexer_backward(pl_ctx *ctx, pl_node *n) {
         for (int64_t t0 = 0; t0 < L; t0 += T) {
             const int64_t t1 = t0 + T < L ? t0 + T : L, M = (t1 - t0) * HI;
             if (ix_block_dots(d, q, k, b, t0, t1, D)) return;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for if (M * t1 >= PL_PAR_MIN) schedule(static)
             for (int64_t t = t0; t < t1; t++)
                 ix_row_backward(D + (t - t0) * HI * t1, t1, g + (b * L + t) * L,
                                 wd + (b * L + t) * HI, HI, t + 1,
@@ -157,7 +151,7 @@ pl_tensor *pl_indexer_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tenso
         for (int64_t t0 = 0; t0 < L; t0 += T) {
             const int64_t t1 = t0 + T < L ? t0 + T : L;
             if (ix_block_dots(&d, q, k, b, t0, t1, D)) return NULL;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for if ((t1 - t0) * HI * t1 >= PL_PAR_MIN) schedule(static)
             for (int64_t t = t0; t < t1; t++) {
                 float *row = o + (b * L + t) * L;
                 ix_row_scores(row, D + (t - t0) * HI * t1, t1, wd + (b * L + t) * HI, HI, t + 1);
@@ -186,7 +180,7 @@ pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor 
     int32_t *o = pl_i32(out);
     /* Rows t < k take every s <= t: no scores needed. */
     const int64_t tfirst = k < L ? k : L;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for if (B * tfirst * tfirst >= PL_PAR_MIN) schedule(static)
     for (int64_t r = 0; r < B * tfirst; r++) {
         int64_t b = r / tfirst, t = r % tfirst;
         pl__causal_topk_row(NULL, t + 1, k, o + (b * L + t) * k, k, NULL);
@@ -204,7 +198,7 @@ pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor 
             if (t1 <= tfirst) continue;
             if (ix_block_dots(&d, q, kd, b, t0, t1, D)) return NULL;
             const int64_t ts = t0 > tfirst ? t0 : tfirst;
-#pragma omp parallel
+#pragma omp parallel if ((t1 - ts) * HI * t1 >= PL_PAR_MIN)
             {
                 const size_t tid = (size_t)omp_get_thread_num();
                 float *row = rowbuf + tid * (size_t)L;
@@ -294,7 +288,7 @@ static void indexer_at_backward(pl_ctx *ctx, pl_node *n) {
         return;
     const float *q = pl_f32(qI), *k = pl_f32(kI), *wd = pl_f32(w), *g = n->out->grad;
     if (dq || dw) {
-#pragma omp parallel for schedule(dynamic, 8)
+#pragma omp parallel for if (B * L * K * HI * dI >= PL_PAR_MIN) schedule(dynamic, 8)
         for (int64_t r = 0; r < B * L; r++)
             ixs_bwd_row(d, K, q + r * HI * dI, k, wd + r * HI, sv->idx + r * K, g + r * K,
                         dq ? dq + r * HI * dI : NULL, dw ? dw + r * HI : NULL, r / L);
@@ -302,7 +296,7 @@ static void indexer_at_backward(pl_ctx *ctx, pl_node *n) {
     if (!dk) return;
     int32_t *off, *list;
     if (pl__idx_by_key(ctx, sv->idx, B, L, K, &off, &list)) return;
-#pragma omp parallel for schedule(dynamic, 8)
+#pragma omp parallel for if (B * L * K * HI * dI >= PL_PAR_MIN) schedule(dynamic, 8)
     for (int64_t r = 0; r < B * L; r++) {
         const int64_t b = r / L, s = r % L;
         const int32_t *o = off + b * (L + 1) + s;
@@ -322,7 +316,7 @@ pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_te
     const float *q = pl_f32(qI), *k = pl_f32(kI), *wd = pl_f32(w);
     const int32_t *id = pl_i32(idx);
     float *o = pl_f32(out);
-#pragma omp parallel for schedule(dynamic, 8)
+#pragma omp parallel for if (B * L * K * HI * dI >= PL_PAR_MIN) schedule(dynamic, 8)
     for (int64_t r = 0; r < B * L; r++)
         ixs_fwd_row(&d, K, q + r * HI * dI, k, wd + r * HI, id + r * K, o + r * K, r / L);
     pl_tensor *in[3] = {qI, kI, w};

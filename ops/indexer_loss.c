@@ -71,7 +71,7 @@ static void kl_backward(pl_ctx *ctx, pl_node *n) {
     float *ds = pl__grad(ctx, scores);
     if (!ds) return;
     const float gout = n->out->grad[0];
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for if (sv->n >= PL_PAR_MIN) schedule(static)
     for (int64_t i = 0; i < sv->n; i++) ds[i] += gout * sv->g[i];
 }
 
@@ -103,7 +103,7 @@ pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor
     if (!buf) return NULL;
     const float *qd = pl_f32(q), *kd = pl_f32(k), *sd = pl_f32(scores);
     const int32_t *id = pl_i32(idx);
-#pragma omp parallel
+#pragma omp parallel if (rows * K * H * D >= PL_PAR_MIN)
     {
         float *P = buf + 4 * (size_t)K * (size_t)omp_get_thread_num(), *z = P + K;
         int32_t *sel = (int32_t *)(z + K), *pos = sel + K;
@@ -123,7 +123,7 @@ pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor
     pl_tensor *in[1] = {scores};
     if (pl__wants_grad(ctx, 1, in)) {
         const float inv = counted ? 1.0f / (float)counted : 0.0f;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for if (rows * K >= PL_PAR_MIN) schedule(static)
         for (int64_t i = 0; i < rows * K; i++) g[i] *= inv;
         pl_node *nd = pl__record(ctx, "indexer_kl_loss", kl_backward, loss, 1, in);
         kl_saved *sv = nd ? pl__scratch(ctx, sizeof *sv) : NULL;

@@ -31,7 +31,7 @@ pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, 
     int32_t *off = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * (L + 1)));
     int32_t *cur = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * L));
     if (!off || !cur) return pl_last_status();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for if (B * L * K >= PL_PAR_MIN) schedule(static)
     for (int64_t b = 0; b < B; b++) {
         int32_t *o = off + b * (L + 1);
         memset(o, 0, sizeof(int32_t) * (size_t)(L + 1));
@@ -49,7 +49,7 @@ pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, 
     }
     int32_t *list = pl__scratch(ctx, sizeof(int32_t) * (size_t)(total > 0 ? total : 1));
     if (!list) return pl_last_status();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for if (B * L * K >= PL_PAR_MIN) schedule(static)
     for (int64_t b = 0; b < B; b++) {
         const int32_t *o = off + b * (L + 1);
         int32_t *c = cur + b * L;
@@ -107,11 +107,8 @@ PL_KERNEL static void sa_fwd_row(const sa_args *a, int64_t b, int64_t t, float *
             z[i] = pl__dot(qh, a->k + ((b * L + sel[i]) * H + h) * D, D) * a->scale;
             if (z[i] > m) m = z[i];
         }
-        float sum = 0;
-        for (int64_t i = 0; i < n; i++) {
-            z[i] = expf(z[i] - m);
-            sum += z[i];
-        }
+        for (int64_t i = 0; i < n; i++) z[i] = pl__expf(z[i] - m);
+        const float sum = pl__sum(z, n);
         if (a->lse) a->lse[row] = m + logf(sum);
         const float inv = 1.0f / sum;
         if (kr) { /* element e = ((b*H+h)*L+t)*K + j: word e%4 of Philox(seed, offset + e/4) */
@@ -138,9 +135,10 @@ PL_KERNEL static void sa_fwd_row(const sa_args *a, int64_t b, int64_t t, float *
     }
 }
 
-/* Delta for every head of row (b,t), and dq if wanted. */
+/* Delta for every head of row (b,t), and dq if wanted. z, dp: K floats each. */
 PL_KERNEL static void sa_bwd_q_row(const sa_args *a, const float *dO, float *delta, float *dq,
-                                   int64_t b, int64_t t, int32_t *sel, int32_t *pos) {
+                                   int64_t b, int64_t t, int32_t *sel, int32_t *pos, float *z,
+                                   float *dp) {
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K;
     const int64_t n = gather_row(a->idx + (b * L + t) * K, K, sel, pos);
     for (int64_t h = 0; h < H; h++) {
@@ -154,31 +152,49 @@ PL_KERNEL static void sa_bwd_q_row(const sa_args *a, const float *dO, float *del
         float *dqh = dq + row * D;
         for (int64_t i = 0; i < n; i++) {
             const int64_t ko = ((b * L + sel[i]) * H + h) * D;
-            float p = expf(pl__dot(qh, a->k + ko, D) * a->scale - lse);
-            float dp = pl__dot(dOh, a->v + ko, D);
-            if (kr) dp = keep_bit(kr, pos[i]) ? dp * a->keep_scale : 0.0f;
-            pl__axpy(dqh, p * (dp - dl) * a->scale, a->k + ko, D);
+            z[i] = pl__dot(qh, a->k + ko, D) * a->scale - lse;
+            dp[i] = pl__dot(dOh, a->v + ko, D);
         }
+        for (int64_t i = 0; i < n; i++) z[i] = pl__expf(z[i]); /* p */
+        if (kr)
+            for (int64_t i = 0; i < n; i++)
+                dp[i] = keep_bit(kr, pos[i]) ? dp[i] * a->keep_scale : 0.0f;
+        for (int64_t i = 0; i < n; i++)
+            pl__axpy(dqh, z[i] * (dp[i] - dl) * a->scale, a->k + ((b * L + sel[i]) * H + h) * D,
+                     D);
     }
 }
 
-/* dk and dv of key s from the queries that selected it. */
+/* dk and dv of key s from the queries that selected it, KV_CHUNK entries at a
+ * time (so that the exponentials vectorise). z, dp: KV_CHUNK*H floats each. */
+#define KV_CHUNK 16
 PL_KERNEL static void sa_bwd_kv_key(const sa_args *a, const float *dO, const float *delta,
                                     float *dk, float *dv, int64_t b, int64_t s,
-                                    const int32_t *list, int64_t n) {
+                                    const int32_t *list, int64_t n, float *z, float *dp) {
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K;
-    for (int64_t e = 0; e < n; e++) {
-        const int64_t t = list[e] / K, j = list[e] % K;
-        for (int64_t h = 0; h < H; h++) {
-            const int64_t row = (b * L + t) * H + h, ko = ((b * L + s) * H + h) * D;
-            const float *qh = a->q + row * D, *dOh = dO + row * D;
-            float p = expf(pl__dot(qh, a->k + ko, D) * a->scale - a->lse[row]);
-            float ks = 1.0f;
-            if (a->keep) ks = keep_bit(a->keep + row * a->W, j) ? a->keep_scale : 0.0f;
-            if (dv) pl__axpy(dv + ko, p * ks, dOh, D);
-            if (dk) {
-                float dp = pl__dot(dOh, a->v + ko, D) * ks;
-                pl__axpy(dk + ko, p * (dp - delta[row]) * a->scale, qh, D);
+    for (int64_t e0 = 0; e0 < n; e0 += KV_CHUNK) {
+        const int64_t ne = n - e0 < KV_CHUNK ? n - e0 : KV_CHUNK;
+        for (int64_t e = 0; e < ne; e++) {
+            const int64_t t = list[e0 + e] / K, j = list[e0 + e] % K;
+            for (int64_t h = 0; h < H; h++) {
+                const int64_t row = (b * L + t) * H + h, ko = ((b * L + s) * H + h) * D;
+                float ks = 1.0f; /* keep / (1 - p) */
+                if (a->keep) ks = keep_bit(a->keep + row * a->W, j) ? a->keep_scale : 0.0f;
+                z[e * H + h] = pl__dot(a->q + row * D, a->k + ko, D) * a->scale - a->lse[row];
+                dp[e * H + h] = ks; /* the scale for now; dO . v below */
+            }
+        }
+        for (int64_t i = 0; i < ne * H; i++) z[i] = pl__expf(z[i]); /* p */
+        for (int64_t e = 0; e < ne; e++) {
+            const int64_t t = list[e0 + e] / K;
+            for (int64_t h = 0; h < H; h++) {
+                const int64_t row = (b * L + t) * H + h, ko = ((b * L + s) * H + h) * D;
+                const float *dOh = dO + row * D, p = z[e * H + h], ks = dp[e * H + h];
+                if (dv) pl__axpy(dv + ko, p * ks, dOh, D);
+                if (dk) {
+                    float dpv = pl__dot(dOh, a->v + ko, D) * ks;
+                    pl__axpy(dk + ko, p * (dpv - delta[row]) * a->scale, a->q + row * D, D);
+                }
             }
         }
     }
@@ -195,23 +211,31 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
     if ((q->requires_grad && !dq) || (k->requires_grad && !dk) || (v->requires_grad && !dv))
         return;
     const int nt = omp_get_max_threads();
+    /* per thread: sel, pos (K int32 each), z, dp (max(K, KV_CHUNK*H) floats each) */
+    const size_t nf = (size_t)(K > KV_CHUNK * a->H ? K : KV_CHUNK * a->H), per = 2 * (size_t)K + 2 * nf;
     float *delta = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * a->H));
-    int32_t *ibuf = pl__scratch(ctx, sizeof(int32_t) * 2 * (size_t)K * (size_t)nt);
-    if (!delta || !ibuf) return;
-#pragma omp parallel
+    float *buf = pl__scratch(ctx, sizeof(float) * per * (size_t)nt);
+    if (!delta || !buf) return;
+#pragma omp parallel if (B * L * K * a->H * a->D >= PL_PAR_MIN)
     {
-        int32_t *sel = ibuf + 2 * (size_t)K * (size_t)omp_get_thread_num(), *pos = sel + K;
+        float *z = buf + per * (size_t)omp_get_thread_num(), *dp = z + nf;
+        int32_t *sel = (int32_t *)(dp + nf), *pos = sel + K;
 #pragma omp for schedule(dynamic, 8)
-        for (int64_t r = 0; r < B * L; r++) sa_bwd_q_row(a, dO, delta, dq, r / L, r % L, sel, pos);
+        for (int64_t r = 0; r < B * L; r++)
+            sa_bwd_q_row(a, dO, delta, dq, r / L, r % L, sel, pos, z, dp);
     }
     if (!dk && !dv) return;
     int32_t *off, *list;
     if (pl__idx_by_key(ctx, a->idx, B, L, K, &off, &list)) return;
-#pragma omp parallel for schedule(dynamic, 8)
-    for (int64_t r = 0; r < B * L; r++) {
-        const int64_t b = r / L, s = r % L;
-        const int32_t *o = off + b * (L + 1) + s;
-        sa_bwd_kv_key(a, dO, delta, dk, dv, b, s, list + o[0], o[1] - o[0]);
+#pragma omp parallel if (B * L * K * a->H * a->D >= PL_PAR_MIN)
+    {
+        float *z = buf + per * (size_t)omp_get_thread_num(), *dp = z + nf;
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t r = 0; r < B * L; r++) {
+            const int64_t b = r / L, s = r % L;
+            const int32_t *o = off + b * (L + 1) + s;
+            sa_bwd_kv_key(a, dO, delta, dk, dv, b, s, list + o[0], o[1] - o[0], z, dp);
+        }
     }
 }
 
@@ -249,7 +273,7 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     const int nt = omp_get_max_threads();
     float *zbuf = pl__scratch(ctx, sizeof(float) * 3 * (size_t)K * (size_t)nt);
     if (!zbuf) return NULL;
-#pragma omp parallel
+#pragma omp parallel if (B * L * K * H * D >= PL_PAR_MIN)
     {
         float *z = zbuf + 3 * (size_t)K * (size_t)omp_get_thread_num();
         int32_t *sel = (int32_t *)(z + K), *pos = sel + K;

@@ -13,6 +13,8 @@
 #include <math.h>
 #include <omp.h>
 
+int64_t pl__par_min = 32768;
+
 /* Monotone map float -> uint32 (a < b  <=>  key(a) < key(b)). NaN is mapped as
  * -inf and -0 as +0, so they tie with those (and the tie goes to smaller s). */
 static inline uint32_t order_key(float x) {
@@ -71,7 +73,7 @@ pl_status pl__check_causal_idx(pl_ctx *ctx, const char *fn, const pl_tensor *idx
     const int64_t K = idx->shape[2], rows = B * L;
     const int32_t *id = pl_i32(idx);
     int64_t first = rows; /* first row with a bad entry */
-#pragma omp parallel for schedule(static) reduction(min : first)
+#pragma omp parallel for if (rows * K >= PL_PAR_MIN) schedule(static) reduction(min : first)
     for (int64_t r = 0; r < rows; r++) {
         int64_t t = r % L;
         for (int64_t j = 0; j < K; j++) {
@@ -114,7 +116,7 @@ pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k) {
     if (k < L && !keys) return NULL;
     const float *sc = pl_f32(scores);
     int32_t *o = pl_i32(out);
-#pragma omp parallel
+#pragma omp parallel if (B * L * L >= PL_PAR_MIN)
     {
         uint32_t *kb = keys ? keys + (size_t)omp_get_thread_num() * (size_t)L : NULL;
 #pragma omp for schedule(dynamic, 16)

@@ -4,7 +4,11 @@
 #include "testutil.h"
 
 static pl_ctx *ctx;
-static void setup(void) { ctx = pl_ctx_new(NULL); }
+/* Every kernel takes its parallel path, however small the test. */
+static void setup(void) {
+    ctx = pl_ctx_new(NULL);
+    pl__par_min = 0;
+}
 static void teardown(void) {
     pl__indexer_block_rows = 0;
     pl_ctx_free(ctx);

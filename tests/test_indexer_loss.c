@@ -1,9 +1,14 @@
 /* Indexer KL loss against a naive double reference, gradient check w.r.t.
  * the scores, no gradient into q/k, zero at the target, errors. */
+#include "internal.h"
 #include "testutil.h"
 
 static pl_ctx *ctx;
-static void setup(void) { ctx = pl_ctx_new(NULL); }
+/* Every kernel takes its parallel path, however small the test. */
+static void setup(void) {
+    ctx = pl_ctx_new(NULL);
+    pl__par_min = 0;
+}
 static void teardown(void) { pl_ctx_free(ctx); }
 
 /* Head-averaged attention distribution over row (b,t)'s keys into P[K]
