@@ -4,13 +4,17 @@
 #include "testutil.h"
 
 static pl_ctx *ctx;
-/* Every kernel takes its parallel path, however small the test. */
+/* Every kernel takes its parallel path, however small the test (gradient
+ * checks, with their many small evaluations, restore the default). */
+static int64_t par_default = -1;
 static void setup(void) {
     ctx = pl_ctx_new(NULL);
+    if (par_default < 0) par_default = pl__par_min;
     pl__par_min = 0;
 }
 static void teardown(void) {
     pl__indexer_block_rows = 0;
+    pl__par_min = par_default;
     pl_ctx_free(ctx);
 }
 
@@ -134,6 +138,7 @@ static pl_tensor *scores_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
 }
 
 START_TEST(scores_gradients) {
+    pl__par_min = par_default;
     uint64_t s = 3;
     const int B = 2, L = 7, HI = 3, dI = 4;
     pl_tensor *in[3] = {pl_param_new(ctx, "qI", PL_DIMS(B, L, HI, dI)),
@@ -240,6 +245,7 @@ static pl_tensor *at_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
 }
 
 START_TEST(scores_at_gradients) {
+    pl__par_min = par_default;
     uint64_t s = 31;
     const int B = 2, L = 6, HI = 2, dI = 5, K = 3;
     pl_tensor *in[3] = {pl_param_new(ctx, "qI", PL_DIMS(B, L, HI * dI)),
@@ -258,6 +264,43 @@ START_TEST(scores_at_gradients) {
     memcpy(pl_i32(pad), pl_i32(tmp), sizeof(int32_t) * (size_t)pad->numel);
     pl_step_reset(ctx);
     masked_gradcheck(at_fn, pad, in, 3, 1e-2);
+}
+END_TEST
+
+/* Backward of both score ops gives the same bits serially and in parallel. */
+START_TEST(backward_serial_equals_parallel) {
+    uint64_t s = 57;
+    const int B = 2, L = 37, HI = 3, dI = 16, K = 9;
+    pl_tensor *in[3] = {tu_param(ctx, "qI", PL_DIMS(B, L, HI, dI), &s, -1, 1),
+                        tu_param(ctx, "kI", PL_DIMS(B, L, dI), &s, -1, 1),
+                        tu_param(ctx, "w", PL_DIMS(B, L, HI), &s, -1, 1)};
+    pl_tensor *idx = pl_persistent_new(ctx, "idx", PL_I32, PL_DIMS(B, L, K), false);
+    pl_tensor *tmp = random_idx(&s, B, L, K, true, false);
+    memcpy(pl_i32(idx), pl_i32(tmp), sizeof(int32_t) * (size_t)idx->numel);
+    float *seed = malloc(sizeof(float) * (size_t)B * L * L);
+    tu_fill(seed, (int64_t)B * L * L, &s, -1, 1);
+    int64_t n = in[0]->numel + in[1]->numel + in[2]->numel;
+    float *res[2][2];
+    pl__indexer_block_rows = 5;
+    for (int par = 0; par < 2; par++)
+        for (int op = 0; op < 2; op++) {
+            pl__par_min = par ? 0 : INT64_MAX;
+            pl_step_reset(ctx);
+            pl_zero_grad(ctx);
+            pl_tensor *y = op ? pl_indexer_scores_at(ctx, in[0], in[1], in[2], idx)
+                              : pl_indexer_scores(ctx, in[0], in[1], in[2]);
+            ck_assert_msg(y && pl_backward_seed(ctx, y, seed) == PL_OK, "%s", pl_last_error());
+            float *r = res[par][op] = malloc(sizeof(float) * (size_t)n);
+            for (int i = 0, off = 0; i < 3; off += (int)in[i]->numel, i++)
+                memcpy(r + off, in[i]->grad, sizeof(float) * (size_t)in[i]->numel);
+        }
+    for (int op = 0; op < 2; op++) {
+        ck_assert_msg(!memcmp(res[0][op], res[1][op], sizeof(float) * (size_t)n),
+                      "op %d: serial and parallel backward differ", op);
+        free(res[0][op]);
+        free(res[1][op]);
+    }
+    free(seed);
 }
 END_TEST
 
@@ -308,6 +351,7 @@ int main(void) {
     tcase_add_loop_test(tc, fused_topk_equals_topk_of_scores, 0, 2);
     tcase_add_test(tc, scores_at_matches_dense);
     tcase_add_test(tc, scores_at_gradients);
+    tcase_add_test(tc, backward_serial_equals_parallel);
     tcase_add_test(tc, errors);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);

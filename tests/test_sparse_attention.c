@@ -8,12 +8,18 @@
 #include <omp.h>
 
 static pl_ctx *ctx;
-/* Every kernel takes its parallel path, however small the test. */
+/* Every kernel takes its parallel path, however small the test (gradient
+ * checks, with their many small evaluations, restore the default). */
+static int64_t par_default = -1;
 static void setup(void) {
     ctx = pl_ctx_new(NULL);
+    if (par_default < 0) par_default = pl__par_min;
     pl__par_min = 0;
 }
-static void teardown(void) { pl_ctx_free(ctx); }
+static void teardown(void) {
+    pl__par_min = par_default;
+    pl_ctx_free(ctx);
+}
 
 /* The documented dropout decision for element e of a call with (seed, offset). */
 static bool kept(uint64_t seed, uint64_t offset, uint64_t e, float p) {
@@ -213,6 +219,7 @@ static pl_tensor *sa_fn_q(pl_ctx *c, pl_tensor *const *in, void *u) {
 }
 
 START_TEST(gradients) {
+    pl__par_min = par_default;
     uint64_t s = 12;
     const int B = 2, L = 7, H = 2, D = 3;
     const int Ks[] = {1, 3, 9};
