@@ -87,30 +87,37 @@ static inline int64_t gather_row(const int32_t *ir, int64_t K, int32_t *sel, int
     return n;
 }
 
+/* Keys are walked once per query row for all heads at a time: k[b,s,:,:] and
+ * v[b,s,:,:] are H*D contiguous floats, and the next rows are prefetched (the
+ * gathers, not the arithmetic, bound these kernels). z: H*K floats, head h's
+ * logits at z + h*K. */
+#define PREFETCH_AHEAD 4
 PL_KERNEL static void sa_fwd_row(const sa_args *a, int64_t b, int64_t t, float *z, int32_t *sel,
                                  int32_t *pos) {
-    const int64_t L = a->L, H = a->H, D = a->D, K = a->K;
+    const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D;
     const int64_t n = gather_row(a->idx + (b * L + t) * K, K, sel, pos);
+    const int64_t row0 = (b * L + t) * H;
+    const float *q = a->q + row0 * D, *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
+    float *o = a->out + row0 * D;
+    memset(o, 0, sizeof(float) * (size_t)HD);
+    if (a->keep) memset(a->keep + row0 * a->W, 0, sizeof(uint32_t) * (size_t)(H * a->W));
+    if (n == 0) { /* nothing selected: output 0, no gradient */
+        for (int64_t h = 0; h < H && a->lse; h++) a->lse[row0 + h] = -INFINITY;
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        if (i + PREFETCH_AHEAD < n) __builtin_prefetch(kb + sel[i + PREFETCH_AHEAD] * HD);
+        const float *ks = kb + sel[i] * HD;
+        for (int64_t h = 0; h < H; h++) z[h * K + i] = pl__dot(q + h * D, ks + h * D, D) * a->scale;
+    }
     for (int64_t h = 0; h < H; h++) {
-        const int64_t row = (b * L + t) * H + h;
-        const float *qh = a->q + row * D;
-        float *oh = a->out + row * D;
-        memset(oh, 0, sizeof(float) * (size_t)D);
-        uint32_t *kr = a->keep ? a->keep + row * a->W : NULL;
-        if (kr) memset(kr, 0, sizeof(uint32_t) * (size_t)a->W);
-        if (n == 0) { /* nothing selected: output 0, no gradient */
-            if (a->lse) a->lse[row] = -INFINITY;
-            continue;
-        }
-        float m = -INFINITY;
-        for (int64_t i = 0; i < n; i++) {
-            z[i] = pl__dot(qh, a->k + ((b * L + sel[i]) * H + h) * D, D) * a->scale;
-            if (z[i] > m) m = z[i];
-        }
-        for (int64_t i = 0; i < n; i++) z[i] = pl__expf(z[i] - m);
-        const float sum = pl__sum(z, n);
-        if (a->lse) a->lse[row] = m + logf(sum);
-        const float inv = 1.0f / sum;
+        float *zh = z + h * K, m = -INFINITY;
+        for (int64_t i = 0; i < n; i++) m = zh[i] > m ? zh[i] : m;
+        for (int64_t i = 0; i < n; i++) zh[i] = pl__expf(zh[i] - m);
+        const float sum = pl__sum(zh, n), inv = 1.0f / sum;
+        if (a->lse) a->lse[row0 + h] = m + logf(sum);
+        for (int64_t i = 0; i < n; i++) zh[i] *= inv; /* p */
+        uint32_t *kr = a->keep ? a->keep + (row0 + h) * a->W : NULL;
         if (kr) { /* element e = ((b*H+h)*L+t)*K + j: word e%4 of Philox(seed, offset + e/4) */
             const uint64_t e0 = (uint64_t)(((b * H + h) * L + t) * K);
             uint64_t blk = UINT64_MAX;
@@ -121,47 +128,59 @@ PL_KERNEL static void sa_fwd_row(const sa_args *a, int64_t b, int64_t t, float *
                     blk = e >> 2;
                     pl_philox(a->seed, a->offset + blk, w);
                 }
-                if (pl__u01(w[e & 3]) >= a->p) kr[pos[i] >> 5] |= 1u << (pos[i] & 31);
+                if (pl__u01(w[e & 3]) >= a->p) {
+                    kr[pos[i] >> 5] |= 1u << (pos[i] & 31);
+                    zh[i] *= a->keep_scale;
+                } else {
+                    zh[i] = 0.0f;
+                }
             }
         }
-        for (int64_t i = 0; i < n; i++) {
-            float pr = z[i] * inv;
-            if (kr) {
-                if (!keep_bit(kr, pos[i])) continue;
-                pr *= a->keep_scale;
-            }
-            pl__axpy(oh, pr, a->v + ((b * L + sel[i]) * H + h) * D, D);
-        }
+    }
+    for (int64_t i = 0; i < n; i++) {
+        if (i + PREFETCH_AHEAD < n) __builtin_prefetch(vb + sel[i + PREFETCH_AHEAD] * HD);
+        const float *vs = vb + sel[i] * HD;
+        for (int64_t h = 0; h < H; h++) pl__axpy(o + h * D, z[h * K + i], vs + h * D, D);
     }
 }
 
-/* Delta for every head of row (b,t), and dq if wanted. z, dp: K floats each. */
+/* Delta for every head of row (b,t), and dq if wanted. z, dp: H*K floats each. */
 PL_KERNEL static void sa_bwd_q_row(const sa_args *a, const float *dO, float *delta, float *dq,
                                    int64_t b, int64_t t, int32_t *sel, int32_t *pos, float *z,
                                    float *dp) {
-    const int64_t L = a->L, H = a->H, D = a->D, K = a->K;
+    const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D;
+    const int64_t row0 = (b * L + t) * H;
+    const float *dOr = dO + row0 * D;
+    for (int64_t h = 0; h < H; h++) delta[row0 + h] = pl__dot(dOr + h * D, a->out + (row0 + h) * D, D);
+    if (!dq) return;
     const int64_t n = gather_row(a->idx + (b * L + t) * K, K, sel, pos);
-    for (int64_t h = 0; h < H; h++) {
-        const int64_t row = (b * L + t) * H + h;
-        const float *dOh = dO + row * D;
-        const float dl = pl__dot(dOh, a->out + row * D, D);
-        delta[row] = dl;
-        if (!dq || n == 0) continue;
-        const float *qh = a->q + row * D, lse = a->lse[row];
-        const uint32_t *kr = a->keep ? a->keep + row * a->W : NULL;
-        float *dqh = dq + row * D;
-        for (int64_t i = 0; i < n; i++) {
-            const int64_t ko = ((b * L + sel[i]) * H + h) * D;
-            z[i] = pl__dot(qh, a->k + ko, D) * a->scale - lse;
-            dp[i] = pl__dot(dOh, a->v + ko, D);
+    const float *q = a->q + row0 * D, *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
+    for (int64_t i = 0; i < n; i++) {
+        if (i + PREFETCH_AHEAD < n) {
+            __builtin_prefetch(kb + sel[i + PREFETCH_AHEAD] * HD);
+            __builtin_prefetch(vb + sel[i + PREFETCH_AHEAD] * HD);
         }
-        for (int64_t i = 0; i < n; i++) z[i] = pl__expf(z[i]); /* p */
-        if (kr)
+        const float *ks = kb + sel[i] * HD, *vs = vb + sel[i] * HD;
+        for (int64_t h = 0; h < H; h++) {
+            z[h * K + i] = pl__dot(q + h * D, ks + h * D, D) * a->scale - a->lse[row0 + h];
+            dp[h * K + i] = pl__dot(dOr + h * D, vs + h * D, D);
+        }
+    }
+    for (int64_t h = 0; h < H; h++) {
+        float *zh = z + h * K, *dph = dp + h * K;
+        const float dl = delta[row0 + h];
+        for (int64_t i = 0; i < n; i++) zh[i] = pl__expf(zh[i]); /* p */
+        if (a->keep) {
+            const uint32_t *kr = a->keep + (row0 + h) * a->W;
             for (int64_t i = 0; i < n; i++)
-                dp[i] = keep_bit(kr, pos[i]) ? dp[i] * a->keep_scale : 0.0f;
-        for (int64_t i = 0; i < n; i++)
-            pl__axpy(dqh, z[i] * (dp[i] - dl) * a->scale, a->k + ((b * L + sel[i]) * H + h) * D,
-                     D);
+                dph[i] = keep_bit(kr, pos[i]) ? dph[i] * a->keep_scale : 0.0f;
+        }
+        for (int64_t i = 0; i < n; i++) zh[i] = zh[i] * (dph[i] - dl) * a->scale; /* dz/sqrt(D) */
+    }
+    float *dqr = dq + row0 * D;
+    for (int64_t i = 0; i < n; i++) {
+        const float *ks = kb + sel[i] * HD;
+        for (int64_t h = 0; h < H; h++) pl__axpy(dqr + h * D, z[h * K + i], ks + h * D, D);
     }
 }
 
@@ -211,8 +230,9 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
     if ((q->requires_grad && !dq) || (k->requires_grad && !dk) || (v->requires_grad && !dv))
         return;
     const int nt = omp_get_max_threads();
-    /* per thread: sel, pos (K int32 each), z, dp (max(K, KV_CHUNK*H) floats each) */
-    const size_t nf = (size_t)(K > KV_CHUNK * a->H ? K : KV_CHUNK * a->H), per = 2 * (size_t)K + 2 * nf;
+    /* per thread: z, dp (H*max(K, KV_CHUNK) floats each), sel, pos (K int32 each) */
+    const size_t nf = (size_t)a->H * (size_t)(K > KV_CHUNK ? K : KV_CHUNK);
+    const size_t per = 2 * (size_t)K + 2 * nf;
     float *delta = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * a->H));
     float *buf = pl__scratch(ctx, sizeof(float) * per * (size_t)nt);
     if (!delta || !buf) return;
@@ -271,12 +291,13 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
         !(a.keep = pl__scratch(ctx, sizeof(uint32_t) * (size_t)(B * L * H * a.W))))
         return NULL;
     const int nt = omp_get_max_threads();
-    float *zbuf = pl__scratch(ctx, sizeof(float) * 3 * (size_t)K * (size_t)nt);
+    const size_t per = (size_t)(H + 2) * (size_t)K; /* z [H*K], sel, pos */
+    float *zbuf = pl__scratch(ctx, sizeof(float) * per * (size_t)nt);
     if (!zbuf) return NULL;
 #pragma omp parallel if (B * L * K * H * D >= PL_PAR_MIN)
     {
-        float *z = zbuf + 3 * (size_t)K * (size_t)omp_get_thread_num();
-        int32_t *sel = (int32_t *)(z + K), *pos = sel + K;
+        float *z = zbuf + per * (size_t)omp_get_thread_num();
+        int32_t *sel = (int32_t *)(z + H * K), *pos = sel + K;
 #pragma omp for schedule(dynamic, 8)
         for (int64_t r = 0; r < B * L; r++) sa_fwd_row(&a, r / L, r % L, z, sel, pos);
     }
