@@ -128,6 +128,9 @@ pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, 
  * Tests set it to exercise the block edges; results do not depend on it except
  * for float rounding. */
 extern int64_t pl__indexer_block_rows;
+/* Sparse attention tiles (0: automatic): query rows per tile, keys per block.
+ * Tests set small values to exercise the tile edges. */
+extern int64_t pl__sparse_tile_q, pl__sparse_tile_k;
 
 /* Dot product and y += a*x for the gather kernels: eight partial sums so the
  * compiler vectorises the reduction without -ffast-math; the order is fixed,
@@ -138,7 +141,7 @@ static inline float pl__dot(const float *a, const float *b, int64_t n) {
     for (; i + 8 <= n; i += 8)
         for (int l = 0; l < 8; l++) acc[l] += a[i + l] * b[i + l];
     float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; i < n; i++) s += a[i] * b[i];
+    for (int64_t r = 0; r < (n & 7); r++) s += a[i + r] * b[i + r];
     return s;
 }
 static inline void pl__axpy(float *y, float a, const float *x, int64_t n) {
@@ -150,7 +153,7 @@ static inline float pl__sum(const float *x, int64_t n) {
     for (; i + 8 <= n; i += 8)
         for (int l = 0; l < 8; l++) acc[l] += x[i + l];
     float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; i < n; i++) s += x[i];
+    for (int64_t r = 0; r < (n & 7); r++) s += x[i + r];
     return s;
 }
 

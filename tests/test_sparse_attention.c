@@ -17,6 +17,7 @@ static void setup(void) {
     pl__par_min = 0;
 }
 static void teardown(void) {
+    pl__sparse_tile_q = pl__sparse_tile_k = 0;
     pl__par_min = par_default;
     pl_ctx_free(ctx);
 }
@@ -124,9 +125,18 @@ static pl_tensor *rnd(uint64_t *s, int B, int L, int H, int D) {
     return t;
 }
 
+/* Tile settings (query rows, keys per block): automatic, then small ones that
+ * cut rows and key ranges into many pieces. */
+static const int64_t TILES[][2] = {{0, 0}, {3, 4}, {1, 1}, {5, 2}};
+static void set_tiles(int i) {
+    pl__sparse_tile_q = TILES[i % 4][0];
+    pl__sparse_tile_k = TILES[i % 4][1];
+}
+
 START_TEST(forward_matches_naive) {
     uint64_t s = 77 + (uint64_t)_i;
-    for (int rep = 0; rep < 10; rep++) {
+    for (int rep = 0; rep < 12; rep++) {
+        set_tiles(rep);
         int B = tu_randint(&s, 1, 3), L = tu_randint(&s, 1, 20), H = tu_randint(&s, 1, 3),
             D = tu_randint(&s, 1, 20);
         int K = rep == 0 ? 1 : tu_randint(&s, 1, L + 3);
@@ -161,6 +171,7 @@ START_TEST(all_keys_equal_dense_causal) {
     pl_tensor *sc = pl_empty(ctx, PL_F32, PL_DIMS(B, L, L));
     tu_fill(pl_f32(sc), sc->numel, &s, -1, 1);
     for (int kk = L; kk <= L + 4; kk += 4) {
+        set_tiles(kk - L);
         pl_tensor *idx = pl_causal_topk(ctx, sc, kk);
         pl_tensor *o = pl_sparse_attention(ctx, q, k, v, idx, 0.0f, NULL);
         ck_assert_msg(o != NULL, "%s", pl_last_error());
@@ -182,6 +193,7 @@ START_TEST(dropout_follows_documented_counters) {
     pl_tensor *q = rnd(&s, B, L, H, D), *k = rnd(&s, B, L, H, D), *v = rnd(&s, B, L, H, D);
     pl_tensor *idx = pl_empty(ctx, PL_I32, PL_DIMS(B, L, K));
     fill_idx(&s, pl_i32(idx), B, L, K, false);
+    set_tiles(1);
     pl_rng rng;
     pl_rng_init(&rng, 1234);
     rng.offset = 11;
@@ -223,8 +235,9 @@ START_TEST(gradients) {
     uint64_t s = 12;
     const int B = 2, L = 7, H = 2, D = 3;
     const int Ks[] = {1, 3, 9};
-    for (int rep = 0; rep < 6; rep++) {
+    for (int rep = 0; rep < 8; rep++) {
         int K = Ks[rep % 3];
+        set_tiles(rep / 2);
         char nq[8], nk[8], nv[8], ni[8];
         snprintf(nq, sizeof nq, "q%d", rep);
         snprintf(nk, sizeof nk, "k%d", rep);
@@ -263,6 +276,7 @@ START_TEST(thread_independent) {
     int64_t n = q->numel;
     float *seed = malloc(sizeof(float) * (size_t)n);
     tu_fill(seed, n, &s, -1, 1);
+    set_tiles(1);
     for (int run = 0; run < 2; run++) {
         pl_set_num_threads(run + 1);
         pl_zero_grad(ctx);
