@@ -128,6 +128,8 @@ pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, 
  * Tests set it to exercise the block edges; results do not depend on it except
  * for float rounding. */
 extern int64_t pl__indexer_block_rows;
+/* pl_indexer_scores_at: 0 automatic, 1 gather, 2 blocked (tests force both). */
+extern int64_t pl__indexer_at_mode;
 /* Sparse attention tiles (0: automatic): query rows per tile, keys per block.
  * Tests set small values to exercise the tile edges. */
 extern int64_t pl__sparse_tile_q, pl__sparse_tile_k;

@@ -6,7 +6,9 @@
  *  - pl_indexer_scores: the causal [B,L,L] matrix (-inf above the diagonal);
  *  - pl_indexer_topk:   the causal top-k of each row, fused, never holding
  *                       more than one block of score rows;
- *  - pl_indexer_scores_at: only the scores at given index sets, [B,L,K].
+ *  - pl_indexer_scores_at: only the scores at given index sets, [B,L,K]
+ *                       (blocked like the others, or gathered when few keys are
+ *                       selected; see below).
  *
  * Blocking: query rows [t0, t1) of batch b form one product
  *   Dots[(t-t0)*HI + j, s] = qI[b,t,j,:] . kI[b,s,:],   s < t1
@@ -214,13 +216,104 @@ pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor 
     return out;
 }
 
-/* ---- scores at given index sets ---- */
+/* ---- scores at given index sets ----
+ * Two ways, chosen by density: with many selected keys per row (K >= L/16)
+ * the blocked sgemm products of the dense path are computed and only the
+ * selected entries read (same cost as pl_indexer_scores, O(L * block) memory,
+ * and bit-identical to its values); with few, each selected score is a gather
+ * of HI dot products of length dI (O(B*L*K*HI*dI)), and backward computes dk
+ * per key from the transposed index sets. */
+
+int64_t pl__indexer_at_mode = 0;
 
 typedef struct {
     ix_dims d;
     int64_t K;
     const int32_t *idx;
+    bool blocked;
 } ixs_saved;
+
+static bool at_blocked(int64_t L, int64_t K) {
+    if (pl__indexer_at_mode == 1) return false;
+    if (pl__indexer_at_mode == 2) return true;
+    return K * 16 >= L;
+}
+
+/* Blocked: row t's selected scores from its rows of the block products Dt
+ * (head h at Dt + h*ld), summed over heads in the order of ix_row_scores. */
+PL_KERNEL static void ixb_fwd_row(const float *Dt, int64_t ld, const float *w, int64_t HI,
+                                  const int32_t *ir, int64_t K, float *out) {
+    for (int64_t j = 0; j < K; j++) {
+        const int64_t s = ir[j];
+        if (s < 0) {
+            out[j] = -INFINITY;
+            continue;
+        }
+        float acc = w[0] * (Dt[s] > 0.0f ? Dt[s] : 0.0f);
+        for (int64_t h = 1; h < HI; h++) {
+            const float x = Dt[h * ld + s];
+            acc += w[h] * (x > 0.0f ? x : 0.0f);
+        }
+        out[j] = acc;
+    }
+}
+
+/* Blocked backward of row t: dw, and dDots scattered into Gt (zeroed). */
+static void ixb_bwd_row(const float *Dt, float *Gt, int64_t ld, const float *w, int64_t HI,
+                        const int32_t *ir, const float *g, int64_t K, float *dw) {
+    for (int64_t j = 0; j < K; j++) {
+        const int64_t s = ir[j];
+        if (s < 0 || g[j] == 0.0f) continue;
+        for (int64_t h = 0; h < HI; h++) {
+            const float x = Dt[h * ld + s];
+            if (!(x > 0.0f)) continue;
+            if (dw) dw[h] += g[j] * x;
+            Gt[h * ld + s] += g[j] * w[h];
+        }
+    }
+}
+
+static pl_status ixb_forward(const ix_dims *d, const float *q, const float *k, const float *w,
+                             const int32_t *idx, int64_t K, float *out, float *D) {
+    const int64_t B = d->B, L = d->L, HI = d->HI, T = d->T;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t0 = 0; t0 < L; t0 += T) {
+            const int64_t t1 = t0 + T < L ? t0 + T : L;
+            pl_status st = ix_block_dots(d, q, k, b, t0, t1, D);
+            if (st) return st;
+#pragma omp parallel for if ((t1 - t0) * K * HI >= PL_PAR_MIN) schedule(static)
+            for (int64_t t = t0; t < t1; t++)
+                ixb_fwd_row(D + (t - t0) * HI * t1, t1, w + (b * L + t) * HI, HI,
+                            idx + (b * L + t) * K, K, out + (b * L + t) * K);
+        }
+    return PL_OK;
+}
+
+static void ixb_backward(pl_ctx *ctx, const ix_dims *d, int64_t K, const int32_t *idx,
+                         const float *q, const float *k, const float *w, const float *g,
+                         float *dq, float *dk, float *dw) {
+    const int64_t B = d->B, L = d->L, HI = d->HI, dI = d->dI, T = d->T;
+    float *D = pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * L));
+    float *G = pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * L));
+    if (!D || !G) return;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t0 = 0; t0 < L; t0 += T) {
+            const int64_t t1 = t0 + T < L ? t0 + T : L, M = (t1 - t0) * HI;
+            if (ix_block_dots(d, q, k, b, t0, t1, D)) return;
+            memset(G, 0, sizeof(float) * (size_t)(M * t1));
+#pragma omp parallel for if ((t1 - t0) * K * HI >= PL_PAR_MIN) schedule(static)
+            for (int64_t t = t0; t < t1; t++)
+                ixb_bwd_row(D + (t - t0) * HI * t1, G + (t - t0) * HI * t1, t1,
+                            w + (b * L + t) * HI, HI, idx + (b * L + t) * K, g + (b * L + t) * K,
+                            K, dw ? dw + (b * L + t) * HI : NULL);
+            if (dq && pl__sgemm(false, false, M, dI, t1, 1.0f, G, t1, k + b * L * dI, dI, 1.0f,
+                                dq + (b * L + t0) * HI * dI, dI))
+                return;
+            if (dk && pl__sgemm(true, false, t1, dI, M, 1.0f, G, t1, q + (b * L + t0) * HI * dI,
+                                dI, 1.0f, dk + b * L * dI, dI))
+                return;
+        }
+}
 
 PL_KERNEL static void ixs_fwd_row(const ix_dims *d, int64_t K, const float *q, const float *k,
                                   const float *w, const int32_t *ir, float *out, int64_t b) {
@@ -287,6 +380,10 @@ static void indexer_at_backward(pl_ctx *ctx, pl_node *n) {
     if ((qI->requires_grad && !dq) || (kI->requires_grad && !dk) || (w->requires_grad && !dw))
         return;
     const float *q = pl_f32(qI), *k = pl_f32(kI), *wd = pl_f32(w), *g = n->out->grad;
+    if (sv->blocked) {
+        ixb_backward(ctx, d, K, sv->idx, q, k, wd, g, dq, dk, dw);
+        return;
+    }
     if (dq || dw) {
 #pragma omp parallel for if (B * L * K * HI * dI >= PL_PAR_MIN) schedule(dynamic, 8)
         for (int64_t r = 0; r < B * L; r++)
@@ -316,9 +413,15 @@ pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_te
     const float *q = pl_f32(qI), *k = pl_f32(kI), *wd = pl_f32(w);
     const int32_t *id = pl_i32(idx);
     float *o = pl_f32(out);
+    const bool blocked = at_blocked(L, K);
+    if (blocked) {
+        float *D = pl__scratch(ctx, sizeof(float) * (size_t)(d.T * HI * L));
+        if (!D || ixb_forward(&d, q, k, wd, id, K, o, D)) return NULL;
+    } else {
 #pragma omp parallel for if (B * L * K * HI * dI >= PL_PAR_MIN) schedule(dynamic, 8)
-    for (int64_t r = 0; r < B * L; r++)
-        ixs_fwd_row(&d, K, q + r * HI * dI, k, wd + r * HI, id + r * K, o + r * K, r / L);
+        for (int64_t r = 0; r < B * L; r++)
+            ixs_fwd_row(&d, K, q + r * HI * dI, k, wd + r * HI, id + r * K, o + r * K, r / L);
+    }
     pl_tensor *in[3] = {qI, kI, w};
     if (pl__wants_grad(ctx, 3, in)) {
         pl_node *nd = pl__record(ctx, "indexer_scores_at", indexer_at_backward, out, 3, in);
@@ -327,6 +430,7 @@ pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_te
         sv->d = d;
         sv->K = K;
         sv->idx = id;
+        sv->blocked = blocked;
         nd->saved = sv;
     }
     return out;

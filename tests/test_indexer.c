@@ -14,6 +14,7 @@ static void setup(void) {
 }
 static void teardown(void) {
     pl__indexer_block_rows = 0;
+    pl__indexer_at_mode = 0;
     pl__par_min = par_default;
     pl_ctx_free(ctx);
 }
@@ -213,7 +214,9 @@ static pl_tensor *random_idx(uint64_t *s, int B, int L, int K, bool allow_empty,
 
 START_TEST(scores_at_matches_dense) {
     uint64_t s = 23;
-    for (int rep = 0; rep < 6; rep++) {
+    for (int rep = 0; rep < 9; rep++) {
+        pl__indexer_at_mode = rep % 3; /* automatic, gather, blocked */
+        pl__indexer_block_rows = rep % 2 ? 4 : 0;
         dims d = {tu_randint(&s, 1, 3), tu_randint(&s, 1, 30), tu_randint(&s, 1, 4),
                   tu_randint(&s, 1, 17)};
         int K = tu_randint(&s, 1, d.L + 2);
@@ -234,6 +237,17 @@ START_TEST(scores_at_matches_dense) {
                                                         d.HI, d.dI, b, t, c);
                 }
         tu_assert_close(pl_f32(at), ref, at->numel, 1e-5, 1e-5);
+        if (pl__indexer_at_mode == 2) { /* blocked: the dense op's values, bit for bit */
+            pl_tensor *I = pl_indexer_scores(ctx, q, k, w);
+            int64_t bad = 0;
+            for (int64_t e = 0; e < at->numel; e++) {
+                int c = pl_i32(idx)[e];
+                int64_t row = e / K;
+                float want = c < 0 ? -INFINITY : pl_f32(I)[row * d.L + c];
+                bad += memcmp(&want, pl_f32(at) + e, sizeof want) != 0;
+            }
+            ck_assert_int_eq(bad, 0);
+        }
         free(ref);
         pl_step_reset(ctx);
     }
@@ -257,13 +271,17 @@ START_TEST(scores_at_gradients) {
     pl_tensor *tmp = random_idx(&s, B, L, K, false, true);
     memcpy(pl_i32(full), pl_i32(tmp), sizeof(int32_t) * (size_t)full->numel);
     pl_step_reset(ctx);
-    tu_gradcheck(ctx, at_fn, full, in, 3, 1e-2, 1e-3, 1e-2, 0);
-    /* With padding and empty rows (their -inf entries masked out). */
     pl_tensor *pad = pl_persistent_new(ctx, "idx2", PL_I32, PL_DIMS(B, L, K), false);
     tmp = random_idx(&s, B, L, K, true, false);
     memcpy(pl_i32(pad), pl_i32(tmp), sizeof(int32_t) * (size_t)pad->numel);
     pl_step_reset(ctx);
-    masked_gradcheck(at_fn, pad, in, 3, 1e-2);
+    for (int mode = 1; mode <= 2; mode++) { /* gather, blocked (with 2-row blocks) */
+        pl__indexer_at_mode = mode;
+        pl__indexer_block_rows = mode == 2 ? 2 : 0;
+        tu_gradcheck(ctx, at_fn, full, in, 3, 1e-2, 1e-3, 1e-2, 0);
+        /* With padding and empty rows (their -inf entries masked out). */
+        masked_gradcheck(at_fn, pad, in, 3, 1e-2);
+    }
 }
 END_TEST
 
@@ -280,11 +298,12 @@ START_TEST(backward_serial_equals_parallel) {
     float *seed = malloc(sizeof(float) * (size_t)B * L * L);
     tu_fill(seed, (int64_t)B * L * L, &s, -1, 1);
     int64_t n = in[0]->numel + in[1]->numel + in[2]->numel;
-    float *res[2][2];
+    float *res[2][3];
     pl__indexer_block_rows = 5;
     for (int par = 0; par < 2; par++)
-        for (int op = 0; op < 2; op++) {
+        for (int op = 0; op < 3; op++) { /* dense, at (gather), at (blocked) */
             pl__par_min = par ? 0 : INT64_MAX;
+            pl__indexer_at_mode = op;
             pl_step_reset(ctx);
             pl_zero_grad(ctx);
             pl_tensor *y = op ? pl_indexer_scores_at(ctx, in[0], in[1], in[2], idx)
@@ -294,7 +313,7 @@ START_TEST(backward_serial_equals_parallel) {
             for (int i = 0, off = 0; i < 3; off += (int)in[i]->numel, i++)
                 memcpy(r + off, in[i]->grad, sizeof(float) * (size_t)in[i]->numel);
         }
-    for (int op = 0; op < 2; op++) {
+    for (int op = 0; op < 3; op++) {
         ck_assert_msg(!memcmp(res[0][op], res[1][op], sizeof(float) * (size_t)n),
                       "op %d: serial and parallel backward differ", op);
         free(res[0][op]);
