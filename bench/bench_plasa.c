@@ -20,6 +20,7 @@
  *
  * Usage: bench_plasa [--L 128,512,...] [--reps N] [--threads N] [--quick]
  * (--quick: L up to 2048). Times on a shared machine are only indicative. */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <plasa.h>
 
 #include <stdio.h>

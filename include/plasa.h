@@ -362,10 +362,14 @@ PL_API pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI
  * A row with no valid entry outputs 0 (and passes no gradient). With idx =
  * all s <= t (K >= L, e.g. pl_causal_topk with k >= L) this is dense causal
  * attention up to float rounding. Cost O(B*H*L*K*D); no L x L tensor.
- * Dropout on the probabilities: element (b,h,t,j), e = ((b*H+h)*L+t)*K + j, is
- * kept iff u >= dropout_p, u = uniform from 32-bit word e%4 of
- * pl_philox(rng->seed, rng->offset + e/4); then rng->offset advances by
- * ceil(B*H*L*K / 4). rng may be NULL when dropout_p == 0 (eval).
+ * Dropout on the probabilities (scale 1/(1-p)), the counter scheme of
+ * pl_attention with the K slots in place of the L keys: with WK = ceil(K/4),
+ * element (b,h,t,j) takes word j % 4 of
+ *   pl_philox(rng->seed, rng->offset + ((b*H + h)*L + t)*WK + j/4)
+ * and is kept iff that word >= floor(dropout_p * 2^32); rng->offset advances
+ * by B*H*L*WK. So with K = L and row t = [0..t, -1...] (pl_causal_topk with
+ * k = L) the masks are exactly pl_attention's. rng may be NULL when
+ * dropout_p == 0 (eval).
  * Saved for backward: the row log-sum-exp [B, L, H] and the keep bits
  * (B*L*H*K bits); the probabilities are recomputed. Backward into q, k, v;
  * k and v gradients are gathered per key from the transposed index sets

@@ -80,7 +80,8 @@ typedef struct {
     int64_t B, L, H, D, K, W; /* W: 32-bit keep words per (b,t,h) row */
     int64_t TQ, SK;           /* forward and dq: query rows per tile, keys per block */
     int64_t KT, QB;           /* dk, dv: keys per tile, query rows per block */
-    float scale, p, keep_scale;
+    float scale, keep_scale;
+    uint32_t threshold; /* dropout: keep iff the random word >= threshold */
     uint64_t seed, offset;
     const float *q, *k, *v;
     const int32_t *idx;
@@ -176,19 +177,20 @@ PL_KERNEL static void sa_fwd_tile(const sa_args *a, int64_t b, int64_t t0, int64
         }
         memset(a->out + row0 * D, 0, sizeof(float) * (size_t)HD);
         if (!a->keep) continue;
-        /* element e = ((b*H+h)*L+t)*K + j: word e%4 of Philox(seed, offset + e/4) */
+        /* element (b,h,t,j): word j%4 of Philox(seed, offset + ((b*H+h)*L+t)*ceil(K/4) + j/4),
+         * kept iff the word >= floor(p * 2^32) (pl_attention's scheme with K for L) */
         memset(a->keep + row0 * W, 0, sizeof(uint32_t) * (size_t)(H * W));
         for (int64_t h = 0; h < H; h++) {
             uint32_t *kr = a->keep + (row0 + h) * W, wd[4];
-            const uint64_t e0 = (uint64_t)(((b * H + h) * L + t) * K);
-            uint64_t blk = UINT64_MAX;
+            const uint64_t base = a->offset + (uint64_t)(((b * H + h) * L + t) * ((K + 3) / 4));
+            int64_t blk = -1;
             for (int64_t i = 0; i < n; i++) {
-                uint64_t e = e0 + (uint64_t)pos[i];
-                if (e >> 2 != blk) {
-                    blk = e >> 2;
-                    pl_philox(a->seed, a->offset + blk, wd);
+                const int64_t j = pos[i];
+                if (j >> 2 != blk) {
+                    blk = j >> 2;
+                    pl_philox(a->seed, base + (uint64_t)blk, wd);
                 }
-                if (pl__u01(wd[e & 3]) >= a->p) kr[pos[i] >> 5] |= 1u << (pos[i] & 31);
+                if (wd[j & 3] >= a->threshold) kr[j >> 5] |= 1u << (j & 31);
             }
         }
     }
@@ -425,7 +427,8 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     const int64_t SK =
         pl__sparse_tile_k > 0 ? pl__sparse_tile_k : clamp64((1 << 15) / (H * D), 8, 1024);
     sa_args a = {B, L, H, D, K, (K + 31) / 32, TQ, SK, SK / 4 > 0 ? SK / 4 : 1, SK / 2 > 0 ? SK / 2 : 1,
-                 1.0f / sqrtf((float)D), dropout_p, 1.0f / (1.0f - dropout_p),
+                 1.0f / sqrtf((float)D), 1.0f / (1.0f - dropout_p),
+                 (uint32_t)((double)dropout_p * 4294967296.0),
                  rng ? rng->seed : 0, rng ? rng->offset : 0, pl_f32(q), pl_f32(k), pl_f32(v),
                  pl_i32(idx), pl_f32(out), NULL, NULL};
     if (record && !(a.lse = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * H)))) return NULL;
@@ -446,7 +449,7 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
             sa_fwd_tile(&a, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
         }
     }
-    if (dropout_p > 0.0f) rng->offset += ((uint64_t)(B * H * L * K) + 3) / 4;
+    if (dropout_p > 0.0f) rng->offset += (uint64_t)(B * H * L * ((K + 3) / 4));
     if (record) {
         pl_node *nd = pl__record(ctx, "sparse_attention", sparse_attention_backward, out, 3, in);
         sa_args *sv2 = nd ? pl__scratch(ctx, sizeof *sv2) : NULL;

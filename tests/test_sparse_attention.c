@@ -22,11 +22,11 @@ static void teardown(void) {
     pl_ctx_free(ctx);
 }
 
-/* The documented dropout decision for element e of a call with (seed, offset). */
-static bool kept(uint64_t seed, uint64_t offset, uint64_t e, float p) {
+/* The documented dropout decision for slot j of row r = (b*H+h)*L + t. */
+static bool kept(uint64_t seed, uint64_t offset, uint64_t r, int K, int j, float p) {
     uint32_t w[4];
-    pl_philox(seed, offset + e / 4, w);
-    return (float)(w[e % 4] >> 8) * (1.0f / 16777216.0f) >= p;
+    pl_philox(seed, offset + r * (uint64_t)((K + 3) / 4) + (uint64_t)j / 4, w);
+    return w[j % 4] >= (uint32_t)((double)p * 4294967296.0);
 }
 
 /* out[b,t,h,:] over the keys in idx row (b,t); rows without keys give 0. */
@@ -55,9 +55,9 @@ static void naive_sparse(const float *q, const float *k, const float *v, const i
                     double acc = 0;
                     for (int j = 0; j < K; j++) {
                         if (ir[j] < 0) continue;
-                        uint64_t e = (((uint64_t)b * H + h) * L + t) * K + j;
+                        uint64_t r = ((uint64_t)b * H + h) * L + t;
                         double pr = exp(z[j] - m) / sum;
-                        if (p > 0) pr = kept(seed, offset, e, p) ? pr / (1.0 - p) : 0.0;
+                        if (p > 0) pr = kept(seed, offset, r, K, j, p) ? pr / (1.0 - p) : 0.0;
                         acc += pr * v[(((size_t)b * L + ir[j]) * H + h) * D + d];
                     }
                     oh[d] = (float)acc;
@@ -199,7 +199,7 @@ START_TEST(dropout_follows_documented_counters) {
     rng.offset = 11;
     pl_tensor *o = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
     ck_assert_msg(o != NULL, "%s", pl_last_error());
-    ck_assert_int_eq(rng.offset, 11 + (B * H * L * K + 3) / 4);
+    ck_assert_int_eq(rng.offset, 11 + B * H * L * ((K + 3) / 4));
     float *ref = malloc(sizeof(float) * (size_t)o->numel);
     naive_sparse(pl_f32(q), pl_f32(k), pl_f32(v), pl_i32(idx), B, L, H, D, K, p, 1234, 11, ref);
     tu_assert_close(pl_f32(o), ref, o->numel, 1e-5, 1e-5);
