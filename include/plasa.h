@@ -412,6 +412,31 @@ PL_API pl_status pl_schedule_from_string(const char *spec, int n_layers, int L, 
 /* "progressive, dense, uniform, dense_to_sparse, aggressive_middle" */
 PL_API const char *pl_schedule_names(void);
 
+/* Adaptive k (SPEC section 2), OPTIONAL and OFF unless called. NOT CAUSAL: the
+ * gate input and the entropy are means over the whole sequence, so a later
+ * token changes k and with it earlier outputs; use it only where that leak is
+ * acceptable (never for a causal LM's reported numbers).
+ * Per layer, per training step:
+ *   g = clamp(gate, 0.5, 1.5)     gate: the caller's k-gate MLP output
+ *                                 (sigmoid of d->16->1 on the sequence-mean input,
+ *                                 averaged over the batch)
+ *   e = clamp(entropy, 0, 1)      pl_indexer_entropy of the layer's scores
+ *   k = round(clamp(k_base * g * (1 + (1 - e) + 0.5 * clamp(e - ema, -0.15, 0.15)),
+ *                   1, L)),
+ * then limited to prev_k +- max(1, prev_k / 5) (integer 20%), and ema becomes
+ * 0.92 ema + 0.08 e (the first call sets ema = e and has no previous k). Start
+ * from a zeroed state. Returns k, or -1 (PL_ERR_ARG) for bad arguments. */
+typedef struct {
+    float ema;
+    int prev_k;
+    int steps;
+} pl_adaptive_k;
+PL_API int pl_adaptive_k_next(pl_adaptive_k *st, int k_base, int L, float gate, float entropy);
+/* Normalised entropy of the causal index scores [B, L, L]: the mean over b
+ * and t of the entropy of softmax(scores[b, t, 0..t]), divided by log L
+ * (0 when L = 1). */
+PL_API pl_status pl_indexer_entropy(pl_ctx *ctx, const pl_tensor *scores, float *out);
+
 #ifdef __cplusplus
 }
 #endif

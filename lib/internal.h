@@ -167,6 +167,7 @@ static inline float pl__expf(float x) {
     /* quiet comparisons (no FP exception on NaN), so the selects vectorise */
     float xc = __builtin_isgreater(x, hi) ? hi : x;
     xc = __builtin_isless(xc, lo) ? lo : xc;
+    xc = __builtin_isunordered(xc, xc) ? 0.0f : xc; /* NaN: keep the int conversion defined */
     float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f; /* round to nearest */
     float r = xc - n * 0.693359375f - n * -2.12194440e-4f;
     float y = 1.9875691500e-4f;

@@ -18,6 +18,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 
 static const char *const names_list =
@@ -104,4 +105,62 @@ pl_status pl_schedule_from_string(const char *spec, int n_layers, int L, int *k_
     if (isdigit((unsigned char)*p) || *p == '-' || *p == '+')
         return pl_schedule_parse(spec, n_layers, L, k_out);
     return pl_schedule_k(spec, n_layers, L, k_out);
+}
+
+/* ---- adaptive k (SPEC section 2; off unless the caller uses it) ----
+ * Not causal: the gate and the entropy are statistics of the whole sequence,
+ * so a later token can change k and with it an earlier output. */
+
+static float clampf(float x, float lo, float hi) { return x < lo ? lo : x > hi ? hi : x; }
+
+int pl_adaptive_k_next(pl_adaptive_k *st, int k_base, int L, float gate, float entropy) {
+    if (!st || k_base < 1 || L < 1 || !(gate == gate) || !(entropy == entropy)) {
+        pl__err(PL_ERR_ARG, "pl_adaptive_k_next: need a state, k_base >= 1, L >= 1 and "
+                            "finite gate and entropy");
+        return -1;
+    }
+    const float g = clampf(gate, 0.5f, 1.5f), e = clampf(entropy, 0.0f, 1.0f);
+    const float ema = st->steps > 0 ? st->ema : e; /* the average before this step */
+    const float f = 1.0f + (1.0f - e) + 0.5f * clampf(e - ema, -0.15f, 0.15f);
+    float kf = clampf(roundf((float)k_base * g * f), 1.0f, (float)L);
+    int k = (int)kf;
+    if (st->steps > 0) { /* at most max(1, 20%) away from the previous step's k */
+        int step = st->prev_k / 5 > 1 ? st->prev_k / 5 : 1;
+        if (k > st->prev_k + step) k = st->prev_k + step;
+        if (k < st->prev_k - step) k = st->prev_k - step;
+        if (k < 1) k = 1;
+        if (k > L) k = L;
+    }
+    st->ema = st->steps > 0 ? 0.92f * st->ema + 0.08f * e : e;
+    st->prev_k = k;
+    st->steps++;
+    return k;
+}
+
+pl_status pl_indexer_entropy(pl_ctx *ctx, const pl_tensor *scores, float *out) {
+    static const char *fn = "pl_indexer_entropy";
+    pl_status st = pl__check(ctx, fn, "scores", scores, PL_F32);
+    if (st) return st;
+    if (!out) return pl__err(PL_ERR_ARG, "%s: out is NULL", fn);
+    char buf[96];
+    if (scores->ndim != 3 || scores->shape[1] != scores->shape[2])
+        return pl__err(PL_ERR_SHAPE, "%s: scores must be [B, L, L], got %s", fn,
+                       pl_shape_str(scores, buf, sizeof buf));
+    const int64_t B = scores->shape[0], L = scores->shape[1];
+    const float *sc = pl_f32(scores);
+    double total = 0;
+    for (int64_t r = 0; r < B * L; r++) { /* entropy of softmax over s <= t */
+        const float *row = sc + r * L;
+        const int64_t n = r % L + 1;
+        double m = -INFINITY, sum = 0, dot = 0;
+        for (int64_t s = 0; s < n; s++) m = row[s] > m ? row[s] : m;
+        for (int64_t s = 0; s < n; s++) {
+            double p = exp((double)row[s] - m);
+            sum += p;
+            dot += p * ((double)row[s] - m);
+        }
+        total += log(sum) - dot / sum; /* -sum p log p with p = e^(x-m)/sum */
+    }
+    *out = L > 1 ? (float)(total / (double)(B * L) / log((double)L)) : 0.0f;
+    return PL_OK;
 }

@@ -80,12 +80,65 @@ START_TEST(errors) {
 }
 END_TEST
 
+START_TEST(adaptive_k) {
+    pl_adaptive_k st = {0, 0, 0};
+    ck_assert_int_eq(pl_adaptive_k_next(&st, 32, 128, 1.0f, 1.0f), 32); /* f = 1 */
+    /* e drops to 0.5: f = 1 + 0.5 + 0.5 * clamp(0.5 - 1, +-0.15) = 1.425 -> 45.6 -> 46,
+     * but at most 32 + 32/5 = 38 */
+    ck_assert_int_eq(pl_adaptive_k_next(&st, 32, 128, 1.0f, 0.5f), 38);
+    ck_assert(fabsf(st.ema - 0.96f) < 1e-6f);
+    ck_assert_int_eq(pl_adaptive_k_next(&st, 32, 128, 1.0f, 0.5f), 45); /* 38 + 7 */
+    /* gate clamped to [0.5, 1.5]; k clamped to [1, L]; no limit on a fresh state */
+    pl_adaptive_k a = {0, 0, 0}, b = {0, 0, 0}, c = {0, 0, 0};
+    ck_assert_int_eq(pl_adaptive_k_next(&a, 32, 128, 0.01f, 1.0f), 16);
+    ck_assert_int_eq(pl_adaptive_k_next(&b, 100, 128, 9.0f, 0.0f), 128);
+    ck_assert_int_eq(pl_adaptive_k_next(&c, 1, 128, 0.5f, 1.0f), 1); /* round(0.5) = 1 */
+    ck_assert_int_eq(pl_adaptive_k_next(NULL, 32, 128, 1.0f, 1.0f), -1);
+    tu_assert_error(PL_ERR_ARG, "pl_adaptive_k_next");
+    ck_assert_int_eq(pl_adaptive_k_next(&a, 32, 128, NAN, 1.0f), -1);
+}
+END_TEST
+
+START_TEST(indexer_entropy) {
+    pl_ctx *ctx = pl_ctx_new(NULL);
+    const int B = 2, L = 9;
+    pl_tensor *sc = pl_empty(ctx, PL_F32, PL_DIMS(B, L, L));
+    uint64_t s = 3;
+    tu_fill(pl_f32(sc), sc->numel, &s, -2, 2);
+    double ref = 0;
+    for (int r = 0; r < B * L; r++) {
+        const float *row = pl_f32(sc) + r * L;
+        int n = r % L + 1;
+        double z = 0, h = 0;
+        for (int j = 0; j < n; j++) z += exp(row[j]);
+        for (int j = 0; j < n; j++) h -= exp(row[j]) / z * log(exp(row[j]) / z);
+        ref += h;
+    }
+    ref /= B * L * log(L);
+    float e = -1;
+    ck_assert_int_eq(pl_indexer_entropy(ctx, sc, &e), PL_OK);
+    ck_assert_msg(fabs(e - ref) < 1e-6, "%g vs %g", e, ref);
+    /* equal scores: row t has entropy log(t+1) */
+    for (int64_t i = 0; i < sc->numel; i++) pl_f32(sc)[i] = 0.25f;
+    ref = 0;
+    for (int t = 0; t < L; t++) ref += log(t + 1.0);
+    ref /= L * log(L);
+    ck_assert_int_eq(pl_indexer_entropy(ctx, sc, &e), PL_OK);
+    ck_assert(fabs(e - ref) < 1e-6);
+    pl_tensor *bad = pl_zeros(ctx, PL_F32, PL_DIMS(2, 3, 4));
+    ck_assert_int_eq(pl_indexer_entropy(ctx, bad, &e), PL_ERR_SHAPE);
+    pl_ctx_free(ctx);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("schedule");
     TCase *tc = tcase_create("core");
     tcase_add_test(tc, named);
     tcase_add_test(tc, lists);
     tcase_add_test(tc, errors);
+    tcase_add_test(tc, adaptive_k);
+    tcase_add_test(tc, indexer_entropy);
     suite_add_tcase(s, tc);
     return tu_run(s);
 }
