@@ -12,7 +12,7 @@
  *   indexer scores_at + KL fwd+bwd the indexer's training path
  *   sparse attention fwd / fwd+bwd pl_sparse_attention (no dropout)
  *   PLASA attention                pl_indexer_topk + pl_sparse_attention fwd+bwd
- *   dense attention fwd / fwd+bwd  pl_attention (only when the library has it)
+ *   dense attention fwd / fwd+bwd  pl_attention (the dense causal baseline)
  * ms is the median over the repetitions; "extra MB" is the peak arena memory
  * above what was in use before the row's ops ran (outputs, saved data,
  * gradients of intermediates and scratch; parameters' gradient buffers are
@@ -67,11 +67,9 @@ static pl_tensor *st_plasa(bench *b) {
     pl_tensor *idx = pl_indexer_topk(b->ctx, b->qI, b->kI, b->w, b->k);
     return pl_sparse_attention(b->ctx, b->q, b->kk, b->v, idx, 0.0f, NULL);
 }
-#ifdef PL_HAVE_DENSE_ATTENTION
 static pl_tensor *st_dense(bench *b) {
     return pl_attention(b->ctx, b->q, b->kk, b->v, 0.0f, NULL);
 }
-#endif
 
 /* One run: returns seconds; *extra = peak arena bytes above the start. */
 static double run_once(bench *b, stage_fn f, bool backward, size_t *extra) {
@@ -147,13 +145,8 @@ static void bench_L(pl_ctx *ctx, int L, int max_reps) {
     }
     row(&b, "indexer scores fwd", false, st_scores, false, max_reps);
     row(&b, "indexer scores fwd+bwd", false, st_scores, true, max_reps);
-#ifdef PL_HAVE_DENSE_ATTENTION
     row(&b, "dense attention fwd", false, st_dense, false, max_reps);
     row(&b, "dense attention fwd+bwd", false, st_dense, true, max_reps);
-#else
-    printf("%6d %6s  %-34s %10s %10s\n", L, "-", "dense attention (not in this build)", "n/a",
-           "n/a");
-#endif
     const int ks[3] = {L / 8, L / 4, L / 2};
     for (int i = 0; i < 3; i++) {
         b.k = ks[i] > 0 ? ks[i] : 1;

@@ -251,32 +251,40 @@ PL_API pl_status pl_gradcheck(pl_ctx *ctx, pl_gradcheck_fn fn, void *user,
 
 /* Broadcasting for the binary elementwise ops: b's shape must equal a
  * trailing part of a's shape, with dims of size 1 allowed in b (NumPy rules
- * restricted to "b broadcasts into a"). */
+ * restricted to "b broadcasts into a"; e.g. a [B, T, D] with b [D], [T, 1]
+ * or [1]). The result has a's shape; b's gradient is summed over the dims it
+ * was broadcast along. */
 PL_API pl_tensor *pl_add(pl_ctx *ctx, pl_tensor *a, pl_tensor *b);
 PL_API pl_tensor *pl_sub(pl_ctx *ctx, pl_tensor *a, pl_tensor *b);
 PL_API pl_tensor *pl_mul(pl_ctx *ctx, pl_tensor *a, pl_tensor *b);
 PL_API pl_tensor *pl_scale(pl_ctx *ctx, pl_tensor *a, float s);
 PL_API pl_tensor *pl_add_scalar(pl_ctx *ctx, pl_tensor *a, float s);
 
+/* relu(x) = max(x, 0) (gradient 0 at x = 0); sigmoid(x) = 1 / (1 + e^-x);
+ * silu(x) = x sigmoid(x). */
 PL_API pl_tensor *pl_relu(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_sigmoid(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_silu(pl_ctx *ctx, pl_tensor *x);
 
-/* Sum / mean of all elements: a scalar of shape [1]. */
+/* Sum / mean of all elements (accumulated in double): a scalar of shape [1]. */
 PL_API pl_tensor *pl_sum(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_mean(pl_ctx *ctx, pl_tensor *x);
-/* Sum over the last dimension: [..., n] -> [...]. */
+/* Sum over the last dimension: [..., n] -> [...] ([n] -> [1]). */
 PL_API pl_tensor *pl_sum_last(pl_ctx *ctx, pl_tensor *x);
 
-/* A view with a new shape (same data, same numel); one dim may be -1. */
+/* The shape ops below work on float32 and int32 tensors alike. */
+/* A view with a new shape (same data, same numel); one dim may be -1 (inferred). */
 PL_API pl_tensor *pl_reshape(pl_ctx *ctx, pl_tensor *x, int ndim, const int64_t *shape);
-/* Copies x with its dims reordered: out.shape[i] = x.shape[perm[i]]. */
+/* Copies x with its dims reordered: out.shape[i] = x.shape[perm[i]]; perm has
+ * x->ndim entries. */
 PL_API pl_tensor *pl_permute(pl_ctx *ctx, pl_tensor *x, const int *perm);
-/* Swaps the last two dims. */
+/* Swaps the last two dims (a copy; x needs >= 2 dims). */
 PL_API pl_tensor *pl_transpose(pl_ctx *ctx, pl_tensor *x);
-/* Elements [start, start+len) along dim. */
+/* Elements [start, start+len) along dim (a copy; len >= 1; a negative dim
+ * counts from the end). */
 PL_API pl_tensor *pl_slice(pl_ctx *ctx, pl_tensor *x, int dim, int64_t start, int64_t len);
-/* Joins n tensors along dim; other dims must match. */
+/* Joins n >= 1 tensors (same dtype) along dim; other dims must match; a
+ * negative dim counts from the end. */
 PL_API pl_tensor *pl_concat(pl_ctx *ctx, pl_tensor *const *xs, int n, int dim);
 
 /* C = op(A) op(B) on the last two dims (oneDNN sgemm). Leading dims are
@@ -286,29 +294,273 @@ PL_API pl_tensor *pl_matmul(pl_ctx *ctx, pl_tensor *a, pl_tensor *b, bool trans_
 /* y = x W (+ bias): x [..., in], W [in, out], bias [out] or NULL. */
 PL_API pl_tensor *pl_linear(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *bias);
 
-/* ids (PL_I32, any shape) -> [ids.shape..., dim] rows of table [vocab, dim].
- * An id outside [0, vocab) is an error. */
+/* ids (PL_I32, any shape, at most PL_MAX_DIMS - 1 dims) -> [ids.shape..., dim]
+ * rows of table [vocab, dim]. An id outside [0, vocab) is PL_ERR_ARG (the
+ * message names the id, its flat position and the vocab size). The table's
+ * gradient is a scatter-add: rows looked up several times get the sum. */
 PL_API pl_tensor *pl_embedding(pl_ctx *ctx, pl_tensor *table, pl_tensor *ids);
 
-/* Softmax over the last dimension. */
+/* Softmax over the last dimension (max-subtracted, so large logits are safe). */
 PL_API pl_tensor *pl_softmax(pl_ctx *ctx, pl_tensor *x);
 /* Mean over rows of -log softmax(logits)[target]: logits [..., V], targets
- * PL_I32 with the leading shape. Targets < 0 are ignored (not counted in the
- * mean); targets >= V are an error. Fused: no softmax tensor is kept. */
+ * PL_I32 with the leading shape ([1] for 1-D logits); result shape [1].
+ * Targets < 0 are ignored (not counted in the mean); if all are ignored the
+ * loss is 0 with zero gradient. A target >= V is PL_ERR_ARG. Fused: no
+ * softmax tensor is kept (two floats per row are saved for backward). */
 PL_API pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets);
 
 /* ------------------------------------------------------------------------ */
 /* Transformer ops (ops/rmsnorm.c, ops/rope.c, ops/swiglu.c, ops/dropout.c,  */
 /* ops/attention.c)                                                          */
 
+/* RMSNorm over the last dim (Qwen3-Next style, weight stored as an offset):
+ *   y = x / sqrt(mean(x^2) + eps) * (1 + w),   x [..., d], w [d], eps >= 0.
+ * The mean of squares is accumulated in double; the per-row 1/sqrt(...) is
+ * kept for backward. Grads in x and w. */
+PL_API pl_tensor *pl_rmsnorm(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, float eps);
+
+/* Rotary position embedding on adjacent pairs: x [B, L, H, D], D even. Pair
+ * i = (x[2i], x[2i+1]) at sequence index l is rotated by the angle
+ * (pos_offset + l) * theta_i, theta_i = base^(-2i/D):
+ *   y[2i] = x[2i] cos - x[2i+1] sin,   y[2i+1] = x[2i] sin + x[2i+1] cos.
+ * The angles follow PyTorch's float32 pipeline exactly (as in HF rotary
+ * embeddings): inv_freq = float32(1 / float32(base^float32(2i/D))), angle =
+ * float32(float32(pos) * inv_freq), cos and sin of that float angle rounded
+ * to float. Backward rotates by -angle. base > 0, pos_offset >= 0. */
+PL_API pl_tensor *pl_rope(pl_ctx *ctx, pl_tensor *x, float base, int64_t pos_offset);
+
+/* Fused SwiGLU gate: y = silu(a) * b = a * sigmoid(a) * b; a and b the same
+ * shape. Grads in a and b. */
+PL_API pl_tensor *pl_swiglu(pl_ctx *ctx, pl_tensor *a, pl_tensor *b);
+
+/* Inverted dropout: y = x * keep / (1 - p), keep ~ Bernoulli(1 - p).
+ * Element i of x (row-major) takes word i % 4 of pl_philox(rng->seed,
+ * rng->offset + i / 4) and is kept iff that word >= floor(p * 2^32); the
+ * scale is float32(1 / float32(1 - p)) as in PyTorch. rng->offset then
+ * advances by ceil(numel / 4). The mask is a pure function of (seed, offset,
+ * i): reproducible and independent of the thread count; backward regenerates
+ * it (no mask is stored). p must be in [0, 1); p == 0 returns x itself (rng
+ * may then be NULL and is not advanced). Dropout is applied whenever p > 0:
+ * pass p = 0 for evaluation. */
+PL_API pl_tensor *pl_dropout(pl_ctx *ctx, pl_tensor *x, float p, pl_rng *rng);
+
+/* Dense causal multi-head attention, fused (FlashAttention-2 style):
+ *   out[b,t,h,:] = sum_{s<=t} drop(P)[b,h,t,s] v[b,s,h,:],
+ *   P[b,h,t,:] = softmax_{s<=t}( q[b,t,h,:] . k[b,s,h,:] / sqrt(D) ).
+ * q, k, v and out are [B, L, H, D] (a [B, L, H*D] projection reshaped).
+ * Memory is linear in L: forward keeps the output and the per-row
+ * log-sum-exp [B, H, L]; backward recomputes P blockwise. Dropout on P (as
+ * PyTorch's attention dropout, scale 1/(1-p)) uses the counter scheme of
+ * pl_dropout with rows padded to whole Philox blocks: with W = ceil(L / 4),
+ * element (b,h,t,s) takes word s % 4 of
+ *   pl_philox(rng->seed, rng->offset + ((b*H + h)*L + t)*W + s/4)
+ * and is kept iff that word >= floor(p * 2^32); rng->offset advances by
+ * B*H*L*W. dropout_p in [0, 1); rng may be NULL when dropout_p == 0.
+ * Grads in q, k and v; results do not depend on the thread count. */
+PL_API pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v,
+                               float dropout_p, pl_rng *rng);
+
 /* ------------------------------------------------------------------------ */
 /* Mixture of experts (ops/moe.c)                                            */
+
+/* Top-k mixture of SwiGLU experts, routed as Qwen3-MoE does. x [..., d] is
+ * treated as N = numel/d token rows; router_w [d, E]; w_gate, w_up [E, d, F];
+ * w_down [E, F, d]; 1 <= top_k <= E. Per token:
+ *   p = softmax(x router_w)            (float32, over all E experts)
+ *   S = the top_k experts by p         (ties go to the lower expert index)
+ *   w_e = p_e / sum_{j in S} p_j
+ *   y = sum_{e in S} w_e * (silu(x w_gate[e]) * (x w_up[e])) w_down[e]
+ * Output has x's shape. Differentiable in x, router_w (through the weights
+ * w_e; the choice S is not differentiable) and all expert weights. Work per
+ * expert is proportional to the tokens routed to it. */
+PL_API pl_tensor *pl_moe(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *w_gate,
+                         pl_tensor *w_up, pl_tensor *w_down, int top_k);
+/* Same; when expert_counts is not NULL it receives E numbers: how many tokens
+ * were routed to each expert (they sum to N * top_k). */
+PL_API pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *w_gate,
+                            pl_tensor *w_up, pl_tensor *w_down, int top_k,
+                            int64_t *expert_counts);
+/* The routing pl_moe uses, without experts and without recording anything:
+ * *experts (int32) and *weights (float32), both [..., top_k], the chosen
+ * experts in descending probability (ties: lower index first) and their
+ * renormalised weights. Either output pointer may be NULL. */
+PL_API pl_status pl_moe_route(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, int top_k,
+                              pl_tensor **experts, pl_tensor **weights);
 
 /* ------------------------------------------------------------------------ */
 /* Optimisers and initialisation (lib/optim.c)                               */
 
+/* Optimisers update every parameter of a context from its grad buffer.
+ * Their state lives in named persistent tensors of the same context, so a
+ * checkpoint of all named persistent tensors captures it:
+ *   AdamW: "adamw.m.<param>", "adamw.v.<param>" (float32, the parameter's
+ *          shape) and "adamw.step" (int32 [1])
+ *   SGD:   "sgd.momentum_buffer.<param>" and "sgd.step" (int32 [1])
+ * where <param> is the parameter's name, or "#<index>" for an unnamed one.
+ * State is created, zeroed, for every parameter that exists when the
+ * optimiser is made; a parameter added later gets its state at the first
+ * step that sees it (that step allocates). A state tensor that already
+ * exists under the right name and shape (e.g. loaded from a checkpoint
+ * first) is adopted, not replaced, so making the optimiser and loading a
+ * checkpoint work in either order. A step makes no heap allocation while the
+ * parameter list stays the same. The state tensors stay in the context
+ * after the optimiser is freed (until pl_ctx_free); a new optimiser on the
+ * same context continues from them. Do not pl_tensor_free them while an
+ * optimiser uses them. Element loops run on OpenMP threads. */
+
+/* torch.optim.AdamW (amsgrad and maximize off). With t the step (1-based):
+ *   p = p * (1 - lr*wd)
+ *   m = lerp(m, g, 1 - beta1)              i.e. beta1*m + (1-beta1)*g
+ *   v = v*beta2 + (1 - beta2)*g*g
+ *   p = p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+ * evaluated in float32 in this order, with the scalars computed in double
+ * and rounded once, as PyTorch's single-tensor CPU implementation does.
+ * One step count for all parameters (PyTorch keeps one per parameter; they
+ * differ only for parameters added after training started). */
+typedef struct {
+    double lr;           /* default 1e-3 */
+    double beta1, beta2; /* default 0.9, 0.999; each in [0, 1) */
+    double eps;          /* default 1e-8 */
+    double weight_decay; /* default 1e-2 (decoupled) */
+} pl_adamw_config;
+typedef struct pl_adamw pl_adamw;
+
+/* PyTorch's defaults. */
+PL_API pl_adamw_config pl_adamw_default_config(void);
+/* NULL cfg: defaults. NULL + error on a bad value or a state tensor whose
+ * existing shape does not fit its parameter. */
+PL_API pl_adamw *pl_adamw_new(pl_ctx *ctx, const pl_adamw_config *cfg);
+PL_API pl_status pl_adamw_step(pl_adamw *opt);
+/* Steps taken so far (0 before the first; what PyTorch stores as "step"). */
+PL_API int64_t pl_adamw_get_step(const pl_adamw *opt);
+PL_API pl_status pl_adamw_set_step(pl_adamw *opt, int64_t step);
+/* For schedules: the lr used from the next step on. */
+PL_API pl_status pl_adamw_set_lr(pl_adamw *opt, double lr);
+PL_API void pl_adamw_free(pl_adamw *opt);
+
+/* torch.optim.SGD (maximize off):
+ *   d = g + wd*p                            (coupled weight decay)
+ *   b = d on the first step, else b = momentum*b + (1 - dampening)*d
+ *   d = nesterov ? d + momentum*b : b        (only if momentum != 0)
+ *   p = p - lr*d
+ * "First step" is the optimiser's first step; a parameter added later starts
+ * from b = 0 (the same as PyTorch when dampening = 0). */
+typedef struct {
+    double lr;           /* no default in PyTorch; default here 1e-2 */
+    double momentum;     /* default 0 (no state is kept then) */
+    double dampening;    /* default 0 */
+    double weight_decay; /* default 0 */
+    bool nesterov;       /* default false; needs momentum > 0, dampening 0 */
+} pl_sgd_config;
+typedef struct pl_sgd pl_sgd;
+
+PL_API pl_sgd_config pl_sgd_default_config(void);
+PL_API pl_sgd *pl_sgd_new(pl_ctx *ctx, const pl_sgd_config *cfg);
+PL_API pl_status pl_sgd_step(pl_sgd *opt);
+PL_API int64_t pl_sgd_get_step(const pl_sgd *opt);
+PL_API pl_status pl_sgd_set_step(pl_sgd *opt, int64_t step);
+PL_API pl_status pl_sgd_set_lr(pl_sgd *opt, double lr);
+PL_API void pl_sgd_free(pl_sgd *opt);
+
+/* torch.nn.utils.clip_grad_norm_ (L2, error_if_nonfinite off): returns the
+ * L2 norm of all parameter gradients taken together (accumulated in double)
+ * and, when coef = max_norm / (norm + 1e-6) is below 1, multiplies every
+ * gradient by coef (rounded to float). max_norm = INFINITY only measures.
+ * Unlike PyTorch, a non-finite norm leaves the gradients untouched (PyTorch
+ * would multiply them by 0 or NaN); the caller sees the norm and can skip
+ * the step.
+ * On error returns -1 and sets *status (status may be NULL). */
+PL_API double pl_clip_grad_norm(pl_ctx *ctx, double max_norm, pl_status *status);
+
+/* PyTorch's nn.Linear initialisation: w and bias ~ U(-1/sqrt(fan_in),
+ * 1/sqrt(fan_in)) (bias may be NULL). Fills w, then bias, from rng. */
+PL_API pl_status pl_init_linear(pl_tensor *w, pl_tensor *bias, int64_t fan_in, pl_rng *rng);
+/* PyTorch's nn.Embedding initialisation: N(0, 1). */
+PL_API pl_status pl_init_embedding(pl_tensor *table, pl_rng *rng);
+
 /* ------------------------------------------------------------------------ */
 /* Checkpoints in the safetensors format (lib/safetensors.c)                 */
+
+/* The file format (https://github.com/huggingface/safetensors): an 8-byte
+ * little-endian length N, N bytes of JSON header
+ *   {"__metadata__": {"key": "value", ...},
+ *    "name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}, ...}
+ * then the tensors' bytes (little endian); offsets count from the start of
+ * that data section. libplasa reads and writes dtypes F32 and I32.
+ *
+ * Writes are atomic: the file is written to a temporary file beside it,
+ * synced, and renamed over the target, so a failure at any point leaves any
+ * old file untouched (and no temporary behind). Loading checks everything
+ * before trusting it (sizes, JSON, dtypes, shapes, offsets, overlaps,
+ * duplicate names, UTF-8); a bad file gives PL_ERR_FORMAT with a message
+ * naming the file and the problem. */
+
+/* Saves n tensors (any context, float32 or int32) and n_meta string pairs of
+ * metadata. names may be NULL: each tensor's own name is used. Names must be
+ * unique, non-empty UTF-8 and not "__metadata__". */
+PL_API pl_status pl_safetensors_save(const char *path, const pl_tensor *const *tensors,
+                                     const char *const *names, int n,
+                                     const char *const *meta_keys,
+                                     const char *const *meta_values, int n_meta);
+
+/* A loaded file: every tensor's data is in memory, converted to host order. */
+typedef struct pl_safetensors pl_safetensors;
+typedef struct {
+    const char *name;
+    pl_dtype dtype;
+    int ndim; /* 0 for a scalar (shape []); dims may be 0 */
+    int64_t shape[PL_MAX_DIMS];
+    int64_t numel;
+    const void *data;    /* numel values (float or int32_t), 16-byte aligned */
+    uint64_t begin, end; /* data_offsets as written in the file */
+} pl_safetensors_entry;
+
+/* NULL (and the message) if the file cannot be read or is malformed. */
+PL_API pl_safetensors *pl_safetensors_open(const char *path);
+PL_API void pl_safetensors_close(pl_safetensors *st);
+/* Tensors in the order of the file's header. */
+PL_API int pl_safetensors_count(const pl_safetensors *st);
+PL_API const pl_safetensors_entry *pl_safetensors_at(const pl_safetensors *st, int i);
+/* NULL if there is no tensor of that name (sets no error). */
+PL_API const pl_safetensors_entry *pl_safetensors_get(const pl_safetensors *st,
+                                                      const char *name);
+/* Metadata pairs in header order; pl_safetensors_meta returns NULL for an
+ * absent key (sets no error). */
+PL_API int pl_safetensors_meta_count(const pl_safetensors *st);
+PL_API const char *pl_safetensors_meta_key(const pl_safetensors *st, int i);
+PL_API const char *pl_safetensors_meta_value(const pl_safetensors *st, int i);
+PL_API const char *pl_safetensors_meta(const pl_safetensors *st, const char *key);
+/* A metadata value that must be a decimal integer in [0, 2^64) (step
+ * counts, pl_rng seed and offset): PL_ERR_FORMAT if absent or not one. */
+PL_API pl_status pl_safetensors_meta_u64(const pl_safetensors *st, const char *key,
+                                         uint64_t *out);
+
+/* Context checkpoints: every NAMED persistent tensor of the context
+ * (parameters, optimiser state such as "adamw.m.<param>", ...) in creation
+ * order, plus metadata. Unnamed persistent tensors are not saved; two
+ * tensors with the same name are an error. */
+PL_API pl_status pl_checkpoint_save(pl_ctx *ctx, const char *path,
+                                    const char *const *meta_keys,
+                                    const char *const *meta_values, int n_meta);
+
+/* Flags for restoring. By default the named persistent tensors of the
+ * context and the tensors of the file must correspond one to one. */
+#define PL_CKPT_PARAMS_ONLY 1u   /* restore parameters only (not optimiser state) */
+#define PL_CKPT_ALLOW_MISSING 2u /* a tensor absent from the file keeps its value */
+#define PL_CKPT_ALLOW_EXTRA 4u   /* a file tensor matching no tensor is ignored */
+/* A file tensor matching no tensor becomes a new persistent tensor (not a
+ * parameter) of the context, e.g. optimiser state loaded before the
+ * optimiser is made (it adopts it). Not with PL_CKPT_PARAMS_ONLY. */
+#define PL_CKPT_CREATE_EXTRA 8u
+
+/* Copies the file's tensors into the context's tensors of the same name;
+ * dtype and shape must match exactly. Everything is checked before anything
+ * is copied, so on error the context is unchanged. To warm-start from the
+ * weights of a full checkpoint: PL_CKPT_PARAMS_ONLY | PL_CKPT_ALLOW_EXTRA. */
+PL_API pl_status pl_checkpoint_restore(pl_ctx *ctx, const pl_safetensors *st, unsigned flags);
+/* pl_safetensors_open + pl_checkpoint_restore + pl_safetensors_close. To read
+ * metadata too (step, rng state), open the file and restore from it. */
+PL_API pl_status pl_checkpoint_load(pl_ctx *ctx, const char *path, unsigned flags);
 
 /* ------------------------------------------------------------------------ */
 /* PLASA ops (ops/indexer.c, ops/topk.c, ops/sparse_attention.c, ...)        */

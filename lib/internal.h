@@ -108,6 +108,52 @@ static inline int64_t pl__numel(int ndim, const int64_t *shape) {
     return n;
 }
 
+/* ---- fast exp (added by core-ops) ---- */
+/* e^x in float, ~2 ulp, branch free so that loops calling it vectorise
+ * (glibc's expf is a scalar call). Cephes' expf: x = n ln2 + r with
+ * |r| <= ln2/2, e^r by a degree-7 polynomial, 2^n put into the exponent
+ * bits. x < -87 gives 0 (instead of a denormal); x > 88 gives e^88;
+ * NaN gives NaN. */
+static inline float pl__expf(float x) {
+    float xc = x > -87.0f ? x : -87.0f; /* also maps NaN to a number */
+    xc = xc < 88.0f ? xc : 88.0f;
+    /* n = round(x / ln2) by the 1.5*2^23 trick (exact in float, no libm). */
+    float t = xc * 1.44269504088896341f + 12582912.0f;
+    float n = t - 12582912.0f;
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { float f; int32_t i; } u = {p};
+    u.i += (int32_t)n * (1 << 23);
+    float y = x < -87.0f ? 0.0f : u.f;
+    return x == x ? y : x;
+}
+
+/* ---- safetensors (lib/safetensors.c) ---- */
+/* Parses a whole safetensors file held in memory, with the checks of
+ * pl_safetensors_open; label names the source in messages. Used by the
+ * fuzz target (tests/fuzz/fuzz_safetensors.c). */
+pl_safetensors *pl__safetensors_parse(const void *buf, size_t size, const char *label);
+
+/* ---- dropout masks (ops/dropout.c, ops/attention.c) ---- */
+/* An element is kept iff its Philox word is >= this threshold: P(keep) =
+ * 1 - floor(p 2^32) / 2^32, i.e. 1 - p to within 2^-32. Needs 0 <= p < 1. */
+static inline uint32_t pl__drop_threshold(float p) {
+    return (uint32_t)((double)p * 4294967296.0);
+}
+/* The kept elements' scale, as PyTorch computes it: float32(1 / float32(1 - p)). */
+static inline float pl__drop_scale(float p) { return 1.0f / (float)(1.0 - (double)p); }
+/* pl_philox on the 8 counters ctr + i*stride, i < 8, at once (AVX2 when the
+ * CPU has it; the same bits either way). Word w of counter i goes to
+ * out[4*i + w] (element order: with stride 1, the words of 32 consecutive
+ * elements), or with by_word to out[8*w + i]. In ops/dropout.c. */
+void pl__philox8(uint64_t seed, uint64_t ctr, uint64_t stride, bool by_word, uint32_t out[32]);
 /* ---- PLASA ops: helpers shared by ops/topk.c, ops/indexer.c, ops/sparse_attention.c,
  * ops/indexer_loss.c ---- */
 /* Writes into out[0..width) the min(k, n) indices s < n with the largest row[s]
@@ -159,32 +205,6 @@ static inline float pl__sum(const float *x, int64_t n) {
     return s;
 }
 
-/* exp(x) in float, vectorisable (no libm call): Cephes' expf polynomial after
- * x = n ln2 + r, |r| <= ln2/2; within 2 ulp of expf. exp(x) = 0 below -87.3
- * (including -inf), +inf above 88 (expf overflows at 88.7); NaN in, NaN out. */
-static inline float pl__expf(float x) {
-    const float hi = 88.0f, lo = -87.33654f;
-    /* quiet comparisons (no FP exception on NaN), so the selects vectorise */
-    float xc = __builtin_isgreater(x, hi) ? hi : x;
-    xc = __builtin_isless(xc, lo) ? lo : xc;
-    xc = __builtin_isunordered(xc, xc) ? 0.0f : xc; /* NaN: keep the int conversion defined */
-    float n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f; /* round to nearest */
-    float r = xc - n * 0.693359375f - n * -2.12194440e-4f;
-    float y = 1.9875691500e-4f;
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    y *= scale;
-    y = __builtin_isless(x, lo) ? 0.0f : y;
-    y = __builtin_isgreater(x, hi) ? __builtin_inff() : y;
-    return __builtin_isunordered(x, x) ? x : y;
-}
 
 /* Parallel regions cost a barrier: the PLASA kernels run serially below this
  * much work (roughly multiply-adds), `#pragma omp parallel if (work >= PL_PAR_MIN)`.

@@ -427,8 +427,7 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     const int64_t SK =
         pl__sparse_tile_k > 0 ? pl__sparse_tile_k : clamp64((1 << 15) / (H * D), 8, 1024);
     sa_args a = {B, L, H, D, K, (K + 31) / 32, TQ, SK, SK / 4 > 0 ? SK / 4 : 1, SK / 2 > 0 ? SK / 2 : 1,
-                 1.0f / sqrtf((float)D), 1.0f / (1.0f - dropout_p),
-                 (uint32_t)((double)dropout_p * 4294967296.0),
+                 1.0f / sqrtf((float)D), pl__drop_scale(dropout_p), pl__drop_threshold(dropout_p),
                  rng ? rng->seed : 0, rng ? rng->offset : 0, pl_f32(q), pl_f32(k), pl_f32(v),
                  pl_i32(idx), pl_f32(out), NULL, NULL};
     if (record && !(a.lse = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * H)))) return NULL;

@@ -1,0 +1,66 @@
+/* plasa-train: trains the PLASA benchmark model with libplasa.
+ *
+ *   bash tools/fetch-corpus.sh        # once: the default corpus
+ *   plasa-train                       # the benchmark configuration
+ *   plasa-train --prepare-only        # data, tokenizer and token cache only
+ *
+ * Steps: parse the flags (cli.c), prepare the data (data.c: corpus.c,
+ * tokenizer.c, tokens.c), then train and evaluate (train.c) through the
+ * model seam (model.h). Results: JSON on stdout; progress on stderr. Any
+ * error: one message on stderr and exit status 1 (2 for bad flags). */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "cli.h"
+#include "data.h"
+#include "plasa.h"
+#include "util.h"
+#ifdef PLASA_TRAIN_HAVE_MODEL
+#include "train.h"
+#endif
+
+static int fail(const char *what) {
+    fprintf(stderr, "plasa-train: error: %s\n", what);
+    return 1;
+}
+
+int main(int argc, char **argv) {
+    tr_config cfg;
+    int rc = cli_parse(argc, argv, &cfg);
+    if (rc == 1) return 0;
+    if (rc) {
+        fprintf(stderr, "plasa-train: error: %s\n", tr_error());
+        return 2;
+    }
+    /* files that must exist: fail before any long preparation */
+    const char *must[] = {cfg.resume, cfg.init};
+    for (int i = 0; i < 2; i++)
+        if (must[i] && !tr_file_exists(must[i])) {
+            tr_fail("%s: no such file (%s)", must[i], i == 0 ? "--resume" : "--init");
+            return fail(tr_error());
+        }
+    if (cfg.threads > 0) pl_set_num_threads(cfg.threads);
+
+    tr_data data;
+    if (data_prepare(&cfg, &data)) {
+        data_free(&data);
+        return fail(tr_error());
+    }
+    if (cfg.prepare_only) {
+        tr_buf out = {0};
+        rc = data_stats_json(&data, &out);
+        if (!rc) fputs(out.data, stdout);
+        tr_buf_free(&out);
+        data_free(&data);
+        return rc ? fail(tr_error()) : 0;
+    }
+#ifdef PLASA_TRAIN_HAVE_MODEL
+    rc = tr_train(&cfg, &data);
+    data_free(&data);
+    return rc ? fail(tr_error()) : 0;
+#else
+    data_free(&data);
+    return fail("this plasa-train was built without a model (examples/plasa-train/model.c is "
+                "absent): only --prepare-only works");
+#endif
+}

@@ -1,0 +1,66 @@
+/* The seam between the trainer and the model.
+ *
+ * train.c drives training and evaluation only through these functions;
+ * model.c implements them with libplasa (the PLASA benchmark model of
+ * SPEC section 2: embedding, pre-norm decoder layers with per-layer top-k
+ * sparse attention and lightning indexers, SwiGLU / MoE FFNs, LM head, AdamW).
+ * The build compiles the training path only when model.c exists; without it
+ * plasa-train still prepares data (--prepare-only).
+ *
+ * Conventions: token batches are row-major int32 [batch, cfg->seq]; a target
+ * < 0 marks a padded position that must not be counted in any loss or
+ * accuracy (evaluation pads the last window; the model is causal, so padding
+ * after a position cannot change it). Functions return 0, or -1 after
+ * setting the message with tr_fail() (util.h), e.g.
+ * tr_fail("model: %s", pl_last_error()). */
+#ifndef PLASA_TRAIN_MODEL_H
+#define PLASA_TRAIN_MODEL_H
+
+#include <stdint.h>
+
+#include "cli.h"
+
+typedef struct tr_model tr_model;
+
+/* Builds and initialises the model for a vocabulary of `vocab` tokens from
+ * cfg: shape (layers, dim, heads, ffn, experts, expert_ffn, top_experts,
+ * indexer_heads, indexer_dim), seq, layer_k (one k per layer, already
+ * resolved from --schedule/--k and <= seq), dropout, indexer_loss, lr,
+ * weight_decay, clip, seed (initialisation and dropout), threads.
+ * NULL on error. */
+tr_model *model_create(const tr_config *cfg, int vocab);
+void model_free(tr_model *m);
+
+/* Number of trainable scalars. */
+int64_t model_parameters(const tr_model *m);
+/* Layers and the k each layer uses now (k may change if the model adapts it). */
+int model_layers(const tr_model *m);
+int model_layer_k(const tr_model *m, int layer);
+
+/* One optimisation step on a training batch: forward with dropout, mean
+ * cross-entropy over every target >= 0 (plus indexer_loss times the
+ * indexer's auxiliary loss, if any), backward, global-norm clipping, AdamW
+ * update. step is the 0-based index of this step (dropout counters).
+ * *loss = the mean next-token cross-entropy of the batch (without any
+ * auxiliary term). */
+int model_train_step(tr_model *m, const int32_t *inputs, const int32_t *targets, int batch,
+                     int64_t step, double *loss);
+
+/* Evaluation of one batch of `batch` rows (at most cfg->batch: the last
+ * batch of an evaluation may be smaller) without dropout or gradients, and
+ * without touching the optimiser or the dropout stream. Over the targets
+ * >= 0 only: *loss_sum = sum of -log p(target) (natural log), *correct =
+ * positions whose argmax prediction equals the target, *count = such
+ * targets counted. */
+int model_eval(tr_model *m, const int32_t *inputs, const int32_t *targets, int batch,
+               double *loss_sum, int64_t *correct, int64_t *count);
+
+/* Checkpoints: model_save writes parameters, optimiser state and the number
+ * of steps done; model_load restores all of it (--resume) and returns the
+ * steps done in *steps_done; model_load_params takes only the parameters
+ * (--init) and leaves the optimiser fresh. Shapes must match the config. */
+int model_save(const tr_model *m, const char *path, int64_t steps_done);
+int model_load(tr_model *m, const char *path, int64_t *steps_done);
+int model_load_params(tr_model *m, const char *path);
+
+#endif

@@ -1,0 +1,44 @@
+/* Small shared pieces of plasa-train: the error message, a growable byte
+ * buffer and whole-file reading/writing. Every module reports a failure by
+ * returning -1 (or NULL) after setting the message with tr_fail(). */
+#ifndef PLASA_TRAIN_UTIL_H
+#define PLASA_TRAIN_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__GNUC__)
+#define TR_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define TR_PRINTF(a, b)
+#endif
+
+/* Sets the message of the last failure (printf style) and returns -1. */
+int tr_fail(const char *fmt, ...) TR_PRINTF(1, 2);
+/* The message of the last failure ("" if none). */
+const char *tr_error(void);
+
+typedef struct {
+    char *data; /* NUL-terminated after every append (len excludes it) */
+    size_t len, cap;
+} tr_buf;
+
+/* Each returns 0, or -1 with the message set on allocation failure. */
+int tr_buf_reserve(tr_buf *b, size_t extra);
+int tr_buf_append(tr_buf *b, const void *p, size_t n);
+int tr_buf_putc(tr_buf *b, char c);
+void tr_buf_free(tr_buf *b);
+
+/* Reads a whole file into *out (NUL-terminated). An empty file is read
+ * (len 0); callers decide whether that is an error. */
+int tr_read_file(const char *path, tr_buf *out);
+/* Writes n bytes to path via a temporary file renamed into place, so a
+ * reader never sees a half-written file. */
+int tr_write_file(const char *path, const void *data, size_t n);
+int tr_file_exists(const char *path);
+/* mkdir -p; 0 if the directory exists afterwards. */
+int tr_mkdirs(const char *path);
+/* Wall-clock seconds from a monotonic clock. */
+double tr_now(void);
+
+#endif

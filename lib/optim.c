@@ -1,0 +1,398 @@
+/* Optimisers (AdamW, SGD), gradient-norm clipping and PyTorch-style
+ * initialisation.
+ *
+ * Optimiser state is kept in named persistent tensors of the context (see
+ * plasa.h), found by name or created when a parameter is first seen. The
+ * optimiser itself only holds a table param -> state tensors, rebuilt when
+ * the context's parameter list changes; otherwise a step touches no heap.
+ *
+ * Numerics follow PyTorch's single-tensor CPU path: hyperparameter
+ * arithmetic (bias corrections, step size) in double, rounded once to float;
+ * the element updates in float32 in PyTorch's operation order. */
+#include "internal.h"
+
+#include <math.h>
+#include <stdio.h>
+
+typedef struct {
+    pl_tensor *param;
+    pl_tensor *s[2]; /* AdamW: m, v. SGD: momentum buffer */
+} opt_slot;
+
+typedef struct {
+    pl_ctx *ctx;
+    const char *prefix;   /* "adamw", "sgd" */
+    const char *kinds[2]; /* state tensor kinds per parameter */
+    int n_kinds;          /* 0: no per-parameter state (SGD without momentum) */
+    opt_slot *slots;
+    int n_slots;
+    pl_tensor *step; /* int32 [1] "<prefix>.step" */
+} opt_state;
+
+struct pl_adamw {
+    opt_state st;
+    pl_adamw_config cfg;
+};
+
+struct pl_sgd {
+    opt_state st;
+    pl_sgd_config cfg;
+};
+
+/* Elements per thread below which a loop is not worth splitting. */
+#define PAR_MIN 4096
+
+/* ---- state tensors ---- */
+
+static pl_tensor *find_persistent(pl_ctx *ctx, const char *name) {
+    for (int i = 0; i < ctx->n_persist; i++)
+        if (ctx->persist[i]->name && !strcmp(ctx->persist[i]->name, name)) return ctx->persist[i];
+    return NULL;
+}
+
+/* The persistent tensor `name` of this dtype and shape: the existing one, or
+ * a new zeroed one. */
+static pl_tensor *find_or_create(pl_ctx *ctx, const char *fn, const char *name, pl_dtype dt,
+                                 int ndim, const int64_t *shape) {
+    pl_tensor *t = find_persistent(ctx, name);
+    if (!t) return pl_persistent_new(ctx, name, dt, ndim, shape, false);
+    bool ok = t->dtype == dt && !t->requires_grad && t->ndim == ndim;
+    for (int i = 0; ok && i < ndim; i++) ok = t->shape[i] == shape[i];
+    if (!ok) {
+        char have[96];
+        pl__err(PL_ERR_SHAPE,
+                "%s: a persistent tensor named '%s' exists but is %s %s%s; the optimiser needs "
+                "%s of %lld elements here",
+                fn, name, t->dtype == PL_F32 ? "float32" : "int32",
+                pl_shape_str(t, have, sizeof have), t->requires_grad ? " (a parameter)" : "",
+                dt == PL_F32 ? "float32" : "int32", (long long)pl__numel(ndim, shape));
+        return NULL;
+    }
+    return t;
+}
+
+static pl_tensor *state_tensor(opt_state *o, const char *fn, int kind, int index,
+                               const pl_tensor *p) {
+    char idx[24];
+    snprintf(idx, sizeof idx, "#%d", index);
+    const char *pname = p->name ? p->name : idx;
+    size_t len = strlen(o->prefix) + strlen(o->kinds[kind]) + strlen(pname) + 3;
+    char *name = pl__malloc(len);
+    if (!name) return NULL;
+    snprintf(name, len, "%s.%s.%s", o->prefix, o->kinds[kind], pname);
+    pl_tensor *t = find_or_create(o->ctx, fn, name, PL_F32, p->ndim, p->shape);
+    pl__free(name);
+    return t;
+}
+
+/* Makes the slot table match the context's parameter list. Only allocates
+ * when the list changed since the last call. */
+static pl_status sync_slots(opt_state *o, const char *fn) {
+    pl_ctx *ctx = o->ctx;
+    int n = ctx->n_params;
+    bool same = o->n_slots == n;
+    for (int i = 0; same && i < n; i++)
+        same = o->slots[i].param == ctx->params[i] &&
+               (o->n_kinds == 0 || o->slots[i].s[0]->numel == ctx->params[i]->numel);
+    if (same) return PL_OK;
+    opt_slot *ns = pl__calloc((size_t)(n ? n : 1), sizeof *ns);
+    if (!ns) return pl_last_status();
+    for (int i = 0; i < n; i++) {
+        pl_tensor *p = ctx->params[i];
+        ns[i].param = p;
+        /* Keep the state of a parameter we know (an unnamed one's "#index"
+         * name may have shifted). */
+        int old = -1;
+        for (int j = 0; j < o->n_slots && old < 0; j++)
+            if (o->slots[j].param == p &&
+                (o->n_kinds == 0 || o->slots[j].s[0]->numel == p->numel))
+                old = j;
+        if (old >= 0) {
+            ns[i] = o->slots[old];
+            continue;
+        }
+        for (int k = 0; k < o->n_kinds; k++) {
+            if (!(ns[i].s[k] = state_tensor(o, fn, k, i, p))) {
+                pl__free(ns);
+                return pl_last_status();
+            }
+        }
+    }
+    pl__free(o->slots);
+    o->slots = ns;
+    o->n_slots = n;
+    return PL_OK;
+}
+
+static pl_status opt_init(opt_state *o, pl_ctx *ctx, const char *fn, const char *prefix,
+                          const char *k0, const char *k1, int n_kinds) {
+    o->ctx = ctx;
+    o->prefix = prefix;
+    o->kinds[0] = k0;
+    o->kinds[1] = k1;
+    o->n_kinds = n_kinds;
+    char name[32];
+    snprintf(name, sizeof name, "%s.step", prefix);
+    o->step = find_or_create(ctx, fn, name, PL_I32, PL_DIMS(1));
+    if (!o->step) return pl_last_status();
+    return sync_slots(o, fn);
+}
+
+static int64_t opt_get_step(const opt_state *o) { return pl_i32(o->step)[0]; }
+
+static pl_status opt_set_step(opt_state *o, const char *fn, int64_t step) {
+    if (step < 0 || step > INT32_MAX)
+        return pl__err(PL_ERR_ARG, "%s: step %lld is outside [0, %d]", fn, (long long)step,
+                       INT32_MAX);
+    pl_i32(o->step)[0] = (int32_t)step;
+    return PL_OK;
+}
+
+/* ---- AdamW ---- */
+
+pl_adamw_config pl_adamw_default_config(void) {
+    return (pl_adamw_config){.lr = 1e-3, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8,
+                             .weight_decay = 1e-2};
+}
+
+static pl_status check_adamw(const char *fn, const pl_adamw_config *c) {
+    if (!(c->lr >= 0)) return pl__err(PL_ERR_ARG, "%s: lr = %g must be >= 0", fn, c->lr);
+    if (!(c->beta1 >= 0 && c->beta1 < 1) || !(c->beta2 >= 0 && c->beta2 < 1))
+        return pl__err(PL_ERR_ARG, "%s: betas (%g, %g) must be in [0, 1)", fn, c->beta1,
+                       c->beta2);
+    if (!(c->eps >= 0)) return pl__err(PL_ERR_ARG, "%s: eps = %g must be >= 0", fn, c->eps);
+    if (!(c->weight_decay >= 0))
+        return pl__err(PL_ERR_ARG, "%s: weight_decay = %g must be >= 0", fn, c->weight_decay);
+    return PL_OK;
+}
+
+pl_adamw *pl_adamw_new(pl_ctx *ctx, const pl_adamw_config *cfg) {
+    static const char *fn = "pl_adamw_new";
+    if (!ctx) return pl__err(PL_ERR_ARG, "%s: ctx is NULL", fn), NULL;
+    pl_adamw_config c = cfg ? *cfg : pl_adamw_default_config();
+    if (check_adamw(fn, &c)) return NULL;
+    pl_adamw *opt = pl__calloc(1, sizeof *opt);
+    if (!opt) return NULL;
+    opt->cfg = c;
+    if (opt_init(&opt->st, ctx, fn, "adamw", "m", "v", 2)) {
+        pl_adamw_free(opt);
+        return NULL;
+    }
+    return opt;
+}
+
+void pl_adamw_free(pl_adamw *opt) {
+    if (!opt) return;
+    pl__free(opt->st.slots);
+    pl__free(opt);
+}
+
+int64_t pl_adamw_get_step(const pl_adamw *opt) { return opt ? opt_get_step(&opt->st) : 0; }
+
+pl_status pl_adamw_set_step(pl_adamw *opt, int64_t step) {
+    if (!opt) return pl__err(PL_ERR_ARG, "pl_adamw_set_step: opt is NULL");
+    return opt_set_step(&opt->st, "pl_adamw_set_step", step);
+}
+
+pl_status pl_adamw_set_lr(pl_adamw *opt, double lr) {
+    if (!opt) return pl__err(PL_ERR_ARG, "pl_adamw_set_lr: opt is NULL");
+    if (!(lr >= 0)) return pl__err(PL_ERR_ARG, "pl_adamw_set_lr: lr = %g must be >= 0", lr);
+    opt->cfg.lr = lr;
+    return PL_OK;
+}
+
+/* PyTorch's lerp: start + w*(end - start) for |w| < 0.5, else
+ * end - (end - start)*(1 - w). */
+static inline float lerp_f(float start, float end, float w) {
+    return fabsf(w) < 0.5f ? start + w * (end - start) : end - (end - start) * (1.0f - w);
+}
+
+PL_KERNEL static void adamw_kernel(float *restrict p, const float *restrict g, float *restrict m,
+                                   float *restrict v, int64_t n, float decay, bool do_decay,
+                                   float w1, float b2, float c2, float bc2_sqrt, float eps,
+                                   float neg_step) {
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < n; i++) {
+        float pi = p[i], gi = g[i];
+        if (do_decay) pi = pi * decay;
+        float mi = lerp_f(m[i], gi, w1);
+        float vi = v[i] * b2;
+        vi = vi + c2 * gi * gi;
+        float denom = sqrtf(vi) / bc2_sqrt + eps;
+        p[i] = pi + neg_step * mi / denom;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+pl_status pl_adamw_step(pl_adamw *opt) {
+    static const char *fn = "pl_adamw_step";
+    if (!opt) return pl__err(PL_ERR_ARG, "%s: opt is NULL", fn);
+    opt_state *o = &opt->st;
+    pl_status s = sync_slots(o, fn);
+    if (s) return s;
+    int64_t t = opt_get_step(o) + 1;
+    if (t > INT32_MAX) return pl__err(PL_ERR_STATE, "%s: step count overflows", fn);
+    const pl_adamw_config *c = &opt->cfg;
+    const double bc1 = 1.0 - pow(c->beta1, (double)t), bc2 = 1.0 - pow(c->beta2, (double)t);
+    const float decay = (float)(1.0 - c->lr * c->weight_decay);
+    const bool do_decay = c->weight_decay != 0;
+    const float w1 = (float)(1.0 - c->beta1), b2 = (float)c->beta2, c2 = (float)(1.0 - c->beta2);
+    const float bc2_sqrt = (float)sqrt(bc2), eps = (float)c->eps;
+    const float neg_step = (float)-(c->lr / bc1);
+    int64_t total = 0;
+    for (int i = 0; i < o->n_slots; i++) total += o->slots[i].param->numel;
+#pragma omp parallel if (total >= 2 * PAR_MIN)
+    for (int i = 0; i < o->n_slots; i++) {
+        opt_slot *sl = &o->slots[i];
+        adamw_kernel(pl_f32(sl->param), sl->param->grad, pl_f32(sl->s[0]), pl_f32(sl->s[1]),
+                     sl->param->numel, decay, do_decay, w1, b2, c2, bc2_sqrt, eps, neg_step);
+    }
+    pl_i32(o->step)[0] = (int32_t)t;
+    return PL_OK;
+}
+
+/* ---- SGD ---- */
+
+pl_sgd_config pl_sgd_default_config(void) {
+    return (pl_sgd_config){.lr = 1e-2, .momentum = 0, .dampening = 0, .weight_decay = 0,
+                           .nesterov = false};
+}
+
+pl_sgd *pl_sgd_new(pl_ctx *ctx, const pl_sgd_config *cfg) {
+    static const char *fn = "pl_sgd_new";
+    if (!ctx) return pl__err(PL_ERR_ARG, "%s: ctx is NULL", fn), NULL;
+    pl_sgd_config c = cfg ? *cfg : pl_sgd_default_config();
+    if (!(c.lr >= 0)) return pl__err(PL_ERR_ARG, "%s: lr = %g must be >= 0", fn, c.lr), NULL;
+    if (!(c.momentum >= 0))
+        return pl__err(PL_ERR_ARG, "%s: momentum = %g must be >= 0", fn, c.momentum), NULL;
+    if (!(c.weight_decay >= 0))
+        return pl__err(PL_ERR_ARG, "%s: weight_decay = %g must be >= 0", fn, c.weight_decay),
+               NULL;
+    if (!isfinite(c.dampening))
+        return pl__err(PL_ERR_ARG, "%s: dampening must be finite", fn), NULL;
+    if (c.nesterov && (c.momentum <= 0 || c.dampening != 0))
+        return pl__err(PL_ERR_ARG, "%s: nesterov needs momentum > 0 and dampening = 0", fn),
+               NULL;
+    pl_sgd *opt = pl__calloc(1, sizeof *opt);
+    if (!opt) return NULL;
+    opt->cfg = c;
+    if (opt_init(&opt->st, ctx, fn, "sgd", "momentum_buffer", NULL, c.momentum != 0 ? 1 : 0)) {
+        pl_sgd_free(opt);
+        return NULL;
+    }
+    return opt;
+}
+
+void pl_sgd_free(pl_sgd *opt) {
+    if (!opt) return;
+    pl__free(opt->st.slots);
+    pl__free(opt);
+}
+
+int64_t pl_sgd_get_step(const pl_sgd *opt) { return opt ? opt_get_step(&opt->st) : 0; }
+
+pl_status pl_sgd_set_step(pl_sgd *opt, int64_t step) {
+    if (!opt) return pl__err(PL_ERR_ARG, "pl_sgd_set_step: opt is NULL");
+    return opt_set_step(&opt->st, "pl_sgd_set_step", step);
+}
+
+pl_status pl_sgd_set_lr(pl_sgd *opt, double lr) {
+    if (!opt) return pl__err(PL_ERR_ARG, "pl_sgd_set_lr: opt is NULL");
+    if (!(lr >= 0)) return pl__err(PL_ERR_ARG, "pl_sgd_set_lr: lr = %g must be >= 0", lr);
+    opt->cfg.lr = lr;
+    return PL_OK;
+}
+
+PL_KERNEL static void sgd_kernel(float *restrict p, const float *restrict g, float *restrict buf,
+                                 int64_t n, float wd, float mom, float damp1, bool first,
+                                 bool nesterov, float neg_lr) {
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < n; i++) {
+        float d = g[i];
+        if (wd != 0.0f) d = d + wd * p[i];
+        if (buf) {
+            float b = first ? d : buf[i] * mom + damp1 * d;
+            buf[i] = b;
+            d = nesterov ? d + mom * b : b;
+        }
+        p[i] = p[i] + neg_lr * d;
+    }
+}
+
+pl_status pl_sgd_step(pl_sgd *opt) {
+    static const char *fn = "pl_sgd_step";
+    if (!opt) return pl__err(PL_ERR_ARG, "%s: opt is NULL", fn);
+    opt_state *o = &opt->st;
+    pl_status s = sync_slots(o, fn);
+    if (s) return s;
+    int64_t t = opt_get_step(o) + 1;
+    if (t > INT32_MAX) return pl__err(PL_ERR_STATE, "%s: step count overflows", fn);
+    const pl_sgd_config *c = &opt->cfg;
+    const float wd = (float)c->weight_decay, mom = (float)c->momentum;
+    const float damp1 = (float)(1.0 - c->dampening), neg_lr = (float)-c->lr;
+    const bool first = t == 1, nesterov = c->nesterov;
+    int64_t total = 0;
+    for (int i = 0; i < o->n_slots; i++) total += o->slots[i].param->numel;
+#pragma omp parallel if (total >= 2 * PAR_MIN)
+    for (int i = 0; i < o->n_slots; i++) {
+        opt_slot *sl = &o->slots[i];
+        sgd_kernel(pl_f32(sl->param), sl->param->grad, o->n_kinds ? pl_f32(sl->s[0]) : NULL,
+                   sl->param->numel, wd, mom, damp1, first, nesterov, neg_lr);
+    }
+    pl_i32(o->step)[0] = (int32_t)t;
+    return PL_OK;
+}
+
+/* ---- gradient clipping ---- */
+
+double pl_clip_grad_norm(pl_ctx *ctx, double max_norm, pl_status *status) {
+    static const char *fn = "pl_clip_grad_norm";
+    pl_status dummy;
+    if (!status) status = &dummy;
+    if (!ctx) return *status = pl__err(PL_ERR_ARG, "%s: ctx is NULL", fn), -1.0;
+    if (!(max_norm >= 0))
+        return *status = pl__err(PL_ERR_ARG, "%s: max_norm = %g must be >= 0", fn, max_norm),
+               -1.0;
+    *status = PL_OK;
+    const int n = ctx->n_params;
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) total += ctx->params[i]->numel;
+    double sum = 0;
+#pragma omp parallel if (total >= 2 * PAR_MIN) reduction(+ : sum)
+    for (int i = 0; i < n; i++) {
+        const float *g = ctx->params[i]->grad;
+        const int64_t m = ctx->params[i]->numel;
+#pragma omp for schedule(static) nowait
+        for (int64_t j = 0; j < m; j++) sum += (double)g[j] * g[j];
+    }
+    const double norm = sqrt(sum);
+    const double coef = max_norm / (norm + 1e-6);
+    if (isfinite(norm) && coef < 1.0) {
+        const float cf = (float)coef;
+#pragma omp parallel if (total >= 2 * PAR_MIN)
+        for (int i = 0; i < n; i++) {
+            float *g = ctx->params[i]->grad;
+            const int64_t m = ctx->params[i]->numel;
+#pragma omp for schedule(static) nowait
+            for (int64_t j = 0; j < m; j++) g[j] *= cf;
+        }
+    }
+    return norm;
+}
+
+/* ---- initialisation ---- */
+
+pl_status pl_init_linear(pl_tensor *w, pl_tensor *bias, int64_t fan_in, pl_rng *rng) {
+    if (fan_in < 1)
+        return pl__err(PL_ERR_ARG, "pl_init_linear: fan_in = %lld must be >= 1",
+                       (long long)fan_in);
+    const float b = (float)(1.0 / sqrt((double)fan_in));
+    pl_status s = pl_fill_uniform(w, rng, -b, b);
+    if (!s && bias) s = pl_fill_uniform(bias, rng, -b, b);
+    return s;
+}
+
+pl_status pl_init_embedding(pl_tensor *table, pl_rng *rng) {
+    return pl_fill_normal(table, rng, 0.0f, 1.0f);
+}

@@ -1,0 +1,173 @@
+/* Softmax over the last dim, and the fused cross-entropy.
+ *
+ * softmax:  y = exp(x - max) / sum exp(x - max);  dx += y * (dy - sum(dy * y))
+ *
+ * cross entropy over rows r with target t_r >= 0 (C of them):
+ *   loss = (1/C) sum_r (lse_r - x[r, t_r]),  lse_r = log sum_j exp x[r, j]
+ *   dx[r, j] += dloss/C * (exp(x[r, j] - lse_r) - [j == t_r])
+ * Only lse is saved, as two floats per row (m = max and log s, lse = m + log s,
+ * so that x - m stays exact for large logits), with a copy of the targets;
+ * backward recomputes the softmax from the logits as exp((x - m) - log s).
+ * lse comes from one pass over the row: an online log-sum-exp over blocks
+ * small enough to stay in L1, where the running sum s is rescaled by
+ * exp(m_old - m_new) when a block raises the max. */
+#include "internal.h"
+
+#include <math.h>
+
+#define PAR_MIN 32768 /* elements below which one thread is faster */
+#define BLK 512       /* online log-sum-exp block (2 KiB) */
+
+/* out[0] = max x, out[1] = log sum exp(x - max). */
+PL_KERNEL static void k_logsumexp(const float *restrict x, int64_t n, float *restrict out) {
+    float m = -INFINITY;
+    double s = 0;
+    for (int64_t b = 0; b < n; b += BLK) {
+        int64_t e = n - b < BLK ? n - b : BLK;
+        const float *xb = x + b;
+        float bm = -INFINITY;
+#pragma omp simd reduction(max : bm)
+        for (int64_t i = 0; i < e; i++) bm = xb[i] > bm ? xb[i] : bm;
+        if (bm > m) {
+            s *= pl__expf(m - bm);
+            m = bm;
+        }
+        float bs = 0;
+#pragma omp simd reduction(+ : bs)
+        for (int64_t i = 0; i < e; i++) bs += pl__expf(xb[i] - m);
+        s += bs;
+    }
+    out[0] = m;
+    out[1] = logf((float)s);
+}
+
+PL_KERNEL static void k_softmax_row(float *restrict y, const float *restrict x, int64_t n) {
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    float s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) {
+        y[i] = pl__expf(x[i] - m);
+        s += y[i];
+    }
+    float inv = 1.0f / s;
+    for (int64_t i = 0; i < n; i++) y[i] *= inv;
+}
+
+PL_KERNEL static void k_softmax_bw_row(float *restrict dx, const float *restrict y,
+                                       const float *restrict g, int64_t n) {
+    float dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < n; i++) dot += g[i] * y[i];
+    for (int64_t i = 0; i < n; i++) dx[i] += y[i] * (g[i] - dot);
+}
+
+static void softmax_backward(pl_ctx *ctx, pl_node *n) {
+    pl_tensor *x = n->in[0];
+    float *dx = pl__grad(ctx, x);
+    if (!dx) return;
+    const float *y = pl_f32(n->out), *g = n->out->grad;
+    int64_t V = x->shape[x->ndim - 1], rows = x->numel / V;
+#pragma omp parallel for if (x->numel > PAR_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++) k_softmax_bw_row(dx + r * V, y + r * V, g + r * V, V);
+}
+
+pl_tensor *pl_softmax(pl_ctx *ctx, pl_tensor *x) {
+    if (pl__check(ctx, "pl_softmax", "x", x, PL_F32)) return NULL;
+    pl_tensor *y = pl__new(ctx, PL_F32, x->ndim, x->shape);
+    if (!y) return NULL;
+    const float *xd = pl_f32(x);
+    float *yd = pl_f32(y);
+    int64_t V = x->shape[x->ndim - 1], rows = x->numel / V;
+#pragma omp parallel for if (x->numel > PAR_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++) k_softmax_row(yd + r * V, xd + r * V, V);
+    if (pl__wants_grad(ctx, 1, &x) && !pl__record(ctx, "softmax", softmax_backward, y, 1, &x))
+        return NULL;
+    return y;
+}
+
+/* dx += c * softmax(x) for one row, from its max m and log-sum ls. */
+PL_KERNEL static void k_ce_bw_row(float *restrict dx, const float *restrict x, float m, float ls,
+                                  float c, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) dx[i] += c * pl__expf((x[i] - m) - ls);
+}
+
+typedef struct {
+    float *lse;   /* (max, log-sum) per row */
+    int32_t *tgt; /* copy of the validated targets */
+} ce_saved;
+
+/* iarg[0]: number of counted rows. */
+static void ce_backward(pl_ctx *ctx, pl_node *n) {
+    pl_tensor *x = n->in[0];
+    int64_t count = n->iarg[0];
+    if (count == 0) return; /* every target ignored: the loss is a constant 0 */
+    float *dx = pl__grad(ctx, x);
+    if (!dx) return;
+    const ce_saved *sv = n->saved;
+    const float *lse = sv->lse, *xd = pl_f32(x);
+    const int32_t *t = sv->tgt;
+    float c = (float)((double)n->out->grad[0] / (double)count);
+    int64_t V = x->shape[x->ndim - 1], rows = x->numel / V;
+#pragma omp parallel for if (x->numel > PAR_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        if (t[r] < 0) continue;
+        k_ce_bw_row(dx + r * V, xd + r * V, lse[2 * r], lse[2 * r + 1], c, V);
+        dx[r * V + t[r]] -= c;
+    }
+}
+
+pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets) {
+    static const char *fn = "pl_cross_entropy";
+    if (pl__check(ctx, fn, "logits", logits, PL_F32) ||
+        pl__check(ctx, fn, "targets", targets, PL_I32))
+        return NULL;
+    int64_t V = logits->shape[logits->ndim - 1], rows = logits->numel / V;
+    bool ok = logits->ndim == 1 ? targets->numel == 1 : targets->ndim == logits->ndim - 1;
+    for (int i = 0; ok && i < logits->ndim - 1; i++) ok = targets->shape[i] == logits->shape[i];
+    char sl[96], st[96];
+    if (!ok)
+        return pl__err(PL_ERR_SHAPE,
+                       "%s: targets %s must have the leading shape of logits %s (all dims but "
+                       "the last)",
+                       fn, pl_shape_str(targets, st, sizeof st),
+                       pl_shape_str(logits, sl, sizeof sl)),
+               NULL;
+    const int32_t *t = pl_i32(targets);
+    int64_t count = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        if (t[r] >= V)
+            return pl__err(PL_ERR_ARG,
+                           "%s: target %d at row %lld is >= the number of classes V = %lld "
+                           "(targets < 0 are ignored)",
+                           fn, (int)t[r], (long long)r, (long long)V),
+                   NULL;
+        count += t[r] >= 0;
+    }
+    float *lse = pl__scratch(ctx, (size_t)rows * 2 * sizeof(float));
+    pl_tensor *y = lse ? pl__new(ctx, PL_F32, PL_DIMS(1)) : NULL;
+    if (!y) return NULL;
+    const float *xd = pl_f32(logits);
+#pragma omp parallel for if (logits->numel > PAR_MIN) schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        if (t[r] >= 0) k_logsumexp(xd + r * V, V, lse + 2 * r);
+    double loss = 0;
+    for (int64_t r = 0; r < rows; r++)
+        if (t[r] >= 0) loss += ((double)lse[2 * r] - xd[r * V + t[r]]) + lse[2 * r + 1];
+    pl_f32(y)[0] = count ? (float)(loss / (double)count) : 0.0f;
+    pl_tensor *in[2] = {logits, targets};
+    if (pl__wants_grad(ctx, 2, in)) {
+        pl_node *n = pl__record(ctx, "cross_entropy", ce_backward, y, 2, in);
+        ce_saved *sv = n ? pl__scratch(ctx, sizeof *sv) : NULL;
+        int32_t *keep = sv ? pl__scratch(ctx, (size_t)rows * sizeof *keep) : NULL;
+        if (!keep) return NULL;
+        memcpy(keep, t, (size_t)rows * sizeof *keep);
+        sv->lse = lse;
+        sv->tgt = keep;
+        n->saved = sv;
+        n->iarg[0] = count;
+    }
+    return y;
+}
