@@ -299,6 +299,48 @@ START_TEST(thread_independent) {
 }
 END_TEST
 
+/* With the dense selection (pl_causal_topk, k = L) sparse attention is
+ * pl_attention: same outputs, same dropout masks, same gradients. */
+START_TEST(equals_pl_attention_at_k_equals_L) {
+    uint64_t s = 31;
+    const int B = 2, L = 45, H = 2, D = 16;
+    pl_tensor *q = tu_param(ctx, "q", PL_DIMS(B, L, H, D), &s, -1.5f, 1.5f);
+    pl_tensor *k = tu_param(ctx, "k", PL_DIMS(B, L, H, D), &s, -1.5f, 1.5f);
+    pl_tensor *v = tu_param(ctx, "v", PL_DIMS(B, L, H, D), &s, -1.5f, 1.5f);
+    pl_tensor *sc = pl_empty(ctx, PL_F32, PL_DIMS(B, L, L));
+    tu_fill(pl_f32(sc), sc->numel, &s, -1, 1);
+    pl_tensor *idx = pl_persistent_new(ctx, "idx", PL_I32, PL_DIMS(B, L, L), false);
+    memcpy(pl_i32(idx), pl_i32(pl_causal_topk(ctx, sc, L)), sizeof(int32_t) * (size_t)idx->numel);
+    const int64_t n = q->numel;
+    float *seed = malloc(sizeof(float) * (size_t)n), *res[2];
+    tu_fill(seed, n, &s, -1, 1);
+    for (int p = 0; p < 2; p++) {
+        float drop = p ? 0.3f : 0.0f;
+        for (int op = 0; op < 2; op++) {
+            set_tiles(op ? 1 : 0);
+            pl_step_reset(ctx);
+            pl_zero_grad(ctx);
+            pl_rng rng;
+            pl_rng_init(&rng, 5);
+            rng.offset = 3;
+            pl_tensor *o = op ? pl_sparse_attention(ctx, q, k, v, idx, drop, &rng)
+                              : pl_attention(ctx, q, k, v, drop, &rng);
+            ck_assert_msg(o && pl_backward_seed(ctx, o, seed) == PL_OK, "%s", pl_last_error());
+            ck_assert_int_eq(rng.offset, 3 + (p ? B * H * L * ((L + 3) / 4) : 0));
+            res[op] = malloc(sizeof(float) * (size_t)n * 4);
+            memcpy(res[op], pl_f32(o), sizeof(float) * (size_t)n);
+            memcpy(res[op] + n, q->grad, sizeof(float) * (size_t)n);
+            memcpy(res[op] + 2 * n, k->grad, sizeof(float) * (size_t)n);
+            memcpy(res[op] + 3 * n, v->grad, sizeof(float) * (size_t)n);
+        }
+        tu_assert_close(res[1], res[0], 4 * n, 1e-5, 1e-4);
+        free(res[0]);
+        free(res[1]);
+    }
+    free(seed);
+}
+END_TEST
+
 START_TEST(errors) {
     pl_tensor *q = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 4));
     pl_tensor *bad = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 3));
@@ -334,6 +376,7 @@ int main(void) {
     tcase_add_test(tc, dropout_follows_documented_counters);
     tcase_add_test(tc, gradients);
     tcase_add_test(tc, thread_independent);
+    tcase_add_test(tc, equals_pl_attention_at_k_equals_L);
     tcase_add_test(tc, errors);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
