@@ -67,9 +67,7 @@ static pl_tensor *st_plasa(bench *b) {
     pl_tensor *idx = pl_indexer_topk(b->ctx, b->qI, b->kI, b->w, b->k);
     return pl_sparse_attention(b->ctx, b->q, b->kk, b->v, idx, 0.0f, NULL);
 }
-static pl_tensor *st_dense(bench *b) {
-    return pl_attention(b->ctx, b->q, b->kk, b->v, 0.0f, NULL);
-}
+static pl_tensor *st_dense(bench *b) { return pl_attention(b->ctx, b->q, b->kk, b->v, 0.0f, NULL); }
 
 /* One run: returns seconds; *extra = peak arena bytes above the start. */
 static double run_once(bench *b, stage_fn f, bool backward, size_t *extra) {
@@ -129,10 +127,17 @@ static void bench_L(pl_ctx *ctx, int L, int max_reps) {
     char n[6][32];
     const char *base[6] = {"qI", "kI", "w", "q", "k", "v"};
     for (int i = 0; i < 6; i++) snprintf(n[i], sizeof n[i], "%s_%d", base[i], L);
-    bench b = {ctx, L, 0, param(ctx, n[0], PL_DIMS(1, L, HI, DI), &rng),
-               param(ctx, n[1], PL_DIMS(1, L, DI), &rng), param(ctx, n[2], PL_DIMS(1, L, HI), &rng),
-               param(ctx, n[3], PL_DIMS(1, L, H, D), &rng), param(ctx, n[4], PL_DIMS(1, L, H, D), &rng),
-               param(ctx, n[5], PL_DIMS(1, L, H, D), &rng), NULL, NULL};
+    bench b = {ctx,
+               L,
+               0,
+               param(ctx, n[0], PL_DIMS(1, L, HI, DI), &rng),
+               param(ctx, n[1], PL_DIMS(1, L, DI), &rng),
+               param(ctx, n[2], PL_DIMS(1, L, HI), &rng),
+               param(ctx, n[3], PL_DIMS(1, L, H, D), &rng),
+               param(ctx, n[4], PL_DIMS(1, L, H, D), &rng),
+               param(ctx, n[5], PL_DIMS(1, L, H, D), &rng),
+               NULL,
+               NULL};
     size_t nseed = (size_t)L * (size_t)L;
     seed_buf = realloc(seed_buf, sizeof(float) * nseed);
     for (size_t i = 0; i < nseed; i++) seed_buf[i] = 1.0f / (float)(1 + i % 7);

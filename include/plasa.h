@@ -601,9 +601,12 @@ PL_API pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_
                                   int k);
 
 /* Indexer scores at the keys of idx: out[b,t,j] = I[b,t,idx[b,t,j]] (as in
- * pl_indexer_scores, equal to float rounding), -INFINITY where idx is -1.
- * Returns [B, L, K]; differentiable in qI, kI, w at O(B*L*K*HI*dI) cost. This is
- * what the indexer loss trains on when the selection came from pl_indexer_topk. */
+ * pl_indexer_scores), -INFINITY where idx is -1. Returns [B, L, K];
+ * differentiable in qI, kI, w. This is what the indexer loss trains on when the
+ * selection came from pl_indexer_topk. Two ways, by density: for K >= L/16 the
+ * blocked sgemm products of pl_indexer_scores (same cost, O(L * block) memory,
+ * values bit-identical to it); for smaller K a gather of HI dot products per
+ * entry, O(B*L*K*HI*dI) (equal to float rounding). */
 PL_API pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w,
                                        pl_tensor *idx);
 
@@ -613,7 +616,11 @@ PL_API pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI
  *   out[b,t,h,:] = sum_j p_j * keep_j / (1 - dropout_p) * v[b,s_j,h,:].
  * A row with no valid entry outputs 0 (and passes no gradient). With idx =
  * all s <= t (K >= L, e.g. pl_causal_topk with k >= L) this is dense causal
- * attention up to float rounding. Cost O(B*H*L*K*D); no L x L tensor.
+ * attention (pl_attention) up to float rounding. Cost O(B*H*L*K*D); no L x L
+ * tensor. Computed flash-style: tiles of query rows walk the keys in blocks
+ * that stay in cache, with an online softmax; rows need not be sorted (top-k
+ * rows are, which is the fast case). Per-thread working memory ~ 8*K*(32 + H)
+ * bytes.
  * Dropout on the probabilities (scale 1/(1-p)), the counter scheme of
  * pl_attention with the K slots in place of the L keys: with WK = ceil(K/4),
  * element (b,h,t,j) takes word j % 4 of

@@ -54,8 +54,9 @@ pl_status pl_schedule_k(const char *name, int n_layers, int L, int *k_out) {
     } else if (!strcmp(name, "aggressive_middle")) {
         for (int i = 0; i < n; i++) k_out[i] = i == 0 || i == last ? frac(L, 2) : frac(L, 4);
     } else {
-        return pl__err(PL_ERR_ARG, "%s: unknown schedule '%s'; valid names: %s, or a list of k "
-                                   "values such as \"128,32,32,64\"",
+        return pl__err(PL_ERR_ARG,
+                       "%s: unknown schedule '%s'; valid names: %s, or a list of k "
+                       "values such as \"128,32,32,64\"",
                        fn, name, names_list);
     }
     return PL_OK;
@@ -87,8 +88,8 @@ pl_status pl_schedule_parse(const char *list, int n_layers, int L, int *k_out) {
         while (isspace((unsigned char)*p)) p++;
         if (*p == '\0') break;
         if (*p != ',')
-            return pl__err(PL_ERR_ARG, "%s: unexpected '%c' after item %d of \"%s\"", fn, *p,
-                           count, list);
+            return pl__err(PL_ERR_ARG, "%s: unexpected '%c' after item %d of \"%s\"", fn, *p, count,
+                           list);
         p++;
     }
     if (count != n_layers)

@@ -42,8 +42,8 @@ static int64_t block_rows(int64_t L, int64_t HI) {
 static pl_status ix_shapes(pl_ctx *ctx, const char *fn, const pl_tensor *qI, const pl_tensor *kI,
                            const pl_tensor *w, ix_dims *d) {
     pl_status st;
-    if ((st = pl__check(ctx, fn, "qI", qI, PL_F32)) || (st = pl__check(ctx, fn, "kI", kI, PL_F32)) ||
-        (st = pl__check(ctx, fn, "w", w, PL_F32)))
+    if ((st = pl__check(ctx, fn, "qI", qI, PL_F32)) ||
+        (st = pl__check(ctx, fn, "kI", kI, PL_F32)) || (st = pl__check(ctx, fn, "w", w, PL_F32)))
         return st;
     char sq[96], sk[96], sw[96];
     bool ok = kI->ndim == 3 && w->ndim == 3 && (qI->ndim == 3 || qI->ndim == 4);
@@ -101,7 +101,8 @@ PL_KERNEL static void ix_row_backward(float *D, int64_t ld, const float *g, cons
                 float x = Dj[s + l];
                 acc[l] += g[s + l] * (x > 0.0f ? x : 0.0f);
             }
-        float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        float sum =
+            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
         for (; s < n; s++) sum += g[s] * (Dj[s] > 0.0f ? Dj[s] : 0.0f);
         if (dw) dw[j] += sum;
         for (s = 0; s < n; s++) Dj[s] = Dj[s] > 0.0f ? g[s] * wj : 0.0f;
@@ -133,8 +134,8 @@ static void indexer_backward(pl_ctx *ctx, pl_node *n) {
             if (dq && pl__sgemm(false, false, M, dI, t1, 1.0f, D, t1, k + b * L * dI, dI, 1.0f,
                                 dq + (b * L + t0) * HI * dI, dI))
                 return;
-            if (dk && pl__sgemm(true, false, t1, dI, M, 1.0f, D, t1, q + (b * L + t0) * HI * dI,
-                                dI, 1.0f, dk + b * L * dI, dI))
+            if (dk && pl__sgemm(true, false, t1, dI, M, 1.0f, D, t1, q + (b * L + t0) * HI * dI, dI,
+                                1.0f, dk + b * L * dI, dI))
                 return;
         }
 }
@@ -290,8 +291,8 @@ static pl_status ixb_forward(const ix_dims *d, const float *q, const float *k, c
 }
 
 static void ixb_backward(pl_ctx *ctx, const ix_dims *d, int64_t K, const int32_t *idx,
-                         const float *q, const float *k, const float *w, const float *g,
-                         float *dq, float *dk, float *dw) {
+                         const float *q, const float *k, const float *w, const float *g, float *dq,
+                         float *dk, float *dw) {
     const int64_t B = d->B, L = d->L, HI = d->HI, dI = d->dI, T = d->T;
     float *D = pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * L));
     float *G = pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * L));
@@ -304,13 +305,13 @@ static void ixb_backward(pl_ctx *ctx, const ix_dims *d, int64_t K, const int32_t
 #pragma omp parallel for if ((t1 - t0) * K * HI >= PL_PAR_MIN) schedule(static)
             for (int64_t t = t0; t < t1; t++)
                 ixb_bwd_row(D + (t - t0) * HI * t1, G + (t - t0) * HI * t1, t1,
-                            w + (b * L + t) * HI, HI, idx + (b * L + t) * K, g + (b * L + t) * K,
-                            K, dw ? dw + (b * L + t) * HI : NULL);
+                            w + (b * L + t) * HI, HI, idx + (b * L + t) * K, g + (b * L + t) * K, K,
+                            dw ? dw + (b * L + t) * HI : NULL);
             if (dq && pl__sgemm(false, false, M, dI, t1, 1.0f, G, t1, k + b * L * dI, dI, 1.0f,
                                 dq + (b * L + t0) * HI * dI, dI))
                 return;
-            if (dk && pl__sgemm(true, false, t1, dI, M, 1.0f, G, t1, q + (b * L + t0) * HI * dI,
-                                dI, 1.0f, dk + b * L * dI, dI))
+            if (dk && pl__sgemm(true, false, t1, dI, M, 1.0f, G, t1, q + (b * L + t0) * HI * dI, dI,
+                                1.0f, dk + b * L * dI, dI))
                 return;
         }
 }
@@ -352,8 +353,8 @@ PL_KERNEL static void ixs_bwd_row(const ix_dims *d, int64_t K, const float *q, c
 
 /* dk of key s from the entries (t, j) that selected it. */
 PL_KERNEL static void ixs_bwd_key(const ix_dims *d, int64_t K, const float *q, const float *k,
-                                  const float *w, const float *g, float *dk, int64_t b,
-                                  int64_t s, const int32_t *list, int64_t n) {
+                                  const float *w, const float *g, float *dk, int64_t b, int64_t s,
+                                  const int32_t *list, int64_t n) {
     const int64_t L = d->L, HI = d->HI, dI = d->dI;
     const float *ks = k + (b * L + s) * dI;
     float *dks = dk + (b * L + s) * dI;

@@ -22,10 +22,9 @@ typedef struct {
 /* Row (b,t): returns KL(P || R) and writes dKL/dscore into g (0 for padding).
  * Returns -inf (and leaves g zero) for a row without selected keys: a marker,
  * since a KL divergence is never negative beyond rounding. */
-PL_KERNEL static double kl_row(const float *q, const float *k, const int32_t *ir,
-                               const float *sc, float *g, int64_t b, int64_t t, int64_t L,
-                               int64_t H, int64_t D, int64_t K, float *P, float *z, int32_t *sel,
-                               int32_t *pos) {
+PL_KERNEL static double kl_row(const float *q, const float *k, const int32_t *ir, const float *sc,
+                               float *g, int64_t b, int64_t t, int64_t L, int64_t H, int64_t D,
+                               int64_t K, float *P, float *z, int32_t *sel, int32_t *pos) {
     int64_t n = 0;
     for (int64_t j = 0; j < K; j++) {
         g[j] = 0.0f;

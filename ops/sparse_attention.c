@@ -90,7 +90,9 @@ typedef struct {
     uint32_t *keep; /* [B,L,H,W] keep bits; NULL without dropout */
 } sa_args;
 
-static inline bool keep_bit(const uint32_t *row, int64_t j) { return (row[j >> 5] >> (j & 31)) & 1u; }
+static inline bool keep_bit(const uint32_t *row, int64_t j) {
+    return (row[j >> 5] >> (j & 31)) & 1u;
+}
 
 static int cmp_i64(const void *x, const void *y) {
     int64_t a = *(const int64_t *)x, b = *(const int64_t *)y;
@@ -99,8 +101,7 @@ static int cmp_i64(const void *x, const void *y) {
 
 /* The valid entries of an idx row as (key, slot), sorted by key then slot
  * (top-k rows already are; others are sorted here). Returns the count. */
-static int64_t row_entries(const int32_t *ir, int64_t K, int32_t *sel, int32_t *pos,
-                           int64_t *tmp) {
+static int64_t row_entries(const int32_t *ir, int64_t K, int32_t *sel, int32_t *pos, int64_t *tmp) {
     int64_t n = 0;
     bool sorted = true;
     for (int64_t j = 0; j < K; j++)
@@ -303,8 +304,8 @@ PL_KERNEL static void sa_bwd_q_tile(const sa_args *a, const float *dO, float *de
 /* dk and dv of key s from the queries that selected it, KV_CHUNK entries at a
  * time (so that the exponentials vectorise). z, dp: KV_CHUNK*H floats each. */
 PL_KERNEL static void sa_bwd_kv_key(const sa_args *a, const float *dO, const float *delta,
-                                    float *dk, float *dv, int64_t b, int64_t s,
-                                    const int32_t *list, int64_t n, float *z, float *dp) {
+                                    float *dk, float *dv, int64_t b, int64_t s, const int32_t *list,
+                                    int64_t n, float *z, float *dp) {
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K;
     for (int64_t e0 = 0; e0 < n; e0 += KV_CHUNK) {
         const int64_t ne = n - e0 < KV_CHUNK ? n - e0 : KV_CHUNK;
@@ -361,8 +362,7 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
     float *dq = q->requires_grad ? pl__grad(ctx, q) : NULL;
     float *dk = k->requires_grad ? pl__grad(ctx, k) : NULL;
     float *dv = v->requires_grad ? pl__grad(ctx, v) : NULL;
-    if ((q->requires_grad && !dq) || (k->requires_grad && !dk) || (v->requires_grad && !dv))
-        return;
+    if ((q->requires_grad && !dq) || (k->requires_grad && !dk) || (v->requires_grad && !dv)) return;
     const int nt = omp_get_max_threads();
     const size_t per = (tile_bytes(a) + 8 * (size_t)a->KT + 63) & ~(size_t)63;
     float *delta = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * a->H));
@@ -426,10 +426,28 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     const int64_t TQ = pl__sparse_tile_q > 0 ? pl__sparse_tile_q : clamp64((1 << 17) / K, 4, 32);
     const int64_t SK =
         pl__sparse_tile_k > 0 ? pl__sparse_tile_k : clamp64((1 << 15) / (H * D), 8, 1024);
-    sa_args a = {B, L, H, D, K, (K + 31) / 32, TQ, SK, SK / 4 > 0 ? SK / 4 : 1, SK / 2 > 0 ? SK / 2 : 1,
-                 1.0f / sqrtf((float)D), pl__drop_scale(dropout_p), pl__drop_threshold(dropout_p),
-                 rng ? rng->seed : 0, rng ? rng->offset : 0, pl_f32(q), pl_f32(k), pl_f32(v),
-                 pl_i32(idx), pl_f32(out), NULL, NULL};
+    sa_args a = {B,
+                 L,
+                 H,
+                 D,
+                 K,
+                 (K + 31) / 32,
+                 TQ,
+                 SK,
+                 SK / 4 > 0 ? SK / 4 : 1,
+                 SK / 2 > 0 ? SK / 2 : 1,
+                 1.0f / sqrtf((float)D),
+                 pl__drop_scale(dropout_p),
+                 pl__drop_threshold(dropout_p),
+                 rng ? rng->seed : 0,
+                 rng ? rng->offset : 0,
+                 pl_f32(q),
+                 pl_f32(k),
+                 pl_f32(v),
+                 pl_i32(idx),
+                 pl_f32(out),
+                 NULL,
+                 NULL};
     if (record && !(a.lse = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * H)))) return NULL;
     if (dropout_p > 0.0f &&
         !(a.keep = pl__scratch(ctx, sizeof(uint32_t) * (size_t)(B * L * H * a.W))))

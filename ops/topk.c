@@ -108,7 +108,8 @@ pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k) {
                NULL;
     if (k < 1) return pl__err(PL_ERR_ARG, "%s: k = %d must be >= 1", fn, k), NULL;
     const int64_t B = scores->shape[0], L = scores->shape[1];
-    if (L > INT32_MAX) return pl__err(PL_ERR_SHAPE, "%s: L = %lld exceeds int32", fn, (long long)L), NULL;
+    if (L > INT32_MAX)
+        return pl__err(PL_ERR_SHAPE, "%s: L = %lld exceeds int32", fn, (long long)L), NULL;
     pl_tensor *out = pl__new(ctx, PL_I32, PL_DIMS(B, L, k));
     if (!out) return NULL;
     const int nt = omp_get_max_threads();

@@ -79,8 +79,8 @@ static void naive_attention(const float *q, const float *k, const float *v, cons
                     double acc = 0;
                     for (int j = 0; j < K; j++)
                         if (ir[j] >= 0)
-                            acc += exp(z[j] - m) / sum *
-                                   v[(((size_t)b * L + ir[j]) * H + h) * D + d];
+                            acc +=
+                                exp(z[j] - m) / sum * v[(((size_t)b * L + ir[j]) * H + h) * D + d];
                     out[(((size_t)b * L + t) * H + h) * D + d] = sum > 0 ? (float)acc : 0.0f;
                 }
             }
@@ -173,8 +173,8 @@ START_TEST(library_pipeline_is_causal) {
         for (int ki = 0; ki < 6; ki++)
             for (int sel = SEL_FUSED; sel <= SEL_SCORES_TOPK; sel++)
                 for (int drop = 0; drop < 2; drop++) {
-                    int leak = first_leak((selector)sel, true, K_LIST[ki], S_LIST[si],
-                                          drop ? 0.2f : 0.0f);
+                    int leak =
+                        first_leak((selector)sel, true, K_LIST[ki], S_LIST[si], drop ? 0.2f : 0.0f);
                     ck_assert_msg(leak < 0,
                                   "selector %d, k=%d: changing token %d changed output t=%d", sel,
                                   K_LIST[ki], S_LIST[si], leak);

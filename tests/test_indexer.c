@@ -233,8 +233,8 @@ START_TEST(scores_at_matches_dense) {
                     size_t e = ((size_t)b * d.L + t) * K + j;
                     int c = pl_i32(idx)[e];
                     ref[e] = c < 0 ? -INFINITY
-                                   : (float)naive_score(pl_f32(q), pl_f32(k), pl_f32(w), d.L,
-                                                        d.HI, d.dI, b, t, c);
+                                   : (float)naive_score(pl_f32(q), pl_f32(k), pl_f32(w), d.L, d.HI,
+                                                        d.dI, b, t, c);
                 }
         tu_assert_close(pl_f32(at), ref, at->numel, 1e-5, 1e-5);
         if (pl__indexer_at_mode == 2) { /* blocked: the dense op's values, bit for bit */

@@ -48,8 +48,8 @@ static int naive_target(const float *q, const float *k, const int32_t *ir, int b
     return n;
 }
 
-static double naive_loss(const float *q, const float *k, const int32_t *idx, const float *sc,
-                         int B, int L, int H, int D, int K) {
+static double naive_loss(const float *q, const float *k, const int32_t *idx, const float *sc, int B,
+                         int L, int H, int D, int K) {
     double *P = malloc(sizeof(double) * (size_t)K), total = 0;
     int rows = 0;
     for (int b = 0; b < B; b++)

@@ -30,9 +30,9 @@ static bool kept(uint64_t seed, uint64_t offset, uint64_t r, int K, int j, float
 }
 
 /* out[b,t,h,:] over the keys in idx row (b,t); rows without keys give 0. */
-static void naive_sparse(const float *q, const float *k, const float *v, const int32_t *idx,
-                         int B, int L, int H, int D, int K, float p, uint64_t seed,
-                         uint64_t offset, float *out) {
+static void naive_sparse(const float *q, const float *k, const float *v, const int32_t *idx, int B,
+                         int L, int H, int D, int K, float p, uint64_t seed, uint64_t offset,
+                         float *out) {
     double *z = malloc(sizeof(double) * (size_t)K);
     for (int b = 0; b < B; b++)
         for (int t = 0; t < L; t++)
@@ -67,8 +67,8 @@ static void naive_sparse(const float *q, const float *k, const float *v, const i
 }
 
 /* Dense causal attention written without index sets: keys 0..t. */
-static void naive_dense_causal(const float *q, const float *k, const float *v, int B, int L,
-                               int H, int D, float *out) {
+static void naive_dense_causal(const float *q, const float *k, const float *v, int B, int L, int H,
+                               int D, float *out) {
     double *z = malloc(sizeof(double) * (size_t)L);
     for (int b = 0; b < B; b++)
         for (int t = 0; t < L; t++)
