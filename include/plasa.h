@@ -565,6 +565,137 @@ PL_API pl_status pl_checkpoint_load(pl_ctx *ctx, const char *path, unsigned flag
 /* ------------------------------------------------------------------------ */
 /* PLASA ops (ops/indexer.c, ops/topk.c, ops/sparse_attention.c, ...)        */
 
+/* Index sets. The sparse ops take idx, PL_I32 [B, L, K]: row (b, t) lists the
+ * keys query t attends to. An entry is a key s with 0 <= s <= t, or -1 for
+ * padding (skipped everywhere). Every consumer checks this and rejects a
+ * future key (s > t) with PL_ERR_ARG, so a selection that leaks the future
+ * cannot be fed to them. Duplicated keys are not rejected; they count twice. */
+
+/* Lightning indexer scores:
+ *   I[b,t,s] = sum_j w[b,t,j] * ReLU(qI[b,t,j,:] . kI[b,s,:])   for s <= t,
+ *   I[b,t,s] = -INFINITY                                        for s > t.
+ * qI [B, L, HI, dI] (or the same data as [B, L, HI*dI], as pl_linear returns it),
+ * kI [B, L, dI] (one key shared by the heads), w [B, L, HI]; no 1/sqrt scaling.
+ * Usually qI = x Wq_I, kI = x Wk_I, w = x Ww_I with pl_linear. Returns [B, L, L].
+ * Differentiable in qI, kI, w (ReLU subgradient 0 at 0; no gradient flows
+ * through the -INFINITY entries). Fused: the products q.k are computed in
+ * blocks of query rows by sgemm and recomputed in backward, so the extra
+ * memory is O(L * block), never [B, L, HI, L]. The result itself is L x L:
+ * at long L prefer pl_indexer_topk + pl_indexer_scores_at. */
+PL_API pl_tensor *pl_indexer_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w);
+
+/* Causal top-k of index scores [B, L, L] (only s <= t is read) -> PL_I32
+ * [B, L, k]. Row t holds the k_t = min(k, t+1) keys s <= t with the largest
+ * scores, ties to the smaller s, in ASCENDING s, then -1 up to k. For t+1 <= k
+ * the row is simply 0..t (no comparison). A NaN score ranks as -INFINITY (the
+ * lowest; it ties with -inf, and ties go to the smaller s); -0 equals +0.
+ * Partial selection (radix select), O(t) per row. Not differentiable. k >= 1;
+ * k > L is allowed (rows are padded). */
+PL_API pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k);
+
+/* Fused indexer + top-k: equals pl_causal_topk(pl_indexer_scores(qI, kI, w), k)
+ * exactly (the same scores, bit for bit) without materialising [B, L, L]: one
+ * block of score rows exists at a time (extra memory O(L * block + threads * L)).
+ * Rows t < k need no scores at all. Not differentiable (no tape entry). */
+PL_API pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w,
+                                  int k);
+
+/* Indexer scores at the keys of idx: out[b,t,j] = I[b,t,idx[b,t,j]] (as in
+ * pl_indexer_scores), -INFINITY where idx is -1. Returns [B, L, K];
+ * differentiable in qI, kI, w. This is what the indexer loss trains on when the
+ * selection came from pl_indexer_topk. Two ways, by density: for K >= L/16 the
+ * blocked sgemm products of pl_indexer_scores (same cost, O(L * block) memory,
+ * values bit-identical to it); for smaller K a gather of HI dot products per
+ * entry, O(B*L*K*HI*dI) (equal to float rounding). */
+PL_API pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w,
+                                       pl_tensor *idx);
+
+/* Sparse attention. q, k, v [B, L, H, D], idx [B, L, K] (see above).
+ * Per head h and query t, over S_t = the valid entries of idx[b,t,:]:
+ *   p_j = softmax_j(q[b,t,h,:] . k[b,s_j,h,:] / sqrt(D)),
+ *   out[b,t,h,:] = sum_j p_j * keep_j / (1 - dropout_p) * v[b,s_j,h,:].
+ * A row with no valid entry outputs 0 (and passes no gradient). With idx =
+ * all s <= t (K >= L, e.g. pl_causal_topk with k >= L) this is dense causal
+ * attention (pl_attention) up to float rounding. Cost O(B*H*L*K*D); no L x L
+ * tensor. Computed flash-style: tiles of query rows walk the keys in blocks
+ * that stay in cache, with an online softmax; rows need not be sorted (top-k
+ * rows are, which is the fast case). Per-thread working memory ~ 8*K*(32 + H)
+ * bytes.
+ * Dropout on the probabilities (scale 1/(1-p)), the counter scheme of
+ * pl_attention with the K slots in place of the L keys: with WK = ceil(K/4),
+ * element (b,h,t,j) takes word j % 4 of
+ *   pl_philox(rng->seed, rng->offset + ((b*H + h)*L + t)*WK + j/4)
+ * and is kept iff that word >= floor(dropout_p * 2^32); rng->offset advances
+ * by B*H*L*WK. So with K = L and row t = [0..t, -1...] (pl_causal_topk with
+ * k = L) the masks are exactly pl_attention's. rng may be NULL when
+ * dropout_p == 0 (eval).
+ * Saved for backward: the row log-sum-exp [B, L, H] and the keep bits
+ * (B*L*H*K bits); the probabilities are recomputed. Backward into q, k, v;
+ * k and v gradients are gathered per key from the transposed index sets
+ * (B*L*K int32 of temporary memory in backward), no atomics. */
+PL_API pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v,
+                                      pl_tensor *idx, float dropout_p, pl_rng *rng);
+
+/* Indexer training loss (DeepSeek style). q, k [B, L, H, D]: the attention's
+ * queries and keys (after RoPE), read as CONSTANTS (no gradient reaches them);
+ * idx [B, L, K]; scores [B, L, K]: the indexer's scores at those keys
+ * (pl_indexer_scores_at). For each row t with S_t non-empty:
+ *   P_t = mean over heads of softmax_{S_t}(q_t . k_s / sqrt(D))   (no dropout)
+ *   R_t = softmax_{S_t}(scores[t, :])
+ * and the result [1] is the mean over those rows of KL(P_t || R_t) (0 if no row
+ * has a key). Gradient only into scores: (R - P) / rows.
+ * Pattern: feed the indexer a DETACHED input, so that it learns only from this
+ * loss and the loss does not push on the main model:
+ *   xi = pl_detach(ctx, x);   qI = pl_linear(ctx, xi, WqI, NULL);  ... kI, w ...
+ *   idx = pl_indexer_topk(ctx, qI, kI, w, k);
+ *   out = pl_sparse_attention(ctx, q, k, v, idx, p, rng);
+ *   aux = pl_indexer_kl_loss(ctx, q, k, idx, pl_indexer_scores_at(ctx, qI, kI, w, idx));
+ *   loss = main_loss + lambda * aux. */
+PL_API pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *idx,
+                                     pl_tensor *scores);
+
+/* Sparsity schedules (lib/schedule.c): per-layer k for n_layers layers at
+ * sequence length L, written to k_out[0..n_layers). Each k is in [1, L];
+ * "L/m" is max(1, floor(L/m)).
+ *   "progressive"       [L, L/4, ..., L/4, L/2]: layer 0 dense, middle L/4, last
+ *                       L/2 (the benchmark's schedule; n=1: [L], n=2: [L, L/2])
+ *   "dense"             all L            "uniform"  all L/2
+ *   "dense_to_sparse"   linear from L (layer 0) to L/4 (last), rounded
+ *   "aggressive_middle" first and last L/2, the rest L/4
+ * Unknown names fail with PL_ERR_ARG and a message listing the valid ones. */
+PL_API pl_status pl_schedule_k(const char *name, int n_layers, int L, int *k_out);
+/* An explicit list "128,32,32,64": exactly n_layers integers in [1, L]. */
+PL_API pl_status pl_schedule_parse(const char *list, int n_layers, int L, int *k_out);
+/* A name or a list (a list starts with a digit or a sign). */
+PL_API pl_status pl_schedule_from_string(const char *spec, int n_layers, int L, int *k_out);
+/* "progressive, dense, uniform, dense_to_sparse, aggressive_middle" */
+PL_API const char *pl_schedule_names(void);
+
+/* Adaptive k (SPEC section 2), OPTIONAL and OFF unless called. NOT CAUSAL: the
+ * gate input and the entropy are means over the whole sequence, so a later
+ * token changes k and with it earlier outputs; use it only where that leak is
+ * acceptable (never for a causal LM's reported numbers).
+ * Per layer, per training step:
+ *   g = clamp(gate, 0.5, 1.5)     gate: the caller's k-gate MLP output
+ *                                 (sigmoid of d->16->1 on the sequence-mean input,
+ *                                 averaged over the batch)
+ *   e = clamp(entropy, 0, 1)      pl_indexer_entropy of the layer's scores
+ *   k = round(clamp(k_base * g * (1 + (1 - e) + 0.5 * clamp(e - ema, -0.15, 0.15)),
+ *                   1, L)),
+ * then limited to prev_k +- max(1, prev_k / 5) (integer 20%), and ema becomes
+ * 0.92 ema + 0.08 e (the first call sets ema = e and has no previous k). Start
+ * from a zeroed state. Returns k, or -1 (PL_ERR_ARG) for bad arguments. */
+typedef struct {
+    float ema;
+    int prev_k;
+    int steps;
+} pl_adaptive_k;
+PL_API int pl_adaptive_k_next(pl_adaptive_k *st, int k_base, int L, float gate, float entropy);
+/* Normalised entropy of the causal index scores [B, L, L]: the mean over b
+ * and t of the entropy of softmax(scores[b, t, 0..t]), divided by log L
+ * (0 when L = 1). */
+PL_API pl_status pl_indexer_entropy(pl_ctx *ctx, const pl_tensor *scores, float *out);
+
 #ifdef __cplusplus
 }
 #endif

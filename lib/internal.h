@@ -154,5 +154,62 @@ static inline float pl__drop_scale(float p) { return 1.0f / (float)(1.0 - (doubl
  * out[4*i + w] (element order: with stride 1, the words of 32 consecutive
  * elements), or with by_word to out[8*w + i]. In ops/dropout.c. */
 void pl__philox8(uint64_t seed, uint64_t ctr, uint64_t stride, bool by_word, uint32_t out[32]);
+/* ---- PLASA ops: helpers shared by ops/topk.c, ops/indexer.c, ops/sparse_attention.c,
+ * ops/indexer_loss.c ---- */
+/* Writes into out[0..width) the min(k, n) indices s < n with the largest row[s]
+ * (ties to the smaller s; NaN ranks as -inf, -0 equals +0), in ascending s, then
+ * -1 up to width. keys: scratch of n uint32. Reads nothing when k >= n. */
+void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32_t *out, int64_t width,
+                         uint32_t *keys);
+/* Checks an index tensor for the causal sparse ops: PL_I32 [B, L, K] with every
+ * entry -1 (padding) or in [0, t] for its row t. */
+pl_status pl__check_causal_idx(pl_ctx *ctx, const char *fn, const pl_tensor *idx, int64_t B,
+                               int64_t L);
+/* The index sets transposed: for batch b and key s, the entries t*K + j with
+ * idx[b, t, j] == s are list[off[b*(L+1) + s] .. off[b*(L+1) + s + 1]), ascending.
+ * Arena memory; returns PL_OK or the error. Needs L*K < 2^31. */
+pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, int64_t K,
+                         int32_t **off, int32_t **list);
+/* Rows per block of the indexer's blocked score computation (0: automatic).
+ * Tests set it to exercise the block edges; results do not depend on it except
+ * for float rounding. */
+extern int64_t pl__indexer_block_rows;
+/* pl_indexer_scores_at: 0 automatic, 1 gather, 2 blocked (tests force both). */
+extern int64_t pl__indexer_at_mode;
+/* Sparse attention tiles (0: automatic): query rows per tile, keys per block.
+ * Tests set small values to exercise the tile edges. */
+extern int64_t pl__sparse_tile_q, pl__sparse_tile_k;
+
+/* Dot product and y += a*x for the gather kernels: eight partial sums so the
+ * compiler vectorises the reduction without -ffast-math; the order is fixed,
+ * so results do not depend on threads. */
+static inline float pl__dot(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] += a[i + l] * b[i + l];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (int64_t r = 0; r < (n & 7); r++) s += a[i + r] * b[i + r];
+    return s;
+}
+static inline void pl__axpy(float *y, float a, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+static inline float pl__sum(const float *x, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] += x[i + l];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (int64_t r = 0; r < (n & 7); r++) s += x[i + r];
+    return s;
+}
+
+
+/* Parallel regions cost a barrier: the PLASA kernels run serially below this
+ * much work (roughly multiply-adds), `#pragma omp parallel if (work >= PL_PAR_MIN)`.
+ * A variable (default 32768) so that tests can force the parallel paths (0). */
+extern int64_t pl__par_min;
+#define PL_PAR_MIN pl__par_min
 
 #endif

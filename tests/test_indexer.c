@@ -1,0 +1,378 @@
+/* Lightning indexer: dense scores, fused top-k and scores at index sets
+ * against naive double references, gradient checks, block edges, errors. */
+#include "internal.h"
+#include "testutil.h"
+
+static pl_ctx *ctx;
+/* Every kernel takes its parallel path, however small the test (gradient
+ * checks, with their many small evaluations, restore the default). */
+static int64_t par_default = -1;
+static void setup(void) {
+    ctx = pl_ctx_new(NULL);
+    if (par_default < 0) par_default = pl__par_min;
+    pl__par_min = 0;
+}
+static void teardown(void) {
+    pl__indexer_block_rows = 0;
+    pl__indexer_at_mode = 0;
+    pl__par_min = par_default;
+    pl_ctx_free(ctx);
+}
+
+/* I[b,t,s] in double; -inf above the diagonal. */
+static double naive_score(const float *q, const float *k, const float *w, int L, int HI, int dI,
+                          int b, int t, int s) {
+    if (s > t) return -INFINITY;
+    double acc = 0;
+    for (int j = 0; j < HI; j++) {
+        double dot = 0;
+        for (int d = 0; d < dI; d++)
+            dot += (double)q[(((size_t)b * L + t) * HI + j) * dI + d] *
+                   k[((size_t)b * L + s) * dI + d];
+        acc += (double)w[((size_t)b * L + t) * HI + j] * (dot > 0 ? dot : 0);
+    }
+    return acc;
+}
+
+typedef struct {
+    int B, L, HI, dI;
+} dims;
+
+static void make_inputs(uint64_t *s, dims d, bool q3d, pl_tensor **q, pl_tensor **k,
+                        pl_tensor **w) {
+    *q = q3d ? pl_empty(ctx, PL_F32, PL_DIMS(d.B, d.L, d.HI * d.dI))
+             : pl_empty(ctx, PL_F32, PL_DIMS(d.B, d.L, d.HI, d.dI));
+    *k = pl_empty(ctx, PL_F32, PL_DIMS(d.B, d.L, d.dI));
+    *w = pl_empty(ctx, PL_F32, PL_DIMS(d.B, d.L, d.HI));
+    tu_fill(pl_f32(*q), (*q)->numel, s, -1, 1);
+    tu_fill(pl_f32(*k), (*k)->numel, s, -1, 1);
+    tu_fill(pl_f32(*w), (*w)->numel, s, -1, 1);
+}
+
+START_TEST(scores_match_naive) {
+    uint64_t s = 99 + (uint64_t)_i;
+    const int64_t blocks[] = {0, 1, 3, 5};
+    for (int rep = 0; rep < 8; rep++) {
+        dims d = {tu_randint(&s, 1, 3), tu_randint(&s, 1, 23), tu_randint(&s, 1, 5),
+                  tu_randint(&s, 1, 19)};
+        pl__indexer_block_rows = blocks[rep % 4];
+        pl_tensor *q, *k, *w;
+        make_inputs(&s, d, rep & 1, &q, &k, &w);
+        pl_tensor *I = pl_indexer_scores(ctx, q, k, w);
+        ck_assert_msg(I != NULL, "%s", pl_last_error());
+        ck_assert_int_eq(I->ndim, 3);
+        ck_assert_int_eq(I->shape[0], d.B);
+        ck_assert_int_eq(I->shape[1], d.L);
+        ck_assert_int_eq(I->shape[2], d.L);
+        float *ref = malloc(sizeof(float) * (size_t)I->numel);
+        for (int b = 0; b < d.B; b++)
+            for (int t = 0; t < d.L; t++)
+                for (int c = 0; c < d.L; c++)
+                    ref[((size_t)b * d.L + t) * d.L + c] = (float)naive_score(
+                        pl_f32(q), pl_f32(k), pl_f32(w), d.L, d.HI, d.dI, b, t, c);
+        tu_assert_close(pl_f32(I), ref, I->numel, 1e-5, 1e-5);
+        int64_t bad = 0;
+        for (int64_t i = 0; i < I->numel; i++) bad += isinf(ref[i]) && pl_f32(I)[i] != -INFINITY;
+        ck_assert_int_eq(bad, 0);
+        free(ref);
+        pl_step_reset(ctx);
+    }
+}
+END_TEST
+
+/* Central differences of sum(r * y) over the entries where y is finite,
+ * against backward seeded with r (r is nonzero at the -inf entries too, and
+ * those must contribute nothing). Inputs are parameters. */
+static void masked_gradcheck(pl_gradcheck_fn fn, void *u, pl_tensor **in, int n, double eps) {
+    uint64_t s = 5;
+    for (int i = 0; i < n; i++) memset(in[i]->grad, 0, sizeof(float) * (size_t)in[i]->numel);
+    pl_tensor *y = fn(ctx, in, u);
+    ck_assert_msg(y != NULL, "%s", pl_last_error());
+    int64_t ny = y->numel;
+    float *r = malloc(sizeof(float) * (size_t)ny);
+    bool *fin = malloc(sizeof(bool) * (size_t)ny);
+    tu_fill(r, ny, &s, -1, 1);
+    for (int64_t i = 0; i < ny; i++) fin[i] = isfinite(pl_f32(y)[i]);
+    ck_assert_int_eq(pl_backward_seed(ctx, y, r), PL_OK);
+    pl_step_reset(ctx);
+    bool was = pl_set_grad_enabled(ctx, false);
+    for (int i = 0; i < n; i++) {
+        float *x = pl_f32(in[i]);
+        for (int64_t e = 0; e < in[i]->numel; e++) {
+            double side[2];
+            float keep = x[e];
+            for (int sg = 0; sg < 2; sg++) {
+                x[e] = keep + (sg ? -1 : 1) * (float)eps;
+                pl_tensor *yy = fn(ctx, in, u);
+                double acc = 0;
+                for (int64_t m = 0; m < ny; m++)
+                    if (fin[m]) acc += (double)r[m] * pl_f32(yy)[m];
+                side[sg] = acc;
+                pl_step_reset(ctx);
+            }
+            x[e] = keep;
+            double num = (side[0] - side[1]) / (2 * eps), ana = in[i]->grad[e];
+            if (!(fabs(num - ana) <= 1e-3 + 1e-2 * fabs(num)))
+                ck_abort_msg("input %d element %lld: analytic %.6g vs numeric %.6g", i,
+                             (long long)e, ana, num);
+        }
+    }
+    pl_set_grad_enabled(ctx, was);
+    free(r);
+    free(fin);
+}
+
+/* Inputs for gradient checks away from the ReLU kink: kI > 0.3 and every
+ * qI row of one sign with |entries| > 0.3, so no product changes sign within
+ * +-eps; both signs occur, so both ReLU branches are exercised. */
+static void kinkless(uint64_t *s, pl_tensor *q, pl_tensor *k, int dI) {
+    tu_fill(pl_f32(k), k->numel, s, 0.3f, 1.0f);
+    float *qd = pl_f32(q);
+    for (int64_t r = 0; r < q->numel / dI; r++) {
+        float sign = tu_randint(s, 0, 1) ? 1.0f : -1.0f;
+        for (int d = 0; d < dI; d++) qd[r * dI + d] = sign * tu_uniform(s, 0.3f, 1.0f);
+    }
+}
+
+static pl_tensor *scores_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
+    return pl_indexer_scores(c, in[0], in[1], in[2]);
+}
+
+START_TEST(scores_gradients) {
+    pl__par_min = par_default;
+    uint64_t s = 3;
+    const int B = 2, L = 7, HI = 3, dI = 4;
+    pl_tensor *in[3] = {pl_param_new(ctx, "qI", PL_DIMS(B, L, HI, dI)),
+                        pl_param_new(ctx, "kI", PL_DIMS(B, L, dI)),
+                        tu_param(ctx, "w", PL_DIMS(B, L, HI), &s, -1, 1)};
+    kinkless(&s, in[0], in[1], dI);
+    const int64_t blocks[] = {0, 2, 3};
+    for (int i = 0; i < 3; i++) {
+        pl__indexer_block_rows = blocks[i];
+        masked_gradcheck(scores_fn, NULL, in, 3, 1e-2);
+    }
+}
+END_TEST
+
+START_TEST(fused_topk_equals_topk_of_scores) {
+    uint64_t s = 17 + (uint64_t)_i;
+    const int64_t blocks[] = {0, 1, 4, 7};
+    for (int rep = 0; rep < 8; rep++) {
+        dims d = {tu_randint(&s, 1, 2), tu_randint(&s, 1, 40), tu_randint(&s, 1, 4),
+                  tu_randint(&s, 1, 9)};
+        pl__indexer_block_rows = blocks[rep % 4];
+        pl_tensor *q, *k, *w;
+        make_inputs(&s, d, rep & 1, &q, &k, &w);
+        pl_tensor *I = pl_indexer_scores(ctx, q, k, w);
+        int ks[] = {1, 2, d.L / 3 + 1, d.L, d.L + 2};
+        for (int i = 0; i < 5; i++) {
+            pl_tensor *a = pl_causal_topk(ctx, I, ks[i]);
+            pl_tensor *f = pl_indexer_topk(ctx, q, k, w, ks[i]);
+            ck_assert_msg(a && f, "%s", pl_last_error());
+            ck_assert(pl_same_shape(a, f) && f->dtype == PL_I32);
+            ck_assert_msg(!memcmp(pl_i32(a), pl_i32(f), sizeof(int32_t) * (size_t)a->numel),
+                          "fused top-k differs: L=%d k=%d block=%lld", d.L, ks[i],
+                          (long long)pl__indexer_block_rows);
+        }
+        pl_step_reset(ctx);
+    }
+}
+END_TEST
+
+/* Random causal index sets: each row gets kt <= K entries (some rows fewer,
+ * some all -1 when allow_empty), distinct keys in [0, t], random order. */
+static pl_tensor *random_idx(uint64_t *s, int B, int L, int K, bool allow_empty, bool dups) {
+    pl_tensor *idx = pl_empty(ctx, PL_I32, PL_DIMS(B, L, K));
+    int32_t *id = pl_i32(idx);
+    int *perm = malloc(sizeof(int) * (size_t)L);
+    for (int r = 0; r < B * L; r++) {
+        int t = r % L, n = t + 1;
+        for (int i = 0; i < n; i++) perm[i] = i;
+        for (int i = n - 1; i > 0; i--) { /* shuffle */
+            int j = tu_randint(s, 0, i), x = perm[i];
+            perm[i] = perm[j];
+            perm[j] = x;
+        }
+        int kt = n < K ? n : K;
+        if (kt > 1 && tu_randint(s, 0, 2) == 0) kt = tu_randint(s, 1, kt);
+        if (allow_empty && tu_randint(s, 0, 5) == 0) kt = 0;
+        for (int j = 0; j < K; j++) id[r * K + j] = -1;
+        if (dups) { /* every slot filled, keys may repeat */
+            for (int j = 0; j < K; j++) id[r * K + j] = tu_randint(s, 0, t);
+            continue;
+        }
+        for (int j = 0; j < kt; j++) { /* scattered over the K slots */
+            int slot;
+            do slot = tu_randint(s, 0, K - 1);
+            while (id[r * K + slot] != -1);
+            id[r * K + slot] = perm[j];
+        }
+    }
+    free(perm);
+    return idx;
+}
+
+START_TEST(scores_at_matches_dense) {
+    uint64_t s = 23;
+    for (int rep = 0; rep < 9; rep++) {
+        pl__indexer_at_mode = rep % 3; /* automatic, gather, blocked */
+        pl__indexer_block_rows = rep % 2 ? 4 : 0;
+        dims d = {tu_randint(&s, 1, 3), tu_randint(&s, 1, 30), tu_randint(&s, 1, 4),
+                  tu_randint(&s, 1, 17)};
+        int K = tu_randint(&s, 1, d.L + 2);
+        pl_tensor *q, *k, *w;
+        make_inputs(&s, d, rep & 1, &q, &k, &w);
+        pl_tensor *idx = random_idx(&s, d.B, d.L, K, true, false);
+        pl_tensor *at = pl_indexer_scores_at(ctx, q, k, w, idx);
+        ck_assert_msg(at != NULL, "%s", pl_last_error());
+        ck_assert(pl_same_shape(at, idx));
+        float *ref = malloc(sizeof(float) * (size_t)at->numel);
+        for (int b = 0; b < d.B; b++)
+            for (int t = 0; t < d.L; t++)
+                for (int j = 0; j < K; j++) {
+                    size_t e = ((size_t)b * d.L + t) * K + j;
+                    int c = pl_i32(idx)[e];
+                    ref[e] = c < 0 ? -INFINITY
+                                   : (float)naive_score(pl_f32(q), pl_f32(k), pl_f32(w), d.L, d.HI,
+                                                        d.dI, b, t, c);
+                }
+        tu_assert_close(pl_f32(at), ref, at->numel, 1e-5, 1e-5);
+        if (pl__indexer_at_mode == 2) { /* blocked: the dense op's values, bit for bit */
+            pl_tensor *I = pl_indexer_scores(ctx, q, k, w);
+            int64_t bad = 0;
+            for (int64_t e = 0; e < at->numel; e++) {
+                int c = pl_i32(idx)[e];
+                int64_t row = e / K;
+                float want = c < 0 ? -INFINITY : pl_f32(I)[row * d.L + c];
+                bad += memcmp(&want, pl_f32(at) + e, sizeof want) != 0;
+            }
+            ck_assert_int_eq(bad, 0);
+        }
+        free(ref);
+        pl_step_reset(ctx);
+    }
+}
+END_TEST
+
+static pl_tensor *at_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
+    return pl_indexer_scores_at(c, in[0], in[1], in[2], u);
+}
+
+START_TEST(scores_at_gradients) {
+    pl__par_min = par_default;
+    uint64_t s = 31;
+    const int B = 2, L = 6, HI = 2, dI = 5, K = 3;
+    pl_tensor *in[3] = {pl_param_new(ctx, "qI", PL_DIMS(B, L, HI * dI)),
+                        pl_param_new(ctx, "kI", PL_DIMS(B, L, dI)),
+                        tu_param(ctx, "w", PL_DIMS(B, L, HI), &s, -1, 1)};
+    kinkless(&s, in[0], in[1], dI);
+    /* No padding (keys repeat instead): the library's own gradcheck. */
+    pl_tensor *full = pl_persistent_new(ctx, "idx", PL_I32, PL_DIMS(B, L, K), false);
+    pl_tensor *tmp = random_idx(&s, B, L, K, false, true);
+    memcpy(pl_i32(full), pl_i32(tmp), sizeof(int32_t) * (size_t)full->numel);
+    pl_step_reset(ctx);
+    pl_tensor *pad = pl_persistent_new(ctx, "idx2", PL_I32, PL_DIMS(B, L, K), false);
+    tmp = random_idx(&s, B, L, K, true, false);
+    memcpy(pl_i32(pad), pl_i32(tmp), sizeof(int32_t) * (size_t)pad->numel);
+    pl_step_reset(ctx);
+    for (int mode = 1; mode <= 2; mode++) { /* gather, blocked (with 2-row blocks) */
+        pl__indexer_at_mode = mode;
+        pl__indexer_block_rows = mode == 2 ? 2 : 0;
+        tu_gradcheck(ctx, at_fn, full, in, 3, 1e-2, 1e-3, 1e-2, 0);
+        /* With padding and empty rows (their -inf entries masked out). */
+        masked_gradcheck(at_fn, pad, in, 3, 1e-2);
+    }
+}
+END_TEST
+
+/* Backward of both score ops gives the same bits serially and in parallel. */
+START_TEST(backward_serial_equals_parallel) {
+    uint64_t s = 57;
+    const int B = 2, L = 37, HI = 3, dI = 16, K = 9;
+    pl_tensor *in[3] = {tu_param(ctx, "qI", PL_DIMS(B, L, HI, dI), &s, -1, 1),
+                        tu_param(ctx, "kI", PL_DIMS(B, L, dI), &s, -1, 1),
+                        tu_param(ctx, "w", PL_DIMS(B, L, HI), &s, -1, 1)};
+    pl_tensor *idx = pl_persistent_new(ctx, "idx", PL_I32, PL_DIMS(B, L, K), false);
+    pl_tensor *tmp = random_idx(&s, B, L, K, true, false);
+    memcpy(pl_i32(idx), pl_i32(tmp), sizeof(int32_t) * (size_t)idx->numel);
+    float *seed = malloc(sizeof(float) * (size_t)B * L * L);
+    tu_fill(seed, (int64_t)B * L * L, &s, -1, 1);
+    int64_t n = in[0]->numel + in[1]->numel + in[2]->numel;
+    float *res[2][3];
+    pl__indexer_block_rows = 5;
+    for (int par = 0; par < 2; par++)
+        for (int op = 0; op < 3; op++) { /* dense, at (gather), at (blocked) */
+            pl__par_min = par ? 0 : INT64_MAX;
+            pl__indexer_at_mode = op;
+            pl_step_reset(ctx);
+            pl_zero_grad(ctx);
+            pl_tensor *y = op ? pl_indexer_scores_at(ctx, in[0], in[1], in[2], idx)
+                              : pl_indexer_scores(ctx, in[0], in[1], in[2]);
+            ck_assert_msg(y && pl_backward_seed(ctx, y, seed) == PL_OK, "%s", pl_last_error());
+            float *r = res[par][op] = malloc(sizeof(float) * (size_t)n);
+            for (int i = 0, off = 0; i < 3; off += (int)in[i]->numel, i++)
+                memcpy(r + off, in[i]->grad, sizeof(float) * (size_t)in[i]->numel);
+        }
+    for (int op = 0; op < 3; op++) {
+        ck_assert_msg(!memcmp(res[0][op], res[1][op], sizeof(float) * (size_t)n),
+                      "op %d: serial and parallel backward differ", op);
+        free(res[0][op]);
+        free(res[1][op]);
+    }
+    free(seed);
+}
+END_TEST
+
+START_TEST(errors) {
+    pl_tensor *q = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 3, 4));
+    pl_tensor *k = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 4));
+    pl_tensor *w = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 3));
+    pl_tensor *kbad = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 5));
+    pl_tensor *wbad = pl_zeros(ctx, PL_F32, PL_DIMS(2, 4, 3));
+    pl_tensor *q3bad = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 13));
+    ck_assert_ptr_null(pl_indexer_scores(ctx, q, kbad, w));
+    tu_assert_error(PL_ERR_SHAPE, "want qI [B, L, HI, dI]");
+    ck_assert_ptr_null(pl_indexer_scores(ctx, q, k, wbad));
+    tu_assert_error(PL_ERR_SHAPE, "w [B, L, HI]");
+    ck_assert_ptr_null(pl_indexer_topk(ctx, q3bad, k, w, 2));
+    tu_assert_error(PL_ERR_SHAPE, "pl_indexer_topk");
+    ck_assert_ptr_null(pl_indexer_topk(ctx, q, k, w, 0));
+    tu_assert_error(PL_ERR_ARG, "k = 0");
+    pl_tensor *ki = pl_zeros(ctx, PL_I32, PL_DIMS(2, 5, 4));
+    ck_assert_ptr_null(pl_indexer_scores(ctx, q, ki, w));
+    tu_assert_error(PL_ERR_DTYPE, "'kI' must be float32");
+    /* Index sets: a future key, an out-of-range key, wrong shape, wrong dtype. */
+    pl_tensor *idx = pl_full(ctx, PL_DIMS(2, 5, 2), 0.0f);
+    ck_assert_ptr_null(pl_indexer_scores_at(ctx, q, k, w, idx));
+    tu_assert_error(PL_ERR_DTYPE, "'idx' must be int32");
+    idx = pl_zeros(ctx, PL_I32, PL_DIMS(2, 5, 2));
+    pl_i32(idx)[(1 * 5 + 2) * 2 + 1] = 3;
+    ck_assert_ptr_null(pl_indexer_scores_at(ctx, q, k, w, idx));
+    tu_assert_error(PL_ERR_ARG, "idx[1, 2, 1] = 3 is a future key");
+    pl_i32(idx)[(1 * 5 + 2) * 2 + 1] = -2;
+    ck_assert_ptr_null(pl_indexer_scores_at(ctx, q, k, w, idx));
+    tu_assert_error(PL_ERR_ARG, "out of range");
+    pl_i32(idx)[(1 * 5 + 2) * 2 + 1] = 99;
+    ck_assert_ptr_null(pl_indexer_scores_at(ctx, q, k, w, idx));
+    tu_assert_error(PL_ERR_ARG, "out of range");
+    pl_tensor *idx2 = pl_zeros(ctx, PL_I32, PL_DIMS(2, 4, 2));
+    ck_assert_ptr_null(pl_indexer_scores_at(ctx, q, k, w, idx2));
+    tu_assert_error(PL_ERR_SHAPE, "idx must be [2, 5, K]");
+}
+END_TEST
+
+int main(void) {
+    Suite *s = suite_create("indexer");
+    TCase *tc = tcase_create("core");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_loop_test(tc, scores_match_naive, 0, 2);
+    tcase_add_test(tc, scores_gradients);
+    tcase_add_loop_test(tc, fused_topk_equals_topk_of_scores, 0, 2);
+    tcase_add_test(tc, scores_at_matches_dense);
+    tcase_add_test(tc, scores_at_gradients);
+    tcase_add_test(tc, backward_serial_equals_parallel);
+    tcase_add_test(tc, errors);
+    tcase_set_timeout(tc, 120);
+    suite_add_tcase(s, tc);
+    return tu_run(s);
+}

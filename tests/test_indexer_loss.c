@@ -1,0 +1,207 @@
+/* Indexer KL loss against a naive double reference, gradient check w.r.t.
+ * the scores, no gradient into q/k, zero at the target, errors. */
+#include "internal.h"
+#include "testutil.h"
+
+static pl_ctx *ctx;
+/* Every kernel takes its parallel path, however small the test (gradient
+ * checks, with their many small evaluations, restore the default). */
+static int64_t par_default = -1;
+static void setup(void) {
+    ctx = pl_ctx_new(NULL);
+    if (par_default < 0) par_default = pl__par_min;
+    pl__par_min = 0;
+}
+static void teardown(void) {
+    pl__par_min = par_default;
+    pl_ctx_free(ctx);
+}
+
+/* Head-averaged attention distribution over row (b,t)'s keys into P[K]
+ * (0 at padding); returns the number of keys. */
+static int naive_target(const float *q, const float *k, const int32_t *ir, int b, int t, int L,
+                        int H, int D, int K, double *P) {
+    int n = 0;
+    for (int j = 0; j < K; j++) {
+        P[j] = 0;
+        n += ir[j] >= 0;
+    }
+    if (!n) return 0;
+    double *z = malloc(sizeof(double) * (size_t)K);
+    for (int h = 0; h < H; h++) {
+        double m = -INFINITY, sum = 0;
+        for (int j = 0; j < K; j++) {
+            if (ir[j] < 0) continue;
+            double acc = 0;
+            for (int d = 0; d < D; d++)
+                acc += (double)q[(((size_t)b * L + t) * H + h) * D + d] *
+                       k[(((size_t)b * L + ir[j]) * H + h) * D + d];
+            z[j] = acc / sqrt((double)D);
+            m = z[j] > m ? z[j] : m;
+        }
+        for (int j = 0; j < K; j++)
+            if (ir[j] >= 0) sum += exp(z[j] - m);
+        for (int j = 0; j < K; j++)
+            if (ir[j] >= 0) P[j] += exp(z[j] - m) / sum / H;
+    }
+    free(z);
+    return n;
+}
+
+static double naive_loss(const float *q, const float *k, const int32_t *idx, const float *sc, int B,
+                         int L, int H, int D, int K) {
+    double *P = malloc(sizeof(double) * (size_t)K), total = 0;
+    int rows = 0;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < L; t++) {
+            const int32_t *ir = idx + ((size_t)b * L + t) * K;
+            const float *sr = sc + ((size_t)b * L + t) * K;
+            if (!naive_target(q, k, ir, b, t, L, H, D, K, P)) continue;
+            double m = -INFINITY, sum = 0, kl = 0;
+            for (int j = 0; j < K; j++)
+                if (ir[j] >= 0 && sr[j] > m) m = sr[j];
+            for (int j = 0; j < K; j++)
+                if (ir[j] >= 0) sum += exp(sr[j] - m);
+            for (int j = 0; j < K; j++)
+                if (ir[j] >= 0 && P[j] > 0) kl += P[j] * (log(P[j]) - (sr[j] - m - log(sum)));
+            total += kl;
+            rows++;
+        }
+    free(P);
+    return rows ? total / rows : 0;
+}
+
+static void fill_idx(uint64_t *s, int32_t *id, int B, int L, int K) {
+    for (int r = 0; r < B * L; r++) {
+        int t = r % L;
+        for (int j = 0; j < K; j++) id[r * K + j] = -1;
+        int kt = tu_randint(s, 0, K < t + 1 ? K : t + 1);
+        for (int j = 0; j < kt; j++) { /* distinct keys in random slots */
+            int key, slot, dup;
+            do {
+                key = tu_randint(s, 0, t);
+                dup = 0;
+                for (int i = 0; i < K; i++) dup |= id[r * K + i] == key;
+            } while (dup);
+            do slot = tu_randint(s, 0, K - 1);
+            while (id[r * K + slot] != -1);
+            id[r * K + slot] = key;
+        }
+    }
+}
+
+START_TEST(forward_matches_naive) {
+    uint64_t s = 41;
+    for (int rep = 0; rep < 8; rep++) {
+        int B = tu_randint(&s, 1, 3), L = tu_randint(&s, 1, 16), H = tu_randint(&s, 1, 4),
+            D = tu_randint(&s, 1, 12), K = tu_randint(&s, 1, L + 2);
+        pl_tensor *q = pl_empty(ctx, PL_F32, PL_DIMS(B, L, H, D));
+        pl_tensor *k = pl_empty(ctx, PL_F32, PL_DIMS(B, L, H, D));
+        pl_tensor *sc = pl_empty(ctx, PL_F32, PL_DIMS(B, L, K));
+        pl_tensor *idx = pl_empty(ctx, PL_I32, PL_DIMS(B, L, K));
+        tu_fill(pl_f32(q), q->numel, &s, -2, 2);
+        tu_fill(pl_f32(k), k->numel, &s, -2, 2);
+        tu_fill(pl_f32(sc), sc->numel, &s, -3, 3);
+        fill_idx(&s, pl_i32(idx), B, L, K);
+        pl_tensor *loss = pl_indexer_kl_loss(ctx, q, k, idx, sc);
+        ck_assert_msg(loss != NULL, "%s", pl_last_error());
+        ck_assert_int_eq(loss->numel, 1);
+        float ref = (float)naive_loss(pl_f32(q), pl_f32(k), pl_i32(idx), pl_f32(sc), B, L, H, D, K);
+        tu_assert_close(pl_f32(loss), &ref, 1, 1e-5, 1e-4);
+        pl_step_reset(ctx);
+    }
+}
+END_TEST
+
+START_TEST(zero_at_target_and_empty) {
+    uint64_t s = 3;
+    const int B = 2, L = 9, H = 3, D = 4, K = 5;
+    pl_tensor *q = pl_empty(ctx, PL_F32, PL_DIMS(B, L, H, D));
+    pl_tensor *k = pl_empty(ctx, PL_F32, PL_DIMS(B, L, H, D));
+    pl_tensor *sc = pl_empty(ctx, PL_F32, PL_DIMS(B, L, K));
+    pl_tensor *idx = pl_empty(ctx, PL_I32, PL_DIMS(B, L, K));
+    tu_fill(pl_f32(q), q->numel, &s, -2, 2);
+    tu_fill(pl_f32(k), k->numel, &s, -2, 2);
+    fill_idx(&s, pl_i32(idx), B, L, K);
+    /* scores = log P + a per-row constant: the student equals the target. */
+    double P[K];
+    for (int r = 0; r < B * L; r++) {
+        naive_target(pl_f32(q), pl_f32(k), pl_i32(idx) + r * K, r / L, r % L, L, H, D, K, P);
+        for (int j = 0; j < K; j++) pl_f32(sc)[r * K + j] = P[j] > 0 ? (float)log(P[j]) + r : 7;
+    }
+    pl_tensor *loss = pl_indexer_kl_loss(ctx, q, k, idx, sc);
+    ck_assert_ptr_nonnull(loss);
+    ck_assert(fabsf(pl_f32(loss)[0]) < 1e-6f);
+    /* No key anywhere: the loss is 0, not NaN. */
+    for (int64_t i = 0; i < idx->numel; i++) pl_i32(idx)[i] = -1;
+    loss = pl_indexer_kl_loss(ctx, q, k, idx, sc);
+    ck_assert_ptr_nonnull(loss);
+    ck_assert(pl_f32(loss)[0] == 0.0f);
+}
+END_TEST
+
+typedef struct {
+    pl_tensor *q, *k, *idx;
+} kl_case;
+
+static pl_tensor *kl_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
+    kl_case *kc = u;
+    return pl_indexer_kl_loss(c, kc->q, kc->k, kc->idx, in[0]);
+}
+
+START_TEST(gradient_only_into_scores) {
+    pl__par_min = par_default;
+    uint64_t s = 9;
+    const int B = 2, L = 6, H = 2, D = 3, K = 4;
+    /* q and k are parameters here, yet no gradient may reach them. */
+    kl_case kc = {tu_param(ctx, "q", PL_DIMS(B, L, H, D), &s, -2, 2),
+                  tu_param(ctx, "k", PL_DIMS(B, L, H, D), &s, -2, 2),
+                  pl_persistent_new(ctx, "idx", PL_I32, PL_DIMS(B, L, K), false)};
+    fill_idx(&s, pl_i32(kc.idx), B, L, K);
+    pl_tensor *sc = tu_param(ctx, "scores", PL_DIMS(B, L, K), &s, -3, 3);
+    tu_gradcheck(ctx, kl_fn, &kc, &sc, 1, 1e-2, 1e-4, 1e-2, 0);
+    pl_zero_grad(ctx);
+    pl_tensor *loss = kl_fn(ctx, &sc, &kc);
+    ck_assert_int_eq(pl_backward(ctx, loss), PL_OK);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < kc.q->numel; i++) bad += kc.q->grad[i] != 0 || kc.k->grad[i] != 0;
+    ck_assert_int_eq(bad, 0);
+    double nz = 0;
+    for (int64_t i = 0; i < sc->numel; i++) nz += fabsf(sc->grad[i]);
+    ck_assert(nz > 0);
+    /* padding entries get no gradient */
+    for (int64_t i = 0; i < sc->numel; i++) bad += pl_i32(kc.idx)[i] < 0 && sc->grad[i] != 0;
+    ck_assert_int_eq(bad, 0);
+}
+END_TEST
+
+START_TEST(errors) {
+    pl_tensor *q = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 4));
+    pl_tensor *kb = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 3));
+    pl_tensor *idx = pl_zeros(ctx, PL_I32, PL_DIMS(2, 5, 3));
+    pl_tensor *sc = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 3));
+    pl_tensor *scbad = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 5));
+    ck_assert_ptr_null(pl_indexer_kl_loss(ctx, q, kb, idx, sc));
+    tu_assert_error(PL_ERR_SHAPE, "q and k must both be [B, L, H, D]");
+    ck_assert_ptr_null(pl_indexer_kl_loss(ctx, q, q, idx, scbad));
+    tu_assert_error(PL_ERR_SHAPE, "scores must be [B, L, K] like idx");
+    pl_i32(idx)[2] = 1; /* row t = 0 selects key 1 */
+    ck_assert_ptr_null(pl_indexer_kl_loss(ctx, q, q, idx, sc));
+    tu_assert_error(PL_ERR_ARG, "future key");
+    ck_assert_ptr_null(pl_indexer_kl_loss(ctx, q, q, sc, sc));
+    tu_assert_error(PL_ERR_DTYPE, "'idx' must be int32");
+}
+END_TEST
+
+int main(void) {
+    Suite *s = suite_create("indexer_loss");
+    TCase *tc = tcase_create("core");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, forward_matches_naive);
+    tcase_add_test(tc, zero_at_target_and_empty);
+    tcase_add_test(tc, gradient_only_into_scores);
+    tcase_add_test(tc, errors);
+    tcase_set_timeout(tc, 120);
+    suite_add_tcase(s, tc);
+    return tu_run(s);
+}
