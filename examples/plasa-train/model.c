@@ -1,0 +1,304 @@
+/* The PLASA benchmark model (SPEC section 2) built from public libplasa ops.
+ *
+ *   h = embed(ids)
+ *   per layer i:  h += Wo · Attn_i(RMSNorm(h));  h += FFN_i(RMSNorm(h))
+ *   logits = RMSNorm(h) · lm_head
+ *
+ * Attn_i: fused QKV projection, RoPE on q and k, then dense causal attention
+ * when the layer's k >= L, else the layer's lightning indexer picks k_t =
+ * min(k, t+1) keys per query (causal top-k) and sparse attention runs over
+ * them. FFN_i: SwiGLU MLP on even layers, top-2 mixture of experts on odd
+ * layers. Parameters are stored [in, out] (y = x W) under the names of
+ * tools/torch_ref, so one safetensors file loads on both sides. */
+#include "model.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "plasa.h"
+#include "util.h"
+
+#define ROPE_BASE 10000.0f
+#define NORM_EPS 1e-6f
+
+typedef struct {
+    pl_tensor *attn_norm, *wqkv, *wo;
+    pl_tensor *iq, *ik, *iw; /* lightning indexer */
+    pl_tensor *ffn_norm;
+    pl_tensor *gate, *up, *down;                   /* SwiGLU MLP (even layers) */
+    pl_tensor *router, *egate, *eup, *edown;       /* MoE (odd layers) */
+    bool moe;
+    int k;
+} layer;
+
+struct tr_model {
+    tr_config cfg;
+    int vocab;
+    pl_ctx *ctx;
+    pl_adamw *opt;
+    pl_tensor *tok_emb, *final_norm, *lm_head;
+    layer layers[CLI_MAX_LAYERS];
+};
+
+static int fail(const char *what) { return tr_fail("model: %s: %s", what, pl_last_error()); }
+
+static pl_tensor *param(tr_model *m, const char *fmt, int i, int ndim, const int64_t *shape) {
+    char name[96];
+    snprintf(name, sizeof name, fmt, i);
+    return pl_param_new(m->ctx, name, ndim, shape);
+}
+
+/* PyTorch defaults: Linear U(±1/sqrt(fan_in)), embedding N(0,1), norms 0. */
+static int init_params(tr_model *m) {
+    const tr_config *c = &m->cfg;
+    int64_t d = c->dim, V = m->vocab, F = c->ffn, E = c->experts, Fe = c->expert_ffn;
+    int64_t HI = c->indexer_heads, dI = c->indexer_dim;
+    pl_rng rng;
+    pl_rng_init(&rng, c->seed);
+    pl_ctx *ctx = m->ctx;
+    if (!(m->tok_emb = pl_param_new(ctx, "tok_emb", PL_DIMS(V, d)))) return fail("tok_emb");
+    if (pl_init_embedding(m->tok_emb, &rng)) return fail("init");
+    for (int i = 0; i < c->layers; i++) {
+        layer *l = &m->layers[i];
+        l->moe = i % 2 == 1;
+        l->k = c->layer_k[i];
+        if (!(l->attn_norm = param(m, "layers.%d.attn_norm", i, PL_DIMS(d))) ||
+            !(l->wqkv = param(m, "layers.%d.attn.wqkv", i, PL_DIMS(d, 3 * d))) ||
+            !(l->wo = param(m, "layers.%d.attn.wo", i, PL_DIMS(d, d))) ||
+            !(l->iq = param(m, "layers.%d.indexer.wq", i, PL_DIMS(d, HI * dI))) ||
+            !(l->ik = param(m, "layers.%d.indexer.wk", i, PL_DIMS(d, dI))) ||
+            !(l->iw = param(m, "layers.%d.indexer.ww", i, PL_DIMS(d, HI))) ||
+            !(l->ffn_norm = param(m, "layers.%d.ffn_norm", i, PL_DIMS(d))))
+            return fail("parameters");
+        pl_tensor *lin[] = {l->wqkv, l->wo, l->iq, l->ik, l->iw};
+        for (size_t j = 0; j < sizeof lin / sizeof *lin; j++)
+            if (pl_init_linear(lin[j], NULL, d, &rng)) return fail("init");
+        if (l->moe) {
+            if (!(l->router = param(m, "layers.%d.moe.router", i, PL_DIMS(d, E))) ||
+                !(l->egate = param(m, "layers.%d.moe.gate", i, PL_DIMS(E, d, Fe))) ||
+                !(l->eup = param(m, "layers.%d.moe.up", i, PL_DIMS(E, d, Fe))) ||
+                !(l->edown = param(m, "layers.%d.moe.down", i, PL_DIMS(E, Fe, d))))
+                return fail("parameters");
+            if (pl_init_linear(l->router, NULL, d, &rng) ||
+                pl_init_linear(l->egate, NULL, d, &rng) ||
+                pl_init_linear(l->eup, NULL, d, &rng) || pl_init_linear(l->edown, NULL, Fe, &rng))
+                return fail("init");
+        } else {
+            if (!(l->gate = param(m, "layers.%d.mlp.gate", i, PL_DIMS(d, F))) ||
+                !(l->up = param(m, "layers.%d.mlp.up", i, PL_DIMS(d, F))) ||
+                !(l->down = param(m, "layers.%d.mlp.down", i, PL_DIMS(F, d))))
+                return fail("parameters");
+            if (pl_init_linear(l->gate, NULL, d, &rng) || pl_init_linear(l->up, NULL, d, &rng) ||
+                pl_init_linear(l->down, NULL, F, &rng))
+                return fail("init");
+        }
+    }
+    if (!(m->final_norm = pl_param_new(ctx, "final_norm", PL_DIMS(d))) ||
+        !(m->lm_head = pl_param_new(ctx, "lm_head", PL_DIMS(d, V))))
+        return fail("parameters");
+    if (pl_init_linear(m->lm_head, NULL, d, &rng)) return fail("init");
+    return 0;
+}
+
+tr_model *model_create(const tr_config *cfg, int vocab) {
+    if (cfg->layers < 1 || cfg->layers > CLI_MAX_LAYERS || cfg->dim % cfg->heads ||
+        (cfg->dim / cfg->heads) % 2) {
+        tr_fail("model: --dim must be a multiple of --heads with an even head width");
+        return NULL;
+    }
+    if (cfg->top_experts < 1 || cfg->top_experts > cfg->experts) {
+        tr_fail("model: --top-experts must be in [1, --experts]");
+        return NULL;
+    }
+    tr_model *m = calloc(1, sizeof *m);
+    if (!m) {
+        tr_fail("model: out of memory");
+        return NULL;
+    }
+    m->cfg = *cfg;
+    m->vocab = vocab;
+    pl_ctx_config cc = {0, cfg->threads};
+    if (!(m->ctx = pl_ctx_new(&cc))) {
+        fail("context");
+        free(m);
+        return NULL;
+    }
+    if (init_params(m)) {
+        model_free(m);
+        return NULL;
+    }
+    pl_adamw_config oc = pl_adamw_default_config();
+    oc.lr = cfg->lr;
+    oc.beta1 = 0.9;
+    oc.beta2 = 0.95;
+    oc.eps = 1e-8;
+    oc.weight_decay = cfg->weight_decay;
+    if (!(m->opt = pl_adamw_new(m->ctx, &oc))) {
+        fail("optimiser");
+        model_free(m);
+        return NULL;
+    }
+    return m;
+}
+
+void model_free(tr_model *m) {
+    if (!m) return;
+    pl_adamw_free(m->opt);
+    pl_ctx_free(m->ctx);
+    free(m);
+}
+
+int64_t model_parameters(const tr_model *m) { return pl_param_numel(m->ctx); }
+int model_layers(const tr_model *m) { return m->cfg.layers; }
+int model_layer_k(const tr_model *m, int i) { return m->layers[i].k; }
+
+/* Attention of one layer on x = RMSNorm(h) [B, L, d]. Dropout counters are a
+ * function of (seed, step, layer), so a resumed run draws the same masks.
+ * With an indexer loss weight, *aux accumulates the layer's KL term. */
+static pl_tensor *attention(tr_model *m, int li, pl_tensor *x, float p_drop, int64_t step,
+                            pl_tensor **aux) {
+    pl_ctx *ctx = m->ctx;
+    const layer *l = &m->layers[li];
+    int64_t B = x->shape[0], L = x->shape[1], d = m->cfg.dim, H = m->cfg.heads, D = d / H;
+    pl_tensor *qkv = pl_linear(ctx, x, l->wqkv, NULL);
+    pl_tensor *q = pl_reshape(ctx, pl_slice(ctx, qkv, 2, 0, d), PL_DIMS(B, L, H, D));
+    pl_tensor *k = pl_reshape(ctx, pl_slice(ctx, qkv, 2, d, d), PL_DIMS(B, L, H, D));
+    pl_tensor *v = pl_reshape(ctx, pl_slice(ctx, qkv, 2, 2 * d, d), PL_DIMS(B, L, H, D));
+    q = pl_rope(ctx, q, ROPE_BASE, 0);
+    k = pl_rope(ctx, k, ROPE_BASE, 0);
+    pl_rng rng = {m->cfg.seed ^ 0x6a09e667f3bcc908ull,
+                  ((uint64_t)step * (uint64_t)m->cfg.layers + (uint64_t)li) << 36};
+    pl_tensor *a;
+    if (l->k >= L) {
+        a = pl_attention(ctx, q, k, v, p_drop, p_drop > 0 ? &rng : NULL);
+    } else {
+        /* The indexer reads a detached input: the top-k choice passes no
+         * gradient, so without the indexer loss it is pure inference, and
+         * with it the indexer learns from that loss alone. */
+        bool train_indexer = aux && m->cfg.indexer_loss > 0;
+        bool was = pl_set_grad_enabled(ctx, train_indexer && pl_grad_enabled(ctx));
+        pl_tensor *xi = pl_detach(ctx, x);
+        pl_tensor *qI = pl_linear(ctx, xi, l->iq, NULL);
+        pl_tensor *kI = pl_linear(ctx, xi, l->ik, NULL);
+        pl_tensor *wI = pl_linear(ctx, xi, l->iw, NULL);
+        pl_tensor *idx = pl_indexer_topk(ctx, qI, kI, wI, l->k);
+        if (train_indexer && was) {
+            pl_tensor *sc = pl_indexer_scores_at(ctx, qI, kI, wI, idx);
+            pl_tensor *kl = pl_indexer_kl_loss(ctx, q, k, idx, sc);
+            *aux = *aux ? pl_add(ctx, *aux, kl) : kl;
+        }
+        pl_set_grad_enabled(ctx, was);
+        a = pl_sparse_attention(ctx, q, k, v, idx, p_drop, p_drop > 0 ? &rng : NULL);
+    }
+    return pl_linear(ctx, pl_reshape(ctx, a, PL_DIMS(B, L, d)), l->wo, NULL);
+}
+
+static pl_tensor *ffn(tr_model *m, const layer *l, pl_tensor *x) {
+    pl_ctx *ctx = m->ctx;
+    if (l->moe)
+        return pl_moe(ctx, x, l->router, l->egate, l->eup, l->edown, m->cfg.top_experts);
+    pl_tensor *g = pl_linear(ctx, x, l->gate, NULL), *u = pl_linear(ctx, x, l->up, NULL);
+    return pl_linear(ctx, pl_swiglu(ctx, g, u), l->down, NULL);
+}
+
+/* Logits [B, L, V] for ids [B, L]. */
+static pl_tensor *forward(tr_model *m, const int32_t *inputs, int batch, bool train,
+                          int64_t step, pl_tensor **aux) {
+    pl_ctx *ctx = m->ctx;
+    int64_t B = batch, L = m->cfg.seq;
+    pl_tensor *ids = pl_from_data(ctx, PL_I32, PL_DIMS(B, L), inputs);
+    pl_tensor *h = pl_embedding(ctx, m->tok_emb, ids);
+    float p_drop = train ? (float)m->cfg.dropout : 0.0f;
+    for (int i = 0; i < m->cfg.layers && h; i++) {
+        const layer *l = &m->layers[i];
+        h = pl_add(ctx, h, attention(m, i, pl_rmsnorm(ctx, h, l->attn_norm, NORM_EPS), p_drop,
+                                     step, aux));
+        h = pl_add(ctx, h, ffn(m, l, pl_rmsnorm(ctx, h, l->ffn_norm, NORM_EPS)));
+    }
+    return pl_linear(ctx, pl_rmsnorm(ctx, h, m->final_norm, NORM_EPS), m->lm_head, NULL);
+}
+
+int model_train_step(tr_model *m, const int32_t *inputs, const int32_t *targets, int batch,
+                     int64_t step, double *loss) {
+    pl_ctx *ctx = m->ctx;
+    int rc = 0;
+    pl_tensor *aux = NULL;
+    pl_tensor *logits = forward(m, inputs, batch, true, step, &aux);
+    pl_tensor *tg = pl_from_data(ctx, PL_I32, PL_DIMS(batch, m->cfg.seq), targets);
+    pl_tensor *ce = pl_cross_entropy(ctx, logits, tg);
+    pl_tensor *total = ce;
+    if (ce && aux) total = pl_add(ctx, ce, pl_scale(ctx, aux, (float)m->cfg.indexer_loss));
+    if (!total || pl_backward(ctx, total)) {
+        rc = fail("training step");
+        goto done;
+    }
+    *loss = pl_f32(ce)[0];
+    pl_status st = PL_OK;
+    if (m->cfg.clip > 0) pl_clip_grad_norm(ctx, m->cfg.clip, &st);
+    if (st || pl_adamw_step(m->opt)) rc = fail("optimiser step");
+done:
+    pl_zero_grad(ctx);
+    pl_step_reset(ctx);
+    return rc;
+}
+
+int model_eval(tr_model *m, const int32_t *inputs, const int32_t *targets, int batch,
+               double *loss_sum, int64_t *correct, int64_t *count) {
+    pl_ctx *ctx = m->ctx;
+    bool was = pl_set_grad_enabled(ctx, false);
+    pl_tensor *logits = forward(m, inputs, batch, false, 0, NULL);
+    pl_tensor *tg = pl_from_data(ctx, PL_I32, PL_DIMS(batch, m->cfg.seq), targets);
+    /* The library's fused cross-entropy gives the mean over counted targets. */
+    pl_tensor *ce = pl_cross_entropy(ctx, logits, tg);
+    pl_set_grad_enabled(ctx, was);
+    if (!ce) {
+        pl_step_reset(ctx);
+        return fail("evaluation");
+    }
+    int64_t rows = (int64_t)batch * m->cfg.seq, V = m->vocab;
+    const float *lg = pl_f32(logits);
+    int64_t ok = 0, n = 0;
+#pragma omp parallel for reduction(+ : ok, n) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        if (targets[r] < 0) continue;
+        const float *row = lg + r * V;
+        int64_t best = 0; /* argmax, first maximum */
+        for (int64_t j = 1; j < V; j++)
+            if (row[j] > row[best]) best = j;
+        ok += best == targets[r];
+        n++;
+    }
+    *loss_sum = (double)pl_f32(ce)[0] * (double)n;
+    *correct = ok;
+    *count = n;
+    pl_step_reset(ctx);
+    return 0;
+}
+
+int model_save(const tr_model *m, const char *path, int64_t steps_done) {
+    char steps[32];
+    snprintf(steps, sizeof steps, "%lld", (long long)steps_done);
+    const char *keys[] = {"format", "steps_done"};
+    const char *vals[] = {"libplasa plasa-train v1", steps};
+    if (pl_checkpoint_save(m->ctx, path, keys, vals, 2)) return fail("saving a checkpoint");
+    return 0;
+}
+
+int model_load(tr_model *m, const char *path, int64_t *steps_done) {
+    pl_safetensors *st = pl_safetensors_open(path);
+    if (!st) return fail("loading a checkpoint");
+    uint64_t steps = 0;
+    int rc = 0;
+    if (pl_safetensors_meta_u64(st, "steps_done", &steps) || pl_checkpoint_restore(m->ctx, st, 0))
+        rc = fail("loading a checkpoint");
+    pl_safetensors_close(st);
+    if (!rc) *steps_done = (int64_t)steps;
+    return rc;
+}
+
+int model_load_params(tr_model *m, const char *path) {
+    if (pl_checkpoint_load(m->ctx, path, PL_CKPT_PARAMS_ONLY | PL_CKPT_ALLOW_EXTRA))
+        return fail("loading weights");
+    return 0;
+}
