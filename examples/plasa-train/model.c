@@ -219,6 +219,14 @@ static pl_tensor *forward(tr_model *m, const int32_t *inputs, int batch, bool tr
     return pl_linear(ctx, pl_rmsnorm(ctx, h, m->final_norm, NORM_EPS), m->lm_head, NULL);
 }
 
+pl_ctx *model_ctx(tr_model *m) { return m->ctx; }
+
+pl_tensor *model_logits(tr_model *m, const int32_t *inputs, int batch, int train, int64_t step) {
+    pl_tensor *lg = forward(m, inputs, batch, train, step, NULL);
+    if (!lg) fail("forward");
+    return lg;
+}
+
 int model_train_step(tr_model *m, const int32_t *inputs, const int32_t *targets, int batch,
                      int64_t step, double *loss) {
     pl_ctx *ctx = m->ctx;

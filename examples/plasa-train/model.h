@@ -63,4 +63,15 @@ int model_save(const tr_model *m, const char *path, int64_t steps_done);
 int model_load(tr_model *m, const char *path, int64_t *steps_done);
 int model_load_params(tr_model *m, const char *path);
 
+/* For tests and tools: the library context holding the parameters (names as
+ * in tools/torch_ref), and the logits [batch, seq, vocab] of one forward pass
+ * (train: dropout on, counters of `step`; with gradients recorded when the
+ * context has them enabled). The logits are a step tensor: valid until
+ * pl_step_reset(model_ctx(m)). NULL on error (message set). */
+struct pl_ctx;
+struct pl_tensor;
+struct pl_ctx *model_ctx(tr_model *m);
+struct pl_tensor *model_logits(tr_model *m, const int32_t *inputs, int batch, int train,
+                               int64_t step);
+
 #endif
