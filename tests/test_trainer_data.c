@@ -617,7 +617,7 @@ START_TEST(flags_and_schedules) {
     }
     int k[4];
     const char *names[] = {"dense", "uniform", "dense_to_sparse", "aggressive_middle"};
-    int wk[4][4] = {{128, 128, 128, 128}, {64, 64, 64, 64}, {128, 96, 64, 32}, {128, 16, 16, 128}};
+    int wk[4][4] = {{128, 128, 128, 128}, {64, 64, 64, 64}, {128, 96, 64, 32}, {64, 32, 32, 64}};
     for (int s = 0; s < 4; s++) {
         ck_assert_int_eq(schedule_k(names[s], 4, 128, k), 0);
         for (int i = 0; i < 4; i++) ck_assert_int_eq(k[i], wk[s][i]);
