@@ -76,8 +76,9 @@ static pl_status run_backward(pl_ctx *ctx, pl_tensor *out, const float *seed, co
 }
 
 pl_status pl_backward(pl_ctx *ctx, pl_tensor *loss) {
-    if (!ctx) return pl__err(PL_ERR_ARG, "pl_backward: ctx is NULL");
-    if (loss && loss->magic == PL_TENSOR_MAGIC && loss->numel != 1)
+    pl_status s = pl__check(ctx, "pl_backward", "loss", loss, PL_F32);
+    if (s) return s;
+    if (loss->numel != 1)
         return pl__err(PL_ERR_SHAPE,
                        "pl_backward: loss has %lld elements; backward needs a scalar, or use "
                        "pl_backward_seed with a seed gradient",
