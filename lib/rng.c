@@ -51,14 +51,19 @@ void pl_philox(uint64_t seed, uint64_t counter, uint32_t out[4]) {
 }
 
 void pl_rng_init(pl_rng *rng, uint64_t seed) {
-    if (!rng) return;
+    if (!rng) {
+        pl__err(PL_ERR_ARG, "pl_rng_init: rng is NULL");
+        return;
+    }
     rng->seed = seed;
     rng->offset = 0;
 }
 
 static pl_status check_rng(const char *fn, pl_tensor *t, pl_rng *rng) {
     if (!rng) return pl__err(PL_ERR_ARG, "%s: rng is NULL", fn);
-    if (!t || t->magic != PL_TENSOR_MAGIC) return pl__err(PL_ERR_ARG, "%s: tensor is NULL", fn);
+    if (!t) return pl__err(PL_ERR_ARG, "%s: tensor is NULL", fn);
+    if (t->magic != PL_TENSOR_MAGIC)
+        return pl__err(PL_ERR_ARG, "%s: not a libplasa tensor (freed?)", fn);
     return pl__check(t->ctx, fn, "t", t, PL_F32);
 }
 
