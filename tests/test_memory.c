@@ -28,6 +28,7 @@
  * dnnl_sgemm, and every byte oneDNN allocates is freed within the call. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <string.h>
 #include <stdatomic.h>
 
 #include <dnnl.h>
@@ -193,14 +194,20 @@ START_TEST(steady_state_allocates_nothing) {
     make_model(ctx, &m, &s);
     for (int i = 0; i < 3; i++) ck_assert_int_eq(train_step(ctx, &m), PL_OK);
 
-    /* The counters work (the check of the check). */
+    /* The counters see allocations made inside shared libraries (the check
+     * of the check): libc's strdup calls malloc through the dynamic symbol,
+     * like oneDNN does. Called through a pointer so that the compiler does
+     * not expand it into our own malloc inline. */
+    char *(*volatile dup)(const char *) = strdup;
     counters_start();
-    void *volatile probe = malloc(24);
+    char *probe = dup("probe");
     free(probe);
     counters_stop();
     bool process_wide = atomic_load(&n_alloc) == 1 && atomic_load(&n_free) == 1;
-    if (!process_wide)
-        ck_assert_msg(under_valgrind(), "the malloc interposer is not active (%ld allocs seen)",
+    if (under_valgrind())
+        process_wide = false; /* valgrind redirects the allocator to its own */
+    else
+        ck_assert_msg(process_wide, "the malloc interposer is not active (%ld allocs seen)",
                       atomic_load(&n_alloc));
 
     enum { STEPS = 10 };
@@ -251,8 +258,9 @@ START_TEST(steady_state_single_thread) {
     ck_assert_uint_eq(pl_heap_allocations() - lib0, 0);
     if (!under_valgrind()) ck_assert_int_eq(atomic_load(&n_alloc), 0);
     ck_assert_int_eq(atomic_load(&g_alloc), atomic_load(&g_free));
-    printf("test_memory: 1 thread: dnnl_sgemm %ld calls, %ld allocations, %ld bytes\n",
-           atomic_load(&g_calls), atomic_load(&g_alloc), atomic_load(&g_bytes));
+    if (!under_valgrind())
+        printf("test_memory: 1 thread: dnnl_sgemm %ld calls, %ld allocations, %ld bytes\n",
+               atomic_load(&g_calls), atomic_load(&g_alloc), atomic_load(&g_bytes));
     free(m.x);
 }
 END_TEST
