@@ -325,7 +325,8 @@ static bool build_and_train(pl_ctx *c) {
         pl_zero_grad(c);
     }
     pl_step_reset(c);
-    pl_tensor *ga = get_param(c, "ga", PL_DIMS(3, 4), &r), *gb = get_param(c, "gb", PL_DIMS(2, 4), &r);
+    pl_tensor *ga = get_param(c, "ga", PL_DIMS(3, 4), &r);
+    pl_tensor *gb = get_param(c, "gb", PL_DIMS(2, 4), &r);
     if (!ga || !gb) return false;
     pl_tensor *gin[2] = {ga, gb};
     pl_gradcheck_report rep;

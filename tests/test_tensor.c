@@ -123,7 +123,8 @@ START_TEST(max_dims_and_pl_dims) {
 
     /* pl_same_shape */
     pl_tensor *a = pl_zeros(ctx, PL_F32, PL_DIMS(2, 3)), *b = pl_zeros(ctx, PL_I32, PL_DIMS(2, 3));
-    pl_tensor *c = pl_zeros(ctx, PL_F32, PL_DIMS(3, 2)), *d = pl_zeros(ctx, PL_F32, PL_DIMS(2, 3, 1));
+    pl_tensor *c = pl_zeros(ctx, PL_F32, PL_DIMS(3, 2));
+    pl_tensor *d = pl_zeros(ctx, PL_F32, PL_DIMS(2, 3, 1));
     ck_assert(pl_same_shape(a, b));
     ck_assert(!pl_same_shape(a, c));
     ck_assert(!pl_same_shape(a, d));
