@@ -1,5 +1,7 @@
 /* Errors: every public function of lib/ given NULL or garbage reports an
- * error naming itself (and does not crash); allocation failure at every
+ * error naming itself (and does not crash; lookups of lib/safetensors.c and
+ * the optimisers' step getters answer NULL / 0 without a message, as their
+ * contracts say or imply); allocation failure at every
  * point of a model-building + training sequence is reported cleanly, leaves
  * the context usable and leaks nothing; pl_last_error is per thread. */
 #define _POSIX_C_SOURCE 200809L /* pthread barriers */
@@ -243,6 +245,107 @@ START_TEST(autograd_functions) {
 }
 END_TEST
 
+/* lib/optim.c and lib/safetensors.c (their own suites test them in depth):
+ * NULL and garbage arguments are reported, naming the function. */
+START_TEST(optim_and_checkpoint_functions) {
+    pl_tensor *w = pl_param_new(ctx, "w", PL_DIMS(2, 2));
+    pl_rng r;
+    pl_rng_init(&r, 1);
+    pl_status st = PL_OK;
+    EXPECT(!pl_adamw_new(NULL, NULL), PL_ERR_ARG, "pl_adamw_new: ctx is NULL");
+    pl_adamw_config ac = pl_adamw_default_config();
+    ac.beta1 = 1.0;
+    EXPECT(!pl_adamw_new(ctx, &ac), PL_ERR_ARG, "pl_adamw_new");
+    EXPECT(pl_adamw_step(NULL) == PL_ERR_ARG, PL_ERR_ARG, "pl_adamw_step: opt is NULL");
+    EXPECT(pl_adamw_set_step(NULL, 1) == PL_ERR_ARG, PL_ERR_ARG, "pl_adamw_set_step");
+    EXPECT(pl_adamw_set_lr(NULL, 1) == PL_ERR_ARG, PL_ERR_ARG, "pl_adamw_set_lr");
+    pl_adamw *a = pl_adamw_new(ctx, NULL);
+    ck_assert_ptr_nonnull(a);
+    EXPECT(pl_adamw_set_step(a, -1) == PL_ERR_ARG, PL_ERR_ARG, "pl_adamw_set_step");
+    EXPECT(pl_adamw_set_lr(a, NAN) == PL_ERR_ARG, PL_ERR_ARG, "pl_adamw_set_lr");
+    pl_adamw_free(a);
+    pl_adamw_free(NULL);
+    ck_assert_int_eq(pl_adamw_get_step(NULL), 0);
+    EXPECT(!pl_sgd_new(NULL, NULL), PL_ERR_ARG, "pl_sgd_new: ctx is NULL");
+    pl_sgd_config sc = pl_sgd_default_config();
+    sc.nesterov = true;
+    EXPECT(!pl_sgd_new(ctx, &sc), PL_ERR_ARG, "pl_sgd_new");
+    EXPECT(pl_sgd_step(NULL) == PL_ERR_ARG, PL_ERR_ARG, "pl_sgd_step: opt is NULL");
+    EXPECT(pl_sgd_set_step(NULL, 1) == PL_ERR_ARG, PL_ERR_ARG, "pl_sgd_set_step");
+    EXPECT(pl_sgd_set_lr(NULL, 1) == PL_ERR_ARG, PL_ERR_ARG, "pl_sgd_set_lr");
+    pl_sgd_free(NULL);
+    ck_assert_int_eq(pl_sgd_get_step(NULL), 0);
+    EXPECT(pl_clip_grad_norm(NULL, 1.0, &st) == -1, PL_ERR_ARG, "pl_clip_grad_norm");
+    ck_assert_int_eq(st, PL_ERR_ARG);
+    EXPECT(pl_clip_grad_norm(ctx, NAN, NULL) == -1, PL_ERR_ARG, "pl_clip_grad_norm");
+    EXPECT(pl_init_linear(NULL, NULL, 4, &r) == PL_ERR_ARG, PL_ERR_ARG, "tensor is NULL");
+    EXPECT(pl_init_linear(&junk, NULL, 4, &r) == PL_ERR_ARG, PL_ERR_ARG, "not a libplasa");
+    EXPECT(pl_init_linear(w, &junk, 4, &r) == PL_ERR_ARG, PL_ERR_ARG, "not a libplasa");
+    EXPECT(pl_init_linear(w, NULL, 0, &r) == PL_ERR_ARG, PL_ERR_ARG, "pl_init_linear: fan_in");
+    EXPECT(pl_init_linear(w, NULL, 4, NULL) == PL_ERR_ARG, PL_ERR_ARG, "rng is NULL");
+    EXPECT(pl_init_embedding(&junk, &r) == PL_ERR_ARG, PL_ERR_ARG, "not a libplasa");
+    EXPECT(pl_init_embedding(w, NULL) == PL_ERR_ARG, PL_ERR_ARG, "rng is NULL");
+
+    char dir[] = "/tmp/plasa_test_errors_XXXXXX", path[64];
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/w.safetensors", dir);
+    const pl_tensor *ts[1] = {w}, *bad[1] = {&junk};
+    EXPECT(pl_safetensors_save(NULL, ts, NULL, 1, NULL, NULL, 0) == PL_ERR_ARG, PL_ERR_ARG,
+           "pl_safetensors_save: path");
+    EXPECT(pl_safetensors_save(path, NULL, NULL, 1, NULL, NULL, 0) == PL_ERR_ARG, PL_ERR_ARG,
+           "pl_safetensors_save: tensors is NULL");
+    EXPECT(pl_safetensors_save(path, bad, NULL, 1, NULL, NULL, 0) == PL_ERR_ARG, PL_ERR_ARG,
+           "pl_safetensors_save: tensor 0");
+    EXPECT(pl_safetensors_save(path, ts, NULL, -1, NULL, NULL, 0) == PL_ERR_ARG, PL_ERR_ARG,
+           "pl_safetensors_save");
+    EXPECT(pl_safetensors_save(path, ts, NULL, 1, NULL, NULL, 2) == PL_ERR_ARG, PL_ERR_ARG,
+           "pl_safetensors_save");
+    EXPECT(!pl_safetensors_open(NULL), PL_ERR_ARG, "pl_safetensors_open: path is NULL");
+    EXPECT(!pl_safetensors_open(dir), PL_ERR_IO, "pl_safetensors_open");
+    pl_safetensors_close(NULL);
+    uint64_t u;
+    EXPECT(pl_safetensors_meta_u64(NULL, "k", &u) == PL_ERR_ARG, PL_ERR_ARG,
+           "pl_safetensors_meta_u64");
+    ck_assert_int_eq(pl_safetensors_save(path, ts, NULL, 1, NULL, NULL, 0), PL_OK);
+    pl_safetensors *s = pl_safetensors_open(path);
+    ck_assert_ptr_nonnull(s);
+    EXPECT(pl_safetensors_meta_u64(s, NULL, &u) == PL_ERR_ARG, PL_ERR_ARG,
+           "pl_safetensors_meta_u64");
+    EXPECT(pl_safetensors_meta_u64(s, "k", NULL) == PL_ERR_ARG, PL_ERR_ARG,
+           "pl_safetensors_meta_u64");
+    /* Lookups answer NULL / 0 for NULL or out-of-range arguments. */
+    ck_assert_int_eq(pl_safetensors_count(NULL), 0);
+    ck_assert_ptr_null(pl_safetensors_at(NULL, 0));
+    ck_assert_ptr_null(pl_safetensors_at(s, 1));
+    ck_assert_ptr_null(pl_safetensors_at(s, -1));
+    ck_assert_ptr_null(pl_safetensors_get(NULL, "w"));
+    ck_assert_ptr_null(pl_safetensors_get(s, NULL));
+    ck_assert_int_eq(pl_safetensors_meta_count(NULL), 0);
+    ck_assert_ptr_null(pl_safetensors_meta_key(NULL, 0));
+    ck_assert_ptr_null(pl_safetensors_meta_key(s, 3));
+    ck_assert_ptr_null(pl_safetensors_meta_value(NULL, 0));
+    ck_assert_ptr_null(pl_safetensors_meta(NULL, "k"));
+    ck_assert_ptr_null(pl_safetensors_meta(s, NULL));
+    EXPECT(pl_checkpoint_save(NULL, path, NULL, NULL, 0) == PL_ERR_ARG, PL_ERR_ARG,
+           "pl_checkpoint_save: ctx is NULL");
+    EXPECT(pl_checkpoint_save(ctx, NULL, NULL, NULL, 0) == PL_ERR_ARG, PL_ERR_ARG,
+           "pl_checkpoint_save: path");
+    EXPECT(pl_checkpoint_restore(NULL, s, 0) == PL_ERR_ARG, PL_ERR_ARG,
+           "pl_checkpoint_restore: ctx is NULL");
+    EXPECT(pl_checkpoint_restore(ctx, NULL, 0) == PL_ERR_ARG, PL_ERR_ARG,
+           "pl_checkpoint_restore: st is NULL");
+    EXPECT(pl_checkpoint_restore(ctx, s, 0xff) == PL_ERR_ARG, PL_ERR_ARG,
+           "pl_checkpoint_restore: unknown flags");
+    EXPECT(pl_checkpoint_load(NULL, path, 0) == PL_ERR_ARG, PL_ERR_ARG,
+           "pl_checkpoint_load: ctx is NULL");
+    EXPECT(pl_checkpoint_load(ctx, NULL, 0) == PL_ERR_ARG, PL_ERR_ARG,
+           "pl_checkpoint_load: path is NULL");
+    pl_safetensors_close(s);
+    ck_assert_int_eq(remove(path), 0);
+    ck_assert_int_eq(remove(dir), 0);
+}
+END_TEST
+
 START_TEST(allocator_functions) {
     uint64_t n0 = pl_heap_allocations();
     pl_ctx *c = pl_ctx_new(NULL);
@@ -313,6 +416,9 @@ static bool build_and_train(pl_ctx *c) {
     if (!w1 || !b1 || !w2) return false;
     static float x[B * D];
     for (int i = 0; i < B * D; i++) x[i] = (float)((i * 37) % 11) / 11.0f - 0.5f;
+    /* AdamW state tensors are created here (or adopted on the second run). */
+    pl_adamw *opt = pl_adamw_new(c, NULL);
+    if (!opt) return false;
     for (int step = 0; step < 4; step++) {
         pl_step_reset(c);
         pl_tensor *xt = pl_from_data(c, PL_F32, PL_DIMS(B, D), x);
@@ -321,9 +427,13 @@ static bool build_and_train(pl_ctx *c) {
         pl_tensor *u = pl_full(c, PL_DIMS(1, B), 1.0f / B);
         pl_tensor *v = pl_full(c, PL_DIMS(O, 1), 1.0f);
         pl_tensor *loss = pl_matmul(c, u, pl_matmul(c, y, v, false, false), false, false);
-        if (!loss || pl_backward(c, loss)) return false;
+        if (!loss || pl_backward(c, loss) || pl_adamw_step(opt)) {
+            pl_adamw_free(opt);
+            return false;
+        }
         pl_zero_grad(c);
     }
+    pl_adamw_free(opt);
     pl_step_reset(c);
     pl_tensor *ga = get_param(c, "ga", PL_DIMS(3, 4), &r);
     pl_tensor *gb = get_param(c, "gb", PL_DIMS(2, 4), &r);
@@ -448,6 +558,7 @@ int main(void) {
     tcase_add_test(tc, creation_functions);
     tcase_add_test(tc, fill_and_rng_functions);
     tcase_add_test(tc, autograd_functions);
+    tcase_add_test(tc, optim_and_checkpoint_functions);
     tcase_add_test(tc, last_error_is_per_thread);
     suite_add_tcase(s, tc);
     /* No fixture: the allocator must be set while no context exists. */

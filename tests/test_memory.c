@@ -210,7 +210,7 @@ START_TEST(steady_state_allocates_nothing) {
         ck_assert_msg(process_wide, "the malloc interposer is not active (%ld allocs seen)",
                       atomic_load(&n_alloc));
 
-    enum { STEPS = 10 };
+    enum { STEPS = 5 };
     uint64_t lib0 = pl_heap_allocations();
     pl_status st = PL_OK;
     counters_start();
@@ -251,7 +251,7 @@ START_TEST(steady_state_single_thread) {
     uint64_t lib0 = pl_heap_allocations();
     counters_start();
     pl_status st = PL_OK;
-    for (int i = 0; i < 5 && st == PL_OK; i++) st = train_step(ctx, &m);
+    for (int i = 0; i < 3 && st == PL_OK; i++) st = train_step(ctx, &m);
     counters_stop();
     pl_set_num_threads(keep);
     ck_assert_msg(st == PL_OK, "%s", pl_last_error());

@@ -305,7 +305,7 @@ START_TEST(philox_word_mapping) {
 }
 END_TEST
 
-enum { FILL_N = 100003 }; /* odd, so the threads' shares are uneven */
+enum { FILL_N = 20011 }; /* odd, so the threads' shares are uneven */
 
 static void fill_with_threads(int threads, int normal, float *out) {
     int keep = pl_get_num_threads();
@@ -377,7 +377,7 @@ START_TEST(fills_are_counter_based) {
 END_TEST
 
 START_TEST(fill_moments) {
-    enum { N = 200000 };
+    enum { N = 100000 };
     pl_tensor *t = pl_empty(ctx, PL_F32, PL_DIMS(N));
     pl_rng r;
     pl_rng_init(&r, 2024);
@@ -391,7 +391,8 @@ START_TEST(fill_moments) {
         s2 += (double)d[i] * d[i];
     }
     double mean = s / N, var = s2 / N - mean * mean;
-    /* Standard errors: mean ~0.0026, variance ~0.0027; allow ~10 of them. */
+    /* Standard errors: mean ~0.0037, variance ~0.0038; allow ~8 of them
+     * (normal below: mean 0.0063, variance 0.018, share 0.0015). */
     ck_assert_msg(fabs(mean - 1.0) < 0.03, "uniform mean %g", mean);
     ck_assert_msg(fabs(var - 16.0 / 12) < 0.03, "uniform variance %g", var);
 
