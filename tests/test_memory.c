@@ -25,7 +25,17 @@
  * "gemm:jit" (the same driver, scratchpad size 0 even in user scratchpad
  * mode) and primitive execution adds a few allocations of its own for the
  * argument map. So the assertion here is: zero allocations outside
- * dnnl_sgemm, and every byte oneDNN allocates is freed within the call. */
+ * dnnl_sgemm, and every byte oneDNN allocates is freed within the call.
+ *
+ * Finding 2 (libgomp, gcc 12): a parallel region that runs on ONE thread
+ * (an if() clause that is false, num_threads(1), or OMP_NUM_THREADS=1) makes
+ * libgomp allocate its team (memalign, ~1.5 KB) and free it at the end of the
+ * region; teams of two or more threads are cached and reused. The full-step
+ * test below counts these separately (allocations the calling thread makes
+ * inside GOMP_parallel, around the region's body). They would go away if the
+ * library did not enter a region it would run serially:
+ *     if (work > PAR_MIN && omp_get_max_threads() > 1) { #pragma omp parallel for ... }
+ *     else { the same loop }                                                    */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <string.h>
@@ -40,20 +50,26 @@
 
 static atomic_int counting;   /* count only between start/stop */
 static atomic_int in_gemm;    /* > 0 while a dnnl_sgemm call runs */
-static atomic_long n_alloc, n_free, g_alloc, g_free, g_bytes, g_calls;
+static _Thread_local int in_gomp; /* this thread is in libgomp's own code */
+static atomic_long n_alloc, n_free, g_alloc, g_free, g_bytes, g_calls, t_alloc, t_free, t_calls;
 
 static void on_alloc(size_t size) {
     if (!atomic_load_explicit(&counting, memory_order_relaxed)) return;
     if (atomic_load_explicit(&in_gemm, memory_order_relaxed)) {
         atomic_fetch_add(&g_alloc, 1);
         atomic_fetch_add(&g_bytes, (long)size);
+    } else if (in_gomp) {
+        atomic_fetch_add(&t_alloc, 1);
     } else {
         atomic_fetch_add(&n_alloc, 1);
     }
 }
 static void on_free(const volatile void *p) {
     if (!p || !atomic_load_explicit(&counting, memory_order_relaxed)) return;
-    atomic_fetch_add(atomic_load_explicit(&in_gemm, memory_order_relaxed) ? &g_free : &n_free, 1);
+    atomic_fetch_add(atomic_load_explicit(&in_gemm, memory_order_relaxed) ? &g_free
+                     : in_gomp                                            ? &t_free
+                                                                          : &n_free,
+                     1);
 }
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -134,6 +150,31 @@ dnnl_status_t __wrap_dnnl_sgemm(char ta, char tb, dnnl_dim_t M, dnnl_dim_t N, dn
     return s;
 }
 
+/* The library's parallel regions (gcc emits GOMP_parallel for them; the test
+ * links with -Wl,--wrap=GOMP_parallel). Allocations the calling thread makes
+ * inside libgomp, around the region's body, are libgomp's team management;
+ * the body itself (on every thread) is counted as ours. */
+void __real_GOMP_parallel(void (*fn)(void *), void *data, unsigned n, unsigned flags);
+void __wrap_GOMP_parallel(void (*fn)(void *), void *data, unsigned n, unsigned flags);
+typedef struct {
+    void (*fn)(void *);
+    void *data;
+} region;
+static void region_body(void *p) {
+    region *r = p;
+    int keep = in_gomp;
+    in_gomp = 0;
+    r->fn(r->data);
+    in_gomp = keep;
+}
+void __wrap_GOMP_parallel(void (*fn)(void *), void *data, unsigned n, unsigned flags) {
+    region r = {fn, data};
+    atomic_fetch_add(&t_calls, 1);
+    in_gomp = 1;
+    __real_GOMP_parallel(region_body, &r, n, flags);
+    in_gomp = 0;
+}
+
 static void counters_start(void) {
     atomic_store(&n_alloc, 0);
     atomic_store(&n_free, 0);
@@ -141,6 +182,9 @@ static void counters_start(void) {
     atomic_store(&g_free, 0);
     atomic_store(&g_bytes, 0);
     atomic_store(&g_calls, 0);
+    atomic_store(&t_alloc, 0);
+    atomic_store(&t_free, 0);
+    atomic_store(&t_calls, 0);
     atomic_store(&counting, 1);
 }
 static void counters_stop(void) { atomic_store(&counting, 0); }
@@ -226,7 +270,7 @@ START_TEST(steady_state_allocates_nothing) {
                       atomic_load(&n_alloc), atomic_load(&n_free), STEPS);
         /* Whatever oneDNN takes it gives back within the call. */
         ck_assert_int_eq(atomic_load(&g_alloc), atomic_load(&g_free));
-        printf("test_memory: %d steps, %d threads: 0 allocations outside oneDNN; "
+        printf("test_memory: %d steps, %d thread(s): 0 allocations outside oneDNN; "
                "dnnl_sgemm: %ld calls, %ld allocations (%.1f per call), %ld bytes (%.0f per "
                "call), all freed within the call\n",
                STEPS, pl_get_num_threads(), atomic_load(&g_calls), atomic_load(&g_alloc),
@@ -262,6 +306,73 @@ START_TEST(steady_state_single_thread) {
         printf("test_memory: 1 thread: dnnl_sgemm %ld calls, %ld allocations, %ld bytes\n",
                atomic_load(&g_calls), atomic_load(&g_alloc), atomic_load(&g_bytes));
     free(m.x);
+}
+END_TEST
+
+/* The same with the rest of a real step: embedding, SwiGLU-style MLP,
+ * residual add, mixture of experts, LM head, cross-entropy, gradient
+ * clipping and AdamW. */
+enum { V = 96, D = 32, F = 48, E = 4, B = 4, T = 16 };
+
+typedef struct {
+    pl_tensor *emb, *w1, *w2, *router, *gate, *up, *down, *head;
+    int32_t ids[B * T], targets[B * T];
+    pl_adamw *opt;
+} lm;
+
+static pl_status lm_step(pl_ctx *c, lm *m) {
+    pl_tensor *ids = pl_from_data(c, PL_I32, PL_DIMS(B, T), m->ids);
+    pl_tensor *tg = pl_from_data(c, PL_I32, PL_DIMS(B, T), m->targets);
+    pl_tensor *h = pl_embedding(c, m->emb, ids);
+    h = pl_add(c, h, pl_linear(c, pl_silu(c, pl_linear(c, h, m->w1, NULL)), m->w2, NULL));
+    h = pl_add(c, h, pl_moe(c, h, m->router, m->gate, m->up, m->down, 2));
+    pl_tensor *loss = pl_cross_entropy(c, pl_linear(c, h, m->head, NULL), tg);
+    pl_status s = loss ? pl_backward(c, loss) : pl_last_status();
+    if (s == PL_OK && pl_clip_grad_norm(c, 1.0, &s) < 0) return s;
+    if (s == PL_OK) s = pl_adamw_step(m->opt);
+    pl_zero_grad(c);
+    pl_step_reset(c);
+    return s;
+}
+
+START_TEST(steady_state_full_step) {
+    uint64_t s = 5;
+    lm m;
+    m.emb = tu_param(ctx, "emb", PL_DIMS(V, D), &s, -1, 1);
+    m.w1 = tu_param(ctx, "w1", PL_DIMS(D, F), &s, -0.2f, 0.2f);
+    m.w2 = tu_param(ctx, "w2", PL_DIMS(F, D), &s, -0.2f, 0.2f);
+    m.router = tu_param(ctx, "router", PL_DIMS(D, E), &s, -0.2f, 0.2f);
+    m.gate = tu_param(ctx, "gate", PL_DIMS(E, D, F), &s, -0.2f, 0.2f);
+    m.up = tu_param(ctx, "up", PL_DIMS(E, D, F), &s, -0.2f, 0.2f);
+    m.down = tu_param(ctx, "down", PL_DIMS(E, F, D), &s, -0.2f, 0.2f);
+    m.head = tu_param(ctx, "head", PL_DIMS(D, V), &s, -0.2f, 0.2f);
+    for (int i = 0; i < B * T; i++) {
+        m.ids[i] = tu_randint(&s, 0, V - 1);
+        m.targets[i] = tu_randint(&s, 0, V - 1);
+    }
+    m.opt = pl_adamw_new(ctx, NULL);
+    ck_assert_msg(m.opt != NULL, "%s", pl_last_error());
+    for (int i = 0; i < 4; i++) ck_assert_msg(lm_step(ctx, &m) == PL_OK, "%s", pl_last_error());
+    uint64_t lib0 = pl_heap_allocations();
+    pl_status st = PL_OK;
+    counters_start();
+    for (int i = 0; i < 5 && st == PL_OK; i++) st = lm_step(ctx, &m);
+    counters_stop();
+    pl_adamw_free(m.opt);
+    ck_assert_msg(st == PL_OK, "%s", pl_last_error());
+    ck_assert_uint_eq(pl_heap_allocations() - lib0, 0);
+    if (!under_valgrind()) {
+        ck_assert_msg(atomic_load(&n_alloc) == 0 && atomic_load(&n_free) == 0,
+                      "%ld allocations, %ld frees outside dnnl_sgemm and libgomp",
+                      atomic_load(&n_alloc), atomic_load(&n_free));
+        printf("test_memory: full step, %d thread(s), 5 steps: 0 allocations outside oneDNN and "
+               "libgomp; dnnl_sgemm %ld calls, %ld allocations; %ld parallel regions, libgomp "
+               "allocated %ld times (one-thread teams)\n",
+               pl_get_num_threads(), atomic_load(&g_calls), atomic_load(&g_alloc),
+               atomic_load(&t_calls), atomic_load(&t_alloc));
+    }
+    ck_assert_int_eq(atomic_load(&g_alloc), atomic_load(&g_free));
+    ck_assert_int_eq(atomic_load(&t_alloc), atomic_load(&t_free));
 }
 END_TEST
 
@@ -474,6 +585,7 @@ int main(void) {
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, steady_state_allocates_nothing);
     tcase_add_test(tc, steady_state_single_thread);
+    tcase_add_test(tc, steady_state_full_step);
     tcase_add_test(tc, arena_stats);
     tcase_add_test(tc, arena_growth_and_merge);
     tcase_add_test(tc, marks);
