@@ -309,22 +309,34 @@ START_TEST(steady_state_single_thread) {
 }
 END_TEST
 
-/* The same with the rest of a real step: embedding, SwiGLU-style MLP,
- * residual add, mixture of experts, LM head, cross-entropy, gradient
- * clipping and AdamW. */
-enum { V = 96, D = 32, F = 48, E = 4, B = 4, T = 16 };
+/* The same with the rest of a real step: a small pre-norm decoder layer
+ * (RMSNorm, fused QKV, RoPE, causal attention with dropout, SwiGLU MLP,
+ * mixture of experts), LM head, cross-entropy, gradient clipping, AdamW. */
+enum { V = 96, D = 32, NH = 2, F = 48, E = 4, B = 4, T = 16 };
 
 typedef struct {
-    pl_tensor *emb, *w1, *w2, *router, *gate, *up, *down, *head;
+    pl_tensor *emb, *n1, *n2, *wqkv, *wo, *w1, *w3, *w2, *router, *gate, *up, *down, *head;
     int32_t ids[B * T], targets[B * T];
     pl_adamw *opt;
+    pl_rng rng;
 } lm;
+
+static pl_tensor *heads(pl_ctx *c, pl_tensor *qkv, int i) {
+    return pl_reshape(c, pl_slice(c, qkv, 2, i * D, D), PL_DIMS(B, T, NH, D / NH));
+}
 
 static pl_status lm_step(pl_ctx *c, lm *m) {
     pl_tensor *ids = pl_from_data(c, PL_I32, PL_DIMS(B, T), m->ids);
     pl_tensor *tg = pl_from_data(c, PL_I32, PL_DIMS(B, T), m->targets);
     pl_tensor *h = pl_embedding(c, m->emb, ids);
-    h = pl_add(c, h, pl_linear(c, pl_silu(c, pl_linear(c, h, m->w1, NULL)), m->w2, NULL));
+    pl_tensor *qkv = pl_linear(c, pl_rmsnorm(c, h, m->n1, 1e-6f), m->wqkv, NULL);
+    pl_tensor *q = pl_rope(c, heads(c, qkv, 0), 10000.0f, 0);
+    pl_tensor *k = pl_rope(c, heads(c, qkv, 1), 10000.0f, 0);
+    pl_tensor *att = pl_attention(c, q, k, heads(c, qkv, 2), 0.1f, &m->rng);
+    h = pl_add(c, h, pl_linear(c, pl_reshape(c, att, PL_DIMS(B, T, D)), m->wo, NULL));
+    pl_tensor *a = pl_rmsnorm(c, h, m->n2, 1e-6f);
+    pl_tensor *mlp = pl_swiglu(c, pl_linear(c, a, m->w1, NULL), pl_linear(c, a, m->w3, NULL));
+    h = pl_add(c, h, pl_dropout(c, pl_linear(c, mlp, m->w2, NULL), 0.1f, &m->rng));
     h = pl_add(c, h, pl_moe(c, h, m->router, m->gate, m->up, m->down, 2));
     pl_tensor *loss = pl_cross_entropy(c, pl_linear(c, h, m->head, NULL), tg);
     pl_status s = loss ? pl_backward(c, loss) : pl_last_status();
@@ -339,7 +351,12 @@ START_TEST(steady_state_full_step) {
     uint64_t s = 5;
     lm m;
     m.emb = tu_param(ctx, "emb", PL_DIMS(V, D), &s, -1, 1);
+    m.n1 = tu_param(ctx, "n1", PL_DIMS(D), &s, -0.1f, 0.1f);
+    m.n2 = tu_param(ctx, "n2", PL_DIMS(D), &s, -0.1f, 0.1f);
+    m.wqkv = tu_param(ctx, "wqkv", PL_DIMS(D, 3 * D), &s, -0.2f, 0.2f);
+    m.wo = tu_param(ctx, "wo", PL_DIMS(D, D), &s, -0.2f, 0.2f);
     m.w1 = tu_param(ctx, "w1", PL_DIMS(D, F), &s, -0.2f, 0.2f);
+    m.w3 = tu_param(ctx, "w3", PL_DIMS(D, F), &s, -0.2f, 0.2f);
     m.w2 = tu_param(ctx, "w2", PL_DIMS(F, D), &s, -0.2f, 0.2f);
     m.router = tu_param(ctx, "router", PL_DIMS(D, E), &s, -0.2f, 0.2f);
     m.gate = tu_param(ctx, "gate", PL_DIMS(E, D, F), &s, -0.2f, 0.2f);
@@ -350,6 +367,7 @@ START_TEST(steady_state_full_step) {
         m.ids[i] = tu_randint(&s, 0, V - 1);
         m.targets[i] = tu_randint(&s, 0, V - 1);
     }
+    pl_rng_init(&m.rng, 9);
     m.opt = pl_adamw_new(ctx, NULL);
     ck_assert_msg(m.opt != NULL, "%s", pl_last_error());
     for (int i = 0; i < 4; i++) ck_assert_msg(lm_step(ctx, &m) == PL_OK, "%s", pl_last_error());
