@@ -196,7 +196,9 @@ typedef struct {
 } pl_rng;
 
 PL_API void pl_rng_init(pl_rng *rng, uint64_t seed);
-/* Four independent uniform 32-bit words for (seed, counter). */
+/* Four independent uniform 32-bit words for (seed, counter): Random123's
+ * philox4x32_10 with key words {lo32(seed), hi32(seed)} and counter words
+ * {lo32(counter), hi32(counter), 0, 0} (bit-exact with the reference). */
 PL_API void pl_philox(uint64_t seed, uint64_t counter, uint32_t out[4]);
 PL_API pl_status pl_fill_uniform(pl_tensor *t, pl_rng *rng, float lo, float hi);
 PL_API pl_status pl_fill_normal(pl_tensor *t, pl_rng *rng, float mean, float stddev);

@@ -3,7 +3,13 @@
  * big enough for the whole step, so from then on a step allocates nothing. */
 #include "internal.h"
 
+#include <stdio.h>
+
 static pl_chunk *chunk_new(size_t size) {
+    if (size > SIZE_MAX - sizeof(pl_chunk) - PL_ALIGN) {
+        pl__err(PL_ERR_NOMEM, "out of memory: arena chunk of %zu bytes", size);
+        return NULL;
+    }
     pl_chunk *c = pl__malloc(sizeof(pl_chunk) + size + PL_ALIGN);
     if (!c) return NULL;
     uintptr_t p = (uintptr_t)(c + 1);
@@ -61,10 +67,19 @@ void pl__arena_reset(pl_arena *a) {
     if (n > 1 && total > 0) {
         size_t want = total + total / 8;
         if (want < a->min_chunk) want = a->min_chunk;
+        /* The merge is an optimisation: if it fails the old chunks stay,
+         * and the caller's error state must not change. */
+        pl_status st = pl_last_status();
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", pl_last_error());
         pl_chunk *merged = chunk_new(want);
         if (merged) {
             pl__arena_free(a);
             a->head = merged;
+        } else if (st == PL_OK) {
+            pl_clear_error();
+        } else {
+            pl__err(st, "%s", msg);
         }
     }
     a->cur = a->head;

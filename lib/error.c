@@ -60,10 +60,13 @@ static pl_allocator heap = {default_alloc, default_free, NULL};
 static atomic_uint_fast64_t heap_count;
 
 void pl_set_allocator(const pl_allocator *a) {
-    if (a && a->alloc && a->free)
+    if (a && a->alloc && a->free) {
         heap = *a;
-    else
-        heap = (pl_allocator){default_alloc, default_free, NULL};
+        return;
+    }
+    heap = (pl_allocator){default_alloc, default_free, NULL};
+    if (a) pl__err(PL_ERR_ARG, "pl_set_allocator: alloc and free are both required; using "
+                               "malloc and free");
 }
 
 uint64_t pl_heap_allocations(void) { return (uint64_t)atomic_load(&heap_count); }

@@ -212,4 +212,10 @@ static inline float pl__sum(const float *x, int64_t n) {
 extern int64_t pl__par_min;
 #define PL_PAR_MIN pl__par_min
 
+/* ---- Philox (engine-infra) ---- */
+/* Philox4x32-10 exactly as Random123's philox4x32_10: counter words ctr[0..3],
+ * key words key[0..1]. pl_philox(seed, counter) is this function with
+ * ctr = {lo32(counter), hi32(counter), 0, 0} and key = {lo32(seed), hi32(seed)}. */
+void pl__philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
+
 #endif

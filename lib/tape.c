@@ -4,13 +4,16 @@
 #include "internal.h"
 
 bool pl_set_grad_enabled(pl_ctx *ctx, bool enabled) {
-    if (!ctx) return false;
+    if (!ctx) return pl__err(PL_ERR_ARG, "pl_set_grad_enabled: ctx is NULL"), false;
     bool old = ctx->grad_enabled;
     ctx->grad_enabled = enabled;
     return old;
 }
 
-bool pl_grad_enabled(const pl_ctx *ctx) { return ctx && ctx->grad_enabled; }
+bool pl_grad_enabled(const pl_ctx *ctx) {
+    if (!ctx) return pl__err(PL_ERR_ARG, "pl_grad_enabled: ctx is NULL"), false;
+    return ctx->grad_enabled;
+}
 
 bool pl__wants_grad(pl_ctx *ctx, int n, pl_tensor *const *in) {
     if (!ctx->grad_enabled) return false;
@@ -76,8 +79,9 @@ static pl_status run_backward(pl_ctx *ctx, pl_tensor *out, const float *seed, co
 }
 
 pl_status pl_backward(pl_ctx *ctx, pl_tensor *loss) {
-    if (!ctx) return pl__err(PL_ERR_ARG, "pl_backward: ctx is NULL");
-    if (loss && loss->magic == PL_TENSOR_MAGIC && loss->numel != 1)
+    pl_status s = pl__check(ctx, "pl_backward", "loss", loss, PL_F32);
+    if (s) return s;
+    if (loss->numel != 1)
         return pl__err(PL_ERR_SHAPE,
                        "pl_backward: loss has %lld elements; backward needs a scalar, or use "
                        "pl_backward_seed with a seed gradient",
@@ -92,6 +96,7 @@ pl_status pl_backward_seed(pl_ctx *ctx, pl_tensor *out, const float *seed) {
 }
 
 void pl_zero_grad(pl_ctx *ctx) {
+    if (!ctx) pl__err(PL_ERR_ARG, "pl_zero_grad: ctx is NULL");
     for (int i = 0; ctx && i < ctx->n_params; i++)
         memset(ctx->params[i]->grad, 0, (size_t)ctx->params[i]->numel * sizeof(float));
 }

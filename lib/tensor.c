@@ -35,7 +35,10 @@ void pl_ctx_free(pl_ctx *ctx) {
 }
 
 void pl_set_num_threads(int n) {
-    if (n > 0) omp_set_num_threads(n);
+    if (n > 0)
+        omp_set_num_threads(n);
+    else
+        pl__err(PL_ERR_ARG, "pl_set_num_threads: n = %d (must be >= 1)", n);
 }
 int pl_get_num_threads(void) { return omp_get_max_threads(); }
 
@@ -44,7 +47,10 @@ int pl_get_num_threads(void) { return omp_get_max_threads(); }
  * still carry their old epoch: an op handed one of them reports it instead of
  * reading memory that now belongs to someone else. */
 void pl_step_reset(pl_ctx *ctx) {
-    if (!ctx) return;
+    if (!ctx) {
+        pl__err(PL_ERR_ARG, "pl_step_reset: ctx is NULL");
+        return;
+    }
     ctx->epoch++;
     pl__arena_reset(&ctx->arena);
     pl__arena_reset(&ctx->hdr[ctx->epoch & 1]);
@@ -54,7 +60,10 @@ void pl_step_reset(pl_ctx *ctx) {
 
 pl_arena_stats pl_arena_get_stats(const pl_ctx *ctx) {
     pl_arena_stats s = {0, 0, 0};
-    if (!ctx) return s;
+    if (!ctx) {
+        pl__err(PL_ERR_ARG, "pl_arena_get_stats: ctx is NULL");
+        return s;
+    }
     s.in_use = ctx->arena.in_use;
     s.peak = ctx->arena.peak;
     for (pl_chunk *c = ctx->arena.head; c; c = c->next) s.capacity += c->size;
@@ -62,7 +71,10 @@ pl_arena_stats pl_arena_get_stats(const pl_ctx *ctx) {
 }
 
 void pl_arena_reset_peak(pl_ctx *ctx) {
-    if (ctx) ctx->arena.peak = ctx->arena.in_use;
+    if (ctx)
+        ctx->arena.peak = ctx->arena.in_use;
+    else
+        pl__err(PL_ERR_ARG, "pl_arena_reset_peak: ctx is NULL");
 }
 
 static size_t arena_used_before(const pl_arena *a, const pl_chunk *upto, size_t used) {
@@ -76,7 +88,10 @@ static size_t arena_used_before(const pl_arena *a, const pl_chunk *upto, size_t 
 
 pl_mark pl_mark_get(pl_ctx *ctx) {
     pl_mark m = {0};
-    if (!ctx) return m;
+    if (!ctx) {
+        pl__err(PL_ERR_ARG, "pl_mark_get: ctx is NULL");
+        return m;
+    }
     pl_arena *h = &ctx->hdr[ctx->epoch & 1];
     m.chunk = ctx->arena.cur;
     m.used = ctx->arena.cur ? ctx->arena.cur->used : 0;
@@ -100,10 +115,34 @@ static void arena_rollback(pl_arena *a, pl_chunk *chunk, size_t used) {
     a->in_use = arena_used_before(a, chunk, used);
 }
 
+/* A mark can only move the arena back: its chunk must be the current one
+ * (at or below its fill) or an earlier one. 1: ahead, 2: not in this arena. */
+static int mark_position(const pl_arena *a, const pl_chunk *chunk, size_t used) {
+    if (!chunk) return 0;
+    const pl_chunk *c = a->head;
+    for (; c; c = c->next) {
+        if (c == chunk) return used <= c->used ? 0 : 1;
+        if (c == a->cur) break;
+    }
+    for (c = c ? c->next : NULL; c; c = c->next)
+        if (c == chunk) return 1;
+    return 2;
+}
+
 pl_status pl_mark_release(pl_ctx *ctx, pl_mark m) {
     if (!ctx) return pl__err(PL_ERR_ARG, "pl_mark_release: ctx is NULL");
     if (m.epoch != ctx->epoch)
         return pl__err(PL_ERR_STATE, "pl_mark_release: the mark is from before a pl_step_reset");
+    int pa = mark_position(&ctx->arena, m.chunk, m.used);
+    int ph = mark_position(&ctx->hdr[ctx->epoch & 1], m.hdr_chunk, m.hdr_used);
+    bool tape_ok = !m.tape;
+    for (pl_node *n = ctx->tape; n && !tape_ok; n = n->prev) tape_ok = n == m.tape;
+    if (pa == 2 || ph == 2)
+        return pl__err(PL_ERR_ARG, "pl_mark_release: the mark is not from this context");
+    if (pa || ph || !tape_ok)
+        return pl__err(PL_ERR_STATE,
+                       "pl_mark_release: the mark is ahead of the current position (taken "
+                       "after a mark that was released since)");
     arena_rollback(&ctx->arena, m.chunk, m.used);
     arena_rollback(&ctx->hdr[ctx->epoch & 1], m.hdr_chunk, m.hdr_used);
     ctx->tape = m.tape;
@@ -304,7 +343,13 @@ static void remove_ptr(pl_tensor **arr, int *n, pl_tensor *t) {
 }
 
 void pl_tensor_free(pl_tensor *t) {
-    if (!t || t->magic != PL_TENSOR_MAGIC || !t->persistent) return;
+    if (!t) return;
+    if (t->magic != PL_TENSOR_MAGIC || !t->persistent) {
+        pl__err(PL_ERR_ARG, t->magic != PL_TENSOR_MAGIC
+                                ? "pl_tensor_free: not a libplasa tensor (freed already?)"
+                                : "pl_tensor_free: a step tensor; pl_step_reset frees those");
+        return;
+    }
     pl_ctx *ctx = t->ctx;
     remove_ptr(ctx->persist, &ctx->n_persist, t);
     remove_ptr(ctx->params, &ctx->n_params, t);
@@ -313,24 +358,35 @@ void pl_tensor_free(pl_tensor *t) {
     pl__free(t);
 }
 
-int pl_param_count(const pl_ctx *ctx) { return ctx ? ctx->n_params : 0; }
-pl_tensor *pl_param_at(const pl_ctx *ctx, int i) {
-    return ctx && i >= 0 && i < ctx->n_params ? ctx->params[i] : NULL;
+int pl_param_count(const pl_ctx *ctx) {
+    if (!ctx) return pl__err(PL_ERR_ARG, "pl_param_count: ctx is NULL"), 0;
+    return ctx->n_params;
 }
+pl_tensor *pl_param_at(const pl_ctx *ctx, int i) {
+    if (!ctx) return pl__err(PL_ERR_ARG, "pl_param_at: ctx is NULL"), NULL;
+    if (i < 0 || i >= ctx->n_params)
+        return pl__err(PL_ERR_ARG, "pl_param_at: index %d outside [0, %d)", i, ctx->n_params),
+               NULL;
+    return ctx->params[i];
+}
+/* Not finding the name is an answer, not an error. */
 pl_tensor *pl_param_find(const pl_ctx *ctx, const char *name) {
-    if (!ctx || !name) return NULL;
+    if (!ctx || !name)
+        return pl__err(PL_ERR_ARG, "pl_param_find: %s is NULL", ctx ? "name" : "ctx"), NULL;
     for (int i = 0; i < ctx->n_params; i++)
         if (ctx->params[i]->name && !strcmp(ctx->params[i]->name, name)) return ctx->params[i];
     return NULL;
 }
 int64_t pl_param_numel(const pl_ctx *ctx) {
+    if (!ctx) return pl__err(PL_ERR_ARG, "pl_param_numel: ctx is NULL"), 0;
     int64_t n = 0;
     for (int i = 0; ctx && i < ctx->n_params; i++) n += ctx->params[i]->numel;
     return n;
 }
 
 bool pl_same_shape(const pl_tensor *a, const pl_tensor *b) {
-    if (!a || !b || a->ndim != b->ndim) return false;
+    if (!a || !b) return pl__err(PL_ERR_ARG, "pl_same_shape: a tensor is NULL"), false;
+    if (a->ndim != b->ndim) return false;
     for (int i = 0; i < a->ndim; i++)
         if (a->shape[i] != b->shape[i]) return false;
     return true;
@@ -338,6 +394,10 @@ bool pl_same_shape(const pl_tensor *a, const pl_tensor *b) {
 
 const char *pl_shape_str(const pl_tensor *t, char *buf, size_t size) {
     if (!buf || !size) return "";
+    if (t && (t->magic != PL_TENSOR_MAGIC || t->ndim < 1 || t->ndim > PL_MAX_DIMS)) {
+        snprintf(buf, size, "[?]"); /* not a tensor: do not trust its fields */
+        return buf;
+    }
     size_t o = 0;
     o += (size_t)snprintf(buf + o, size - o, "[");
     for (int i = 0; t && i < t->ndim && o < size; i++)
@@ -349,7 +409,9 @@ const char *pl_shape_str(const pl_tensor *t, char *buf, size_t size) {
 /* ---- filling ---- */
 
 static pl_status check_fill(const char *fn, const pl_tensor *t) {
-    if (!t || t->magic != PL_TENSOR_MAGIC) return pl__err(PL_ERR_ARG, "%s: tensor is NULL", fn);
+    if (!t) return pl__err(PL_ERR_ARG, "%s: tensor is NULL", fn);
+    if (t->magic != PL_TENSOR_MAGIC)
+        return pl__err(PL_ERR_ARG, "%s: not a libplasa tensor (freed?)", fn);
     return pl__check(t->ctx, fn, "t", t, t->dtype);
 }
 

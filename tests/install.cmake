@@ -1,0 +1,20 @@
+# test_install: cmake --install of this build into a temporary prefix, then a
+# consumer built against it with find_package and with pkg-config (shared and
+# static), see install/run.cmake. In a sanitizer build the consumers are built
+# with the same -fsanitize flags (the installed library needs the runtime).
+if(NOT PKG_CONFIG_EXECUTABLE)
+  message(STATUS "test_install: pkg-config not found, test not registered")
+  return()
+endif()
+set(PLASA_CONSUMER_FLAGS "")
+if(PLASA_SANITIZE)
+  set(PLASA_CONSUMER_FLAGS "-fsanitize=address,undefined -fno-omit-frame-pointer")
+endif()
+add_test(NAME test_install
+         COMMAND ${CMAKE_COMMAND} -DBUILD_DIR=${PROJECT_BINARY_DIR}
+                 -DSRC_DIR=${CMAKE_CURRENT_SOURCE_DIR}/install
+                 -DWORK_DIR=${CMAKE_CURRENT_BINARY_DIR}/install-test
+                 -DLIBDIR=${CMAKE_INSTALL_LIBDIR} -DC_COMPILER=${CMAKE_C_COMPILER}
+                 "-DC_FLAGS=${PLASA_CONSUMER_FLAGS}" -DPKG_CONFIG=${PKG_CONFIG_EXECUTABLE}
+                 -P ${CMAKE_CURRENT_SOURCE_DIR}/install/run.cmake)
+set_tests_properties(test_install PROPERTIES TIMEOUT 300)
