@@ -12,6 +12,16 @@
  * token sums its k expert outputs back (in expert order, as PyTorch's
  * index_add_ loop over experts does).
  *
+ * Causality to the last bit: how many rows an expert gets depends on every
+ * token, later ones included, and oneDNN computes the last (M mod 6) rows of
+ * an M-row product with another kernel (another summation order). So the
+ * forward products go through MOE_CHUNK-row chunks, each copied into a
+ * zero-padded aligned buffer: every sgemm has the same shape, and a row's
+ * result depends only on its values and its place in its chunk, which only
+ * earlier tokens decide. Otherwise changing a later token changed earlier
+ * outputs in the last bits (the model-level causality test in
+ * tests/test_trainer.c saw it in about 1 probe of 5 at batch 1).
+ *
  * Backward (dy = dL/dy, h = silu(g) * u, o_e = expert e's output row):
  *   dw_e = dy . o_e                      (the choice S is not differentiable)
  *   do_e = w_e dy
@@ -36,6 +46,8 @@ typedef struct {
     float *g, *u, *h;         /* [R, F] gate and up projections, silu(g) * u */
     float *y;                 /* [R, d] expert outputs (before weighting) */
 } moe_saved;
+
+#define MOE_CHUNK 64
 
 static inline float silu_f(float v) { return v / (1.0f + expf(-v)); }
 
@@ -290,25 +302,37 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
 
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < R; r++) memcpy(sv->xg + r * d, xd + tok[r] * d, (size_t)d * 4);
-    for (int64_t e = 0; e < E; e++) {
-        int64_t o = off[e], ne = off[e + 1] - o;
-        if (ne == 0) continue;
-        const float *xe = sv->xg + o * d;
-        if (pl__sgemm(false, false, ne, F, d, 1.0f, xe, d, pl_f32(w_gate) + e * d * F, F, 0.0f,
-                      sv->g + o * F, F) ||
-            pl__sgemm(false, false, ne, F, d, 1.0f, xe, d, pl_f32(w_up) + e * d * F, F, 0.0f,
-                      sv->u + o * F, F))
-            return NULL;
-    }
+    /* chunk buffers (see the top of the file): input, and two outputs */
+    const int64_t C = MOE_CHUNK, wmax = d > F ? d : F;
+    float *ca = pl__scratch(ctx, (size_t)(C * wmax) * 4);
+    float *c1 = pl__scratch(ctx, (size_t)(C * wmax) * 4);
+    float *c2 = pl__scratch(ctx, (size_t)(C * F) * 4);
+    if (!ca || !c1 || !c2) return NULL;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t o = off[e]; o < off[e + 1]; o += C) {
+            int64_t m = off[e + 1] - o < C ? off[e + 1] - o : C;
+            memcpy(ca, sv->xg + o * d, (size_t)(m * d) * 4);
+            memset(ca + m * d, 0, (size_t)((C - m) * d) * 4);
+            if (pl__sgemm(false, false, C, F, d, 1.0f, ca, d, pl_f32(w_gate) + e * d * F, F, 0.0f,
+                          c1, F) ||
+                pl__sgemm(false, false, C, F, d, 1.0f, ca, d, pl_f32(w_up) + e * d * F, F, 0.0f,
+                          c2, F))
+                return NULL;
+            memcpy(sv->g + o * F, c1, (size_t)(m * F) * 4);
+            memcpy(sv->u + o * F, c2, (size_t)(m * F) * 4);
+        }
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < R * F; i++) sv->h[i] = silu_f(sv->g[i]) * sv->u[i];
-    for (int64_t e = 0; e < E; e++) {
-        int64_t o = off[e], ne = off[e + 1] - o;
-        if (ne == 0) continue;
-        if (pl__sgemm(false, false, ne, d, F, 1.0f, sv->h + o * F, F, pl_f32(w_down) + e * F * d,
-                      d, 0.0f, sv->y + o * d, d))
-            return NULL;
-    }
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t o = off[e]; o < off[e + 1]; o += C) {
+            int64_t m = off[e + 1] - o < C ? off[e + 1] - o : C;
+            memcpy(ca, sv->h + o * F, (size_t)(m * F) * 4);
+            memset(ca + m * F, 0, (size_t)((C - m) * F) * 4);
+            if (pl__sgemm(false, false, C, d, F, 1.0f, ca, F, pl_f32(w_down) + e * F * d, d, 0.0f,
+                          c1, d))
+                return NULL;
+            memcpy(sv->y + o * d, c1, (size_t)(m * d) * 4);
+        }
 
     /* Each token sums w_e * o_e over its experts in increasing expert order
      * (gathered rows are expert-major, so that is increasing row order). */

@@ -155,6 +155,53 @@ START_TEST(forward_3d_input) {
 }
 END_TEST
 
+/* Expert blocks of several MOE_CHUNK (64) row chunks and a partial one. */
+START_TEST(forward_large_blocks) {
+    uint64_t s = 77;
+    int Ns[] = {150, 301, 520};
+    for (int i = 0; i < 3; i++) {
+        moe_case c = {.N = Ns[i], .d = 12 + 5 * i, .E = 3 + i, .F = 9 + 7 * i, .k = 2};
+        make_case(&c, &s, false, 1.0f);
+        check_against_ref(&c, c.x);
+    }
+}
+END_TEST
+
+/* Changing token s (any row of x) leaves the output of every earlier token
+ * bit-identical, although it can change how many rows each expert gets:
+ * the expert products must not depend on the block sizes (ops/moe.c). */
+START_TEST(earlier_tokens_bit_identical) {
+    uint64_t s = 4242;
+    moe_case c = {.N = 64, .d = 32, .E = 4, .F = 32, .k = 2};
+    make_case(&c, &s, false, 3.0f);
+    const size_t row = sizeof(float) * (size_t)c.d;
+    int routing_changed = 0;
+    for (int rep = 0; rep < 60; rep++) {
+        /* late tokens: earlier ones are then at the ends of expert blocks */
+        int at = rep % 2 ? c.N - 1 - rep % 5 : tu_randint(&s, 1, c.N - 1);
+        pl_tensor *y0 = pl_moe(ctx, c.x, c.rw, c.wg, c.wu, c.wd, c.k);
+        pl_tensor *e0 = NULL, *e1 = NULL;
+        ck_assert_msg(pl_moe_route(ctx, c.x, c.rw, c.k, &e0, NULL) == PL_OK, "%s", pl_last_error());
+        float *xs = pl_f32(c.x) + (size_t)at * c.d, keep[32];
+        memcpy(keep, xs, row);
+        tu_fill(xs, c.d, &s, -1, 1);
+        pl_tensor *y1 = pl_moe(ctx, c.x, c.rw, c.wg, c.wu, c.wd, c.k);
+        ck_assert_int_eq(pl_moe_route(ctx, c.x, c.rw, c.k, &e1, NULL), PL_OK);
+        ck_assert(y0 && y1);
+        for (int t = 0; t < at; t++)
+            ck_assert_msg(memcmp(pl_f32(y0) + (size_t)t * c.d, pl_f32(y1) + (size_t)t * c.d,
+                                 row) == 0,
+                          "changing token %d changed the output of token %d", at, t);
+        ck_assert(memcmp(pl_f32(y0) + (size_t)at * c.d, pl_f32(y1) + (size_t)at * c.d, row));
+        routing_changed +=
+            memcmp(pl_i32(e0) + at * c.k, pl_i32(e1) + at * c.k, sizeof(int32_t) * c.k) != 0;
+        memcpy(xs, keep, row); /* (c's tensors are step tensors: no reset) */
+    }
+    /* the block sizes did change, so the test can fail */
+    ck_assert_int_gt(routing_changed, 15);
+}
+END_TEST
+
 /* Router values with exactly representable products and sums (multiples of
  * 1/4 times {-1, 0, 1/2, 1}) make equal router columns give bitwise equal
  * logits whatever the summation order, so the ties are exact. */
@@ -380,6 +427,8 @@ int main(void) {
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_loop_test(tc, forward_matches_naive, 0, 4);
     tcase_add_test(tc, forward_3d_input);
+    tcase_add_test(tc, forward_large_blocks);
+    tcase_add_test(tc, earlier_tokens_bit_identical);
     tcase_add_test(tc, ties_go_to_lower_index);
     tcase_add_test(tc, gradients_top2);
     tcase_add_test(tc, gradients_top1_and_all);
