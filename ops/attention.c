@@ -187,15 +187,6 @@ static void pack_rows(const att *a, const float *x, float *dst, int64_t bh, int6
         for (int64_t d = 0; d < Dp; d++) dst[c * Dp + d] = c < n && d < D ? src[c * rs + d] : 0.0f;
 }
 
-/* Gives the arena back down to mark (taken after the last allocation that
- * must outlive the call, with nothing recorded since). pl_mark_release would
- * also clear tape_consumed; keep it as it was. */
-static void release(pl_ctx *ctx, pl_mark mark) {
-    bool consumed = ctx->tape_consumed;
-    pl_mark_release(ctx, mark);
-    ctx->tape_consumed = consumed;
-}
-
 /* Floats of per-thread scratch. */
 static int64_t fwd_scratch(const att *a) { return BLK * BLK + BLK * a->Dp + 2 * BLK; }
 static int64_t bwd_scratch(const att *a, bool whole) {
@@ -516,7 +507,7 @@ static void attention_backward(pl_ctx *ctx, pl_node *n) {
                 bwd_dq_task(ap, t % BH, nblk - 1 - t / BH, ws + omp_get_thread_num() * per);
         }
     }
-    release(ctx, mark);
+    pl_mark_release(ctx, mark);
 }
 
 pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v, float dropout_p,
@@ -594,7 +585,7 @@ pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v, f
     }
     if (dropout_p > 0.0f) rng->offset += (uint64_t)BH * (uint64_t)a.L * a.W;
     a.KT = a.Vp = NULL; /* released below */
-    release(ctx, mark);
+    pl_mark_release(ctx, mark);
     pl_tensor *in[3] = {q, k, v};
     if (pl__wants_grad(ctx, 3, in)) {
         pl_node *n = pl__record(ctx, "attention", attention_backward, out, 3, in);

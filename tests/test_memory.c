@@ -536,6 +536,24 @@ START_TEST(marks) {
     float G[16];
     for (int i = 0; i < 16; i++) G[i] = 1;
     ck_assert_int_eq(pl_backward_seed(ctx, y0, G), PL_OK);
+    /* A release puts back whether backward had run: a mark taken on the
+     * consumed tape keeps it consumed (scratch taken and given back inside
+     * an op must not re-arm backward over nodes that already ran) ... */
+    pl_mark mc = pl_mark_get(ctx);
+    ck_assert(pl_full(ctx, PL_DIMS(4), 0.0f) != NULL);
+    ck_assert_int_eq(pl_mark_release(ctx, mc), PL_OK);
+    ck_assert_int_eq(pl_backward_seed(ctx, y0, G), PL_ERR_STATE);
+    tu_assert_error(PL_ERR_STATE, "backward already ran on this tape");
+    pl_step_reset(ctx);
+    /* ... and one taken before a backward rolls it back with the tape. */
+    pl_tensor *y1 = pl_matmul(ctx, w, w, false, false);
+    pl_mark mf = pl_mark_get(ctx);
+    pl_tensor *y2 = pl_matmul(ctx, y1, w, false, false);
+    ck_assert_int_eq(pl_backward_seed(ctx, y2, G), PL_OK);
+    ck_assert_int_eq(pl_mark_release(ctx, mf), PL_OK);
+    ck_assert_int_eq(pl_backward_seed(ctx, y1, G), PL_OK);
+    ck_assert_int_eq(pl_backward_seed(ctx, y1, G), PL_ERR_STATE);
+    m = pl_mark_get(ctx);
     /* A mark from before a reset is refused. */
     pl_step_reset(ctx);
     ck_assert_int_eq(pl_mark_release(ctx, m), PL_ERR_STATE);
