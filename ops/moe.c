@@ -45,8 +45,7 @@ static pl_status route(const float *x, const float *rw, int64_t N, int64_t d, in
                        int64_t k, float *probs, int32_t *sel, float *wts) {
     pl_status s = pl__sgemm(false, false, N, E, d, 1.0f, x, d, rw, E, 0.0f, probs, E);
     if (s) return s;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < N; t++) {
+    PL_PARALLEL_FOR(true, schedule(static), t, N, {
         float *p = probs + t * E;
         float mx = p[0];
         for (int64_t e = 1; e < E; e++) mx = p[e] > mx ? p[e] : mx;
@@ -72,7 +71,7 @@ static pl_status route(const float *x, const float *rw, int64_t N, int64_t d, in
             tot += p[best];
         }
         for (int64_t j = 0; j < k; j++) wts[t * k + j] = p[st[j]] / tot;
-    }
+    });
     return PL_OK;
 }
 
@@ -131,8 +130,7 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
     float *dyg = pl__scratch(ctx, (size_t)(R * d) * 4);
     if (!dw || !dyg) return;
     /* dw = dy . o_e and the weighted output gradient, gathered. */
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < N; t++) {
+    PL_PARALLEL_FOR(true, schedule(static), t, N, {
         const float *dyt = dy + t * d;
         for (int64_t j = 0; j < k; j++) {
             int64_t r = sv->pos[t * k + j];
@@ -144,7 +142,7 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
             }
             dw[t * k + j] = acc;
         }
-    }
+    });
 
     /* Experts. */
     if (wd->requires_grad || need_in) {
@@ -166,12 +164,11 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
             float *du = pl__scratch(ctx, (size_t)(R * F) * 4);
             if (!du) return;
             /* dh becomes dg in place. */
-#pragma omp parallel for schedule(static)
-            for (int64_t i = 0; i < R * F; i++) {
+            PL_PARALLEL_FOR(true, schedule(static), i, R * F, {
                 float g = sv->g[i], sg = 1.0f / (1.0f + expf(-g));
                 du[i] = dh[i] * g * sg;
                 dh[i] = dh[i] * sv->u[i] * sg * (1.0f + g * (1.0f - sg));
-            }
+            });
             float *dWg = wg->requires_grad ? pl__grad(ctx, wg) : NULL;
             float *dWu = wu->requires_grad ? pl__grad(ctx, wu) : NULL;
             float *dxg = need_x ? pl__scratch(ctx, (size_t)(R * d) * 4) : NULL;
@@ -196,13 +193,13 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
             if (dxg) {
                 float *dx = pl__grad(ctx, x);
                 if (!dx) return;
-#pragma omp parallel for schedule(static)
-                for (int64_t t = 0; t < N; t++)
+                PL_PARALLEL_FOR(true, schedule(static), t, N, {
                     for (int64_t j = 0; j < k; j++) {
                         const float *src = dxg + sv->pos[t * k + j] * d;
                         float *dst = dx + t * d;
                         for (int64_t c = 0; c < d; c++) dst[c] += src[c];
                     }
+                });
             }
         }
     }
@@ -211,8 +208,7 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
     if (need_x || need_r) {
         float *dl = pl__scratch(ctx, (size_t)(N * E) * 4);
         if (!dl) return;
-#pragma omp parallel for schedule(static)
-        for (int64_t t = 0; t < N; t++) {
+        PL_PARALLEL_FOR(true, schedule(static), t, N, {
             const float *p = sv->probs + t * E, *w = sv->wts + t * k, *dwt = dw + t * k;
             const int32_t *st = sv->sel + t * k;
             float *dlt = dl + t * E;
@@ -229,7 +225,7 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
                 pdp += dp * p[st[j]];
             }
             for (int64_t e = 0; e < E; e++) dlt[e] = p[e] * (dlt[e] - pdp);
-        }
+        });
         if (need_r) {
             float *dR = pl__grad(ctx, rw);
             if (!dR || pl__sgemm(true, false, d, E, N, 1.0f, pl_f32(x), d, dl, E, 1.0f, dR, E))
@@ -288,8 +284,8 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
         tok[r] = i / k;
     }
 
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < R; r++) memcpy(sv->xg + r * d, xd + tok[r] * d, (size_t)d * 4);
+    PL_PARALLEL_FOR(true, schedule(static), r, R,
+                    memcpy(sv->xg + r * d, xd + tok[r] * d, (size_t)d * 4));
     for (int64_t e = 0; e < E; e++) {
         int64_t o = off[e], ne = off[e + 1] - o;
         if (ne == 0) continue;
@@ -300,8 +296,7 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
                       sv->u + o * F, F))
             return NULL;
     }
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < R * F; i++) sv->h[i] = silu_f(sv->g[i]) * sv->u[i];
+    PL_PARALLEL_FOR(true, schedule(static), i, R * F, sv->h[i] = silu_f(sv->g[i]) * sv->u[i]);
     for (int64_t e = 0; e < E; e++) {
         int64_t o = off[e], ne = off[e + 1] - o;
         if (ne == 0) continue;
@@ -313,8 +308,7 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
     /* Each token sums w_e * o_e over its experts in increasing expert order
      * (gathered rows are expert-major, so that is increasing row order). */
     float *od = pl_f32(out);
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < N; t++) {
+    PL_PARALLEL_FOR(true, schedule(static), t, N, {
         float *ot = od + t * d;
         for (int64_t c = 0; c < d; c++) ot[c] = 0.0f;
         int64_t last = -1;
@@ -329,7 +323,7 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
             const float w = sv->wts[t * k + best], *yr = sv->y + r * d;
             for (int64_t c = 0; c < d; c++) ot[c] += w * yr[c];
         }
-    }
+    });
 
     pl_tensor *in[5] = {x, router_w, w_gate, w_up, w_down};
     if (pl__wants_grad(ctx, 5, in)) {
