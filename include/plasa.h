@@ -152,9 +152,11 @@ typedef struct {
     size_t hdr_used;
     void *tape;
     uint64_t epoch;
+    bool tape_consumed; /* backward had run on the tape when the mark was taken */
 } pl_mark;
 PL_API pl_mark pl_mark_get(pl_ctx *ctx);
-/* Releases everything allocated and recorded since the mark. */
+/* Releases everything allocated and recorded since the mark, and puts the
+ * tape back in the state it had then (including whether backward had run). */
 PL_API pl_status pl_mark_release(pl_ctx *ctx, pl_mark mark);
 
 /* Step tensors. */

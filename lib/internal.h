@@ -218,4 +218,43 @@ extern int64_t pl__par_min;
  * ctr = {lo32(counter), hi32(counter), 0, 0} and key = {lo32(seed), hi32(seed)}. */
 void pl__philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
 
+/* ---- parallel regions (no-malloc) ---- */
+/* Whether to enter a parallel region for a loop worth parallelising (worth):
+ * only when it would run on two or more threads. libgomp (gcc 12) mallocs and
+ * frees a team for every region that runs on ONE thread (an if() clause that is
+ * false, num_threads(1), OMP_NUM_THREADS=1, or a region nested in another when
+ * nesting is off); teams of two or more are cached. A training step makes no
+ * heap allocation, so kernels go through the two macros below instead of
+ * writing `#pragma omp parallel ... if (...)`. In lib/parallel.c. */
+bool pl__par(bool worth);
+
+#define PL__PRAGMA(x) _Pragma(#x)
+/* for (int64_t i = 0; i < n; i++) { body }, as `#pragma omp parallel for clauses`
+ * (the same iterations per thread, e.g. schedule(static)) when pl__par(worth),
+ * else serially on the calling thread without entering a region. n is
+ * evaluated once. */
+#define PL_PARALLEL_FOR(worth, clauses, i, n, ...)                                            \
+    do {                                                                                       \
+        const int64_t pl_n_ = (n);                                                             \
+        if (pl__par(worth)) {                                                                  \
+            PL__PRAGMA(omp parallel for clauses)                                               \
+            for (int64_t i = 0; i < pl_n_; i++) { __VA_ARGS__; }                               \
+        } else {                                                                               \
+            for (int64_t i = 0; i < pl_n_; i++) { __VA_ARGS__; }                               \
+        }                                                                                      \
+    } while (0)
+/* { body } as `#pragma omp parallel clauses` when pl__par(worth), else run once
+ * on the calling thread (omp_get_num_threads() == 1, omp_get_thread_num() == 0).
+ * Worksharing loops inside must be _Pragma("omp for schedule(static) ...") : an
+ * orphaned static loop runs whole on one thread with no allocation, a dynamic
+ * one would malloc its work share outside a region (use PL_PARALLEL_FOR). */
+#define PL_PARALLEL(worth, clauses, ...)                                                      \
+    do {                                                                                       \
+        if (pl__par(worth)) {                                                                  \
+            PL__PRAGMA(omp parallel clauses) { __VA_ARGS__; }                                  \
+        } else {                                                                               \
+            __VA_ARGS__;                                                                       \
+        }                                                                                      \
+    } while (0)
+
 #endif

@@ -242,12 +242,13 @@ pl_status pl_adamw_step(pl_adamw *opt) {
     const float neg_step = (float)-(c->lr / bc1);
     int64_t total = 0;
     for (int i = 0; i < o->n_slots; i++) total += o->slots[i].param->numel;
-#pragma omp parallel if (total >= 2 * PAR_MIN)
-    for (int i = 0; i < o->n_slots; i++) {
-        opt_slot *sl = &o->slots[i];
-        adamw_kernel(pl_f32(sl->param), sl->param->grad, pl_f32(sl->s[0]), pl_f32(sl->s[1]),
-                     sl->param->numel, decay, do_decay, w1, b2, c2, bc2_sqrt, eps, neg_step);
-    }
+    PL_PARALLEL(total >= 2 * PAR_MIN, default(shared), {
+        for (int i = 0; i < o->n_slots; i++) {
+            opt_slot *sl = &o->slots[i];
+            adamw_kernel(pl_f32(sl->param), sl->param->grad, pl_f32(sl->s[0]), pl_f32(sl->s[1]),
+                         sl->param->numel, decay, do_decay, w1, b2, c2, bc2_sqrt, eps, neg_step);
+        }
+    });
     pl_i32(o->step)[0] = (int32_t)t;
     return PL_OK;
 }
@@ -334,12 +335,13 @@ pl_status pl_sgd_step(pl_sgd *opt) {
     const bool first = t == 1, nesterov = c->nesterov;
     int64_t total = 0;
     for (int i = 0; i < o->n_slots; i++) total += o->slots[i].param->numel;
-#pragma omp parallel if (total >= 2 * PAR_MIN)
-    for (int i = 0; i < o->n_slots; i++) {
-        opt_slot *sl = &o->slots[i];
-        sgd_kernel(pl_f32(sl->param), sl->param->grad, o->n_kinds ? pl_f32(sl->s[0]) : NULL,
-                   sl->param->numel, wd, mom, damp1, first, nesterov, neg_lr);
-    }
+    PL_PARALLEL(total >= 2 * PAR_MIN, default(shared), {
+        for (int i = 0; i < o->n_slots; i++) {
+            opt_slot *sl = &o->slots[i];
+            sgd_kernel(pl_f32(sl->param), sl->param->grad, o->n_kinds ? pl_f32(sl->s[0]) : NULL,
+                       sl->param->numel, wd, mom, damp1, first, nesterov, neg_lr);
+        }
+    });
     pl_i32(o->step)[0] = (int32_t)t;
     return PL_OK;
 }
@@ -359,24 +361,26 @@ double pl_clip_grad_norm(pl_ctx *ctx, double max_norm, pl_status *status) {
     int64_t total = 0;
     for (int i = 0; i < n; i++) total += ctx->params[i]->numel;
     double sum = 0;
-#pragma omp parallel if (total >= 2 * PAR_MIN) reduction(+ : sum)
-    for (int i = 0; i < n; i++) {
-        const float *g = ctx->params[i]->grad;
-        const int64_t m = ctx->params[i]->numel;
-#pragma omp for schedule(static) nowait
-        for (int64_t j = 0; j < m; j++) sum += (double)g[j] * g[j];
-    }
+    PL_PARALLEL(total >= 2 * PAR_MIN, reduction(+ : sum), {
+        for (int i = 0; i < n; i++) {
+            const float *g = ctx->params[i]->grad;
+            const int64_t m = ctx->params[i]->numel;
+            _Pragma("omp for schedule(static) nowait")
+            for (int64_t j = 0; j < m; j++) sum += (double)g[j] * g[j];
+        }
+    });
     const double norm = sqrt(sum);
     const double coef = max_norm / (norm + 1e-6);
     if (isfinite(norm) && coef < 1.0) {
         const float cf = (float)coef;
-#pragma omp parallel if (total >= 2 * PAR_MIN)
-        for (int i = 0; i < n; i++) {
-            float *g = ctx->params[i]->grad;
-            const int64_t m = ctx->params[i]->numel;
-#pragma omp for schedule(static) nowait
-            for (int64_t j = 0; j < m; j++) g[j] *= cf;
-        }
+        PL_PARALLEL(total >= 2 * PAR_MIN, default(shared), {
+            for (int i = 0; i < n; i++) {
+                float *g = ctx->params[i]->grad;
+                const int64_t m = ctx->params[i]->numel;
+                _Pragma("omp for schedule(static) nowait")
+                for (int64_t j = 0; j < m; j++) g[j] *= cf;
+            }
+        });
     }
     return norm;
 }

@@ -73,12 +73,11 @@ pl_status pl_fill_uniform(pl_tensor *t, pl_rng *rng, float lo, float hi) {
     if (!(lo <= hi)) return pl__err(PL_ERR_ARG, "pl_fill_uniform: lo > hi (or NaN)");
     float *d = pl_f32(t);
     const uint64_t seed = rng->seed, base = rng->offset;
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < t->numel; i++) {
+    PL_PARALLEL_FOR(true, schedule(static), i, t->numel, {
         uint32_t w[4];
         philox(seed, base + (uint64_t)i, w);
         d[i] = lo + (hi - lo) * pl__u01(w[0]);
-    }
+    });
     rng->offset += (uint64_t)t->numel;
     return PL_OK;
 }
@@ -90,8 +89,7 @@ pl_status pl_fill_normal(pl_tensor *t, pl_rng *rng, float mean, float stddev) {
     if (!(stddev >= 0)) return pl__err(PL_ERR_ARG, "pl_fill_normal: stddev < 0 (or NaN)");
     float *d = pl_f32(t);
     const uint64_t seed = rng->seed, base = rng->offset;
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < t->numel; i++) {
+    PL_PARALLEL_FOR(true, schedule(static), i, t->numel, {
         uint32_t w[4];
         philox(seed, base + (uint64_t)i, w);
         /* u1 in (0, 1] so log is finite; doubles keep the tail accurate. */
@@ -99,7 +97,7 @@ pl_status pl_fill_normal(pl_tensor *t, pl_rng *rng, float mean, float stddev) {
         double u2 = (double)w[1] * (1.0 / 4294967296.0);
         double z = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
         d[i] = (float)(mean + stddev * z);
-    }
+    });
     rng->offset += (uint64_t)t->numel;
     return PL_OK;
 }

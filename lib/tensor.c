@@ -99,6 +99,7 @@ pl_mark pl_mark_get(pl_ctx *ctx) {
     m.hdr_used = h->cur ? h->cur->used : 0;
     m.tape = ctx->tape;
     m.epoch = ctx->epoch;
+    m.tape_consumed = ctx->tape_consumed;
     return m;
 }
 
@@ -146,7 +147,7 @@ pl_status pl_mark_release(pl_ctx *ctx, pl_mark m) {
     arena_rollback(&ctx->arena, m.chunk, m.used);
     arena_rollback(&ctx->hdr[ctx->epoch & 1], m.hdr_chunk, m.hdr_used);
     ctx->tape = m.tape;
-    ctx->tape_consumed = false;
+    ctx->tape_consumed = m.tape_consumed;
     return PL_OK;
 }
 

@@ -187,15 +187,6 @@ static void pack_rows(const att *a, const float *x, float *dst, int64_t bh, int6
         for (int64_t d = 0; d < Dp; d++) dst[c * Dp + d] = c < n && d < D ? src[c * rs + d] : 0.0f;
 }
 
-/* Gives the arena back down to mark (taken after the last allocation that
- * must outlive the call, with nothing recorded since). pl_mark_release would
- * also clear tape_consumed; keep it as it was. */
-static void release(pl_ctx *ctx, pl_mark mark) {
-    bool consumed = ctx->tape_consumed;
-    pl_mark_release(ctx, mark);
-    ctx->tape_consumed = consumed;
-}
-
 /* Floats of per-thread scratch. */
 static int64_t fwd_scratch(const att *a) { return BLK * BLK + BLK * a->Dp + 2 * BLK; }
 static int64_t bwd_scratch(const att *a, bool whole) {
@@ -488,11 +479,10 @@ static void attention_backward(pl_ctx *ctx, pl_node *n) {
     a.Kp = Kp;
     const att *ap = &a;
     const float *o = pl_f32(n->out);
-#pragma omp parallel
-    {
-#pragma omp for schedule(static) nowait
+    PL_PARALLEL(true, default(shared), {
+        _Pragma("omp for schedule(static) nowait")
         for (int64_t b = 0; b < a.B; b++) dvec_rows(ap, o, dvec, b);
-#pragma omp for schedule(static)
+        _Pragma("omp for schedule(static)")
         for (int64_t t = 0; t < BH * nblk; t++) {
             pack_t(ap, a.q, QT, t / nblk, t % nblk);
             pack_t(ap, a.dout, dOT, t / nblk, t % nblk);
@@ -500,23 +490,20 @@ static void attention_backward(pl_ctx *ctx, pl_node *n) {
             pack_rows(ap, a.dout, dOp, t / nblk, t % nblk);
             pack_rows(ap, a.k, Kp, t / nblk, t % nblk);
         }
-    }
+    });
     if (whole) {
-#pragma omp parallel for schedule(dynamic, 1)
-        for (int64_t bh = 0; bh < BH; bh++) bwd_head_task(ap, bh, ws + omp_get_thread_num() * per);
+        PL_PARALLEL_FOR(true, schedule(dynamic, 1), bh, BH,
+                        bwd_head_task(ap, bh, ws + omp_get_thread_num() * per));
     } else {
-        if (a.dk || a.dv) {
-#pragma omp parallel for schedule(dynamic, 1)
-            for (int64_t t = 0; t < BH * nblk; t++) /* longest (j = 0) first */
-                bwd_kv_task(ap, t % BH, t / BH, ws + omp_get_thread_num() * per);
-        }
-        if (a.dq) {
-#pragma omp parallel for schedule(dynamic, 1)
-            for (int64_t t = 0; t < BH * nblk; t++) /* longest (i = nblk - 1) first */
-                bwd_dq_task(ap, t % BH, nblk - 1 - t / BH, ws + omp_get_thread_num() * per);
-        }
+        if (a.dk || a.dv) /* longest (j = 0) first */
+            PL_PARALLEL_FOR(true, schedule(dynamic, 1), t, BH * nblk,
+                            bwd_kv_task(ap, t % BH, t / BH, ws + omp_get_thread_num() * per));
+        if (a.dq) /* longest (i = nblk - 1) first */
+            PL_PARALLEL_FOR(
+                true, schedule(dynamic, 1), t, BH * nblk,
+                bwd_dq_task(ap, t % BH, nblk - 1 - t / BH, ws + omp_get_thread_num() * per));
     }
-    release(ctx, mark);
+    pl_mark_release(ctx, mark);
 }
 
 pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v, float dropout_p,
@@ -579,22 +566,18 @@ pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v, f
     a.KT = KT;
     a.Vp = KT + tsz;
     const att *ap = &a;
-#pragma omp parallel
-    {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < BH * nblk; t++) {
-            pack_t(ap, a.k, KT, t / nblk, t % nblk);
-            pack_rows(ap, a.v, KT + tsz, t / nblk, t % nblk);
-            if (t % nblk == nblk - 1) /* pad rows of lse2, read by backward's tiles */
-                for (int64_t x = a.L; x < a.Lp; x++) lse2[(t / nblk) * a.Lp + x] = 0.0f;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < BH * nblk; t++) /* longest (last query block) first */
-            fwd_task(ap, t % BH, nblk - 1 - t / BH, ws + omp_get_thread_num() * per);
-    }
+    /* Two regions: the dynamic loop must not run orphaned (see PL_PARALLEL). */
+    PL_PARALLEL_FOR(true, schedule(static), t, BH * nblk, {
+        pack_t(ap, a.k, KT, t / nblk, t % nblk);
+        pack_rows(ap, a.v, KT + tsz, t / nblk, t % nblk);
+        if (t % nblk == nblk - 1) /* pad rows of lse2, read by backward's tiles */
+            for (int64_t x = a.L; x < a.Lp; x++) lse2[(t / nblk) * a.Lp + x] = 0.0f;
+    });
+    PL_PARALLEL_FOR(true, schedule(dynamic, 1), t, BH * nblk, /* longest (last query block) first */
+                    fwd_task(ap, t % BH, nblk - 1 - t / BH, ws + omp_get_thread_num() * per));
     if (dropout_p > 0.0f) rng->offset += (uint64_t)BH * (uint64_t)a.L * a.W;
     a.KT = a.Vp = NULL; /* released below */
-    release(ctx, mark);
+    pl_mark_release(ctx, mark);
     pl_tensor *in[3] = {q, k, v};
     if (pl__wants_grad(ctx, 3, in)) {
         pl_node *n = pl__record(ctx, "attention", attention_backward, out, 3, in);

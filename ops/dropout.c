@@ -99,10 +99,11 @@ static void drop_run(const float *x, float *y, int64_t numel, uint64_t seed, uin
                      float p, bool accumulate) {
     uint32_t thr = pl__drop_threshold(p);
     float scale = pl__drop_scale(p);
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < numel; i += DROP_CHUNK)
+    PL_PARALLEL_FOR(true, schedule(static), c, (numel + DROP_CHUNK - 1) / DROP_CHUNK, {
+        int64_t i = c * DROP_CHUNK;
         drop_chunk(x + i, y + i, i, numel - i < DROP_CHUNK ? numel - i : DROP_CHUNK, seed,
                    offset, thr, scale, accumulate);
+    });
 }
 
 static void dropout_backward(pl_ctx *ctx, pl_node *n) {

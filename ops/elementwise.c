@@ -27,11 +27,10 @@ typedef void (*flat_fn)(float *restrict o, const float *restrict x, const float 
 /* Runs f over [0, n) in CHUNK pieces, in parallel when there is more than one. */
 static void run_flat(flat_fn f, float *o, const float *x, const float *y, float s, int64_t n) {
     int64_t nc = (n + CHUNK - 1) / CHUNK;
-#pragma omp parallel for if (nc > 1) schedule(static)
-    for (int64_t c = 0; c < nc; c++) {
+    PL_PARALLEL_FOR(nc > 1, schedule(static), c, nc, {
         int64_t lo = c * CHUNK, len = n - lo < CHUNK ? n - lo : CHUNK;
         f(o + lo, x ? x + lo : NULL, y ? y + lo : NULL, s, len);
-    }
+    });
 }
 
 PL_KERNEL static void k_acc(float *restrict o, const float *restrict x, const float *restrict y,
@@ -251,16 +250,14 @@ PL_KERNEL static void k_reduce(double *restrict part, const float *restrict g,
 
 static void bc_forward(int op, const bc_plan *p, const float *a, const float *b, float *o) {
     bc_tasks tk = bc_split(p);
-#pragma omp parallel for if (tk.ntasks > 1) schedule(static)
-    for (int64_t t = 0; t < tk.ntasks; t++)
-        BC_TASK(p, tk, t, k_binary(op, o + aoff, a + aoff, b + boff, p->bin, len));
+    PL_PARALLEL_FOR(tk.ntasks > 1, schedule(static), t, tk.ntasks,
+                    BC_TASK(p, tk, t, k_binary(op, o + aoff, a + aoff, b + boff, p->bin, len)));
 }
 
 static void bc_mul_acc(const bc_plan *p, const float *g, const float *b, float *da) {
     bc_tasks tk = bc_split(p);
-#pragma omp parallel for if (tk.ntasks > 1) schedule(static)
-    for (int64_t t = 0; t < tk.ntasks; t++)
-        BC_TASK(p, tk, t, k_bmul_acc(da + aoff, g + aoff, b + boff, p->bin, len));
+    PL_PARALLEL_FOR(tk.ntasks > 1, schedule(static), t, tk.ntasks,
+                    BC_TASK(p, tk, t, k_bmul_acc(da + aoff, g + aoff, b + boff, p->bin, len)));
 }
 
 /* db += sign * R(g (* a)). Each thread sums its share of the tasks into its own
@@ -273,20 +270,18 @@ static void bc_reduce(pl_ctx *ctx, const bc_plan *p, const float *g, const float
     double *part = pl__scratch(ctx, (size_t)T * (size_t)nb * sizeof(double));
     if (!part) return;
     memset(part, 0, (size_t)T * (size_t)nb * sizeof(double));
-#pragma omp parallel num_threads(T) if (T > 1)
-    {
+    PL_PARALLEL(T > 1, num_threads(T), {
         int nth = omp_get_num_threads(), tid = omp_get_thread_num();
         double *mine = part + (size_t)tid * (size_t)nb;
         int64_t t0 = tk.ntasks * tid / nth, t1 = tk.ntasks * (tid + 1) / nth;
         for (int64_t t = t0; t < t1; t++)
             BC_TASK(p, tk, t, k_reduce(mine + boff, g + aoff, a ? a + aoff : NULL, p->bin, len));
-    }
-#pragma omp parallel for if (nb > CHUNK) schedule(static)
-    for (int64_t k = 0; k < nb; k++) {
+    });
+    PL_PARALLEL_FOR(nb > CHUNK, schedule(static), k, nb, {
         double s = 0;
         for (int i = 0; i < T; i++) s += part[(size_t)i * (size_t)nb + k];
         db[k] += sign * (float)s;
-    }
+    });
 }
 
 static void binary_backward(pl_ctx *ctx, pl_node *n) {

@@ -26,12 +26,11 @@ static void embedding_backward(pl_ctx *ctx, pl_node *n) {
     const int32_t *id = n->saved;
     int64_t N = n->iarg[0], D = table->shape[1];
     int T = N * D > PAR_MIN ? omp_get_max_threads() : 1;
-#pragma omp parallel num_threads(T) if (T > 1)
-    {
+    PL_PARALLEL(T > 1, num_threads(T), {
         int nth = omp_get_num_threads(), tid = omp_get_thread_num();
         for (int64_t p = 0; p < N; p++)
             if (id[p] % nth == tid) k_acc(dt + (int64_t)id[p] * D, g + p * D, D);
-    }
+    });
 }
 
 pl_tensor *pl_embedding(pl_ctx *ctx, pl_tensor *table, pl_tensor *ids) {
@@ -64,9 +63,8 @@ pl_tensor *pl_embedding(pl_ctx *ctx, pl_tensor *table, pl_tensor *ids) {
     if (!y) return NULL;
     const float *t = pl_f32(table);
     float *yd = pl_f32(y);
-#pragma omp parallel for if (N * D > PAR_MIN) schedule(static)
-    for (int64_t p = 0; p < N; p++)
-        memcpy(yd + p * D, t + (int64_t)id[p] * D, (size_t)D * sizeof(float));
+    PL_PARALLEL_FOR(N * D > PAR_MIN, schedule(static), p, N,
+                    memcpy(yd + p * D, t + (int64_t)id[p] * D, (size_t)D * sizeof(float)));
     pl_tensor *in[2] = {table, ids};
     if (pl__wants_grad(ctx, 2, in)) {
         pl_node *n = pl__record(ctx, "embedding", embedding_backward, y, 2, in);

@@ -70,8 +70,7 @@ static void kl_backward(pl_ctx *ctx, pl_node *n) {
     float *ds = pl__grad(ctx, scores);
     if (!ds) return;
     const float gout = n->out->grad[0];
-#pragma omp parallel for if (sv->n >= PL_PAR_MIN) schedule(static)
-    for (int64_t i = 0; i < sv->n; i++) ds[i] += gout * sv->g[i];
+    PL_PARALLEL_FOR(sv->n >= PL_PAR_MIN, schedule(static), i, sv->n, ds[i] += gout * sv->g[i]);
 }
 
 pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *idx,
@@ -102,15 +101,12 @@ pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor
     if (!buf) return NULL;
     const float *qd = pl_f32(q), *kd = pl_f32(k), *sd = pl_f32(scores);
     const int32_t *id = pl_i32(idx);
-#pragma omp parallel if (rows * K * H * D >= PL_PAR_MIN)
-    {
+    PL_PARALLEL_FOR(rows * K * H * D >= PL_PAR_MIN, schedule(dynamic, 8), r, rows, {
         float *P = buf + 4 * (size_t)K * (size_t)omp_get_thread_num(), *z = P + K;
         int32_t *sel = (int32_t *)(z + K), *pos = sel + K;
-#pragma omp for schedule(dynamic, 8)
-        for (int64_t r = 0; r < rows; r++)
-            rowkl[r] = kl_row(qd, kd, id + r * K, sd + r * K, g + r * K, r / L, r % L, L, H, D, K,
-                              P, z, sel, pos);
-    }
+        rowkl[r] = kl_row(qd, kd, id + r * K, sd + r * K, g + r * K, r / L, r % L, L, H, D, K, P,
+                          z, sel, pos);
+    });
     double total = 0.0;
     int64_t counted = 0;
     for (int64_t r = 0; r < rows; r++)
@@ -122,8 +118,7 @@ pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor
     pl_tensor *in[1] = {scores};
     if (pl__wants_grad(ctx, 1, in)) {
         const float inv = counted ? 1.0f / (float)counted : 0.0f;
-#pragma omp parallel for if (rows * K >= PL_PAR_MIN) schedule(static)
-        for (int64_t i = 0; i < rows * K; i++) g[i] *= inv;
+        PL_PARALLEL_FOR(rows * K >= PL_PAR_MIN, schedule(static), i, rows * K, g[i] *= inv);
         pl_node *nd = pl__record(ctx, "indexer_kl_loss", kl_backward, loss, 1, in);
         kl_saved *sv = nd ? pl__scratch(ctx, sizeof *sv) : NULL;
         if (!sv) return NULL;

@@ -57,8 +57,7 @@ static pl_status route(const float *x, const float *rw, int64_t N, int64_t d, in
                        int64_t k, float *probs, int32_t *sel, float *wts) {
     pl_status s = pl__sgemm(false, false, N, E, d, 1.0f, x, d, rw, E, 0.0f, probs, E);
     if (s) return s;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < N; t++) {
+    PL_PARALLEL_FOR(true, schedule(static), t, N, {
         float *p = probs + t * E;
         float mx = p[0];
         for (int64_t e = 1; e < E; e++) mx = p[e] > mx ? p[e] : mx;
@@ -84,7 +83,7 @@ static pl_status route(const float *x, const float *rw, int64_t N, int64_t d, in
             tot += p[best];
         }
         for (int64_t j = 0; j < k; j++) wts[t * k + j] = p[st[j]] / tot;
-    }
+    });
     return PL_OK;
 }
 
@@ -143,8 +142,7 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
     float *dyg = pl__scratch(ctx, (size_t)(R * d) * 4);
     if (!dw || !dyg) return;
     /* dw = dy . o_e and the weighted output gradient, gathered. */
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < N; t++) {
+    PL_PARALLEL_FOR(true, schedule(static), t, N, {
         const float *dyt = dy + t * d;
         for (int64_t j = 0; j < k; j++) {
             int64_t r = sv->pos[t * k + j];
@@ -156,7 +154,7 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
             }
             dw[t * k + j] = acc;
         }
-    }
+    });
 
     /* Experts. */
     if (wd->requires_grad || need_in) {
@@ -178,12 +176,11 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
             float *du = pl__scratch(ctx, (size_t)(R * F) * 4);
             if (!du) return;
             /* dh becomes dg in place. */
-#pragma omp parallel for schedule(static)
-            for (int64_t i = 0; i < R * F; i++) {
+            PL_PARALLEL_FOR(true, schedule(static), i, R * F, {
                 float g = sv->g[i], sg = 1.0f / (1.0f + expf(-g));
                 du[i] = dh[i] * g * sg;
                 dh[i] = dh[i] * sv->u[i] * sg * (1.0f + g * (1.0f - sg));
-            }
+            });
             float *dWg = wg->requires_grad ? pl__grad(ctx, wg) : NULL;
             float *dWu = wu->requires_grad ? pl__grad(ctx, wu) : NULL;
             float *dxg = need_x ? pl__scratch(ctx, (size_t)(R * d) * 4) : NULL;
@@ -208,13 +205,13 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
             if (dxg) {
                 float *dx = pl__grad(ctx, x);
                 if (!dx) return;
-#pragma omp parallel for schedule(static)
-                for (int64_t t = 0; t < N; t++)
+                PL_PARALLEL_FOR(true, schedule(static), t, N, {
                     for (int64_t j = 0; j < k; j++) {
                         const float *src = dxg + sv->pos[t * k + j] * d;
                         float *dst = dx + t * d;
                         for (int64_t c = 0; c < d; c++) dst[c] += src[c];
                     }
+                });
             }
         }
     }
@@ -223,8 +220,7 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
     if (need_x || need_r) {
         float *dl = pl__scratch(ctx, (size_t)(N * E) * 4);
         if (!dl) return;
-#pragma omp parallel for schedule(static)
-        for (int64_t t = 0; t < N; t++) {
+        PL_PARALLEL_FOR(true, schedule(static), t, N, {
             const float *p = sv->probs + t * E, *w = sv->wts + t * k, *dwt = dw + t * k;
             const int32_t *st = sv->sel + t * k;
             float *dlt = dl + t * E;
@@ -241,7 +237,7 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
                 pdp += dp * p[st[j]];
             }
             for (int64_t e = 0; e < E; e++) dlt[e] = p[e] * (dlt[e] - pdp);
-        }
+        });
         if (need_r) {
             float *dR = pl__grad(ctx, rw);
             if (!dR || pl__sgemm(true, false, d, E, N, 1.0f, pl_f32(x), d, dl, E, 1.0f, dR, E))
@@ -300,8 +296,8 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
         tok[r] = i / k;
     }
 
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < R; r++) memcpy(sv->xg + r * d, xd + tok[r] * d, (size_t)d * 4);
+    PL_PARALLEL_FOR(true, schedule(static), r, R,
+                    memcpy(sv->xg + r * d, xd + tok[r] * d, (size_t)d * 4));
     /* chunk buffers (see the top of the file): input, and two outputs */
     const int64_t C = MOE_CHUNK, wmax = d > F ? d : F;
     float *ca = pl__scratch(ctx, (size_t)(C * wmax) * 4);
@@ -321,8 +317,7 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
             memcpy(sv->g + o * F, c1, (size_t)(m * F) * 4);
             memcpy(sv->u + o * F, c2, (size_t)(m * F) * 4);
         }
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < R * F; i++) sv->h[i] = silu_f(sv->g[i]) * sv->u[i];
+    PL_PARALLEL_FOR(true, schedule(static), i, R * F, sv->h[i] = silu_f(sv->g[i]) * sv->u[i]);
     for (int64_t e = 0; e < E; e++)
         for (int64_t o = off[e]; o < off[e + 1]; o += C) {
             int64_t m = off[e + 1] - o < C ? off[e + 1] - o : C;
@@ -337,8 +332,7 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
     /* Each token sums w_e * o_e over its experts in increasing expert order
      * (gathered rows are expert-major, so that is increasing row order). */
     float *od = pl_f32(out);
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < N; t++) {
+    PL_PARALLEL_FOR(true, schedule(static), t, N, {
         float *ot = od + t * d;
         for (int64_t c = 0; c < d; c++) ot[c] = 0.0f;
         int64_t last = -1;
@@ -353,7 +347,7 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
             const float w = sv->wts[t * k + best], *yr = sv->y + r * d;
             for (int64_t c = 0; c < d; c++) ot[c] += w * yr[c];
         }
-    }
+    });
 
     pl_tensor *in[5] = {x, router_w, w_gate, w_up, w_down};
     if (pl__wants_grad(ctx, 5, in)) {

@@ -33,11 +33,10 @@ static double sum_all(pl_ctx *ctx, const float *x, int64_t n, bool *ok) {
         *ok = false;
         return 0;
     }
-#pragma omp parallel for if (n > PAR_MIN) schedule(static)
-    for (int64_t b = 0; b < nb; b++) {
+    PL_PARALLEL_FOR(n > PAR_MIN, schedule(static), b, nb, {
         int64_t lo = b * BLOCK;
         part[b] = k_sum(x + lo, n - lo < BLOCK ? n - lo : BLOCK);
-    }
+    });
     double s = 0;
     for (int64_t b = 0; b < nb; b++) s += part[b];
     return s;
@@ -51,11 +50,10 @@ static void sum_backward(pl_ctx *ctx, pl_node *n) {
     float c = n->out->grad[0];
     if (n->iarg[0]) c = (float)((double)c / (double)x->numel);
     int64_t N = x->numel, nb = (N + BLOCK - 1) / BLOCK;
-#pragma omp parallel for if (N > PAR_MIN) schedule(static)
-    for (int64_t b = 0; b < nb; b++) {
+    PL_PARALLEL_FOR(N > PAR_MIN, schedule(static), b, nb, {
         int64_t lo = b * BLOCK;
         k_add_const(dx + lo, c, N - lo < BLOCK ? N - lo : BLOCK);
-    }
+    });
 }
 
 static pl_tensor *sum_impl(pl_ctx *ctx, const char *fn, const char *opname, pl_tensor *x,
@@ -86,8 +84,8 @@ static void sum_last_backward(pl_ctx *ctx, pl_node *n) {
     if (!dx) return;
     const float *g = n->out->grad;
     int64_t cols = x->shape[x->ndim - 1], rows = x->numel / cols;
-#pragma omp parallel for if (x->numel > PAR_MIN) schedule(static)
-    for (int64_t r = 0; r < rows; r++) k_add_const(dx + r * cols, g[r], cols);
+    PL_PARALLEL_FOR(x->numel > PAR_MIN, schedule(static), r, rows,
+                    k_add_const(dx + r * cols, g[r], cols));
 }
 
 pl_tensor *pl_sum_last(pl_ctx *ctx, pl_tensor *x) {
@@ -100,8 +98,8 @@ pl_tensor *pl_sum_last(pl_ctx *ctx, pl_tensor *x) {
     if (!y) return NULL;
     const float *xd = pl_f32(x);
     float *yd = pl_f32(y);
-#pragma omp parallel for if (x->numel > PAR_MIN) schedule(static)
-    for (int64_t r = 0; r < rows; r++) yd[r] = (float)k_sum(xd + r * cols, cols);
+    PL_PARALLEL_FOR(x->numel > PAR_MIN, schedule(static), r, rows,
+                    yd[r] = (float)k_sum(xd + r * cols, cols));
     if (pl__wants_grad(ctx, 1, &x) && !pl__record(ctx, "sum_last", sum_last_backward, y, 1, &x))
         return NULL;
     return y;

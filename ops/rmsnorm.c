@@ -48,13 +48,12 @@ static void rmsnorm_backward(pl_ctx *ctx, pl_node *n) {
         if (!(part = pl__scratch(ctx, (size_t)(nchunk * d) * sizeof(float)))) return;
         memset(part, 0, (size_t)(nchunk * d) * sizeof(float));
     }
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < nchunk; c++) {
+    PL_PARALLEL_FOR(true, schedule(static), c, nchunk, {
         int64_t end = (c + 1) * RMS_CHUNK < rows ? (c + 1) * RMS_CHUNK : rows;
         for (int64_t r = c * RMS_CHUNK; r < end; r++)
             rms_bwd_row(xd + r * d, wd, dy + r * d, rstd[r], dx ? dx + r * d : NULL,
                         part ? part + c * d : NULL, d);
-    }
+    });
     if (dw)
         for (int64_t c = 0; c < nchunk; c++)
             for (int64_t j = 0; j < d; j++) dw[j] += part[c * d + j];
@@ -78,8 +77,8 @@ pl_tensor *pl_rmsnorm(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, float eps) {
     if (!rstd) return NULL;
     const float *xd = pl_f32(x), *wd = pl_f32(w);
     float *yd = pl_f32(y);
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; r++) rms_fwd_row(xd + r * d, wd, yd + r * d, rstd + r, d, eps);
+    PL_PARALLEL_FOR(true, schedule(static), r, rows,
+                    rms_fwd_row(xd + r * d, wd, yd + r * d, rstd + r, d, eps));
     pl_tensor *in[2] = {x, w};
     if (pl__wants_grad(ctx, 2, in)) {
         pl_node *n = pl__record(ctx, "rmsnorm", rmsnorm_backward, y, 2, in);

@@ -33,11 +33,10 @@ static void reshape_backward(pl_ctx *ctx, pl_node *n) {
     const float *g = n->out->grad;
     int64_t N = n->out->numel;
     int64_t nc = (N + PAR_MIN - 1) / PAR_MIN;
-#pragma omp parallel for if (nc > 1) schedule(static)
-    for (int64_t c = 0; c < nc; c++) {
+    PL_PARALLEL_FOR(nc > 1, schedule(static), c, nc, {
         int64_t lo = c * PAR_MIN;
         k_acc(dx + lo, g + lo, N - lo < PAR_MIN ? N - lo : PAR_MIN);
-    }
+    });
 }
 
 pl_tensor *pl_reshape(pl_ctx *ctx, pl_tensor *x, int ndim, const int64_t *shape) {
@@ -106,8 +105,7 @@ static void permute_run(const void *src, int nd, const int64_t *src_shape, const
         ss[k] = sstr[perm[k]];
     }
     int64_t cols = dsh[nd - 1], rows = numel / cols, cs = ss[nd - 1];
-#pragma omp parallel for if (numel > PAR_MIN) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
+    PL_PARALLEL_FOR(numel > PAR_MIN, schedule(static), r, rows, {
         int64_t off = 0, q = r;
         for (int k = nd - 2; k >= 0 && q > 0; k--) {
             off += (q % dsh[k]) * ss[k];
@@ -124,7 +122,7 @@ static void permute_run(const void *src, int nd, const int64_t *src_shape, const
             const int32_t *s = (const int32_t *)src + off;
             for (int64_t j = 0; j < cols; j++) d[j] = s[j * cs];
         }
-    }
+    });
 }
 
 static void permute_backward(pl_ctx *ctx, pl_node *n) {
@@ -197,10 +195,9 @@ static void block_move(void *dst, int64_t dst_dim, int64_t dst_at, const void *s
                        int64_t src_dim, int64_t src_at, int64_t len, int64_t outer,
                        int64_t inner, bool acc) {
     int64_t blk = len * inner;
-#pragma omp parallel for if (outer > 1 && outer * blk > PAR_MIN) schedule(static)
-    for (int64_t o = 0; o < outer; o++)
-        move((float *)dst + (o * dst_dim + dst_at) * inner,
-             (const float *)src + (o * src_dim + src_at) * inner, blk, acc);
+    PL_PARALLEL_FOR(outer > 1 && outer * blk > PAR_MIN, schedule(static), o, outer,
+                    move((float *)dst + (o * dst_dim + dst_at) * inner,
+                         (const float *)src + (o * src_dim + src_at) * inner, blk, acc));
 }
 
 static void slice_backward(pl_ctx *ctx, pl_node *n) {

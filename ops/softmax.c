@@ -69,8 +69,8 @@ static void softmax_backward(pl_ctx *ctx, pl_node *n) {
     if (!dx) return;
     const float *y = pl_f32(n->out), *g = n->out->grad;
     int64_t V = x->shape[x->ndim - 1], rows = x->numel / V;
-#pragma omp parallel for if (x->numel > PAR_MIN) schedule(static)
-    for (int64_t r = 0; r < rows; r++) k_softmax_bw_row(dx + r * V, y + r * V, g + r * V, V);
+    PL_PARALLEL_FOR(x->numel > PAR_MIN, schedule(static), r, rows,
+                    k_softmax_bw_row(dx + r * V, y + r * V, g + r * V, V));
 }
 
 pl_tensor *pl_softmax(pl_ctx *ctx, pl_tensor *x) {
@@ -80,8 +80,8 @@ pl_tensor *pl_softmax(pl_ctx *ctx, pl_tensor *x) {
     const float *xd = pl_f32(x);
     float *yd = pl_f32(y);
     int64_t V = x->shape[x->ndim - 1], rows = x->numel / V;
-#pragma omp parallel for if (x->numel > PAR_MIN) schedule(static)
-    for (int64_t r = 0; r < rows; r++) k_softmax_row(yd + r * V, xd + r * V, V);
+    PL_PARALLEL_FOR(x->numel > PAR_MIN, schedule(static), r, rows,
+                    k_softmax_row(yd + r * V, xd + r * V, V));
     if (pl__wants_grad(ctx, 1, &x) && !pl__record(ctx, "softmax", softmax_backward, y, 1, &x))
         return NULL;
     return y;
@@ -111,12 +111,11 @@ static void ce_backward(pl_ctx *ctx, pl_node *n) {
     const int32_t *t = sv->tgt;
     float c = (float)((double)n->out->grad[0] / (double)count);
     int64_t V = x->shape[x->ndim - 1], rows = x->numel / V;
-#pragma omp parallel for if (x->numel > PAR_MIN) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
+    PL_PARALLEL_FOR(x->numel > PAR_MIN, schedule(static), r, rows, {
         if (t[r] < 0) continue;
         k_ce_bw_row(dx + r * V, xd + r * V, lse[2 * r], lse[2 * r + 1], c, V);
         dx[r * V + t[r]] -= c;
-    }
+    });
 }
 
 pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets) {
@@ -150,9 +149,8 @@ pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets) 
     pl_tensor *y = lse ? pl__new(ctx, PL_F32, PL_DIMS(1)) : NULL;
     if (!y) return NULL;
     const float *xd = pl_f32(logits);
-#pragma omp parallel for if (logits->numel > PAR_MIN) schedule(static)
-    for (int64_t r = 0; r < rows; r++)
-        if (t[r] >= 0) k_logsumexp(xd + r * V, V, lse + 2 * r);
+    PL_PARALLEL_FOR(logits->numel > PAR_MIN, schedule(static), r, rows,
+                    if (t[r] >= 0) k_logsumexp(xd + r * V, V, lse + 2 * r));
     double loss = 0;
     for (int64_t r = 0; r < rows; r++)
         if (t[r] >= 0) loss += ((double)lse[2 * r] - xd[r * V + t[r]]) + lse[2 * r + 1];

@@ -27,11 +27,10 @@ static void swiglu_backward(pl_ctx *ctx, pl_node *n) {
     if (b->requires_grad && !(db = pl__grad(ctx, b))) return;
     const float *ad = pl_f32(a), *bd = pl_f32(b), *dy = n->out->grad;
     int64_t total = a->numel;
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < total; i += SWIGLU_CHUNK) {
-        int64_t m = total - i < SWIGLU_CHUNK ? total - i : SWIGLU_CHUNK;
+    PL_PARALLEL_FOR(true, schedule(static), c, (total + SWIGLU_CHUNK - 1) / SWIGLU_CHUNK, {
+        int64_t i = c * SWIGLU_CHUNK, m = total - i < SWIGLU_CHUNK ? total - i : SWIGLU_CHUNK;
         swiglu_bwd(ad + i, bd + i, dy + i, da ? da + i : NULL, db ? db + i : NULL, m);
-    }
+    });
 }
 
 pl_tensor *pl_swiglu(pl_ctx *ctx, pl_tensor *a, pl_tensor *b) {
@@ -47,9 +46,10 @@ pl_tensor *pl_swiglu(pl_ctx *ctx, pl_tensor *a, pl_tensor *b) {
     const float *ad = pl_f32(a), *bd = pl_f32(b);
     float *yd = pl_f32(y);
     int64_t total = a->numel;
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < total; i += SWIGLU_CHUNK)
+    PL_PARALLEL_FOR(true, schedule(static), c, (total + SWIGLU_CHUNK - 1) / SWIGLU_CHUNK, {
+        int64_t i = c * SWIGLU_CHUNK;
         swiglu_fwd(ad + i, bd + i, yd + i, total - i < SWIGLU_CHUNK ? total - i : SWIGLU_CHUNK);
+    });
     pl_tensor *in[2] = {a, b};
     if (pl__wants_grad(ctx, 2, in) &&
         !pl__record(ctx, "swiglu", swiglu_backward, y, 2, in))
