@@ -1,39 +1,50 @@
 /* Sparse attention over per-query index sets (the PLASA attention step).
  *
  * For query t, head h, with S_t = { idx[b,t,j] : idx[b,t,j] >= 0 }:
- *   z_j = q_t . k_{s_j} / sqrt(D),  p = softmax_j(z),  out_t = sum_j p'_j v_{s_j}
- * with p'_j = p_j * keep_j / (1 - dropout_p) (keep_j = 1 when dropout_p = 0).
- * Only the selected keys and values are read: O(B*H*L*K*D) time.
+ *   z_j = q_t . k_{s_j} / sqrt(D),  p = softmax_j(z),  out_t = sum_j p'_j
+ * v_{s_j} with p'_j = p_j * keep_j / (1 - dropout_p) (keep_j = 1 when dropout_p
+ * = 0). Only the selected keys and values are read: O(B*H*L*K*D) time.
  *
- * The cost is in gathering k and v rows, not in arithmetic, so the loops are
- * tiled flash-attention style: a thread takes a tile of TQ query rows and walks
- * the keys in blocks of SK (k and v of one block stay in L2); every row of the
- * tile consumes its selected keys inside the block (its entries sorted by key),
- * with an online softmax (running max m and sum l per row and head). A key
- * block is thus read once per tile instead of once per row.
+ * A task takes a few query rows; a row is done whole (all its entries, all
+ * heads), so no online softmax is needed. The selected k rows are gathered 8
+ * at a time: 8 dot products of a head run as 8 vectors of partial sums, added
+ * into one vector of 8 scores by a transposing add tree (hsum8); out += p v
+ * is a chain of vector FMAs over the gathered v rows. The key set is shared by
+ * the heads and a row of k or v holds all heads contiguously, so a gathered row
+ * is fetched from memory once for all heads (the heads' loops follow each
+ * other while the row's lines are still in L1/L2).
  *
- * Saved for backward: the row log-sum-exp [B,L,H] and, with dropout, the keep
- * bits [B,L,H,ceil(K/32)] words; probabilities are recomputed, so no [.., K]
- * float tensor is kept.
+ * Saved for backward: the probabilities P [B,L,K,H] (before dropout; a (t, j)
+ * entry's heads side by side) and, with dropout, the keep bits
+ * [B,L,H,ceil(K/32)] words. Memory B*L*K*H floats, the price of not
+ * recomputing the scores twice in backward.
  *
  * Backward, with dO the output gradient and Delta_t = dO_t . out_t:
- *   dp_j = keep_j/(1-p) * dO_t . v_{s_j},   dz_j = p_j (dp_j - Delta_t)
- *   dq_t += sum_j dz_j k_{s_j} / sqrt(D)                      (query tiles)
- *   dk_s += sum_{(t,j): s_j = s} dz_j q_t / sqrt(D)          (key tiles)
+ *   dp_j = keep_j/(1-p) * dO_t . v_{s_j},   g_j = p_j (dp_j - Delta_t)
+ *   dq_t += sum_j g_j k_{s_j} / sqrt(D)                      (row pass)
+ *   dk_s += sum_{(t,j): s_j = s} g_j q_t / sqrt(D)          (key pass)
  *   dv_s += sum_{(t,j): s_j = s} p'_j dO_t
- * dk and dv come from the index sets transposed (pl__idx_by_key): a thread owns
- * a tile of keys and walks the queries that selected them in blocks, so every
- * thread writes only its own rows (no atomics) in a fixed order (ascending t).
+ * The row pass stores g as G [B,L,K,H] (backward scratch, like P). dk and dv
+ * come from the index sets transposed (pl__idx_by_key): a thread owns a tile of
+ * keys and walks the queries that selected them in blocks, so every thread
+ * writes only its own rows (no atomics) in a fixed order (ascending t).
  * Results do not depend on the number of threads. */
 #include "internal.h"
 
 #include <math.h>
 #include <omp.h>
-#include <stdlib.h>
 
 int64_t pl__sparse_tile_q = 0, pl__sparse_tile_k = 0;
 
-#define KV_CHUNK 16 /* entries per batch of exponentials in the dk/dv pass */
+/* ISO C mode turns off FMA contraction; the kernels want it. Vector returns in
+ * the baseline clone make GCC warn of an ABI change that no call crosses. */
+#if defined(__clang__)
+#pragma clang fp contract(fast)
+#pragma clang diagnostic ignored "-Wpsabi"
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=fast")
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, int64_t K,
                          int32_t **off_out, int32_t **list_out) {
@@ -76,9 +87,175 @@ pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, 
     return PL_OK;
 }
 
+/* ---- vector kernels (GCC vector extensions; AVX2+FMA in the x86-64-v3 clone)
+ * ---- */
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+#define LD(p) (*(const v8u *)(p))
+#define ST(p, x) (*(v8u *)(p) = (x))
+#define AI __attribute__((always_inline)) inline
+typedef int32_t v8i __attribute__((vector_size(32)));
+#if defined(__clang__)
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
+
+static AI v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+#define SEL(m, a, b) ((v8)(((v8i)(a) & (m)) | ((v8i)(b) & ~(m)))) /* m ? a : b */
+
+/* e^x, 8 lanes: pl__expf's algorithm (x < -87 and -inf give 0). */
+static AI v8 expv(v8 x) {
+    const v8i under = x < splat(-87.0f);
+    x = SEL(under, splat(-87.0f), x);
+    x = SEL(x > splat(88.0f), splat(88.0f), x);
+    const v8 t = x * 1.44269504088896341f + 12582912.0f, n = t - 12582912.0f;
+    v8 r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    v8 p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const v8i e = ((v8i)t - (v8i)splat(12582912.0f)) << 23; /* n * 2^23 */
+    return SEL(under, splat(0.0f), (v8)((v8i)p + e));
+}
+
+/* The 8 lane sums of a[0..8) as one vector (a transposing add tree). */
+static AI v8 hsum8(const v8 *a) {
+    v8 s01 =
+        SHUF(a[0], a[1], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a[0], a[1], 1, 9, 3, 11, 5, 13, 7, 15);
+    v8 s23 =
+        SHUF(a[2], a[3], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a[2], a[3], 1, 9, 3, 11, 5, 13, 7, 15);
+    v8 s45 =
+        SHUF(a[4], a[5], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a[4], a[5], 1, 9, 3, 11, 5, 13, 7, 15);
+    v8 s67 =
+        SHUF(a[6], a[7], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a[6], a[7], 1, 9, 3, 11, 5, 13, 7, 15);
+    v8 s03 = SHUF(s01, s23, 0, 1, 8, 9, 4, 5, 12, 13) + SHUF(s01, s23, 2, 3, 10, 11, 6, 7, 14, 15);
+    v8 s47 = SHUF(s45, s67, 0, 1, 8, 9, 4, 5, 12, 13) + SHUF(s45, s67, 2, 3, 10, 11, 6, 7, 14, 15);
+    return SHUF(s03, s47, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(s03, s47, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+static AI float hsum8v(v8 v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+/* out[i] = x . base[rows[i]*rs .. + 8*ND) for i < n (n rounded up to 8: rows
+ * must be padded with valid row numbers; the extra outputs are junk). */
+static AI void dots(const float *x, const float *base, const int32_t *rows, int64_t rs, int64_t n,
+                    int ND, float *out) {
+    for (int64_t i = 0; i < n; i += 8) {
+        const float *r[8];
+        for (int u = 0; u < 8; u++) r[u] = base + rows[i + u] * rs;
+        v8 acc[8];
+        if (ND <= 4) { /* x stays in registers */
+            v8 xv[4] = {splat(0.0f), splat(0.0f), splat(0.0f), splat(0.0f)};
+            for (int c = 0; c < ND; c++) xv[c] = LD(x + 8 * c);
+            for (int u = 0; u < 8; u++) {
+                acc[u] = xv[0] * LD(r[u]);
+                for (int c = 1; c < ND; c++) acc[u] += xv[c] * LD(r[u] + 8 * c);
+            }
+        } else {
+            for (int u = 0; u < 8; u++) {
+                acc[u] = LD(x) * LD(r[u]);
+                for (int c = 1; c < ND; c++) acc[u] += LD(x + 8 * c) * LD(r[u] + 8 * c);
+            }
+        }
+        ST(out + i, hsum8(acc));
+    }
+}
+
+/* y[0 .. 8*ND) += sum_{i<n} w[i] * base[rows[i]*rs ..]: two accumulator sets
+ * (even and odd i) per group of up to 4 vectors, to cover the FMA latency. */
+static AI void axpys(float *y, const float *w, const float *base, const int32_t *rows, int64_t rs,
+                     int64_t n, int ND) {
+    for (int c0 = 0; c0 < ND; c0 += 4) {
+        const int nc = ND - c0 < 4 ? ND - c0 : 4;
+        v8 a0[4], a1[4];
+        for (int c = 0; c < nc; c++) {
+            a0[c] = LD(y + 8 * (c0 + c));
+            a1[c] = splat(0.0f);
+        }
+        int64_t i = 0;
+        for (; i + 2 <= n; i += 2) {
+            const float *r0 = base + rows[i] * rs + 8 * c0, *r1 = base + rows[i + 1] * rs + 8 * c0;
+            const v8 w0 = splat(w[i]), w1 = splat(w[i + 1]);
+            for (int c = 0; c < nc; c++) {
+                a0[c] += w0 * LD(r0 + 8 * c);
+                a1[c] += w1 * LD(r1 + 8 * c);
+            }
+        }
+        if (i < n) {
+            const float *r0 = base + rows[i] * rs + 8 * c0;
+            const v8 w0 = splat(w[i]);
+            for (int c = 0; c < nc; c++) a0[c] += w0 * LD(r0 + 8 * c);
+        }
+        for (int c = 0; c < nc; c++) ST(y + 8 * (c0 + c), a0[c] + a1[c]);
+    }
+}
+
+/* The same for any D (scalar; tests use odd D). */
+static void dots_any(const float *x, const float *base, const int32_t *rows, int64_t rs, int64_t n,
+                     int64_t D, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = pl__dot(x, base + rows[i] * rs, D);
+}
+static void axpys_any(float *y, const float *w, const float *base, const int32_t *rows, int64_t rs,
+                      int64_t n, int64_t D) {
+    for (int64_t i = 0; i < n; i++) pl__axpy(y, w[i], base + rows[i] * rs, D);
+}
+
+/* Gathered rows are used in chunks of CH entries, all heads of a chunk before
+ * the next one (a row's H*D floats are then fetched once, while the chunk
+ * after next is prefetched). */
+#define CH 16
+
+static AI void prefetch_rows(const float *base, const int32_t *rows, int64_t n, int64_t rs,
+                             int64_t bytes) {
+    for (int64_t i = 0; i < n; i++) {
+        const char *r = (const char *)(base + rows[i] * rs);
+        for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(r + o);
+    }
+}
+
+/* z[h*ldz + i] = x[h*D ..] . base[rows[i]*rs + h*D ..] for every head, i < n
+ * (n a multiple of 8; rows padded). ND = D/8, or 0 for the scalar kernels. */
+static AI void dots_heads(const float *x, const float *base, const int32_t *rows, int64_t rs,
+                          int64_t H, int64_t D, int64_t n, int ND, float *z, int64_t ldz) {
+    for (int64_t i = 0; i < n; i += 8) {
+        if (i + 2 * 8 < n)
+            prefetch_rows(base, rows + i + 16, n - i - 16 < 8 ? n - i - 16 : 8, rs, 4 * H * D);
+        for (int64_t h = 0; h < H; h++) {
+            if (ND)
+                dots(x + h * D, base + h * D, rows + i, rs, 8, ND, z + h * ldz + i);
+            else
+                dots_any(x + h * D, base + h * D, rows + i, rs, 8, D, z + h * ldz + i);
+        }
+    }
+}
+
+/* y[h*D ..] += sum_{i<n} w[h*ldw + i] base[rows[i]*rs + h*D ..] for every head. */
+static AI void axpys_heads(float *y, const float *w, int64_t ldw, const float *base,
+                           const int32_t *rows, int64_t rs, int64_t H, int64_t D, int64_t n,
+                           int ND) {
+    for (int64_t i = 0; i < n; i += CH) {
+        const int64_t c = n - i < CH ? n - i : CH;
+        if (i + CH < n)
+            prefetch_rows(base, rows + i + CH, n - i - CH < CH ? n - i - CH : CH, rs, 4 * H * D);
+        for (int64_t h = 0; h < H; h++) {
+            if (ND)
+                axpys(y + h * D, w + h * ldw + i, base + h * D, rows + i, rs, c, ND);
+            else
+                axpys_any(y + h * D, w + h * ldw + i, base + h * D, rows + i, rs, c, D);
+        }
+    }
+}
+
 typedef struct {
     int64_t B, L, H, D, K, W; /* W: 32-bit keep words per (b,t,h) row */
-    int64_t TQ, SK;           /* forward and dq: query rows per tile, keys per block */
+    int64_t Kp;               /* K rounded up to 8 */
     int64_t KT, QB;           /* dk, dv: keys per tile, query rows per block */
     float scale, keep_scale;
     uint32_t threshold; /* dropout: keep iff the random word >= threshold */
@@ -86,7 +263,8 @@ typedef struct {
     const float *q, *k, *v;
     const int32_t *idx;
     float *out;
-    float *lse;     /* [B,L,H]; NULL when nothing is recorded */
+    float *P;       /* [B,L,K,H] probabilities (before dropout); NULL when nothing is
+                       recorded */
     uint32_t *keep; /* [B,L,H,W] keep bits; NULL without dropout */
 } sa_args;
 
@@ -94,253 +272,210 @@ static inline bool keep_bit(const uint32_t *row, int64_t j) {
     return (row[j >> 5] >> (j & 31)) & 1u;
 }
 
-static int cmp_i64(const void *x, const void *y) {
-    int64_t a = *(const int64_t *)x, b = *(const int64_t *)y;
-    return (a > b) - (a < b);
-}
-
-/* The valid entries of an idx row as (key, slot), sorted by key then slot
- * (top-k rows already are; others are sorted here). Returns the count. */
-static int64_t row_entries(const int32_t *ir, int64_t K, int32_t *sel, int32_t *pos, int64_t *tmp) {
-    int64_t n = 0;
-    bool sorted = true;
-    for (int64_t j = 0; j < K; j++)
-        if (ir[j] >= 0) {
-            if (n > 0 && ir[j] < sel[n - 1]) sorted = false;
-            sel[n] = ir[j];
-            pos[n++] = (int32_t)j;
-        }
-    if (!sorted) {
-        for (int64_t i = 0; i < n; i++) tmp[i] = ((int64_t)sel[i] << 32) | pos[i];
-        qsort(tmp, (size_t)n, sizeof *tmp, cmp_i64);
-        for (int64_t i = 0; i < n; i++) {
-            sel[i] = (int32_t)(tmp[i] >> 32);
-            pos[i] = (int32_t)(tmp[i] & 0xffffffff);
-        }
-    }
-    return n;
-}
-
-/* Per-thread working memory of a query tile. */
+/* Per-thread working memory: a row's valid entries (keys padded to a multiple
+ * of 8 with copies of the first, slots) and two [H][Kp] float rows. */
 typedef struct {
-    int64_t *n, *ptr, *tmp; /* TQ, TQ, K */
-    int32_t *sel, *pos;     /* TQ*K each: row r's entries at r*K */
-    float *m, *l;           /* TQ*H each */
-    float *z, *dp;          /* H*K each: head h at h*K */
-} sa_tile;
+    int32_t *sel, *pos;
+    float *z, *w;
+} sa_work;
 
-static size_t tile_bytes(const sa_args *a) {
-    const size_t TQ = (size_t)a->TQ, K = (size_t)a->K, H = (size_t)a->H;
-    size_t nz = H * (K > KV_CHUNK ? K : KV_CHUNK);
-    return 8 * (2 * TQ + K) + 4 * (2 * TQ * K + 2 * TQ * H + 2 * nz);
+static size_t work_bytes(const sa_args *a) {
+    return (size_t)(2 * 4 * (a->Kp + 8) + 2 * 4 * a->H * a->Kp + 64);
 }
 
-static sa_tile tile_carve(const sa_args *a, unsigned char *base) {
-    const size_t TQ = (size_t)a->TQ, K = (size_t)a->K, H = (size_t)a->H;
-    size_t nz = H * (K > KV_CHUNK ? K : KV_CHUNK);
-    sa_tile w;
-    w.n = (int64_t *)base;
-    w.ptr = w.n + TQ;
-    w.tmp = w.ptr + TQ;
-    w.sel = (int32_t *)(w.tmp + K);
-    w.pos = w.sel + TQ * K;
-    w.m = (float *)(w.pos + TQ * K);
-    w.l = w.m + TQ * H;
-    w.z = w.l + TQ * H;
-    w.dp = w.z + nz;
+static sa_work work_carve(const sa_args *a, unsigned char *base) {
+    sa_work w;
+    w.z = (float *)base;
+    w.w = w.z + a->H * a->Kp;
+    w.sel = (int32_t *)(w.w + a->H * a->Kp);
+    w.pos = w.sel + a->Kp + 8;
     return w;
 }
 
-/* Entries of tile row r with keys < s1, from its cursor on: [*c0, return). */
-static inline int64_t block_end(const sa_tile *w, int64_t r, int64_t K, int64_t s1, int64_t *c0) {
-    const int32_t *sel = w->sel + r * K;
-    int64_t c = *c0 = w->ptr[r];
-    while (c < w->n[r] && sel[c] < s1) c++;
-    w->ptr[r] = c;
-    return c;
+/* The valid entries of idx row (b, t) in slot order; returns their count. */
+static int64_t row_entries(const sa_args *a, int64_t b, int64_t t, const sa_work *w) {
+    const int32_t *ir = a->idx + (b * a->L + t) * a->K;
+    int64_t n = 0;
+    for (int64_t j = 0; j < a->K; j++)
+        if (ir[j] >= 0) {
+            w->sel[n] = ir[j];
+            w->pos[n++] = (int32_t)j;
+        }
+    for (int64_t i = n; i < ((n + 7) & ~7); i++) w->sel[i] = n ? w->sel[0] : 0;
+    return n;
 }
 
-#define PREFETCH_AHEAD 4
-
-PL_KERNEL static void sa_fwd_tile(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
-                                  const sa_tile *w) {
-    const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, W = a->W;
-    const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
-    for (int64_t t = t0; t < t1; t++) {
-        const int64_t r = t - t0, row0 = (b * L + t) * H;
-        const int32_t *pos = w->pos + r * K;
-        const int64_t n = w->n[r] =
-            row_entries(a->idx + (b * L + t) * K, K, w->sel + r * K, w->pos + r * K, w->tmp);
-        w->ptr[r] = 0;
-        for (int64_t h = 0; h < H; h++) {
-            w->m[r * H + h] = -INFINITY;
-            w->l[r * H + h] = 0.0f;
-        }
-        memset(a->out + row0 * D, 0, sizeof(float) * (size_t)HD);
-        if (!a->keep) continue;
-        /* element (b,h,t,j): word j%4 of Philox(seed, offset + ((b*H+h)*L+t)*ceil(K/4) + j/4),
-         * kept iff the word >= floor(p * 2^32) (pl_attention's scheme with K for L) */
-        memset(a->keep + row0 * W, 0, sizeof(uint32_t) * (size_t)(H * W));
-        for (int64_t h = 0; h < H; h++) {
-            uint32_t *kr = a->keep + (row0 + h) * W, wd[4];
-            const uint64_t base = a->offset + (uint64_t)(((b * H + h) * L + t) * ((K + 3) / 4));
-            int64_t blk = -1;
-            for (int64_t i = 0; i < n; i++) {
-                const int64_t j = pos[i];
-                if (j >> 2 != blk) {
-                    blk = j >> 2;
-                    pl_philox(a->seed, base + (uint64_t)blk, wd);
-                }
-                if (wd[j & 3] >= a->threshold) kr[j >> 5] |= 1u << (j & 31);
+/* Dropout keep bits of row (b, t): element (b,h,t,j) uses word j%4 of
+ * Philox(seed, offset + ((b*H+h)*L+t)*ceil(K/4) + j/4), kept iff >= threshold
+ * (pl_attention's scheme with K in place of L). */
+static void row_keep(const sa_args *a, int64_t b, int64_t t, int64_t n, const int32_t *pos) {
+    const int64_t H = a->H, L = a->L, K = a->K, W = a->W, row0 = (b * L + t) * H;
+    memset(a->keep + row0 * W, 0, sizeof(uint32_t) * (size_t)(H * W));
+    for (int64_t h = 0; h < H; h++) {
+        uint32_t *kr = a->keep + (row0 + h) * W, wd[4];
+        const uint64_t base = a->offset + (uint64_t)(((b * H + h) * L + t) * ((K + 3) / 4));
+        int64_t blk = -1;
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t j = pos[i];
+            if (j >> 2 != blk) {
+                blk = j >> 2;
+                pl_philox(a->seed, base + (uint64_t)blk, wd);
             }
-        }
-    }
-    for (int64_t s0 = 0; s0 < t1; s0 += a->SK) {
-        const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
-        for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
-            const int64_t r = t - t0, row0 = (b * L + t) * H;
-            int64_t c0, c1 = block_end(w, r, K, s1, &c0), c = c1 - c0;
-            if (c == 0) continue;
-            const int32_t *sel = w->sel + r * K + c0, *pos = w->pos + r * K + c0;
-            const float *q = a->q + row0 * D;
-            float *o = a->out + row0 * D, *z = w->z;
-            for (int64_t i = 0; i < c; i++) {
-                if (i + PREFETCH_AHEAD < c) __builtin_prefetch(kb + sel[i + PREFETCH_AHEAD] * HD);
-                const float *ks = kb + sel[i] * HD;
-                for (int64_t h = 0; h < H; h++)
-                    z[h * K + i] = pl__dot(q + h * D, ks + h * D, D) * a->scale;
-            }
-            for (int64_t h = 0; h < H; h++) { /* online softmax update */
-                float *zh = z + h * K, mo = w->m[r * H + h], bm = -INFINITY;
-                for (int64_t i = 0; i < c; i++) bm = zh[i] > bm ? zh[i] : bm;
-                const float mn = bm > mo ? bm : mo, alpha = pl__expf(mo - mn);
-                for (int64_t i = 0; i < c; i++) zh[i] = pl__expf(zh[i] - mn);
-                w->l[r * H + h] = w->l[r * H + h] * alpha + pl__sum(zh, c);
-                w->m[r * H + h] = mn;
-                if (alpha != 1.0f)
-                    for (int64_t d = 0; d < D; d++) o[h * D + d] *= alpha;
-                if (a->keep) {
-                    const uint32_t *kr = a->keep + (row0 + h) * W;
-                    for (int64_t i = 0; i < c; i++)
-                        zh[i] = keep_bit(kr, pos[i]) ? zh[i] * a->keep_scale : 0.0f;
-                }
-            }
-            for (int64_t i = 0; i < c; i++) {
-                if (i + PREFETCH_AHEAD < c) __builtin_prefetch(vb + sel[i + PREFETCH_AHEAD] * HD);
-                const float *vs = vb + sel[i] * HD;
-                for (int64_t h = 0; h < H; h++) pl__axpy(o + h * D, z[h * K + i], vs + h * D, D);
-            }
-        }
-    }
-    for (int64_t t = t0; t < t1; t++) {
-        const int64_t r = t - t0, row0 = (b * L + t) * H;
-        for (int64_t h = 0; h < H; h++) {
-            if (w->n[r] == 0) { /* nothing selected: output 0, no gradient */
-                if (a->lse) a->lse[row0 + h] = -INFINITY;
-                continue;
-            }
-            const float l = w->l[r * H + h], inv = 1.0f / l;
-            float *oh = a->out + (row0 + h) * D;
-            for (int64_t d = 0; d < D; d++) oh[d] *= inv;
-            if (a->lse) a->lse[row0 + h] = w->m[r * H + h] + logf(l);
+            if (wd[j & 3] >= a->threshold) kr[j >> 5] |= 1u << (j & 31);
         }
     }
 }
 
-/* Delta for every head of the tile's rows, and dq if wanted. */
-PL_KERNEL static void sa_bwd_q_tile(const sa_args *a, const float *dO, float *delta, float *dq,
-                                    int64_t b, int64_t t0, int64_t t1, const sa_tile *w) {
+/* Forward of query row (b, t), all heads: z = q.k/sqrt(D) over the row's
+ * entries, p = softmax(z) (saved as P[b,t,j,h]), out = sum p' v. */
+static AI void fwd_row_impl(const sa_args *a, int64_t b, int64_t t, const sa_work *w, int ND) {
+    const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kp = a->Kp;
+    const int64_t row0 = (b * L + t) * H;
+    const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD, *q = a->q + row0 * D;
+    float *o = a->out + row0 * D;
+    const int64_t n = row_entries(a, b, t, w);
+    memset(o, 0, sizeof(float) * (size_t)HD);
+    if (n == 0) return; /* nothing selected: output 0, no gradient */
+    const int32_t *sel = w->sel, *pos = w->pos;
+    if (a->keep) row_keep(a, b, t, n, pos);
+    const int64_t n8 = (n + 7) & ~7;
+    dots_heads(q, kb, sel, HD, H, D, n8, ND, w->z, Kp);
+    for (int64_t h = 0; h < H; h++) {
+        float *z = w->z + h * Kp;
+        for (int64_t i = n; i < n8; i++) z[i] = -INFINITY; /* the padding: p = 0 */
+        v8 mv = splat(-INFINITY);
+        for (int64_t i = 0; i < n8; i += 8) mv = SEL(LD(z + i) > mv, LD(z + i), mv);
+        float m = mv[0];
+        for (int u = 1; u < 8; u++) m = mv[u] > m ? mv[u] : m;
+        const v8 ms = splat(m * a->scale);
+        v8 sum = splat(0.0f);
+        for (int64_t i = 0; i < n8; i += 8) {
+            const v8 e = expv(LD(z + i) * a->scale - ms);
+            sum += e;
+            ST(z + i, e);
+        }
+        const float inv = 1.0f / hsum8v(sum);
+        for (int64_t i = 0; i < n8; i += 8) ST(z + i, LD(z + i) * inv);
+        if (a->keep) {
+            const uint32_t *kr = a->keep + (row0 + h) * a->W;
+            float *pw = w->w + h * Kp;
+            for (int64_t i = 0; i < n; i++)
+                pw[i] = keep_bit(kr, pos[i]) ? z[i] * a->keep_scale : 0.0f;
+        }
+    }
+    axpys_heads(o, a->keep ? w->w : w->z, Kp, vb, sel, HD, H, D, n, ND);
+    if (a->P) { /* P[b,t,j,h]: an entry's heads together, for the dk/dv pass */
+        float *P = a->P + (b * L + t) * K * H;
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t h = 0; h < H; h++) P[pos[i] * H + h] = w->z[h * Kp + i];
+    }
+}
+
+PL_KERNEL static void sa_fwd_rows(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
+                                  const sa_work *w) {
+    for (int64_t t = t0; t < t1; t++) {
+        if (a->D == 32)
+            fwd_row_impl(a, b, t, w, 4);
+        else if (a->D % 8 == 0)
+            fwd_row_impl(a, b, t, w, (int)(a->D / 8));
+        else
+            fwd_row_impl(a, b, t, w, 0);
+    }
+}
+
+/* Backward of query row (b, t), with Delta_h = dO_h . out_h:
+ *   dp_j = keep_j/(1-p) dO_h . v_{s_j},   g_j = p_j (dp_j - Delta_h)
+ * G[b,t,j,h] = g_j (for the dk pass) and dq_h += sum_j g_j k_{s_j,h} / sqrt(D).
+ */
+static AI void bwd_row_impl(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
+                            int64_t t, const sa_work *w, int ND) {
+    const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kp = a->Kp;
+    const int64_t row0 = (b * L + t) * H;
+    const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD, *dOr = dO + row0 * D;
+    const int64_t n = row_entries(a, b, t, w);
+    if (n == 0) return;
+    const int32_t *sel = w->sel, *pos = w->pos;
+    const float *P = a->P + (b * L + t) * K * H;
+    float *Gr = G + (b * L + t) * K * H;
+    dots_heads(dOr, vb, sel, HD, H, D, (n + 7) & ~7, ND, w->z, Kp);
+    for (int64_t h = 0; h < H; h++) {
+        float *dp = w->z + h * Kp, *g = w->w + h * Kp;
+        const float delta = pl__dot(dOr + h * D, a->out + (row0 + h) * D, D);
+        if (a->keep) {
+            const uint32_t *kr = a->keep + (row0 + h) * a->W;
+            for (int64_t i = 0; i < n; i++)
+                dp[i] = keep_bit(kr, pos[i]) ? dp[i] * a->keep_scale : 0.0f;
+        }
+        for (int64_t i = 0; i < n; i++) g[i] = P[pos[i] * H + h] * (dp[i] - delta);
+        for (int64_t i = 0; i < n; i++) Gr[pos[i] * H + h] = g[i];
+        for (int64_t i = 0; i < n; i++) g[i] *= a->scale;
+    }
+    if (dq) axpys_heads(dq + row0 * D, w->w, Kp, kb, sel, HD, H, D, n, ND);
+}
+
+PL_KERNEL static void sa_bwd_rows(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
+                                  int64_t t0, int64_t t1, const sa_work *w) {
+    for (int64_t t = t0; t < t1; t++) {
+        if (a->D == 32)
+            bwd_row_impl(a, dO, G, dq, b, t, w, 4);
+        else if (a->D % 8 == 0)
+            bwd_row_impl(a, dO, G, dq, b, t, w, (int)(a->D / 8));
+        else
+            bwd_row_impl(a, dO, G, dq, b, t, w, 0);
+    }
+}
+
+/* dk and dv of key s from the entries e = t*K + j (of batch b) that selected
+ * it: dv_s,h += sum_e p_e keep_e/(1-p) dO_t,h,   dk_s,h += sum_e g_e q_t,h /
+ * sqrt(D). rows: scratch for n + 1 int32 (the entries' query rows b*L + t); cw,
+ * gw: n floats each. */
+static AI void kv_key_impl(const sa_args *a, const float *dO, const float *G, float *dk, float *dv,
+                           int64_t b, int64_t s, const int32_t *list, int64_t n, int32_t *rows,
+                           float *cw, float *gw, int ND) {
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D;
-    const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
-    for (int64_t t = t0; t < t1; t++) {
-        const int64_t r = t - t0, row0 = (b * L + t) * H;
-        for (int64_t h = 0; h < H; h++)
-            delta[row0 + h] = pl__dot(dO + (row0 + h) * D, a->out + (row0 + h) * D, D);
-        if (!dq) continue;
-        w->n[r] = row_entries(a->idx + (b * L + t) * K, K, w->sel + r * K, w->pos + r * K, w->tmp);
-        w->ptr[r] = 0;
-    }
-    if (!dq) return;
-    for (int64_t s0 = 0; s0 < t1; s0 += a->SK) {
-        const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
-        for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
-            const int64_t r = t - t0, row0 = (b * L + t) * H;
-            int64_t c0, c1 = block_end(w, r, K, s1, &c0), c = c1 - c0;
-            if (c == 0) continue;
-            const int32_t *sel = w->sel + r * K + c0, *pos = w->pos + r * K + c0;
-            const float *q = a->q + row0 * D, *dOr = dO + row0 * D;
-            float *z = w->z, *dp = w->dp;
-            for (int64_t i = 0; i < c; i++) {
-                if (i + PREFETCH_AHEAD < c) {
-                    __builtin_prefetch(kb + sel[i + PREFETCH_AHEAD] * HD);
-                    __builtin_prefetch(vb + sel[i + PREFETCH_AHEAD] * HD);
-                }
-                const float *ks = kb + sel[i] * HD, *vs = vb + sel[i] * HD;
-                for (int64_t h = 0; h < H; h++) {
-                    z[h * K + i] = pl__dot(q + h * D, ks + h * D, D) * a->scale - a->lse[row0 + h];
-                    dp[h * K + i] = pl__dot(dOr + h * D, vs + h * D, D);
-                }
+    for (int64_t e = 0; e < n; e++) rows[e] = (int32_t)(list[e] / K);
+    const float *Pb = a->P + b * L * K * H, *Gb = G ? G + b * L * K * H : NULL;
+    for (int64_t h = 0; h < H; h++) {
+        const int64_t ko = ((b * L + s) * H + h) * D;
+        for (int64_t e = 0; e < n; e++) {
+            const int64_t x = (int64_t)list[e] * H + h;
+            float c = Pb[x];
+            if (a->keep) {
+                const int64_t t = rows[e], j = list[e] - t * K;
+                c = keep_bit(a->keep + ((b * L + t) * H + h) * a->W, j) ? c * a->keep_scale : 0.0f;
             }
-            for (int64_t h = 0; h < H; h++) {
-                float *zh = z + h * K, *dph = dp + h * K;
-                const float dl = delta[row0 + h];
-                for (int64_t i = 0; i < c; i++) zh[i] = pl__expf(zh[i]); /* p */
-                if (a->keep) {
-                    const uint32_t *kr = a->keep + (row0 + h) * a->W;
-                    for (int64_t i = 0; i < c; i++)
-                        dph[i] = keep_bit(kr, pos[i]) ? dph[i] * a->keep_scale : 0.0f;
-                }
-                for (int64_t i = 0; i < c; i++) zh[i] = zh[i] * (dph[i] - dl) * a->scale;
-            }
-            float *dqr = dq + row0 * D;
-            for (int64_t i = 0; i < c; i++) {
-                const float *ks = kb + sel[i] * HD;
-                for (int64_t h = 0; h < H; h++) pl__axpy(dqr + h * D, z[h * K + i], ks + h * D, D);
-            }
+            cw[e] = c;
+            if (Gb) gw[e] = Gb[x] * a->scale;
+        }
+        const float *qb = a->q + (b * L * H + h) * D, *dOb = dO + (b * L * H + h) * D;
+        if (ND) {
+            if (dv) axpys(dv + ko, cw, dOb, rows, HD, n, ND);
+            if (dk) axpys(dk + ko, gw, qb, rows, HD, n, ND);
+        } else {
+            if (dv) axpys_any(dv + ko, cw, dOb, rows, HD, n, D);
+            if (dk) axpys_any(dk + ko, gw, qb, rows, HD, n, D);
         }
     }
 }
 
-/* dk and dv of key s from the queries that selected it, KV_CHUNK entries at a
- * time (so that the exponentials vectorise). z, dp: KV_CHUNK*H floats each. */
-PL_KERNEL static void sa_bwd_kv_key(const sa_args *a, const float *dO, const float *delta,
-                                    float *dk, float *dv, int64_t b, int64_t s, const int32_t *list,
-                                    int64_t n, float *z, float *dp) {
-    const int64_t L = a->L, H = a->H, D = a->D, K = a->K;
-    for (int64_t e0 = 0; e0 < n; e0 += KV_CHUNK) {
-        const int64_t ne = n - e0 < KV_CHUNK ? n - e0 : KV_CHUNK;
-        for (int64_t e = 0; e < ne; e++) {
-            const int64_t t = list[e0 + e] / K, j = list[e0 + e] % K;
-            for (int64_t h = 0; h < H; h++) {
-                const int64_t row = (b * L + t) * H + h, ko = ((b * L + s) * H + h) * D;
-                float ks = 1.0f; /* keep / (1 - p) */
-                if (a->keep) ks = keep_bit(a->keep + row * a->W, j) ? a->keep_scale : 0.0f;
-                z[e * H + h] = pl__dot(a->q + row * D, a->k + ko, D) * a->scale - a->lse[row];
-                dp[e * H + h] = ks; /* the scale for now; dO . v below */
-            }
-        }
-        for (int64_t i = 0; i < ne * H; i++) z[i] = pl__expf(z[i]); /* p */
-        for (int64_t e = 0; e < ne; e++) {
-            const int64_t t = list[e0 + e] / K;
-            for (int64_t h = 0; h < H; h++) {
-                const int64_t row = (b * L + t) * H + h, ko = ((b * L + s) * H + h) * D;
-                const float *dOh = dO + row * D, p = z[e * H + h], ks = dp[e * H + h];
-                if (dv) pl__axpy(dv + ko, p * ks, dOh, D);
-                if (dk) {
-                    float dpv = pl__dot(dOh, a->v + ko, D) * ks;
-                    pl__axpy(dk + ko, p * (dpv - delta[row]) * a->scale, a->q + row * D, D);
-                }
-            }
-        }
-    }
+PL_KERNEL static void sa_bwd_kv_key(const sa_args *a, const float *dO, const float *G, float *dk,
+                                    float *dv, int64_t b, int64_t s, const int32_t *list, int64_t n,
+                                    int32_t *rows, float *cw, float *gw) {
+    if (a->D == 32)
+        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, 4);
+    else if (a->D % 8 == 0)
+        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, (int)(a->D / 8));
+    else
+        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, 0);
 }
 
 /* dk, dv of the keys [s0, s1) of batch b, walking the queries in blocks of QB
  * rows so that their q and dO rows are reused from cache. off: batch b's list
- * offsets; cur: s1 - s0 cursors. */
-static void sa_bwd_kv_tile(const sa_args *a, const float *dO, const float *delta, float *dk,
-                           float *dv, int64_t b, int64_t s0, int64_t s1, const int32_t *off,
-                           const int32_t *list, int64_t *cur, float *z, float *dp) {
+ * offsets; cur: s1 - s0 cursors. The entries of a key are summed in ascending
+ * t whatever the blocks. */
+static void sa_bwd_kv_tile(const sa_args *a, const float *dO, const float *G, float *dk, float *dv,
+                           int64_t b, int64_t s0, int64_t s1, const int32_t *off,
+                           const int32_t *list, int64_t *cur, const sa_work *w) {
     const int64_t L = a->L, K = a->K;
     for (int64_t s = s0; s < s1; s++) cur[s - s0] = off[s];
     for (int64_t tq0 = s0; tq0 < L; tq0 += a->QB) {
@@ -348,7 +483,10 @@ static void sa_bwd_kv_tile(const sa_args *a, const float *dO, const float *delta
         for (int64_t s = s0; s < s1; s++) {
             int64_t e0 = cur[s - s0], e1 = e0;
             while (e1 < off[s + 1] && list[e1] / K < tq1) e1++;
-            if (e1 > e0) sa_bwd_kv_key(a, dO, delta, dk, dv, b, s, list + e0, e1 - e0, z, dp);
+            for (int64_t c0 = e0; c0 < e1; c0 += a->Kp) { /* at most Kp entries per call */
+                const int64_t c1 = c0 + a->Kp < e1 ? c0 + a->Kp : e1;
+                sa_bwd_kv_key(a, dO, G, dk, dv, b, s, list + c0, c1 - c0, w->sel, w->z, w->w);
+            }
             cur[s - s0] = e1;
         }
     }
@@ -358,39 +496,41 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
     const sa_args *a = n->saved;
     pl_tensor *q = n->in[0], *k = n->in[1], *v = n->in[2];
     const float *dO = n->out->grad;
-    const int64_t B = a->B, L = a->L, K = a->K;
+    const int64_t B = a->B, L = a->L, K = a->K, H = a->H;
     float *dq = q->requires_grad ? pl__grad(ctx, q) : NULL;
     float *dk = k->requires_grad ? pl__grad(ctx, k) : NULL;
     float *dv = v->requires_grad ? pl__grad(ctx, v) : NULL;
     if ((q->requires_grad && !dq) || (k->requires_grad && !dk) || (v->requires_grad && !dv)) return;
     const int nt = omp_get_max_threads();
-    const size_t per = (tile_bytes(a) + 8 * (size_t)a->KT + 63) & ~(size_t)63;
-    float *delta = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * a->H));
+    const size_t per = (work_bytes(a) + 8 * (size_t)a->KT + 63) & ~(size_t)63;
     unsigned char *buf = pl__scratch(ctx, per * (size_t)nt);
-    if (!delta || !buf) return;
-    const int64_t nq = (L + a->TQ - 1) / a->TQ, nk = (L + a->KT - 1) / a->KT;
-#pragma omp parallel if (B * L * K * a->H * a->D >= PL_PAR_MIN)
-    {
-        sa_tile w = tile_carve(a, buf + per * (size_t)omp_get_thread_num());
+    float *G = buf && (dq || dk) ? pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)) : NULL;
+    if (!buf || ((dq || dk) && !G)) return;
+    const int64_t TR = 16, nq = (L + TR - 1) / TR, nk = (L + a->KT - 1) / a->KT;
+    if (dq || dk) {
+#pragma omp parallel if (B * L * K * H * a->D >= PL_PAR_MIN)
+        {
+            sa_work w = work_carve(a, buf + per * (size_t)omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t r = 0; r < B * nq; r++) { /* the largest tiles (late rows) first */
-            const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * a->TQ;
-            sa_bwd_q_tile(a, dO, delta, dq, b, t0, t0 + a->TQ < L ? t0 + a->TQ : L, &w);
+            for (int64_t r = 0; r < B * nq; r++) { /* the largest rows (late t) first */
+                const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TR;
+                sa_bwd_rows(a, dO, G, dq, b, t0, t0 + TR < L ? t0 + TR : L, &w);
+            }
         }
     }
     if (!dk && !dv) return;
     int32_t *off, *list;
     if (pl__idx_by_key(ctx, a->idx, B, L, K, &off, &list)) return;
-#pragma omp parallel if (B * L * K * a->H * a->D >= PL_PAR_MIN)
+#pragma omp parallel if (B * L * K * H * a->D >= PL_PAR_MIN)
     {
         unsigned char *base = buf + per * (size_t)omp_get_thread_num();
-        sa_tile w = tile_carve(a, base);
-        int64_t *cur = (int64_t *)(base + tile_bytes(a));
+        sa_work w = work_carve(a, base);
+        int64_t *cur = (int64_t *)(base + work_bytes(a));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t r = 0; r < B * nk; r++) { /* early keys (most queries) first */
             const int64_t b = r / nk, s0 = (r % nk) * a->KT;
-            sa_bwd_kv_tile(a, dO, delta, dk, dv, b, s0, s0 + a->KT < L ? s0 + a->KT : L,
-                           off + b * (L + 1), list, cur, w.z, w.dp);
+            sa_bwd_kv_tile(a, dO, G, dk, dv, b, s0, s0 + a->KT < L ? s0 + a->KT : L,
+                           off + b * (L + 1), list, cur, &w);
         }
     }
 }
@@ -421,9 +561,8 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     if (!out) return NULL;
     pl_tensor *in[3] = {q, k, v};
     const bool record = pl__wants_grad(ctx, 3, in);
-    /* Tiles: a row tile's entry lists (TQ*K*8 bytes) within ~1 MB; a key block's
-     * k and v (SK*H*D*8 bytes) within ~256 KB of L2. */
-    const int64_t TQ = pl__sparse_tile_q > 0 ? pl__sparse_tile_q : clamp64((1 << 17) / K, 4, 32);
+    /* dk, dv pass: KT keys per tile, QB query rows per block (q and dO rows of a
+     * block, QB*H*D*8 bytes, stay in L2). */
     const int64_t SK =
         pl__sparse_tile_k > 0 ? pl__sparse_tile_k : clamp64((1 << 15) / (H * D), 8, 1024);
     sa_args a = {B,
@@ -432,8 +571,7 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
                  D,
                  K,
                  (K + 31) / 32,
-                 TQ,
-                 SK,
+                 (K + 7) & ~(int64_t)7,
                  SK / 4 > 0 ? SK / 4 : 1,
                  SK / 2 > 0 ? SK / 2 : 1,
                  1.0f / sqrtf((float)D),
@@ -448,22 +586,22 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
                  pl_f32(out),
                  NULL,
                  NULL};
-    if (record && !(a.lse = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * H)))) return NULL;
+    if (record && !(a.P = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)))) return NULL;
     if (dropout_p > 0.0f &&
         !(a.keep = pl__scratch(ctx, sizeof(uint32_t) * (size_t)(B * L * H * a.W))))
         return NULL;
     const int nt = omp_get_max_threads();
-    const size_t per = (tile_bytes(&a) + 63) & ~(size_t)63;
+    const size_t per = (work_bytes(&a) + 63) & ~(size_t)63;
     unsigned char *buf = pl__scratch(ctx, per * (size_t)nt);
     if (!buf) return NULL;
-    const int64_t nq = (L + TQ - 1) / TQ;
+    const int64_t TR = pl__sparse_tile_q > 0 ? pl__sparse_tile_q : 16, nq = (L + TR - 1) / TR;
 #pragma omp parallel if (B * L * K * H * D >= PL_PAR_MIN)
     {
-        sa_tile w = tile_carve(&a, buf + per * (size_t)omp_get_thread_num());
+        sa_work w = work_carve(&a, buf + per * (size_t)omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t r = 0; r < B * nq; r++) { /* the largest tiles (late rows) first */
-            const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ;
-            sa_fwd_tile(&a, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
+        for (int64_t r = 0; r < B * nq; r++) { /* the largest rows (late t) first */
+            const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TR;
+            sa_fwd_rows(&a, b, t0, t0 + TR < L ? t0 + TR : L, &w);
         }
     }
     if (dropout_p > 0.0f) rng->offset += (uint64_t)(B * H * L * ((K + 3) / 4));
