@@ -395,21 +395,28 @@ static AI void bwd_row_impl(const sa_args *a, const float *dO, float *G, float *
     const int64_t n = row_entries(a, b, t, w);
     if (n == 0) return;
     const int32_t *sel = w->sel, *pos = w->pos;
-    const float *P = a->P + (b * L + t) * K * H;
-    float *Gr = G + (b * L + t) * K * H;
-    dots_heads(dOr, vb, sel, HD, H, D, (n + 7) & ~7, ND, w->z, Kp);
-    for (int64_t h = 0; h < H; h++) {
-        float *dp = w->z + h * Kp, *g = w->w + h * Kp;
-        const float delta = pl__dot(dOr + h * D, a->out + (row0 + h) * D, D);
-        if (a->keep) {
+    float *P = a->P + (b * L + t) * K * H;
+    float *Gr = G ? G + (b * L + t) * K * H : NULL;
+    if (G) { /* G = g / sqrt(D) (what dq and dk want) */
+        dots_heads(dOr, vb, sel, HD, H, D, (n + 7) & ~7, ND, w->z, Kp);
+        for (int64_t h = 0; h < H; h++) {
+            float *dp = w->z + h * Kp, *g = w->w + h * Kp;
+            const float delta = pl__dot(dOr + h * D, a->out + (row0 + h) * D, D);
+            if (a->keep) {
+                const uint32_t *kr = a->keep + (row0 + h) * a->W;
+                for (int64_t i = 0; i < n; i++)
+                    dp[i] = keep_bit(kr, pos[i]) ? dp[i] * a->keep_scale : 0.0f;
+            }
+            for (int64_t i = 0; i < n; i++) g[i] = P[pos[i] * H + h] * (dp[i] - delta) * a->scale;
+            for (int64_t i = 0; i < n; i++) Gr[pos[i] * H + h] = g[i];
+        }
+    }
+    if (a->keep) /* P becomes p' = p keep / (1 - dropout_p), what the dv pass wants */
+        for (int64_t h = 0; h < H; h++) {
             const uint32_t *kr = a->keep + (row0 + h) * a->W;
             for (int64_t i = 0; i < n; i++)
-                dp[i] = keep_bit(kr, pos[i]) ? dp[i] * a->keep_scale : 0.0f;
+                P[pos[i] * H + h] = keep_bit(kr, pos[i]) ? P[pos[i] * H + h] * a->keep_scale : 0.0f;
         }
-        for (int64_t i = 0; i < n; i++) g[i] = P[pos[i] * H + h] * (dp[i] - delta);
-        for (int64_t i = 0; i < n; i++) Gr[pos[i] * H + h] = g[i];
-        for (int64_t i = 0; i < n; i++) g[i] *= a->scale;
-    }
     if (dq) axpys_heads(dq + row0 * D, w->w, Kp, kb, sel, HD, H, D, n, ND);
 }
 
@@ -425,35 +432,38 @@ PL_KERNEL static void sa_bwd_rows(const sa_args *a, const float *dO, float *G, f
     }
 }
 
-/* dk and dv of key s from the entries e = t*K + j (of batch b) that selected
- * it: dv_s,h += sum_e p_e keep_e/(1-p) dO_t,h,   dk_s,h += sum_e g_e q_t,h /
- * sqrt(D). rows: scratch for n + 1 int32 (the entries' query rows b*L + t); cw,
- * gw: n floats each. */
+/* dk and dv of key s from the entries e = t*K + j (of batch b) that selected it:
+ *   dv_s,h += sum_e p'_e dO_t,h,   dk_s,h += sum_e g'_e q_t,h
+ * with p' = P and g' = G as the row pass left them. rows: scratch for n int32
+ * (the entries' t); cw, gw: n floats each. */
 static AI void kv_key_impl(const sa_args *a, const float *dO, const float *G, float *dk, float *dv,
                            int64_t b, int64_t s, const int32_t *list, int64_t n, int32_t *rows,
                            float *cw, float *gw, int ND) {
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D;
-    for (int64_t e = 0; e < n; e++) rows[e] = (int32_t)(list[e] / K);
+    const double invK = 1.0 / (double)K;
+    for (int64_t e = 0; e < n; e++) { /* t = e / K without a division */
+        int64_t t = (int64_t)((double)list[e] * invK);
+        t -= t * K > list[e];
+        t += (t + 1) * K <= list[e];
+        rows[e] = (int32_t)t;
+    }
     const float *Pb = a->P + b * L * K * H, *Gb = G ? G + b * L * K * H : NULL;
     for (int64_t h = 0; h < H; h++) {
         const int64_t ko = ((b * L + s) * H + h) * D;
-        for (int64_t e = 0; e < n; e++) {
-            const int64_t x = (int64_t)list[e] * H + h;
-            float c = Pb[x];
-            if (a->keep) {
-                const int64_t t = rows[e], j = list[e] - t * K;
-                c = keep_bit(a->keep + ((b * L + t) * H + h) * a->W, j) ? c * a->keep_scale : 0.0f;
-            }
-            cw[e] = c;
-            if (Gb) gw[e] = Gb[x] * a->scale;
-        }
         const float *qb = a->q + (b * L * H + h) * D, *dOb = dO + (b * L * H + h) * D;
-        if (ND) {
-            if (dv) axpys(dv + ko, cw, dOb, rows, HD, n, ND);
-            if (dk) axpys(dk + ko, gw, qb, rows, HD, n, ND);
-        } else {
-            if (dv) axpys_any(dv + ko, cw, dOb, rows, HD, n, D);
-            if (dk) axpys_any(dk + ko, gw, qb, rows, HD, n, D);
+        if (dv) {
+            for (int64_t e = 0; e < n; e++) cw[e] = Pb[(int64_t)list[e] * H + h];
+            if (ND)
+                axpys(dv + ko, cw, dOb, rows, HD, n, ND);
+            else
+                axpys_any(dv + ko, cw, dOb, rows, HD, n, D);
+        }
+        if (dk) {
+            for (int64_t e = 0; e < n; e++) gw[e] = Gb[(int64_t)list[e] * H + h];
+            if (ND)
+                axpys(dk + ko, gw, qb, rows, HD, n, ND);
+            else
+                axpys_any(dk + ko, gw, qb, rows, HD, n, D);
         }
     }
 }
@@ -469,25 +479,39 @@ PL_KERNEL static void sa_bwd_kv_key(const sa_args *a, const float *dO, const flo
         kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, 0);
 }
 
+#define KV_AHEAD 2 /* keys ahead whose P and G entries are prefetched */
+
 /* dk, dv of the keys [s0, s1) of batch b, walking the queries in blocks of QB
  * rows so that their q and dO rows are reused from cache. off: batch b's list
- * offsets; cur: s1 - s0 cursors. The entries of a key are summed in ascending
- * t whatever the blocks. */
+ * offsets; cur, end: 2 (s1 - s0) cursors. The entries of a key are summed in
+ * ascending t whatever the blocks. */
 static void sa_bwd_kv_tile(const sa_args *a, const float *dO, const float *G, float *dk, float *dv,
                            int64_t b, int64_t s0, int64_t s1, const int32_t *off,
                            const int32_t *list, int64_t *cur, const sa_work *w) {
-    const int64_t L = a->L, K = a->K;
+    const int64_t L = a->L, K = a->K, H = a->H, nk = s1 - s0;
+    int64_t *end = cur + nk;
+    const float *Pb = a->P + b * L * K * H, *Gb = G ? G + b * L * K * H : NULL;
     for (int64_t s = s0; s < s1; s++) cur[s - s0] = off[s];
     for (int64_t tq0 = s0; tq0 < L; tq0 += a->QB) {
-        const int64_t tq1 = tq0 + a->QB; /* entries are sorted by t = e / K */
-        for (int64_t s = s0; s < s1; s++) {
-            int64_t e0 = cur[s - s0], e1 = e0;
-            while (e1 < off[s + 1] && list[e1] / K < tq1) e1++;
-            for (int64_t c0 = e0; c0 < e1; c0 += a->Kp) { /* at most Kp entries per call */
-                const int64_t c1 = c0 + a->Kp < e1 ? c0 + a->Kp : e1;
-                sa_bwd_kv_key(a, dO, G, dk, dv, b, s, list + c0, c1 - c0, w->sel, w->z, w->w);
+        const int64_t lim = (tq0 + a->QB < L ? tq0 + a->QB : L) * K; /* entries e < lim */
+        for (int64_t x = 0; x < nk; x++) {
+            int64_t e1 = cur[x];
+            while (e1 < off[s0 + x + 1] && list[e1] < lim) e1++;
+            end[x] = e1;
+        }
+        for (int64_t x = 0; x < nk + KV_AHEAD; x++) {
+            if (x < nk) /* prefetch key x's entries, KV_AHEAD keys before they are used */
+                for (int64_t e = cur[x]; e < end[x]; e++) {
+                    __builtin_prefetch(Pb + (int64_t)list[e] * H);
+                    if (Gb) __builtin_prefetch(Gb + (int64_t)list[e] * H);
+                }
+            const int64_t y = x - KV_AHEAD;
+            if (y < 0) continue;
+            for (int64_t c0 = cur[y]; c0 < end[y]; c0 += a->Kp) { /* <= Kp entries per call */
+                const int64_t c1 = c0 + a->Kp < end[y] ? c0 + a->Kp : end[y];
+                sa_bwd_kv_key(a, dO, G, dk, dv, b, s0 + y, list + c0, c1 - c0, w->sel, w->z, w->w);
             }
-            cur[s - s0] = e1;
+            cur[y] = end[y];
         }
     }
 }
@@ -502,12 +526,15 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
     float *dv = v->requires_grad ? pl__grad(ctx, v) : NULL;
     if ((q->requires_grad && !dq) || (k->requires_grad && !dk) || (v->requires_grad && !dv)) return;
     const int nt = omp_get_max_threads();
-    const size_t per = (work_bytes(a) + 8 * (size_t)a->KT + 63) & ~(size_t)63;
+    const size_t per = (work_bytes(a) + 16 * (size_t)a->KT + 63) & ~(size_t)63;
+    /* G, the transposed index sets and the per-thread memory are given back to
+     * the arena when this backward is done. */
+    const pl_mark mark = pl_mark_get(ctx);
     unsigned char *buf = pl__scratch(ctx, per * (size_t)nt);
     float *G = buf && (dq || dk) ? pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)) : NULL;
     if (!buf || ((dq || dk) && !G)) return;
     const int64_t TR = 16, nq = (L + TR - 1) / TR, nk = (L + a->KT - 1) / a->KT;
-    if (dq || dk) {
+    if (dq || dk || (dv && a->keep)) {
 #pragma omp parallel if (B * L * K * H * a->D >= PL_PAR_MIN)
         {
             sa_work w = work_carve(a, buf + per * (size_t)omp_get_thread_num());
@@ -518,9 +545,8 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
             }
         }
     }
-    if (!dk && !dv) return;
     int32_t *off, *list;
-    if (pl__idx_by_key(ctx, a->idx, B, L, K, &off, &list)) return;
+    if ((dk || dv) && !pl__idx_by_key(ctx, a->idx, B, L, K, &off, &list))
 #pragma omp parallel if (B * L * K * H * a->D >= PL_PAR_MIN)
     {
         unsigned char *base = buf + per * (size_t)omp_get_thread_num();
@@ -533,6 +559,10 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
                            off + b * (L + 1), list, cur, &w);
         }
     }
+    /* pl_mark_release would also clear tape_consumed; keep it as it was. */
+    const bool consumed = ctx->tape_consumed;
+    pl_mark_release(ctx, mark);
+    ctx->tape_consumed = consumed;
 }
 
 static int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
