@@ -33,6 +33,7 @@
 
 #include <math.h>
 #include <omp.h>
+#include <stdlib.h>
 
 int64_t pl__sparse_tile_q = 0, pl__sparse_tile_k = 0;
 
@@ -255,7 +256,8 @@ static AI void axpys_heads(float *y, const float *w, int64_t ldw, const float *b
 
 typedef struct {
     int64_t B, L, H, D, K, W; /* W: 32-bit keep words per (b,t,h) row */
-    int64_t Kp;               /* K rounded up to 8 */
+    int64_t Kp, Kz;           /* K rounded up to 8; Kz = Kp + 16: a row's stride in scratch */
+    int64_t TQ, SK;           /* forward and dq: query rows per tile, keys per block */
     int64_t KT, QB;           /* dk, dv: keys per tile, query rows per block */
     float scale, keep_scale;
     uint32_t threshold; /* dropout: keep iff the random word >= threshold */
@@ -263,8 +265,7 @@ typedef struct {
     const float *q, *k, *v;
     const int32_t *idx;
     float *out;
-    float *P;       /* [B,L,K,H] probabilities (before dropout); NULL when nothing is
-                       recorded */
+    float *P;       /* [B,L,K,H] probabilities (before dropout); NULL when not recorded */
     uint32_t *keep; /* [B,L,H,W] keep bits; NULL without dropout */
 } sa_args;
 
@@ -272,37 +273,74 @@ static inline bool keep_bit(const uint32_t *row, int64_t j) {
     return (row[j >> 5] >> (j & 31)) & 1u;
 }
 
-/* Per-thread working memory: a row's valid entries (keys padded to a multiple
- * of 8 with copies of the first, slots) and two [H][Kp] float rows. */
+/* Per-thread working memory of a tile of TQ query rows: row r's entries
+ * (keys sorted, padded with valid keys; their slots) at r*Kz, its scores and
+ * weights for head h at (r*H + h)*Kz. */
 typedef struct {
-    int32_t *sel, *pos;
-    float *z, *w;
+    int32_t *sel, *pos; /* TQ*Kz each */
+    int64_t *n, *cur;   /* TQ each */
+    int64_t *tmp;       /* K (sorting) */
+    float *z, *w;       /* TQ*H*Kz each */
+    float *delta;       /* TQ*H */
 } sa_work;
 
 static size_t work_bytes(const sa_args *a) {
-    return (size_t)(2 * 4 * (a->Kp + 8) + 2 * 4 * a->H * a->Kp + 64);
+    const size_t TQ = (size_t)a->TQ, H = (size_t)a->H, Kz = (size_t)a->Kz;
+    return 8 * (2 * TQ + (size_t)a->K) + 4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H) + 64;
 }
 
 static sa_work work_carve(const sa_args *a, unsigned char *base) {
+    const int64_t TQ = a->TQ, H = a->H, Kz = a->Kz;
     sa_work w;
-    w.z = (float *)base;
-    w.w = w.z + a->H * a->Kp;
-    w.sel = (int32_t *)(w.w + a->H * a->Kp);
-    w.pos = w.sel + a->Kp + 8;
+    w.n = (int64_t *)base;
+    w.cur = w.n + TQ;
+    w.tmp = w.cur + TQ;
+    w.z = (float *)(w.tmp + a->K);
+    w.w = w.z + TQ * H * Kz;
+    w.delta = w.w + TQ * H * Kz;
+    w.sel = (int32_t *)(w.delta + TQ * H);
+    w.pos = w.sel + TQ * Kz;
     return w;
 }
 
-/* The valid entries of idx row (b, t) in slot order; returns their count. */
-static int64_t row_entries(const sa_args *a, int64_t b, int64_t t, const sa_work *w) {
+static int cmp_i64(const void *x, const void *y) {
+    int64_t a = *(const int64_t *)x, b = *(const int64_t *)y;
+    return (a > b) - (a < b);
+}
+
+/* The valid entries of idx row (b, t) as (key, slot), sorted by key then slot
+ * (top-k rows already are; others are sorted here); sel is padded with 16
+ * copies of a valid key. Returns the count. */
+static int64_t row_entries(const sa_args *a, int64_t b, int64_t t, int32_t *sel, int32_t *pos,
+                           int64_t *tmp) {
     const int32_t *ir = a->idx + (b * a->L + t) * a->K;
     int64_t n = 0;
+    bool sorted = true;
     for (int64_t j = 0; j < a->K; j++)
         if (ir[j] >= 0) {
-            w->sel[n] = ir[j];
-            w->pos[n++] = (int32_t)j;
+            if (n > 0 && ir[j] < sel[n - 1]) sorted = false;
+            sel[n] = ir[j];
+            pos[n++] = (int32_t)j;
         }
-    for (int64_t i = n; i < ((n + 7) & ~7); i++) w->sel[i] = n ? w->sel[0] : 0;
+    if (!sorted) {
+        for (int64_t i = 0; i < n; i++) tmp[i] = ((int64_t)sel[i] << 32) | pos[i];
+        qsort(tmp, (size_t)n, sizeof *tmp, cmp_i64);
+        for (int64_t i = 0; i < n; i++) {
+            sel[i] = (int32_t)(tmp[i] >> 32);
+            pos[i] = (int32_t)(tmp[i] & 0xffffffff);
+        }
+    }
+    for (int64_t i = n; i < n + 16; i++) sel[i] = n ? sel[0] : 0;
     return n;
+}
+
+/* Entries of tile row r with keys < s1, from its cursor on: [*c0, return). */
+static inline int64_t block_end(const sa_work *w, int64_t Kz, int64_t r, int64_t s1, int64_t *c0) {
+    const int32_t *sel = w->sel + r * Kz;
+    int64_t c = *c0 = w->cur[r];
+    while (c < w->n[r] && sel[c] < s1) c++;
+    w->cur[r] = c;
+    return c;
 }
 
 /* Dropout keep bits of row (b, t): element (b,h,t,j) uses word j%4 of
@@ -314,122 +352,165 @@ static void row_keep(const sa_args *a, int64_t b, int64_t t, int64_t n, const in
     for (int64_t h = 0; h < H; h++) {
         uint32_t *kr = a->keep + (row0 + h) * W, wd[4];
         const uint64_t base = a->offset + (uint64_t)(((b * H + h) * L + t) * ((K + 3) / 4));
-        int64_t blk = -1;
         for (int64_t i = 0; i < n; i++) {
             const int64_t j = pos[i];
-            if (j >> 2 != blk) {
-                blk = j >> 2;
-                pl_philox(a->seed, base + (uint64_t)blk, wd);
-            }
+            pl_philox(a->seed, base + (uint64_t)(j >> 2), wd); /* (slots are not sorted) */
             if (wd[j & 3] >= a->threshold) kr[j >> 5] |= 1u << (j & 31);
         }
     }
 }
 
-/* Forward of query row (b, t), all heads: z = q.k/sqrt(D) over the row's
- * entries, p = softmax(z) (saved as P[b,t,j,h]), out = sum p' v. */
-static AI void fwd_row_impl(const sa_args *a, int64_t b, int64_t t, const sa_work *w, int ND) {
-    const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kp = a->Kp;
-    const int64_t row0 = (b * L + t) * H;
-    const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD, *q = a->q + row0 * D;
-    float *o = a->out + row0 * D;
-    const int64_t n = row_entries(a, b, t, w);
-    memset(o, 0, sizeof(float) * (size_t)HD);
-    if (n == 0) return; /* nothing selected: output 0, no gradient */
-    const int32_t *sel = w->sel, *pos = w->pos;
-    if (a->keep) row_keep(a, b, t, n, pos);
-    const int64_t n8 = (n + 7) & ~7;
-    dots_heads(q, kb, sel, HD, H, D, n8, ND, w->z, Kp);
-    for (int64_t h = 0; h < H; h++) {
-        float *z = w->z + h * Kp;
-        for (int64_t i = n; i < n8; i++) z[i] = -INFINITY; /* the padding: p = 0 */
-        v8 mv = splat(-INFINITY);
-        for (int64_t i = 0; i < n8; i += 8) mv = SEL(LD(z + i) > mv, LD(z + i), mv);
-        float m = mv[0];
-        for (int u = 1; u < 8; u++) m = mv[u] > m ? mv[u] : m;
-        const v8 ms = splat(m * a->scale);
-        v8 sum = splat(0.0f);
-        for (int64_t i = 0; i < n8; i += 8) {
-            const v8 e = expv(LD(z + i) * a->scale - ms);
-            sum += e;
-            ST(z + i, e);
-        }
-        const float inv = 1.0f / hsum8v(sum);
-        for (int64_t i = 0; i < n8; i += 8) ST(z + i, LD(z + i) * inv);
-        if (a->keep) {
-            const uint32_t *kr = a->keep + (row0 + h) * a->W;
-            float *pw = w->w + h * Kp;
-            for (int64_t i = 0; i < n; i++)
-                pw[i] = keep_bit(kr, pos[i]) ? z[i] * a->keep_scale : 0.0f;
-        }
-    }
-    axpys_heads(o, a->keep ? w->w : w->z, Kp, vb, sel, HD, H, D, n, ND);
-    if (a->P) { /* P[b,t,j,h]: an entry's heads together, for the dk/dv pass */
-        float *P = a->P + (b * L + t) * K * H;
-        for (int64_t i = 0; i < n; i++)
-            for (int64_t h = 0; h < H; h++) P[pos[i] * H + h] = w->z[h * Kp + i];
-    }
-}
-
-PL_KERNEL static void sa_fwd_rows(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
-                                  const sa_work *w) {
+/* Forward of the query rows [t0, t1) of batch b, all heads. The rows walk the
+ * keys in blocks of SK (a block's k or v rows stay in L2 while every row of the
+ * tile takes its entries from it): scores z = q.k/sqrt(D) block by block,
+ * then p = softmax(z) per row and head (saved as P[b,t,j,h]), then out = sum
+ * p' v block by block. */
+static AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1, const sa_work *w,
+                             int ND) {
+    const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kz = a->Kz;
+    const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
     for (int64_t t = t0; t < t1; t++) {
-        if (a->D == 32)
-            fwd_row_impl(a, b, t, w, 4);
-        else if (a->D % 8 == 0)
-            fwd_row_impl(a, b, t, w, (int)(a->D / 8));
-        else
-            fwd_row_impl(a, b, t, w, 0);
+        const int64_t r = t - t0;
+        int32_t *sel = w->sel + r * Kz, *pos = w->pos + r * Kz;
+        const int64_t n = w->n[r] = row_entries(a, b, t, sel, pos, w->tmp);
+        w->cur[r] = 0;
+        memset(a->out + (b * L + t) * HD, 0, sizeof(float) * (size_t)HD);
+        if (a->keep && n) row_keep(a, b, t, n, pos);
     }
-}
-
-/* Backward of query row (b, t), with Delta_h = dO_h . out_h:
- *   dp_j = keep_j/(1-p) dO_h . v_{s_j},   g_j = p_j (dp_j - Delta_h)
- * G[b,t,j,h] = g_j (for the dk pass) and dq_h += sum_j g_j k_{s_j,h} / sqrt(D).
- */
-static AI void bwd_row_impl(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
-                            int64_t t, const sa_work *w, int ND) {
-    const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kp = a->Kp;
-    const int64_t row0 = (b * L + t) * H;
-    const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD, *dOr = dO + row0 * D;
-    const int64_t n = row_entries(a, b, t, w);
-    if (n == 0) return;
-    const int32_t *sel = w->sel, *pos = w->pos;
-    float *P = a->P + (b * L + t) * K * H;
-    float *Gr = G ? G + (b * L + t) * K * H : NULL;
-    if (G) { /* G = g / sqrt(D) (what dq and dk want) */
-        dots_heads(dOr, vb, sel, HD, H, D, (n + 7) & ~7, ND, w->z, Kp);
+    for (int64_t s0 = 0; s0 < t1; s0 += a->SK) {
+        const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
+        for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
+            const int64_t r = t - t0;
+            int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
+            if (c == 0) continue;
+            dots_heads(a->q + (b * L + t) * HD, kb, w->sel + r * Kz + c0, HD, H, D, (c + 7) & ~7,
+                       ND, w->z + r * H * Kz + c0, Kz);
+        }
+    }
+    for (int64_t t = t0; t < t1; t++) {
+        const int64_t r = t - t0, n = w->n[r], n8 = (n + 7) & ~7, row0 = (b * L + t) * H;
+        const int32_t *pos = w->pos + r * Kz;
+        w->cur[r] = 0;
+        if (n == 0) continue; /* nothing selected: output 0, no gradient */
         for (int64_t h = 0; h < H; h++) {
-            float *dp = w->z + h * Kp, *g = w->w + h * Kp;
-            const float delta = pl__dot(dOr + h * D, a->out + (row0 + h) * D, D);
+            float *z = w->z + (r * H + h) * Kz;
+            for (int64_t i = n; i < n8; i++) z[i] = -INFINITY; /* the padding: p = 0 */
+            v8 mv = splat(-INFINITY);
+            for (int64_t i = 0; i < n8; i += 8) mv = SEL(LD(z + i) > mv, LD(z + i), mv);
+            float m = mv[0];
+            for (int u = 1; u < 8; u++) m = mv[u] > m ? mv[u] : m;
+            const v8 ms = splat(m * a->scale);
+            v8 sum = splat(0.0f);
+            for (int64_t i = 0; i < n8; i += 8) {
+                const v8 e = expv(LD(z + i) * a->scale - ms);
+                sum += e;
+                ST(z + i, e);
+            }
+            const float inv = 1.0f / hsum8v(sum);
+            for (int64_t i = 0; i < n8; i += 8) ST(z + i, LD(z + i) * inv);
             if (a->keep) {
                 const uint32_t *kr = a->keep + (row0 + h) * a->W;
+                float *pw = w->w + (r * H + h) * Kz;
                 for (int64_t i = 0; i < n; i++)
-                    dp[i] = keep_bit(kr, pos[i]) ? dp[i] * a->keep_scale : 0.0f;
+                    pw[i] = keep_bit(kr, pos[i]) ? z[i] * a->keep_scale : 0.0f;
             }
-            for (int64_t i = 0; i < n; i++) g[i] = P[pos[i] * H + h] * (dp[i] - delta) * a->scale;
-            for (int64_t i = 0; i < n; i++) Gr[pos[i] * H + h] = g[i];
+        }
+        if (a->P) { /* P[b,t,j,h]: an entry's heads together, for the dk/dv pass */
+            float *P = a->P + (b * L + t) * K * H;
+            const float *zr = w->z + r * H * Kz;
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t h = 0; h < H; h++) P[pos[i] * H + h] = zr[h * Kz + i];
         }
     }
-    if (a->keep) /* P becomes p' = p keep / (1 - dropout_p), what the dv pass wants */
-        for (int64_t h = 0; h < H; h++) {
-            const uint32_t *kr = a->keep + (row0 + h) * a->W;
-            for (int64_t i = 0; i < n; i++)
-                P[pos[i] * H + h] = keep_bit(kr, pos[i]) ? P[pos[i] * H + h] * a->keep_scale : 0.0f;
+    const float *pw = a->keep ? w->w : w->z;
+    for (int64_t s0 = 0; s0 < t1; s0 += a->SK) {
+        const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
+        for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
+            const int64_t r = t - t0;
+            int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
+            if (c == 0) continue;
+            axpys_heads(a->out + (b * L + t) * HD, pw + r * H * Kz + c0, Kz, vb,
+                        w->sel + r * Kz + c0, HD, H, D, c, ND);
         }
-    if (dq) axpys_heads(dq + row0 * D, w->w, Kp, kb, sel, HD, H, D, n, ND);
+    }
 }
 
-PL_KERNEL static void sa_bwd_rows(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
-                                  int64_t t0, int64_t t1, const sa_work *w) {
+PL_KERNEL static void sa_fwd_tile(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
+                                  const sa_work *w) {
+    if (a->D == 32)
+        fwd_tile_impl(a, b, t0, t1, w, 4);
+    else if (a->D % 8 == 0)
+        fwd_tile_impl(a, b, t0, t1, w, (int)(a->D / 8));
+    else
+        fwd_tile_impl(a, b, t0, t1, w, 0);
+}
+
+/* Backward of the query rows [t0, t1) of batch b, with Delta_h = dO_h . out_h:
+ *   dp_j = keep_j/(1-p) dO_h . v_{s_j},   g_j = p_j (dp_j - Delta_h) / sqrt(D)
+ * stored as G[b,t,j,h] (for the dk pass), and dq_h += sum_j g_j k_{s_j,h}; the
+ * same key blocks as the forward, v and k of a block used together. Then P
+ * becomes p' = p keep / (1 - dropout_p), what the dv pass wants. */
+static AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
+                             int64_t t0, int64_t t1, const sa_work *w, int ND) {
+    const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kz = a->Kz;
+    const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
+    const float scale = a->scale, ks = a->keep_scale;
     for (int64_t t = t0; t < t1; t++) {
-        if (a->D == 32)
-            bwd_row_impl(a, dO, G, dq, b, t, w, 4);
-        else if (a->D % 8 == 0)
-            bwd_row_impl(a, dO, G, dq, b, t, w, (int)(a->D / 8));
-        else
-            bwd_row_impl(a, dO, G, dq, b, t, w, 0);
+        const int64_t r = t - t0, row0 = (b * L + t) * H;
+        w->n[r] = row_entries(a, b, t, w->sel + r * Kz, w->pos + r * Kz, w->tmp);
+        w->cur[r] = 0;
+        for (int64_t h = 0; h < H; h++)
+            w->delta[r * H + h] = pl__dot(dO + (row0 + h) * D, a->out + (row0 + h) * D, D);
     }
+    for (int64_t s0 = 0; G && s0 < t1; s0 += a->SK) {
+        const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
+        for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
+            const int64_t r = t - t0, row0 = (b * L + t) * H;
+            int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
+            if (c == 0) continue;
+            const int32_t *sel = w->sel + r * Kz + c0, *pos = w->pos + r * Kz + c0;
+            const float *P = a->P + (b * L + t) * K * H;
+            float *Gr = G + (b * L + t) * K * H, *dp = w->z, *g = w->w;
+            dots_heads(dO + row0 * D, vb, sel, HD, H, D, (c + 7) & ~7, ND, dp, Kz);
+            for (int64_t h = 0; h < H; h++) {
+                float *dph = dp + h * Kz, *gh = g + h * Kz;
+                const float delta = w->delta[r * H + h];
+                if (a->keep) {
+                    const uint32_t *kr = a->keep + (row0 + h) * a->W;
+                    for (int64_t i = 0; i < c; i++)
+                        dph[i] = keep_bit(kr, pos[i]) ? dph[i] * ks : 0.0f;
+                }
+                for (int64_t i = 0; i < c; i++)
+                    gh[i] = P[pos[i] * H + h] * (dph[i] - delta) * scale;
+            }
+            for (int64_t i = 0; i < c; i++)
+                for (int64_t h = 0; h < H; h++) Gr[pos[i] * H + h] = g[h * Kz + i];
+            if (dq) axpys_heads(dq + row0 * D, g, Kz, kb, sel, HD, H, D, c, ND);
+        }
+    }
+    if (!a->keep) return;
+    for (int64_t t = t0; t < t1; t++) {
+        const int64_t r = t - t0, row0 = (b * L + t) * H;
+        const int32_t *pos = w->pos + r * Kz;
+        float *P = a->P + (b * L + t) * K * H;
+        for (int64_t h = 0; h < H; h++) {
+            const uint32_t *kr = a->keep + (row0 + h) * a->W;
+            for (int64_t i = 0; i < w->n[r]; i++) {
+                const int64_t j = pos[i];
+                P[j * H + h] = keep_bit(kr, j) ? P[j * H + h] * ks : 0.0f;
+            }
+        }
+    }
+}
+
+PL_KERNEL static void sa_bwd_tile(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
+                                  int64_t t0, int64_t t1, const sa_work *w) {
+    if (a->D == 32)
+        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, 4);
+    else if (a->D % 8 == 0)
+        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, (int)(a->D / 8));
+    else
+        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, 0);
 }
 
 /* dk and dv of key s from the entries e = t*K + j (of batch b) that selected it:
@@ -533,15 +614,15 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
     unsigned char *buf = pl__scratch(ctx, per * (size_t)nt);
     float *G = buf && (dq || dk) ? pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)) : NULL;
     if (!buf || ((dq || dk) && !G)) return;
-    const int64_t TR = 16, nq = (L + TR - 1) / TR, nk = (L + a->KT - 1) / a->KT;
+    const int64_t TQ = a->TQ, nq = (L + TQ - 1) / TQ, nk = (L + a->KT - 1) / a->KT;
     if (dq || dk || (dv && a->keep)) {
 #pragma omp parallel if (B * L * K * H * a->D >= PL_PAR_MIN)
         {
             sa_work w = work_carve(a, buf + per * (size_t)omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t r = 0; r < B * nq; r++) { /* the largest rows (late t) first */
-                const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TR;
-                sa_bwd_rows(a, dO, G, dq, b, t0, t0 + TR < L ? t0 + TR : L, &w);
+            for (int64_t r = 0; r < B * nq; r++) { /* the largest tiles (late t) first */
+                const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ;
+                sa_bwd_tile(a, dO, G, dq, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
             }
         }
     }
@@ -591,10 +672,13 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     if (!out) return NULL;
     pl_tensor *in[3] = {q, k, v};
     const bool record = pl__wants_grad(ctx, 3, in);
-    /* dk, dv pass: KT keys per tile, QB query rows per block (q and dO rows of a
-     * block, QB*H*D*8 bytes, stay in L2). */
+    /* Tiles: a key block's k or v rows (SK*H*D*4 bytes) within ~128 KB of L2;
+     * TQ query rows share each block (their scratch, ~TQ*K*(8 + 8H) bytes, within
+     * a few MB). The dk, dv pass: KT keys per tile, QB query rows per block. */
     const int64_t SK =
         pl__sparse_tile_k > 0 ? pl__sparse_tile_k : clamp64((1 << 15) / (H * D), 8, 1024);
+    const int64_t Kz = ((K + 7) & ~(int64_t)7) + 16;
+    const int64_t TQ = pl__sparse_tile_q > 0 ? pl__sparse_tile_q : clamp64((1 << 16) / Kz, 4, 32);
     sa_args a = {B,
                  L,
                  H,
@@ -602,6 +686,9 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
                  K,
                  (K + 31) / 32,
                  (K + 7) & ~(int64_t)7,
+                 Kz,
+                 TQ,
+                 SK,
                  SK / 4 > 0 ? SK / 4 : 1,
                  SK / 2 > 0 ? SK / 2 : 1,
                  1.0f / sqrtf((float)D),
@@ -624,14 +711,14 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     const size_t per = (work_bytes(&a) + 63) & ~(size_t)63;
     unsigned char *buf = pl__scratch(ctx, per * (size_t)nt);
     if (!buf) return NULL;
-    const int64_t TR = pl__sparse_tile_q > 0 ? pl__sparse_tile_q : 16, nq = (L + TR - 1) / TR;
+    const int64_t nq = (L + TQ - 1) / TQ;
 #pragma omp parallel if (B * L * K * H * D >= PL_PAR_MIN)
     {
         sa_work w = work_carve(&a, buf + per * (size_t)omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t r = 0; r < B * nq; r++) { /* the largest rows (late t) first */
-            const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TR;
-            sa_fwd_rows(&a, b, t0, t0 + TR < L ? t0 + TR : L, &w);
+        for (int64_t r = 0; r < B * nq; r++) { /* the largest tiles (late t) first */
+            const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ;
+            sa_fwd_tile(&a, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
         }
     }
     if (dropout_p > 0.0f) rng->offset += (uint64_t)(B * H * L * ((K + 3) / 4));
