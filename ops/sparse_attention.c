@@ -1,34 +1,42 @@
 /* Sparse attention over per-query index sets (the PLASA attention step).
  *
  * For query t, head h, with S_t = { idx[b,t,j] : idx[b,t,j] >= 0 }:
- *   z_j = q_t . k_{s_j} / sqrt(D),  p = softmax_j(z),  out_t = sum_j p'_j
- * v_{s_j} with p'_j = p_j * keep_j / (1 - dropout_p) (keep_j = 1 when dropout_p
- * = 0). Only the selected keys and values are read: O(B*H*L*K*D) time.
+ *   z_j = q_t . k_{s_j} / sqrt(D),  p = softmax_j(z),  out_t = sum_j p'_j v_{s_j}
+ * with p'_j = p_j * keep_j / (1 - dropout_p) (keep_j = 1 when dropout_p = 0).
+ * Only the selected keys and values are read: O(B*H*L*K*D) time.
  *
- * A task takes a few query rows; a row is done whole (all its entries, all
- * heads), so no online softmax is needed. The selected k rows are gathered 8
- * at a time: 8 dot products of a head run as 8 vectors of partial sums, added
- * into one vector of 8 scores by a transposing add tree (hsum8); out += p v
- * is a chain of vector FMAs over the gathered v rows. The key set is shared by
- * the heads and a row of k or v holds all heads contiguously, so a gathered row
- * is fetched from memory once for all heads (the heads' loops follow each
- * other while the row's lines are still in L1/L2).
+ * Kernels. The key set is shared by the heads and a row of k or v holds all
+ * heads contiguously, so a selected row is gathered once for all heads (the
+ * heads' loops run over a group of rows while its lines are in L1). Scores:
+ * 8 selected rows at a time, 8 vectors of partial sums (D/8 FMAs each) are
+ * added into one vector of 8 scores by a transposing add tree (hsum8).
+ * out += p v: chains of vector FMAs over the gathered rows, two accumulator
+ * sets. Rows are prefetched a group or chunk ahead.
  *
- * Saved for backward: the probabilities P [B,L,K,H] (before dropout; a (t, j)
+ * Tiling. The cost is moving the gathered rows (1 KB of k and v per pair at
+ * H*D = 128, reused by nothing else in the row), not arithmetic. So a task
+ * takes TQ query rows and walks the keys in blocks of SK: a block's rows stay
+ * in L2 while every row of the tile takes its entries from it (rows sorted by
+ * key: top-k rows already are, others are sorted). Scores block by block, then
+ * an exact softmax per row (the whole row's scores are kept, TQ*H*K floats of
+ * scratch), then out block by block.
+ *
+ * Saved for backward: the probabilities P [B,L,K,H] (before dropout; an
  * entry's heads side by side) and, with dropout, the keep bits
- * [B,L,H,ceil(K/32)] words. Memory B*L*K*H floats, the price of not
- * recomputing the scores twice in backward.
+ * [B,L,H,ceil(K/32)] words: B*L*K*H floats, the price of not recomputing the
+ * scores in backward.
  *
  * Backward, with dO the output gradient and Delta_t = dO_t . out_t:
- *   dp_j = keep_j/(1-p) * dO_t . v_{s_j},   g_j = p_j (dp_j - Delta_t)
- *   dq_t += sum_j g_j k_{s_j} / sqrt(D)                      (row pass)
- *   dk_s += sum_{(t,j): s_j = s} g_j q_t / sqrt(D)          (key pass)
+ *   dp_j = keep_j/(1-p) * dO_t . v_{s_j},   g_j = p_j (dp_j - Delta_t) / sqrt(D)
+ *   dq_t += sum_j g_j k_{s_j}                                (row pass)
+ *   dk_s += sum_{(t,j): s_j = s} g_j q_t                    (key pass)
  *   dv_s += sum_{(t,j): s_j = s} p'_j dO_t
- * The row pass stores g as G [B,L,K,H] (backward scratch, like P). dk and dv
- * come from the index sets transposed (pl__idx_by_key): a thread owns a tile of
- * keys and walks the queries that selected them in blocks, so every thread
- * writes only its own rows (no atomics) in a fixed order (ascending t).
- * Results do not depend on the number of threads. */
+ * The row pass (the forward's tiles and blocks) stores g as G [B,L,K,H]
+ * (backward scratch) and turns P into p'. dk and dv come from the index sets
+ * transposed (pl__idx_by_key): a thread owns a tile of keys and walks the
+ * queries that selected them in blocks (P and G of the next keys' entries
+ * prefetched), so every thread writes only its own rows (no atomics) in a
+ * fixed order (ascending t). Results do not depend on the number of threads. */
 #include "internal.h"
 
 #include <math.h>
@@ -352,9 +360,13 @@ static void row_keep(const sa_args *a, int64_t b, int64_t t, int64_t n, const in
     for (int64_t h = 0; h < H; h++) {
         uint32_t *kr = a->keep + (row0 + h) * W, wd[4];
         const uint64_t base = a->offset + (uint64_t)(((b * H + h) * L + t) * ((K + 3) / 4));
+        int64_t blk = -1; /* top-k rows: slots ascending, one Philox call per 4 */
         for (int64_t i = 0; i < n; i++) {
             const int64_t j = pos[i];
-            pl_philox(a->seed, base + (uint64_t)(j >> 2), wd); /* (slots are not sorted) */
+            if (j >> 2 != blk) {
+                blk = j >> 2;
+                pl_philox(a->seed, base + (uint64_t)blk, wd);
+            }
             if (wd[j & 3] >= a->threshold) kr[j >> 5] |= 1u << (j & 31);
         }
     }
@@ -674,11 +686,11 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     const bool record = pl__wants_grad(ctx, 3, in);
     /* Tiles: a key block's k or v rows (SK*H*D*4 bytes) within ~128 KB of L2;
      * TQ query rows share each block (their scratch, ~TQ*K*(8 + 8H) bytes, within
-     * a few MB). The dk, dv pass: KT keys per tile, QB query rows per block. */
+     * ~5 MB). The dk, dv pass: KT keys per tile, QB query rows per block. */
     const int64_t SK =
         pl__sparse_tile_k > 0 ? pl__sparse_tile_k : clamp64((1 << 15) / (H * D), 8, 1024);
     const int64_t Kz = ((K + 7) & ~(int64_t)7) + 16;
-    const int64_t TQ = pl__sparse_tile_q > 0 ? pl__sparse_tile_q : clamp64((1 << 16) / Kz, 4, 32);
+    const int64_t TQ = pl__sparse_tile_q > 0 ? pl__sparse_tile_q : clamp64((1 << 17) / Kz, 4, 64);
     sa_args a = {B,
                  L,
                  H,
@@ -689,8 +701,8 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
                  Kz,
                  TQ,
                  SK,
-                 SK / 4 > 0 ? SK / 4 : 1,
                  SK / 2 > 0 ? SK / 2 : 1,
+                 SK / 4 > 0 ? SK / 4 : 1,
                  1.0f / sqrtf((float)D),
                  pl__drop_scale(dropout_p),
                  pl__drop_threshold(dropout_p),
