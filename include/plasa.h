@@ -621,10 +621,10 @@ PL_API pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI
  * A row with no valid entry outputs 0 (and passes no gradient). With idx =
  * all s <= t (K >= L, e.g. pl_causal_topk with k >= L) this is dense causal
  * attention (pl_attention) up to float rounding. Cost O(B*H*L*K*D); no L x L
- * tensor. Computed flash-style: tiles of query rows walk the keys in blocks
- * that stay in cache, with an online softmax; rows need not be sorted (top-k
- * rows are, which is the fast case). Per-thread working memory ~ 8*K*(32 + H)
- * bytes.
+ * tensor. Tiles of query rows walk the keys in blocks that stay in cache, a
+ * selected key's row gathered once for all heads; rows need not be sorted
+ * (top-k rows are, which is the fast case). Per-thread working memory
+ * ~ TQ*K*(8 + 8H) bytes with TQ <= 64 query rows per tile (~2^17 / K).
  * Dropout on the probabilities (scale 1/(1-p)), the counter scheme of
  * pl_attention with the K slots in place of the L keys: with WK = ceil(K/4),
  * element (b,h,t,j) takes word j % 4 of
@@ -633,10 +633,10 @@ PL_API pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI
  * by B*H*L*WK. So with K = L and row t = [0..t, -1...] (pl_causal_topk with
  * k = L) the masks are exactly pl_attention's. rng may be NULL when
  * dropout_p == 0 (eval).
- * Saved for backward: the row log-sum-exp [B, L, H] and the keep bits
- * (B*L*H*K bits); the probabilities are recomputed. Backward into q, k, v;
- * k and v gradients are gathered per key from the transposed index sets
- * (B*L*K int32 of temporary memory in backward), no atomics. */
+ * Saved for backward (when recorded): the probabilities, B*L*K*H floats, and
+ * the keep bits (B*L*H*K bits). Backward into q, k, v; k and v gradients are
+ * gathered per key from the transposed index sets, no atomics; temporary
+ * memory in backward B*L*K*H floats plus B*L*K int32, given back on return. */
 PL_API pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v,
                                       pl_tensor *idx, float dropout_p, pl_rng *rng);
 

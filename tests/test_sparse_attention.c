@@ -341,6 +341,57 @@ START_TEST(equals_pl_attention_at_k_equals_L) {
 }
 END_TEST
 
+/* The vector kernels (D a multiple of 8, D = 32 specialised, D > 32 in
+ * groups), odd H, sorted top-k rows with padding and scattered unsorted rows,
+ * with and without dropout: forward against the naive reference, gradients
+ * against finite differences. */
+START_TEST(vector_paths) {
+    uint64_t s = 901;
+    const int Ds[] = {32, 64, 8, 24};
+    for (int rep = 0; rep < 8; rep++) {
+        set_tiles(rep);
+        const int B = 2, L = 37, H = 3, D = Ds[rep % 4], K = rep < 4 ? 7 : 16;
+        const float p = rep % 2 ? 0.2f : 0.0f;
+        pl_tensor *q = rnd(&s, B, L, H, D), *k = rnd(&s, B, L, H, D), *v = rnd(&s, B, L, H, D);
+        pl_tensor *idx;
+        if (rep % 3 == 2) {
+            idx = pl_empty(ctx, PL_I32, PL_DIMS(B, L, K));
+            fill_idx(&s, pl_i32(idx), B, L, K, true);
+        } else {
+            pl_tensor *sc = pl_empty(ctx, PL_F32, PL_DIMS(B, L, L));
+            tu_fill(pl_f32(sc), sc->numel, &s, -1, 1);
+            idx = pl_causal_topk(ctx, sc, K);
+        }
+        pl_rng rng;
+        pl_rng_init(&rng, 77);
+        pl_tensor *o = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
+        ck_assert_msg(o != NULL, "%s", pl_last_error());
+        float *ref = malloc(sizeof(float) * (size_t)o->numel);
+        naive_sparse(pl_f32(q), pl_f32(k), pl_f32(v), pl_i32(idx), B, L, H, D, K, p, 77, 0, ref);
+        tu_assert_close(pl_f32(o), ref, o->numel, 1e-5, 1e-5);
+        free(ref);
+        pl_step_reset(ctx);
+    }
+    /* Gradients through the vector kernels (D = 32 and 16), with dropout. */
+    pl__par_min = par_default;
+    for (int rep = 0; rep < 2; rep++) {
+        const int B = 1, L = 6, H = 2, D = rep ? 16 : 32, K = 3;
+        char nq[8], nk[8], nv[8], ni[8];
+        snprintf(nq, sizeof nq, "vq%d", rep);
+        snprintf(nk, sizeof nk, "vk%d", rep);
+        snprintf(nv, sizeof nv, "vv%d", rep);
+        snprintf(ni, sizeof ni, "vi%d", rep);
+        pl_tensor *in[3] = {tu_param(ctx, nq, PL_DIMS(B, L, H, D), &s, -0.5f, 0.5f),
+                            tu_param(ctx, nk, PL_DIMS(B, L, H, D), &s, -0.5f, 0.5f),
+                            tu_param(ctx, nv, PL_DIMS(B, L, H, D), &s, -0.5f, 0.5f)};
+        sa_case c = {pl_persistent_new(ctx, ni, PL_I32, PL_DIMS(B, L, K), false), 0.25f, NULL,
+                     NULL};
+        fill_idx(&s, pl_i32(c.idx), B, L, K, false);
+        tu_gradcheck(ctx, sa_fn, &c, in, 3, 1e-2, 1e-3, 1e-2, 0);
+    }
+}
+END_TEST
+
 START_TEST(errors) {
     pl_tensor *q = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 4));
     pl_tensor *bad = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 3));
@@ -377,6 +428,7 @@ int main(void) {
     tcase_add_test(tc, gradients);
     tcase_add_test(tc, thread_independent);
     tcase_add_test(tc, equals_pl_attention_at_k_equals_L);
+    tcase_add_test(tc, vector_paths);
     tcase_add_test(tc, errors);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
