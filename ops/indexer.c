@@ -126,11 +126,11 @@ static void indexer_backward(pl_ctx *ctx, pl_node *n) {
         for (int64_t t0 = 0; t0 < L; t0 += T) {
             const int64_t t1 = t0 + T < L ? t0 + T : L, M = (t1 - t0) * HI;
             if (ix_block_dots(d, q, k, b, t0, t1, D)) return;
-#pragma omp parallel for if (M * t1 >= PL_PAR_MIN) schedule(static)
-            for (int64_t t = t0; t < t1; t++)
-                ix_row_backward(D + (t - t0) * HI * t1, t1, g + (b * L + t) * L,
-                                wd + (b * L + t) * HI, HI, t + 1,
-                                dw ? dw + (b * L + t) * HI : NULL);
+            PL_PARALLEL_FOR(M * t1 >= PL_PAR_MIN, schedule(static), i, t1 - t0, {
+                const int64_t t = t0 + i;
+                ix_row_backward(D + i * HI * t1, t1, g + (b * L + t) * L, wd + (b * L + t) * HI,
+                                HI, t + 1, dw ? dw + (b * L + t) * HI : NULL);
+            });
             if (dq && pl__sgemm(false, false, M, dI, t1, 1.0f, D, t1, k + b * L * dI, dI, 1.0f,
                                 dq + (b * L + t0) * HI * dI, dI))
                 return;
@@ -154,12 +154,12 @@ pl_tensor *pl_indexer_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tenso
         for (int64_t t0 = 0; t0 < L; t0 += T) {
             const int64_t t1 = t0 + T < L ? t0 + T : L;
             if (ix_block_dots(&d, q, k, b, t0, t1, D)) return NULL;
-#pragma omp parallel for if ((t1 - t0) * HI * t1 >= PL_PAR_MIN) schedule(static)
-            for (int64_t t = t0; t < t1; t++) {
+            PL_PARALLEL_FOR((t1 - t0) * HI * t1 >= PL_PAR_MIN, schedule(static), i, t1 - t0, {
+                const int64_t t = t0 + i;
                 float *row = o + (b * L + t) * L;
-                ix_row_scores(row, D + (t - t0) * HI * t1, t1, wd + (b * L + t) * HI, HI, t + 1);
+                ix_row_scores(row, D + i * HI * t1, t1, wd + (b * L + t) * HI, HI, t + 1);
                 for (int64_t s = t + 1; s < L; s++) row[s] = -INFINITY;
-            }
+            });
         }
     pl_tensor *in[3] = {qI, kI, w};
     if (pl__wants_grad(ctx, 3, in)) {
@@ -183,11 +183,10 @@ pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor 
     int32_t *o = pl_i32(out);
     /* Rows t < k take every s <= t: no scores needed. */
     const int64_t tfirst = k < L ? k : L;
-#pragma omp parallel for if (B * tfirst * tfirst >= PL_PAR_MIN) schedule(static)
-    for (int64_t r = 0; r < B * tfirst; r++) {
+    PL_PARALLEL_FOR(B * tfirst * tfirst >= PL_PAR_MIN, schedule(static), r, B * tfirst, {
         int64_t b = r / tfirst, t = r % tfirst;
         pl__causal_topk_row(NULL, t + 1, k, o + (b * L + t) * k, k, NULL);
-    }
+    });
     if (tfirst == L) return out;
     const int nt = omp_get_max_threads();
     float *D = pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * L));
@@ -201,18 +200,17 @@ pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor 
             if (t1 <= tfirst) continue;
             if (ix_block_dots(&d, q, kd, b, t0, t1, D)) return NULL;
             const int64_t ts = t0 > tfirst ? t0 : tfirst;
-#pragma omp parallel if ((t1 - ts) * HI * t1 >= PL_PAR_MIN)
-            {
+            PL_PARALLEL((t1 - ts) * HI * t1 >= PL_PAR_MIN, default(shared), {
                 const size_t tid = (size_t)omp_get_thread_num();
                 float *row = rowbuf + tid * (size_t)L;
                 uint32_t *kb = keys + tid * (size_t)L;
-#pragma omp for schedule(static)
+                _Pragma("omp for schedule(static)")
                 for (int64_t t = ts; t < t1; t++) {
                     ix_row_scores(row, D + (t - t0) * HI * t1, t1, wd + (b * L + t) * HI, HI,
                                   t + 1);
                     pl__causal_topk_row(row, t + 1, k, o + (b * L + t) * k, k, kb);
                 }
-            }
+            });
         }
     return out;
 }
@@ -282,10 +280,11 @@ static pl_status ixb_forward(const ix_dims *d, const float *q, const float *k, c
             const int64_t t1 = t0 + T < L ? t0 + T : L;
             pl_status st = ix_block_dots(d, q, k, b, t0, t1, D);
             if (st) return st;
-#pragma omp parallel for if ((t1 - t0) * K * HI >= PL_PAR_MIN) schedule(static)
-            for (int64_t t = t0; t < t1; t++)
-                ixb_fwd_row(D + (t - t0) * HI * t1, t1, w + (b * L + t) * HI, HI,
-                            idx + (b * L + t) * K, K, out + (b * L + t) * K);
+            PL_PARALLEL_FOR((t1 - t0) * K * HI >= PL_PAR_MIN, schedule(static), i, t1 - t0, {
+                const int64_t t = t0 + i;
+                ixb_fwd_row(D + i * HI * t1, t1, w + (b * L + t) * HI, HI, idx + (b * L + t) * K,
+                            K, out + (b * L + t) * K);
+            });
         }
     return PL_OK;
 }
@@ -302,11 +301,12 @@ static void ixb_backward(pl_ctx *ctx, const ix_dims *d, int64_t K, const int32_t
             const int64_t t1 = t0 + T < L ? t0 + T : L, M = (t1 - t0) * HI;
             if (ix_block_dots(d, q, k, b, t0, t1, D)) return;
             memset(G, 0, sizeof(float) * (size_t)(M * t1));
-#pragma omp parallel for if ((t1 - t0) * K * HI >= PL_PAR_MIN) schedule(static)
-            for (int64_t t = t0; t < t1; t++)
-                ixb_bwd_row(D + (t - t0) * HI * t1, G + (t - t0) * HI * t1, t1,
-                            w + (b * L + t) * HI, HI, idx + (b * L + t) * K, g + (b * L + t) * K, K,
+            PL_PARALLEL_FOR((t1 - t0) * K * HI >= PL_PAR_MIN, schedule(static), i, t1 - t0, {
+                const int64_t t = t0 + i;
+                ixb_bwd_row(D + i * HI * t1, G + i * HI * t1, t1, w + (b * L + t) * HI, HI,
+                            idx + (b * L + t) * K, g + (b * L + t) * K, K,
                             dw ? dw + (b * L + t) * HI : NULL);
+            });
             if (dq && pl__sgemm(false, false, M, dI, t1, 1.0f, G, t1, k + b * L * dI, dI, 1.0f,
                                 dq + (b * L + t0) * HI * dI, dI))
                 return;
@@ -386,20 +386,19 @@ static void indexer_at_backward(pl_ctx *ctx, pl_node *n) {
         return;
     }
     if (dq || dw) {
-#pragma omp parallel for if (B * L * K * HI * dI >= PL_PAR_MIN) schedule(dynamic, 8)
-        for (int64_t r = 0; r < B * L; r++)
-            ixs_bwd_row(d, K, q + r * HI * dI, k, wd + r * HI, sv->idx + r * K, g + r * K,
-                        dq ? dq + r * HI * dI : NULL, dw ? dw + r * HI : NULL, r / L);
+        PL_PARALLEL_FOR(B * L * K * HI * dI >= PL_PAR_MIN, schedule(dynamic, 8), r, B * L,
+                        ixs_bwd_row(d, K, q + r * HI * dI, k, wd + r * HI, sv->idx + r * K,
+                                    g + r * K, dq ? dq + r * HI * dI : NULL,
+                                    dw ? dw + r * HI : NULL, r / L));
     }
     if (!dk) return;
     int32_t *off, *list;
     if (pl__idx_by_key(ctx, sv->idx, B, L, K, &off, &list)) return;
-#pragma omp parallel for if (B * L * K * HI * dI >= PL_PAR_MIN) schedule(dynamic, 8)
-    for (int64_t r = 0; r < B * L; r++) {
+    PL_PARALLEL_FOR(B * L * K * HI * dI >= PL_PAR_MIN, schedule(dynamic, 8), r, B * L, {
         const int64_t b = r / L, s = r % L;
         const int32_t *o = off + b * (L + 1) + s;
         ixs_bwd_key(d, K, q, k, wd, g, dk, b, s, list + o[0], o[1] - o[0]);
-    }
+    });
 }
 
 pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w,
@@ -419,9 +418,9 @@ pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_te
         float *D = pl__scratch(ctx, sizeof(float) * (size_t)(d.T * HI * L));
         if (!D || ixb_forward(&d, q, k, wd, id, K, o, D)) return NULL;
     } else {
-#pragma omp parallel for if (B * L * K * HI * dI >= PL_PAR_MIN) schedule(dynamic, 8)
-        for (int64_t r = 0; r < B * L; r++)
-            ixs_fwd_row(&d, K, q + r * HI * dI, k, wd + r * HI, id + r * K, o + r * K, r / L);
+        PL_PARALLEL_FOR(B * L * K * HI * dI >= PL_PAR_MIN, schedule(dynamic, 8), r, B * L,
+                        ixs_fwd_row(&d, K, q + r * HI * dI, k, wd + r * HI, id + r * K, o + r * K,
+                                    r / L));
     }
     pl_tensor *in[3] = {qI, kI, w};
     if (pl__wants_grad(ctx, 3, in)) {

@@ -64,15 +64,14 @@ pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, 
     int32_t *off = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * (L + 1)));
     int32_t *cur = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * L));
     if (!off || !cur) return pl_last_status();
-#pragma omp parallel for if (B * L * K >= PL_PAR_MIN) schedule(static)
-    for (int64_t b = 0; b < B; b++) {
+    PL_PARALLEL_FOR(B * L * K >= PL_PAR_MIN, schedule(static), b, B, {
         int32_t *o = off + b * (L + 1);
         memset(o, 0, sizeof(int32_t) * (size_t)(L + 1));
         const int32_t *ib = idx + b * L * K;
         for (int64_t e = 0; e < L * K; e++)
             if (ib[e] >= 0) o[ib[e] + 1]++;
         for (int64_t s = 0; s < L; s++) o[s + 1] += o[s];
-    }
+    });
     int64_t total = 0; /* batch b's list starts after those of batches < b */
     for (int64_t b = 0; b < B; b++) {
         int32_t *o = off + b * (L + 1);
@@ -82,15 +81,14 @@ pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, 
     }
     int32_t *list = pl__scratch(ctx, sizeof(int32_t) * (size_t)(total > 0 ? total : 1));
     if (!list) return pl_last_status();
-#pragma omp parallel for if (B * L * K >= PL_PAR_MIN) schedule(static)
-    for (int64_t b = 0; b < B; b++) {
+    PL_PARALLEL_FOR(B * L * K >= PL_PAR_MIN, schedule(static), b, B, {
         const int32_t *o = off + b * (L + 1);
         int32_t *c = cur + b * L;
         memcpy(c, o, sizeof(int32_t) * (size_t)L);
         const int32_t *ib = idx + b * L * K;
         for (int64_t e = 0; e < L * K; e++)
             if (ib[e] >= 0) list[c[ib[e]]++] = (int32_t)e;
-    }
+    });
     *off_out = off;
     *list_out = list;
     return PL_OK;
@@ -627,31 +625,26 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
     float *G = buf && (dq || dk) ? pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)) : NULL;
     if (!buf || ((dq || dk) && !G)) return;
     const int64_t TQ = a->TQ, nq = (L + TQ - 1) / TQ, nk = (L + a->KT - 1) / a->KT;
-    if (dq || dk || (dv && a->keep)) {
-#pragma omp parallel if (B * L * K * H * a->D >= PL_PAR_MIN)
-        {
+    /* Dynamic loops go through PL_PARALLEL_FOR (an orphaned one would malloc
+     * when serial), so each task carves its thread's memory (pointer
+     * arithmetic only; the tiles do not depend on what it held before). */
+    const bool par = B * L * K * H * a->D >= PL_PAR_MIN;
+    if (dq || dk || (dv && a->keep))
+        PL_PARALLEL_FOR(par, schedule(dynamic, 1), r, B * nq, { /* largest tiles (late t) first */
             sa_work w = work_carve(a, buf + per * (size_t)omp_get_thread_num());
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t r = 0; r < B * nq; r++) { /* the largest tiles (late t) first */
-                const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ;
-                sa_bwd_tile(a, dO, G, dq, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
-            }
-        }
-    }
+            const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ;
+            sa_bwd_tile(a, dO, G, dq, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
+        });
     int32_t *off, *list;
     if ((dk || dv) && !pl__idx_by_key(ctx, a->idx, B, L, K, &off, &list))
-#pragma omp parallel if (B * L * K * H * a->D >= PL_PAR_MIN)
-    {
-        unsigned char *base = buf + per * (size_t)omp_get_thread_num();
-        sa_work w = work_carve(a, base);
-        int64_t *cur = (int64_t *)(base + work_bytes(a));
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t r = 0; r < B * nk; r++) { /* early keys (most queries) first */
+        PL_PARALLEL_FOR(par, schedule(dynamic, 1), r, B * nk, { /* early keys first */
+            unsigned char *base = buf + per * (size_t)omp_get_thread_num();
+            sa_work w = work_carve(a, base);
+            int64_t *cur = (int64_t *)(base + work_bytes(a));
             const int64_t b = r / nk, s0 = (r % nk) * a->KT;
             sa_bwd_kv_tile(a, dO, G, dk, dv, b, s0, s0 + a->KT < L ? s0 + a->KT : L,
                            off + b * (L + 1), list, cur, &w);
-        }
-    }
+        });
     /* pl_mark_release would also clear tape_consumed; keep it as it was. */
     const bool consumed = ctx->tape_consumed;
     pl_mark_release(ctx, mark);
@@ -724,15 +717,12 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     unsigned char *buf = pl__scratch(ctx, per * (size_t)nt);
     if (!buf) return NULL;
     const int64_t nq = (L + TQ - 1) / TQ;
-#pragma omp parallel if (B * L * K * H * D >= PL_PAR_MIN)
-    {
+    /* Each task carves its thread's memory (see the backward). */
+    PL_PARALLEL_FOR(B * L * K * H * D >= PL_PAR_MIN, schedule(dynamic, 1), r, B * nq, {
         sa_work w = work_carve(&a, buf + per * (size_t)omp_get_thread_num());
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t r = 0; r < B * nq; r++) { /* the largest tiles (late t) first */
-            const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ;
-            sa_fwd_tile(&a, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
-        }
-    }
+        const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ; /* largest tiles (late t) first */
+        sa_fwd_tile(&a, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
+    });
     if (dropout_p > 0.0f) rng->offset += (uint64_t)(B * H * L * ((K + 3) / 4));
     if (record) {
         pl_node *nd = pl__record(ctx, "sparse_attention", sparse_attention_backward, out, 3, in);

@@ -73,8 +73,7 @@ pl_status pl__check_causal_idx(pl_ctx *ctx, const char *fn, const pl_tensor *idx
     const int64_t K = idx->shape[2], rows = B * L;
     const int32_t *id = pl_i32(idx);
     int64_t first = rows; /* first row with a bad entry */
-#pragma omp parallel for if (rows * K >= PL_PAR_MIN) schedule(static) reduction(min : first)
-    for (int64_t r = 0; r < rows; r++) {
+    PL_PARALLEL_FOR(rows * K >= PL_PAR_MIN, schedule(static) reduction(min : first), r, rows, {
         int64_t t = r % L;
         for (int64_t j = 0; j < K; j++) {
             int32_t s = id[r * K + j];
@@ -83,7 +82,7 @@ pl_status pl__check_causal_idx(pl_ctx *ctx, const char *fn, const pl_tensor *idx
                 break;
             }
         }
-    }
+    });
     if (first == rows) return PL_OK;
     int64_t t = first % L, j = 0;
     while (id[first * K + j] >= -1 && id[first * K + j] <= t) j++;
@@ -117,12 +116,10 @@ pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k) {
     if (k < L && !keys) return NULL;
     const float *sc = pl_f32(scores);
     int32_t *o = pl_i32(out);
-#pragma omp parallel if (B * L * L >= PL_PAR_MIN)
-    {
+    /* A dynamic loop: PL_PARALLEL_FOR, each row finds its thread's key buffer. */
+    PL_PARALLEL_FOR(B * L * L >= PL_PAR_MIN, schedule(dynamic, 16), r, B * L, {
         uint32_t *kb = keys ? keys + (size_t)omp_get_thread_num() * (size_t)L : NULL;
-#pragma omp for schedule(dynamic, 16)
-        for (int64_t r = 0; r < B * L; r++)
-            pl__causal_topk_row(sc + r * L, r % L + 1, k, o + r * k, k, kb);
-    }
+        pl__causal_topk_row(sc + r * L, r % L + 1, k, o + r * k, k, kb);
+    });
     return out;
 }
