@@ -38,7 +38,8 @@
  * region's body, are counted on their own so that a failure names libgomp.
  * Before that change the full step below made 48 regions per step, 23 of
  * them (at 2 threads; all 48 at 1 thread) with a one-thread team, i.e. 23
- * (48) malloc/free pairs per step.                                          */
+ * (48) malloc/free pairs per step; the PLASA step below (indexer, top-k,
+ * sparse attention, indexer loss) made 28 at 2 threads, 31 at 1 thread.    */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <string.h>
@@ -417,6 +418,133 @@ END_TEST
 START_TEST(steady_state_full_step_single_thread) { full_step(1); }
 END_TEST
 
+/* The PLASA path of plasa-train: per layer, the indexer on a detached input
+ * (pl_linear projections -> pl_indexer_topk), pl_sparse_attention with
+ * dropout, and the indexer loss (pl_indexer_scores_at + pl_indexer_kl_loss,
+ * weighted into the loss). Two layers: k = 16 of L = 64 takes the blocked
+ * pl_indexer_scores_at (K >= L/16), k = 3 the gather. */
+enum { PL_ = 64, PB = 2, PD = 32, PH = 2, PHI = 4, PDI = 16, PV = 64 };
+static const int plasa_k[2] = {16, 3};
+
+typedef struct {
+    pl_tensor *emb, *norm[2], *wqkv[2], *wo[2], *iq[2], *ik[2], *iw[2], *head;
+    int32_t ids[PB * PL_], targets[PB * PL_];
+    pl_adamw *opt;
+    int64_t step;
+} plasa_lm;
+
+static pl_tensor *plasa_layer(pl_ctx *c, const plasa_lm *m, int li, pl_tensor *x,
+                              pl_tensor **aux) {
+    pl_tensor *qkv = pl_linear(c, x, m->wqkv[li], NULL);
+    pl_tensor *q = pl_reshape(c, pl_slice(c, qkv, 2, 0, PD), PL_DIMS(PB, PL_, PH, PD / PH));
+    pl_tensor *k = pl_reshape(c, pl_slice(c, qkv, 2, PD, PD), PL_DIMS(PB, PL_, PH, PD / PH));
+    pl_tensor *v = pl_reshape(c, pl_slice(c, qkv, 2, 2 * PD, PD), PL_DIMS(PB, PL_, PH, PD / PH));
+    q = pl_rope(c, q, 10000.0f, 0);
+    k = pl_rope(c, k, 10000.0f, 0);
+    pl_tensor *xi = pl_detach(c, x);
+    pl_tensor *qI = pl_linear(c, xi, m->iq[li], NULL);
+    pl_tensor *kI = pl_linear(c, xi, m->ik[li], NULL);
+    pl_tensor *wI = pl_linear(c, xi, m->iw[li], NULL);
+    pl_tensor *idx = pl_indexer_topk(c, qI, kI, wI, plasa_k[li]);
+    pl_tensor *kl = pl_indexer_kl_loss(c, q, k, idx, pl_indexer_scores_at(c, qI, kI, wI, idx));
+    *aux = *aux ? pl_add(c, *aux, kl) : kl;
+    /* Dropout counters as in plasa-train: a function of (step, layer). */
+    pl_rng rng = {77, ((uint64_t)m->step * 2 + (uint64_t)li) << 36};
+    pl_tensor *a = pl_sparse_attention(c, q, k, v, idx, 0.1f, &rng);
+    return pl_linear(c, pl_reshape(c, a, PL_DIMS(PB, PL_, PD)), m->wo[li], NULL);
+}
+
+static pl_status plasa_step(pl_ctx *c, plasa_lm *m) {
+    pl_tensor *ids = pl_from_data(c, PL_I32, PL_DIMS(PB, PL_), m->ids);
+    pl_tensor *tg = pl_from_data(c, PL_I32, PL_DIMS(PB, PL_), m->targets);
+    pl_tensor *h = pl_embedding(c, m->emb, ids), *aux = NULL;
+    for (int li = 0; li < 2; li++)
+        h = pl_add(c, h, plasa_layer(c, m, li, pl_rmsnorm(c, h, m->norm[li], 1e-6f), &aux));
+    pl_tensor *loss = pl_add(c, pl_cross_entropy(c, pl_linear(c, h, m->head, NULL), tg),
+                             pl_scale(c, aux, 0.1f));
+    pl_status s = loss ? pl_backward(c, loss) : pl_last_status();
+    if (s == PL_OK && pl_clip_grad_norm(c, 1.0, &s) < 0) return s;
+    if (s == PL_OK) s = pl_adamw_step(m->opt);
+    pl_zero_grad(c);
+    pl_step_reset(c);
+    m->step++;
+    return s;
+}
+
+/* Five steady PLASA steps on `threads` threads; par_min: the serial cutoff
+ * for the kernels (default, or 0: every loop worth a region). */
+static void plasa_full_step(int threads, int64_t par_min) {
+    int keep = pl_get_num_threads();
+    int64_t keep_min = pl__par_min;
+    pl_set_num_threads(threads);
+    pl__par_min = par_min;
+    uint64_t s = 6;
+    plasa_lm m = {.step = 0};
+    /* Parameter names are unique per context: tag them by layer and run. */
+    static int run;
+    char nm[32];
+#define PNAME(what, li) (snprintf(nm, sizeof nm, "%s%d.%d", what, li, run), nm)
+    m.emb = tu_param(ctx, PNAME("emb", 0), PL_DIMS(PV, PD), &s, -1, 1);
+    m.head = tu_param(ctx, PNAME("head", 0), PL_DIMS(PD, PV), &s, -0.2f, 0.2f);
+    for (int li = 0; li < 2; li++) {
+        m.norm[li] = tu_param(ctx, PNAME("norm", li), PL_DIMS(PD), &s, -0.1f, 0.1f);
+        m.wqkv[li] = tu_param(ctx, PNAME("wqkv", li), PL_DIMS(PD, 3 * PD), &s, -0.2f, 0.2f);
+        m.wo[li] = tu_param(ctx, PNAME("wo", li), PL_DIMS(PD, PD), &s, -0.2f, 0.2f);
+        m.iq[li] = tu_param(ctx, PNAME("iq", li), PL_DIMS(PD, PHI * PDI), &s, -0.2f, 0.2f);
+        m.ik[li] = tu_param(ctx, PNAME("ik", li), PL_DIMS(PD, PDI), &s, -0.2f, 0.2f);
+        m.iw[li] = tu_param(ctx, PNAME("iw", li), PL_DIMS(PD, PHI), &s, -0.2f, 0.2f);
+    }
+#undef PNAME
+    run++;
+    for (int i = 0; i < PB * PL_; i++) {
+        m.ids[i] = tu_randint(&s, 0, PV - 1);
+        m.targets[i] = tu_randint(&s, 0, PV - 1);
+    }
+    m.opt = pl_adamw_new(ctx, NULL);
+    ck_assert_msg(m.opt != NULL, "%s", pl_last_error());
+    for (int i = 0; i < 4; i++)
+        ck_assert_msg(plasa_step(ctx, &m) == PL_OK, "%s", pl_last_error());
+    uint64_t lib0 = pl_heap_allocations();
+    pl_status st = PL_OK;
+    counters_start();
+    for (int i = 0; i < 5 && st == PL_OK; i++) st = plasa_step(ctx, &m);
+    counters_stop();
+    int nth = pl_get_num_threads();
+    pl_set_num_threads(keep);
+    pl__par_min = keep_min;
+    pl_adamw_free(m.opt);
+    ck_assert_msg(st == PL_OK, "%s", pl_last_error());
+    ck_assert_int_eq(nth, threads);
+    ck_assert_uint_eq(pl_heap_allocations() - lib0, 0);
+    if (!under_valgrind()) {
+        ck_assert_msg(atomic_load(&n_alloc) == 0 && atomic_load(&n_free) == 0,
+                      "PLASA step: %ld allocations, %ld frees outside dnnl_sgemm and libgomp",
+                      atomic_load(&n_alloc), atomic_load(&n_free));
+        ck_assert_msg(atomic_load(&t_alloc) == 0 && atomic_load(&t_free) == 0,
+                      "PLASA step: libgomp: %ld allocations, %ld frees in %ld parallel regions "
+                      "(a region entered with a one-thread team?)",
+                      atomic_load(&t_alloc), atomic_load(&t_free), atomic_load(&t_calls));
+        if (nth == 1) ck_assert_int_eq(atomic_load(&t_calls), 0);
+        /* With every loop worth a region, the PLASA kernels do enter some. */
+        if (nth > 1 && par_min == 0) ck_assert_int_gt(atomic_load(&t_calls), 0);
+        printf("test_memory: PLASA step, %d thread(s), par_min %lld, 5 steps: 0 allocations "
+               "outside oneDNN (libgomp: 0 in %ld parallel regions); dnnl_sgemm %ld calls, %ld "
+               "allocations, all freed within the call\n",
+               nth, (long long)par_min, atomic_load(&t_calls), atomic_load(&g_calls),
+               atomic_load(&g_alloc));
+    }
+    ck_assert_int_eq(atomic_load(&g_alloc), atomic_load(&g_free));
+}
+
+START_TEST(steady_state_plasa_step) {
+    plasa_full_step(2, pl__par_min); /* default cutoff: some loops serial, some not */
+    plasa_full_step(2, 0);
+}
+END_TEST
+
+START_TEST(steady_state_plasa_step_single_thread) { plasa_full_step(1, pl__par_min); }
+END_TEST
+
 /* ---- arena ---- */
 
 static int n_chunks(const pl_arena *a) {
@@ -646,6 +774,8 @@ int main(void) {
     tcase_add_test(tc, steady_state_single_thread);
     tcase_add_test(tc, steady_state_full_step);
     tcase_add_test(tc, steady_state_full_step_single_thread);
+    tcase_add_test(tc, steady_state_plasa_step);
+    tcase_add_test(tc, steady_state_plasa_step_single_thread);
     tcase_add_test(tc, arena_stats);
     tcase_add_test(tc, arena_growth_and_merge);
     tcase_add_test(tc, marks);
