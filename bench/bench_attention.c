@@ -107,13 +107,11 @@ int main(int argc, char **argv) {
     }
     pl_ctx *ctx = pl_ctx_new(NULL);
     if (!ctx) return 1;
-    printf("libplasa %s, %d threads; B=1, H=4, D=32 (d=128)\n", pl_version(),
-           pl_get_num_threads());
+    printf("libplasa %s, %d threads; B=1, H=4, D=32 (d=128)\n", pl_version(), pl_get_num_threads());
     double sg = sgemm_gflops();
     printf("dnnl_sgemm 1024x1024x1024: %.1f GFLOP/s (25%% = %.1f)\n\n", sg, 0.25 * sg);
     printf("%6s | %9s %8s | %9s %8s | %8s %7s | %11s | %10s %9s\n", "L", "fwd ms", "GFLOP/s",
-           "bwd ms", "GFLOP/s", "f+b GF/s", "%sgemm", "f+b p=.1 ms", "extra MiB",
-           "LxL MiB");
+           "bwd ms", "GFLOP/s", "f+b GF/s", "%sgemm", "f+b p=.1 ms", "extra MiB", "LxL MiB");
     for (int i = 0; i < nL; i++) {
         int64_t L = Ls[i];
         if (L < 1) continue;

@@ -57,7 +57,7 @@ static void die(const char *what) {
 typedef struct {
     pl_ctx *ctx;
     int64_t M, K, N;
-    pl_tensor *x, *w;      /* parameters */
+    pl_tensor *x, *w;        /* parameters */
     float *c, *dc, *dx, *dw; /* raw buffers */
     pl_mark mark;
     pl_node *node; /* recorded matmul, for the op backward */
@@ -184,8 +184,8 @@ int main(int argc, char **argv) {
     printf("# logical CPUs online %ld, OpenMP threads %d; median of %d samples, >= %.0f ms each\n",
            sysconf(_SC_NPROCESSORS_ONLN), omp_get_max_threads(), reps, min_ms);
     printf("# GFLOP/s; fwd = 2MNK flops, bwd = 4MNK (dx and dW); overhead = raw/op - 1\n");
-    printf("%-20s %9s %9s %8s %9s %9s %8s %11s\n", "shape (M,K->N)", "raw fwd", "op fwd",
-           "overhd", "raw bwd", "op bwd", "overhd", "bwd_seed*");
+    printf("%-20s %9s %9s %8s %9s %9s %8s %11s\n", "shape (M,K->N)", "raw fwd", "op fwd", "overhd",
+           "raw bwd", "op bwd", "overhd", "bwd_seed*");
 
     static const int64_t shapes[][2] = {{128, 384}, {128, 128},  {128, 512},
                                         {512, 128}, {128, 8192}, {128, 49152}};

@@ -30,12 +30,18 @@ int main(int argc, char **argv) {
     cli_defaults(&cfg);
     int steps = 30, warmup = 5, vocab = 8192;
     for (int i = 1; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--steps")) steps = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--warmup")) warmup = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--vocab")) vocab = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--schedule")) cfg.schedule = argv[i + 1];
-        else if (!strcmp(argv[i], "--threads")) cfg.threads = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--indexer-loss")) cfg.indexer_loss = atof(argv[i + 1]);
+        if (!strcmp(argv[i], "--steps"))
+            steps = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--warmup"))
+            warmup = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--vocab"))
+            vocab = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--schedule"))
+            cfg.schedule = argv[i + 1];
+        else if (!strcmp(argv[i], "--threads"))
+            cfg.threads = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--indexer-loss"))
+            cfg.indexer_loss = atof(argv[i + 1]);
         else {
             fprintf(stderr, "bench_train: unknown flag %s\n", argv[i]);
             return 2;
@@ -81,8 +87,7 @@ int main(int argc, char **argv) {
         qsort(t_eval, steps, sizeof *t_eval, cmp);
         double ms = t_step[steps / 2];
         printf("schedule %s, vocab %d, batch %d, seq %d, threads %d, %lld parameters\n",
-               cfg.schedule, vocab, B, L, pl_get_num_threads(),
-               (long long)model_parameters(m));
+               cfg.schedule, vocab, B, L, pl_get_num_threads(), (long long)model_parameters(m));
         printf("train step: median %.2f ms (min %.2f, max %.2f), %.0f tokens/s\n", ms, t_step[0],
                t_step[steps - 1], B * L / (ms * 1e-3));
         printf("eval batch: median %.2f ms\n", t_eval[steps / 2]);

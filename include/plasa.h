@@ -102,11 +102,11 @@ typedef struct pl_tensor {
     int ndim;
     int64_t shape[PL_MAX_DIMS];
     int64_t numel;
-    void *data;          /* float* for PL_F32, int32_t* for PL_I32 */
-    float *grad;         /* d loss / d this, once backward reached it */
-    bool requires_grad;  /* a parameter, or computed from one */
-    bool persistent;     /* outlives pl_step_reset */
-    const char *name;    /* parameters: the name given at creation */
+    void *data;         /* float* for PL_F32, int32_t* for PL_I32 */
+    float *grad;        /* d loss / d this, once backward reached it */
+    bool requires_grad; /* a parameter, or computed from one */
+    bool persistent;    /* outlives pl_step_reset */
+    const char *name;   /* parameters: the name given at creation */
     /* private to the library */
     uint32_t magic;
     uint64_t epoch;
@@ -115,9 +115,10 @@ typedef struct pl_tensor {
 
 /* Expands to "ndim, shape" for functions that take a shape:
  * pl_zeros(ctx, PL_F32, PL_DIMS(2, 3)). */
-#define PL_DIMS(...)                                                          \
-    (int)(sizeof((const int64_t[]){__VA_ARGS__}) / sizeof(int64_t)),          \
-        (const int64_t[]) { __VA_ARGS__ }
+#define PL_DIMS(...)                                                                               \
+    (int)(sizeof((const int64_t[]){__VA_ARGS__}) / sizeof(int64_t)), (const int64_t[]) {           \
+        __VA_ARGS__                                                                                \
+    }
 
 typedef struct {
     size_t arena_initial_bytes; /* 0: 16 MiB; the arena grows as needed */
@@ -169,10 +170,9 @@ PL_API pl_tensor *pl_from_data(pl_ctx *ctx, pl_dtype dt, int ndim, const int64_t
 
 /* Persistent tensors. A parameter (requires_grad) gets a gradient buffer and
  * is listed for optimisers; it starts at zero. */
-PL_API pl_tensor *pl_persistent_new(pl_ctx *ctx, const char *name, pl_dtype dt,
-                                    int ndim, const int64_t *shape, bool requires_grad);
-PL_API pl_tensor *pl_param_new(pl_ctx *ctx, const char *name, int ndim,
-                               const int64_t *shape);
+PL_API pl_tensor *pl_persistent_new(pl_ctx *ctx, const char *name, pl_dtype dt, int ndim,
+                                    const int64_t *shape, bool requires_grad);
+PL_API pl_tensor *pl_param_new(pl_ctx *ctx, const char *name, int ndim, const int64_t *shape);
 /* Frees a persistent tensor early (parameters: also unlists it). */
 PL_API void pl_tensor_free(pl_tensor *t);
 
@@ -232,22 +232,22 @@ PL_API pl_tensor *pl_detach(pl_ctx *ctx, pl_tensor *x);
  * elements of each input are checked (0: all). */
 typedef pl_tensor *(*pl_gradcheck_fn)(pl_ctx *ctx, pl_tensor *const *inputs, void *user);
 typedef struct {
-    double eps;           /* default 1e-2 */
-    double atol, rtol;    /* pass if |a-n| <= atol + rtol*|n|; default 1e-3, 1e-2 */
-    int max_per_input;    /* default 0 = all */
-    uint64_t seed;        /* for r and the element sample */
+    double eps;        /* default 1e-2 */
+    double atol, rtol; /* pass if |a-n| <= atol + rtol*|n|; default 1e-3, 1e-2 */
+    int max_per_input; /* default 0 = all */
+    uint64_t seed;     /* for r and the element sample */
 } pl_gradcheck_opts;
 typedef struct {
-    int checked;       /* elements compared */
-    int failed;        /* elements outside tolerance */
+    int checked; /* elements compared */
+    int failed;  /* elements outside tolerance */
     double max_abs_err;
     double max_rel_err;
     int worst_input, worst_index;
     double worst_analytic, worst_numeric;
 } pl_gradcheck_report;
-PL_API pl_status pl_gradcheck(pl_ctx *ctx, pl_gradcheck_fn fn, void *user,
-                              pl_tensor *const *inputs, int n_inputs,
-                              const pl_gradcheck_opts *opts, pl_gradcheck_report *report);
+PL_API pl_status pl_gradcheck(pl_ctx *ctx, pl_gradcheck_fn fn, void *user, pl_tensor *const *inputs,
+                              int n_inputs, const pl_gradcheck_opts *opts,
+                              pl_gradcheck_report *report);
 
 /* ------------------------------------------------------------------------ */
 /* Core ops. Each returns a new step tensor (NULL on error) and, when an     */
@@ -293,8 +293,7 @@ PL_API pl_tensor *pl_concat(pl_ctx *ctx, pl_tensor *const *xs, int n, int dim);
 
 /* C = op(A) op(B) on the last two dims (oneDNN sgemm). Leading dims are
  * batch dims: equal in both, or absent in B (B shared over the batch). */
-PL_API pl_tensor *pl_matmul(pl_ctx *ctx, pl_tensor *a, pl_tensor *b, bool trans_a,
-                            bool trans_b);
+PL_API pl_tensor *pl_matmul(pl_ctx *ctx, pl_tensor *a, pl_tensor *b, bool trans_a, bool trans_b);
 /* y = x W (+ bias): x [..., in], W [in, out], bias [out] or NULL. */
 PL_API pl_tensor *pl_linear(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *bias);
 
@@ -382,8 +381,7 @@ PL_API pl_tensor *pl_moe(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tens
 /* Same; when expert_counts is not NULL it receives E numbers: how many tokens
  * were routed to each expert (they sum to N * top_k). */
 PL_API pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *w_gate,
-                            pl_tensor *w_up, pl_tensor *w_down, int top_k,
-                            int64_t *expert_counts);
+                            pl_tensor *w_up, pl_tensor *w_down, int top_k, int64_t *expert_counts);
 /* The routing pl_moe uses, without experts and without recording anything:
  * *experts (int32) and *weights (float32), both [..., top_k], the chosen
  * experts in descending probability (ties: lower index first) and their
@@ -503,8 +501,7 @@ PL_API pl_status pl_init_embedding(pl_tensor *table, pl_rng *rng);
  * metadata. names may be NULL: each tensor's own name is used. Names must be
  * unique, non-empty UTF-8 and not "__metadata__". */
 PL_API pl_status pl_safetensors_save(const char *path, const pl_tensor *const *tensors,
-                                     const char *const *names, int n,
-                                     const char *const *meta_keys,
+                                     const char *const *names, int n, const char *const *meta_keys,
                                      const char *const *meta_values, int n_meta);
 
 /* A loaded file: every tensor's data is in memory, converted to host order. */
@@ -526,8 +523,7 @@ PL_API void pl_safetensors_close(pl_safetensors *st);
 PL_API int pl_safetensors_count(const pl_safetensors *st);
 PL_API const pl_safetensors_entry *pl_safetensors_at(const pl_safetensors *st, int i);
 /* NULL if there is no tensor of that name (sets no error). */
-PL_API const pl_safetensors_entry *pl_safetensors_get(const pl_safetensors *st,
-                                                      const char *name);
+PL_API const pl_safetensors_entry *pl_safetensors_get(const pl_safetensors *st, const char *name);
 /* Metadata pairs in header order; pl_safetensors_meta returns NULL for an
  * absent key (sets no error). */
 PL_API int pl_safetensors_meta_count(const pl_safetensors *st);
@@ -536,15 +532,13 @@ PL_API const char *pl_safetensors_meta_value(const pl_safetensors *st, int i);
 PL_API const char *pl_safetensors_meta(const pl_safetensors *st, const char *key);
 /* A metadata value that must be a decimal integer in [0, 2^64) (step
  * counts, pl_rng seed and offset): PL_ERR_FORMAT if absent or not one. */
-PL_API pl_status pl_safetensors_meta_u64(const pl_safetensors *st, const char *key,
-                                         uint64_t *out);
+PL_API pl_status pl_safetensors_meta_u64(const pl_safetensors *st, const char *key, uint64_t *out);
 
 /* Context checkpoints: every NAMED persistent tensor of the context
  * (parameters, optimiser state such as "adamw.m.<param>", ...) in creation
  * order, plus metadata. Unnamed persistent tensors are not saved; two
  * tensors with the same name are an error. */
-PL_API pl_status pl_checkpoint_save(pl_ctx *ctx, const char *path,
-                                    const char *const *meta_keys,
+PL_API pl_status pl_checkpoint_save(pl_ctx *ctx, const char *path, const char *const *meta_keys,
                                     const char *const *meta_values, int n_meta);
 
 /* Flags for restoring. By default the named persistent tensors of the
@@ -601,8 +595,7 @@ PL_API pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k);
  * exactly (the same scores, bit for bit) without materialising [B, L, L]: one
  * block of score rows exists at a time (extra memory O(L * block + threads * L)).
  * Rows t < k need no scores at all. Not differentiable (no tape entry). */
-PL_API pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w,
-                                  int k);
+PL_API pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w, int k);
 
 /* Indexer scores at the keys of idx: out[b,t,j] = I[b,t,idx[b,t,j]] (as in
  * pl_indexer_scores), -INFINITY where idx is -1. Returns [B, L, K];

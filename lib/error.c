@@ -65,8 +65,9 @@ void pl_set_allocator(const pl_allocator *a) {
         return;
     }
     heap = (pl_allocator){default_alloc, default_free, NULL};
-    if (a) pl__err(PL_ERR_ARG, "pl_set_allocator: alloc and free are both required; using "
-                               "malloc and free");
+    if (a)
+        pl__err(PL_ERR_ARG, "pl_set_allocator: alloc and free are both required; using "
+                            "malloc and free");
 }
 
 uint64_t pl_heap_allocations(void) { return (uint64_t)atomic_load(&heap_count); }

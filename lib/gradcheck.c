@@ -31,8 +31,10 @@ pl_status pl_gradcheck(pl_ctx *ctx, pl_gradcheck_fn fn, void *user, pl_tensor *c
         pl_status s = pl__check(ctx, "pl_gradcheck", "inputs[i]", inputs[i], PL_F32);
         if (s) return s;
         if (!inputs[i]->persistent || !inputs[i]->requires_grad)
-            return pl__err(PL_ERR_ARG, "pl_gradcheck: inputs[%d] must be a parameter "
-                                       "(pl_param_new)", i);
+            return pl__err(PL_ERR_ARG,
+                           "pl_gradcheck: inputs[%d] must be a parameter "
+                           "(pl_param_new)",
+                           i);
     }
     pl_gradcheck_opts o = {1e-2, 1e-3, 1e-2, 0, 1234};
     if (opts) {
@@ -90,8 +92,7 @@ pl_status pl_gradcheck(pl_ctx *ctx, pl_gradcheck_fn fn, void *user, pl_tensor *c
     m = pl_mark_get(ctx);
     y = fn(ctx, inputs, user);
     if (!y || y->numel != ny) {
-        st = pl__err(PL_ERR_STATE, "pl_gradcheck: fn failed or changed shape: %s",
-                     pl_last_error());
+        st = pl__err(PL_ERR_STATE, "pl_gradcheck: fn failed or changed shape: %s", pl_last_error());
         goto restore;
     }
     st = pl_backward_seed(ctx, y, r);

@@ -96,9 +96,8 @@ float *pl__grad(pl_ctx *ctx, pl_tensor *t);
 
 /* ---- numerics ---- */
 /* C = alpha*op(A)op(B) + beta*C, row-major, via oneDNN. */
-pl_status pl__sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
-                    const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
-                    float *C, int64_t ldc);
+pl_status pl__sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
+                    int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
 /* Philox uniform in [0,1) from a 32-bit word (24 bits of mantissa). */
 static inline float pl__u01(uint32_t w) { return (float)(w >> 8) * (1.0f / 16777216.0f); }
 
@@ -129,7 +128,10 @@ static inline float pl__expf(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    union { float f; int32_t i; } u = {p};
+    union {
+        float f;
+        int32_t i;
+    } u = {p};
     u.i += (int32_t)n * (1 << 23);
     float y = x < -87.0f ? 0.0f : u.f;
     return x == x ? y : x;
@@ -144,9 +146,7 @@ pl_safetensors *pl__safetensors_parse(const void *buf, size_t size, const char *
 /* ---- dropout masks (ops/dropout.c, ops/attention.c) ---- */
 /* An element is kept iff its Philox word is >= this threshold: P(keep) =
  * 1 - floor(p 2^32) / 2^32, i.e. 1 - p to within 2^-32. Needs 0 <= p < 1. */
-static inline uint32_t pl__drop_threshold(float p) {
-    return (uint32_t)((double)p * 4294967296.0);
-}
+static inline uint32_t pl__drop_threshold(float p) { return (uint32_t)((double)p * 4294967296.0); }
 /* The kept elements' scale, as PyTorch computes it: float32(1 / float32(1 - p)). */
 static inline float pl__drop_scale(float p) { return 1.0f / (float)(1.0 - (double)p); }
 /* pl_philox on the 8 counters ctr + i*stride, i < 8, at once (AVX2 when the
@@ -205,7 +205,6 @@ static inline float pl__sum(const float *x, int64_t n) {
     return s;
 }
 
-
 /* Parallel regions cost a barrier: the PLASA kernels run serially below this
  * much work (roughly multiply-adds), `#pragma omp parallel if (work >= PL_PAR_MIN)`.
  * A variable (default 32768) so that tests can force the parallel paths (0). */
@@ -233,28 +232,32 @@ bool pl__par(bool worth);
  * (the same iterations per thread, e.g. schedule(static)) when pl__par(worth),
  * else serially on the calling thread without entering a region. n is
  * evaluated once. */
-#define PL_PARALLEL_FOR(worth, clauses, i, n, ...)                                            \
-    do {                                                                                       \
-        const int64_t pl_n_ = (n);                                                             \
-        if (pl__par(worth)) {                                                                  \
-            PL__PRAGMA(omp parallel for clauses)                                               \
-            for (int64_t i = 0; i < pl_n_; i++) { __VA_ARGS__; }                               \
-        } else {                                                                               \
-            for (int64_t i = 0; i < pl_n_; i++) { __VA_ARGS__; }                               \
-        }                                                                                      \
+#define PL_PARALLEL_FOR(worth, clauses, i, n, ...)                                                 \
+    do {                                                                                           \
+        const int64_t pl_n_ = (n);                                                                 \
+        if (pl__par(worth)) {                                                                      \
+            PL__PRAGMA(omp parallel for clauses)                                                   \
+            for (int64_t i = 0; i < pl_n_; i++) {                                                  \
+                __VA_ARGS__;                                                                       \
+            }                                                                                      \
+        } else {                                                                                   \
+            for (int64_t i = 0; i < pl_n_; i++) {                                                  \
+                __VA_ARGS__;                                                                       \
+            }                                                                                      \
+        }                                                                                          \
     } while (0)
 /* { body } as `#pragma omp parallel clauses` when pl__par(worth), else run once
  * on the calling thread (omp_get_num_threads() == 1, omp_get_thread_num() == 0).
  * Worksharing loops inside must be _Pragma("omp for schedule(static) ...") : an
  * orphaned static loop runs whole on one thread with no allocation, a dynamic
  * one would malloc its work share outside a region (use PL_PARALLEL_FOR). */
-#define PL_PARALLEL(worth, clauses, ...)                                                      \
-    do {                                                                                       \
-        if (pl__par(worth)) {                                                                  \
-            PL__PRAGMA(omp parallel clauses) { __VA_ARGS__; }                                  \
-        } else {                                                                               \
-            __VA_ARGS__;                                                                       \
-        }                                                                                      \
+#define PL_PARALLEL(worth, clauses, ...)                                                           \
+    do {                                                                                           \
+        if (pl__par(worth)) {                                                                      \
+            PL__PRAGMA(omp parallel clauses) { __VA_ARGS__; }                                      \
+        } else {                                                                                   \
+            __VA_ARGS__;                                                                           \
+        }                                                                                          \
     } while (0)
 
 #endif

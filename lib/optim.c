@@ -104,8 +104,7 @@ static pl_status sync_slots(opt_state *o, const char *fn) {
          * name may have shifted). */
         int old = -1;
         for (int j = 0; j < o->n_slots && old < 0; j++)
-            if (o->slots[j].param == p &&
-                (o->n_kinds == 0 || o->slots[j].s[0]->numel == p->numel))
+            if (o->slots[j].param == p && (o->n_kinds == 0 || o->slots[j].s[0]->numel == p->numel))
                 old = j;
         if (old >= 0) {
             ns[i] = o->slots[old];
@@ -151,15 +150,14 @@ static pl_status opt_set_step(opt_state *o, const char *fn, int64_t step) {
 /* ---- AdamW ---- */
 
 pl_adamw_config pl_adamw_default_config(void) {
-    return (pl_adamw_config){.lr = 1e-3, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8,
-                             .weight_decay = 1e-2};
+    return (pl_adamw_config){
+        .lr = 1e-3, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 1e-2};
 }
 
 static pl_status check_adamw(const char *fn, const pl_adamw_config *c) {
     if (!(c->lr >= 0)) return pl__err(PL_ERR_ARG, "%s: lr = %g must be >= 0", fn, c->lr);
     if (!(c->beta1 >= 0 && c->beta1 < 1) || !(c->beta2 >= 0 && c->beta2 < 1))
-        return pl__err(PL_ERR_ARG, "%s: betas (%g, %g) must be in [0, 1)", fn, c->beta1,
-                       c->beta2);
+        return pl__err(PL_ERR_ARG, "%s: betas (%g, %g) must be in [0, 1)", fn, c->beta1, c->beta2);
     if (!(c->eps >= 0)) return pl__err(PL_ERR_ARG, "%s: eps = %g must be >= 0", fn, c->eps);
     if (!(c->weight_decay >= 0))
         return pl__err(PL_ERR_ARG, "%s: weight_decay = %g must be >= 0", fn, c->weight_decay);
@@ -256,8 +254,8 @@ pl_status pl_adamw_step(pl_adamw *opt) {
 /* ---- SGD ---- */
 
 pl_sgd_config pl_sgd_default_config(void) {
-    return (pl_sgd_config){.lr = 1e-2, .momentum = 0, .dampening = 0, .weight_decay = 0,
-                           .nesterov = false};
+    return (pl_sgd_config){
+        .lr = 1e-2, .momentum = 0, .dampening = 0, .weight_decay = 0, .nesterov = false};
 }
 
 pl_sgd *pl_sgd_new(pl_ctx *ctx, const pl_sgd_config *cfg) {
@@ -268,13 +266,11 @@ pl_sgd *pl_sgd_new(pl_ctx *ctx, const pl_sgd_config *cfg) {
     if (!(c.momentum >= 0))
         return pl__err(PL_ERR_ARG, "%s: momentum = %g must be >= 0", fn, c.momentum), NULL;
     if (!(c.weight_decay >= 0))
-        return pl__err(PL_ERR_ARG, "%s: weight_decay = %g must be >= 0", fn, c.weight_decay),
-               NULL;
+        return pl__err(PL_ERR_ARG, "%s: weight_decay = %g must be >= 0", fn, c.weight_decay), NULL;
     if (!isfinite(c.dampening))
         return pl__err(PL_ERR_ARG, "%s: dampening must be finite", fn), NULL;
     if (c.nesterov && (c.momentum <= 0 || c.dampening != 0))
-        return pl__err(PL_ERR_ARG, "%s: nesterov needs momentum > 0 and dampening = 0", fn),
-               NULL;
+        return pl__err(PL_ERR_ARG, "%s: nesterov needs momentum > 0 and dampening = 0", fn), NULL;
     pl_sgd *opt = pl__calloc(1, sizeof *opt);
     if (!opt) return NULL;
     opt->cfg = c;
@@ -354,8 +350,7 @@ double pl_clip_grad_norm(pl_ctx *ctx, double max_norm, pl_status *status) {
     if (!status) status = &dummy;
     if (!ctx) return *status = pl__err(PL_ERR_ARG, "%s: ctx is NULL", fn), -1.0;
     if (!(max_norm >= 0))
-        return *status = pl__err(PL_ERR_ARG, "%s: max_norm = %g must be >= 0", fn, max_norm),
-               -1.0;
+        return *status = pl__err(PL_ERR_ARG, "%s: max_norm = %g must be >= 0", fn, max_norm), -1.0;
     *status = PL_OK;
     const int n = ctx->n_params;
     int64_t total = 0;
@@ -377,8 +372,8 @@ double pl_clip_grad_norm(pl_ctx *ctx, double max_norm, pl_status *status) {
             for (int i = 0; i < n; i++) {
                 float *g = ctx->params[i]->grad;
                 const int64_t m = ctx->params[i]->numel;
-                _Pragma("omp for schedule(static) nowait")
-                for (int64_t j = 0; j < m; j++) g[j] *= cf;
+                _Pragma("omp for schedule(static) nowait") for (int64_t j = 0; j < m; j++) g[j] *=
+                    cf;
             }
         });
     }
@@ -389,8 +384,7 @@ double pl_clip_grad_norm(pl_ctx *ctx, double max_norm, pl_status *status) {
 
 pl_status pl_init_linear(pl_tensor *w, pl_tensor *bias, int64_t fan_in, pl_rng *rng) {
     if (fan_in < 1)
-        return pl__err(PL_ERR_ARG, "pl_init_linear: fan_in = %lld must be >= 1",
-                       (long long)fan_in);
+        return pl__err(PL_ERR_ARG, "pl_init_linear: fan_in = %lld must be >= 1", (long long)fan_in);
     const float b = (float)(1.0 / sqrt((double)fan_in));
     pl_status s = pl_fill_uniform(w, rng, -b, b);
     if (!s && bias) s = pl_fill_uniform(bias, rng, -b, b);

@@ -192,8 +192,8 @@ pl_status pl__check(pl_ctx *ctx, const char *fn, const char *argname, const pl_t
                        "memory has been reused",
                        fn, argname);
     if (t->dtype != dt)
-        return pl__err(PL_ERR_DTYPE, "%s: '%s' must be %s, got %s", fn, argname,
-                       dtype_name(dt), dtype_name(t->dtype));
+        return pl__err(PL_ERR_DTYPE, "%s: '%s' must be %s, got %s", fn, argname, dtype_name(dt),
+                       dtype_name(t->dtype));
     return PL_OK;
 }
 
@@ -366,8 +366,7 @@ int pl_param_count(const pl_ctx *ctx) {
 pl_tensor *pl_param_at(const pl_ctx *ctx, int i) {
     if (!ctx) return pl__err(PL_ERR_ARG, "pl_param_at: ctx is NULL"), NULL;
     if (i < 0 || i >= ctx->n_params)
-        return pl__err(PL_ERR_ARG, "pl_param_at: index %d outside [0, %d)", i, ctx->n_params),
-               NULL;
+        return pl__err(PL_ERR_ARG, "pl_param_at: index %d outside [0, %d)", i, ctx->n_params), NULL;
     return ctx->params[i];
 }
 /* Not finding the name is an answer, not an error. */

@@ -207,8 +207,8 @@ static AI uint64_t drop_ctr(const att *a, int64_t bh, int64_t t, int64_t s) {
 
 /* Forward: S[r][c] *= Z for queries t0 + r (r < nr), keys s0 + c (c < nc).
  * A row's keys are consecutive counters: 32 elements per pl__philox8. */
-static AI void drop_rows(const att *a, int64_t bh, int64_t t0, int64_t nr, int64_t s0,
-                         int64_t nc, float *S) {
+static AI void drop_rows(const att *a, int64_t bh, int64_t t0, int64_t nr, int64_t s0, int64_t nc,
+                         float *S) {
     for (int64_t r = 0; r < nr; r++) {
         float *sr = S + r * BLK;
         for (int64_t g = 0; g < nc; g += 32) {
@@ -230,8 +230,8 @@ static AI void drop_rows(const att *a, int64_t bh, int64_t t0, int64_t nr, int64
  * rows past nr get values that the caller masks). One pl__philox8 covers 8
  * queries (counters W apart) x 4 keys, delivered word by word: each word is
  * 8 consecutive entries of a ZT row. */
-static AI void drop_cols(const att *a, int64_t bh, int64_t t0, int64_t nrp, int64_t s0,
-                         int64_t nc, float *ZT) {
+static AI void drop_cols(const att *a, int64_t bh, int64_t t0, int64_t nrp, int64_t s0, int64_t nc,
+                         float *ZT) {
     for (int64_t r = 0; r < nrp; r += 8)
         for (int64_t g = 0; g < nc; g += 4) {
             uint32_t w[32];
@@ -356,9 +356,8 @@ PL_KERNEL __attribute__((noinline)) static void bwd_tile(const att *a, int64_t b
 
 /* dQa [nr x Dp] += dS K_j: the transposed tile read with swapped strides.
  * Not inlined, for the reason given at bwd_tile. */
-PL_KERNEL __attribute__((noinline)) static void dq_accum(const float *dST, int64_t nr,
-                                                         int64_t nc, int64_t Dp, const float *Kj,
-                                                         float *dQa) {
+PL_KERNEL __attribute__((noinline)) static void dq_accum(const float *dST, int64_t nr, int64_t nc,
+                                                         int64_t Dp, const float *Kj, float *dQa) {
     gemm(nr, Dp, nc, dST, 1, BLK, Kj, Dp, dQa, Dp, true);
 }
 
@@ -480,10 +479,9 @@ static void attention_backward(pl_ctx *ctx, pl_node *n) {
     const att *ap = &a;
     const float *o = pl_f32(n->out);
     PL_PARALLEL(true, default(shared), {
-        _Pragma("omp for schedule(static) nowait")
-        for (int64_t b = 0; b < a.B; b++) dvec_rows(ap, o, dvec, b);
-        _Pragma("omp for schedule(static)")
-        for (int64_t t = 0; t < BH * nblk; t++) {
+        _Pragma("omp for schedule(static) nowait") for (int64_t b = 0; b < a.B; b++)
+            dvec_rows(ap, o, dvec, b);
+        _Pragma("omp for schedule(static)") for (int64_t t = 0; t < BH * nblk; t++) {
             pack_t(ap, a.q, QT, t / nblk, t % nblk);
             pack_t(ap, a.dout, dOT, t / nblk, t % nblk);
             pack_rows(ap, a.q, Qp, t / nblk, t % nblk);
@@ -550,8 +548,7 @@ pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v, f
     a.q = pl_f32(q);
     a.k = pl_f32(k);
     a.v = pl_f32(v);
-    const int64_t BH = a.B * a.H, T = omp_get_max_threads(), per = fwd_scratch(&a),
-                  nblk = a.nblk;
+    const int64_t BH = a.B * a.H, T = omp_get_max_threads(), per = fwd_scratch(&a), nblk = a.nblk;
     const int64_t tsz = BH * a.Lp * a.D, rsz = BH * a.Lp * a.Dp;
     pl_tensor *out = pl__new(ctx, PL_F32, 4, q->shape);
     att *saved = out ? pl__scratch(ctx, sizeof *saved) : NULL;

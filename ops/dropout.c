@@ -16,9 +16,8 @@
 /* Philox-4x32-10 on 8 counters, one per 32-bit lane (see lib/rng.c for the
  * scalar rounds). The 32x32->64 products come from _mm256_mul_epu32 on the
  * even and (shifted) odd lanes. */
-__attribute__((target("avx2"))) static void philox8_avx2(uint64_t seed, uint64_t ctr,
-                                                         uint64_t stride, bool by_word,
-                                                         uint32_t out[32]) {
+__attribute__((target("avx2"))) static void
+philox8_avx2(uint64_t seed, uint64_t ctr, uint64_t stride, bool by_word, uint32_t out[32]) {
     uint32_t lo[8], hi[8];
     for (int i = 0; i < 8; i++) {
         uint64_t c = ctr + (uint64_t)i * stride;
@@ -101,8 +100,8 @@ static void drop_run(const float *x, float *y, int64_t numel, uint64_t seed, uin
     float scale = pl__drop_scale(p);
     PL_PARALLEL_FOR(true, schedule(static), c, (numel + DROP_CHUNK - 1) / DROP_CHUNK, {
         int64_t i = c * DROP_CHUNK;
-        drop_chunk(x + i, y + i, i, numel - i < DROP_CHUNK ? numel - i : DROP_CHUNK, seed,
-                   offset, thr, scale, accumulate);
+        drop_chunk(x + i, y + i, i, numel - i < DROP_CHUNK ? numel - i : DROP_CHUNK, seed, offset,
+                   thr, scale, accumulate);
     });
 }
 

@@ -37,12 +37,12 @@ PL_KERNEL static void k_acc(float *restrict o, const float *restrict x, const fl
                             float s, int64_t n) {
     for (int64_t i = 0; i < n; i++) o[i] += x[i];
 }
-PL_KERNEL static void k_sub_acc(float *restrict o, const float *restrict x,
-                                const float *restrict y, float s, int64_t n) {
+PL_KERNEL static void k_sub_acc(float *restrict o, const float *restrict x, const float *restrict y,
+                                float s, int64_t n) {
     for (int64_t i = 0; i < n; i++) o[i] -= x[i];
 }
-PL_KERNEL static void k_mul_acc(float *restrict o, const float *restrict x,
-                                const float *restrict y, float s, int64_t n) {
+PL_KERNEL static void k_mul_acc(float *restrict o, const float *restrict x, const float *restrict y,
+                                float s, int64_t n) {
     for (int64_t i = 0; i < n; i++) o[i] += x[i] * y[i];
 }
 PL_KERNEL static void k_scale(float *restrict o, const float *restrict x, const float *restrict y,
@@ -62,8 +62,8 @@ PL_KERNEL static void k_relu(float *restrict o, const float *restrict x, const f
     for (int64_t i = 0; i < n; i++) o[i] = x[i] > 0.0f ? x[i] : 0.0f;
 }
 /* d relu: 1 for x > 0, 0 otherwise (subgradient 0 at 0). x = dy, y = input. */
-PL_KERNEL static void k_relu_bw(float *restrict o, const float *restrict x,
-                                const float *restrict y, float s, int64_t n) {
+PL_KERNEL static void k_relu_bw(float *restrict o, const float *restrict x, const float *restrict y,
+                                float s, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         float g = x[i]; /* loaded unconditionally so the select vectorises */
         o[i] += y[i] > 0.0f ? g : 0.0f;
@@ -76,8 +76,8 @@ static inline float sigm(float x) {
     float r = 1.0f / (1.0f + e);
     return x >= 0.0f ? r : e * r;
 }
-PL_KERNEL static void k_sigmoid(float *restrict o, const float *restrict x,
-                                const float *restrict y, float s, int64_t n) {
+PL_KERNEL static void k_sigmoid(float *restrict o, const float *restrict x, const float *restrict y,
+                                float s, int64_t n) {
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) o[i] = sigm(x[i]);
 }
@@ -92,8 +92,8 @@ PL_KERNEL static void k_silu(float *restrict o, const float *restrict x, const f
     for (int64_t i = 0; i < n; i++) o[i] = x[i] * sigm(x[i]);
 }
 /* d silu = s(x) (1 + x (1 - s(x))), s recomputed from the input y. x = dy. */
-PL_KERNEL static void k_silu_bw(float *restrict o, const float *restrict x,
-                                const float *restrict y, float s, int64_t n) {
+PL_KERNEL static void k_silu_bw(float *restrict o, const float *restrict x, const float *restrict y,
+                                float s, int64_t n) {
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
         float sg = sigm(y[i]);
@@ -104,11 +104,11 @@ PL_KERNEL static void k_silu_bw(float *restrict o, const float *restrict x,
 /* ---- broadcasting ---- */
 
 typedef struct {
-    int nd;                     /* merged dims of a, outermost first */
+    int nd; /* merged dims of a, outermost first */
     int64_t dim[PL_MAX_DIMS];
-    int64_t bstr[PL_MAX_DIMS];  /* b's stride along each merged dim (0: broadcast) */
-    int64_t inner, rows;        /* innermost merged dim; numel / inner */
-    int64_t bin;                /* b's stride along the innermost dim: 1 or 0 */
+    int64_t bstr[PL_MAX_DIMS]; /* b's stride along each merged dim (0: broadcast) */
+    int64_t inner, rows;       /* innermost merged dim; numel / inner */
+    int64_t bin;               /* b's stride along the innermost dim: 1 or 0 */
 } bc_plan;
 
 static pl_status bc_make(const char *fn, const pl_tensor *a, const pl_tensor *b, bc_plan *p) {
@@ -236,16 +236,16 @@ PL_KERNEL static void k_reduce(double *restrict part, const float *restrict g,
 }
 
 /* Calls body(row, j0, len, boff) for every piece of task t. */
-#define BC_TASK(p, tk, t, BODY)                                                        \
-    do {                                                                               \
-        int64_t r0_ = (t) / (tk).cpr * (tk).rpt, j0 = (t) % (tk).cpr * (tk).jlen;     \
-        int64_t r1_ = r0_ + (tk).rpt < (p)->rows ? r0_ + (tk).rpt : (p)->rows;         \
-        int64_t len = (p)->inner - j0 < (tk).jlen ? (p)->inner - j0 : (tk).jlen;       \
-        for (int64_t row = r0_; row < r1_; row++) {                                    \
-            int64_t boff = bc_row_off((p), row) + j0 * (p)->bin;                       \
-            int64_t aoff = row * (p)->inner + j0;                                      \
-            BODY;                                                                      \
-        }                                                                              \
+#define BC_TASK(p, tk, t, BODY)                                                                    \
+    do {                                                                                           \
+        int64_t r0_ = (t) / (tk).cpr * (tk).rpt, j0 = (t) % (tk).cpr * (tk).jlen;                  \
+        int64_t r1_ = r0_ + (tk).rpt < (p)->rows ? r0_ + (tk).rpt : (p)->rows;                     \
+        int64_t len = (p)->inner - j0 < (tk).jlen ? (p)->inner - j0 : (tk).jlen;                   \
+        for (int64_t row = r0_; row < r1_; row++) {                                                \
+            int64_t boff = bc_row_off((p), row) + j0 * (p)->bin;                                   \
+            int64_t aoff = row * (p)->inner + j0;                                                  \
+            BODY;                                                                                  \
+        }                                                                                          \
     } while (0)
 
 static void bc_forward(int op, const bc_plan *p, const float *a, const float *b, float *o) {
@@ -306,8 +306,8 @@ static void binary_backward(pl_ctx *ctx, pl_node *n) {
             else
                 run_flat(op == OP_ADD ? k_acc : k_sub_acc, db, g, NULL, 0, b->numel);
         } else {
-            bc_reduce(ctx, p, g, op == OP_MUL ? pl_f32(a) : NULL, op == OP_SUB ? -1.0f : 1.0f,
-                      db, b->numel);
+            bc_reduce(ctx, p, g, op == OP_MUL ? pl_f32(a) : NULL, op == OP_SUB ? -1.0f : 1.0f, db,
+                      b->numel);
         }
     }
 }
@@ -373,9 +373,8 @@ static pl_tensor *unary(pl_ctx *ctx, const char *fn, const char *opname, pl_tens
     return y;
 }
 
-static const unary_bw bw_scale = {k_scale_acc, 0}, bw_add_s = {k_acc, 0},
-                      bw_relu = {k_relu_bw, 1}, bw_sigmoid = {k_sigmoid_bw, 2},
-                      bw_silu = {k_silu_bw, 1};
+static const unary_bw bw_scale = {k_scale_acc, 0}, bw_add_s = {k_acc, 0}, bw_relu = {k_relu_bw, 1},
+                      bw_sigmoid = {k_sigmoid_bw, 2}, bw_silu = {k_silu_bw, 1};
 
 pl_tensor *pl_scale(pl_ctx *ctx, pl_tensor *a, float s) {
     return unary(ctx, "pl_scale", "scale", a, s, k_scale, &bw_scale);

@@ -128,8 +128,8 @@ static void indexer_backward(pl_ctx *ctx, pl_node *n) {
             if (ix_block_dots(d, q, k, b, t0, t1, D)) return;
             PL_PARALLEL_FOR(M * t1 >= PL_PAR_MIN, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
-                ix_row_backward(D + i * HI * t1, t1, g + (b * L + t) * L, wd + (b * L + t) * HI,
-                                HI, t + 1, dw ? dw + (b * L + t) * HI : NULL);
+                ix_row_backward(D + i * HI * t1, t1, g + (b * L + t) * L, wd + (b * L + t) * HI, HI,
+                                t + 1, dw ? dw + (b * L + t) * HI : NULL);
             });
             if (dq && pl__sgemm(false, false, M, dI, t1, 1.0f, D, t1, k + b * L * dI, dI, 1.0f,
                                 dq + (b * L + t0) * HI * dI, dI))
@@ -204,8 +204,7 @@ pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor 
                 const size_t tid = (size_t)omp_get_thread_num();
                 float *row = rowbuf + tid * (size_t)L;
                 uint32_t *kb = keys + tid * (size_t)L;
-                _Pragma("omp for schedule(static)")
-                for (int64_t t = ts; t < t1; t++) {
+                _Pragma("omp for schedule(static)") for (int64_t t = ts; t < t1; t++) {
                     ix_row_scores(row, D + (t - t0) * HI * t1, t1, wd + (b * L + t) * HI, HI,
                                   t + 1);
                     pl__causal_topk_row(row, t + 1, k, o + (b * L + t) * k, k, kb);
@@ -282,8 +281,8 @@ static pl_status ixb_forward(const ix_dims *d, const float *q, const float *k, c
             if (st) return st;
             PL_PARALLEL_FOR((t1 - t0) * K * HI >= PL_PAR_MIN, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
-                ixb_fwd_row(D + i * HI * t1, t1, w + (b * L + t) * HI, HI, idx + (b * L + t) * K,
-                            K, out + (b * L + t) * K);
+                ixb_fwd_row(D + i * HI * t1, t1, w + (b * L + t) * HI, HI, idx + (b * L + t) * K, K,
+                            out + (b * L + t) * K);
             });
         }
     return PL_OK;
@@ -418,9 +417,9 @@ pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_te
         float *D = pl__scratch(ctx, sizeof(float) * (size_t)(d.T * HI * L));
         if (!D || ixb_forward(&d, q, k, wd, id, K, o, D)) return NULL;
     } else {
-        PL_PARALLEL_FOR(B * L * K * HI * dI >= PL_PAR_MIN, schedule(dynamic, 8), r, B * L,
-                        ixs_fwd_row(&d, K, q + r * HI * dI, k, wd + r * HI, id + r * K, o + r * K,
-                                    r / L));
+        PL_PARALLEL_FOR(
+            B * L * K * HI * dI >= PL_PAR_MIN, schedule(dynamic, 8), r, B * L,
+            ixs_fwd_row(&d, K, q + r * HI * dI, k, wd + r * HI, id + r * K, o + r * K, r / L));
     }
     pl_tensor *in[3] = {qI, kI, w};
     if (pl__wants_grad(ctx, 3, in)) {

@@ -104,8 +104,8 @@ pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor
     PL_PARALLEL_FOR(rows * K * H * D >= PL_PAR_MIN, schedule(dynamic, 8), r, rows, {
         float *P = buf + 4 * (size_t)K * (size_t)omp_get_thread_num(), *z = P + K;
         int32_t *sel = (int32_t *)(z + K), *pos = sel + K;
-        rowkl[r] = kl_row(qd, kd, id + r * K, sd + r * K, g + r * K, r / L, r % L, L, H, D, K, P,
-                          z, sel, pos);
+        rowkl[r] = kl_row(qd, kd, id + r * K, sd + r * K, g + r * K, r / L, r % L, L, H, D, K, P, z,
+                          sel, pos);
     });
     double total = 0.0;
     int64_t counted = 0;

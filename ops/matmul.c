@@ -13,8 +13,8 @@ typedef struct {
     bool ta, tb, shared_b; /* shared_b: B is 2-D and used by every batch */
 } mm_dims;
 
-static pl_status mm_shapes(const char *fn, const pl_tensor *a, const pl_tensor *b, bool ta,
-                           bool tb, mm_dims *d) {
+static pl_status mm_shapes(const char *fn, const pl_tensor *a, const pl_tensor *b, bool ta, bool tb,
+                           mm_dims *d) {
     char sa[96], sb[96];
     if (a->ndim < 2 || b->ndim < 2)
         return pl__err(PL_ERR_SHAPE, "%s: operands need >= 2 dims, got %s and %s", fn,
@@ -39,8 +39,7 @@ static pl_status mm_shapes(const char *fn, const pl_tensor *a, const pl_tensor *
         bool ok = b->ndim == a->ndim;
         for (int i = 0; ok && i < a->ndim - 2; i++) ok = a->shape[i] == b->shape[i];
         if (!ok)
-            return pl__err(PL_ERR_SHAPE,
-                           "%s: batch dims must be equal (or B 2-D): %s and %s", fn,
+            return pl__err(PL_ERR_SHAPE, "%s: batch dims must be equal (or B 2-D): %s and %s", fn,
                            pl_shape_str(a, sa, sizeof sa), pl_shape_str(b, sb, sizeof sb));
     }
     return PL_OK;
@@ -51,12 +50,12 @@ static pl_status mm_shapes(const char *fn, const pl_tensor *a, const pl_tensor *
 static pl_status mm_run(const mm_dims *d, const float *A, const float *B, float *C, float beta) {
     int64_t lda = d->ta ? d->M : d->K, ldb = d->tb ? d->K : d->N;
     if (d->shared_b && !d->ta)
-        return pl__sgemm(false, d->tb, d->batch * d->M, d->N, d->K, 1.0f, A, lda, B, ldb, beta,
-                         C, d->N);
+        return pl__sgemm(false, d->tb, d->batch * d->M, d->N, d->K, 1.0f, A, lda, B, ldb, beta, C,
+                         d->N);
     int64_t sa = d->M * d->K, sb = d->shared_b ? 0 : d->K * d->N, sc = d->M * d->N;
     for (int64_t i = 0; i < d->batch; i++) {
-        pl_status s = pl__sgemm(d->ta, d->tb, d->M, d->N, d->K, 1.0f, A + i * sa, lda,
-                                B + i * sb, ldb, beta, C + i * sc, d->N);
+        pl_status s = pl__sgemm(d->ta, d->tb, d->M, d->N, d->K, 1.0f, A + i * sa, lda, B + i * sb,
+                                ldb, beta, C + i * sc, d->N);
         if (s) return s;
     }
     return PL_OK;
@@ -78,10 +77,10 @@ static void mm_backward_into(pl_ctx *ctx, const mm_dims *d, pl_tensor *a, pl_ten
             for (int64_t i = 0; i < d->batch; i++) {
                 const float *Bi = B + i * sb, *dCi = dC + i * M * N;
                 float *dAi = dA + i * M * K;
-                pl_status s = d->ta ? pl__sgemm(d->tb, true, K, M, N, 1.0f, Bi, ldb, dCi, N,
-                                                1.0f, dAi, lda)
-                                    : pl__sgemm(false, !d->tb, M, K, N, 1.0f, dCi, N, Bi, ldb,
-                                                1.0f, dAi, lda);
+                pl_status s =
+                    d->ta
+                        ? pl__sgemm(d->tb, true, K, M, N, 1.0f, Bi, ldb, dCi, N, 1.0f, dAi, lda)
+                        : pl__sgemm(false, !d->tb, M, K, N, 1.0f, dCi, N, Bi, ldb, 1.0f, dAi, lda);
                 if (s) return;
             }
         }
@@ -101,10 +100,9 @@ static void mm_backward_into(pl_ctx *ctx, const mm_dims *d, pl_tensor *a, pl_ten
         for (int64_t i = 0; i < d->batch; i++) {
             const float *Ai = A + i * M * K, *dCi = dC + i * M * N;
             float *dBi = dB + i * sb;
-            pl_status s = d->tb ? pl__sgemm(true, d->ta, N, K, M, 1.0f, dCi, N, Ai, lda, 1.0f,
-                                            dBi, ldb)
-                                : pl__sgemm(!d->ta, false, K, N, M, 1.0f, Ai, lda, dCi, N, 1.0f,
-                                            dBi, ldb);
+            pl_status s =
+                d->tb ? pl__sgemm(true, d->ta, N, K, M, 1.0f, dCi, N, Ai, lda, 1.0f, dBi, ldb)
+                      : pl__sgemm(!d->ta, false, K, N, M, 1.0f, Ai, lda, dCi, N, 1.0f, dBi, ldb);
             if (s) return;
         }
     }
@@ -169,8 +167,9 @@ pl_tensor *pl_linear(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *bias) {
     if (pl__check(ctx, fn, "x", x, PL_F32) || pl__check(ctx, fn, "w", w, PL_F32)) return NULL;
     char sx[96], sw[96];
     if (w->ndim != 2 || x->shape[x->ndim - 1] != w->shape[0])
-        return pl__err(PL_ERR_SHAPE, "%s: x %s does not fit W %s (want W [in, out] with in = "
-                                     "x's last dim)",
+        return pl__err(PL_ERR_SHAPE,
+                       "%s: x %s does not fit W %s (want W [in, out] with in = "
+                       "x's last dim)",
                        fn, pl_shape_str(x, sx, sizeof sx), pl_shape_str(w, sw, sizeof sw)),
                NULL;
     if (bias) {
@@ -195,8 +194,7 @@ pl_tensor *pl_linear(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *bias) {
         for (int64_t r = 0; r < d.M; r++) memcpy(yd + r * d.N, bd, (size_t)d.N * 4);
         beta = 1.0f;
     }
-    if (pl__sgemm(false, false, d.M, d.N, d.K, 1.0f, pl_f32(x), d.K, pl_f32(w), d.N, beta, yd,
-                  d.N))
+    if (pl__sgemm(false, false, d.M, d.N, d.K, 1.0f, pl_f32(x), d.K, pl_f32(w), d.N, beta, yd, d.N))
         return NULL;
     pl_tensor *in[3] = {x, w, bias};
     if (pl__wants_grad(ctx, 3, in)) {

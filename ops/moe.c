@@ -53,8 +53,8 @@ static inline float silu_f(float v) { return v / (1.0f + expf(-v)); }
 
 /* Router logits, softmax and top-k for every token. probs [N, E], sel and
  * wts [N, k] must be allocated by the caller. */
-static pl_status route(const float *x, const float *rw, int64_t N, int64_t d, int64_t E,
-                       int64_t k, float *probs, int32_t *sel, float *wts) {
+static pl_status route(const float *x, const float *rw, int64_t N, int64_t d, int64_t E, int64_t k,
+                       float *probs, int32_t *sel, float *wts) {
     pl_status s = pl__sgemm(false, false, N, E, d, 1.0f, x, d, rw, E, 0.0f, probs, E);
     if (s) return s;
     PL_PARALLEL_FOR(true, schedule(static), t, N, {
@@ -87,9 +87,9 @@ static pl_status route(const float *x, const float *rw, int64_t N, int64_t d, in
     return PL_OK;
 }
 
-static pl_status moe_check(pl_ctx *ctx, const char *fn, pl_tensor *x, pl_tensor *rw,
-                           pl_tensor *wg, pl_tensor *wu, pl_tensor *wd, bool experts,
-                           int top_k, int64_t *d_out, int64_t *E_out, int64_t *F_out) {
+static pl_status moe_check(pl_ctx *ctx, const char *fn, pl_tensor *x, pl_tensor *rw, pl_tensor *wg,
+                           pl_tensor *wu, pl_tensor *wd, bool experts, int top_k, int64_t *d_out,
+                           int64_t *E_out, int64_t *F_out) {
     pl_status s;
     if ((s = pl__check(ctx, fn, "x", x, PL_F32)) ||
         (s = pl__check(ctx, fn, "router_w", rw, PL_F32)))
@@ -165,8 +165,8 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
             int64_t o = sv->off[e], ne = sv->off[e + 1] - o;
             if (ne == 0) continue;
             const float *De = pl_f32(wd) + e * F * d;
-            if (dh && pl__sgemm(false, true, ne, F, d, 1.0f, dyg + o * d, d, De, d, 0.0f,
-                                dh + o * F, F))
+            if (dh &&
+                pl__sgemm(false, true, ne, F, d, 1.0f, dyg + o * d, d, De, d, 0.0f, dh + o * F, F))
                 return;
             if (dWd && pl__sgemm(true, false, F, d, ne, 1.0f, sv->h + o * F, F, dyg + o * d, d,
                                  1.0f, dWd + e * F * d, d))
@@ -190,11 +190,11 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
                 int64_t o = sv->off[e], ne = sv->off[e + 1] - o;
                 if (ne == 0) continue;
                 const float *xe = sv->xg + o * d, *dge = dh + o * F, *due = du + o * F;
-                if (dWg && pl__sgemm(true, false, d, F, ne, 1.0f, xe, d, dge, F, 1.0f,
-                                     dWg + e * d * F, F))
+                if (dWg &&
+                    pl__sgemm(true, false, d, F, ne, 1.0f, xe, d, dge, F, 1.0f, dWg + e * d * F, F))
                     return;
-                if (dWu && pl__sgemm(true, false, d, F, ne, 1.0f, xe, d, due, F, 1.0f,
-                                     dWu + e * d * F, F))
+                if (dWu &&
+                    pl__sgemm(true, false, d, F, ne, 1.0f, xe, d, due, F, 1.0f, dWu + e * d * F, F))
                     return;
                 if (dxg && (pl__sgemm(false, true, ne, d, F, 1.0f, dge, F, pl_f32(wg) + e * d * F,
                                       F, 0.0f, dxg + o * d, d) ||
@@ -255,8 +255,7 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
                      pl_tensor *w_up, pl_tensor *w_down, int top_k, int64_t *expert_counts) {
     static const char *fn = "pl_moe";
     int64_t d = 0, E = 0, F = 0;
-    if (moe_check(ctx, fn, x, router_w, w_gate, w_up, w_down, true, top_k, &d, &E, &F))
-        return NULL;
+    if (moe_check(ctx, fn, x, router_w, w_gate, w_up, w_down, true, top_k, &d, &E, &F)) return NULL;
     const int64_t N = x->numel / d, k = top_k, R = N * k;
 
     moe_saved *sv = pl__scratch(ctx, sizeof *sv);
@@ -274,8 +273,8 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
     sv->h = pl__scratch(ctx, (size_t)(R * F) * 4);
     sv->y = pl__scratch(ctx, (size_t)(R * d) * 4);
     pl_tensor *out = pl__new(ctx, PL_F32, x->ndim, x->shape);
-    if (!sv->probs || !sv->sel || !sv->wts || !sv->pos || !sv->off || !tok || !sv->xg ||
-        !sv->g || !sv->u || !sv->h || !sv->y || !out)
+    if (!sv->probs || !sv->sel || !sv->wts || !sv->pos || !sv->off || !tok || !sv->xg || !sv->g ||
+        !sv->u || !sv->h || !sv->y || !out)
         return NULL;
     const float *xd = pl_f32(x);
     if (route(xd, pl_f32(router_w), N, d, E, k, sv->probs, sv->sel, sv->wts)) return NULL;
@@ -311,8 +310,8 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
             memset(ca + m * d, 0, (size_t)((C - m) * d) * 4);
             if (pl__sgemm(false, false, C, F, d, 1.0f, ca, d, pl_f32(w_gate) + e * d * F, F, 0.0f,
                           c1, F) ||
-                pl__sgemm(false, false, C, F, d, 1.0f, ca, d, pl_f32(w_up) + e * d * F, F, 0.0f,
-                          c2, F))
+                pl__sgemm(false, false, C, F, d, 1.0f, ca, d, pl_f32(w_up) + e * d * F, F, 0.0f, c2,
+                          F))
                 return NULL;
             memcpy(sv->g + o * F, c1, (size_t)(m * F) * 4);
             memcpy(sv->u + o * F, c2, (size_t)(m * F) * 4);

@@ -74,9 +74,7 @@ static pl_tensor *sum_impl(pl_ctx *ctx, const char *fn, const char *opname, pl_t
 }
 
 pl_tensor *pl_sum(pl_ctx *ctx, pl_tensor *x) { return sum_impl(ctx, "pl_sum", "sum", x, false); }
-pl_tensor *pl_mean(pl_ctx *ctx, pl_tensor *x) {
-    return sum_impl(ctx, "pl_mean", "mean", x, true);
-}
+pl_tensor *pl_mean(pl_ctx *ctx, pl_tensor *x) { return sum_impl(ctx, "pl_mean", "mean", x, true); }
 
 static void sum_last_backward(pl_ctx *ctx, pl_node *n) {
     pl_tensor *x = n->in[0];
@@ -93,8 +91,8 @@ pl_tensor *pl_sum_last(pl_ctx *ctx, pl_tensor *x) {
     if (pl__check(ctx, fn, "x", x, PL_F32)) return NULL;
     int64_t cols = x->shape[x->ndim - 1], rows = x->numel / cols;
     int64_t one = 1;
-    pl_tensor *y = x->ndim > 1 ? pl__new(ctx, PL_F32, x->ndim - 1, x->shape)
-                               : pl__new(ctx, PL_F32, 1, &one);
+    pl_tensor *y =
+        x->ndim > 1 ? pl__new(ctx, PL_F32, x->ndim - 1, x->shape) : pl__new(ctx, PL_F32, 1, &one);
     if (!y) return NULL;
     const float *xd = pl_f32(x);
     float *yd = pl_f32(y);

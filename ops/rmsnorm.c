@@ -12,8 +12,8 @@
 
 #define RMS_CHUNK 64 /* rows per partial sum of dw */
 
-PL_KERNEL static void rms_fwd_row(const float *x, const float *w, float *y, float *rstd,
-                                  int64_t d, float eps) {
+PL_KERNEL static void rms_fwd_row(const float *x, const float *w, float *y, float *rstd, int64_t d,
+                                  float eps) {
     double ss = 0;
     for (int64_t j = 0; j < d; j++) ss += (double)x[j] * x[j];
     /* As PyTorch: mean and rsqrt in float32 (the sum itself is more exact). */

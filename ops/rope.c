@@ -36,9 +36,9 @@ PL_KERNEL static void rope_row(const float *cs, const float *x, float *y, int64_
 static void rope_apply(const rope_saved *s, const float *x, float *out, float dir,
                        bool accumulate) {
     const int64_t L = s->L, H = s->H, D = s->D;
-    PL_PARALLEL_FOR(true, schedule(static), bl, s->B * L,
-                    rope_row(s->cs + (bl % L) * D, x + bl * H * D, out + bl * H * D, H, D, dir,
-                             accumulate));
+    PL_PARALLEL_FOR(
+        true, schedule(static), bl, s->B * L,
+        rope_row(s->cs + (bl % L) * D, x + bl * H * D, out + bl * H * D, H, D, dir, accumulate));
 }
 
 static void rope_backward(pl_ctx *ctx, pl_node *n) {

@@ -43,8 +43,7 @@ pl_tensor *pl_reshape(pl_ctx *ctx, pl_tensor *x, int ndim, const int64_t *shape)
     static const char *fn = "pl_reshape";
     if (pl__check(ctx, fn, "x", x, x ? x->dtype : PL_F32)) return NULL;
     if (ndim < 1 || ndim > PL_MAX_DIMS)
-        return pl__err(PL_ERR_SHAPE, "%s: ndim %d is outside [1, %d]", fn, ndim, PL_MAX_DIMS),
-               NULL;
+        return pl__err(PL_ERR_SHAPE, "%s: ndim %d is outside [1, %d]", fn, ndim, PL_MAX_DIMS), NULL;
     if (!shape) return pl__err(PL_ERR_ARG, "%s: shape is NULL", fn), NULL;
     int64_t sh[PL_MAX_DIMS], known = 1;
     int infer = -1;
@@ -69,8 +68,9 @@ pl_tensor *pl_reshape(pl_ctx *ctx, pl_tensor *x, int ndim, const int64_t *shape)
     if (too_big) known = -1;
     if (infer >= 0 && !too_big) {
         if (x->numel % known)
-            return pl__err(PL_ERR_SHAPE, "%s: cannot infer the -1 dim: %lld elements of %s are "
-                                         "not a multiple of %lld",
+            return pl__err(PL_ERR_SHAPE,
+                           "%s: cannot infer the -1 dim: %lld elements of %s are "
+                           "not a multiple of %lld",
                            fn, (long long)x->numel, pl_shape_str(x, sx, sizeof sx),
                            (long long)known),
                    NULL;
@@ -78,8 +78,8 @@ pl_tensor *pl_reshape(pl_ctx *ctx, pl_tensor *x, int ndim, const int64_t *shape)
         known = x->numel;
     }
     if (known != x->numel)
-        return pl__err(PL_ERR_SHAPE, "%s: the new shape does not have the %lld elements of %s",
-                       fn, (long long)x->numel, pl_shape_str(x, sx, sizeof sx)),
+        return pl__err(PL_ERR_SHAPE, "%s: the new shape does not have the %lld elements of %s", fn,
+                       (long long)x->numel, pl_shape_str(x, sx, sizeof sx)),
                NULL;
     pl_tensor *y = pl__view(ctx, x, ndim, sh);
     if (!y) return NULL;
@@ -156,8 +156,7 @@ pl_tensor *pl_permute(pl_ctx *ctx, pl_tensor *x, const int *perm) {
     bool seen[PL_MAX_DIMS] = {false};
     for (int k = 0; k < x->ndim; k++) {
         if (perm[k] < 0 || perm[k] >= x->ndim || seen[perm[k]])
-            return pl__err(PL_ERR_ARG,
-                           "%s: perm is not a permutation of 0..%d (perm[%d] = %d)", fn,
+            return pl__err(PL_ERR_ARG, "%s: perm is not a permutation of 0..%d (perm[%d] = %d)", fn,
                            x->ndim - 1, k, perm[k]),
                    NULL;
         seen[perm[k]] = true;
@@ -191,9 +190,8 @@ static void split_dims(const pl_tensor *x, int dim, int64_t *outer, int64_t *inn
 }
 
 /* dst[o, dst_at.., :] (=|+=) src[o, src_at.., :] for len slots along dim. */
-static void block_move(void *dst, int64_t dst_dim, int64_t dst_at, const void *src,
-                       int64_t src_dim, int64_t src_at, int64_t len, int64_t outer,
-                       int64_t inner, bool acc) {
+static void block_move(void *dst, int64_t dst_dim, int64_t dst_at, const void *src, int64_t src_dim,
+                       int64_t src_at, int64_t len, int64_t outer, int64_t inner, bool acc) {
     int64_t blk = len * inner;
     PL_PARALLEL_FOR(outer > 1 && outer * blk > PAR_MIN, schedule(static), o, outer,
                     move((float *)dst + (o * dst_dim + dst_at) * inner,
@@ -224,8 +222,8 @@ pl_tensor *pl_slice(pl_ctx *ctx, pl_tensor *x, int dim, int64_t start, int64_t l
         return pl__err(PL_ERR_ARG,
                        "%s: [%lld, %lld + %lld) is not a non-empty range inside [0, %lld) "
                        "(dim %d of %s)",
-                       fn, (long long)start, (long long)start, (long long)len, (long long)size,
-                       dim, pl_shape_str(x, sx, sizeof sx)),
+                       fn, (long long)start, (long long)start, (long long)len, (long long)size, dim,
+                       pl_shape_str(x, sx, sizeof sx)),
                NULL;
     int64_t sh[PL_MAX_DIMS], outer, inner;
     memcpy(sh, x->shape, sizeof sh);
@@ -287,9 +285,9 @@ pl_tensor *pl_concat(pl_ctx *ctx, pl_tensor *const *xs, int n, int dim) {
         for (int i = 0; ok && i < nd; i++) ok = i == dim || xs[k]->shape[i] == x0->shape[i];
         if (!ok)
             return pl__err(PL_ERR_SHAPE,
-                           "%s: xs[%d] %s does not fit xs[0] %s (all dims but %d must match)",
-                           fn, k, pl_shape_str(xs[k], sk, sizeof sk),
-                           pl_shape_str(x0, s0, sizeof s0), dim),
+                           "%s: xs[%d] %s does not fit xs[0] %s (all dims but %d must match)", fn,
+                           k, pl_shape_str(xs[k], sk, sizeof sk), pl_shape_str(x0, s0, sizeof s0),
+                           dim),
                    NULL;
         sh[dim] += xs[k]->shape[dim];
     }

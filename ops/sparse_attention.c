@@ -630,21 +630,23 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
      * arithmetic only; the tiles do not depend on what it held before). */
     const bool par = B * L * K * H * a->D >= PL_PAR_MIN;
     if (dq || dk || (dv && a->keep))
-        PL_PARALLEL_FOR(par, schedule(dynamic, 1), r, B * nq, { /* largest tiles (late t) first */
-            sa_work w = work_carve(a, buf + per * (size_t)omp_get_thread_num());
-            const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ;
-            sa_bwd_tile(a, dO, G, dq, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
-        });
+        PL_PARALLEL_FOR(par, schedule(dynamic, 1), r, B * nq,
+                        { /* largest tiles (late t) first */
+                          sa_work w = work_carve(a, buf + per * (size_t)omp_get_thread_num());
+                          const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ;
+                          sa_bwd_tile(a, dO, G, dq, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
+                        });
     int32_t *off, *list;
     if ((dk || dv) && !pl__idx_by_key(ctx, a->idx, B, L, K, &off, &list))
-        PL_PARALLEL_FOR(par, schedule(dynamic, 1), r, B * nk, { /* early keys first */
-            unsigned char *base = buf + per * (size_t)omp_get_thread_num();
-            sa_work w = work_carve(a, base);
-            int64_t *cur = (int64_t *)(base + work_bytes(a));
-            const int64_t b = r / nk, s0 = (r % nk) * a->KT;
-            sa_bwd_kv_tile(a, dO, G, dk, dv, b, s0, s0 + a->KT < L ? s0 + a->KT : L,
-                           off + b * (L + 1), list, cur, &w);
-        });
+        PL_PARALLEL_FOR(par, schedule(dynamic, 1), r, B * nk,
+                        { /* early keys first */
+                          unsigned char *base = buf + per * (size_t)omp_get_thread_num();
+                          sa_work w = work_carve(a, base);
+                          int64_t *cur = (int64_t *)(base + work_bytes(a));
+                          const int64_t b = r / nk, s0 = (r % nk) * a->KT;
+                          sa_bwd_kv_tile(a, dO, G, dk, dv, b, s0, s0 + a->KT < L ? s0 + a->KT : L,
+                                         off + b * (L + 1), list, cur, &w);
+                        });
     /* pl_mark_release would also clear tape_consumed; keep it as it was. */
     const bool consumed = ctx->tape_consumed;
     pl_mark_release(ctx, mark);

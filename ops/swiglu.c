@@ -4,7 +4,6 @@
  * 0 or a without overflow trouble; exp is pl__expf (~2 ulp, vectorises). */
 #include "internal.h"
 
-
 #define SWIGLU_CHUNK 4096
 
 PL_KERNEL static void swiglu_fwd(const float *a, const float *b, float *y, int64_t n) {
@@ -51,8 +50,7 @@ pl_tensor *pl_swiglu(pl_ctx *ctx, pl_tensor *a, pl_tensor *b) {
         swiglu_fwd(ad + i, bd + i, yd + i, total - i < SWIGLU_CHUNK ? total - i : SWIGLU_CHUNK);
     });
     pl_tensor *in[2] = {a, b};
-    if (pl__wants_grad(ctx, 2, in) &&
-        !pl__record(ctx, "swiglu", swiglu_backward, y, 2, in))
+    if (pl__wants_grad(ctx, 2, in) && !pl__record(ctx, "swiglu", swiglu_backward, y, 2, in))
         return NULL;
     return y;
 }

@@ -73,16 +73,19 @@ pl_status pl__check_causal_idx(pl_ctx *ctx, const char *fn, const pl_tensor *idx
     const int64_t K = idx->shape[2], rows = B * L;
     const int32_t *id = pl_i32(idx);
     int64_t first = rows; /* first row with a bad entry */
-    PL_PARALLEL_FOR(rows * K >= PL_PAR_MIN, schedule(static) reduction(min : first), r, rows, {
-        int64_t t = r % L;
-        for (int64_t j = 0; j < K; j++) {
-            int32_t s = id[r * K + j];
-            if (s < -1 || s > t) {
-                if (r < first) first = r;
-                break;
-            }
-        }
-    });
+    PL_PARALLEL_FOR(rows * K >= PL_PAR_MIN,
+                    schedule(static) reduction(min
+                                               : first),
+                    r, rows, {
+                        int64_t t = r % L;
+                        for (int64_t j = 0; j < K; j++) {
+                            int32_t s = id[r * K + j];
+                            if (s < -1 || s > t) {
+                                if (r < first) first = r;
+                                break;
+                            }
+                        }
+                    });
     if (first == rows) return PL_OK;
     int64_t t = first % L, j = 0;
     while (id[first * K + j] >= -1 && id[first * K + j] <= t) j++;

@@ -30,7 +30,7 @@ static void ref_attention(const float *q, const float *k, const float *v, const 
            *gv = calloc((size_t)n, sizeof(double));
     double *P = malloc(sizeof(double) * (size_t)L), *Z = malloc(sizeof(double) * (size_t)L),
            *dP = malloc(sizeof(double) * (size_t)L);
-#define AT(x, b, t, h) ((x) + (((b) * L + (t)) * H + (h)) * D)
+#define AT(x, b, t, h) ((x) + (((b)*L + (t)) * H + (h)) * D)
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++)
             for (int64_t t = 0; t < L; t++) {
@@ -112,8 +112,8 @@ START_TEST(forward_matches_naive) {
         ck_assert_msg(o != NULL, "%s", pl_last_error());
         ck_assert(pl_same_shape(o, q));
         float *ref = malloc(sizeof(float) * (size_t)q->numel);
-        ref_attention(pl_f32(q), pl_f32(k), pl_f32(v), NULL, sh.B, sh.L, sh.H, sh.D, 0, 0, 0,
-                      ref, NULL, NULL, NULL);
+        ref_attention(pl_f32(q), pl_f32(k), pl_f32(v), NULL, sh.B, sh.L, sh.H, sh.D, 0, 0, 0, ref,
+                      NULL, NULL, NULL);
         double r = tu_close_ratio(pl_f32(o), ref, q->numel, 2e-6, 1e-5);
         ck_assert_msg(r <= 1.0, "B=%lld L=%lld H=%lld D=%lld: %g x tolerance", (long long)sh.B,
                       (long long)sh.L, (long long)sh.H, (long long)sh.D, r);
@@ -127,7 +127,8 @@ END_TEST
  * double version, dropout on or off. */
 static void check_fwd_bwd(shp sh, float p, uint64_t *s) {
     int64_t dims[4] = {sh.B, sh.L, sh.H, sh.D};
-    pl_tensor *q = tu_param(ctx, "q", 4, dims, s, -2, 2), *k = tu_param(ctx, "k", 4, dims, s, -2, 2),
+    pl_tensor *q = tu_param(ctx, "q", 4, dims, s, -2, 2),
+              *k = tu_param(ctx, "k", 4, dims, s, -2, 2),
               *v = tu_param(ctx, "v", 4, dims, s, -1, 1);
     int64_t n = q->numel;
     float *dO = malloc(sizeof(float) * (size_t)n), *ref = malloc(sizeof(float) * (size_t)n * 4);
@@ -148,8 +149,8 @@ static void check_fwd_bwd(shp sh, float p, uint64_t *s) {
     for (int i = 0; i < 4; i++) {
         double r = tu_close_ratio(got[i], ref + i * n, n, i ? 2e-5 : 2e-6, 1e-4);
         ck_assert_msg(r <= 1.0, "%s (B=%lld L=%lld H=%lld D=%lld p=%g): %g x tolerance", what[i],
-                      (long long)sh.B, (long long)sh.L, (long long)sh.H, (long long)sh.D,
-                      (double)p, r);
+                      (long long)sh.B, (long long)sh.L, (long long)sh.H, (long long)sh.D, (double)p,
+                      r);
     }
     free(dO);
     free(ref);
@@ -225,7 +226,8 @@ START_TEST(thread_count_and_schedule_independent) {
     int saved = pl_get_num_threads();
     for (int i = 0; i < 3; i++) {
         int64_t d[4] = {shapes[i].B, shapes[i].L, shapes[i].H, shapes[i].D};
-        pl_tensor *q = tu_param(ctx, "q", 4, d, &s, -2, 2), *k = tu_param(ctx, "k", 4, d, &s, -2, 2),
+        pl_tensor *q = tu_param(ctx, "q", 4, d, &s, -2, 2),
+                  *k = tu_param(ctx, "k", 4, d, &s, -2, 2),
                   *v = tu_param(ctx, "v", 4, d, &s, -1, 1);
         int64_t n = q->numel;
         float *dO = malloc(sizeof(float) * (size_t)n);
@@ -249,8 +251,8 @@ START_TEST(thread_count_and_schedule_independent) {
         for (int t = 1; t < 3; t++) {
             int64_t e = 0;
             while (e < 4 * n && res[0][e] == res[t][e]) e++;
-            ck_assert_msg(e == 4 * n, "shape %d: %s[%lld] with %d threads differs from 1 thread",
-                          i, what[e / n < 4 ? e / n : 0], (long long)(e % n), t + 1);
+            ck_assert_msg(e == 4 * n, "shape %d: %s[%lld] with %d threads differs from 1 thread", i,
+                          what[e / n < 4 ? e / n : 0], (long long)(e % n), t + 1);
         }
         for (int t = 0; t < 3; t++) free(res[t]);
         free(dO);
@@ -288,9 +290,9 @@ START_TEST(causality) {
                 pl_tensor *o = pl_attention(ctx, x[0], x[1], x[2], drop ? 0.3f : 0.0f, &r1);
                 memcpy(row, keep, sizeof keep);
                 ck_assert_msg(o != NULL, "%s", pl_last_error());
-                ck_assert_msg(memcmp(pl_f32(o), pl_f32(base), sizeof(float) * (size_t)(sp * rs)) == 0,
-                              "input %d changed at %lld altered an earlier output", which,
-                              (long long)sp);
+                ck_assert_msg(
+                    memcmp(pl_f32(o), pl_f32(base), sizeof(float) * (size_t)(sp * rs)) == 0,
+                    "input %d changed at %lld altered an earlier output", which, (long long)sp);
                 ck_assert_msg(memcmp(pl_f32(o) + sp * rs, pl_f32(base) + sp * rs,
                                      sizeof(float) * (size_t)((L - sp) * rs)) != 0,
                               "input %d changed at %lld altered nothing", which, (long long)sp);

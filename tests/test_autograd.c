@@ -52,8 +52,7 @@ static pl_tensor *t_sum(pl_ctx *c, pl_tensor *x) {
     double s = 0;
     for (int64_t i = 0; i < x->numel; i++) s += pl_f32(x)[i];
     pl_f32(y)[0] = (float)s;
-    if (pl__wants_grad(c, 1, &x) && !pl__record(c, "t_sum", sum_backward, y, 1, &x))
-        return NULL;
+    if (pl__wants_grad(c, 1, &x) && !pl__record(c, "t_sum", sum_backward, y, 1, &x)) return NULL;
     return y;
 }
 

@@ -10,8 +10,7 @@ static void setup(void) { ctx = pl_ctx_new(NULL); }
 static void teardown(void) { pl_ctx_free(ctx); }
 
 enum { ADD, SUB, MUL };
-static pl_tensor *(*const binop[3])(pl_ctx *, pl_tensor *, pl_tensor *) = {pl_add, pl_sub,
-                                                                           pl_mul};
+static pl_tensor *(*const binop[3])(pl_ctx *, pl_tensor *, pl_tensor *) = {pl_add, pl_sub, pl_mul};
 
 /* Flat index into b of a's element i (b broadcast into a, NumPy rules). */
 static int64_t b_index(const int64_t *ash, int an, const int64_t *bsh, int bn, int64_t i) {
@@ -56,8 +55,7 @@ START_TEST(binary_forward_matches_naive) {
             ck_assert(pl_same_shape(y, a));
             float *ref = malloc(sizeof(float) * (size_t)a->numel);
             for (int64_t i = 0; i < a->numel; i++)
-                ref[i] = (float)ref_op(op, pl_f32(a)[i],
-                                       pl_f32(b)[b_index(ash, an, bsh, bn, i)]);
+                ref[i] = (float)ref_op(op, pl_f32(a)[i], pl_f32(b)[b_index(ash, an, bsh, bn, i)]);
             tu_assert_close(pl_f32(y), ref, a->numel, 0, 1e-6);
             free(ref);
         }
@@ -66,7 +64,9 @@ START_TEST(binary_forward_matches_naive) {
 }
 END_TEST
 
-typedef struct { int op; } bin_case;
+typedef struct {
+    int op;
+} bin_case;
 static pl_tensor *bin_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
     return binop[((bin_case *)u)->op](c, in[0], in[1]);
 }
@@ -198,8 +198,7 @@ START_TEST(unary_forward_matches_naive) {
             pl_tensor *y = un_apply(k, ctx, x, sc);
             ck_assert_msg(y != NULL, "%s", pl_last_error());
             float *ref = malloc(sizeof(float) * (size_t)ns[c]);
-            for (int64_t i = 0; i < ns[c]; i++)
-                ref[i] = (float)ref_un(k, pl_f32(x)[i], sc);
+            for (int64_t i = 0; i < ns[c]; i++) ref[i] = (float)ref_un(k, pl_f32(x)[i], sc);
             tu_assert_close(pl_f32(y), ref, ns[c], 1e-30, 1e-6);
             free(ref);
         }
@@ -208,7 +207,10 @@ START_TEST(unary_forward_matches_naive) {
 }
 END_TEST
 
-typedef struct { un_kind k; float s; } un_case;
+typedef struct {
+    un_kind k;
+    float s;
+} un_case;
 static pl_tensor *un_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
     un_case *uc = u;
     return un_apply(uc->k, c, in[0], uc->s);

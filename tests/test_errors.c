@@ -17,15 +17,14 @@ const char *__asan_default_options(void) { return "allocator_may_return_null=1";
 
 /* The call must fail with status st and a message containing want (the
  * function's name). Errors are cleared first so no earlier message counts. */
-#define EXPECT(cond, st, want)                                                           \
-    do {                                                                                 \
-        pl_clear_error();                                                                \
-        ck_assert_msg(cond, "%s did not fail", #cond);                                   \
-        ck_assert_msg(pl_last_status() == (st), "%s: status %s, want %s (%s)", #cond,    \
-                      pl_status_name(pl_last_status()), pl_status_name(st),              \
-                      pl_last_error());                                                  \
-        ck_assert_msg(strstr(pl_last_error(), (want)) != NULL, "%s: message '%s' lacks '%s'", \
-                      #cond, pl_last_error(), (want));                                   \
+#define EXPECT(cond, st, want)                                                                     \
+    do {                                                                                           \
+        pl_clear_error();                                                                          \
+        ck_assert_msg(cond, "%s did not fail", #cond);                                             \
+        ck_assert_msg(pl_last_status() == (st), "%s: status %s, want %s (%s)", #cond,              \
+                      pl_status_name(pl_last_status()), pl_status_name(st), pl_last_error());      \
+        ck_assert_msg(strstr(pl_last_error(), (want)) != NULL, "%s: message '%s' lacks '%s'",      \
+                      #cond, pl_last_error(), (want));                                             \
     } while (0)
 /* Same for functions without a return value. */
 #define EXPECT_VOID(call, st, want) EXPECT(((call), 1), st, want)
@@ -50,8 +49,9 @@ START_TEST(errors_and_status_names) {
     pl_clear_error();
     ck_assert_str_eq(pl_last_error(), "");
     ck_assert_int_eq(pl_last_status(), PL_OK);
-    const char *names[] = {"ok", "bad argument", "shape mismatch", "wrong dtype", "out of memory",
-                           "invalid state", "i/o error", "malformed file", "backend error"};
+    const char *names[] = {"ok",          "bad argument",   "shape mismatch",
+                           "wrong dtype", "out of memory",  "invalid state",
+                           "i/o error",   "malformed file", "backend error"};
     for (int s = PL_OK; s <= PL_ERR_BACKEND; s++)
         ck_assert_str_eq(pl_status_name((pl_status)s), names[s]);
     ck_assert_str_eq(pl_status_name((pl_status)99), "unknown status");
@@ -467,16 +467,17 @@ START_TEST(allocation_failure_sweep) {
         bool ok = c && build_and_train(c);
         if (!ok) {
             failures++;
-            ck_assert_msg(f.failed > 0, "budget %ld: failed without an allocation failing: %s",
-                          n, pl_last_error());
+            ck_assert_msg(f.failed > 0, "budget %ld: failed without an allocation failing: %s", n,
+                          pl_last_error());
             ck_assert_msg(pl_last_status() == PL_ERR_NOMEM, "budget %ld: status %s (%s)", n,
                           pl_status_name(pl_last_status()), pl_last_error());
             ck_assert_msg(strstr(pl_last_error(), "out of memory"), "budget %ld: '%s'", n,
                           pl_last_error());
             /* With memory back, the same context finishes the job. */
             f.budget = LONG_MAX;
-            if (c) ck_assert_msg(build_and_train(c), "budget %ld: no recovery: %s", n,
-                                 pl_last_error());
+            if (c)
+                ck_assert_msg(build_and_train(c), "budget %ld: no recovery: %s", n,
+                              pl_last_error());
         }
         pl_ctx_free(c);
         pl_set_allocator(NULL);
@@ -494,7 +495,8 @@ START_TEST(allocation_failure_sweep) {
     ck_assert_int_eq(failures + tolerated, total);
     ck_assert_int_le(tolerated, 2);
     printf("test_errors: allocation failure injected at each of the %ld allocations "
-           "(%d tolerated)\n", total, tolerated);
+           "(%d tolerated)\n",
+           total, tolerated);
 }
 END_TEST
 

@@ -35,7 +35,9 @@ START_TEST(forward_matches_naive) {
 }
 END_TEST
 
-typedef struct { bool ta, tb; } mm_case;
+typedef struct {
+    bool ta, tb;
+} mm_case;
 static pl_tensor *mm_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
     mm_case *mc = u;
     return pl_matmul(c, in[0], in[1], mc->ta, mc->tb);

@@ -52,8 +52,8 @@
 
 /* ---- counting ---- */
 
-static atomic_int counting;   /* count only between start/stop */
-static atomic_int in_gemm;    /* > 0 while a dnnl_sgemm call runs */
+static atomic_int counting;       /* count only between start/stop */
+static atomic_int in_gemm;        /* > 0 while a dnnl_sgemm call runs */
 static _Thread_local int in_gomp; /* this thread is in libgomp's own code */
 static atomic_long n_alloc, n_free, g_alloc, g_free, g_bytes, g_calls, t_alloc, t_free, t_calls;
 
@@ -280,8 +280,7 @@ START_TEST(steady_state_allocates_nothing) {
                "dnnl_sgemm: %ld calls, %ld allocations (%.1f per call), %ld bytes (%.0f per "
                "call), all freed within the call\n",
                STEPS, pl_get_num_threads(), atomic_load(&g_calls), atomic_load(&g_alloc),
-               (double)atomic_load(&g_alloc) / (double)atomic_load(&g_calls),
-               atomic_load(&g_bytes),
+               (double)atomic_load(&g_alloc) / (double)atomic_load(&g_calls), atomic_load(&g_bytes),
                (double)atomic_load(&g_bytes) / (double)atomic_load(&g_calls));
     } else {
         printf("test_memory: under valgrind, only the library count is checked\n");
@@ -433,8 +432,7 @@ typedef struct {
     int64_t step;
 } plasa_lm;
 
-static pl_tensor *plasa_layer(pl_ctx *c, const plasa_lm *m, int li, pl_tensor *x,
-                              pl_tensor **aux) {
+static pl_tensor *plasa_layer(pl_ctx *c, const plasa_lm *m, int li, pl_tensor *x, pl_tensor **aux) {
     pl_tensor *qkv = pl_linear(c, x, m->wqkv[li], NULL);
     pl_tensor *q = pl_reshape(c, pl_slice(c, qkv, 2, 0, PD), PL_DIMS(PB, PL_, PH, PD / PH));
     pl_tensor *k = pl_reshape(c, pl_slice(c, qkv, 2, PD, PD), PL_DIMS(PB, PL_, PH, PD / PH));
@@ -460,8 +458,8 @@ static pl_status plasa_step(pl_ctx *c, plasa_lm *m) {
     pl_tensor *h = pl_embedding(c, m->emb, ids), *aux = NULL;
     for (int li = 0; li < 2; li++)
         h = pl_add(c, h, plasa_layer(c, m, li, pl_rmsnorm(c, h, m->norm[li], 1e-6f), &aux));
-    pl_tensor *loss = pl_add(c, pl_cross_entropy(c, pl_linear(c, h, m->head, NULL), tg),
-                             pl_scale(c, aux, 0.1f));
+    pl_tensor *loss =
+        pl_add(c, pl_cross_entropy(c, pl_linear(c, h, m->head, NULL), tg), pl_scale(c, aux, 0.1f));
     pl_status s = loss ? pl_backward(c, loss) : pl_last_status();
     if (s == PL_OK && pl_clip_grad_norm(c, 1.0, &s) < 0) return s;
     if (s == PL_OK) s = pl_adamw_step(m->opt);
@@ -502,8 +500,7 @@ static void plasa_full_step(int threads, int64_t par_min) {
     }
     m.opt = pl_adamw_new(ctx, NULL);
     ck_assert_msg(m.opt != NULL, "%s", pl_last_error());
-    for (int i = 0; i < 4; i++)
-        ck_assert_msg(plasa_step(ctx, &m) == PL_OK, "%s", pl_last_error());
+    for (int i = 0; i < 4; i++) ck_assert_msg(plasa_step(ctx, &m) == PL_OK, "%s", pl_last_error());
     uint64_t lib0 = pl_heap_allocations();
     pl_status st = PL_OK;
     counters_start();

@@ -105,8 +105,8 @@ static void check_against_ref(moe_case *c, pl_tensor *x_view) {
     float *ref = malloc(sizeof(float) * (size_t)N * d);
     int *sel = malloc(sizeof(int) * (size_t)N * k);
     double *wts = malloc(sizeof(double) * (size_t)N * k);
-    moe_ref(pl_f32(c->x), pl_f32(c->rw), pl_f32(c->wg), pl_f32(c->wu), pl_f32(c->wd), N, d, E, F,
-            k, ref, sel, wts);
+    moe_ref(pl_f32(c->x), pl_f32(c->rw), pl_f32(c->wg), pl_f32(c->wu), pl_f32(c->wd), N, d, E, F, k,
+            ref, sel, wts);
     tu_assert_close(pl_f32(y), ref, (int64_t)N * d, 1e-5, 1e-4);
     int64_t want[64] = {0}, total = 0;
     for (int i = 0; i < N * k; i++) want[sel[i]]++;
@@ -189,8 +189,8 @@ START_TEST(earlier_tokens_bit_identical) {
         ck_assert_int_eq(pl_moe_route(ctx, c.x, c.rw, c.k, &e1, NULL), PL_OK);
         ck_assert(y0 && y1);
         for (int t = 0; t < at; t++)
-            ck_assert_msg(memcmp(pl_f32(y0) + (size_t)t * c.d, pl_f32(y1) + (size_t)t * c.d,
-                                 row) == 0,
+            ck_assert_msg(memcmp(pl_f32(y0) + (size_t)t * c.d, pl_f32(y1) + (size_t)t * c.d, row) ==
+                              0,
                           "changing token %d changed the output of token %d", at, t);
         ck_assert(memcmp(pl_f32(y0) + (size_t)at * c.d, pl_f32(y1) + (size_t)at * c.d, row));
         routing_changed +=

@@ -43,8 +43,8 @@ static void assert_close_d(const float *a, const double *b, int n, double atol, 
                            const char *what) {
     for (int i = 0; i < n; i++) {
         double err = fabs((double)a[i] - b[i]);
-        ck_assert_msg(err <= atol + rtol * fabs(b[i]), "%s[%d]: %.9g vs %.9g (err %.3g)", what,
-                      i, a[i], b[i], err);
+        ck_assert_msg(err <= atol + rtol * fabs(b[i]), "%s[%d]: %.9g vs %.9g (err %.3g)", what, i,
+                      a[i], b[i], err);
     }
 }
 
@@ -62,8 +62,8 @@ START_TEST(adamw_matches_hand_trajectory) {
         v[k] = calloc((size_t)n[k], sizeof(double));
         for (int i = 0; i < n[k]; i++) p[k][i] = pl_f32(ps[k])[i];
     }
-    pl_adamw_config cfg = {.lr = 3e-2, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8,
-                           .weight_decay = 0.1};
+    pl_adamw_config cfg = {
+        .lr = 3e-2, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1};
     hp h = {cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay};
     pl_adamw *opt = pl_adamw_new(ctx, &cfg);
     ck_assert_msg(opt != NULL, "%s", pl_last_error());
@@ -144,8 +144,8 @@ END_TEST
  * the step (what loading a checkpoint does) continues identically. */
 START_TEST(adamw_resume) {
     const int n = 6;
-    pl_adamw_config cfg = {.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8,
-                           .weight_decay = 0.1};
+    pl_adamw_config cfg = {
+        .lr = 1e-2, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1};
     /* Reference: 5 uninterrupted steps. */
     pl_tensor *w = pl_param_new(ctx, "w", PL_DIMS(2, 3));
     uint64_t s = 4;
@@ -272,9 +272,10 @@ static void sgd_ref(double *p, double *buf, const float *g, int n, int t, sgd_hp
 }
 
 START_TEST(sgd_matches_hand_trajectory) {
-    const sgd_hp cases[4] = {
-        {0.1, 0.9, 0.0, 0.0, 0}, {0.05, 0.9, 0.1, 0.01, 0}, {0.1, 0.8, 0.0, 0.05, 1},
-        {0.2, 0.0, 0.0, 0.1, 0}};
+    const sgd_hp cases[4] = {{0.1, 0.9, 0.0, 0.0, 0},
+                             {0.05, 0.9, 0.1, 0.01, 0},
+                             {0.1, 0.8, 0.0, 0.05, 1},
+                             {0.2, 0.0, 0.0, 0.1, 0}};
     for (int cs = 0; cs < 4; cs++) {
         pl_ctx_free(ctx);
         ctx = pl_ctx_new(NULL);

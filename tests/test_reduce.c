@@ -83,9 +83,7 @@ START_TEST(sum_last_matches_naive) {
 END_TEST
 
 static pl_tensor *sum_fn(pl_ctx *c, pl_tensor *const *in, void *u) { return pl_sum(c, in[0]); }
-static pl_tensor *mean_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
-    return pl_mean(c, in[0]);
-}
+static pl_tensor *mean_fn(pl_ctx *c, pl_tensor *const *in, void *u) { return pl_mean(c, in[0]); }
 static pl_tensor *sum_last_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
     return pl_sum_last(c, in[0]);
 }

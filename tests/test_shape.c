@@ -43,7 +43,10 @@ START_TEST(reshape_is_a_view) {
 }
 END_TEST
 
-typedef struct { int nd; int64_t sh[4]; } shape_arg;
+typedef struct {
+    int nd;
+    int64_t sh[4];
+} shape_arg;
 static pl_tensor *reshape_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
     shape_arg *a = u;
     /* multiply by a position-dependent tensor after the reshape so a
@@ -225,7 +228,10 @@ START_TEST(slice_matches_naive) {
 }
 END_TEST
 
-typedef struct { int dim; int64_t start, len; } slice_arg;
+typedef struct {
+    int dim;
+    int64_t start, len;
+} slice_arg;
 static pl_tensor *slice_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
     slice_arg *a = u;
     return pl_slice(c, in[0], a->dim, a->start, a->len);
@@ -305,7 +311,9 @@ START_TEST(concat_matches_naive) {
 }
 END_TEST
 
-typedef struct { int n, dim; } concat_arg;
+typedef struct {
+    int n, dim;
+} concat_arg;
 static pl_tensor *concat_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
     concat_arg *a = u;
     return pl_concat(c, in, a->n, a->dim);

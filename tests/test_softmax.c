@@ -41,7 +41,7 @@ START_TEST(softmax_matches_double) {
         int nd = tu_randint(&s, 1, 3);
         int64_t sh[3];
         for (int d = 0; d < nd; d++) sh[d] = tu_randint(&s, 1, 9);
-        if (rep == 10) nd = 2, sh[0] = 64, sh[1] = 2000;  /* parallel path */
+        if (rep == 10) nd = 2, sh[0] = 64, sh[1] = 2000; /* parallel path */
         if (rep == 11) nd = 1, sh[0] = 5000;
         pl_tensor *x = pl_empty(ctx, PL_F32, nd, sh);
         /* large offsets and spreads: a naive exp would overflow */
@@ -116,16 +116,15 @@ static double ce_ref(const float *x, const int32_t *t, int64_t rows, int64_t V, 
 
 START_TEST(cross_entropy_matches_double) {
     uint64_t s = 64;
-    static const int64_t shapes[5][3] = {{4, 7, 0}, {2, 3, 5}, {1, 1, 0}, {64, 8192, 0},
-                                         {9, 0, 0}};
+    static const int64_t shapes[5][3] = {{4, 7, 0}, {2, 3, 5}, {1, 1, 0}, {64, 8192, 0}, {9, 0, 0}};
     static const int nds[5] = {2, 3, 2, 2, 1};
     for (int c = 0; c < 5; c++) {
         int nd = nds[c];
         pl_tensor *x = pl_empty(ctx, PL_F32, nd, shapes[c]);
         tu_fill(pl_f32(x), x->numel, &s, -8, 8);
         int64_t V = shapes[c][nd - 1], rows = x->numel / V, one = 1;
-        pl_tensor *t = nd > 1 ? pl_empty(ctx, PL_I32, nd - 1, shapes[c])
-                              : pl_empty(ctx, PL_I32, 1, &one);
+        pl_tensor *t =
+            nd > 1 ? pl_empty(ctx, PL_I32, nd - 1, shapes[c]) : pl_empty(ctx, PL_I32, 1, &one);
         for (int64_t r = 0; r < rows; r++)
             pl_i32(t)[r] = r % 3 == 1 ? -100 : tu_randint(&s, 0, (int)V - 1);
         pl_tensor *loss = pl_cross_entropy(ctx, x, t);

@@ -132,8 +132,8 @@ START_TEST(text_split_and_utf8) {
     ck_assert_ptr_nonnull(strstr(tr_error(), "empty"));
     /* invalid UTF-8: the offset of the first bad byte */
     size_t bad;
-    const char *cases[] = {"ab\xff", "ab\xc3", "ab\xc0\x80", "ab\xed\xa0\x80", "ab\xf4\x90\x80\x80",
-                           "ab\xe2\x28\xa1"};
+    const char *cases[] = {
+        "ab\xff", "ab\xc3", "ab\xc0\x80", "ab\xed\xa0\x80", "ab\xf4\x90\x80\x80", "ab\xe2\x28\xa1"};
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         ck_assert_int_eq(corpus_utf8_check(cases[i], strlen(cases[i]), &bad), -1);
         ck_assert_uint_eq(bad, 2);
@@ -166,8 +166,9 @@ static void roundtrip(const bpe *t, const uint8_t *x, size_t n) {
 }
 
 static tr_buf sample_text(uint64_t *s, size_t words) {
-    const char *w[] = {"the", "cat", "sat", "on", "mat", "and", "then", "it's", "42", "1960",
-                       "caf\xc3\xa9", "\xe2\x82\xac", ",", ".", "\n", "  ", "don't", "they're"};
+    const char *w[] = {"the",  "cat",  "sat", "on",   "mat",         "and",
+                       "then", "it's", "42",  "1960", "caf\xc3\xa9", "\xe2\x82\xac",
+                       ",",    ".",    "\n",  "  ",   "don't",       "they're"};
     tr_buf b = {0};
     for (size_t i = 0; i < words; i++) {
         const char *x = w[tu_randint(s, 0, (int)(sizeof w / sizeof *w) - 1)];
@@ -195,8 +196,8 @@ START_TEST(bpe_roundtrip_any_bytes) {
             /* text with broken UTF-8 and long runs */
             size_t m = 0;
             while (m + 8 < sizeof buf) {
-                const char *pieces[] = {"the ", "\xc3", "\xa9", "     ", "''", "\xff\xfe",
-                                        "\n\n", "aaaaaaa"};
+                const char *pieces[] = {"the ", "\xc3",     "\xa9", "     ",
+                                        "''",   "\xff\xfe", "\n\n", "aaaaaaa"};
                 const char *p = pieces[tu_randint(&s, 0, 7)];
                 memcpy(buf + m, p, strlen(p));
                 m += strlen(p);
@@ -290,8 +291,10 @@ static int naive_bpe(int32_t *seq, int *len, int nseq, int nmerges, int32_t (*ou
             int32_t *x = seq + q * W;
             int w = 0;
             for (int i = 0; i < len[q]; i++) {
-                if (i + 1 < len[q] && x[i] == ba && x[i + 1] == bb) x[w++] = id, i++;
-                else x[w++] = x[i];
+                if (i + 1 < len[q] && x[i] == ba && x[i + 1] == bb)
+                    x[w++] = id, i++;
+                else
+                    x[w++] = x[i];
             }
             len[q] = w;
         }
@@ -406,8 +409,8 @@ END_TEST
 
 START_TEST(pretok_chunks) {
     const char *x = "Hello  world's 1960s, caf\xc3\xa9!!\n\n  end";
-    const char *want[] = {"Hello", " ", " world", "'s", " 1960", "s", ",", " caf\xc3\xa9", "!!",
-                          "\n\n ", " end"};
+    const char *want[] = {"Hello",        " ",  " world", "'s",  " 1960", "s", ",",
+                          " caf\xc3\xa9", "!!", "\n\n ",  " end"};
     size_t n = strlen(x), i = 0, k = 0;
     while (i < n) {
         size_t len = bpe_chunk_len((const uint8_t *)x + i, n - i);
@@ -682,8 +685,8 @@ int model_train_step(tr_model *m, const int32_t *in, const int32_t *tg, int batc
                      double *loss) {
     double ls;
     int64_t c, k;
-    if (step != m->steps) return tr_fail("stand-in: step %lld after %lld", (long long)step,
-                                         (long long)m->steps);
+    if (step != m->steps)
+        return tr_fail("stand-in: step %lld after %lld", (long long)step, (long long)m->steps);
     model_eval(m, in, tg, batch, &ls, &c, &k);
     for (int64_t i = 0; i < (int64_t)batch * 16; i++) m->count[tg[i]]++, m->total++;
     m->steps++;
@@ -728,8 +731,10 @@ START_TEST(training_loop_outputs) {
     d.ntrain = 5000, d.nval = 777;
     d.train = malloc(sizeof(uint16_t) * 5000);
     d.val = malloc(sizeof(uint16_t) * 777);
-    for (int i = 0; i < 5000; i++) d.train[i] = (uint16_t)(tu_randint(&s, 0, 9) * tu_randint(&s, 0, 29));
-    for (int i = 0; i < 777; i++) d.val[i] = (uint16_t)(tu_randint(&s, 0, 9) * tu_randint(&s, 0, 29));
+    for (int i = 0; i < 5000; i++)
+        d.train[i] = (uint16_t)(tu_randint(&s, 0, 9) * tu_randint(&s, 0, 29));
+    for (int i = 0; i < 777; i++)
+        d.val[i] = (uint16_t)(tu_randint(&s, 0, 9) * tu_randint(&s, 0, 29));
     snprintf(d.source, sizeof d.source, "synthetic");
     tr_config c;
     char line[600];
@@ -741,10 +746,17 @@ START_TEST(training_loop_outputs) {
     ck_assert_msg(tr_train(&c, &d) == 0, "%s", tr_error());
     tr_buf f = {0};
     ck_assert_int_eq(tr_read_file(tmp_path("r.json"), &f), 0);
-    const char *keys[] = {"\"score\": ", "\"perplexity\": ", "\"accuracy\": ",
-                          "\"train_loss\": ", "\"val_loss\": ", "\"tokens_per_second\": ",
-                          "\"wall_seconds\": ", "\"parameters\": 300", "\"val_predicted_tokens\": 776",
-                          "\"layer_k\": [16, 4, 4, 8]", "\"config\": {\"steps\": 30"};
+    const char *keys[] = {"\"score\": ",
+                          "\"perplexity\": ",
+                          "\"accuracy\": ",
+                          "\"train_loss\": ",
+                          "\"val_loss\": ",
+                          "\"tokens_per_second\": ",
+                          "\"wall_seconds\": ",
+                          "\"parameters\": 300",
+                          "\"val_predicted_tokens\": 776",
+                          "\"layer_k\": [16, 4, 4, 8]",
+                          "\"config\": {\"steps\": 30"};
     for (size_t i = 0; i < sizeof keys / sizeof *keys; i++)
         ck_assert_msg(strstr(f.data, keys[i]), "JSON lacks %s: %s", keys[i], f.data);
     /* the final figures are those of an evaluation over all 776 predictions */
@@ -885,13 +897,15 @@ START_TEST(binary_rejects_bad_input) {
         tr_buf_free(&t);
     }
     write_bytes(tmp_path("big.txt"), big.data, big.len);
-    const char *prep[] = {"--prepare-only", "--data", tmp_path("big.txt"), "--vocab", "400",
-                          "--seq", "32", NULL};
+    const char *prep[] = {
+        "--prepare-only", "--data", tmp_path("big.txt"), "--vocab", "400", "--seq", "32", NULL};
     ck_assert_int_eq(run_bin(prep, &out), 0);
-    ck_assert_msg(strstr(out.data, "\"documents\": 30, \"train_documents\": 27, \"val_documents\": 3"),
-                  "%s", out.data);
+    ck_assert_msg(
+        strstr(out.data, "\"documents\": 30, \"train_documents\": 27, \"val_documents\": 3"), "%s",
+        out.data);
     /* 18 distinct words: the vocabulary stops short of 400, and says so */
-    const char *note = strstr(out.data, "ran out of pairs: vocabulary "), *js = strstr(out.data, "\"vocab\": ");
+    const char *note = strstr(out.data, "ran out of pairs: vocabulary "),
+               *js = strstr(out.data, "\"vocab\": ");
     ck_assert_ptr_nonnull(note);
     ck_assert_ptr_nonnull(js);
     int v1 = atoi(note + strlen("ran out of pairs: vocabulary ")), v2 = atoi(js + 9);

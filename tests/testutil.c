@@ -39,8 +39,7 @@ double tu_close_ratio(const float *a, const float *b, int64_t n, double atol, do
     return worst;
 }
 
-void tu_matmul_ref(const float *A, const float *B, float *C, int M, int N, int K, int ta,
-                   int tb) {
+void tu_matmul_ref(const float *A, const float *B, float *C, int M, int N, int K, int ta, int tb) {
     for (int i = 0; i < M; i++)
         for (int j = 0; j < N; j++) {
             double acc = 0;

@@ -25,15 +25,14 @@ pl_tensor *tu_param(pl_ctx *ctx, const char *name, int ndim, const int64_t *shap
 
 /* max |a-b| / (atol + rtol*|b|) over n elements; <= 1 means "close". */
 double tu_close_ratio(const float *a, const float *b, int64_t n, double atol, double rtol);
-#define tu_assert_close(a, b, n, atol, rtol)                                            \
-    do {                                                                                \
-        double r_ = tu_close_ratio((a), (b), (n), (atol), (rtol));                      \
-        ck_assert_msg(r_ <= 1.0, "arrays differ: worst error is %.3g x tolerance", r_); \
+#define tu_assert_close(a, b, n, atol, rtol)                                                       \
+    do {                                                                                           \
+        double r_ = tu_close_ratio((a), (b), (n), (atol), (rtol));                                 \
+        ck_assert_msg(r_ <= 1.0, "arrays differ: worst error is %.3g x tolerance", r_);            \
     } while (0)
 
 /* Naive row-major C[M,N] = op(A) op(B), accumulated in double. */
-void tu_matmul_ref(const float *A, const float *B, float *C, int M, int N, int K, int ta,
-                   int tb);
+void tu_matmul_ref(const float *A, const float *B, float *C, int M, int N, int K, int ta, int tb);
 
 /* Runs pl_gradcheck and asserts that every checked element passed. */
 void tu_gradcheck(pl_ctx *ctx, pl_gradcheck_fn fn, void *user, pl_tensor *const *in, int n,
@@ -41,11 +40,11 @@ void tu_gradcheck(pl_ctx *ctx, pl_gradcheck_fn fn, void *user, pl_tensor *const 
 
 /* Asserts that the call failed with status st and a message containing
  * the substring want. */
-#define tu_assert_error(st, want)                                                  \
-    do {                                                                           \
-        ck_assert_int_eq(pl_last_status(), (st));                                  \
-        ck_assert_msg(strstr(pl_last_error(), (want)) != NULL,                     \
-                      "message '%s' lacks '%s'", pl_last_error(), (want));         \
+#define tu_assert_error(st, want)                                                                  \
+    do {                                                                                           \
+        ck_assert_int_eq(pl_last_status(), (st));                                                  \
+        ck_assert_msg(strstr(pl_last_error(), (want)) != NULL, "message '%s' lacks '%s'",          \
+                      pl_last_error(), (want));                                                    \
     } while (0)
 
 /* Runs a suite; returns the process exit code. */

@@ -50,8 +50,8 @@ int64_t batch_eval_total(const batch_eval *it) {
     return t;
 }
 
-int batch_eval_next(batch_eval *it, const uint16_t *tok, int B, int32_t *inputs,
-                    int32_t *targets, int64_t *npred) {
+int batch_eval_next(batch_eval *it, const uint16_t *tok, int B, int32_t *inputs, int32_t *targets,
+                    int64_t *npred) {
     int rows = 0;
     *npred = 0;
     while (rows < B && it->window < it->windows) {

@@ -33,7 +33,7 @@ void batch_random(const uint16_t *tok, int64_t n, int L, int B, uint64_t seed, u
  * subset spans the whole split (every genre) instead of its beginning; it
  * predicts at most about max_tokens + L tokens. */
 typedef struct {
-    int64_t n;         /* tokens in the stream */
+    int64_t n; /* tokens in the stream */
     int L;
     int64_t window;    /* next window index */
     int64_t windows;   /* windows in all: ceil((n-1)/L) */
@@ -44,8 +44,8 @@ typedef struct {
 void batch_eval_init(batch_eval *it, int64_t n, int L, int64_t max_tokens);
 /* Fills up to B windows; returns how many (0 when done). *npred = targets
  * >= 0 written. Rows past the returned count are not touched. */
-int batch_eval_next(batch_eval *it, const uint16_t *tok, int B, int32_t *inputs,
-                    int32_t *targets, int64_t *npred);
+int batch_eval_next(batch_eval *it, const uint16_t *tok, int B, int32_t *inputs, int32_t *targets,
+                    int64_t *npred);
 /* Predictions the whole iteration makes. */
 int64_t batch_eval_total(const batch_eval *it);
 

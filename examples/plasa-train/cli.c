@@ -33,8 +33,7 @@ static const flagdef flags[] = {
     {"dropout", T_DBL, OFF(dropout), 0, 0.999999, "P", "dropout on attention probabilities"},
     {"indexer-loss", T_DBL, OFF(indexer_loss), 0, 1e9, "W",
      "weight of the indexer's training loss (0: indexer not trained)"},
-    {"schedule", T_STR, OFF(schedule), 0, 0, "NAME",
-     "per-layer k: " SCHEDULE_NAMES},
+    {"schedule", T_STR, OFF(schedule), 0, 0, "NAME", "per-layer k: " SCHEDULE_NAMES},
     {"k", T_STR, OFF(k_list), 0, 0, "LIST",
      "explicit per-layer k, e.g. 128,32,32,64 (one value: every layer); overrides --schedule"},
     {"layers", T_INT, OFF(layers), 1, CLI_MAX_LAYERS, "N", "decoder layers"},
@@ -50,7 +49,8 @@ static const flagdef flags[] = {
      "BPE vocabulary size (with --train-bin: token ids must be below it)"},
     {"data", T_STR, OFF(data), 0, 0, "FILE",
      "UTF-8 text to train on instead of the Brown corpus (documents split by blank lines)"},
-    {"train-bin", T_STR, OFF(train_bin), 0, 0, "FILE", "pre-tokenised training tokens (llm.c .bin)"},
+    {"train-bin", T_STR, OFF(train_bin), 0, 0, "FILE",
+     "pre-tokenised training tokens (llm.c .bin)"},
     {"val-bin", T_STR, OFF(val_bin), 0, 0, "FILE", "pre-tokenised validation tokens (llm.c .bin)"},
     {"data-dir", T_STR, OFF(data_dir), 0, 0, "DIR",
      "corpus and cache directory (default: $PLASA_DATA, else $HOME/.cache/plasa)"},
@@ -180,9 +180,12 @@ static int parse_value(tr_config *c, const flagdef *f, const char *v) {
         if (f->min == 1) return tr_fail("--%s must be at least 1 (got %s)", f->name, v);
         return tr_fail("--%s must be at least %.0f (got %s)", f->name, f->min, v);
     }
-    if ((double)x > f->max) return tr_fail("--%s must be at most %.0f (got %s)", f->name, f->max, v);
-    if (f->type == T_INT) *(int *)p = (int)x;
-    else *(int64_t *)p = x;
+    if ((double)x > f->max)
+        return tr_fail("--%s must be at most %.0f (got %s)", f->name, f->max, v);
+    if (f->type == T_INT)
+        *(int *)p = (int)x;
+    else
+        *(int64_t *)p = x;
     return 0;
 }
 
@@ -227,7 +230,8 @@ int cli_parse(int argc, char **argv, tr_config *c) {
         size_t len = eq ? (size_t)(eq - name) : strlen(name);
         const flagdef *f = NULL;
         for (size_t j = 0; j < NFLAGS; j++)
-            if (strlen(flags[j].name) == len && strncmp(flags[j].name, name, len) == 0) f = &flags[j];
+            if (strlen(flags[j].name) == len && strncmp(flags[j].name, name, len) == 0)
+                f = &flags[j];
         if (!f) return tr_fail("unknown flag '%.*s' (see --help)", (int)(len + 2), a);
         if (f->type == T_SWITCH) {
             if (eq) return tr_fail("--%s takes no value", f->name);
@@ -255,7 +259,8 @@ int cli_parse(int argc, char **argv, tr_config *c) {
     if (!c->train_bin != !c->val_bin)
         return tr_fail("--train-bin and --val-bin go together (got only %s)",
                        c->train_bin ? "--train-bin" : "--val-bin");
-    if (c->data && c->train_bin) return tr_fail("--data and --train-bin/--val-bin exclude each other");
+    if (c->data && c->train_bin)
+        return tr_fail("--data and --train-bin/--val-bin exclude each other");
     if (c->resume && c->init) return tr_fail("--resume and --init exclude each other");
     if (c->save_every && !c->checkpoint) return tr_fail("--save-every needs --checkpoint FILE");
     return resolve_k(c);

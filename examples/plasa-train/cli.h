@@ -21,7 +21,7 @@ typedef struct {
     double lr, weight_decay, clip, dropout, indexer_loss;
     /* sparsity */
     const char *schedule;
-    const char *k_list;         /* --k as given, or NULL */
+    const char *k_list;          /* --k as given, or NULL */
     int layer_k[CLI_MAX_LAYERS]; /* resolved: one k per layer */
     /* model shape */
     int layers, dim, heads, ffn, experts, expert_ffn, top_experts, indexer_heads, indexer_dim;

@@ -86,8 +86,7 @@ static int emit_word(detok *d, const char *w, size_t n) {
     } else if (n == 1 && strchr("([{", w[0])) {
         kind = W_OPEN;
     }
-    if (n == 1 && w[0] == '.' && d->out->len && d->out->data[d->out->len - 1] == '.' &&
-        !d->start)
+    if (n == 1 && w[0] == '.' && d->out->len && d->out->data[d->out->len - 1] == '.' && !d->start)
         return 0; /* "Jr./np ./." ends a sentence: one period in print */
     if (!d->start && !d->glue && kind != W_CLOSE && kind != W_BOTH)
         if (tr_buf_putc(d->out, ' ')) return -1;
@@ -230,15 +229,17 @@ int corpus_brown_split(const char *dir, double val_share, tr_buf *train, tr_buf 
         seen[g] = true;
         if (hold) seen_val[g] = true;
         st->documents++;
-        if (hold) st->val_docs++;
-        else st->train_docs++;
+        if (hold)
+            st->val_docs++;
+        else
+            st->train_docs++;
     }
     tr_buf_free(&src);
     tr_buf_free(&doc);
     for (int g = 0; g < 26; g++) st->genres += seen[g], st->val_genres += seen_val[g];
     if (st->val_docs == 0 || st->train_docs == 0) {
-        tr_fail("%s: %zu documents with a validation share of %g leave %s split empty", dir,
-                nn, val_share, st->val_docs ? "the training" : "the validation");
+        tr_fail("%s: %zu documents with a validation share of %g leave %s split empty", dir, nn,
+                val_share, st->val_docs ? "the training" : "the validation");
         goto done;
     }
     st->train_bytes = (int64_t)train->len;
@@ -253,16 +254,16 @@ done:
 
 /* ---- Any UTF-8 text ------------------------------------------------------- */
 
-int corpus_text_split(const char *name, const char *text, size_t n, double val_share,
-                      tr_buf *train, tr_buf *val, corpus_stats *st) {
+int corpus_text_split(const char *name, const char *text, size_t n, double val_share, tr_buf *train,
+                      tr_buf *val, corpus_stats *st) {
     memset(st, 0, sizeof *st);
     if (n == 0) return tr_fail("%s is empty", name);
     size_t bad;
     if (corpus_utf8_check(text, n, &bad)) {
         int64_t line = 1;
         for (size_t i = 0; i < bad; i++) line += text[i] == '\n';
-        return tr_fail("%s is not valid UTF-8: byte 0x%02x at byte offset %zu (line %lld)",
-                       name, (unsigned char)text[bad], bad, (long long)line);
+        return tr_fail("%s is not valid UTF-8: byte 0x%02x at byte offset %zu (line %lld)", name,
+                       (unsigned char)text[bad], bad, (long long)line);
     }
     const char *p = text, *end = text + n;
     const char *doc_start = NULL, *doc_end = NULL;
@@ -283,8 +284,10 @@ int corpus_text_split(const char *name, const char *text, size_t n, double val_s
                 tr_buf_putc(dst, '\n'))
                 return -1;
             st->documents++;
-            if (hold) st->val_docs++;
-            else st->train_docs++;
+            if (hold)
+                st->val_docs++;
+            else
+                st->train_docs++;
             i++;
             doc_start = NULL;
         }

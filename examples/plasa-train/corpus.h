@@ -58,8 +58,8 @@ int corpus_brown_split(const char *dir, double val_share, tr_buf *train, tr_buf 
  * lines (lines of only spaces, tabs or '\r'); each document's lines are kept
  * byte for byte. Fails on invalid UTF-8 (with the byte offset), on text with
  * no document, and when the rule would hold out nothing or everything. */
-int corpus_text_split(const char *name, const char *text, size_t n, double val_share,
-                      tr_buf *train, tr_buf *val, corpus_stats *st);
+int corpus_text_split(const char *name, const char *text, size_t n, double val_share, tr_buf *train,
+                      tr_buf *val, corpus_stats *st);
 
 /* The hold-out rule above, exposed for tests. */
 bool corpus_held_out(int64_t i, double val_share);

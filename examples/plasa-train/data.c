@@ -21,8 +21,7 @@ static int encode_split(const bpe *tok, const tr_buf *text, uint16_t **out, int6
 
 /* Loads cfg->tokenizer if it exists, else trains one on train and saves it
  * where asked (path may be NULL). */
-static bpe *get_tokenizer(const tr_config *cfg, const char *path, const tr_buf *train,
-                          tr_data *d) {
+static bpe *get_tokenizer(const tr_config *cfg, const char *path, const tr_buf *train, tr_data *d) {
     if (path && tr_file_exists(path)) {
         bpe *t = bpe_load(path);
         if (t && cfg->vocab_given && bpe_vocab_size(t) != cfg->vocab) {
@@ -31,7 +30,8 @@ static bpe *get_tokenizer(const tr_config *cfg, const char *path, const tr_buf *
             bpe_free(t);
             return NULL;
         }
-        if (t) fprintf(stderr, "plasa-train: tokenizer %s (vocabulary %d)\n", path, bpe_vocab_size(t));
+        if (t)
+            fprintf(stderr, "plasa-train: tokenizer %s (vocabulary %d)\n", path, bpe_vocab_size(t));
         return t;
     }
     double t0 = tr_now();
@@ -152,8 +152,8 @@ static int from_brown(const tr_config *cfg, tr_data *d) {
     if (!(tok = get_tokenizer(cfg, bpe_path, &train, d))) goto done;
     d->vocab = bpe_vocab_size(tok);
     if (encode_split(tok, &train, &d->train, &d->ntrain) ||
-        encode_split(tok, &val, &d->val, &d->nval) ||
-        tokfile_write(tbin, d->train, d->ntrain) || tokfile_write(vbin, d->val, d->nval))
+        encode_split(tok, &val, &d->val, &d->nval) || tokfile_write(tbin, d->train, d->ntrain) ||
+        tokfile_write(vbin, d->val, d->nval))
         goto done;
     fprintf(stderr, "plasa-train: cached tokenizer and tokens in %s\n", d->cache);
     rc = 0;
@@ -167,7 +167,9 @@ done:
 int data_prepare(const tr_config *cfg, tr_data *d) {
     memset(d, 0, sizeof *d);
     double t0 = tr_now();
-    int rc = cfg->train_bin ? from_bins(cfg, d) : cfg->data ? from_text(cfg, d) : from_brown(cfg, d);
+    int rc = cfg->train_bin ? from_bins(cfg, d)
+             : cfg->data    ? from_text(cfg, d)
+                            : from_brown(cfg, d);
     if (rc) return -1;
     d->prepare_seconds = tr_now() - t0;
     if (batch_check("the training split", d->ntrain, cfg->seq) ||

@@ -26,8 +26,8 @@ typedef struct {
     pl_tensor *attn_norm, *wqkv, *wo;
     pl_tensor *iq, *ik, *iw; /* lightning indexer */
     pl_tensor *ffn_norm;
-    pl_tensor *gate, *up, *down;                   /* SwiGLU MLP (even layers) */
-    pl_tensor *router, *egate, *eup, *edown;       /* MoE (odd layers) */
+    pl_tensor *gate, *up, *down;             /* SwiGLU MLP (even layers) */
+    pl_tensor *router, *egate, *eup, *edown; /* MoE (odd layers) */
     bool moe;
     int k;
 } layer;
@@ -81,8 +81,8 @@ static int init_params(tr_model *m) {
                 !(l->edown = param(m, "layers.%d.moe.down", i, PL_DIMS(E, Fe, d))))
                 return fail("parameters");
             if (pl_init_linear(l->router, NULL, d, &rng) ||
-                pl_init_linear(l->egate, NULL, d, &rng) ||
-                pl_init_linear(l->eup, NULL, d, &rng) || pl_init_linear(l->edown, NULL, Fe, &rng))
+                pl_init_linear(l->egate, NULL, d, &rng) || pl_init_linear(l->eup, NULL, d, &rng) ||
+                pl_init_linear(l->edown, NULL, Fe, &rng))
                 return fail("init");
         } else {
             if (!(l->gate = param(m, "layers.%d.mlp.gate", i, PL_DIMS(d, F))) ||
@@ -196,15 +196,14 @@ static pl_tensor *attention(tr_model *m, int li, pl_tensor *x, float p_drop, int
 
 static pl_tensor *ffn(tr_model *m, const layer *l, pl_tensor *x) {
     pl_ctx *ctx = m->ctx;
-    if (l->moe)
-        return pl_moe(ctx, x, l->router, l->egate, l->eup, l->edown, m->cfg.top_experts);
+    if (l->moe) return pl_moe(ctx, x, l->router, l->egate, l->eup, l->edown, m->cfg.top_experts);
     pl_tensor *g = pl_linear(ctx, x, l->gate, NULL), *u = pl_linear(ctx, x, l->up, NULL);
     return pl_linear(ctx, pl_swiglu(ctx, g, u), l->down, NULL);
 }
 
 /* Logits [B, L, V] for ids [B, L]. */
-static pl_tensor *forward(tr_model *m, const int32_t *inputs, int batch, bool train,
-                          int64_t step, pl_tensor **aux) {
+static pl_tensor *forward(tr_model *m, const int32_t *inputs, int batch, bool train, int64_t step,
+                          pl_tensor **aux) {
     pl_ctx *ctx = m->ctx;
     int64_t B = batch, L = m->cfg.seq;
     pl_tensor *ids = pl_from_data(ctx, PL_I32, PL_DIMS(B, L), inputs);
@@ -212,8 +211,8 @@ static pl_tensor *forward(tr_model *m, const int32_t *inputs, int batch, bool tr
     float p_drop = train ? (float)m->cfg.dropout : 0.0f;
     for (int i = 0; i < m->cfg.layers && h; i++) {
         const layer *l = &m->layers[i];
-        h = pl_add(ctx, h, attention(m, i, pl_rmsnorm(ctx, h, l->attn_norm, NORM_EPS), p_drop,
-                                     step, aux));
+        h = pl_add(ctx, h,
+                   attention(m, i, pl_rmsnorm(ctx, h, l->attn_norm, NORM_EPS), p_drop, step, aux));
         h = pl_add(ctx, h, ffn(m, l, pl_rmsnorm(ctx, h, l->ffn_norm, NORM_EPS)));
     }
     return pl_linear(ctx, pl_rmsnorm(ctx, h, m->final_norm, NORM_EPS), m->lm_head, NULL);

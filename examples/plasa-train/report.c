@@ -15,9 +15,12 @@ void format_duration(double s, char *buf, size_t n) {
         return;
     }
     long t = lround(s);
-    if (t >= 3600) snprintf(buf, n, "%ldh%02ldm", t / 3600, t / 60 % 60);
-    else if (t >= 60) snprintf(buf, n, "%ldm%02lds", t / 60, t % 60);
-    else snprintf(buf, n, "%lds", t);
+    if (t >= 3600)
+        snprintf(buf, n, "%ldh%02ldm", t / 3600, t / 60 % 60);
+    else if (t >= 60)
+        snprintf(buf, n, "%ldm%02lds", t / 60, t % 60);
+    else
+        snprintf(buf, n, "%lds", t);
 }
 
 void progress_init(progress *p, FILE *out, int64_t first_step, int64_t total_steps,
@@ -32,9 +35,12 @@ void progress_init(progress *p, FILE *out, int64_t first_step, int64_t total_ste
 }
 
 static void rate_str(double tps, char *buf, size_t n) {
-    if (tps >= 1e6) snprintf(buf, n, "%.2fM", tps / 1e6);
-    else if (tps >= 1e3) snprintf(buf, n, "%.1fk", tps / 1e3);
-    else snprintf(buf, n, "%.0f", tps);
+    if (tps >= 1e6)
+        snprintf(buf, n, "%.2fM", tps / 1e6);
+    else if (tps >= 1e3)
+        snprintf(buf, n, "%.1fk", tps / 1e3);
+    else
+        snprintf(buf, n, "%.0f", tps);
 }
 
 void progress_step(progress *p, int64_t step, double loss, double tps) {
@@ -79,8 +85,10 @@ void progress_done(progress *p) {
 
 static void num_or_empty(tr_buf *b, double x, const char *fmt) {
     char s[64];
-    if (isnan(x)) s[0] = 0;
-    else snprintf(s, sizeof s, fmt, x);
+    if (isnan(x))
+        s[0] = 0;
+    else
+        snprintf(s, sizeof s, fmt, x);
     tr_buf_append(b, s, strlen(s));
 }
 
@@ -129,10 +137,14 @@ static void svgf(tr_buf *b, const char *fmt, ...) {
 
 static void xml_text(tr_buf *b, const char *s) {
     for (; *s; s++) {
-        if (*s == '<') tr_buf_append(b, "&lt;", 4);
-        else if (*s == '>') tr_buf_append(b, "&gt;", 4);
-        else if (*s == '&') tr_buf_append(b, "&amp;", 5);
-        else tr_buf_putc(b, *s);
+        if (*s == '<')
+            tr_buf_append(b, "&lt;", 4);
+        else if (*s == '>')
+            tr_buf_append(b, "&gt;", 4);
+        else if (*s == '&')
+            tr_buf_append(b, "&amp;", 5);
+        else
+            tr_buf_putc(b, *s);
     }
 }
 
@@ -152,7 +164,7 @@ int report_svg(const char *path, const report_row *rows, size_t n, const char *t
     ymin = floor(ymin / ys) * ys;
     ymax = ceil(ymax / ys) * ys;
     xmax = ceil(xmax / xs) * xs;
-#define PX(x) (ml + ((x) - xmin) / (xmax - xmin) * pw)
+#define PX(x) (ml + ((x)-xmin) / (xmax - xmin) * pw)
 #define PY(y) (mt + (ymax - (y)) / (ymax - ymin) * ph)
     tr_buf b = {0};
     svgf(&b,
@@ -177,12 +189,16 @@ int report_svg(const char *path, const report_row *rows, size_t n, const char *t
              "<text x=\"%.1f\" y=\"%.1f\" font-size=\"13\" text-anchor=\"middle\">%g</text>\n",
              PX(x), mt, PX(x), mt + ph, PX(x), mt + ph + 20, x);
     }
-    svgf(&b, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" "
-             "stroke=\"black\"/>\n", ml, mt, pw, ph);
+    svgf(&b,
+         "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" "
+         "stroke=\"black\"/>\n",
+         ml, mt, pw, ph);
     svgf(&b, "<text x=\"%.1f\" y=\"%.1f\" font-size=\"15\" text-anchor=\"middle\">step</text>\n",
          ml + pw / 2, H - 22);
-    svgf(&b, "<text transform=\"translate(22 %.1f) rotate(-90)\" font-size=\"15\" "
-             "text-anchor=\"middle\">loss (cross-entropy, nats/token)</text>\n", mt + ph / 2);
+    svgf(&b,
+         "<text transform=\"translate(22 %.1f) rotate(-90)\" font-size=\"15\" "
+         "text-anchor=\"middle\">loss (cross-entropy, nats/token)</text>\n",
+         mt + ph / 2);
     /* train loss: raw (light) and moving average over 25 steps */
     const char *legend[3] = {0};
     const char *color[3] = {"#9ecae1", "#08519c", "#e6550d"};
@@ -228,19 +244,24 @@ int report_svg(const char *path, const report_row *rows, size_t n, const char *t
     /* legend, top right */
     if (nl) {
         double lw = 300, lh = 22.0 * nl + 12, lx = ml + pw - lw - 10, ly = mt + 10;
-        svgf(&b, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"white\" "
-                 "fill-opacity=\"0.9\" stroke=\"#999\"/>\n", lx, ly, lw, lh);
+        svgf(&b,
+             "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"white\" "
+             "fill-opacity=\"0.9\" stroke=\"#999\"/>\n",
+             lx, ly, lw, lh);
         for (int i = 0; i < nl; i++) {
             const char *c = nval && i == nl - 1 ? color[2] : color[i];
             double y = ly + 18 + 22.0 * i;
-            svgf(&b, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" "
-                     "stroke-width=\"3\"/>\n<text x=\"%.1f\" y=\"%.1f\" font-size=\"13\">%s</text>\n",
+            svgf(&b,
+                 "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" "
+                 "stroke-width=\"3\"/>\n<text x=\"%.1f\" y=\"%.1f\" font-size=\"13\">%s</text>\n",
                  lx + 10, y - 4, lx + 40, y - 4, c, lx + 48, y, legend[i]);
         }
     }
     if (n == 0)
-        svgf(&b, "<text x=\"%.1f\" y=\"%.1f\" font-size=\"16\" text-anchor=\"middle\">no data"
-                 "</text>\n", ml + pw / 2, mt + ph / 2);
+        svgf(&b,
+             "<text x=\"%.1f\" y=\"%.1f\" font-size=\"16\" text-anchor=\"middle\">no data"
+             "</text>\n",
+             ml + pw / 2, mt + ph / 2);
     svgf(&b, "</svg>\n");
 #undef PX
 #undef PY
@@ -253,8 +274,10 @@ int report_svg(const char *path, const report_row *rows, size_t n, const char *t
 
 static void jnum(tr_buf *b, const char *key, double x, bool first) {
     char s[96];
-    if (isfinite(x)) snprintf(s, sizeof s, "%s\"%s\": %.9g", first ? "" : ", ", key, x);
-    else snprintf(s, sizeof s, "%s\"%s\": null", first ? "" : ", ", key);
+    if (isfinite(x))
+        snprintf(s, sizeof s, "%s\"%s\": %.9g", first ? "" : ", ", key, x);
+    else
+        snprintf(s, sizeof s, "%s\"%s\": null", first ? "" : ", ", key);
     tr_buf_append(b, s, strlen(s));
 }
 

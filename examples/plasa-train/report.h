@@ -44,7 +44,7 @@ int report_svg(const char *path, const report_row *rows, size_t n, const char *t
 
 typedef struct {
     double val_loss, val_accuracy, train_loss; /* train_loss: mean of the last steps */
-    int64_t val_tokens, train_tokens; /* val: predictions evaluated (tokens - 1) */
+    int64_t val_tokens, train_tokens;          /* val: predictions evaluated (tokens - 1) */
     double tokens_per_second, wall_seconds;
     int64_t parameters, steps;
     int vocab, layers;

@@ -97,7 +97,9 @@ static int32_t u64map_put(u64map *m, uint64_t k, int32_t v) {
     return v;
 }
 
-static uint64_t pair_key(int32_t a, int32_t b) { return ((uint64_t)(uint32_t)a << 32) | (uint32_t)b; }
+static uint64_t pair_key(int32_t a, int32_t b) {
+    return ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
+}
 
 /* ---- A map from byte strings (held elsewhere) to int32 ------------------- */
 
@@ -416,13 +418,13 @@ bpe *bpe_train(const uint8_t *text, size_t n, int vocab_size, bpe_pretok pretok)
             if (t.sym[i] != a || (j = t.nxt[i]) < 0 || t.sym[j] != b) continue; /* stale */
             int32_t h = t.prv[i], k = t.nxt[j], w = t.wt[i];
             if (h >= 0) {
-                int32_t hp = u64map_get(t.index.keys, t.index.vals, t.index.cap,
-                                        pair_key(t.sym[h], a));
+                int32_t hp =
+                    u64map_get(t.index.keys, t.index.vals, t.index.cap, pair_key(t.sym[h], a));
                 t.pairs[hp].count -= w;
             }
             if (k >= 0) {
-                int32_t kp = u64map_get(t.index.keys, t.index.vals, t.index.cap,
-                                        pair_key(b, t.sym[k]));
+                int32_t kp =
+                    u64map_get(t.index.keys, t.index.vals, t.index.cap, pair_key(b, t.sym[k]));
                 t.pairs[kp].count -= w;
             }
             t.sym[i] = id;
@@ -456,8 +458,7 @@ bpe *bpe_train(const uint8_t *text, size_t n, int vocab_size, bpe_pretok pretok)
         t.pairs[e.pair].count = 0; /* overlaps (a == b) may have driven it below 0 */
         for (size_t q = 0; q < ntouched; q++) {
             pairrec *tp = &t.pairs[touched[q]];
-            if (tp->count > 0 && heap_push(&t, (heapent){tp->count, touched[q]}))
-                goto fail_touched;
+            if (tp->count > 0 && heap_push(&t, (heapent){tp->count, touched[q]})) goto fail_touched;
         }
         continue;
     fail_pos:
@@ -605,14 +606,15 @@ bpe *bpe_load(const char *path) {
         tr_fail("%s:2: expected 'vocab_size V' with 256 <= V <= %d", path, BPE_MAX_VOCAB);
         goto fail;
     }
-    if (!next_line(&p, end, line, sizeof line) || sscanf(line, "pretok %31s %c", word, &extra) != 1 ||
+    if (!next_line(&p, end, line, sizeof line) ||
+        sscanf(line, "pretok %31s %c", word, &extra) != 1 ||
         (strcmp(word, "gpt2") != 0 && strcmp(word, "none") != 0)) {
         tr_fail("%s:3: expected 'pretok gpt2' or 'pretok none'", path);
         goto fail;
     }
     pretok = strcmp(word, "gpt2") == 0 ? BPE_PRETOK_GPT2 : BPE_PRETOK_NONE;
-    if (!next_line(&p, end, line, sizeof line) || sscanf(line, "merges %d %c", &merges, &extra) != 1 ||
-        merges != vocab - 256) {
+    if (!next_line(&p, end, line, sizeof line) ||
+        sscanf(line, "merges %d %c", &merges, &extra) != 1 || merges != vocab - 256) {
         tr_fail("%s:4: expected 'merges %d' (vocab_size - 256)", path, vocab - 256);
         goto fail;
     }
@@ -780,8 +782,7 @@ static int encode_buckets(const bpe *t, encoder *e, size_t n) {
             e->nxt[i] = k;
             if (k >= 0) e->prv[k] = i;
             if (h >= 0 && (m = merged_id(t, e->sym[h], r)) >= 0) rc = posvec_push(&bk[m], h);
-            if (!rc && k >= 0 && (m = merged_id(t, r, e->sym[k])) >= 0)
-                rc = posvec_push(&bk[m], i);
+            if (!rc && k >= 0 && (m = merged_id(t, r, e->sym[k])) >= 0) rc = posvec_push(&bk[m], i);
         }
         free(b->p);
         b->p = NULL;
@@ -856,8 +857,8 @@ int bpe_encode(const bpe *t, const uint8_t *text, size_t n, int32_t **ids, size_
         for (size_t i = 0; i < n && rc == 0;) {
             size_t len = bpe_chunk_len(text + i, n - i);
             bool found;
-            int64_t slot = len <= 64 ? strmap_slot(&cache, text + i, len, (int32_t)nspan, &found)
-                                     : -2;
+            int64_t slot =
+                len <= 64 ? strmap_slot(&cache, text + i, len, (int32_t)nspan, &found) : -2;
             if (slot == -1) {
                 rc = -1;
                 break;

@@ -8,7 +8,8 @@
 #include "util.h"
 
 static void put_le32(uint8_t *p, uint32_t v) {
-    p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8), p[2] = (uint8_t)(v >> 16), p[3] = (uint8_t)(v >> 24);
+    p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8), p[2] = (uint8_t)(v >> 16),
+    p[3] = (uint8_t)(v >> 24);
 }
 static uint32_t get_le32(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
@@ -25,7 +26,8 @@ int tokfile_write(const char *path, const uint16_t *tok, int64_t n) {
     put_le32(buf + 4, TOKFILE_VERSION);
     put_le32(buf + 8, (uint32_t)n);
     uint8_t *p = buf + TOKFILE_HEADER_BYTES;
-    for (int64_t i = 0; i < n; i++) p[2 * i] = (uint8_t)tok[i], p[2 * i + 1] = (uint8_t)(tok[i] >> 8);
+    for (int64_t i = 0; i < n; i++)
+        p[2 * i] = (uint8_t)tok[i], p[2 * i + 1] = (uint8_t)(tok[i] >> 8);
     int rc = tr_write_file(path, buf, bytes);
     free(buf);
     return rc;

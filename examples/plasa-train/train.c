@@ -72,8 +72,9 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
     } else if (cfg->init && model_load_params(m, cfg->init)) {
         goto done;
     }
-    fprintf(stderr, "plasa-train: %lld parameters, vocabulary %d, %lld training / %lld validation "
-                    "tokens\n",
+    fprintf(stderr,
+            "plasa-train: %lld parameters, vocabulary %d, %lld training / %lld validation "
+            "tokens\n",
             (long long)model_parameters(m), data->vocab, (long long)data->ntrain,
             (long long)data->nval);
 

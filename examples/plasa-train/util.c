@@ -115,8 +115,7 @@ int tr_mkdirs(const char *path) {
         }
     }
     struct stat st;
-    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
-        return tr_fail("%s is not a directory", path);
+    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode)) return tr_fail("%s is not a directory", path);
     return 0;
 }
 
