@@ -33,6 +33,7 @@
  * F = 0.537 + 0.573 GFLOP at V = 8192 (LM head + layers), I = 0.072 GFLOP. */
 #define _POSIX_C_SOURCE 200809L
 #include <dnnl.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,11 +69,11 @@ static flop_count model_flops(const tr_config *c, int vocab) {
         double k = c->layer_k[l], pairs = 0;
         for (int t = 0; t < c->seq; t++) pairs += k < t + 1 ? k : t + 1;
         f.fwd += 2 * N * d * 3 * d + 2 * N * d * d + 4 * B * d * pairs;
-        if (l % 2 == 1) /* MoE layers as model.c */
-            f.fwd += 2 * N * d * c->experts + c->top_experts * 6 * N * d * c->expert_ffn;
-        else
-            f.fwd += 6 * N * d * c->ffn;
-        if (c->layer_k[l] < c->seq) f.idx += 2 * N * d * (HI * dI + dI + HI) + 2 * B * HI * dI * causal;
+        bool moe = l % 2 == 1; /* as model.c */
+        f.fwd += moe ? 2 * N * d * c->experts + c->top_experts * 6 * N * d * c->expert_ffn
+                     : 6 * N * d * c->ffn;
+        if (c->layer_k[l] < c->seq)
+            f.idx += 2 * N * d * (HI * dI + dI + HI) + 2 * B * HI * dI * causal;
     }
     return f;
 }
@@ -124,14 +125,15 @@ static double gemm_floor(const tr_config *c, int vocab, int reps, double *flops)
         else dense++;
         sparse += c->layer_k[l] < c->seq;
     }
-#define G(M_, N_, K_, C_, B_) g[ng].m = M_, g[ng].n = N_, g[ng].k = K_, g[ng].count = C_, g[ng++].bwd = B_
-    G(N, 3 * d, d, c->layers, 1);                              /* QKV */
-    G(N, d, d, c->layers, 1);                                  /* output projection */
-    G(N, c->ffn, d, 2 * dense, 1);                             /* gate, up */
-    G(N, d, c->ffn, dense, 1);                                 /* down */
-    G(Ne, c->expert_ffn, d, 2 * moe * c->experts, 1);          /* expert gate, up */
-    G(Ne, d, c->expert_ffn, moe * c->experts, 1);              /* expert down */
-    G(N, (int64_t)vocab, d, 1, 1);                             /* LM head */
+#define G(M_, N_, K_, C_, B_)                                                                      \
+    g[ng].m = M_, g[ng].n = N_, g[ng].k = K_, g[ng].count = C_, g[ng++].bwd = B_
+    G(N, 3 * d, d, c->layers, 1);                                   /* QKV */
+    G(N, d, d, c->layers, 1);                                       /* output projection */
+    G(N, c->ffn, d, 2 * dense, 1);                                  /* gate, up */
+    G(N, d, c->ffn, dense, 1);                                      /* down */
+    G(Ne, c->expert_ffn, d, 2 * moe * c->experts, 1);               /* expert gate, up */
+    G(Ne, d, c->expert_ffn, moe * c->experts, 1);                   /* expert down */
+    G(N, (int64_t)vocab, d, 1, 1);                                  /* LM head */
     G(N, (int64_t)c->indexer_heads * c->indexer_dim, d, sparse, 0); /* indexer q */
 #undef G
     size_t big = 0;
@@ -190,8 +192,10 @@ int main(int argc, char **argv) {
     }
     if (steps < (peak_n > 0 ? 0 : 1) || warmup < 0 || vocab < 1 || peak_n < 0 || peak_reps < 1 ||
         schedule_k(cfg.schedule, cfg.layers, cfg.seq, cfg.layer_k)) {
-        fprintf(stderr, "bench_train: bad --steps, --warmup, --vocab, --sgemm-peak, --sgemm-reps "
-                        "or --schedule (%s)\n", tr_error());
+        fprintf(stderr,
+                "bench_train: bad --steps, --warmup, --vocab, --sgemm-peak, --sgemm-reps "
+                "or --schedule (%s)\n",
+                tr_error());
         return 2;
     }
     cfg.vocab = vocab;
@@ -255,19 +259,18 @@ int main(int argc, char **argv) {
         double ms = t_step[steps / 2], ems = t_eval[steps / 2];
         double tg_s = train_flops / (ms * 1e-3) * 1e-9, eg_s = eval_flops / (ems * 1e-3) * 1e-9;
         printf("schedule %s, vocab %d, batch %d, seq %d, threads %d, %lld parameters\n",
-               cfg.schedule, vocab, B, L, pl_get_num_threads(),
-               (long long)model_parameters(m));
+               cfg.schedule, vocab, B, L, pl_get_num_threads(), (long long)model_parameters(m));
         printf("model FLOPs (matrix products): train step %.3f GFLOP (forward %.3f, backward "
                "%.3f, indexer %.3f), eval batch %.3f GFLOP\n",
                train_flops * 1e-9, fc.fwd * 1e-9, 2 * fc.fwd * 1e-9, fc.idx * 1e-9,
                eval_flops * 1e-9);
-        printf("train step: median %.2f ms (min %.2f, max %.2f), %.0f tokens/s, %.1f GFLOP/s\n",
-               ms, t_step[0], t_step[steps - 1], B * L / (ms * 1e-3), tg_s);
+        printf("train step: median %.2f ms (min %.2f, max %.2f), %.0f tokens/s, %.1f GFLOP/s\n", ms,
+               t_step[0], t_step[steps - 1], B * L / (ms * 1e-3), tg_s);
         printf("eval batch: median %.2f ms (min %.2f, max %.2f), %.1f GFLOP/s\n", ems, t_eval[0],
                t_eval[steps - 1], eg_s);
         if (peak > 0)
-            printf("share of sgemm peak: train step %.1f%%, eval batch %.1f%%\n",
-                   100 * tg_s / peak, 100 * eg_s / peak);
+            printf("share of sgemm peak: train step %.1f%%, eval batch %.1f%%\n", 100 * tg_s / peak,
+                   100 * eg_s / peak);
         printf("result vocab=%d threads=%d train_ms=%.3f eval_ms=%.3f train_gflop=%.4f "
                "eval_gflop=%.4f peak_gflops=%.2f\n",
                vocab, pl_get_num_threads(), ms, ems, train_flops * 1e-9, eval_flops * 1e-9, peak);
