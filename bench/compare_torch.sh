@@ -6,13 +6,20 @@
 # (formula in bench/bench_train.c) and the share of the machine's sgemm peak.
 #
 #   bash bench/compare_torch.sh [--threads N] [--steps N] [--vocab 8192,49152]
-#                               [--build DIR] [--sgemm-n N] [--force]
+#                               [--build DIR] [--sgemm-n N] [--omp-wait POLICY] [--force]
 #
 # --threads N   OpenMP threads of libplasa, torch and OpenBLAS threads (default 2)
 # --steps N     timed steps per side (median reported; default 20, after 3 / 2 warm-up)
 # --vocab LIST  vocabularies (default 8192,49152)
 # --build DIR   CMake build directory (default build); bench_train is (re)built there
 # --sgemm-n N   size of the square products measuring the sgemm peak (default 2048)
+# --omp-wait P  OMP_WAIT_POLICY for both sides (default PASSIVE; "" leaves it unset).
+#               torch runs OpenMP threads for its own kernels and OpenBLAS pthreads for
+#               matrix products: with libgomp's default spin-waiting the idle OpenMP
+#               threads compete with OpenBLAS for the cores (here a torch step took
+#               2.2 s instead of 0.24 s with 2 threads). libplasa's kernels and oneDNN
+#               share one OpenMP pool, but spinning also costs it time when the machine
+#               is shared. PASSIVE for both is the fair setting.
 # --force       print ratios even if torch's BLAS looks slow
 #
 # Needs Debian's python3-torch and libopenblas0-pthread (tools/torch_ref/README.md);
@@ -24,7 +31,7 @@
 # machine they are noisy.
 set -euo pipefail
 
-threads=2 steps=20 vocab=8192,49152 build=build sgemm_n=2048 force=0
+threads=2 steps=20 vocab=8192,49152 build=build sgemm_n=2048 force=0 omp_wait=PASSIVE
 py=${PYTHON:-/usr/bin/python3}
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -33,18 +40,20 @@ while [ $# -gt 0 ]; do
     --vocab) vocab=$2; shift 2 ;;
     --build) build=$2; shift 2 ;;
     --sgemm-n) sgemm_n=$2; shift 2 ;;
+    --omp-wait) omp_wait=$2; shift 2 ;;
     --force) force=1; shift ;;
-    -h | --help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "compare_torch.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+if [ -n "$omp_wait" ]; then export OMP_WAIT_POLICY=$omp_wait; else unset OMP_WAIT_POLICY; fi
 
 echo "== machine"
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) cores online" \
     "($(grep -m1 '^flags' /proc/cpuinfo | grep -o -w -E 'avx2|avx512f|fma' | sort -u | tr '\n' ' '))"
-echo "threads: $threads (libplasa OpenMP, torch, OpenBLAS)"
+echo "threads: $threads (libplasa OpenMP, torch, OpenBLAS); OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-unset}"
 echo "load: $(uptime | sed 's/.*load average/load average/')"
 echo "libplasa: $(git describe --always --dirty 2>/dev/null || echo '?') (oneDNN sgemm)"
 

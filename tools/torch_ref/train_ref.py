@@ -239,7 +239,8 @@ def train(args):
     for step in range(args.steps):
         inp, tgt = win.batch(tok, step)
         t0 = time.perf_counter()
-        loss, norm = R.train_step(params, opt, cfg, inp, tgt, args.dropout, args.clip)
+        loss, norm = R.train_step(params, opt, cfg, inp, tgt, args.dropout, args.clip,
+                                  args.clip_f64)
         dt = time.perf_counter() - t0
         t_train += dt
         losses.append(loss)
@@ -260,6 +261,7 @@ def train(args):
         "parameters": R.param_count(params),
         "layer_k": cfg.layer_k,
         "windows": args.windows,
+        "clip_norm": "float64 (libplasa)" if args.clip_f64 else "float32 (clip_grad_norm_)",
         "reference": f"tools/torch_ref/train_ref.py (torch {torch.__version__})",
     }
     if args.val:
@@ -290,6 +292,9 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--clip-f64", action="store_true",
+                    help="gradient norm of the clipping in float64, as libplasa (default: torch's "
+                         "clip_grad_norm_, float32 norms)")
     ap.add_argument("--windows", default="philox", help="philox | sequential | FILE (README)")
     ap.add_argument("--csv", help="write step,loss,grad_norm,ms per step")
     ap.add_argument("--json", help="write the final JSON here too")
