@@ -99,11 +99,11 @@ def esc(s):
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def write_svg(path, steps, c, t, rel, rel64, title, tol):
-    W, H = 900, 760
+def write_svg(path, steps, c, t, rel, rel64, title, subtitle, tol):
+    W, H = 900, 790
     ml, mr = 90, 30
-    top = (60, 400)  # y range of the loss panel
-    bot = (480, 700)  # y range of the difference panel
+    top = (75, 400)  # y range of the loss panel
+    bot = (505, 725)  # y range of the difference panel
     pw = W - ml - mr
     xmin, xmax = 0, max(steps)
     xs = nice_step(xmax - xmin, 8)
@@ -116,7 +116,9 @@ def write_svg(path, steps, c, t, rel, rel64, title, tol):
            f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
            'font-family="DejaVu Sans, Helvetica, Arial, sans-serif">',
            '<rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{W / 2:.1f}" y="32" font-size="19" text-anchor="middle">{esc(title)}</text>']
+           f'<text x="{W / 2:.1f}" y="30" font-size="19" text-anchor="middle">{esc(title)}</text>',
+           f'<text x="{W / 2:.1f}" y="54" font-size="14" text-anchor="middle" fill="#444">'
+           f'{esc(subtitle)}</text>']
 
     def frame(y0, y1, ylo, yhi, yticks, ylabel, fmt):
         def py(y):
@@ -169,13 +171,13 @@ def write_svg(path, steps, c, t, rel, rel64, title, tol):
     for i, (vals, color, name) in enumerate(series):
         pts = " ".join(f"{px(s):.1f},{py2(v):.1f}" for s, v in zip(steps, vals))
         out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.2" points="{pts}"/>')
-        y = bot[0] + 18 + 18 * i
+        y = 448 + 18 * i
         out.append(f'<line x1="{ml + 10}" y1="{y - 4}" x2="{ml + 40}" y2="{y - 4}" stroke="{color}" '
                    f'stroke-width="2"/><text x="{ml + 48}" y="{y}" font-size="12">libplasa {esc(name)}'
                    '</text>')
     if floor_v and lo2 <= math.log10(floor_v):
-        out.append(f'<text x="{ml + pw - 6}" y="{bot[1] - 6}" font-size="11" text-anchor="end" '
-                   f'fill="#666">values below {floor_v:g} drawn at {floor_v:g} (CSV losses have 6 '
+        out.append(f'<text x="{ml + pw}" y="{H - 22}" font-size="11" text-anchor="end" '
+                   f'fill="#666">values below {floor_v:g} drawn at {floor_v:g} (the CSVs have 6 '
                    'decimals)</text>')
     out.append(f'<text x="{ml + pw / 2:.1f}" y="{H - 22}" font-size="15" text-anchor="middle">step</text>')
     out.append("</svg>")
@@ -201,6 +203,8 @@ def main():
     ap.add_argument("--svg", default=os.path.join(ROOT, "docs", "curve_parity.svg"))
     ap.add_argument("--tolerance", type=float, default=0.01)
     ap.add_argument("--no-clip64", action="store_true", help="skip the --clip-f64 reference run")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take the runs' CSV/JSON files from --work instead of training again")
     args = ap.parse_args()
     if not os.access(args.plasa_train, os.X_OK):
         sys.exit(f"compare_curves: {args.plasa_train} not found: build it first "
@@ -214,8 +218,12 @@ def main():
     os.makedirs(work, exist_ok=True)
     train_bin, val_bin = token_files(args)
     V = 8192
+    if args.reuse and not args.work:
+        ap.error("--reuse needs --work DIR")
     init = args.init
-    if not init:
+    if args.reuse:
+        pass
+    elif not init:
         init = os.path.join(work, "init.safetensors")
         cfg = R.Config(vocab=V)
         R.save_safetensors(init, R.init_params(cfg, args.seed),
@@ -225,14 +233,18 @@ def main():
               "--dropout", "0"]
     c_csv, c_json = os.path.join(work, "plasa.csv"), os.path.join(work, "plasa.json")
     t_csv, t_json = os.path.join(work, "torch.csv"), os.path.join(work, "torch.json")
-    run([args.plasa_train, "--train-bin", train_bin, "--val-bin", val_bin, "--vocab", str(V),
-         "--init", init, "--eval-every", "0", "--csv", c_csv, "--json", c_json] + common,
-        stdout=subprocess.DEVNULL)
+    if not args.reuse:
+        run([args.plasa_train, "--train-bin", train_bin, "--val-bin", val_bin, "--vocab", str(V),
+             "--init", init, "--eval-every", "0", "--csv", c_csv, "--json", c_json] + common,
+            stdout=subprocess.DEVNULL)
     ref = [sys.executable, os.path.join(HERE, "torch_ref", "train_ref.py"), "--train", train_bin,
            "--val", val_bin, "--init", init, "--windows", "philox", "--log-every", "50"] + common
-    run(ref + ["--csv", t_csv, "--json", t_json], stdout=subprocess.DEVNULL)
     t64_csv, t64_json = os.path.join(work, "torch_clip64.csv"), os.path.join(work, "torch_clip64.json")
-    if not args.no_clip64:
+    if not args.reuse:
+        run(ref + ["--csv", t_csv, "--json", t_json], stdout=subprocess.DEVNULL)
+    if args.reuse and not os.path.exists(t64_csv):
+        args.no_clip64 = True
+    if not args.no_clip64 and not args.reuse:
         run(ref + ["--clip-f64", "--csv", t64_csv, "--json", t64_json], stdout=subprocess.DEVNULL)
 
     c = read_c_csv(c_csv)
@@ -259,13 +271,16 @@ def main():
     with open(t_json) as f:
         tj = json.load(f)
     imax = max(range(len(rel)), key=lambda i: rel[i])
-    title = (f"plasa-train vs PyTorch reference: {args.steps} steps, same init and windows, "
-             f"dropout 0 (max rel. diff {rel[imax]:.1e})")
-    write_svg(args.svg, steps, cl, tl, rel, rel64, title, args.tolerance)
+    title = "libplasa (plasa-train) vs PyTorch reference (train_ref.py): training loss"
+    subtitle = (f"Brown, V 8192, same init and windows, dropout 0, {args.threads} threads: "
+                f"max rel. diff {rel[imax]:.1e}"
+                + (f" ({max(rel64):.1e} with --clip-f64)" if rel64 else ""))
+    write_svg(args.svg, steps, cl, tl, rel, rel64, title, subtitle, args.tolerance)
 
     def first_above(x):
         return next((s for s, r in zip(steps, rel) if r > x), None)
 
+    print(f"libplasa run: {c_csv}; reference: {t_csv}" + ("" if args.no_clip64 else f", {t64_csv}"))
     print(f"steps compared: {len(steps)} (1..{steps[-1]})")
     print(f"max relative difference: {rel[imax]:.3e} at step {steps[imax]} "
           f"(libplasa {cl[imax]:.6f}, torch {tl[imax]:.6f})")
