@@ -47,6 +47,19 @@ def decisions(aux):
     return sel, rt
 
 
+def zero_ties(aux):
+    """Sparse rows whose top-k boundary falls inside a block of exact-zero scores: the k-th
+    and (k+1)-th largest I of the row are both 0 (every ReLU argument of those keys < 0).
+    Both implementations give such ties to the smaller s; they are only dangerous if a
+    ReLU argument is within rounding of 0 (then the shadow count sees a flip)."""
+    n = 0
+    for k, I, _, _ in aux.get("indexer", []):
+        L = I.shape[-1]
+        v = torch.sort(I, dim=-1, descending=True).values[:, k:, :]  # rows t >= k
+        n += int(((v[..., k - 1] == 0) & (v[..., k] == 0)).sum()) if L > k else 0
+    return n
+
+
 def flips(a, b):
     """(rows whose top-k set differs, tokens whose top-2 expert set differs)."""
     rows = sum(int((x != y).any(-1).sum()) for x, y in zip(a[0], b[0]))
@@ -55,7 +68,8 @@ def flips(a, b):
 
 
 def step(params, opt, cfg, inp, tgt, mm, clip=1.0, clip64=False):
-    """train_ref's step (R.train_step) with the decisions of its forward pass."""
+    """train_ref's step (R.train_step) with the decisions of its forward pass and the
+    number of exact-zero boundary ties."""
     R.mm = mm
     opt.zero_grad(set_to_none=True)
     aux = {}
@@ -70,7 +84,7 @@ def step(params, opt, cfg, inp, tgt, mm, clip=1.0, clip64=False):
         torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
     opt.step()
     R.mm = MM_PLAIN
-    return loss.item(), decisions(aux)
+    return loss.item(), decisions(aux), zero_ties(aux)
 
 
 def main():
@@ -100,7 +114,7 @@ def main():
     out = open(args.csv, "w") if args.csv else None
     head = ("step,f32,ksplit,f64,clip64,libplasa,rel_ksplit,rel_f64,rel_clip64,rel_libplasa,"
             "libplasa_vs_clip64,shadow_topk_rows,shadow_router_tokens,ksplit_topk_rows,"
-            "ksplit_router_tokens")
+            "ksplit_router_tokens,zero_tie_rows")
     if out:
         out.write(head + "\n")
     print(head)
@@ -113,9 +127,9 @@ def main():
             R.forward(OrderedDict((n, t.detach().double()) for n, t in p32.items()), cfg, inp, 0.0,
                       aux)
             d64 = decisions(aux)
-        loss, dec = {}, {}
+        loss, dec, zt = {}, {}, {}
         for name, (p, opt, mm, c64) in runs.items():
-            loss[name], dec[name] = step(p, opt, cfg, inp, tgt, mm, clip64=c64)
+            loss[name], dec[name], zt[name] = step(p, opt, cfg, inp, tgt, mm, clip64=c64)
         sh = flips(dec["f32"], d64)
         ks = flips(dec["f32"], dec["ksplit"])
         c = cl.get(s + 1, float("nan"))
@@ -123,7 +137,7 @@ def main():
         row = [s + 1, f, loss["ksplit"], loss["f64"], loss["clip64"], c,
                abs(loss["ksplit"] - f) / f, abs(loss["f64"] - f) / f,
                abs(loss["clip64"] - f) / f, abs(c - f) / f,
-               abs(c - loss["clip64"]) / loss["clip64"], sh[0], sh[1], ks[0], ks[1]]
+               abs(c - loss["clip64"]) / loss["clip64"], sh[0], sh[1], ks[0], ks[1], zt["f32"]]
         line = ",".join(f"{v:.9g}" if isinstance(v, float) else str(v) for v in row[:6]) + "," + \
             ",".join(f"{v:.3e}" if isinstance(v, float) else str(v) for v in row[6:])
         if out:
