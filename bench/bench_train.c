@@ -191,12 +191,13 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench_train: %s needs a value\n", argv[argc - 1]);
         return 2;
     }
-    if (steps < (peak_n > 0 ? 0 : 1) || warmup < 0 || vocab < 1 || peak_n < 0 || peak_reps < 1 ||
-        schedule_k(cfg.schedule, cfg.layers, cfg.seq, cfg.layer_k)) {
-        fprintf(stderr,
-                "bench_train: bad --steps, --warmup, --vocab, --sgemm-peak, --sgemm-reps "
-                "or --schedule (%s)\n",
-                tr_error());
+    if (steps < (peak_n > 0 ? 0 : 1) || warmup < 0 || vocab < 1 || peak_n < 0 || peak_reps < 1) {
+        fprintf(stderr, "bench_train: bad value: --steps >= 1 (0 only with --sgemm-peak), "
+                        "--warmup >= 0, --vocab >= 1, --sgemm-peak >= 0, --sgemm-reps >= 1\n");
+        return 2;
+    }
+    if (schedule_k(cfg.schedule, cfg.layers, cfg.seq, cfg.layer_k)) {
+        fprintf(stderr, "bench_train: %s\n", tr_error());
         return 2;
     }
     cfg.vocab = vocab;
