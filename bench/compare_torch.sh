@@ -60,6 +60,8 @@ echo "libplasa: $(git describe --always --dirty 2>/dev/null || echo '?') (oneDNN
 echo "== build ($build/bench/bench_train)"
 [ -f "$build/CMakeCache.txt" ] || cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$build" -j2 --target bench_train >/dev/null
+btype=$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$build/CMakeCache.txt")
+echo "build type: ${btype:-none}$([ "$btype" = Release ] || echo '  <- not Release: libplasa timings are not representative')"
 bench=$build/bench/bench_train
 
 echo "== torch's BLAS (tools/torch_ref/blas_check.py --n $sgemm_n --threads $threads)"
