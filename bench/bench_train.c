@@ -1,8 +1,40 @@
 /* Training-step benchmark of the PLASA benchmark model (plasa-train's model):
  * ms per step (forward, backward, clip, AdamW) and per evaluation batch at
  * the default configuration, on random tokens (speed does not depend on the
- * text). Usage: bench_train [--steps N] [--warmup N] [--vocab V]
- * [--schedule NAME] [--threads N] [--indexer-loss W]. */
+ * text), with the step's matrix-product FLOPs and GFLOP/s.
+ *
+ * Usage: bench_train [--steps N] [--warmup N] [--vocab V] [--schedule NAME]
+ *                    [--threads N] [--indexer-loss W] [--sgemm-peak N] [--sgemm-reps R]
+ *
+ * --sgemm-peak N (N > 0) first measures the machine's sgemm peak in this run:
+ * the best of R (default 5) row-major N x N x N dnnl_sgemm products (oneDNN,
+ * the library's matrix-product backend, same threads), and prints the model's
+ * GFLOP/s as a share of it, plus the "GEMM floor" of a training step: the
+ * summed best times of the step's own projection products (their shapes, run
+ * alone by dnnl_sgemm). With --steps 0 only the sgemm figures are printed.
+ *
+ * FLOPs of one training step (model FLOPs: matrix products only, 2 per
+ * multiply-add; norms, softmax, RoPE, cross-entropy and the optimiser are
+ * not counted). N = B*L tokens, d width, H*D = d, V vocabulary, per layer l
+ * P_l = sum_t min(k_l, t+1) query-key pairs (dense layer: L(L+1)/2), and
+ * C = L(L+1)/2 causal pairs:
+ *   F   = 2NdV                                        LM head
+ *       + sum_l [ 2N d 3d + 2N d d                    QKV, output projection
+ *               + 4 B d P_l                           q.k and p.v over kept pairs
+ *               + FFN_l ]
+ *   FFN_l = 6 N d F_ffn (SwiGLU layers: gate, up, down)
+ *         | 2 N d E + top * 6 N d F_e (MoE layers: router, top-2 experts)
+ *   I   = sum_{l: k_l < L} [ 2N d (H_I d_I + d_I + H_I) + 2 B H_I d_I C ]
+ *                                                     lightning indexer (no backward)
+ *   train step = 3F + I   (backward = 2F: every product gets the gradient of
+ *                          both operands; the embedding gradient is a gather)
+ *   eval batch = F + I
+ * With the defaults (B 2, L 128, d 128, progressive k 128,32,32,64):
+ * F = 0.537 + 0.559 GFLOP at V = 8192 (LM head + layers), I = 0.089 GFLOP:
+ * a training step is 3.378 GFLOP (V = 49152: 11.431), an eval batch 1.185 (3.870). */
+#define _POSIX_C_SOURCE 200809L
+#include <dnnl.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,10 +57,125 @@ static int cmp(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+typedef struct {
+    double fwd, idx; /* forward products with gradients; indexer (forward only) */
+} flop_count;
+
+/* The formula at the top of this file. */
+static flop_count model_flops(const tr_config *c, int vocab) {
+    double B = c->batch, L = c->seq, N = B * L, d = c->dim, V = vocab;
+    double HI = c->indexer_heads, dI = c->indexer_dim, causal = L * (L + 1) / 2;
+    flop_count f = {2 * N * d * V, 0};
+    for (int l = 0; l < c->layers; l++) {
+        double k = c->layer_k[l], pairs = 0;
+        for (int t = 0; t < c->seq; t++) pairs += k < t + 1 ? k : t + 1;
+        f.fwd += 2 * N * d * 3 * d + 2 * N * d * d + 4 * B * d * pairs;
+        bool moe = l % 2 == 1; /* as model.c */
+        f.fwd += moe ? 2 * N * d * c->experts + c->top_experts * 6 * N * d * c->expert_ffn
+                     : 6 * N * d * c->ffn;
+        if (c->layer_k[l] < c->seq)
+            f.idx += 2 * N * d * (HI * dI + dI + HI) + 2 * B * HI * dI * causal;
+    }
+    return f;
+}
+
+/* Best time (s) of `reps` products C[M,N] = op(A) op(B), op(A) [M,K]. */
+static double time_sgemm(char ta, char tb, int64_t M, int64_t N, int64_t K, int reps, float *A,
+                         float *Bm, float *C) {
+    int64_t lda = ta == 'N' ? K : M, ldb = tb == 'N' ? N : K;
+    double best = 1e30;
+    for (int r = 0; r < reps + 1; r++) { /* +1: the first call warms up */
+        double t0 = now();
+        if (dnnl_sgemm(ta, tb, M, N, K, 1.0f, A, lda, Bm, ldb, 0.0f, C, N) != dnnl_success)
+            return -1;
+        double t = now() - t0;
+        if (r && t < best) best = t;
+    }
+    return best;
+}
+
+/* Peak: best of reps n^3 products. GFLOP/s, or -1. */
+static double sgemm_peak(int n, int reps) {
+    size_t sz = (size_t)n * (size_t)n;
+    float *A = malloc(sizeof(float) * sz), *Bm = malloc(sizeof(float) * sz);
+    float *C = malloc(sizeof(float) * sz);
+    double g = -1;
+    if (A && Bm && C) {
+        for (size_t i = 0; i < sz; i++) A[i] = (float)(i % 7) * 0.1f, Bm[i] = (float)(i % 5) * 0.1f;
+        double t = time_sgemm('N', 'N', n, n, n, reps, A, Bm, C);
+        if (t > 0) g = 2.0 * n * (double)n * n / t * 1e-9;
+    }
+    free(A), free(Bm), free(C);
+    return g;
+}
+
+/* The projection products of one training step, each timed alone (forward
+ * Y = X W: M tokens, N out, K in; backward dX = dY W^T and dW = X^T dY;
+ * indexer: forward only). Experts get N*top/E tokens each. Returns the summed
+ * seconds (and the FLOPs they cover in *flops), or -1. */
+static double gemm_floor(const tr_config *c, int vocab, int reps, double *flops) {
+    int64_t N = (int64_t)c->batch * c->seq, d = c->dim;
+    int64_t Ne = N * c->top_experts / c->experts;
+    struct {
+        int64_t m, n, k, count;
+        int bwd;
+    } g[8];
+    int ng = 0, dense = 0, moe = 0, sparse = 0;
+    for (int l = 0; l < c->layers; l++) {
+        if (l % 2 == 1)
+            moe++;
+        else
+            dense++;
+        sparse += c->layer_k[l] < c->seq;
+    }
+#define G(M_, N_, K_, C_, B_)                                                                      \
+    g[ng].m = M_, g[ng].n = N_, g[ng].k = K_, g[ng].count = C_, g[ng++].bwd = B_
+    G(N, 3 * d, d, c->layers, 1);                                   /* QKV */
+    G(N, d, d, c->layers, 1);                                       /* output projection */
+    G(N, c->ffn, d, 2 * dense, 1);                                  /* gate, up */
+    G(N, d, c->ffn, dense, 1);                                      /* down */
+    G(Ne, c->expert_ffn, d, 2 * moe * c->experts, 1);               /* expert gate, up */
+    G(Ne, d, c->expert_ffn, moe * c->experts, 1);                   /* expert down */
+    G(N, (int64_t)vocab, d, 1, 1);                                  /* LM head */
+    G(N, (int64_t)c->indexer_heads * c->indexer_dim, d, sparse, 0); /* indexer q */
+#undef G
+    size_t big = 0;
+    for (int i = 0; i < ng; i++) {
+        size_t s[3] = {(size_t)(g[i].m * g[i].k), (size_t)(g[i].k * g[i].n),
+                       (size_t)(g[i].m * g[i].n)};
+        for (int j = 0; j < 3; j++)
+            if (s[j] > big) big = s[j];
+    }
+    float *A = calloc(big, sizeof(float)), *Bm = calloc(big, sizeof(float));
+    float *C = calloc(big, sizeof(float));
+    double total = -1;
+    *flops = 0;
+    if (A && Bm && C) {
+        total = 0;
+        for (int i = 0; i < ng && total >= 0; i++) {
+            if (!g[i].count || !g[i].m) continue;
+            int64_t m = g[i].m, n = g[i].n, k = g[i].k;
+            double t = time_sgemm('N', 'N', m, n, k, reps, A, Bm, C);
+            if (g[i].bwd) {
+                double tx = time_sgemm('N', 'T', m, k, n, reps, A, Bm, C);
+                double tw = time_sgemm('T', 'N', k, n, m, reps, A, Bm, C);
+                t = tx < 0 || tw < 0 ? -1 : t + tx + tw;
+            }
+            if (t < 0)
+                total = -1;
+            else
+                total += t * (double)g[i].count;
+            *flops += 2.0 * m * n * k * (g[i].bwd ? 3 : 1) * (double)g[i].count;
+        }
+    }
+    free(A), free(Bm), free(C);
+    return total;
+}
+
 int main(int argc, char **argv) {
     tr_config cfg;
     cli_defaults(&cfg);
-    int steps = 30, warmup = 5, vocab = 8192;
+    int steps = 30, warmup = 5, vocab = 8192, peak_n = 0, peak_reps = 5;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--steps"))
             steps = atoi(argv[i + 1]);
@@ -42,16 +189,54 @@ int main(int argc, char **argv) {
             cfg.threads = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--indexer-loss"))
             cfg.indexer_loss = atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "--sgemm-peak"))
+            peak_n = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--sgemm-reps"))
+            peak_reps = atoi(argv[i + 1]);
         else {
-            fprintf(stderr, "bench_train: unknown flag %s\n", argv[i]);
+            fprintf(stderr, "bench_train: unknown flag %s (or a flag without its value)\n",
+                    argv[i]);
             return 2;
         }
     }
-    if (steps < 1 || schedule_k(cfg.schedule, cfg.layers, cfg.seq, cfg.layer_k)) {
-        fprintf(stderr, "bench_train: bad --steps or --schedule: %s\n", tr_error());
+    if (argc % 2 == 0) {
+        fprintf(stderr, "bench_train: %s needs a value\n", argv[argc - 1]);
+        return 2;
+    }
+    if (steps < (peak_n > 0 ? 0 : 1) || warmup < 0 || vocab < 1 || peak_n < 0 || peak_reps < 1) {
+        fprintf(stderr, "bench_train: bad value: --steps >= 1 (0 only with --sgemm-peak), "
+                        "--warmup >= 0, --vocab >= 1, --sgemm-peak >= 0, --sgemm-reps >= 1\n");
+        return 2;
+    }
+    if (schedule_k(cfg.schedule, cfg.layers, cfg.seq, cfg.layer_k)) {
+        fprintf(stderr, "bench_train: %s\n", tr_error());
         return 2;
     }
     cfg.vocab = vocab;
+    if (cfg.threads > 0) pl_set_num_threads(cfg.threads);
+    flop_count fc = model_flops(&cfg, vocab);
+    double train_flops = 3 * fc.fwd + fc.idx, eval_flops = fc.fwd + fc.idx;
+    double peak = 0;
+    if (peak_n > 0) {
+        peak = sgemm_peak(peak_n, peak_reps);
+        if (peak < 0) {
+            fprintf(stderr, "bench_train: dnnl_sgemm failed (or out of memory) at N = %d\n",
+                    peak_n);
+            return 1;
+        }
+        printf("sgemm peak: dnnl_sgemm %d x %d x %d, best of %d, threads %d: %.1f GFLOP/s\n",
+               peak_n, peak_n, peak_n, peak_reps, pl_get_num_threads(), peak);
+        double gf, floor_s = gemm_floor(&cfg, vocab, peak_reps, &gf);
+        if (floor_s > 0)
+            printf("gemm floor: the step's projection products alone (vocab %d): %.2f ms for "
+                   "%.3f GFLOP, %.1f GFLOP/s (%.0f%% of peak)\n",
+                   vocab, floor_s * 1e3, gf * 1e-9, gf / floor_s * 1e-9,
+                   100 * gf / floor_s * 1e-9 / peak);
+        if (steps == 0) {
+            printf("result peak_gflops=%.2f\n", peak);
+            return 0;
+        }
+    }
     tr_model *m = model_create(&cfg, vocab);
     if (!m) {
         fprintf(stderr, "bench_train: %s\n", tr_error());
@@ -85,12 +270,24 @@ int main(int argc, char **argv) {
     } else {
         qsort(t_step, steps, sizeof *t_step, cmp);
         qsort(t_eval, steps, sizeof *t_eval, cmp);
-        double ms = t_step[steps / 2];
+        double ms = t_step[steps / 2], ems = t_eval[steps / 2];
+        double tg_s = train_flops / (ms * 1e-3) * 1e-9, eg_s = eval_flops / (ems * 1e-3) * 1e-9;
         printf("schedule %s, vocab %d, batch %d, seq %d, threads %d, %lld parameters\n",
                cfg.schedule, vocab, B, L, pl_get_num_threads(), (long long)model_parameters(m));
-        printf("train step: median %.2f ms (min %.2f, max %.2f), %.0f tokens/s\n", ms, t_step[0],
-               t_step[steps - 1], B * L / (ms * 1e-3));
-        printf("eval batch: median %.2f ms\n", t_eval[steps / 2]);
+        printf("model FLOPs (matrix products): train step %.3f GFLOP (forward %.3f, backward "
+               "%.3f, indexer %.3f), eval batch %.3f GFLOP\n",
+               train_flops * 1e-9, fc.fwd * 1e-9, 2 * fc.fwd * 1e-9, fc.idx * 1e-9,
+               eval_flops * 1e-9);
+        printf("train step: median %.2f ms (min %.2f, max %.2f), %.0f tokens/s, %.1f GFLOP/s\n", ms,
+               t_step[0], t_step[steps - 1], B * L / (ms * 1e-3), tg_s);
+        printf("eval batch: median %.2f ms (min %.2f, max %.2f), %.1f GFLOP/s\n", ems, t_eval[0],
+               t_eval[steps - 1], eg_s);
+        if (peak > 0)
+            printf("share of sgemm peak: train step %.1f%%, eval batch %.1f%%\n", 100 * tg_s / peak,
+                   100 * eg_s / peak);
+        printf("result vocab=%d threads=%d train_ms=%.3f eval_ms=%.3f train_gflop=%.4f "
+               "eval_gflop=%.4f peak_gflops=%.2f\n",
+               vocab, pl_get_num_threads(), ms, ems, train_flops * 1e-9, eval_flops * 1e-9, peak);
     }
     free(in);
     free(tg);

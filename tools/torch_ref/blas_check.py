@@ -1,13 +1,14 @@
 #!/usr/bin/python3
 """Which BLAS does torch use here, and how fast is a 1024x1024x1024 float32 matmul?
 
-  /usr/bin/python3 tools/torch_ref/blas_check.py [--reps 10]
+  /usr/bin/python3 tools/torch_ref/blas_check.py [--reps 10] [--n 1024] [--threads 1,2]
 
 Prints the BLAS library torch's libtorch_cpu.so resolved (from /proc/self/maps), the
 OpenBLAS configuration if it is OpenBLAS, the OPENBLAS_* environment, and the best time
-and GFLOP/s of `a @ b` for 1 and 2 threads (torch.set_num_threads and
+and GFLOP/s of `a @ b` (n x n x n) for 1 and 2 threads (or --threads) (torch.set_num_threads and
 openblas_set_num_threads set alike). ~5 GFLOP/s or less means the reference (netlib)
-BLAS: see README.md, "BLAS".
+BLAS: see README.md, "BLAS". The last line is machine-readable:
+"result n=N threads=T gflops=G ..." (one pair per thread count; bench/compare_torch.sh).
 """
 
 import argparse
@@ -42,6 +43,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--n", type=int, default=1024)
+    ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
     args = ap.parse_args()
     n = args.n
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -54,7 +56,8 @@ def main():
         print("OpenBLAS not loaded (reference BLAS or another library)")
     env = {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS") or k.endswith("NUM_THREADS")}
     print(f"environment: {env or 'no OPENBLAS_* / *_NUM_THREADS variables'}")
-    for nt in (1, 2):
+    res = []
+    for nt in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(nt)
         if ob:
             ob.openblas_set_num_threads(nt)
@@ -65,7 +68,10 @@ def main():
             t = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t)
-        print(f"threads {nt}: best of {args.reps} {best * 1e3:8.1f} ms  {2 * n ** 3 / best / 1e9:6.1f} GFLOP/s")
+        gf = 2 * n ** 3 / best / 1e9
+        print(f"threads {nt}: best of {args.reps} {best * 1e3:8.1f} ms  {gf:6.1f} GFLOP/s")
+        res.append(f"threads={nt} gflops={gf:.2f}")
+    print(f"result n={n} {' '.join(res)}")
 
 
 if __name__ == "__main__":

@@ -331,18 +331,38 @@ def make_optimizer(params, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.
                              weight_decay=weight_decay, foreach=False)
 
 
-def train_step(params, opt, cfg: Config, inputs, targets, dropout=0.0, clip=1.0):
-    """forward, loss, backward, clip (clip_grad_norm_: g *= min(1, clip / (norm + 1e-6))),
-    AdamW. Returns (loss, grad norm before clipping)."""
+def clip_grad_norm_f64(params, clip):
+    """Clipping as libplasa's pl_clip_grad_norm: norm = sqrt(sum g^2) accumulated in float64,
+    coef = clip / (norm + 1e-6) in float64, and only if coef < 1 every gradient times
+    (float32) coef. torch 1.13's clip_grad_norm_ computes the norms in float32, which is
+    off by ~1e-4 relative for the [128, 8192] LM-head gradient (see docs/benchmarks.md,
+    "Training-curve parity"). Returns the norm."""
+    grads = [p.grad for p in params.values()]
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+    coef = clip / (norm + 1e-6)
+    if coef < 1.0:
+        cf = torch.tensor(coef, dtype=torch.float32)
+        for g in grads:
+            g.mul_(cf)
+    return norm
+
+
+def train_step(params, opt, cfg: Config, inputs, targets, dropout=0.0, clip=1.0, clip_f64=False):
+    """forward, loss, backward, clip (clip_grad_norm_: g *= min(1, clip / (norm + 1e-6));
+    with clip_f64 the norm in float64 as libplasa, clip_grad_norm_f64), AdamW.
+    Returns (loss, grad norm before clipping)."""
     opt.zero_grad(set_to_none=True)
     loss = loss_fn(forward(params, cfg, inputs, dropout), targets)
     loss.backward()
     for p in params.values():  # indexer: no gradient, but AdamW must still decay it
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    norm = torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
+    if clip_f64:
+        norm = clip_grad_norm_f64(params, clip)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(list(params.values()), clip).item()
     opt.step()
-    return loss.item(), norm.item()
+    return loss.item(), norm
 
 
 def param_count(params):

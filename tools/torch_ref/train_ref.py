@@ -16,6 +16,7 @@ import ctypes
 import json
 import math
 import os
+import statistics
 import struct
 import sys
 import time
@@ -162,11 +163,16 @@ def blas_name():
 
 
 def bench(args):
-    print(f"# torch {torch.__version__}, BLAS: {blas_name()}")
+    """Per (vocabulary, threads): 2 warm-up steps, then --bench-steps timed training steps and
+    evaluation batches; the median (and min) of the per-step times. Besides the table, one
+    machine-readable line per row: "result vocab=V threads=N train_ms=.. eval_ms=.." (medians;
+    bench/compare_torch.sh reads these)."""
+    print(f"# torch {torch.__version__}")
     print(f"# model: benchmark config, schedule {args.schedule}, batch {args.batch}, seq {args.seq}, "
-          f"dropout {args.dropout}; {args.bench_steps} timed steps after 2 warm-up steps")
-    print(f"{'vocab':>6} {'threads':>7} {'train ms/step':>14} {'tok/s':>8} {'eval ms/batch':>14} "
-          f"{'params':>9}")
+          f"dropout {args.dropout}; median of {args.bench_steps} timed steps after 2 warm-up steps")
+    print(f"{'vocab':>6} {'threads':>7} {'train ms/step':>14} {'(min)':>7} {'tok/s':>8} "
+          f"{'eval ms/batch':>14} {'(min)':>7} {'params':>9}")
+    results = []
     for V in [int(v) for v in args.bench_vocab.split(",")]:
         cfg = R.Config(vocab=V, seq=args.seq, layer_k=R.schedule_k(args.schedule, 4, args.seq))
         for nt in [int(t) for t in args.threads.split(",")]:
@@ -179,21 +185,30 @@ def bench(args):
             inp, tgt = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
             for _ in range(2):
                 R.train_step(params, opt, cfg, inp, tgt, args.dropout)
-            t0 = time.perf_counter()
+            tr = []
             for _ in range(args.bench_steps):
+                t0 = time.perf_counter()
                 R.train_step(params, opt, cfg, inp, tgt, args.dropout)
-            tr = (time.perf_counter() - t0) / args.bench_steps
+                tr.append(time.perf_counter() - t0)
+            ev = []
             with torch.no_grad():
                 for _ in range(2):
                     R.loss_fn(R.forward(params, cfg, inp), tgt).item()
-                t0 = time.perf_counter()
                 for _ in range(args.bench_steps):
+                    t0 = time.perf_counter()
                     lg = R.forward(params, cfg, inp)
                     R.loss_fn(lg, tgt).item()
                     (lg.argmax(-1) == tgt).sum().item()
-                ev = (time.perf_counter() - t0) / args.bench_steps
-            print(f"{V:>6} {nt:>7} {tr * 1e3:>14.1f} {args.batch * args.seq / tr:>8.0f} "
-                  f"{ev * 1e3:>14.1f} {R.param_count(params):>9}", flush=True)
+                    ev.append(time.perf_counter() - t0)
+            trm, evm = statistics.median(tr), statistics.median(ev)
+            print(f"{V:>6} {nt:>7} {trm * 1e3:>14.1f} {min(tr) * 1e3:>7.1f} "
+                  f"{args.batch * args.seq / trm:>8.0f} {evm * 1e3:>14.1f} {min(ev) * 1e3:>7.1f} "
+                  f"{R.param_count(params):>9}", flush=True)
+            results.append(f"result vocab={V} threads={nt} train_ms={trm * 1e3:.3f} "
+                           f"eval_ms={evm * 1e3:.3f}")
+    print(f"# BLAS: {blas_name()}")
+    for r in results:
+        print(r)
 
 
 def train(args):
@@ -224,7 +239,8 @@ def train(args):
     for step in range(args.steps):
         inp, tgt = win.batch(tok, step)
         t0 = time.perf_counter()
-        loss, norm = R.train_step(params, opt, cfg, inp, tgt, args.dropout, args.clip)
+        loss, norm = R.train_step(params, opt, cfg, inp, tgt, args.dropout, args.clip,
+                                  args.clip_f64)
         dt = time.perf_counter() - t0
         t_train += dt
         losses.append(loss)
@@ -245,6 +261,7 @@ def train(args):
         "parameters": R.param_count(params),
         "layer_k": cfg.layer_k,
         "windows": args.windows,
+        "clip_norm": "float64 (libplasa)" if args.clip_f64 else "float32 (clip_grad_norm_)",
         "reference": f"tools/torch_ref/train_ref.py (torch {torch.__version__})",
     }
     if args.val:
@@ -275,6 +292,9 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--clip-f64", action="store_true",
+                    help="gradient norm of the clipping in float64, as libplasa (default: torch's "
+                         "clip_grad_norm_, float32 norms)")
     ap.add_argument("--windows", default="philox", help="philox | sequential | FILE (README)")
     ap.add_argument("--csv", help="write step,loss,grad_norm,ms per step")
     ap.add_argument("--json", help="write the final JSON here too")
