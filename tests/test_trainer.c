@@ -27,30 +27,6 @@
 
 /* ---- files and processes ---------------------------------------------------------------- */
 
-static char tmpdir[256];
-
-static void mk_tmp(void) {
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/plasa-trainer-XXXXXX");
-    ck_assert_ptr_nonnull(mkdtemp(tmpdir));
-}
-static void rm_tmp(void) {
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    ck_assert_int_eq(system(cmd), 0);
-}
-static const char *tmp_path(const char *name) {
-    static char buf[32][512]; /* a ring: up to 32 paths live at once */
-    static int k;
-    k = (k + 1) % 32;
-    snprintf(buf[k], sizeof buf[k], "%s/%s", tmpdir, name);
-    return buf[k];
-}
-static void write_bytes(const char *path, const void *p, size_t n) {
-    FILE *f = fopen(path, "wb");
-    ck_assert_ptr_nonnull(f);
-    ck_assert_uint_eq(fwrite(p, 1, n, f), n);
-    fclose(f);
-}
 static char *read_text(const char *path) {
     tr_buf b = {0};
     ck_assert_msg(tr_read_file(path, &b) == 0, "%s", tr_error());
@@ -82,7 +58,7 @@ static void write_corpus(const char *path, int docs, uint64_t seed) {
         tr_buf_append(&b, "\n\n", 2);
     }
 #undef PICK
-    write_bytes(path, b.data, b.len);
+    tu_write_bytes(path, b.data, b.len);
     tr_buf_free(&b);
 }
 
@@ -277,14 +253,14 @@ static void parse_cfg(tr_config *c, const char *line) {
 /* ---- 1. a short run learns, and its JSON is consistent ---------------------------------- */
 
 START_TEST(short_run_learns) {
-    mk_tmp();
-    write_corpus(tmp_path("corpus.txt"), 60, 1);
+    tu_mk_tmp();
+    write_corpus(tu_tmp_path("corpus.txt"), 60, 1);
     tr_buf out = {0};
     RUN_OK(&out,
            SMALL "--vocab 300 --threads 1 --data %s --steps 30 --lr 3e-3 --eval-every 10 "
                  "--eval-max-tokens 200 --json %s --csv %s",
-           tmp_path("corpus.txt"), tmp_path("r.json"), tmp_path("r.csv"));
-    char *js = read_text(tmp_path("r.json"));
+           tu_tmp_path("corpus.txt"), tu_tmp_path("r.json"), tu_tmp_path("r.csv"));
+    char *js = read_text(tu_tmp_path("r.json"));
     ck_assert_msg(strstr(out.data, js), "stdout lacks the JSON of --json: %s", out.data);
     double score = json_num(js, "score"), ppl = json_num(js, "perplexity");
     double acc = json_num(js, "accuracy"), tl = json_num(js, "train_loss");
@@ -301,7 +277,7 @@ START_TEST(short_run_learns) {
      * (ln 300 = 5.7 at random; ~3.5 after 30 steps at lr 3e-3) */
     double loss[64];
     int64_t first;
-    ck_assert_int_eq(csv_losses(tmp_path("r.csv"), loss, 64, &first), 30);
+    ck_assert_int_eq(csv_losses(tu_tmp_path("r.csv"), loss, 64, &first), 30);
     ck_assert_int_eq(first, 1);
     double head = 0, tail = 0;
     for (int i = 0; i < 5; i++) head += loss[i] / 5, tail += loss[25 + i] / 5;
@@ -315,7 +291,7 @@ START_TEST(short_run_learns) {
     ck_assert_msg(vl < head - 1.0, "val_loss %.4f", vl);
     free(js);
     tr_buf_free(&out);
-    rm_tmp();
+    tu_rm_tmp();
 }
 END_TEST
 
@@ -328,30 +304,31 @@ END_TEST
           "--eval-max-tokens 200 --data %s"
 
 START_TEST(resume_is_bit_identical) {
-    mk_tmp();
-    const char *corpus = tmp_path("corpus.txt");
+    tu_mk_tmp();
+    const char *corpus = tu_tmp_path("corpus.txt");
     write_corpus(corpus, 60, 2);
     tr_buf out = {0};
     /* uninterrupted: 60 steps, saving every 10 on the way */
     RUN_OK(&out, RESUME_FLAGS " --steps 60 --save-every 10 --checkpoint %s --json %s --csv %s",
-           corpus, tmp_path("full.ckpt"), tmp_path("full.json"), tmp_path("full.csv"));
+           corpus, tu_tmp_path("full.ckpt"), tu_tmp_path("full.json"), tu_tmp_path("full.csv"));
     /* interrupted after 10 steps (the run also evaluates at its end) ... */
-    RUN_OK(&out, RESUME_FLAGS " --steps 10 --checkpoint %s", corpus, tmp_path("s10.ckpt"));
+    RUN_OK(&out, RESUME_FLAGS " --steps 10 --checkpoint %s", corpus, tu_tmp_path("s10.ckpt"));
     /* ... resumed to 60 in a fresh process */
     RUN_OK(&out, RESUME_FLAGS " --steps 60 --resume %s --checkpoint %s --json %s --csv %s", corpus,
-           tmp_path("s10.ckpt"), tmp_path("res.ckpt"), tmp_path("res.json"), tmp_path("res.csv"));
+           tu_tmp_path("s10.ckpt"), tu_tmp_path("res.ckpt"), tu_tmp_path("res.json"),
+           tu_tmp_path("res.csv"));
     ck_assert_msg(strstr(out.data, "resumed from ") && strstr(out.data, "at step 10"), "%s",
                   out.data);
     /* ... and in two hops, 10 -> 30 -> 60 */
     RUN_OK(&out, RESUME_FLAGS " --steps 30 --resume %s --checkpoint %s", corpus,
-           tmp_path("s10.ckpt"), tmp_path("s30.ckpt"));
+           tu_tmp_path("s10.ckpt"), tu_tmp_path("s30.ckpt"));
     RUN_OK(&out, RESUME_FLAGS " --steps 60 --resume %s --checkpoint %s --csv %s", corpus,
-           tmp_path("s30.ckpt"), tmp_path("hop.ckpt"), tmp_path("hop.csv"));
+           tu_tmp_path("s30.ckpt"), tu_tmp_path("hop.ckpt"), tu_tmp_path("hop.csv"));
 
     /* weights, AdamW moments and step count, steps_done: identical bytes */
-    assert_same_ckpt(tmp_path("full.ckpt"), tmp_path("res.ckpt"));
-    assert_same_ckpt(tmp_path("full.ckpt"), tmp_path("hop.ckpt"));
-    pl_safetensors *st = pl_safetensors_open(tmp_path("full.ckpt"));
+    assert_same_ckpt(tu_tmp_path("full.ckpt"), tu_tmp_path("res.ckpt"));
+    assert_same_ckpt(tu_tmp_path("full.ckpt"), tu_tmp_path("hop.ckpt"));
+    pl_safetensors *st = pl_safetensors_open(tu_tmp_path("full.ckpt"));
     ck_assert_ptr_nonnull(st);
     ck_assert_str_eq(pl_safetensors_meta(st, "steps_done"), "60");
     const pl_safetensors_entry *e = pl_safetensors_get(st, "adamw.step");
@@ -360,11 +337,11 @@ START_TEST(resume_is_bit_identical) {
     pl_safetensors_close(st);
     /* ... and the checkpoint of the interrupted run is not the final one */
     char why[256];
-    ck_assert(!same_ckpt(tmp_path("full.ckpt"), tmp_path("s10.ckpt"), why, sizeof why));
+    ck_assert(!same_ckpt(tu_tmp_path("full.ckpt"), tu_tmp_path("s10.ckpt"), why, sizeof why));
 
     /* the results: final validation figures and the training loss (the mean
      * of steps 10..59, all run by the resumed process) as printed */
-    char *a = read_text(tmp_path("full.json")), *b = read_text(tmp_path("res.json"));
+    char *a = read_text(tu_tmp_path("full.json")), *b = read_text(tu_tmp_path("res.json"));
     const char *keys[] = {"score",      "perplexity", "accuracy",
                           "train_loss", "val_loss",   "val_predicted_tokens"};
     for (size_t i = 0; i < sizeof keys / sizeof *keys; i++) {
@@ -375,24 +352,24 @@ START_TEST(resume_is_bit_identical) {
     }
     /* the per-step losses of the steps the resumed runs did */
     tr_buf x = {0}, y = {0};
-    csv_tail(tmp_path("full.csv"), 11, &x);
-    csv_tail(tmp_path("res.csv"), 1, &y);
+    csv_tail(tu_tmp_path("full.csv"), 11, &x);
+    csv_tail(tu_tmp_path("res.csv"), 1, &y);
     ck_assert_str_eq(x.data, y.data);
     ck_assert_ptr_nonnull(strstr(x.data, "\n60,"));
-    csv_tail(tmp_path("full.csv"), 31, &x);
-    csv_tail(tmp_path("hop.csv"), 1, &y);
+    csv_tail(tu_tmp_path("full.csv"), 31, &x);
+    csv_tail(tu_tmp_path("hop.csv"), 1, &y);
     ck_assert_str_eq(x.data, y.data);
     free(a), free(b);
     tr_buf_free(&x), tr_buf_free(&y), tr_buf_free(&out);
-    rm_tmp();
+    tu_rm_tmp();
 }
 END_TEST
 
 /* ---- 3. the same seed and threads give the same run --------------------------------------- */
 
 START_TEST(deterministic_with_dropout) {
-    mk_tmp();
-    const char *corpus = tmp_path("corpus.txt");
+    tu_mk_tmp();
+    const char *corpus = tu_tmp_path("corpus.txt");
     write_corpus(corpus, 60, 3);
     tr_buf out = {0};
     const char *name[4] = {"a", "b", "seed", "nodrop"};
@@ -406,10 +383,10 @@ START_TEST(deterministic_with_dropout) {
         RUN_OK(&out,
                SMALL "--vocab 300 --threads 2 --data %s --steps 15 --lr 2e-3 --eval-every 5 "
                      "--eval-max-tokens 200 %s --checkpoint %s --json %s",
-               corpus, extra[r], tmp_path(ck), tmp_path(j));
-        js[r] = read_text(tmp_path(j));
+               corpus, extra[r], tu_tmp_path(ck), tu_tmp_path(j));
+        js[r] = read_text(tu_tmp_path(j));
     }
-    assert_same_ckpt(tmp_path("a.ckpt"), tmp_path("b.ckpt"));
+    assert_same_ckpt(tu_tmp_path("a.ckpt"), tu_tmp_path("b.ckpt"));
     char va[64], vb[64], why[256];
     const char *keys[] = {"train_loss", "val_loss", "accuracy"};
     for (int i = 0; i < 3; i++) {
@@ -419,8 +396,9 @@ START_TEST(deterministic_with_dropout) {
     }
     /* and the check can fail: another seed, or no dropout, is another run */
     for (int r = 2; r < 4; r++) {
-        ck_assert_msg(!same_ckpt(tmp_path("a.ckpt"), tmp_path(r == 2 ? "seed.ckpt" : "nodrop.ckpt"),
-                                 why, sizeof why),
+        ck_assert_msg(!same_ckpt(tu_tmp_path("a.ckpt"),
+                                 tu_tmp_path(r == 2 ? "seed.ckpt" : "nodrop.ckpt"), why,
+                                 sizeof why),
                       "%s", name[r]);
         json_value(js[0], "train_loss", va, sizeof va);
         json_value(js[r], "train_loss", vb, sizeof vb);
@@ -428,7 +406,7 @@ START_TEST(deterministic_with_dropout) {
     }
     for (int r = 0; r < 4; r++) free(js[r]);
     tr_buf_free(&out);
-    rm_tmp();
+    tu_rm_tmp();
 }
 END_TEST
 
@@ -582,27 +560,27 @@ END_TEST
 /* ---- 5. bad input, now that the binary trains ---------------------------------------------- */
 
 START_TEST(binary_bad_input_with_model) {
-    mk_tmp();
-    const char *corpus = tmp_path("corpus.txt");
+    tu_mk_tmp();
+    const char *corpus = tu_tmp_path("corpus.txt");
     write_corpus(corpus, 60, 4);
     uint16_t tok[400];
     for (int i = 0; i < 400; i++) tok[i] = (uint16_t)(i * 37 % 300);
-    ck_assert_int_eq(tokfile_write(tmp_path("ok.bin"), tok, 400), 0);
+    ck_assert_int_eq(tokfile_write(tu_tmp_path("ok.bin"), tok, 400), 0);
     tok[123] = 300;
-    ck_assert_int_eq(tokfile_write(tmp_path("big.bin"), tok, 400), 0);
-    ck_assert_int_eq(tokfile_write(tmp_path("short.bin"), tok, 20), 0);
-    write_bytes(tmp_path("junk.ckpt"), "not a checkpoint at all", 23);
-    tokfile_write(tmp_path("magic.bin"), tok, 400);
-    FILE *f = fopen(tmp_path("magic.bin"), "r+b");
+    ck_assert_int_eq(tokfile_write(tu_tmp_path("big.bin"), tok, 400), 0);
+    ck_assert_int_eq(tokfile_write(tu_tmp_path("short.bin"), tok, 20), 0);
+    tu_write_bytes(tu_tmp_path("junk.ckpt"), "not a checkpoint at all", 23);
+    tokfile_write(tu_tmp_path("magic.bin"), tok, 400);
+    FILE *f = fopen(tu_tmp_path("magic.bin"), "r+b");
     ck_assert_ptr_nonnull(f);
     fputc(0x42, f); /* the magic 20240520 is 0x0134d8b8 */
     fclose(f);
-    tokfile_write(tmp_path("trunc.bin"), tok, 400);
-    ck_assert_int_eq(truncate(tmp_path("trunc.bin"), 1024 + 2 * 300), 0); /* 300 of 400 */
+    tokfile_write(tu_tmp_path("trunc.bin"), tok, 400);
+    ck_assert_int_eq(truncate(tu_tmp_path("trunc.bin"), 1024 + 2 * 300), 0); /* 300 of 400 */
     tr_buf out = {0};
     /* a good checkpoint of this shape, for the mismatch cases */
     RUN_OK(&out, SMALL "--threads 1 --data %s --vocab 300 --steps 2 --eval-every 0 --checkpoint %s",
-           corpus, tmp_path("good.ckpt"));
+           corpus, tu_tmp_path("good.ckpt"));
     struct {
         const char *args, *msg;
     } cases[] = {
@@ -632,14 +610,14 @@ START_TEST(binary_bad_input_with_model) {
         /* a diverging run stops with a message, not NaN results */
         {"--data @corpus.txt --vocab 300 --lr 1e6 --clip 0 --steps 50", "training loss is"},
     };
-    write_bytes(tmp_path("empty.txt"), "", 0);
+    tu_write_bytes(tu_tmp_path("empty.txt"), "", 0);
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         /* "@name" is a file of the temporary directory */
         char line[1024] = SMALL "--threads 1 --eval-every 0 ";
         char buf[512];
         snprintf(buf, sizeof buf, "%s", cases[i].args);
         for (char *save, *w = strtok_r(buf, " ", &save); w; w = strtok_r(NULL, " ", &save)) {
-            strcat(line, w[0] == '@' ? tmp_path(w + 1) : w);
+            strcat(line, w[0] == '@' ? tu_tmp_path(w + 1) : w);
             strcat(line, " ");
         }
         int st = run(&out, "%s", line);
@@ -652,28 +630,28 @@ START_TEST(binary_bad_input_with_model) {
     }
     /* the binary trains on token files: --vocab given, or the largest id + 1 */
     RUN_OK(&out, SMALL "--threads 1 --train-bin %s --val-bin %s --steps 3 --eval-every 0",
-           tmp_path("ok.bin"), tmp_path("ok.bin"));
+           tu_tmp_path("ok.bin"), tu_tmp_path("ok.bin"));
     ck_assert_msg(strstr(out.data, "\"vocab\": 300,"), "%s", out.data);
     ck_assert_msg(strstr(out.data, "\"val_predicted_tokens\": 399,"), "%s", out.data);
     tr_buf_free(&out);
-    rm_tmp();
+    tu_rm_tmp();
 }
 END_TEST
 
 /* ---- 6. the dense schedule, and the indexer loss ------------------------------------------- */
 
 START_TEST(dense_schedule_runs) {
-    mk_tmp();
-    write_corpus(tmp_path("corpus.txt"), 60, 5);
+    tu_mk_tmp();
+    write_corpus(tu_tmp_path("corpus.txt"), 60, 5);
     tr_buf out = {0};
     RUN_OK(&out,
            SMALL "--vocab 300 --threads 1 --data %s --steps 5 --eval-every 0 --schedule dense",
-           tmp_path("corpus.txt"));
+           tu_tmp_path("corpus.txt"));
     ck_assert_msg(strstr(out.data, "\"layer_k\": [32, 32, 32, 32], \"config\""), "%s", out.data);
     double vl = json_num(out.data, "val_loss");
     ck_assert(isfinite(vl) && vl > 0);
     tr_buf_free(&out);
-    rm_tmp();
+    tu_rm_tmp();
 }
 END_TEST
 
@@ -685,8 +663,8 @@ static float decayed(float p, float decay, int steps) {
 }
 
 START_TEST(indexer_loss_trains_the_indexer) {
-    mk_tmp();
-    const char *corpus = tmp_path("corpus.txt");
+    tu_mk_tmp();
+    const char *corpus = tu_tmp_path("corpus.txt");
     write_corpus(corpus, 60, 6);
     enum { STEPS = 12 };
     const double lr = 2e-3, wd = 0.1;
@@ -696,15 +674,15 @@ START_TEST(indexer_loss_trains_the_indexer) {
                    "--eval-every 0",
              corpus, STEPS, lr, wd);
     tr_buf out = {0};
-    RUN_OK(&out, "%s --indexer-loss 0 --checkpoint %s", common, tmp_path("w0.ckpt"));
+    RUN_OK(&out, "%s --indexer-loss 0 --checkpoint %s", common, tu_tmp_path("w0.ckpt"));
     int vocab = (int)json_num(out.data, "vocab");
-    RUN_OK(&out, "%s --indexer-loss 0.1 --checkpoint %s", common, tmp_path("w1.ckpt"));
+    RUN_OK(&out, "%s --indexer-loss 0.1 --checkpoint %s", common, tu_tmp_path("w1.ckpt"));
     /* the initial parameters: the same config's model, untrained */
     tr_config cfg;
     parse_cfg(&cfg, common);
     tr_model *m = model_create(&cfg, vocab);
     ck_assert_msg(m != NULL, "%s", tr_error());
-    ck_assert_msg(model_save(m, tmp_path("p0.ckpt"), 0) == 0, "%s", tr_error());
+    ck_assert_msg(model_save(m, tu_tmp_path("p0.ckpt"), 0) == 0, "%s", tr_error());
     model_free(m);
 
     const float decay = (float)(1.0 - lr * wd);
@@ -717,9 +695,9 @@ START_TEST(indexer_loss_trains_the_indexer) {
             char name[64];
             snprintf(name, sizeof name, "layers.%d.indexer.%s", layer, parts[pi]);
             int64_t n0, n1, n2;
-            float *p0 = ckpt_tensor(tmp_path("p0.ckpt"), name, &n0);
-            float *w0 = ckpt_tensor(tmp_path("w0.ckpt"), name, &n1);
-            float *w1 = ckpt_tensor(tmp_path("w1.ckpt"), name, &n2);
+            float *p0 = ckpt_tensor(tu_tmp_path("p0.ckpt"), name, &n0);
+            float *w0 = ckpt_tensor(tu_tmp_path("w0.ckpt"), name, &n1);
+            float *w1 = ckpt_tensor(tu_tmp_path("w1.ckpt"), name, &n2);
             ck_assert_int_eq(n0, n1);
             ck_assert_int_eq(n0, n2);
             int64_t moved = 0;
@@ -750,8 +728,8 @@ START_TEST(indexer_loss_trains_the_indexer) {
         }
     /* the rest of the model trains in both runs */
     int64_t n0, n1;
-    float *p0 = ckpt_tensor(tmp_path("p0.ckpt"), "layers.1.attn.wqkv", &n0);
-    float *w0 = ckpt_tensor(tmp_path("w0.ckpt"), "layers.1.attn.wqkv", &n1);
+    float *p0 = ckpt_tensor(tu_tmp_path("p0.ckpt"), "layers.1.attn.wqkv", &n0);
+    float *w0 = ckpt_tensor(tu_tmp_path("w0.ckpt"), "layers.1.attn.wqkv", &n1);
     int64_t moved = 0;
     for (int64_t i = 0; i < n0; i++) {
         float want = decayed(p0[i], decay, STEPS);
@@ -760,7 +738,7 @@ START_TEST(indexer_loss_trains_the_indexer) {
     ck_assert_int_gt(moved, n0 / 2);
     free(p0), free(w0);
     tr_buf_free(&out);
-    rm_tmp();
+    tu_rm_tmp();
 }
 END_TEST
 

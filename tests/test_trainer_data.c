@@ -20,31 +20,6 @@
 #include "train.h"
 #include "util.h"
 
-static char tmpdir[256];
-
-static void mk_tmp(void) {
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/plasa-trainer-XXXXXX");
-    ck_assert_ptr_nonnull(mkdtemp(tmpdir));
-}
-static void rm_tmp(void) {
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    ck_assert_int_eq(system(cmd), 0);
-}
-static const char *tmp_path(const char *name) {
-    static char buf[32][512]; /* a ring: up to 32 paths live at once */
-    static int k;
-    k = (k + 1) % 32;
-    snprintf(buf[k], sizeof buf[k], "%s/%s", tmpdir, name);
-    return buf[k];
-}
-static void write_bytes(const char *path, const void *p, size_t n) {
-    FILE *f = fopen(path, "wb");
-    ck_assert_ptr_nonnull(f);
-    ck_assert_uint_eq(fwrite(p, 1, n, f), n);
-    fclose(f);
-}
-
 /* ---- Brown conversion ------------------------------------------------------------- */
 
 START_TEST(brown_snippet) {
@@ -70,18 +45,18 @@ START_TEST(brown_snippet) {
 END_TEST
 
 START_TEST(brown_split_dir) {
-    mk_tmp();
+    tu_mk_tmp();
     /* 12 documents over two genres: every 10th (index 9) is held out */
     for (int i = 0; i < 12; i++) {
         char name[16], text[64];
         snprintf(name, sizeof name, "c%c%02d", i < 6 ? 'a' : 'r', i % 6 + 1);
         snprintf(text, sizeof text, "\tDoc/nn %d/cd ./.\n", i);
-        write_bytes(tmp_path(name), text, strlen(text));
+        tu_write_bytes(tu_tmp_path(name), text, strlen(text));
     }
-    write_bytes(tmp_path("README"), "x", 1);
+    tu_write_bytes(tu_tmp_path("README"), "x", 1);
     tr_buf tr = {0}, va = {0};
     corpus_stats st;
-    ck_assert_int_eq(corpus_brown_split(tmpdir, 0.1, &tr, &va, &st), 0);
+    ck_assert_int_eq(corpus_brown_split(tu_tmpdir, 0.1, &tr, &va, &st), 0);
     ck_assert_int_eq(st.documents, 12);
     ck_assert_int_eq(st.val_docs, 1);
     ck_assert_int_eq(st.genres, 2);
@@ -90,7 +65,7 @@ START_TEST(brown_split_dir) {
     ck_assert_ptr_nonnull(strstr(tr.data, "Doc 8.\n\nDoc 10.\n"));
     tr_buf_free(&tr);
     tr_buf_free(&va);
-    rm_tmp();
+    tu_rm_tmp();
     ck_assert_int_eq(corpus_brown_split("/nonexistent-dir", 0.1, &tr, &va, &st), -1);
 }
 END_TEST
@@ -352,7 +327,7 @@ START_TEST(bpe_matches_naive_reference) {
 END_TEST
 
 START_TEST(bpe_deterministic_and_file) {
-    mk_tmp();
+    tu_mk_tmp();
     uint64_t s = 5;
     tr_buf text = sample_text(&s, 5000);
     bpe *a = bpe_train((const uint8_t *)text.data, text.len, 600, BPE_PRETOK_GPT2);
@@ -368,8 +343,8 @@ START_TEST(bpe_deterministic_and_file) {
         ck_assert_int_eq(y1, y2);
     }
     /* save, load, same encoding */
-    ck_assert_int_eq(bpe_save(a, tmp_path("bpe.txt")), 0);
-    bpe *c = bpe_load(tmp_path("bpe.txt"));
+    ck_assert_int_eq(bpe_save(a, tu_tmp_path("bpe.txt")), 0);
+    bpe *c = bpe_load(tu_tmp_path("bpe.txt"));
     ck_assert_msg(c != NULL, "%s", tr_error());
     ck_assert_int_eq(bpe_get_pretok(c), BPE_PRETOK_GPT2);
     int32_t *i1, *i2;
@@ -394,16 +369,16 @@ START_TEST(bpe_deterministic_and_file) {
         {"plasa-bpe 1\nvocab_size 258\npretok none\nmerges 2\n97 98\n256 97\nx\n", "after"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
-        write_bytes(tmp_path("bad.txt"), bad[i].text, strlen(bad[i].text));
-        ck_assert_ptr_null(bpe_load(tmp_path("bad.txt")));
+        tu_write_bytes(tu_tmp_path("bad.txt"), bad[i].text, strlen(bad[i].text));
+        ck_assert_ptr_null(bpe_load(tu_tmp_path("bad.txt")));
         ck_assert_msg(strstr(tr_error(), bad[i].msg), "case %zu: '%s' lacks '%s'", i, tr_error(),
                       bad[i].msg);
     }
-    ck_assert_ptr_null(bpe_load(tmp_path("missing.txt")));
+    ck_assert_ptr_null(bpe_load(tu_tmp_path("missing.txt")));
     ck_assert_ptr_nonnull(strstr(tr_error(), "cannot open"));
     bpe_free(a), bpe_free(b), bpe_free(c);
     tr_buf_free(&text);
-    rm_tmp();
+    tu_rm_tmp();
 }
 END_TEST
 
@@ -430,62 +405,62 @@ static void put32(uint8_t *p, uint32_t v) {
 }
 
 START_TEST(token_files) {
-    mk_tmp();
+    tu_mk_tmp();
     uint16_t tok[300];
     for (int i = 0; i < 300; i++) tok[i] = (uint16_t)(i * 211 % 1000);
-    ck_assert_int_eq(tokfile_write(tmp_path("a.bin"), tok, 300), 0);
+    ck_assert_int_eq(tokfile_write(tu_tmp_path("a.bin"), tok, 300), 0);
     uint16_t *got;
     int64_t n;
-    ck_assert_int_eq(tokfile_read(tmp_path("a.bin"), 1000, &got, &n), 0);
+    ck_assert_int_eq(tokfile_read(tu_tmp_path("a.bin"), 1000, &got, &n), 0);
     ck_assert_int_eq(n, 300);
     ck_assert_int_eq(memcmp(got, tok, sizeof tok), 0);
     free(got);
     /* header layout as llm.c writes it */
     uint8_t buf[1024 + 600];
-    FILE *f = fopen(tmp_path("a.bin"), "rb");
+    FILE *f = fopen(tu_tmp_path("a.bin"), "rb");
     ck_assert_uint_eq(fread(buf, 1, sizeof buf, f), sizeof buf);
     fclose(f);
     ck_assert_int_eq(buf[0] | buf[1] << 8 | buf[2] << 16 | buf[3] << 24, 20240520);
     ck_assert_int_eq(buf[4], 1);
     ck_assert_int_eq(buf[8] | buf[9] << 8, 300);
     /* token >= vocab */
-    ck_assert_int_eq(tokfile_read(tmp_path("a.bin"), 500, &got, &n), -1);
+    ck_assert_int_eq(tokfile_read(tu_tmp_path("a.bin"), 500, &got, &n), -1);
     ck_assert_ptr_nonnull(strstr(tr_error(), "outside the vocabulary of 500"));
     /* wrong magic */
     uint8_t b2[sizeof buf];
     memcpy(b2, buf, sizeof buf);
     put32(b2, 20240521);
-    write_bytes(tmp_path("b.bin"), b2, sizeof b2);
-    ck_assert_int_eq(tokfile_read(tmp_path("b.bin"), 0, &got, &n), -1);
+    tu_write_bytes(tu_tmp_path("b.bin"), b2, sizeof b2);
+    ck_assert_int_eq(tokfile_read(tu_tmp_path("b.bin"), 0, &got, &n), -1);
     ck_assert_ptr_nonnull(strstr(tr_error(), "bad magic"));
     /* wrong version */
     memcpy(b2, buf, sizeof buf);
     put32(b2 + 4, 2);
-    write_bytes(tmp_path("b.bin"), b2, sizeof b2);
-    ck_assert_int_eq(tokfile_read(tmp_path("b.bin"), 0, &got, &n), -1);
+    tu_write_bytes(tu_tmp_path("b.bin"), b2, sizeof b2);
+    ck_assert_int_eq(tokfile_read(tu_tmp_path("b.bin"), 0, &got, &n), -1);
     ck_assert_ptr_nonnull(strstr(tr_error(), "unsupported version 2"));
     /* truncated tokens, truncated header, extra bytes, negative count */
-    write_bytes(tmp_path("b.bin"), buf, sizeof buf - 1);
-    ck_assert_int_eq(tokfile_read(tmp_path("b.bin"), 0, &got, &n), -1);
+    tu_write_bytes(tu_tmp_path("b.bin"), buf, sizeof buf - 1);
+    ck_assert_int_eq(tokfile_read(tu_tmp_path("b.bin"), 0, &got, &n), -1);
     ck_assert_ptr_nonnull(strstr(tr_error(), "truncated"));
-    write_bytes(tmp_path("b.bin"), buf, 100);
-    ck_assert_int_eq(tokfile_read(tmp_path("b.bin"), 0, &got, &n), -1);
+    tu_write_bytes(tu_tmp_path("b.bin"), buf, 100);
+    ck_assert_int_eq(tokfile_read(tu_tmp_path("b.bin"), 0, &got, &n), -1);
     ck_assert_ptr_nonnull(strstr(tr_error(), "too short"));
     memcpy(b2, buf, sizeof buf);
     put32(b2 + 8, 299);
-    write_bytes(tmp_path("b.bin"), b2, sizeof b2);
-    ck_assert_int_eq(tokfile_read(tmp_path("b.bin"), 0, &got, &n), -1);
+    tu_write_bytes(tu_tmp_path("b.bin"), b2, sizeof b2);
+    ck_assert_int_eq(tokfile_read(tu_tmp_path("b.bin"), 0, &got, &n), -1);
     ck_assert_ptr_nonnull(strstr(tr_error(), "unexpected bytes"));
     put32(b2 + 8, 0xFFFFFFFFu);
-    write_bytes(tmp_path("b.bin"), b2, sizeof b2);
-    ck_assert_int_eq(tokfile_read(tmp_path("b.bin"), 0, &got, &n), -1);
+    tu_write_bytes(tu_tmp_path("b.bin"), b2, sizeof b2);
+    ck_assert_int_eq(tokfile_read(tu_tmp_path("b.bin"), 0, &got, &n), -1);
     ck_assert_ptr_nonnull(strstr(tr_error(), "negative"));
-    ck_assert_int_eq(tokfile_read(tmp_path("none.bin"), 0, &got, &n), -1);
+    ck_assert_int_eq(tokfile_read(tu_tmp_path("none.bin"), 0, &got, &n), -1);
     ck_assert_ptr_nonnull(strstr(tr_error(), "cannot open"));
     int32_t wide[2] = {5, 70000};
     uint16_t *nar;
     ck_assert_int_eq(tokfile_narrow(wide, 2, &nar), -1);
-    rm_tmp();
+    tu_rm_tmp();
 }
 END_TEST
 
@@ -724,7 +699,7 @@ int model_load_params(tr_model *m, const char *path) {
 }
 
 START_TEST(training_loop_outputs) {
-    mk_tmp();
+    tu_mk_tmp();
     uint64_t s = 9;
     tr_data d = {0};
     d.vocab = 300;
@@ -741,11 +716,12 @@ START_TEST(training_loop_outputs) {
     snprintf(line, sizeof line,
              "--steps 30 --seq 16 --batch 3 --eval-every 10 --eval-max-tokens 100 --json %s "
              "--csv %s --plot %s --checkpoint %s --save-every 20",
-             tmp_path("r.json"), tmp_path("r.csv"), tmp_path("r.svg"), tmp_path("m.ckpt"));
+             tu_tmp_path("r.json"), tu_tmp_path("r.csv"), tu_tmp_path("r.svg"),
+             tu_tmp_path("m.ckpt"));
     ck_assert_int_eq(parse(&c, line), 0);
     ck_assert_msg(tr_train(&c, &d) == 0, "%s", tr_error());
     tr_buf f = {0};
-    ck_assert_int_eq(tr_read_file(tmp_path("r.json"), &f), 0);
+    ck_assert_int_eq(tr_read_file(tu_tmp_path("r.json"), &f), 0);
     const char *keys[] = {"\"score\": ",
                           "\"perplexity\": ",
                           "\"accuracy\": ",
@@ -762,7 +738,7 @@ START_TEST(training_loop_outputs) {
     /* the final figures are those of an evaluation over all 776 predictions */
     tr_model *m = model_create(&c, 300);
     int64_t done;
-    ck_assert_int_eq(model_load(m, tmp_path("m.ckpt"), &done), 0);
+    ck_assert_int_eq(model_load(m, tu_tmp_path("m.ckpt"), &done), 0);
     ck_assert_int_eq(done, 30);
     tr_eval ev;
     ck_assert_int_eq(tr_evaluate(m, &c, d.val, d.nval, 0, &ev), 0);
@@ -771,28 +747,28 @@ START_TEST(training_loop_outputs) {
     snprintf(want, sizeof want, "\"val_loss\": %.9g", ev.loss);
     ck_assert_msg(strstr(f.data, want), "%s not in %s", want, f.data);
     model_free(m);
-    ck_assert_int_eq(tr_read_file(tmp_path("r.csv"), &f), 0);
+    ck_assert_int_eq(tr_read_file(tu_tmp_path("r.csv"), &f), 0);
     int lines = 0;
     for (size_t i = 0; i < f.len; i++) lines += f.data[i] == '\n';
     ck_assert_int_eq(lines, 31);
     ck_assert_ptr_nonnull(strstr(f.data, "step,train_loss,val_loss"));
     ck_assert_ptr_nonnull(strstr(f.data, "\n10,"));
-    ck_assert_int_eq(tr_read_file(tmp_path("r.svg"), &f), 0);
+    ck_assert_int_eq(tr_read_file(tu_tmp_path("r.svg"), &f), 0);
     ck_assert_ptr_nonnull(strstr(f.data, "<svg"));
     ck_assert_ptr_nonnull(strstr(f.data, "validation loss"));
     ck_assert_ptr_nonnull(strstr(f.data, "</svg>"));
     /* resume from the checkpoint written at step 20 ... the final one is at 30 */
     snprintf(line, sizeof line, "--steps 40 --seq 16 --batch 3 --eval-every 0 --resume %s",
-             tmp_path("m.ckpt"));
+             tu_tmp_path("m.ckpt"));
     ck_assert_int_eq(parse(&c, line), 0);
     ck_assert_msg(tr_train(&c, &d) == 0, "%s", tr_error());
-    snprintf(line, sizeof line, "--steps 30 --seq 16 --resume %s", tmp_path("m.ckpt"));
+    snprintf(line, sizeof line, "--steps 30 --seq 16 --resume %s", tu_tmp_path("m.ckpt"));
     ck_assert_int_eq(parse(&c, line), 0);
     ck_assert_int_eq(tr_train(&c, &d), -1);
     ck_assert_ptr_nonnull(strstr(tr_error(), "leaves nothing to do"));
     tr_buf_free(&f);
     free(d.train), free(d.val);
-    rm_tmp();
+    tu_rm_tmp();
 }
 END_TEST
 
@@ -833,22 +809,22 @@ static int run_bin(const char *args[], tr_buf *out) {
 }
 
 START_TEST(binary_rejects_bad_input) {
-    mk_tmp();
-    write_bytes(tmp_path("empty.txt"), "", 0);
+    tu_mk_tmp();
+    tu_write_bytes(tu_tmp_path("empty.txt"), "", 0);
     tr_buf small = {0};
     for (int i = 0; i < 20; i++) tr_buf_append(&small, "a short document.\n\n", 19);
-    write_bytes(tmp_path("small.txt"), small.data, small.len);
-    write_bytes(tmp_path("bad.txt"), "fine\n\nthen \xff bad\n", 17);
+    tu_write_bytes(tu_tmp_path("small.txt"), small.data, small.len);
+    tu_write_bytes(tu_tmp_path("bad.txt"), "fine\n\nthen \xff bad\n", 17);
     uint8_t hdr[1024 + 20] = {0};
     put32(hdr, 20240520), put32(hdr + 4, 1), put32(hdr + 8, 50); /* 50 announced, 10 present */
-    write_bytes(tmp_path("trunc.bin"), hdr, sizeof hdr);
+    tu_write_bytes(tu_tmp_path("trunc.bin"), hdr, sizeof hdr);
     put32(hdr, 1234);
-    write_bytes(tmp_path("magic.bin"), hdr, sizeof hdr);
+    tu_write_bytes(tu_tmp_path("magic.bin"), hdr, sizeof hdr);
     uint16_t toks[40];
     for (int i = 0; i < 40; i++) toks[i] = (uint16_t)(i % 7 == 3 ? 9000 : i);
-    tokfile_write(tmp_path("big.bin"), toks, 40);
+    tokfile_write(tu_tmp_path("big.bin"), toks, 40);
     for (int i = 0; i < 40; i++) toks[i] = (uint16_t)i;
-    tokfile_write(tmp_path("ok.bin"), toks, 40);
+    tokfile_write(tu_tmp_path("ok.bin"), toks, 40);
     struct {
         const char *args[12], *msg;
     } cases[] = {
@@ -858,19 +834,23 @@ START_TEST(binary_rejects_bad_input) {
         {{"--steps", "ten"}, "not an integer"},
         {{"--schedule", "fancy"}, "unknown schedule 'fancy'"},
         {{"--k", "64,64,200,64"}, "larger than the sequence length"},
-        {{"--data", tmp_path("nope.txt")}, "cannot open"},
-        {{"--data", tmp_path("empty.txt")}, "is empty"},
-        {{"--data", tmp_path("bad.txt")}, "not valid UTF-8: byte 0xff at byte offset 11"},
-        {{"--data", tmp_path("small.txt"), "--vocab", "300"}, "shorter than one window"},
-        {{"--train-bin", tmp_path("trunc.bin"), "--val-bin", tmp_path("ok.bin")}, "truncated"},
-        {{"--train-bin", tmp_path("magic.bin"), "--val-bin", tmp_path("ok.bin")}, "bad magic"},
-        {{"--train-bin", tmp_path("big.bin"), "--val-bin", tmp_path("ok.bin"), "--vocab", "8192"},
+        {{"--data", tu_tmp_path("nope.txt")}, "cannot open"},
+        {{"--data", tu_tmp_path("empty.txt")}, "is empty"},
+        {{"--data", tu_tmp_path("bad.txt")}, "not valid UTF-8: byte 0xff at byte offset 11"},
+        {{"--data", tu_tmp_path("small.txt"), "--vocab", "300"}, "shorter than one window"},
+        {{"--train-bin", tu_tmp_path("trunc.bin"), "--val-bin", tu_tmp_path("ok.bin")},
+         "truncated"},
+        {{"--train-bin", tu_tmp_path("magic.bin"), "--val-bin", tu_tmp_path("ok.bin")},
+         "bad magic"},
+        {{"--train-bin", tu_tmp_path("big.bin"), "--val-bin", tu_tmp_path("ok.bin"), "--vocab",
+          "8192"},
          "token 9000 at position 3 is outside the vocabulary"},
-        {{"--train-bin", tmp_path("empty.txt"), "--val-bin", tmp_path("ok.bin")}, "too short"},
-        {{"--train-bin", tmp_path("ok.bin"), "--val-bin", tmp_path("ok.bin")},
+        {{"--train-bin", tu_tmp_path("empty.txt"), "--val-bin", tu_tmp_path("ok.bin")},
+         "too short"},
+        {{"--train-bin", tu_tmp_path("ok.bin"), "--val-bin", tu_tmp_path("ok.bin")},
          "training split has 40 tokens, shorter than one window"},
-        {{"--resume", tmp_path("nope.ckpt")}, "no such file"},
-        {{"--data-dir", tmpdir}, "run 'bash tools/fetch-corpus.sh"},
+        {{"--resume", tu_tmp_path("nope.ckpt")}, "no such file"},
+        {{"--data-dir", tu_tmpdir}, "run 'bash tools/fetch-corpus.sh"},
     };
     tr_buf out = {0};
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
@@ -896,9 +876,9 @@ START_TEST(binary_rejects_bad_input) {
         tr_buf_append(&big, "\n\n", 2);
         tr_buf_free(&t);
     }
-    write_bytes(tmp_path("big.txt"), big.data, big.len);
+    tu_write_bytes(tu_tmp_path("big.txt"), big.data, big.len);
     const char *prep[] = {
-        "--prepare-only", "--data", tmp_path("big.txt"), "--vocab", "400", "--seq", "32", NULL};
+        "--prepare-only", "--data", tu_tmp_path("big.txt"), "--vocab", "400", "--seq", "32", NULL};
     ck_assert_int_eq(run_bin(prep, &out), 0);
     ck_assert_msg(
         strstr(out.data, "\"documents\": 30, \"train_documents\": 27, \"val_documents\": 3"), "%s",
@@ -915,7 +895,7 @@ START_TEST(binary_rejects_bad_input) {
     tr_buf_free(&big);
     tr_buf_free(&small);
     tr_buf_free(&out);
-    rm_tmp();
+    tu_rm_tmp();
 }
 END_TEST
 

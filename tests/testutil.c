@@ -1,3 +1,4 @@
+#define _POSIX_C_SOURCE 200809L /* mkdtemp */
 #include "testutil.h"
 
 uint64_t tu_next(uint64_t *s) {
@@ -64,6 +65,34 @@ void tu_gradcheck(pl_ctx *ctx, pl_gradcheck_fn fn, void *user, pl_tensor *const 
                   "numeric %.6g",
                   r.failed, r.checked, r.worst_input, r.worst_index, r.worst_analytic,
                   r.worst_numeric);
+}
+
+char tu_tmpdir[256];
+
+void tu_mk_tmp(void) {
+    snprintf(tu_tmpdir, sizeof tu_tmpdir, "/tmp/plasa-test-XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(tu_tmpdir));
+}
+
+void tu_rm_tmp(void) {
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tu_tmpdir);
+    ck_assert_int_eq(system(cmd), 0);
+}
+
+const char *tu_tmp_path(const char *name) {
+    static char buf[32][512];
+    static int k;
+    k = (k + 1) % 32;
+    snprintf(buf[k], sizeof buf[k], "%s/%s", tu_tmpdir, name);
+    return buf[k];
+}
+
+void tu_write_bytes(const char *path, const void *p, size_t n) {
+    FILE *f = fopen(path, "wb");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_uint_eq(fwrite(p, 1, n, f), n);
+    fclose(f);
 }
 
 int tu_run(Suite *s) {

@@ -47,6 +47,15 @@ void tu_gradcheck(pl_ctx *ctx, pl_gradcheck_fn fn, void *user, pl_tensor *const 
                       pl_last_error(), (want));                                                    \
     } while (0)
 
+/* A fresh directory under /tmp for a test's files (tu_tmpdir), paths inside
+ * it (a ring of 32 buffers, so several may be live at once), removal. */
+extern char tu_tmpdir[256];
+void tu_mk_tmp(void);
+void tu_rm_tmp(void);
+const char *tu_tmp_path(const char *name);
+/* Writes n bytes to path (asserts success). */
+void tu_write_bytes(const char *path, const void *p, size_t n);
+
 /* Runs a suite; returns the process exit code. */
 int tu_run(Suite *s);
 
