@@ -266,7 +266,8 @@ int model_eval(tr_model *m, const int32_t *inputs, const int32_t *targets, int b
     int64_t rows = (int64_t)batch * m->cfg.seq, V = m->vocab;
     const float *lg = pl_f32(logits);
     int64_t ok = 0, n = 0;
-#pragma omp parallel for reduction(+ : ok, n) schedule(static)
+    /* Serial: about 1 ms per batch, and a parallel region run on one thread
+     * would make libgomp allocate. */
     for (int64_t r = 0; r < rows; r++) {
         if (targets[r] < 0) continue;
         const float *row = lg + r * V;
