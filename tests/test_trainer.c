@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "testutil.h"
+#include "trainer_run.h"
 
 #include "cli.h"
 #include "model.h"
@@ -62,44 +63,6 @@ static void write_corpus(const char *path, int docs, uint64_t seed) {
     tr_buf_free(&b);
 }
 
-/* Runs plasa-train with args (NULL-terminated); returns its exit status (-1
- * if it did not exit normally, e.g. crashed) and its stderr+stdout in out.
- * A sanitizer report fails the test whatever the status. */
-static int run_argv(const char *const *args, tr_buf *out) {
-    int fd[2];
-    ck_assert_int_eq(pipe(fd), 0);
-    fflush(NULL);
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        dup2(fd[1], 1);
-        dup2(fd[1], 2);
-        close(fd[0]);
-        /* On a loaded machine OpenMP's spinning threads wait for each other
-         * for whole time slices (10x slower at --threads 2); the wait policy
-         * changes no result. */
-        setenv("OMP_WAIT_POLICY", "passive", 0);
-        const char *argv[80] = {PLASA_TRAIN_BIN};
-        int n = 1;
-        for (; args[n - 1] && n < 79; n++) argv[n] = args[n - 1];
-        argv[n] = NULL;
-        execv(PLASA_TRAIN_BIN, (char *const *)argv);
-        _exit(127);
-    }
-    close(fd[1]);
-    out->len = 0;
-    char buf[4096];
-    ssize_t got;
-    while ((got = read(fd[0], buf, sizeof buf)) > 0) tr_buf_append(out, buf, (size_t)got);
-    close(fd[0]);
-    tr_buf_putc(out, 0);
-    int st;
-    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
-    ck_assert_msg(!strstr(out->data, "Sanitizer") && !strstr(out->data, "runtime error"), "%s",
-                  out->data);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
 /* The same with the space-separated words of a printf line (our paths have
  * no spaces). */
 static int run(tr_buf *out, const char *fmt, ...) TR_PRINTF(2, 3);
@@ -117,7 +80,7 @@ static int run(tr_buf *out, const char *fmt, ...) {
         args[k++] = w;
     }
     args[k] = NULL;
-    return run_argv(args, out);
+    return tu_run_program(PLASA_TRAIN_BIN, args, out);
 }
 
 /* Like run, and the run must succeed. */

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "testutil.h"
+#include "trainer_run.h"
 
 #include "batches.h"
 #include "cli.h"
@@ -774,40 +775,6 @@ END_TEST
 
 /* ---- the binary on bad input -------------------------------------------------------------- */
 
-/* Runs plasa-train with args; returns its exit status (-1 if it did not exit
- * normally, e.g. crashed) and its stderr+stdout in out. */
-static int run_bin(const char *args[], tr_buf *out) {
-    int fd[2];
-    ck_assert_int_eq(pipe(fd), 0);
-    fflush(NULL);
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        dup2(fd[1], 1);
-        dup2(fd[1], 2);
-        close(fd[0]);
-        const char *argv[40] = {PLASA_TRAIN_BIN};
-        int n = 1;
-        for (; args[n - 1] && n < 39; n++) argv[n] = args[n - 1];
-        argv[n] = NULL;
-        execv(PLASA_TRAIN_BIN, (char *const *)argv);
-        _exit(127);
-    }
-    close(fd[1]);
-    out->len = 0;
-    char buf[4096];
-    ssize_t got;
-    while ((got = read(fd[0], buf, sizeof buf)) > 0) tr_buf_append(out, buf, (size_t)got);
-    close(fd[0]);
-    tr_buf_putc(out, 0);
-    int st;
-    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
-    /* under ASan a leak or error report would otherwise pass as exit 1 */
-    ck_assert_msg(!strstr(out->data, "Sanitizer") && !strstr(out->data, "runtime error"), "%s",
-                  out->data);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
 START_TEST(binary_rejects_bad_input) {
     tu_mk_tmp();
     tu_write_bytes(tu_tmp_path("empty.txt"), "", 0);
@@ -854,7 +821,7 @@ START_TEST(binary_rejects_bad_input) {
     };
     tr_buf out = {0};
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
-        int st = run_bin(cases[i].args, &out);
+        int st = tu_run_program(PLASA_TRAIN_BIN, cases[i].args, &out);
         ck_assert_msg(st > 0 && st < 126, "case %zu (%s): exit status %d: %s", i, cases[i].msg, st,
                       out.data);
         ck_assert_msg(strstr(out.data, cases[i].msg), "case %zu: '%s' lacks '%s'", i, out.data,
@@ -863,7 +830,7 @@ START_TEST(binary_rejects_bad_input) {
     }
     /* and the good paths: --help, and --prepare-only on a text file */
     const char *help[] = {"--help", NULL};
-    ck_assert_int_eq(run_bin(help, &out), 0);
+    ck_assert_int_eq(tu_run_program(PLASA_TRAIN_BIN, help, &out), 0);
     ck_assert_ptr_nonnull(strstr(out.data, "--indexer-loss W"));
     ck_assert_ptr_nonnull(strstr(out.data, "[progressive]"));
     tr_buf big = {0};
@@ -879,7 +846,7 @@ START_TEST(binary_rejects_bad_input) {
     tu_write_bytes(tu_tmp_path("big.txt"), big.data, big.len);
     const char *prep[] = {
         "--prepare-only", "--data", tu_tmp_path("big.txt"), "--vocab", "400", "--seq", "32", NULL};
-    ck_assert_int_eq(run_bin(prep, &out), 0);
+    ck_assert_int_eq(tu_run_program(PLASA_TRAIN_BIN, prep, &out), 0);
     ck_assert_msg(
         strstr(out.data, "\"documents\": 30, \"train_documents\": 27, \"val_documents\": 3"), "%s",
         out.data);
