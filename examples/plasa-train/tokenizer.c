@@ -320,7 +320,7 @@ static int trainer_layout(trainer *t, const uint8_t *text, size_t n, bpe_pretok 
     size_t total = n;
     strmap words = {0};
     if (pretok == BPE_PRETOK_GPT2) {
-        if (strmap_init(&words, 1 << 16)) return -1;
+        if (strmap_init(&words, 1 << 10)) return -1;
         total = 0;
         for (size_t i = 0; i < n;) {
             size_t len = bpe_chunk_len(text + i, n - i);
@@ -376,7 +376,7 @@ bpe *bpe_train(const uint8_t *text, size_t n, int vocab_size, bpe_pretok pretok)
     }
     trainer t = {0};
     int32_t(*merge)[2] = malloc((size_t)(vocab_size - 256 + 1) * sizeof *merge);
-    if (!merge || u64map_init(&t.index, 1 << 16) || trainer_layout(&t, text, n, pretok)) {
+    if (!merge || u64map_init(&t.index, 1 << 10) || trainer_layout(&t, text, n, pretok)) {
         if (!merge) tr_fail("out of memory");
         free(merge);
         trainer_free(&t);
@@ -597,7 +597,13 @@ static bool keyword_int(const char *line, const char *key, int64_t min, int64_t 
 bpe *bpe_load(const char *path) {
     tr_buf f = {0};
     if (tr_read_file(path, &f)) return NULL;
-    const char *p = f.data, *end = f.data + f.len;
+    bpe *t = bpe_parse(f.data, f.len, path);
+    tr_buf_free(&f);
+    return t;
+}
+
+bpe *bpe_parse(const char *data, size_t len, const char *path) {
+    const char *p = data, *end = data + len;
     char line[256], word[32], extra;
     int vocab = 0, merges = -1, ln = 0;
     int32_t(*merge)[2] = NULL;
@@ -665,11 +671,9 @@ bpe *bpe_load(const char *path) {
             goto fail;
         }
     }
-    tr_buf_free(&f);
     return bpe_finish(vocab, pretok, merge);
 fail:
     free(merge);
-    tr_buf_free(&f);
     return NULL;
 }
 
