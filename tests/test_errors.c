@@ -364,27 +364,6 @@ END_TEST
 
 /* ---- allocation failure ---- */
 
-typedef struct {
-    long budget; /* allocations allowed before failing */
-    long calls, live, failed;
-} failing;
-
-static void *failing_alloc(size_t n, void *u) {
-    failing *f = u;
-    if (f->calls++ >= f->budget) {
-        f->failed++;
-        return NULL;
-    }
-    void *p = malloc(n);
-    if (p) f->live++;
-    return p;
-}
-static void failing_free(void *p, void *u) {
-    failing *f = u;
-    if (p) f->live--;
-    free(p);
-}
-
 static pl_tensor *get_param(pl_ctx *c, const char *name, int ndim, const int64_t *shape,
                             pl_rng *r) {
     pl_tensor *p = pl_param_find(c, name);
@@ -459,8 +438,8 @@ START_TEST(allocation_failure_sweep) {
     int threads = pl_get_num_threads();
     pl_set_num_threads(1);
     for (long n = 0; n < 1000; n++) {
-        failing f = {n, 0, 0, 0};
-        pl_set_allocator(&(pl_allocator){failing_alloc, failing_free, &f});
+        tu_failing f = {n, 0, 0, 0};
+        pl_set_allocator(&(pl_allocator){tu_failing_alloc, tu_failing_free, &f});
         pl_clear_error();
         /* A small arena, so that the steps grow and merge chunks. */
         pl_ctx *c = pl_ctx_new(&(pl_ctx_config){.arena_initial_bytes = 16 << 10});

@@ -455,27 +455,6 @@ END_TEST
 
 /* ---- allocation failure at every allocation of a run of every op ---- */
 
-typedef struct {
-    long budget; /* allocations allowed before failing */
-    long calls, live, failed;
-} failing;
-
-static void *failing_alloc(size_t n, void *u) {
-    failing *f = u;
-    if (f->calls++ >= f->budget) {
-        f->failed++;
-        return NULL;
-    }
-    void *p = malloc(n);
-    if (p) f->live++;
-    return p;
-}
-static void failing_free(void *p, void *u) {
-    failing *f = u;
-    if (p) f->live--;
-    free(p);
-}
-
 START_TEST(allocation_failure_every_op_and_checkpoint) {
     tu_mk_tmp();
     const char *path = tu_tmp_path("sweep.safetensors");
@@ -484,8 +463,8 @@ START_TEST(allocation_failure_every_op_and_checkpoint) {
     long total = -1;
     int tolerated = 0;
     for (long n = 0; n < 5000 && total < 0; n++) {
-        failing f = {n, 0, 0, 0};
-        pl_set_allocator(&(pl_allocator){failing_alloc, failing_free, &f});
+        tu_failing f = {n, 0, 0, 0};
+        pl_set_allocator(&(pl_allocator){tu_failing_alloc, tu_failing_free, &f});
         pl_clear_error();
         /* A small arena, so that the run grows and merges chunks. */
         pl_ctx *c = pl_ctx_new(&(pl_ctx_config){.arena_initial_bytes = 8 << 10});

@@ -45,46 +45,15 @@ static void write_corpus(const char *path, int docs) {
  * a file of the temporary directory); returns its exit status. */
 static int run(tr_buf *out, const char *fmt, ...) TR_PRINTF(2, 3);
 static int run(tr_buf *out, const char *fmt, ...) {
-    char line[4096], *w, *save;
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(line, sizeof line, fmt, ap);
+    int st = tu_run_vline(PLASA_TRAIN_BIN, out, fmt, ap);
     va_end(ap);
-    ck_assert_int_lt(n, (int)sizeof line);
-    const char *args[80];
-    int k = 0;
-    for (w = strtok_r(line, " ", &save); w; w = strtok_r(NULL, " ", &save)) {
-        ck_assert_int_lt(k, 79);
-        args[k++] = w[0] == '@' ? tu_tmp_path(w + 1) : w;
-    }
-    args[k] = NULL;
-    return tu_run_program(PLASA_TRAIN_BIN, args, out);
+    return st;
 }
 
-/* Runs the trainer with args (NULL-terminated) and stdout on fd out_fd (-1:
- * closed); stderr to /dev/null. Returns the exit status. */
 static int run_stdout(int out_fd, const char *const *args) {
-    fflush(NULL);
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        int null = open("/dev/null", O_WRONLY);
-        dup2(null, 2);
-        if (out_fd >= 0)
-            dup2(out_fd, 1);
-        else
-            close(1);
-        setenv("OMP_WAIT_POLICY", "passive", 0);
-        const char *argv[40] = {PLASA_TRAIN_BIN};
-        int n = 1;
-        for (; args[n - 1] && n < 39; n++) argv[n] = args[n - 1];
-        argv[n] = NULL;
-        execv(PLASA_TRAIN_BIN, (char *const *)argv);
-        _exit(127);
-    }
-    int st;
-    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    return tu_run_program_fd(PLASA_TRAIN_BIN, args, out_fd);
 }
 
 /* ---- checkpoint metadata ---- */

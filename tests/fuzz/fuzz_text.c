@@ -13,13 +13,7 @@
 #include "tokenizer.h"
 #include "util.h"
 
-#define CHECK(c)                                                                                   \
-    do {                                                                                           \
-        if (!(c)) {                                                                                \
-            fprintf(stderr, "fuzz_text: invariant failed: %s\n", #c);                              \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
+#include "fuzz_check.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size > 1024) return 0; /* keep executions fast */

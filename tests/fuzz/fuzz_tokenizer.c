@@ -12,13 +12,7 @@
 #include "tokenizer.h"
 #include "util.h"
 
-#define CHECK(c)                                                                                   \
-    do {                                                                                           \
-        if (!(c)) {                                                                                \
-            fprintf(stderr, "fuzz_tokenizer: invariant failed: %s\n", #c);                         \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
+#include "fuzz_check.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     tr_fail("%s", "");
