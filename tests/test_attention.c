@@ -31,14 +31,8 @@ START_TEST(forward_matches_naive) {
         ck_assert_msg(o != NULL, "%s", pl_last_error());
         ck_assert(pl_same_shape(o, q));
         float *ref = malloc(sizeof(float) * (size_t)q->numel);
-        tu_attention_ref(&(tu_attn){.B = (int)sh.B,
-                                    .L = (int)sh.L,
-                                    .H = (int)sh.H,
-                                    .D = (int)sh.D,
-                                    .q = pl_f32(q),
-                                    .k = pl_f32(k),
-                                    .v = pl_f32(v)},
-                         ref, NULL, NULL, NULL, NULL);
+        tu_attn ra = tu_attn_of(q, k, v, NULL);
+        tu_attention_ref(&ra, ref, NULL, NULL, NULL, NULL);
         double r = tu_close_ratio(pl_f32(o), ref, q->numel, 2e-6, 1e-5);
         ck_assert_msg(r <= 1.0, "B=%lld L=%lld H=%lld D=%lld: %g x tolerance", (long long)sh.B,
                       (long long)sh.L, (long long)sh.H, (long long)sh.D, r);
@@ -67,18 +61,12 @@ static void check_fwd_bwd(shp sh, float p, uint64_t *s) {
     else
         ck_assert_uint_eq(rng.offset, 17);
     ck_assert_int_eq(pl_backward_seed(ctx, o, dO), PL_OK);
-    tu_attention_ref(&(tu_attn){.B = (int)sh.B,
-                                .L = (int)sh.L,
-                                .H = (int)sh.H,
-                                .D = (int)sh.D,
-                                .q = pl_f32(q),
-                                .k = pl_f32(k),
-                                .v = pl_f32(v),
-                                .p = p,
-                                .seed = 4242,
-                                .offset = 17,
-                                .dO = dO},
-                     ref, NULL, ref + n, ref + 2 * n, ref + 3 * n);
+    tu_attn ra = tu_attn_of(q, k, v, NULL);
+    ra.p = p;
+    ra.seed = 4242;
+    ra.offset = 17;
+    ra.dO = dO;
+    tu_attention_ref(&ra, ref, NULL, ref + n, ref + 2 * n, ref + 3 * n);
     const float *got[4] = {pl_f32(o), q->grad, k->grad, v->grad};
     static const char *what[4] = {"out", "dq", "dk", "dv"};
     for (int i = 0; i < 4; i++) {

@@ -98,16 +98,8 @@ static float *pipeline(const float *xdata, selector sel, bool library_attention,
         memcpy(res, pl_f32(o), no * sizeof(float));
         memcpy(res + no, pl_f32(sc), ns * sizeof(float));
     } else {
-        tu_attention_ref(&(tu_attn){.B = B,
-                                    .L = L,
-                                    .H = H,
-                                    .D = D,
-                                    .q = pl_f32(q),
-                                    .k = pl_f32(kk),
-                                    .v = pl_f32(v),
-                                    .idx = pl_i32(idx),
-                                    .K = k},
-                         res, NULL, NULL, NULL, NULL);
+        tu_attn ra = tu_attn_of(q, kk, v, idx);
+        tu_attention_ref(&ra, res, NULL, NULL, NULL, NULL);
         memcpy(res + no, pl_f32(I), ns * sizeof(float));
     }
     pl_step_reset(ctx);

@@ -63,16 +63,8 @@ START_TEST(forward_matches_naive) {
         ck_assert_msg(o != NULL, "%s", pl_last_error());
         ck_assert(pl_same_shape(o, q));
         float *ref = malloc(sizeof(float) * (size_t)o->numel);
-        tu_attention_ref(&(tu_attn){.B = B,
-                                    .L = L,
-                                    .H = H,
-                                    .D = D,
-                                    .q = pl_f32(q),
-                                    .k = pl_f32(k),
-                                    .v = pl_f32(v),
-                                    .idx = pl_i32(idx),
-                                    .K = K},
-                         ref, NULL, NULL, NULL, NULL);
+        tu_attn ra = tu_attn_of(q, k, v, idx);
+        tu_attention_ref(&ra, ref, NULL, NULL, NULL, NULL);
         tu_assert_close(pl_f32(o), ref, o->numel, 1e-5, 1e-5);
         int64_t bad = 0;
         for (int64_t i = 0; i < o->numel; i++) bad += !isfinite(pl_f32(o)[i]);
@@ -88,9 +80,8 @@ START_TEST(all_keys_equal_dense_causal) {
     const int B = 2, L = 33, H = 3, D = 16;
     pl_tensor *q = rnd(&s, B, L, H, D), *k = rnd(&s, B, L, H, D), *v = rnd(&s, B, L, H, D);
     float *ref = malloc(sizeof(float) * (size_t)q->numel);
-    tu_attention_ref(
-        &(tu_attn){.B = B, .L = L, .H = H, .D = D, .q = pl_f32(q), .k = pl_f32(k), .v = pl_f32(v)},
-        ref, NULL, NULL, NULL, NULL);
+    tu_attn ra = tu_attn_of(q, k, v, NULL); /* causal dense: keys 0..t */
+    tu_attention_ref(&ra, ref, NULL, NULL, NULL, NULL);
     /* The selection of pl_causal_topk with k >= L (random scores, k = L and
      * k > L) and an explicit all-keys list in descending order. */
     pl_tensor *sc = pl_empty(ctx, PL_F32, PL_DIMS(B, L, L));
@@ -126,19 +117,11 @@ START_TEST(dropout_follows_documented_counters) {
     ck_assert_msg(o != NULL, "%s", pl_last_error());
     ck_assert_int_eq(rng.offset, 11 + B * H * L * ((K + 3) / 4));
     float *ref = malloc(sizeof(float) * (size_t)o->numel);
-    tu_attention_ref(&(tu_attn){.B = B,
-                                .L = L,
-                                .H = H,
-                                .D = D,
-                                .q = pl_f32(q),
-                                .k = pl_f32(k),
-                                .v = pl_f32(v),
-                                .idx = pl_i32(idx),
-                                .K = K,
-                                .p = p,
-                                .seed = 1234,
-                                .offset = 11},
-                     ref, NULL, NULL, NULL, NULL);
+    tu_attn ra = tu_attn_of(q, k, v, idx);
+    ra.p = p;
+    ra.seed = 1234;
+    ra.offset = 11;
+    tu_attention_ref(&ra, ref, NULL, NULL, NULL, NULL);
     tu_assert_close(pl_f32(o), ref, o->numel, 1e-5, 1e-5);
     /* The next call continues the stream: different masks. */
     pl_tensor *o2 = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
@@ -304,19 +287,11 @@ START_TEST(vector_paths) {
         pl_tensor *o = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
         ck_assert_msg(o != NULL, "%s", pl_last_error());
         float *ref = malloc(sizeof(float) * (size_t)o->numel);
-        tu_attention_ref(&(tu_attn){.B = B,
-                                    .L = L,
-                                    .H = H,
-                                    .D = D,
-                                    .q = pl_f32(q),
-                                    .k = pl_f32(k),
-                                    .v = pl_f32(v),
-                                    .idx = pl_i32(idx),
-                                    .K = K,
-                                    .p = p,
-                                    .seed = 77,
-                                    .offset = 0},
-                         ref, NULL, NULL, NULL, NULL);
+        tu_attn ra = tu_attn_of(q, k, v, idx);
+        ra.p = p;
+        ra.seed = 77;
+        ra.offset = 0;
+        tu_attention_ref(&ra, ref, NULL, NULL, NULL, NULL);
         tu_assert_close(pl_f32(o), ref, o->numel, 1e-5, 1e-5);
         free(ref);
         pl_step_reset(ctx);

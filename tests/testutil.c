@@ -57,6 +57,19 @@ void tu_matmul_ref(const float *A, const float *B, float *C, int M, int N, int K
         }
 }
 
+tu_attn tu_attn_of(const pl_tensor *q, const pl_tensor *k, const pl_tensor *v,
+                   const pl_tensor *idx) {
+    return (tu_attn){.B = (int)q->shape[0],
+                     .L = (int)q->shape[1],
+                     .H = (int)q->shape[2],
+                     .D = (int)q->shape[3],
+                     .q = pl_f32(q),
+                     .k = pl_f32(k),
+                     .v = pl_f32(v),
+                     .idx = idx ? pl_i32(idx) : NULL,
+                     .K = idx ? (int)idx->shape[2] : 0};
+}
+
 void tu_attention_ref(const tu_attn *a, float *out, double *probs, float *dq, float *dk,
                       float *dv) {
     const int B = a->B, L = a->L, H = a->H, D = a->D, K = a->idx ? a->K : a->L;

@@ -50,6 +50,10 @@ typedef struct {
     uint64_t seed, offset;
     const float *dO; /* [B, L, H, D]: with it, the gradients too */
 } tu_attn;
+/* The description of q, k, v [B, L, H, D] (float32 tensors) with the index
+ * sets idx [B, L, K] (int32; NULL: causal dense), without dropout or dO. */
+tu_attn tu_attn_of(const pl_tensor *q, const pl_tensor *k, const pl_tensor *v,
+                   const pl_tensor *idx);
 /* Writes out [B, L, H, D] (0 for a row without keys); probs (if not NULL) the
  * softmax probabilities before dropout, [B, L, H, K] (0 at padding); with
  * a->dO, dq, dk, dv [B, L, H, D]. */
