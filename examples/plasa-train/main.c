@@ -17,10 +17,8 @@
 #include "cli.h"
 #include "data.h"
 #include "plasa.h"
-#include "util.h"
-#ifdef PLASA_TRAIN_HAVE_MODEL
 #include "train.h"
-#endif
+#include "util.h"
 
 static int fail(const char *what) {
     fprintf(stderr, "plasa-train: error: %s\n", what);
@@ -71,13 +69,7 @@ int main(int argc, char **argv) {
         data_free(&data);
         return close_stdout(rc ? fail(tr_error()) : 0);
     }
-#ifdef PLASA_TRAIN_HAVE_MODEL
     rc = tr_train(&cfg, &data);
     data_free(&data);
     return close_stdout(rc ? fail(tr_error()) : 0);
-#else
-    data_free(&data);
-    return fail("this plasa-train was built without a model (examples/plasa-train/model.c is "
-                "absent): only --prepare-only works");
-#endif
 }
