@@ -168,7 +168,9 @@ typedef struct {
 PL_API pl_mark pl_mark_get(pl_ctx *ctx);
 /* Releases everything allocated and recorded since the mark, and puts the
  * tape back in the state it had then (including whether backward had run).
- * Step tensors made after the mark become stale (PL_ERR_STATE). Step tensors
+ * Step tensors made after the mark must not be used again (their header
+ * slots are handed out anew; until then an op given one reports
+ * PL_ERR_STATE). Step tensors
  * made before it stay, but a gradient that a backward after the mark gave
  * them is dropped with the memory that held it: their grad is NULL again, and
  * the next backward starts it from zero. Parameters' gradients (persistent
