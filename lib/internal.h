@@ -158,9 +158,12 @@ void pl__philox8(uint64_t seed, uint64_t ctr, uint64_t stride, bool by_word, uin
  * ops/indexer_loss.c ---- */
 /* Writes into out[0..width) the min(k, n) indices s < n with the largest row[s]
  * (ties to the smaller s; NaN ranks as -inf, -0 equals +0), in ascending s, then
- * -1 up to width. keys: scratch of n uint32. Reads nothing when k >= n. */
+ * -1 up to width. scratch: 2n uint32. Reads nothing when k >= n. */
 void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32_t *out, int64_t width,
-                         uint32_t *keys);
+                         uint32_t *scratch);
+/* Top-k rows of n >= 1024: 0 automatic (a sampled pivot filters first), 1 never
+ * filter, 2 a pivot too high (tests take the fallback). Same results in all. */
+extern int64_t pl__topk_pivot_mode;
 /* Checks an index tensor for the causal sparse ops: PL_I32 [B, L, K] with every
  * entry -1 (padding) or in [0, t] for its row t. */
 pl_status pl__check_causal_idx(pl_ctx *ctx, const char *fn, const pl_tensor *idx, int64_t B,

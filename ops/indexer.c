@@ -191,7 +191,7 @@ pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor 
     const int nt = omp_get_max_threads();
     float *D = pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * L));
     float *rowbuf = pl__scratch(ctx, sizeof(float) * (size_t)L * (size_t)nt);
-    uint32_t *keys = pl__scratch(ctx, sizeof(uint32_t) * (size_t)L * (size_t)nt);
+    uint32_t *keys = pl__scratch(ctx, sizeof(uint32_t) * 2 * (size_t)L * (size_t)nt);
     if (!D || !rowbuf || !keys) return NULL;
     const float *q = pl_f32(qI), *kd = pl_f32(kI), *wd = pl_f32(w);
     for (int64_t b = 0; b < B; b++)
@@ -203,7 +203,7 @@ pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor 
             PL_PARALLEL((t1 - ts) * HI * t1 >= PL_PAR_MIN, default(shared), {
                 const size_t tid = (size_t)omp_get_thread_num();
                 float *row = rowbuf + tid * (size_t)L;
-                uint32_t *kb = keys + tid * (size_t)L;
+                uint32_t *kb = keys + tid * 2 * (size_t)L;
                 _Pragma("omp for schedule(static)") for (int64_t t = ts; t < t1; t++) {
                     ix_row_scores(row, D + (t - t0) * HI * t1, t1, wd + (b * L + t) * HI, HI,
                                   t + 1);
