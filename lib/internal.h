@@ -73,6 +73,7 @@ struct pl_ctx {
     int n_params, cap_params;
     pl_tensor **persist; /* every persistent tensor, for pl_ctx_free */
     int n_persist, cap_persist;
+    pl_indexer_precision indexer_precision; /* pl_set_indexer_precision */
 };
 
 /* Checks that t is a live tensor of this context with the given dtype.
@@ -98,6 +99,13 @@ float *pl__grad(pl_ctx *ctx, pl_tensor *t);
 /* C = alpha*op(A)op(B) + beta*C, row-major, via oneDNN. */
 pl_status pl__sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
                     int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
+/* C = A B^T in int32 from int8 A [M, K] and B [N, K], row-major, via oneDNN
+ * (VNNI where the CPU has it). Exact while no pair sum of the AVX2 kernel
+ * (u8 * s8, A shifted by 128) saturates: |B| <= 63 keeps it exact everywhere. */
+pl_status pl__gemm_s8(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t lda,
+                      const int8_t *B, int64_t ldb, int32_t *C, int64_t ldc);
+/* The ISA oneDNN runs with (ONEDNN_MAX_CPU_ISA limits it), for test messages. */
+const char *pl__dnnl_isa(void);
 /* Philox uniform in [0,1) from a 32-bit word (24 bits of mantissa). */
 static inline float pl__u01(uint32_t w) { return (float)(w >> 8) * (1.0f / 16777216.0f); }
 
