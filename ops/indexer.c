@@ -359,7 +359,7 @@ pl_tensor *pl_indexer_topk_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_
 
 /* ---- scores at given index sets ----
  * Forward two ways, chosen by density: with many selected keys per row
- * (K >= L/16) the blocked sgemm products of the dense path are computed and
+ * (K >= L/3) the blocked sgemm products of the dense path are computed and
  * only the selected entries read (bit-identical to pl_indexer_scores); with
  * few, each selected score is a gather of HI dot products of length dI.
  * Backward (both, and pl_indexer_topk_scores) is one pass over the rows that
@@ -379,7 +379,7 @@ typedef struct {
 static bool at_blocked(int64_t L, int64_t K) {
     if (pl__indexer_at_mode == 1) return false;
     if (pl__indexer_at_mode == 2) return true;
-    return K * 16 >= L;
+    return K * 3 >= L;
 }
 
 /* Blocked: row t's selected scores from its rows of the block products Dt
@@ -418,28 +418,59 @@ static pl_status ixb_forward(const ix_dims *d, const float *q, const float *k, c
     return PL_OK;
 }
 
+/* Eight floats (GCC vector extensions; two SSE registers on the baseline
+ * clone), unaligned loads and stores through ix_v8u. */
+typedef float ix_v8 __attribute__((vector_size(32)));
+typedef float ix_v8u __attribute__((vector_size(32), aligned(4)));
+typedef int32_t ix_v8i __attribute__((vector_size(32)));
+#define IX_LD(p) (*(const ix_v8u *)(p))
+#define IX_ST(p, x) (*(ix_v8u *)(p) = (x))
+
+/* The four sums of the lanes of a0..a3, as lanes 0..3 (a transposing tree). */
+static inline void ix_hsum4(ix_v8 a0, ix_v8 a1, ix_v8 a2, ix_v8 a3, float *out) {
+    const ix_v8i e = {0, 8, 2, 10, 4, 12, 6, 14}, o = {1, 9, 3, 11, 5, 13, 7, 15};
+    const ix_v8i lo = {0, 1, 8, 9, 4, 5, 12, 13}, hi = {2, 3, 10, 11, 6, 7, 14, 15};
+    const ix_v8 s01 = __builtin_shuffle(a0, a1, e) + __builtin_shuffle(a0, a1, o);
+    const ix_v8 s23 = __builtin_shuffle(a2, a3, e) + __builtin_shuffle(a2, a3, o);
+    const ix_v8 t = __builtin_shuffle(s01, s23, lo) + __builtin_shuffle(s01, s23, hi);
+    for (int g = 0; g < 4; g++) out[g] = t[g] + t[g + 4];
+}
+
+static inline void ix_prefetch(const float *row, int64_t n) {
+    for (int64_t o = 0; o < n * (int64_t)sizeof(float); o += 64)
+        __builtin_prefetch((const char *)row + o);
+}
+
 /* X[h*K + j] = q_h . k_{ir[j]} for the valid entries j of row ir (q: the
  * row's HI query heads, kb: its batch's keys). Four heads at a time, eight
- * partial sums each, in a fixed order. */
+ * lanes each, in a fixed order. */
 PL_KERNEL static void ixg_dots(const float *q, const float *kb, const int32_t *ir, int64_t K,
                                int64_t HI, int64_t dI, float *X) {
+    const int64_t d8 = dI & ~(int64_t)7;
     for (int64_t j = 0; j < K; j++) {
+        if (j + 8 < K && ir[j + 8] >= 0) ix_prefetch(kb + (int64_t)ir[j + 8] * dI, dI);
         if (ir[j] < 0) continue;
         const float *ks = kb + (int64_t)ir[j] * dI;
         int64_t h = 0;
         for (; h + 4 <= HI; h += 4) {
-            const float *q0 = q + h * dI;
-            float a[4][8] = {{0}};
-            int64_t i = 0;
-            for (; i + 8 <= dI; i += 8)
-                for (int g = 0; g < 4; g++)
-                    for (int l = 0; l < 8; l++) a[g][l] += q0[g * dI + i + l] * ks[i + l];
-            for (int g = 0; g < 4; g++) {
-                float x = ((a[g][0] + a[g][4]) + (a[g][1] + a[g][5])) +
-                          ((a[g][2] + a[g][6]) + (a[g][3] + a[g][7]));
-                for (int64_t r = i; r < dI; r++) x += q0[g * dI + r] * ks[r];
-                X[(h + g) * K + j] = x;
+            const float *q0 = q + h * dI, *q1 = q0 + dI, *q2 = q1 + dI, *q3 = q2 + dI;
+            ix_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (int64_t i = 0; i < d8; i += 8) {
+                const ix_v8 kv = IX_LD(ks + i);
+                a0 += IX_LD(q0 + i) * kv;
+                a1 += IX_LD(q1 + i) * kv;
+                a2 += IX_LD(q2 + i) * kv;
+                a3 += IX_LD(q3 + i) * kv;
             }
+            float x[4];
+            ix_hsum4(a0, a1, a2, a3, x);
+            for (int64_t i = d8; i < dI; i++) {
+                x[0] += q0[i] * ks[i];
+                x[1] += q1[i] * ks[i];
+                x[2] += q2[i] * ks[i];
+                x[3] += q3[i] * ks[i];
+            }
+            for (int g = 0; g < 4; g++) X[(h + g) * K + j] = x[g];
         }
         for (; h < HI; h++) X[h * K + j] = pl__dot(q + h * dI, ks, dI);
     }
@@ -485,24 +516,82 @@ PL_KERNEL static void ixg_bwd_row(const float *q, const float *kb, const float *
                                   const int32_t *ir, const float *g, int64_t K, int64_t HI,
                                   int64_t dI, float *X, float *dq, float *dw, float *dkp) {
     for (int64_t h = 0; h < HI; h++) {
-        float *Xh = X + h * K, acc = 0.0f;
-        for (int64_t j = 0; j < K; j++) {
+        float *Xh = X + h * K, acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        const float wh = w[h];
+        int64_t j = 0;
+        for (; j + 8 <= K; j += 8)
+            for (int l = 0; l < 8; l++) {
+                const float x = ir[j + l] >= 0 && Xh[j + l] > 0.0f ? Xh[j + l] : 0.0f;
+                acc[l] += g[j + l] * x;
+                Xh[j + l] = x > 0.0f ? g[j + l] * wh : 0.0f;
+            }
+        float sum =
+            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (; j < K; j++) {
             const float x = ir[j] >= 0 && Xh[j] > 0.0f ? Xh[j] : 0.0f;
-            acc += g[j] * x;
-            Xh[j] = x > 0.0f ? g[j] * w[h] : 0.0f;
+            sum += g[j] * x;
+            Xh[j] = x > 0.0f ? g[j] * wh : 0.0f;
         }
-        if (dw) dw[h] += acc;
+        if (dw) dw[h] += sum;
     }
-    for (int64_t j = 0; j < K; j++) {
-        if (ir[j] < 0) continue;
-        const float *ks = kb + (int64_t)ir[j] * dI;
-        float *dks = dkp ? dkp + (int64_t)ir[j] * dI : NULL;
-        for (int64_t h = 0; h < HI; h++) {
-            const float c = X[h * K + j];
-            if (c == 0.0f) continue;
-            if (dq) pl__axpy(dq + h * dI, c, ks, dI);
-            if (dks) pl__axpy(dks, c, q + h * dI, dI);
+    const int64_t d8 = dI & ~(int64_t)7;
+    /* dq: per 16 columns of dI, four heads' sums over the keys in registers */
+    if (dq) {
+        int64_t h = 0;
+        for (; h + 4 <= HI; h += 4) {
+            const float *C0 = X + h * K, *C1 = C0 + K, *C2 = C1 + K, *C3 = C2 + K;
+            float *d0 = dq + h * dI, *d1 = d0 + dI, *d2 = d1 + dI, *d3 = d2 + dI;
+            for (int64_t i = 0; i < d8; i += 8) {
+                ix_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                for (int64_t j = 0; j < K; j++) {
+                    if (ir[j] < 0) continue;
+                    const ix_v8 kv = IX_LD(kb + (int64_t)ir[j] * dI + i);
+                    a0 += C0[j] * kv;
+                    a1 += C1[j] * kv;
+                    a2 += C2[j] * kv;
+                    a3 += C3[j] * kv;
+                }
+                IX_ST(d0 + i, IX_LD(d0 + i) + a0);
+                IX_ST(d1 + i, IX_LD(d1 + i) + a1);
+                IX_ST(d2 + i, IX_LD(d2 + i) + a2);
+                IX_ST(d3 + i, IX_LD(d3 + i) + a3);
+            }
+            for (int64_t i = d8; i < dI; i++)
+                for (int64_t j = 0; j < K; j++) {
+                    if (ir[j] < 0) continue;
+                    const float kv = kb[(int64_t)ir[j] * dI + i];
+                    d0[i] += C0[j] * kv;
+                    d1[i] += C1[j] * kv;
+                    d2[i] += C2[j] * kv;
+                    d3[i] += C3[j] * kv;
+                }
         }
+        for (; h < HI; h++)
+            for (int64_t j = 0; j < K; j++)
+                if (ir[j] >= 0 && X[h * K + j] != 0.0f)
+                    pl__axpy(dq + h * dI, X[h * K + j], kb + (int64_t)ir[j] * dI, dI);
+    }
+    if (!dkp) return;
+    /* dk rows: one read-modify-write of each selected key's row */
+    for (int64_t j = 0; j < K; j++) {
+        if (j + 8 < K && ir[j + 8] >= 0) ix_prefetch(dkp + (int64_t)ir[j + 8] * dI, dI);
+        if (ir[j] < 0) continue;
+        float *dks = dkp + (int64_t)ir[j] * dI;
+        int64_t h = 0;
+        for (; h + 4 <= HI; h += 4) {
+            const float c0 = X[h * K + j], c1 = X[(h + 1) * K + j], c2 = X[(h + 2) * K + j],
+                        c3 = X[(h + 3) * K + j];
+            if (c0 == 0.0f && c1 == 0.0f && c2 == 0.0f && c3 == 0.0f) continue;
+            const float *q0 = q + h * dI, *q1 = q0 + dI, *q2 = q1 + dI, *q3 = q2 + dI;
+            int64_t i = 0;
+            for (; i < d8; i += 8)
+                IX_ST(dks + i, IX_LD(dks + i) + (((c0 * IX_LD(q0 + i) + c1 * IX_LD(q1 + i)) +
+                                                  c2 * IX_LD(q2 + i)) +
+                                                 c3 * IX_LD(q3 + i)));
+            for (; i < dI; i++) dks[i] += ((c0 * q0[i] + c1 * q1[i]) + c2 * q2[i]) + c3 * q3[i];
+        }
+        for (; h < HI; h++)
+            if (X[h * K + j] != 0.0f) pl__axpy(dks, X[h * K + j], q + h * dI, dI);
     }
 }
 
