@@ -175,6 +175,55 @@ START_TEST(gradient_only_into_scores) {
 }
 END_TEST
 
+/* Longer rows (the eight-lane paths) against the reference; then a NaN in
+ * q, in a selected key's k or in a score gives a NaN loss (not 0), and a
+ * NaN in a key no row selected changes nothing. */
+START_TEST(long_rows_and_nan) {
+    uint64_t s = 43;
+    const int B = 2, L = 70, H = 4, D = 32, K = 40;
+    pl_tensor *q = pl_empty(ctx, PL_F32, PL_DIMS(B, L, H, D));
+    pl_tensor *k = pl_empty(ctx, PL_F32, PL_DIMS(B, L, H, D));
+    pl_tensor *sc = pl_empty(ctx, PL_F32, PL_DIMS(B, L, K));
+    pl_tensor *idx = pl_empty(ctx, PL_I32, PL_DIMS(B, L, K));
+    tu_fill(pl_f32(q), q->numel, &s, -1, 1);
+    tu_fill(pl_f32(k), k->numel, &s, -1, 1);
+    tu_fill(pl_f32(sc), sc->numel, &s, -3, 3);
+    fill_idx(&s, pl_i32(idx), B, L, K);
+    pl_tensor *loss = pl_indexer_kl_loss(ctx, q, k, idx, sc);
+    ck_assert_msg(loss != NULL, "%s", pl_last_error());
+    float ref = (float)naive_loss(pl_f32(q), pl_f32(k), pl_i32(idx), pl_f32(sc), B, L, H, D, K);
+    tu_assert_close(pl_f32(loss), &ref, 1, 1e-5, 1e-4);
+    const float clean = pl_f32(loss)[0];
+    /* the key of batch 1 that no row selected, if any */
+    int unused = -1;
+    for (int c = L - 1; c >= 0 && unused < 0; c--) {
+        bool used = false;
+        for (int64_t e = (int64_t)L * K; e < 2 * (int64_t)L * K; e++) used |= pl_i32(idx)[e] == c;
+        if (!used) unused = c;
+    }
+    float *where[3] = {pl_f32(q) + ((size_t)L + 30) * H * D + 5, NULL, NULL};
+    for (int64_t e = 0; e < sc->numel && !where[1]; e++)
+        if (pl_i32(idx)[e] >= 0) {
+            where[1] = pl_f32(k) + ((size_t)(e / (L * K)) * L + pl_i32(idx)[e]) * H * D + 2 * D;
+            where[2] = pl_f32(sc) + e;
+        }
+    for (int i = 0; i < 3; i++) {
+        ck_assert_ptr_nonnull(where[i]);
+        const float keep = *where[i];
+        *where[i] = NAN;
+        loss = pl_indexer_kl_loss(ctx, q, k, idx, sc);
+        ck_assert_ptr_nonnull(loss);
+        ck_assert_msg(isnan(pl_f32(loss)[0]), "NaN in input %d gave %g", i, pl_f32(loss)[0]);
+        *where[i] = keep;
+    }
+    if (unused >= 0) {
+        pl_f32(k)[((size_t)L + unused) * H * D] = NAN;
+        loss = pl_indexer_kl_loss(ctx, q, k, idx, sc);
+        ck_assert(pl_f32(loss)[0] == clean);
+    }
+}
+END_TEST
+
 START_TEST(errors) {
     pl_tensor *q = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 4));
     pl_tensor *kb = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 3));
@@ -200,6 +249,7 @@ int main(void) {
     tcase_add_test(tc, forward_matches_naive);
     tcase_add_test(tc, zero_at_target_and_empty);
     tcase_add_test(tc, gradient_only_into_scores);
+    tcase_add_test(tc, long_rows_and_nan);
     tcase_add_test(tc, errors);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
