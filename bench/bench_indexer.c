@@ -23,7 +23,7 @@
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <plasa.h>
 
-#include "internal.h" /* pl__indexer_at_mode: the blocked scores_at, bit-equal to the topk's */
+#include "internal.h" /* pl__tuning.indexer_at_mode: the blocked scores_at, bit-equal to the topk's */
 
 #include <math.h>
 #include <stdio.h>
@@ -171,12 +171,12 @@ static void bench_Lk(pl_ctx *ctx, int L, int k, bool dense) {
         /* the selection, and the f32 scores at its keys (blocked: the exact values) */
         pl_tensor *idx = pl_indexer_topk(ctx, b.qI, b.kI, b.w, k);
         if (pl_set_indexer_precision(ctx, PL_INDEXER_F32)) die("precision");
-        const int64_t mode = pl__indexer_at_mode;
-        pl__indexer_at_mode = 2;
+        const int64_t mode = pl__tuning.indexer_at_mode;
+        pl__tuning.indexer_at_mode = 2;
         bool was = pl_set_grad_enabled(ctx, false);
         pl_tensor *sc = idx ? pl_indexer_scores_at(ctx, b.qI, b.kI, b.w, idx) : NULL;
         pl_set_grad_enabled(ctx, was);
-        pl__indexer_at_mode = mode;
+        pl__tuning.indexer_at_mode = mode;
         if (!sc) die("selection");
         sel[i] = malloc(sizeof(int32_t) * (size_t)idx->numel);
         selsc[i] = malloc(sizeof(float) * (size_t)sc->numel);

@@ -30,8 +30,6 @@
 #include <math.h>
 #include <omp.h>
 
-int64_t pl__indexer_block_rows = 0;
-
 typedef struct {
     int64_t B, L, HI, dI, T; /* T: query rows per block */
 } ix_dims;
@@ -93,11 +91,11 @@ static pl_status ix_quantise(pl_ctx *ctx, const ix_dims *d, const float *q, cons
     z->C = pl__scratch(ctx, sizeof(int32_t) * (size_t)(d->T * d->HI * d->L));
     if (!z->q8 || !z->k8 || !z->sq || !z->sk || !z->C) return PL_ERR_NOMEM;
     const int64_t chunk = 256;
-    PL_PARALLEL_FOR(nq * dI >= PL_PAR_MIN, schedule(static), c, (nq + chunk - 1) / chunk, {
+    PL_PARALLEL_FOR(nq * dI, schedule(static), c, (nq + chunk - 1) / chunk, {
         const int64_t r0 = c * chunk, n = nq - r0 < chunk ? nq - r0 : chunk;
         quant_rows(q + r0 * dI, n, dI, 127.0f, z->q8 + r0 * dI, z->sq + r0);
     });
-    PL_PARALLEL_FOR(nk * dI >= PL_PAR_MIN, schedule(static), c, (nk + chunk - 1) / chunk, {
+    PL_PARALLEL_FOR(nk * dI, schedule(static), c, (nk + chunk - 1) / chunk, {
         const int64_t r0 = c * chunk, n = nk - r0 < chunk ? nk - r0 : chunk;
         quant_rows(k + r0 * dI, n, dI, 63.0f, z->k8 + r0 * dI, z->sk + r0);
     });
@@ -105,7 +103,8 @@ static pl_status ix_quantise(pl_ctx *ctx, const ix_dims *d, const float *q, cons
 }
 
 static int64_t block_rows(int64_t L, int64_t HI) {
-    int64_t T = pl__indexer_block_rows > 0 ? pl__indexer_block_rows : (1 << 20) / (HI * L);
+    int64_t T =
+        pl__tuning.indexer_block_rows > 0 ? pl__tuning.indexer_block_rows : (1 << 20) / (HI * L);
     if (T < 1) T = 1;
     return T < L ? T : L;
 }
@@ -220,11 +219,9 @@ static void indexer_backward(pl_ctx *ctx, pl_node *n) {
     const ix_dims *d = n->saved;
     pl_tensor *qI = n->in[0], *kI = n->in[1], *w = n->in[2];
     const int64_t B = d->B, L = d->L, HI = d->HI, dI = d->dI, T = d->T;
-    float *dq = qI->requires_grad ? pl__grad(ctx, qI) : NULL;
-    float *dk = kI->requires_grad ? pl__grad(ctx, kI) : NULL;
-    float *dw = w->requires_grad ? pl__grad(ctx, w) : NULL;
-    if ((qI->requires_grad && !dq) || (kI->requires_grad && !dk) || (w->requires_grad && !dw))
-        return;
+    float *gi[3];
+    if (pl__grads(ctx, n, gi)) return;
+    float *dq = gi[0], *dk = gi[1], *dw = gi[2];
     float *D = pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * L));
     if (!D) return;
     const float *q = pl_f32(qI), *k = pl_f32(kI), *wd = pl_f32(w), *g = n->out->grad;
@@ -232,7 +229,7 @@ static void indexer_backward(pl_ctx *ctx, pl_node *n) {
         for (int64_t t0 = 0; t0 < L; t0 += T) {
             const int64_t t1 = t0 + T < L ? t0 + T : L, M = (t1 - t0) * HI;
             if (ix_block_dots(d, q, k, b, t0, t1, D)) return;
-            PL_PARALLEL_FOR(M * t1 >= PL_PAR_MIN, schedule(static), i, t1 - t0, {
+            PL_PARALLEL_FOR(M * t1, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
                 ix_row_backward(D + i * HI * t1, t1, g + (b * L + t) * L, wd + (b * L + t) * HI, HI,
                                 t + 1, dw ? dw + (b * L + t) * HI : NULL);
@@ -262,7 +259,7 @@ pl_tensor *pl_indexer_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tenso
         for (int64_t t0 = 0; t0 < L; t0 += T) {
             const int64_t t1 = t0 + T < L ? t0 + T : L;
             if (ix_block(&d, q, k, &z, b, t0, t1, D)) return NULL;
-            PL_PARALLEL_FOR((t1 - t0) * HI * t1 >= PL_PAR_MIN, schedule(static), i, t1 - t0, {
+            PL_PARALLEL_FOR((t1 - t0) * HI * t1, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
                 float *row = o + (b * L + t) * L;
                 ix_row(&d, &z, D, wd, b, t0, t, t1, row);
@@ -270,13 +267,9 @@ pl_tensor *pl_indexer_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tenso
             });
         }
     pl_tensor *in[3] = {qI, kI, w};
-    if (pl__wants_grad(ctx, 3, in)) {
-        pl_node *nd = pl__record(ctx, "indexer_scores", indexer_backward, out, 3, in);
-        ix_dims *sd = nd ? pl__scratch(ctx, sizeof *sd) : NULL;
-        if (!sd) return NULL;
-        *sd = d;
-        nd->saved = sd;
-    }
+    pl_node *nd;
+    if (pl__record(ctx, "indexer_scores", indexer_backward, out, 3, in, sizeof d, &nd)) return NULL;
+    if (nd) *(ix_dims *)nd->saved = d;
     return out;
 }
 
@@ -290,7 +283,7 @@ static pl_tensor *ix_topk(pl_ctx *ctx, const char *fn, pl_tensor *qI, pl_tensor 
                           int k, float *sc) {
     ix_dims d;
     if (ix_shapes(ctx, fn, qI, kI, w, &d)) return NULL;
-    if (k < 1) return pl__err(PL_ERR_ARG, "%s: k = %d must be >= 1", fn, k), NULL;
+    if (k < 1) return pl__err_null(PL_ERR_ARG, "%s: k = %d must be >= 1", fn, k);
     const int64_t B = d.B, L = d.L, HI = d.HI, T = d.T;
     pl_tensor *out = pl__new(ctx, PL_I32, PL_DIMS(B, L, k));
     if (!out) return NULL;
@@ -303,7 +296,7 @@ static pl_tensor *ix_topk(pl_ctx *ctx, const char *fn, pl_tensor *qI, pl_tensor 
     float *rsc = z.q8 ? NULL : sc;
     /* Rows t < k take every s <= t: no scores needed (unless returned). */
     const int64_t tfirst = rsc ? 0 : (k < L ? k : L);
-    PL_PARALLEL_FOR(B * tfirst * tfirst >= PL_PAR_MIN, schedule(static), r, B * tfirst, {
+    PL_PARALLEL_FOR(B * tfirst * tfirst, schedule(static), r, B * tfirst, {
         int64_t b = r / tfirst, t = r % tfirst;
         pl__causal_topk_row(NULL, t + 1, k, o + (b * L + t) * k, k, NULL);
     });
@@ -319,7 +312,7 @@ static pl_tensor *ix_topk(pl_ctx *ctx, const char *fn, pl_tensor *qI, pl_tensor 
                 if (t1 <= tfirst) continue;
                 if (ix_block(&d, q, kd, &z, b, t0, t1, D)) return NULL;
                 const int64_t ts = t0 > tfirst ? t0 : tfirst;
-                PL_PARALLEL((t1 - ts) * HI * t1 >= PL_PAR_MIN, default(shared), {
+                PL_PARALLEL((t1 - ts) * HI * t1, default(shared), {
                     const size_t tid = (size_t)omp_get_thread_num();
                     float *row = rowbuf + tid * (size_t)L;
                     uint32_t *kb = keys + tid * 2 * (size_t)L;
@@ -345,11 +338,11 @@ pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor 
 pl_tensor *pl_indexer_topk_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w, int k,
                                   pl_tensor **scores) {
     static const char *fn = "pl_indexer_topk_scores";
-    if (!scores) return pl__err(PL_ERR_ARG, "%s: scores (the output pointer) is NULL", fn), NULL;
+    if (!scores) return pl__err_null(PL_ERR_ARG, "%s: scores (the output pointer) is NULL", fn);
     *scores = NULL;
     ix_dims d;
     if (ix_shapes(ctx, fn, qI, kI, w, &d)) return NULL;
-    if (k < 1) return pl__err(PL_ERR_ARG, "%s: k = %d must be >= 1", fn, k), NULL;
+    if (k < 1) return pl__err_null(PL_ERR_ARG, "%s: k = %d must be >= 1", fn, k);
     pl_tensor *sc = pl__new(ctx, PL_F32, PL_DIMS(d.B, d.L, k));
     pl_tensor *idx = sc ? ix_topk(ctx, fn, qI, kI, w, k, pl_f32(sc)) : NULL;
     if (!idx || !ix_record_at(ctx, sc, qI, kI, w, &d, k, pl_i32(idx))) return NULL;
@@ -368,8 +361,6 @@ pl_tensor *pl_indexer_topk_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_
  * the shapes only, not on the threads) and the buffers are added in order
  * afterwards: no races, and the same bits for any number of threads. */
 
-int64_t pl__indexer_at_mode = 0;
-
 typedef struct {
     ix_dims d;
     int64_t K;
@@ -377,8 +368,8 @@ typedef struct {
 } ixs_saved;
 
 static bool at_blocked(int64_t L, int64_t K) {
-    if (pl__indexer_at_mode == 1) return false;
-    if (pl__indexer_at_mode == 2) return true;
+    if (pl__tuning.indexer_at_mode == 1) return false;
+    if (pl__tuning.indexer_at_mode == 2) return true;
     return K * 3 >= L;
 }
 
@@ -409,7 +400,7 @@ static pl_status ixb_forward(const ix_dims *d, const float *q, const float *k, c
             const int64_t t1 = t0 + T < L ? t0 + T : L;
             pl_status st = ix_block_dots(d, q, k, b, t0, t1, D);
             if (st) return st;
-            PL_PARALLEL_FOR((t1 - t0) * K * HI >= PL_PAR_MIN, schedule(static), i, t1 - t0, {
+            PL_PARALLEL_FOR((t1 - t0) * K * HI, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
                 ixb_fwd_row(D + i * HI * t1, t1, w + (b * L + t) * HI, HI, idx + (b * L + t) * K, K,
                             out + (b * L + t) * K);
@@ -502,7 +493,7 @@ static pl_status ixg_forward(pl_ctx *ctx, const ix_dims *d, int64_t K, const flo
     const int64_t B = d->B, L = d->L, HI = d->HI, dI = d->dI;
     float *Xb = ixg_rowbuf(ctx, d, K);
     if (!Xb) return PL_ERR_NOMEM;
-    PL_PARALLEL_FOR(B * L * K * HI * dI >= PL_PAR_MIN, schedule(static, 16), r, B * L, {
+    PL_PARALLEL_FOR(B * L * K * HI * dI, schedule(static, 16), r, B * L, {
         float *X = Xb + (size_t)omp_get_thread_num() * (size_t)(HI * K);
         ixg_dots(q + r * HI * dI, k + (r / L) * L * dI, idx + r * K, K, HI, dI, X);
         ixg_scores(X, w + r * HI, idx + r * K, K, HI, out + r * K);
@@ -610,11 +601,9 @@ static void indexer_at_backward(pl_ctx *ctx, pl_node *n) {
     const ix_dims *d = &sv->d;
     pl_tensor *qI = n->in[0], *kI = n->in[1], *w = n->in[2];
     const int64_t B = d->B, L = d->L, HI = d->HI, dI = d->dI, K = sv->K, rows = B * L;
-    float *dq = qI->requires_grad ? pl__grad(ctx, qI) : NULL;
-    float *dk = kI->requires_grad ? pl__grad(ctx, kI) : NULL;
-    float *dw = w->requires_grad ? pl__grad(ctx, w) : NULL;
-    if ((qI->requires_grad && !dq) || (kI->requires_grad && !dk) || (w->requires_grad && !dw))
-        return;
+    float *gi[3];
+    if (pl__grads(ctx, n, gi)) return;
+    float *dq = gi[0], *dk = gi[1], *dw = gi[2];
     const float *q = pl_f32(qI), *k = pl_f32(kI), *wd = pl_f32(w), *g = n->out->grad;
     const int32_t *idx = sv->idx;
     const int64_t P = dk ? dk_parts(d) : 1, nk = B * L * dI;
@@ -623,7 +612,7 @@ static void indexer_at_backward(pl_ctx *ctx, pl_node *n) {
     if ((dk && !part) || !Xb) return;
     if (dk) memset(part, 0, sizeof(float) * (size_t)(P * nk));
     /* Task p: rows [p*rows/P, (p+1)*rows/P), dk into part p. */
-    PL_PARALLEL_FOR(rows * K * HI * dI >= PL_PAR_MIN, schedule(dynamic, 1), p, P, {
+    PL_PARALLEL_FOR(rows * K * HI * dI, schedule(dynamic, 1), p, P, {
         const int64_t r0 = p * rows / P, r1 = (p + 1) * rows / P;
         float *dkp = dk ? part + p * nk : NULL;
         float *X = Xb + (size_t)omp_get_thread_num() * (size_t)(HI * K);
@@ -636,7 +625,7 @@ static void indexer_at_backward(pl_ctx *ctx, pl_node *n) {
         }
     });
     if (!dk) return;
-    PL_PARALLEL_FOR(nk * P >= PL_PAR_MIN, schedule(static), i, nk, {
+    PL_PARALLEL_FOR(nk * P, schedule(static), i, nk, {
         float acc = part[i];
         for (int64_t p = 1; p < P; p++) acc += part[p * nk + i];
         dk[i] += acc;
@@ -646,14 +635,11 @@ static void indexer_at_backward(pl_ctx *ctx, pl_node *n) {
 static pl_tensor *ix_record_at(pl_ctx *ctx, pl_tensor *out, pl_tensor *qI, pl_tensor *kI,
                                pl_tensor *w, const ix_dims *d, int64_t K, const int32_t *idx) {
     pl_tensor *in[3] = {qI, kI, w};
-    if (!pl__wants_grad(ctx, 3, in)) return out;
-    pl_node *nd = pl__record(ctx, "indexer_scores_at", indexer_at_backward, out, 3, in);
-    ixs_saved *sv = nd ? pl__scratch(ctx, sizeof *sv) : NULL;
-    if (!sv) return NULL;
-    sv->d = *d;
-    sv->K = K;
-    sv->idx = idx;
-    nd->saved = sv;
+    pl_node *nd;
+    if (pl__record(ctx, "indexer_scores_at", indexer_at_backward, out, 3, in, sizeof(ixs_saved),
+                   &nd))
+        return NULL;
+    if (nd) *(ixs_saved *)nd->saved = (ixs_saved){*d, K, idx};
     return out;
 }
 

@@ -14,8 +14,6 @@
 #include <math.h>
 #include <omp.h>
 
-int64_t pl__par_min = 32768;
-
 /* Monotone map float -> uint32 (a < b  <=>  key(a) < key(b)). NaN is mapped as
  * -inf and -0 as +0, so they tie with those (and the tie goes to smaller s).
  * Branch free on the bits, so that loops over it vectorise. */
@@ -45,8 +43,6 @@ static uint32_t kth_largest(const uint32_t *keys, int64_t n, int64_t k, int64_t 
     return prefix;
 }
 
-int64_t pl__topk_pivot_mode = 0;
-
 enum { SAMPLES = 256, PIVOT_MIN_N = 1024 };
 
 /* The pivot for row[0..n): a key that at least k keys of the row reach, most
@@ -58,7 +54,7 @@ static uint32_t sampled_pivot(const float *row, int64_t n, int64_t k, uint32_t *
     /* expected rank of the k-th largest among the samples, plus ~3 sigma */
     const double e = (double)SAMPLES * (double)k / (double)n;
     int64_t r = (int64_t)(e + 3.0 * sqrt(e) + 4.0);
-    if (pl__topk_pivot_mode == 2) r = 1; /* tests: a pivot too high, to take the fallback */
+    if (pl__tuning.topk_pivot_mode == 2) r = 1; /* tests: a pivot too high, to take the fallback */
     if (r >= SAMPLES) return 0;
     int64_t need;
     return kth_largest(smp, SAMPLES, r, &need);
@@ -80,7 +76,7 @@ PL_KERNEL void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32
     }
     uint32_t *ck = scratch, *ci = scratch + n; /* kept keys and their s */
     int64_t c = 0;
-    if (n >= PIVOT_MIN_N && pl__topk_pivot_mode != 1) {
+    if (n >= PIVOT_MIN_N && pl__tuning.topk_pivot_mode != 1) {
         const uint32_t p = sampled_pivot(row, n, k, ck);
         for (int64_t s = 0; s < n; s++) {
             const uint32_t key = order_key(row[s]);
@@ -111,56 +107,17 @@ PL_KERNEL void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32
     for (; m < width; m++) out[m] = -1;
 }
 
-pl_status pl__check_causal_idx(pl_ctx *ctx, const char *fn, const pl_tensor *idx, int64_t B,
-                               int64_t L) {
-    pl_status st = pl__check(ctx, fn, "idx", idx, PL_I32);
-    if (st) return st;
-    char buf[96];
-    if (idx->ndim != 3 || idx->shape[0] != B || idx->shape[1] != L)
-        return pl__err(PL_ERR_SHAPE, "%s: idx must be [%lld, %lld, K] (int32), got %s", fn,
-                       (long long)B, (long long)L, pl_shape_str(idx, buf, sizeof buf));
-    const int64_t K = idx->shape[2], rows = B * L;
-    const int32_t *id = pl_i32(idx);
-    int64_t first = rows; /* first row with a bad entry */
-    PL_PARALLEL_FOR(rows * K >= PL_PAR_MIN,
-                    schedule(static) reduction(min
-                                               : first),
-                    r, rows, {
-                        int64_t t = r % L;
-                        for (int64_t j = 0; j < K; j++) {
-                            int32_t s = id[r * K + j];
-                            if (s < -1 || s > t) {
-                                if (r < first) first = r;
-                                break;
-                            }
-                        }
-                    });
-    if (first == rows) return PL_OK;
-    int64_t t = first % L, j = 0;
-    while (id[first * K + j] >= -1 && id[first * K + j] <= t) j++;
-    int32_t s = id[first * K + j];
-    if (s >= 0 && s < L)
-        return pl__err(PL_ERR_ARG,
-                       "%s: idx[%lld, %lld, %lld] = %d is a future key (> t = %lld); causal "
-                       "sparse ops accept only keys s <= t (or -1 for padding)",
-                       fn, (long long)(first / L), (long long)t, (long long)j, (int)s,
-                       (long long)t);
-    return pl__err(PL_ERR_ARG, "%s: idx[%lld, %lld, %lld] = %d is out of range [-1, %lld]", fn,
-                   (long long)(first / L), (long long)t, (long long)j, (int)s, (long long)t);
-}
-
 pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k) {
     static const char *fn = "pl_causal_topk";
     if (pl__check(ctx, fn, "scores", scores, PL_F32)) return NULL;
     char buf[96];
     if (scores->ndim != 3 || scores->shape[1] != scores->shape[2])
-        return pl__err(PL_ERR_SHAPE, "%s: scores must be [B, L, L], got %s", fn,
-                       pl_shape_str(scores, buf, sizeof buf)),
-               NULL;
-    if (k < 1) return pl__err(PL_ERR_ARG, "%s: k = %d must be >= 1", fn, k), NULL;
+        return pl__err_null(PL_ERR_SHAPE, "%s: scores must be [B, L, L], got %s", fn,
+                            pl_shape_str(scores, buf, sizeof buf));
+    if (k < 1) return pl__err_null(PL_ERR_ARG, "%s: k = %d must be >= 1", fn, k);
     const int64_t B = scores->shape[0], L = scores->shape[1];
     if (L > INT32_MAX)
-        return pl__err(PL_ERR_SHAPE, "%s: L = %lld exceeds int32", fn, (long long)L), NULL;
+        return pl__err_null(PL_ERR_SHAPE, "%s: L = %lld exceeds int32", fn, (long long)L);
     pl_tensor *out = pl__new(ctx, PL_I32, PL_DIMS(B, L, k));
     if (!out) return NULL;
     const int nt = omp_get_max_threads();
@@ -169,7 +126,7 @@ pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k) {
     const float *sc = pl_f32(scores);
     int32_t *o = pl_i32(out);
     /* A dynamic loop: PL_PARALLEL_FOR, each row finds its thread's key buffer. */
-    PL_PARALLEL_FOR(B * L * L >= PL_PAR_MIN, schedule(dynamic, 16), r, B * L, {
+    PL_PARALLEL_FOR(B * L * L, schedule(dynamic, 16), r, B * L, {
         uint32_t *kb = keys ? keys + (size_t)omp_get_thread_num() * 2 * (size_t)L : NULL;
         pl__causal_topk_row(sc + r * L, r % L + 1, k, o + r * k, k, kb);
     });

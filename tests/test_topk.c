@@ -6,14 +6,14 @@
 static pl_ctx *ctx;
 /* Every kernel takes its parallel path, however small the test (gradient
  * checks, with their many small evaluations, restore the default). */
-static int64_t par_default = -1;
+static pl_tuning tuning_default;
 static void setup(void) {
     ctx = pl_ctx_new(NULL);
-    if (par_default < 0) par_default = pl__par_min;
-    pl__par_min = 0;
+    tuning_default = pl__tuning;
+    pl__tuning.par_min = 0;
 }
 static void teardown(void) {
-    pl__par_min = par_default;
+    pl__tuning = tuning_default;
     pl_ctx_free(ctx);
 }
 
@@ -113,7 +113,7 @@ START_TEST(long_rows_pivot_filter) {
     uint32_t *scratch = malloc(sizeof(uint32_t) * 2 * nmax);
     int32_t *got = malloc(sizeof(int32_t) * (nmax + 3));
     int *ref = malloc(sizeof(int) * (nmax + 3));
-    const int64_t mode_default = pl__topk_pivot_mode;
+    const int64_t mode_default = pl__tuning.topk_pivot_mode;
     for (int rep = 0; rep < 24; rep++) {
         const int n = tu_randint(&s, 1024, nmax), mode = rep % 4;
         const int ks[] = {1, 7, n / 8, n / 3, n - 1, n + 2};
@@ -121,7 +121,7 @@ START_TEST(long_rows_pivot_filter) {
         if (mode == 3) /* the largest values sit at a regular stride, like the samples */
             for (int i = 0; i + n / 512 < n; i += n / 256) row[i + n / 512] = 100.0f + (float)i;
         for (int pm = 0; pm < 3; pm++) {
-            pl__topk_pivot_mode = pm;
+            pl__tuning.topk_pivot_mode = pm;
             for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++) {
                 const int k = ks[ki];
                 pl__causal_topk_row(row, n, k, got, k, scratch);
@@ -134,7 +134,7 @@ START_TEST(long_rows_pivot_filter) {
             }
         }
     }
-    pl__topk_pivot_mode = mode_default;
+    pl__tuning.topk_pivot_mode = mode_default;
     free(row);
     free(scratch);
     free(got);
