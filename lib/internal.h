@@ -183,7 +183,7 @@ static inline float pl__drop_scale(float p) { return 1.0f / (float)(1.0 - (doubl
 /* ---- PLASA index sets ---- */
 /* (ops/topk.c) Writes into out[0..width) the min(k, n) indices s < n with the largest row[s]
  * (ties to the smaller s; NaN ranks as -inf, -0 equals +0), in ascending s, then
- * -1 up to width. scratch: 2n uint32. Reads nothing when k >= n. */
+ * -1 up to width. scratch: 3n uint32. Reads nothing when k >= n. */
 void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32_t *out, int64_t width,
                          uint32_t *scratch);
 /* (ops/indexset.c) Checks an index tensor for the causal sparse ops: PL_I32 [B, L, K] with every

@@ -304,7 +304,7 @@ static pl_tensor *ix_topk(pl_ctx *ctx, const char *fn, pl_tensor *qI, pl_tensor 
         const int nt = omp_get_max_threads();
         float *D = pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * L));
         float *rowbuf = pl__scratch(ctx, sizeof(float) * (size_t)L * (size_t)nt);
-        uint32_t *keys = pl__scratch(ctx, sizeof(uint32_t) * 2 * (size_t)L * (size_t)nt);
+        uint32_t *keys = pl__scratch(ctx, sizeof(uint32_t) * 3 * (size_t)L * (size_t)nt);
         if (!D || !rowbuf || !keys) return NULL;
         for (int64_t b = 0; b < B; b++)
             for (int64_t t0 = 0; t0 < L; t0 += T) {
@@ -315,7 +315,7 @@ static pl_tensor *ix_topk(pl_ctx *ctx, const char *fn, pl_tensor *qI, pl_tensor 
                 PL_PARALLEL((t1 - ts) * HI * t1, default(shared), {
                     const size_t tid = (size_t)omp_get_thread_num();
                     float *row = rowbuf + tid * (size_t)L;
-                    uint32_t *kb = keys + tid * 2 * (size_t)L;
+                    uint32_t *kb = keys + tid * 3 * (size_t)L;
                     _Pragma("omp for schedule(static)") for (int64_t t = ts; t < t1; t++) {
                         int32_t *ot = o + (b * L + t) * k;
                         ix_row(&d, &z, D, wd, b, t0, t, t1, row);

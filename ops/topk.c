@@ -26,18 +26,38 @@ static inline uint32_t order_key(float x) {
 }
 
 /* The k-th largest of keys[0..n) (1 <= k <= n) by radix select, 8 bits at a
- * time; *need gets how many keys equal to it are among the k largest. */
-static uint32_t kth_largest(const uint32_t *keys, int64_t n, int64_t k, int64_t *need) {
-    /* Invariant: among keys that match `prefix` on `mask`, `k` more are to be taken. */
-    uint32_t prefix = 0, mask = 0;
+ * time; *need gets how many keys equal to it are among the k largest. After
+ * each digit the keys still in play are compacted into tmp (n uint32), so
+ * later digits scan few; four interleaved histograms keep equal digits in a
+ * row from waiting on each other. */
+static uint32_t kth_largest(const uint32_t *keys, int64_t n, int64_t k, int64_t *need,
+                            uint32_t *tmp) {
+    const uint32_t *src = keys;
+    uint32_t prefix = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        int32_t hist[256] = {0};
-        for (int64_t s = 0; s < n; s++)
-            if ((keys[s] & mask) == prefix) hist[(keys[s] >> shift) & 255u]++;
+        int32_t hist[4][256];
+        memset(hist, 0, sizeof hist);
+        int64_t s = 0;
+        for (; s + 4 <= n; s += 4)
+            for (int l = 0; l < 4; l++) hist[l][(src[s + l] >> shift) & 255u]++;
+        for (; s < n; s++) hist[0][(src[s] >> shift) & 255u]++;
         int b = 255;
-        while (b > 0 && hist[b] < k) k -= hist[b--];
+        int64_t in_b;
+        for (;; b--) {
+            in_b = hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b];
+            if (b == 0 || in_b >= k) break;
+            k -= in_b;
+        }
         prefix |= (uint32_t)b << shift;
-        mask |= 255u << shift;
+        if (shift == 0) break;
+        int64_t m = 0; /* keep the keys of digit b */
+        for (s = 0; s < n; s++) {
+            const uint32_t key = src[s];
+            tmp[m] = key;
+            m += ((key >> shift) & 255u) == (uint32_t)b;
+        }
+        src = tmp;
+        n = m;
     }
     *need = k;
     return prefix;
@@ -57,7 +77,7 @@ static uint32_t sampled_pivot(const float *row, int64_t n, int64_t k, uint32_t *
     if (pl__tuning.topk_pivot_mode == 2) r = 1; /* tests: a pivot too high, to take the fallback */
     if (r >= SAMPLES) return 0;
     int64_t need;
-    return kth_largest(smp, SAMPLES, r, &need);
+    return kth_largest(smp, SAMPLES, r, &need, smp + SAMPLES);
 }
 
 /* Top-k selection of one row (see internal.h). For long rows a filter pass
@@ -74,15 +94,21 @@ PL_KERNEL void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32
         for (; m < width; m++) out[m] = -1;
         return;
     }
-    uint32_t *ck = scratch, *ci = scratch + n; /* kept keys and their s */
+    uint32_t *ck = scratch, *ci = scratch + n, *tmp = scratch + 2 * n; /* kept keys, their s */
     int64_t c = 0;
     if (n >= PIVOT_MIN_N && pl__tuning.topk_pivot_mode != 1) {
+        /* key(x) >= p  <=>  x >= the float of p, for every x but NaN, which
+         * ranks as -inf: so a pivot of -inf takes the plain way. */
         const uint32_t p = sampled_pivot(row, n, k, ck);
-        for (int64_t s = 0; s < n; s++) {
-            const uint32_t key = order_key(row[s]);
-            ck[c] = key;
-            ci[c] = (uint32_t)s;
-            c += key >= p;
+        const uint32_t pu = (p & 0x80000000u) ? (p & 0x7fffffffu) : ~p;
+        float pf;
+        memcpy(&pf, &pu, sizeof pf);
+        if (pf > -INFINITY) {
+            for (int64_t s = 0; s < n; s++) { /* branch-free compress of s */
+                ci[c] = (uint32_t)s;
+                c += row[s] >= pf;
+            }
+            for (int64_t i = 0; i < c; i++) ck[i] = order_key(row[ci[i]]);
         }
     }
     if (c < k) { /* no pivot, or it kept too few: every key */
@@ -93,7 +119,7 @@ PL_KERNEL void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32
         c = n;
     }
     int64_t need;
-    const uint32_t thr = kth_largest(ck, c, k, &need);
+    const uint32_t thr = kth_largest(ck, c, k, &need, tmp);
     /* Every key above thr and the first `need` (smallest s) equal to it. */
     for (int64_t i = 0; i < c; i++) {
         const uint32_t key = ck[i];
@@ -121,13 +147,13 @@ pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k) {
     pl_tensor *out = pl__new(ctx, PL_I32, PL_DIMS(B, L, k));
     if (!out) return NULL;
     const int nt = omp_get_max_threads();
-    uint32_t *keys = k < L ? pl__scratch(ctx, sizeof(uint32_t) * 2 * (size_t)L * (size_t)nt) : NULL;
+    uint32_t *keys = k < L ? pl__scratch(ctx, sizeof(uint32_t) * 3 * (size_t)L * (size_t)nt) : NULL;
     if (k < L && !keys) return NULL;
     const float *sc = pl_f32(scores);
     int32_t *o = pl_i32(out);
     /* A dynamic loop: PL_PARALLEL_FOR, each row finds its thread's key buffer. */
     PL_PARALLEL_FOR(B * L * L, schedule(dynamic, 16), r, B * L, {
-        uint32_t *kb = keys ? keys + (size_t)omp_get_thread_num() * 2 * (size_t)L : NULL;
+        uint32_t *kb = keys ? keys + (size_t)omp_get_thread_num() * 3 * (size_t)L : NULL;
         pl__causal_topk_row(sc + r * L, r % L + 1, k, o + r * k, k, kb);
     });
     return out;

@@ -110,7 +110,7 @@ START_TEST(long_rows_pivot_filter) {
     uint64_t s = 99 + (uint64_t)_i;
     const int nmax = 5000;
     float *row = malloc(sizeof(float) * nmax);
-    uint32_t *scratch = malloc(sizeof(uint32_t) * 2 * nmax);
+    uint32_t *scratch = malloc(sizeof(uint32_t) * 3 * nmax);
     int32_t *got = malloc(sizeof(int32_t) * (nmax + 3));
     int *ref = malloc(sizeof(int) * (nmax + 3));
     const int64_t mode_default = pl__tuning.topk_pivot_mode;
