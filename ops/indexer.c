@@ -417,12 +417,13 @@ typedef int32_t ix_v8i __attribute__((vector_size(32)));
 #define IX_LD(p) (*(const ix_v8u *)(p))
 #define IX_ST(p, x) (*(ix_v8u *)(p) = (x))
 
-/* The four sums of the lanes of a0..a3, as lanes 0..3 (a transposing tree). */
-static inline void ix_hsum4(ix_v8 a0, ix_v8 a1, ix_v8 a2, ix_v8 a3, float *out) {
+/* The four sums of the lanes of a[0..3], into out[0..3] (a transposing tree;
+ * by pointer: vector arguments would change the ABI between clones). */
+static inline __attribute__((always_inline)) void ix_hsum4(const ix_v8 *a, float *out) {
     const ix_v8i e = {0, 8, 2, 10, 4, 12, 6, 14}, o = {1, 9, 3, 11, 5, 13, 7, 15};
     const ix_v8i lo = {0, 1, 8, 9, 4, 5, 12, 13}, hi = {2, 3, 10, 11, 6, 7, 14, 15};
-    const ix_v8 s01 = __builtin_shuffle(a0, a1, e) + __builtin_shuffle(a0, a1, o);
-    const ix_v8 s23 = __builtin_shuffle(a2, a3, e) + __builtin_shuffle(a2, a3, o);
+    const ix_v8 s01 = __builtin_shuffle(a[0], a[1], e) + __builtin_shuffle(a[0], a[1], o);
+    const ix_v8 s23 = __builtin_shuffle(a[2], a[3], e) + __builtin_shuffle(a[2], a[3], o);
     const ix_v8 t = __builtin_shuffle(s01, s23, lo) + __builtin_shuffle(s01, s23, hi);
     for (int g = 0; g < 4; g++) out[g] = t[g] + t[g + 4];
 }
@@ -445,16 +446,16 @@ PL_KERNEL static void ixg_dots(const float *q, const float *kb, const int32_t *i
         int64_t h = 0;
         for (; h + 4 <= HI; h += 4) {
             const float *q0 = q + h * dI, *q1 = q0 + dI, *q2 = q1 + dI, *q3 = q2 + dI;
-            ix_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            ix_v8 a[4] = {{0}, {0}, {0}, {0}};
             for (int64_t i = 0; i < d8; i += 8) {
                 const ix_v8 kv = IX_LD(ks + i);
-                a0 += IX_LD(q0 + i) * kv;
-                a1 += IX_LD(q1 + i) * kv;
-                a2 += IX_LD(q2 + i) * kv;
-                a3 += IX_LD(q3 + i) * kv;
+                a[0] += IX_LD(q0 + i) * kv;
+                a[1] += IX_LD(q1 + i) * kv;
+                a[2] += IX_LD(q2 + i) * kv;
+                a[3] += IX_LD(q3 + i) * kv;
             }
             float x[4];
-            ix_hsum4(a0, a1, a2, a3, x);
+            ix_hsum4(a, x);
             for (int64_t i = d8; i < dI; i++) {
                 x[0] += q0[i] * ks[i];
                 x[1] += q1[i] * ks[i];
