@@ -54,25 +54,18 @@ static void make_batch(uint64_t *s, int32_t *in, int32_t *tg) {
     }
 }
 
-static void parse_cfg(tr_config *c, const char *line) {
-    static char store[2][1024];
-    static int slot;
-    char *buf = store[slot = (slot + 1) % 2];
-    snprintf(buf, sizeof store[0], "%s", line);
-    char *argv[64] = {"plasa-train"};
-    int argc = 1;
-    for (char *save, *w = strtok_r(buf, " ", &save); w; w = strtok_r(NULL, " ", &save))
-        argv[argc++] = w;
-    ck_assert_msg(cli_parse(argc, argv, c) == 0, "'%s': %s", line, tr_error());
-}
-
 /* Trains from scratch at one precision; returns the validation loss per
  * token after training, and in *first the one before. */
 static double train(pl_indexer_precision prec, double *first, double *train_sum) {
+    char *argv[] = {
+        "plasa-train", "--layers",       "2",   "--dim",           "32", "--heads",
+        "2",           "--ffn",          "64",  "--experts",       "2",  "--expert-ffn",
+        "32",          "--top-experts",  "1",   "--indexer-heads", "4",  "--indexer-dim",
+        "16",          "--seq",          "48",  "--batch",         "8",  "--k",
+        "8",           "--indexer-loss", "0.1", "--dropout",       "0",  "--lr",
+        "5e-3",        "--threads",      "1",   "--seed",          "5"};
     tr_config cfg;
-    parse_cfg(&cfg, "--layers 2 --dim 32 --heads 2 --ffn 64 --experts 2 --expert-ffn 32 "
-                    "--top-experts 1 --indexer-heads 4 --indexer-dim 16 --seq 48 --batch 8 "
-                    "--k 8 --indexer-loss 0.1 --dropout 0 --lr 5e-3 --threads 1 --seed 5");
+    ck_assert_msg(cli_parse((int)(sizeof argv / sizeof *argv), argv, &cfg) == 0, "%s", tr_error());
     tr_model *m = model_create(&cfg, V);
     ck_assert_msg(m != NULL, "%s", tr_error());
     ck_assert_int_eq(pl_set_indexer_precision(model_ctx(m), prec), PL_OK);
