@@ -11,7 +11,8 @@
  *   fused top-k+scores + KL f+b    pl_indexer_topk_scores + pl_indexer_kl_loss
  *   KL fwd+bwd                     pl_indexer_kl_loss alone (scores a leaf)
  * ms: the fastest of the repetitions (wall), cpu ms: its process CPU time;
- * "% dense" / "% sparse": against the dense / sparse fwd+bwd of the same run.
+ * the two percentages: wall and CPU time against the dense / sparse fwd+bwd
+ * of the same run (on a loaded machine the CPU ratio is the steadier one).
  * Then per precision the top-k set agreement with f32 over the rows t >= k:
  * the fraction of a row's k keys that f32 also selected, a key outside the
  * f32 set counting as agreeing when its f32 score equals the f32 k-th value
@@ -95,10 +96,11 @@ static double time_stage(bench *b, stage_fn f, bool backward, double *cpu) {
     return best;
 }
 
+/* ref, cref: wall and CPU time of the reference row (0: none). */
 static void print_row(const bench *b, const char *name, double t, double cpu, double ref,
-                      const char *refname) {
+                      double cref, const char *refname) {
     printf("%6d %5d  %-30s %10.2f %10.2f", b->L, b->k, name, 1e3 * t, 1e3 * cpu);
-    if (ref > 0) printf(" %8.1f%% %s", 100.0 * t / ref, refname);
+    if (ref > 0) printf(" %7.1f%% %7.1f%% of %s", 100.0 * t / ref, 100.0 * cpu / cref, refname);
     printf("\n");
     fflush(stdout);
 }
@@ -150,10 +152,10 @@ static void bench_Lk(pl_ctx *ctx, int L, int k, bool dense) {
     b.kk = input(ctx, "k", L, PL_DIMS(1, L, H, D), &rng);
     b.v = input(ctx, "v", L, PL_DIMS(1, L, H, D), &rng);
 
-    double t, c = 0, t_dense = 0, t_sparse = 0;
+    double t, c = 0, t_dense = 0, t_sparse = 0, c_dense = 0, c_sparse = 0;
     if (dense) {
-        t_dense = time_stage(&b, st_dense, true, &c);
-        print_row(&b, "dense attention fwd+bwd", t_dense, c, 0, "");
+        t_dense = time_stage(&b, st_dense, true, &c_dense);
+        print_row(&b, "dense attention fwd+bwd", t_dense, c_dense, 0, 0, "");
     }
     static const struct {
         pl_indexer_precision p;
@@ -167,7 +169,7 @@ static void bench_Lk(pl_ctx *ctx, int L, int k, bool dense) {
         char name[64];
         snprintf(name, sizeof name, "indexer top-k %s", precs[i].name);
         t = time_stage(&b, st_topk, false, &c);
-        print_row(&b, name, t, c, t_dense, "dense");
+        print_row(&b, name, t, c, t_dense, c_dense, "dense");
         /* the selection, and the f32 scores at its keys (blocked: the exact values) */
         pl_tensor *idx = pl_indexer_topk(ctx, b.qI, b.kI, b.w, k);
         if (pl_set_indexer_precision(ctx, PL_INDEXER_F32)) die("precision");
@@ -187,12 +189,12 @@ static void bench_Lk(pl_ctx *ctx, int L, int k, bool dense) {
             b.sc = sc;
         }
     }
-    t_sparse = time_stage(&b, st_sparse, true, &c);
-    print_row(&b, "sparse attention fwd+bwd", t_sparse, c, t_dense, "dense");
+    t_sparse = time_stage(&b, st_sparse, true, &c_sparse);
+    print_row(&b, "sparse attention fwd+bwd", t_sparse, c_sparse, t_dense, c_dense, "dense");
     t = time_stage(&b, st_at_kl, true, &c);
-    print_row(&b, "scores_at + KL fwd+bwd", t, c, t_sparse, "sparse");
+    print_row(&b, "scores_at + KL fwd+bwd", t, c, t_sparse, c_sparse, "sparse");
     t = time_stage(&b, st_fused_kl, true, &c);
-    print_row(&b, "fused top-k+scores + KL f+b", t, c, t_sparse, "sparse");
+    print_row(&b, "fused top-k+scores + KL f+b", t, c, t_sparse, c_sparse, "sparse");
     char scn[32];
     snprintf(scn, sizeof scn, "sc_%d", L);
     pl_tensor *leaf = pl_param_new(ctx, scn, PL_DIMS(1, L, k));
@@ -200,7 +202,7 @@ static void bench_Lk(pl_ctx *ctx, int L, int k, bool dense) {
     memcpy(pl_f32(leaf), pl_f32(b.sc), sizeof(float) * (size_t)leaf->numel);
     b.sc = leaf;
     t = time_stage(&b, st_kl, true, &c);
-    print_row(&b, "KL fwd+bwd", t, c, t_sparse, "sparse");
+    print_row(&b, "KL fwd+bwd", t, c, t_sparse, c_sparse, "sparse");
     for (int i = 1; i < NP; i++) {
         double mean, worst;
         agreement(&b, sel[0], selsc[0], sel[i], selsc[i], &mean, &worst);
