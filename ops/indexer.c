@@ -174,10 +174,10 @@ PL_KERNEL static void ix_row_scores_i8(float *out, const int32_t *C, int64_t ld,
 PL_KERNEL static void ix_row_scores(float *out, const float *D, int64_t ld, const float *w,
                                     int64_t HI, int64_t n) {
     const float w0 = w[0];
-    for (int64_t s = 0; s < n; s++) out[s] = w0 * (D[s] > 0.0f ? D[s] : 0.0f);
+    for (int64_t s = 0; s < n; s++) out[s] = w0 * pl__relu(D[s]);
     for (int64_t j = 1; j < HI; j++) {
         const float wj = w[j], *Dj = D + j * ld;
-        for (int64_t s = 0; s < n; s++) out[s] += wj * (Dj[s] > 0.0f ? Dj[s] : 0.0f);
+        for (int64_t s = 0; s < n; s++) out[s] += wj * pl__relu(Dj[s]);
     }
 }
 
@@ -204,11 +204,11 @@ PL_KERNEL static void ix_row_backward(float *D, int64_t ld, const float *g, cons
         for (; s + 8 <= n; s += 8)
             for (int l = 0; l < 8; l++) {
                 float x = Dj[s + l];
-                acc[l] += g[s + l] * (x > 0.0f ? x : 0.0f);
+                acc[l] += g[s + l] * pl__relu(x);
             }
         float sum =
             ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        for (; s < n; s++) sum += g[s] * (Dj[s] > 0.0f ? Dj[s] : 0.0f);
+        for (; s < n; s++) sum += g[s] * pl__relu(Dj[s]);
         if (dw) dw[j] += sum;
         for (s = 0; s < n; s++) Dj[s] = Dj[s] > 0.0f ? g[s] * wj : 0.0f;
         for (; s < ld; s++) Dj[s] = 0.0f;
@@ -276,7 +276,7 @@ pl_tensor *pl_indexer_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tenso
 static pl_status ixg_forward(pl_ctx *ctx, const ix_dims *d, int64_t K, const float *q,
                              const float *k, const float *w, const int32_t *idx, float *out);
 static pl_tensor *ix_record_at(pl_ctx *ctx, pl_tensor *out, pl_tensor *qI, pl_tensor *kI,
-                               pl_tensor *w, const ix_dims *d, int64_t K, const int32_t *idx);
+                               pl_tensor *w, const ix_dims *d, int64_t K, const pl_tensor *idx);
 
 /* pl_indexer_topk, and with sc the scores at the selected keys ([B,L,k]). */
 static pl_tensor *ix_topk(pl_ctx *ctx, const char *fn, pl_tensor *qI, pl_tensor *kI, pl_tensor *w,
@@ -345,7 +345,7 @@ pl_tensor *pl_indexer_topk_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_
     if (k < 1) return pl__err_null(PL_ERR_ARG, "%s: k = %d must be >= 1", fn, k);
     pl_tensor *sc = pl__new(ctx, PL_F32, PL_DIMS(d.B, d.L, k));
     pl_tensor *idx = sc ? ix_topk(ctx, fn, qI, kI, w, k, pl_f32(sc)) : NULL;
-    if (!idx || !ix_record_at(ctx, sc, qI, kI, w, &d, k, pl_i32(idx))) return NULL;
+    if (!idx || !ix_record_at(ctx, sc, qI, kI, w, &d, k, idx)) return NULL;
     *scores = sc;
     return idx;
 }
@@ -383,10 +383,10 @@ PL_KERNEL static void ixb_fwd_row(const float *Dt, int64_t ld, const float *w, i
             out[j] = -INFINITY;
             continue;
         }
-        float acc = w[0] * (Dt[s] > 0.0f ? Dt[s] : 0.0f);
+        float acc = w[0] * pl__relu(Dt[s]);
         for (int64_t h = 1; h < HI; h++) {
             const float x = Dt[h * ld + s];
-            acc += w[h] * (x > 0.0f ? x : 0.0f);
+            acc += w[h] * pl__relu(x);
         }
         out[j] = acc;
     }
@@ -473,12 +473,12 @@ PL_KERNEL static void ixg_scores(const float *X, const float *w, const int32_t *
                                  int64_t HI, float *out) {
     for (int64_t j = 0; j < K; j++) {
         const float x = X[j];
-        out[j] = w[0] * (x > 0.0f ? x : 0.0f);
+        out[j] = w[0] * pl__relu(x);
     }
     for (int64_t h = 1; h < HI; h++)
         for (int64_t j = 0; j < K; j++) {
             const float x = X[h * K + j];
-            out[j] += w[h] * (x > 0.0f ? x : 0.0f);
+            out[j] += w[h] * pl__relu(x);
         }
     for (int64_t j = 0; j < K; j++)
         if (ir[j] < 0) out[j] = -INFINITY;
@@ -513,16 +513,18 @@ PL_KERNEL static void ixg_bwd_row(const float *q, const float *kb, const float *
         int64_t j = 0;
         for (; j + 8 <= K; j += 8)
             for (int l = 0; l < 8; l++) {
-                const float x = ir[j + l] >= 0 && Xh[j + l] > 0.0f ? Xh[j + l] : 0.0f;
-                acc[l] += g[j + l] * x;
-                Xh[j + l] = x > 0.0f ? g[j + l] * wh : 0.0f;
+                const bool on = ir[j + l] >= 0;
+                const float x = Xh[j + l];
+                acc[l] += on ? g[j + l] * pl__relu(x) : 0.0f;
+                Xh[j + l] = on && x > 0.0f ? g[j + l] * wh : 0.0f;
             }
         float sum =
             ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
         for (; j < K; j++) {
-            const float x = ir[j] >= 0 && Xh[j] > 0.0f ? Xh[j] : 0.0f;
-            sum += g[j] * x;
-            Xh[j] = x > 0.0f ? g[j] * wh : 0.0f;
+            const bool on = ir[j] >= 0;
+            const float x = Xh[j];
+            sum += on ? g[j] * pl__relu(x) : 0.0f;
+            Xh[j] = on && x > 0.0f ? g[j] * wh : 0.0f;
         }
         if (dw) dw[h] += sum;
     }
@@ -634,13 +636,18 @@ static void indexer_at_backward(pl_ctx *ctx, pl_node *n) {
 }
 
 static pl_tensor *ix_record_at(pl_ctx *ctx, pl_tensor *out, pl_tensor *qI, pl_tensor *kI,
-                               pl_tensor *w, const ix_dims *d, int64_t K, const int32_t *idx) {
+                               pl_tensor *w, const ix_dims *d, int64_t K, const pl_tensor *idx) {
     pl_tensor *in[3] = {qI, kI, w};
     pl_node *nd;
     if (pl__record(ctx, "indexer_scores_at", indexer_at_backward, out, 3, in, sizeof(ixs_saved),
                    &nd))
         return NULL;
-    if (nd) *(ixs_saved *)nd->saved = (ixs_saved){*d, K, idx};
+    if (nd) {
+        /* Backward reads idx: a copy the caller cannot change. */
+        const int32_t *keep = pl__idx_copy(ctx, idx);
+        if (!keep) return NULL;
+        *(ixs_saved *)nd->saved = (ixs_saved){*d, K, keep};
+    }
     return out;
 }
 
@@ -662,5 +669,5 @@ pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_te
     } else if (ixg_forward(ctx, &d, K, q, k, wd, id, o)) {
         return NULL;
     }
-    return ix_record_at(ctx, out, qI, kI, w, &d, K, id);
+    return ix_record_at(ctx, out, qI, kI, w, &d, K, idx);
 }
