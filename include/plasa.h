@@ -120,20 +120,30 @@ typedef struct pl_tensor {
         __VA_ARGS__                                                                                \
     }
 
+/* The most threads pl_set_num_threads and pl_ctx_config accept. */
+#define PL_MAX_THREADS 1024
+
 typedef struct {
     size_t arena_initial_bytes; /* 0: 16 MiB; the arena grows as needed */
-    int num_threads;            /* 0: leave OpenMP's default */
+    int num_threads;            /* 0: leave OpenMP's default; else 1..PL_MAX_THREADS */
 } pl_ctx_config;
 
-PL_API pl_ctx *pl_ctx_new(const pl_ctx_config *cfg); /* NULL cfg: defaults */
+/* NULL cfg: defaults. Besides its heap memory (through the allocator hooks)
+ * a context reserves address space for step tensor headers with mmap (up to
+ * 16 GiB of address space, no memory until used; see pl_step_reset). */
+PL_API pl_ctx *pl_ctx_new(const pl_ctx_config *cfg);
 PL_API void pl_ctx_free(pl_ctx *ctx);
-/* Threads used by our kernels and by oneDNN (process-wide, as in OpenMP). */
+/* Threads used by our kernels and by oneDNN (process-wide, as in OpenMP);
+ * n in [1, PL_MAX_THREADS], else PL_ERR_ARG and the count is unchanged. */
 PL_API void pl_set_num_threads(int n);
 PL_API int pl_get_num_threads(void);
 
 /* Ends a step: every step tensor and the tape are released at once. Tensors
  * from before the reset must not be used again; an op given one reports
- * PL_ERR_STATE. */
+ * PL_ERR_STATE, after any number of resets: a step tensor's header address
+ * is not handed out again until 2^27 more step tensors have been made (2^17
+ * when the system grants less address space, e.g. under valgrind). Reading
+ * such a tensor's fields yourself is undefined (its memory may be gone). */
 PL_API void pl_step_reset(pl_ctx *ctx);
 
 typedef struct {
@@ -157,7 +167,14 @@ typedef struct {
 } pl_mark;
 PL_API pl_mark pl_mark_get(pl_ctx *ctx);
 /* Releases everything allocated and recorded since the mark, and puts the
- * tape back in the state it had then (including whether backward had run). */
+ * tape back in the state it had then (including whether backward had run).
+ * Step tensors made after the mark must not be used again (their header
+ * slots are handed out anew; until then an op given one reports
+ * PL_ERR_STATE). Step tensors
+ * made before it stay, but a gradient that a backward after the mark gave
+ * them is dropped with the memory that held it: their grad is NULL again, and
+ * the next backward starts it from zero. Parameters' gradients (persistent
+ * memory) are kept, accumulated as always until pl_zero_grad. */
 PL_API pl_status pl_mark_release(pl_ctx *ctx, pl_mark mark);
 
 /* Step tensors. */
@@ -217,7 +234,10 @@ PL_API bool pl_set_grad_enabled(pl_ctx *ctx, bool enabled);
 PL_API bool pl_grad_enabled(const pl_ctx *ctx);
 
 /* Runs the tape in reverse from a scalar loss (d loss/d loss = 1).
- * Gradients accumulate into parameters' grad buffers until pl_zero_grad. */
+ * Gradients accumulate into parameters' grad buffers until pl_zero_grad.
+ * Backward reads the float inputs of the ops as they are then (change one in
+ * between and its gradient changes with it); int32 inputs (ids, targets,
+ * indices) are copied by the op, so changing them afterwards is harmless. */
 PL_API pl_status pl_backward(pl_ctx *ctx, pl_tensor *loss);
 /* Same, from any tensor with an explicit seed gradient (out->numel floats). */
 PL_API pl_status pl_backward_seed(pl_ctx *ctx, pl_tensor *out, const float *seed);
@@ -329,7 +349,8 @@ PL_API pl_tensor *pl_rmsnorm(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, float eps)
  * The angles follow PyTorch's float32 pipeline exactly (as in HF rotary
  * embeddings): inv_freq = float32(1 / float32(base^float32(2i/D))), angle =
  * float32(float32(pos) * inv_freq), cos and sin of that float angle rounded
- * to float. Backward rotates by -angle. base > 0, pos_offset >= 0. */
+ * to float. Backward rotates by -angle. base > 0, 0 <= pos_offset and
+ * pos_offset + L <= INT64_MAX. */
 PL_API pl_tensor *pl_rope(pl_ctx *ctx, pl_tensor *x, float base, int64_t pos_offset);
 
 /* Fused SwiGLU gate: y = silu(a) * b = a * sigmoid(a) * b; a and b the same
@@ -596,6 +617,32 @@ PL_API pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k);
  * block of score rows exists at a time (extra memory O(L * block + threads * L)).
  * Rows t < k need no scores at all. Not differentiable (no tape entry). */
 PL_API pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w, int k);
+
+/* Fused indexer + top-k that also returns the scores at the selected keys:
+ * idx as pl_indexer_topk (the return value) and *scores = [B, L, k], the
+ * indexer's scores at those keys (-INFINITY at padding), differentiable in qI,
+ * kI, w, as pl_indexer_scores_at(qI, kI, w, idx) would give them (with the f32
+ * precision bit for bit its blocked values: they are the very scores the
+ * selection compared; with a lower precision, the f32 scores at the keys it
+ * selected, equal to float rounding). The products are computed once for both.
+ * Backward as pl_indexer_scores_at's. On error returns NULL, *scores = NULL. */
+PL_API pl_tensor *pl_indexer_topk_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w,
+                                         int k, pl_tensor **scores);
+
+/* Precision of the indexer's products q.k in pl_indexer_topk,
+ * pl_indexer_topk_scores (the selection) and pl_indexer_scores (the values;
+ * its backward stays the f32 function's gradient), a context setting:
+ *  - PL_INDEXER_F32 (default): float32, the exact results documented above;
+ *  - PL_INDEXER_INT8: qI rows (each (b, t, head)) rounded to int8 with scale
+ *    max|row| / 127, kI rows to [-63, 63] with scale max|row| / 63, exact
+ *    int32 products (oneDNN: AVX512-VNNI or AVX2, the same bits), then
+ *    I[t,s] = sk[s] * sum_j (w[t,j] sq[t,j]) max(dot_j, 0) (sum in order of j).
+ *    Non-finite inputs give NaN scores (ranked lowest).
+ * pl_indexer_scores_at and the loss are always float32. The top-k sets agree
+ * with float32's to within the figures in docs/benchmarks.md. */
+typedef enum { PL_INDEXER_F32 = 0, PL_INDEXER_INT8 = 2 } pl_indexer_precision;
+PL_API pl_status pl_set_indexer_precision(pl_ctx *ctx, pl_indexer_precision p);
+PL_API pl_indexer_precision pl_get_indexer_precision(const pl_ctx *ctx);
 
 /* Indexer scores at the keys of idx: out[b,t,j] = I[b,t,idx[b,t,j]] (as in
  * pl_indexer_scores), -INFINITY where idx is -1. Returns [B, L, K];
