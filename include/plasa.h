@@ -234,7 +234,10 @@ PL_API bool pl_set_grad_enabled(pl_ctx *ctx, bool enabled);
 PL_API bool pl_grad_enabled(const pl_ctx *ctx);
 
 /* Runs the tape in reverse from a scalar loss (d loss/d loss = 1).
- * Gradients accumulate into parameters' grad buffers until pl_zero_grad. */
+ * Gradients accumulate into parameters' grad buffers until pl_zero_grad.
+ * Backward reads the float inputs of the ops as they are then (change one in
+ * between and its gradient changes with it); int32 inputs (ids, targets,
+ * indices) are copied by the op, so changing them afterwards is harmless. */
 PL_API pl_status pl_backward(pl_ctx *ctx, pl_tensor *loss);
 /* Same, from any tensor with an explicit seed gradient (out->numel floats). */
 PL_API pl_status pl_backward_seed(pl_ctx *ctx, pl_tensor *out, const float *seed);

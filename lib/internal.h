@@ -75,6 +75,7 @@ struct pl_ctx {
      * step's headers, [hdr_start, hdr_cur) this step's (offsets, circular). */
     unsigned char *hdr_base;
     size_t hdr_size, hdr_prev, hdr_start, hdr_cur;
+    size_t hdr_done; /* pages before it (back to the last step's) went back to the system */
     uint64_t epoch;
     pl_node *tape;
     bool grad_enabled;
