@@ -711,10 +711,14 @@ PL_API pl_indexer_precision pl_get_indexer_precision(const pl_ctx *ctx);
 /* Indexer scores at the keys of idx: out[b,t,j] = I[b,t,idx[b,t,j]] (as in
  * pl_indexer_scores), -INFINITY where idx is -1. Returns [B, L, K];
  * differentiable in qI, kI, w. This is what the indexer loss trains on when the
- * selection came from pl_indexer_topk. Two ways, by density: for K >= L/16 the
- * blocked sgemm products of pl_indexer_scores (same cost, O(L * block) memory,
- * values bit-identical to it); for smaller K a gather of HI dot products per
- * entry, O(B*L*K*HI*dI) (equal to float rounding). */
+ * selection came from pl_indexer_topk. Forward two ways, by density: for
+ * K >= L/3 the blocked sgemm products of pl_indexer_scores (same cost,
+ * O(L * block) memory, values bit-identical to it); for smaller K a gather of
+ * HI dot products per entry, O(B*L*K*HI*dI) (equal to float rounding).
+ * Backward recomputes the gathered dots, O(B*L*K*HI*dI), on all threads with
+ * the same bits for any thread count; extra memory while it runs: the idx
+ * copy, 2 to 8 buffers the size of kI (the kI gradient per range of rows) and
+ * one row of dots per thread. */
 PL_API pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w,
                                        pl_tensor *idx);
 
@@ -758,7 +762,10 @@ PL_API pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, p
  *   idx = pl_indexer_topk(ctx, qI, kI, w, k);
  *   out = pl_sparse_attention(ctx, q, k, v, idx, p, rng);
  *   aux = pl_indexer_kl_loss(ctx, q, k, idx, pl_indexer_scores_at(ctx, qI, kI, w, idx));
- *   loss = main_loss + lambda * aux. */
+ *   loss = main_loss + lambda * aux.
+ * (or idx = pl_indexer_topk_scores(ctx, qI, kI, w, k, &sc) and sc in place of
+ * the pl_indexer_scores_at call: the products are then computed once.)
+ * A NaN in q, k or the scores of a row makes the loss NaN. */
 PL_API pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *idx,
                                      pl_tensor *scores);
 
