@@ -326,6 +326,24 @@ PL_API pl_tensor *pl_tanh(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_gelu(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_gelu_tanh(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_clamp(pl_ctx *ctx, pl_tensor *x, float lo, float hi);
+/* masked_fill(x, mask, value) = where(mask, value, x): value where mask != 0
+ * (float32 or int32, broadcast into x's shape), x elsewhere. dx = dy where
+ * mask is 0. */
+PL_API pl_tensor *pl_masked_fill(pl_ctx *ctx, pl_tensor *x, pl_tensor *mask, float value);
+/* Layer normalisation over the last dim D: with mu and var the mean and
+ * (biased) variance of the row, y = (x - mu) / sqrt(var + eps) * weight + bias;
+ * weight and bias are [D] or NULL (then 1 and 0). Composed of recorded ops
+ * (mean_axis, sub, mul, rsqrt, add), which give its gradient. */
+PL_API pl_tensor *pl_layer_norm(pl_ctx *ctx, pl_tensor *x, pl_tensor *weight, pl_tensor *bias,
+                                float eps);
+/* log_softmax(x) = x - logsumexp(x) over the last dim (same shape). */
+PL_API pl_tensor *pl_log_softmax(pl_ctx *ctx, pl_tensor *x);
+/* Mean losses over all elements, inputs of the same shape, result [1]:
+ *   mse_loss:          (pred - target)^2
+ *   bce_with_logits:   -t log s(x) - (1 - t) log(1 - s(x)), s the sigmoid,
+ *                      computed as max(x, 0) - x t + log(1 + e^-|x|). */
+PL_API pl_tensor *pl_mse_loss(pl_ctx *ctx, pl_tensor *pred, pl_tensor *target);
+PL_API pl_tensor *pl_bce_with_logits(pl_ctx *ctx, pl_tensor *logits, pl_tensor *target);
 
 /* Sum / mean of all elements (accumulated in double): a scalar of shape [1]. */
 PL_API pl_tensor *pl_sum(pl_ctx *ctx, pl_tensor *x);

@@ -1,8 +1,6 @@
 /* Reductions: pl_sum, pl_mean (all elements -> [1]), pl_sum_last, and (below)
  * along any axis: sum, mean, max, logsumexp, argmax/argmin, cumsum; top-k.
  *
- * ([..., n] -> [...]).
- *
  *   y = sum x:         dx += dy
  *   y = sum x / N:     dx += dy / N
  *   y[r] = sum_j x[r,j]:  dx[r,j] += dy[r]
