@@ -44,7 +44,7 @@ PL_KERNEL static double kl_row(const float *q, const float *k, const int32_t *ir
             if (z[i] > m) m = z[i];
         }
         for (int64_t i = 0; i < n; i++) {
-            z[i] = expf(z[i] - m);
+            z[i] = pl__expf(z[i] - m);
             sum += z[i];
         }
         const float inv = 1.0f / (sum * (float)H);
@@ -53,13 +53,13 @@ PL_KERNEL static double kl_row(const float *q, const float *k, const int32_t *ir
     float m = -INFINITY, sum = 0.0f;
     for (int64_t i = 0; i < n; i++)
         if (sc[pos[i]] > m) m = sc[pos[i]];
-    for (int64_t i = 0; i < n; i++) sum += expf(sc[pos[i]] - m);
+    for (int64_t i = 0; i < n; i++) sum += pl__expf(sc[pos[i]] - m);
     const float lse = m + logf(sum);
     double kl = 0.0;
     for (int64_t i = 0; i < n; i++) {
         const float lr = sc[pos[i]] - lse; /* log R */
         if (P[i] > 0.0f) kl += (double)P[i] * ((double)logf(P[i]) - (double)lr);
-        g[pos[i]] = expf(lr) - P[i];
+        g[pos[i]] = pl__expf(lr) - P[i];
     }
     return kl;
 }

@@ -9,7 +9,7 @@
  * heads contiguously, so a selected row is gathered once for all heads (the
  * heads' loops run over a group of rows while its lines are in L1). Scores:
  * 8 selected rows at a time, 8 vectors of partial sums (D/8 FMAs each) are
- * added into one vector of 8 scores by a transposing add tree (hsum8).
+ * added into one vector of scores by the transposing add tree of simd.h.
  * out += p v: chains of vector FMAs over the gathered rows, two accumulator
  * sets. Rows are prefetched a group or chunk ahead.
  *
@@ -43,164 +43,124 @@
 #include <omp.h>
 #include <stdlib.h>
 
-int64_t pl__sparse_tile_q = 0, pl__sparse_tile_k = 0;
+typedef struct {
+    int64_t B, L, H, D, K, W; /* W: 32-bit keep words per (b,t,h) row */
+    int64_t Kp, Kz;           /* K rounded up to 8; Kz = Kp + 16: a row's stride in scratch */
+    int64_t TQ, SK;           /* forward and dq: query rows per tile, keys per block */
+    int64_t KT, QB;           /* dk, dv: keys per tile, query rows per block */
+    float scale, keep_scale;
+    uint32_t threshold; /* dropout: keep iff the random word >= threshold */
+    uint64_t seed, offset;
+    const float *q, *k, *v;
+    const int32_t *idx;
+    float *out;
+    float *P;       /* [B,L,K,H] probabilities (before dropout); NULL when not recorded */
+    uint32_t *keep; /* [B,L,H,W] keep bits; NULL without dropout */
+    int isa;        /* the kernels' level (simd.h), the same for the backward */
+} sa_args;
 
-/* ISO C mode turns off FMA contraction; the kernels want it. Vector returns in
- * the baseline clone make GCC warn of an ABI change that no call crosses. */
-#if defined(__clang__)
-#pragma clang fp contract(fast)
-#pragma clang diagnostic ignored "-Wpsabi"
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=fast")
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
-pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, int64_t K,
-                         int32_t **off_out, int32_t **list_out) {
-    if (L * K >= INT32_MAX || B * L * K >= INT32_MAX)
-        return pl__err(PL_ERR_SHAPE,
-                       "index sets of %lld x %lld x %lld entries are too large (limit 2^31)",
-                       (long long)B, (long long)L, (long long)K);
-    int32_t *off = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * (L + 1)));
-    int32_t *cur = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * L));
-    if (!off || !cur) return pl_last_status();
-    PL_PARALLEL_FOR(B * L * K >= PL_PAR_MIN, schedule(static), b, B, {
-        int32_t *o = off + b * (L + 1);
-        memset(o, 0, sizeof(int32_t) * (size_t)(L + 1));
-        const int32_t *ib = idx + b * L * K;
-        for (int64_t e = 0; e < L * K; e++)
-            if (ib[e] >= 0) o[ib[e] + 1]++;
-        for (int64_t s = 0; s < L; s++) o[s + 1] += o[s];
-    });
-    int64_t total = 0; /* batch b's list starts after those of batches < b */
-    for (int64_t b = 0; b < B; b++) {
-        int32_t *o = off + b * (L + 1);
-        int64_t n = o[L];
-        for (int64_t s = 0; s <= L; s++) o[s] += (int32_t)total;
-        total += n;
-    }
-    int32_t *list = pl__scratch(ctx, sizeof(int32_t) * (size_t)(total > 0 ? total : 1));
-    if (!list) return pl_last_status();
-    PL_PARALLEL_FOR(B * L * K >= PL_PAR_MIN, schedule(static), b, B, {
-        const int32_t *o = off + b * (L + 1);
-        int32_t *c = cur + b * L;
-        memcpy(c, o, sizeof(int32_t) * (size_t)L);
-        const int32_t *ib = idx + b * L * K;
-        for (int64_t e = 0; e < L * K; e++)
-            if (ib[e] >= 0) list[c[ib[e]]++] = (int32_t)e;
-    });
-    *off_out = off;
-    *list_out = list;
-    return PL_OK;
+static inline bool keep_bit(const uint32_t *row, int64_t j) {
+    return (row[j >> 5] >> (j & 31)) & 1u;
 }
 
-/* ---- vector kernels (GCC vector extensions; AVX2+FMA in the x86-64-v3 clone)
- * ---- */
+/* Per-thread working memory of a tile of TQ query rows: row r's entries
+ * (keys sorted, padded with valid keys; their slots) at r*Kz, its scores and
+ * weights for head h at (r*H + h)*Kz. */
+typedef struct {
+    int32_t *sel, *pos; /* TQ*Kz each */
+    int64_t *n, *cur;   /* TQ each */
+    int64_t *tmp;       /* K (sorting) */
+    float *z, *w;       /* TQ*H*Kz each */
+    float *delta;       /* TQ*H */
+} sa_work;
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4)));
-#define LD(p) (*(const v8u *)(p))
-#define ST(p, x) (*(v8u *)(p) = (x))
-#define AI __attribute__((always_inline)) inline
-typedef int32_t v8i __attribute__((vector_size(32)));
-#if defined(__clang__)
-#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define SHUF(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
-#endif
-
-static AI v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
-#define SEL(m, a, b) ((v8)(((v8i)(a) & (m)) | ((v8i)(b) & ~(m)))) /* m ? a : b */
-
-/* e^x, 8 lanes: pl__expf's algorithm (x < -87 and -inf give 0). */
-static AI v8 expv(v8 x) {
-    const v8i under = x < splat(-87.0f);
-    x = SEL(under, splat(-87.0f), x);
-    x = SEL(x > splat(88.0f), splat(88.0f), x);
-    const v8 t = x * 1.44269504088896341f + 12582912.0f, n = t - 12582912.0f;
-    v8 r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    v8 p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const v8i e = ((v8i)t - (v8i)splat(12582912.0f)) << 23; /* n * 2^23 */
-    return SEL(under, splat(0.0f), (v8)((v8i)p + e));
+static inline size_t work_bytes(const sa_args *a) {
+    const size_t TQ = (size_t)a->TQ, H = (size_t)a->H, Kz = (size_t)a->Kz;
+    return 8 * (2 * TQ + (size_t)a->K) + 4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H) + 64;
 }
 
-/* The 8 lane sums of a[0..8) as one vector (a transposing add tree). */
-static AI v8 hsum8(const v8 *a) {
-    v8 s01 =
-        SHUF(a[0], a[1], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a[0], a[1], 1, 9, 3, 11, 5, 13, 7, 15);
-    v8 s23 =
-        SHUF(a[2], a[3], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a[2], a[3], 1, 9, 3, 11, 5, 13, 7, 15);
-    v8 s45 =
-        SHUF(a[4], a[5], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a[4], a[5], 1, 9, 3, 11, 5, 13, 7, 15);
-    v8 s67 =
-        SHUF(a[6], a[7], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a[6], a[7], 1, 9, 3, 11, 5, 13, 7, 15);
-    v8 s03 = SHUF(s01, s23, 0, 1, 8, 9, 4, 5, 12, 13) + SHUF(s01, s23, 2, 3, 10, 11, 6, 7, 14, 15);
-    v8 s47 = SHUF(s45, s67, 0, 1, 8, 9, 4, 5, 12, 13) + SHUF(s45, s67, 2, 3, 10, 11, 6, 7, 14, 15);
-    return SHUF(s03, s47, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(s03, s47, 4, 5, 6, 7, 12, 13, 14, 15);
+static inline sa_work work_carve(const sa_args *a, unsigned char *base) {
+    const int64_t TQ = a->TQ, H = a->H, Kz = a->Kz;
+    sa_work w;
+    w.n = (int64_t *)base;
+    w.cur = w.n + TQ;
+    w.tmp = w.cur + TQ;
+    w.z = (float *)(w.tmp + a->K);
+    w.w = w.z + TQ * H * Kz;
+    w.delta = w.w + TQ * H * Kz;
+    w.sel = (int32_t *)(w.delta + TQ * H);
+    w.pos = w.sel + TQ * Kz;
+    return w;
 }
 
-static AI float hsum8v(v8 v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
+/* The kernels (per instruction-set level, see simd.h): the forward and the
+ * row pass of the backward of query rows [t0, t1) of batch b, and the dk, dv
+ * pass of keys [s0, s1). */
+PL_ISA_DECLARE(void, sa_fwd_tile,
+               (const sa_args *a, int64_t b, int64_t t0, int64_t t1, const sa_work *w));
+PL_ISA_DECLARE(void, sa_bwd_tile,
+               (const sa_args *a, const float *dO, float *G, float *dq, int64_t b, int64_t t0,
+                int64_t t1, const sa_work *w));
+PL_ISA_DECLARE(void, sa_bwd_kv_tile,
+               (const sa_args *a, const float *dO, const float *G, float *dk, float *dv, int64_t b,
+                int64_t s0, int64_t s1, const int32_t *off, const int32_t *list, int64_t *cur,
+                const sa_work *w));
 
-/* out[i] = x . base[rows[i]*rs .. + 8*ND) for i < n (n rounded up to 8: rows
+#ifdef PL_ISA /* ---- the kernels ---- */
+
+/* out[i] = x . base[rows[i]*rs .. + PL_VW*ND) for i < n (n rounded up to PL_VW: rows
  * must be padded with valid row numbers; the extra outputs are junk). */
-static AI void dots(const float *x, const float *base, const int32_t *rows, int64_t rs, int64_t n,
-                    int ND, float *out) {
-    for (int64_t i = 0; i < n; i += 8) {
-        const float *r[8];
-        for (int u = 0; u < 8; u++) r[u] = base + rows[i + u] * rs;
-        v8 acc[8];
+static PL_AI void dots(const float *x, const float *base, const int32_t *rows, int64_t rs,
+                       int64_t n, int ND, float *out) {
+    for (int64_t i = 0; i < n; i += PL_VW) {
+        const float *r[PL_VW];
+        for (int u = 0; u < PL_VW; u++) r[u] = base + rows[i + u] * rs;
+        pl_vf acc[PL_VW];
         if (ND <= 4) { /* x stays in registers */
-            v8 xv[4] = {splat(0.0f), splat(0.0f), splat(0.0f), splat(0.0f)};
-            for (int c = 0; c < ND; c++) xv[c] = LD(x + 8 * c);
-            for (int u = 0; u < 8; u++) {
-                acc[u] = xv[0] * LD(r[u]);
-                for (int c = 1; c < ND; c++) acc[u] += xv[c] * LD(r[u] + 8 * c);
+            pl_vf xv[4] = {pl_splat(0.0f), pl_splat(0.0f), pl_splat(0.0f), pl_splat(0.0f)};
+            for (int c = 0; c < ND; c++) xv[c] = PL_LD(x + PL_VW * c);
+            for (int u = 0; u < PL_VW; u++) {
+                acc[u] = xv[0] * PL_LD(r[u]);
+                for (int c = 1; c < ND; c++) acc[u] += xv[c] * PL_LD(r[u] + PL_VW * c);
             }
         } else {
-            for (int u = 0; u < 8; u++) {
-                acc[u] = LD(x) * LD(r[u]);
-                for (int c = 1; c < ND; c++) acc[u] += LD(x + 8 * c) * LD(r[u] + 8 * c);
+            for (int u = 0; u < PL_VW; u++) {
+                acc[u] = PL_LD(x) * PL_LD(r[u]);
+                for (int c = 1; c < ND; c++)
+                    acc[u] += PL_LD(x + PL_VW * c) * PL_LD(r[u] + PL_VW * c);
             }
         }
-        ST(out + i, hsum8(acc));
+        PL_ST(out + i, pl_vhsum_t(acc));
     }
 }
 
-/* y[0 .. 8*ND) += sum_{i<n} w[i] * base[rows[i]*rs ..]: two accumulator sets
+/* y[0 .. PL_VW*ND) += sum_{i<n} w[i] * base[rows[i]*rs ..]: two accumulator sets
  * (even and odd i) per group of up to 4 vectors, to cover the FMA latency. */
-static AI void axpys(float *y, const float *w, const float *base, const int32_t *rows, int64_t rs,
-                     int64_t n, int ND) {
+static PL_AI void axpys(float *y, const float *w, const float *base, const int32_t *rows,
+                        int64_t rs, int64_t n, int ND) {
     for (int c0 = 0; c0 < ND; c0 += 4) {
         const int nc = ND - c0 < 4 ? ND - c0 : 4;
-        v8 a0[4], a1[4];
+        pl_vf a0[4], a1[4];
         for (int c = 0; c < nc; c++) {
-            a0[c] = LD(y + 8 * (c0 + c));
-            a1[c] = splat(0.0f);
+            a0[c] = PL_LD(y + PL_VW * (c0 + c));
+            a1[c] = pl_splat(0.0f);
         }
         int64_t i = 0;
         for (; i + 2 <= n; i += 2) {
-            const float *r0 = base + rows[i] * rs + 8 * c0, *r1 = base + rows[i + 1] * rs + 8 * c0;
-            const v8 w0 = splat(w[i]), w1 = splat(w[i + 1]);
+            const float *r0 = base + rows[i] * rs + PL_VW * c0,
+                        *r1 = base + rows[i + 1] * rs + PL_VW * c0;
+            const pl_vf w0 = pl_splat(w[i]), w1 = pl_splat(w[i + 1]);
             for (int c = 0; c < nc; c++) {
-                a0[c] += w0 * LD(r0 + 8 * c);
-                a1[c] += w1 * LD(r1 + 8 * c);
+                a0[c] += w0 * PL_LD(r0 + PL_VW * c);
+                a1[c] += w1 * PL_LD(r1 + PL_VW * c);
             }
         }
         if (i < n) {
-            const float *r0 = base + rows[i] * rs + 8 * c0;
-            const v8 w0 = splat(w[i]);
-            for (int c = 0; c < nc; c++) a0[c] += w0 * LD(r0 + 8 * c);
+            const float *r0 = base + rows[i] * rs + PL_VW * c0;
+            const pl_vf w0 = pl_splat(w[i]);
+            for (int c = 0; c < nc; c++) a0[c] += w0 * PL_LD(r0 + PL_VW * c);
         }
-        for (int c = 0; c < nc; c++) ST(y + 8 * (c0 + c), a0[c] + a1[c]);
+        for (int c = 0; c < nc; c++) PL_ST(y + PL_VW * (c0 + c), a0[c] + a1[c]);
     }
 }
 
@@ -219,8 +179,8 @@ static void axpys_any(float *y, const float *w, const float *base, const int32_t
  * after next is prefetched). */
 #define CH 16
 
-static AI void prefetch_rows(const float *base, const int32_t *rows, int64_t n, int64_t rs,
-                             int64_t bytes) {
+static PL_AI void prefetch_rows(const float *base, const int32_t *rows, int64_t n, int64_t rs,
+                                int64_t bytes) {
     for (int64_t i = 0; i < n; i++) {
         const char *r = (const char *)(base + rows[i] * rs);
         for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(r + o);
@@ -228,25 +188,26 @@ static AI void prefetch_rows(const float *base, const int32_t *rows, int64_t n, 
 }
 
 /* z[h*ldz + i] = x[h*D ..] . base[rows[i]*rs + h*D ..] for every head, i < n
- * (n a multiple of 8; rows padded). ND = D/8, or 0 for the scalar kernels. */
-static AI void dots_heads(const float *x, const float *base, const int32_t *rows, int64_t rs,
-                          int64_t H, int64_t D, int64_t n, int ND, float *z, int64_t ldz) {
-    for (int64_t i = 0; i < n; i += 8) {
-        if (i + 2 * 8 < n)
-            prefetch_rows(base, rows + i + 16, n - i - 16 < 8 ? n - i - 16 : 8, rs, 4 * H * D);
+ * (n a multiple of PL_VW; rows padded). ND = D/PL_VW, or 0 for the scalar kernels. */
+static PL_AI void dots_heads(const float *x, const float *base, const int32_t *rows, int64_t rs,
+                             int64_t H, int64_t D, int64_t n, int ND, float *z, int64_t ldz) {
+    for (int64_t i = 0; i < n; i += PL_VW) {
+        if (i + 2 * PL_VW < n)
+            prefetch_rows(base, rows + i + 2 * PL_VW,
+                          n - i - 2 * PL_VW < PL_VW ? n - i - 2 * PL_VW : PL_VW, rs, 4 * H * D);
         for (int64_t h = 0; h < H; h++) {
             if (ND)
-                dots(x + h * D, base + h * D, rows + i, rs, 8, ND, z + h * ldz + i);
+                dots(x + h * D, base + h * D, rows + i, rs, PL_VW, ND, z + h * ldz + i);
             else
-                dots_any(x + h * D, base + h * D, rows + i, rs, 8, D, z + h * ldz + i);
+                dots_any(x + h * D, base + h * D, rows + i, rs, PL_VW, D, z + h * ldz + i);
         }
     }
 }
 
 /* y[h*D ..] += sum_{i<n} w[h*ldw + i] base[rows[i]*rs + h*D ..] for every head. */
-static AI void axpys_heads(float *y, const float *w, int64_t ldw, const float *base,
-                           const int32_t *rows, int64_t rs, int64_t H, int64_t D, int64_t n,
-                           int ND) {
+static PL_AI void axpys_heads(float *y, const float *w, int64_t ldw, const float *base,
+                              const int32_t *rows, int64_t rs, int64_t H, int64_t D, int64_t n,
+                              int ND) {
     for (int64_t i = 0; i < n; i += CH) {
         const int64_t c = n - i < CH ? n - i : CH;
         if (i + CH < n)
@@ -258,55 +219,6 @@ static AI void axpys_heads(float *y, const float *w, int64_t ldw, const float *b
                 axpys_any(y + h * D, w + h * ldw + i, base + h * D, rows + i, rs, c, D);
         }
     }
-}
-
-typedef struct {
-    int64_t B, L, H, D, K, W; /* W: 32-bit keep words per (b,t,h) row */
-    int64_t Kp, Kz;           /* K rounded up to 8; Kz = Kp + 16: a row's stride in scratch */
-    int64_t TQ, SK;           /* forward and dq: query rows per tile, keys per block */
-    int64_t KT, QB;           /* dk, dv: keys per tile, query rows per block */
-    float scale, keep_scale;
-    uint32_t threshold; /* dropout: keep iff the random word >= threshold */
-    uint64_t seed, offset;
-    const float *q, *k, *v;
-    const int32_t *idx;
-    float *out;
-    float *P;       /* [B,L,K,H] probabilities (before dropout); NULL when not recorded */
-    uint32_t *keep; /* [B,L,H,W] keep bits; NULL without dropout */
-} sa_args;
-
-static inline bool keep_bit(const uint32_t *row, int64_t j) {
-    return (row[j >> 5] >> (j & 31)) & 1u;
-}
-
-/* Per-thread working memory of a tile of TQ query rows: row r's entries
- * (keys sorted, padded with valid keys; their slots) at r*Kz, its scores and
- * weights for head h at (r*H + h)*Kz. */
-typedef struct {
-    int32_t *sel, *pos; /* TQ*Kz each */
-    int64_t *n, *cur;   /* TQ each */
-    int64_t *tmp;       /* K (sorting) */
-    float *z, *w;       /* TQ*H*Kz each */
-    float *delta;       /* TQ*H */
-} sa_work;
-
-static size_t work_bytes(const sa_args *a) {
-    const size_t TQ = (size_t)a->TQ, H = (size_t)a->H, Kz = (size_t)a->Kz;
-    return 8 * (2 * TQ + (size_t)a->K) + 4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H) + 64;
-}
-
-static sa_work work_carve(const sa_args *a, unsigned char *base) {
-    const int64_t TQ = a->TQ, H = a->H, Kz = a->Kz;
-    sa_work w;
-    w.n = (int64_t *)base;
-    w.cur = w.n + TQ;
-    w.tmp = w.cur + TQ;
-    w.z = (float *)(w.tmp + a->K);
-    w.w = w.z + TQ * H * Kz;
-    w.delta = w.w + TQ * H * Kz;
-    w.sel = (int32_t *)(w.delta + TQ * H);
-    w.pos = w.sel + TQ * Kz;
-    return w;
 }
 
 static int cmp_i64(const void *x, const void *y) {
@@ -375,8 +287,8 @@ static void row_keep(const sa_args *a, int64_t b, int64_t t, int64_t n, const in
  * tile takes its entries from it): scores z = q.k/sqrt(D) block by block,
  * then p = softmax(z) per row and head (saved as P[b,t,j,h]), then out = sum
  * p' v block by block. */
-static AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1, const sa_work *w,
-                             int ND) {
+static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
+                                const sa_work *w, int ND) {
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kz = a->Kz;
     const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
     for (int64_t t = t0; t < t1; t++) {
@@ -393,31 +305,31 @@ static AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1
             const int64_t r = t - t0;
             int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
             if (c == 0) continue;
-            dots_heads(a->q + (b * L + t) * HD, kb, w->sel + r * Kz + c0, HD, H, D, (c + 7) & ~7,
-                       ND, w->z + r * H * Kz + c0, Kz);
+            dots_heads(a->q + (b * L + t) * HD, kb, w->sel + r * Kz + c0, HD, H, D, pl_rupw(c), ND,
+                       w->z + r * H * Kz + c0, Kz);
         }
     }
     for (int64_t t = t0; t < t1; t++) {
-        const int64_t r = t - t0, n = w->n[r], n8 = (n + 7) & ~7, row0 = (b * L + t) * H;
+        const int64_t r = t - t0, n = w->n[r], n8 = pl_rupw(n), row0 = (b * L + t) * H;
         const int32_t *pos = w->pos + r * Kz;
         w->cur[r] = 0;
         if (n == 0) continue; /* nothing selected: output 0, no gradient */
         for (int64_t h = 0; h < H; h++) {
             float *z = w->z + (r * H + h) * Kz;
             for (int64_t i = n; i < n8; i++) z[i] = -INFINITY; /* the padding: p = 0 */
-            v8 mv = splat(-INFINITY);
-            for (int64_t i = 0; i < n8; i += 8) mv = SEL(LD(z + i) > mv, LD(z + i), mv);
-            float m = mv[0];
-            for (int u = 1; u < 8; u++) m = mv[u] > m ? mv[u] : m;
-            const v8 ms = splat(m * a->scale);
-            v8 sum = splat(0.0f);
-            for (int64_t i = 0; i < n8; i += 8) {
-                const v8 e = expv(LD(z + i) * a->scale - ms);
+            pl_vf mv = pl_splat(-INFINITY);
+            for (int64_t i = 0; i < n8; i += PL_VW)
+                mv = PL_SEL(PL_LD(z + i) > mv, PL_LD(z + i), mv);
+            const float m = pl_vhmax(mv);
+            const pl_vf ms = pl_splat(m * a->scale);
+            pl_vf sum = pl_splat(0.0f);
+            for (int64_t i = 0; i < n8; i += PL_VW) {
+                const pl_vf e = pl_vexp(PL_LD(z + i) * a->scale - ms);
                 sum += e;
-                ST(z + i, e);
+                PL_ST(z + i, e);
             }
-            const float inv = 1.0f / hsum8v(sum);
-            for (int64_t i = 0; i < n8; i += 8) ST(z + i, LD(z + i) * inv);
+            const float inv = 1.0f / pl_vhsum(sum);
+            for (int64_t i = 0; i < n8; i += PL_VW) PL_ST(z + i, PL_LD(z + i) * inv);
             if (a->keep) {
                 const uint32_t *kr = a->keep + (row0 + h) * a->W;
                 float *pw = w->w + (r * H + h) * Kz;
@@ -445,12 +357,11 @@ static AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1
     }
 }
 
-PL_KERNEL static void sa_fwd_tile(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
-                                  const sa_work *w) {
+void PL_ISA_FN(sa_fwd_tile)(const sa_args *a, int64_t b, int64_t t0, int64_t t1, const sa_work *w) {
     if (a->D == 32)
-        fwd_tile_impl(a, b, t0, t1, w, 4);
-    else if (a->D % 8 == 0)
-        fwd_tile_impl(a, b, t0, t1, w, (int)(a->D / 8));
+        fwd_tile_impl(a, b, t0, t1, w, 32 / PL_VW);
+    else if (a->D % PL_VW == 0)
+        fwd_tile_impl(a, b, t0, t1, w, (int)(a->D / PL_VW));
     else
         fwd_tile_impl(a, b, t0, t1, w, 0);
 }
@@ -460,8 +371,8 @@ PL_KERNEL static void sa_fwd_tile(const sa_args *a, int64_t b, int64_t t0, int64
  * stored as G[b,t,j,h] (for the dk pass), and dq_h += sum_j g_j k_{s_j,h}; the
  * same key blocks as the forward, v and k of a block used together. Then P
  * becomes p' = p keep / (1 - dropout_p), what the dv pass wants. */
-static AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
-                             int64_t t0, int64_t t1, const sa_work *w, int ND) {
+static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
+                                int64_t t0, int64_t t1, const sa_work *w, int ND) {
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kz = a->Kz;
     const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
     const float scale = a->scale, ks = a->keep_scale;
@@ -481,7 +392,7 @@ static AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, float 
             const int32_t *sel = w->sel + r * Kz + c0, *pos = w->pos + r * Kz + c0;
             const float *P = a->P + (b * L + t) * K * H;
             float *Gr = G + (b * L + t) * K * H, *dp = w->z, *g = w->w;
-            dots_heads(dO + row0 * D, vb, sel, HD, H, D, (c + 7) & ~7, ND, dp, Kz);
+            dots_heads(dO + row0 * D, vb, sel, HD, H, D, pl_rupw(c), ND, dp, Kz);
             for (int64_t h = 0; h < H; h++) {
                 float *dph = dp + h * Kz, *gh = g + h * Kz;
                 const float delta = w->delta[r * H + h];
@@ -513,12 +424,12 @@ static AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, float 
     }
 }
 
-PL_KERNEL static void sa_bwd_tile(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
-                                  int64_t t0, int64_t t1, const sa_work *w) {
+void PL_ISA_FN(sa_bwd_tile)(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
+                            int64_t t0, int64_t t1, const sa_work *w) {
     if (a->D == 32)
-        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, 4);
-    else if (a->D % 8 == 0)
-        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, (int)(a->D / 8));
+        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, 32 / PL_VW);
+    else if (a->D % PL_VW == 0)
+        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, (int)(a->D / PL_VW));
     else
         bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, 0);
 }
@@ -527,9 +438,9 @@ PL_KERNEL static void sa_bwd_tile(const sa_args *a, const float *dO, float *G, f
  *   dv_s,h += sum_e p'_e dO_t,h,   dk_s,h += sum_e g'_e q_t,h
  * with p' = P and g' = G as the row pass left them. rows: scratch for n int32
  * (the entries' t); cw, gw: n floats each. */
-static AI void kv_key_impl(const sa_args *a, const float *dO, const float *G, float *dk, float *dv,
-                           int64_t b, int64_t s, const int32_t *list, int64_t n, int32_t *rows,
-                           float *cw, float *gw, int ND) {
+static PL_AI void kv_key_impl(const sa_args *a, const float *dO, const float *G, float *dk,
+                              float *dv, int64_t b, int64_t s, const int32_t *list, int64_t n,
+                              int32_t *rows, float *cw, float *gw, int ND) {
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D;
     const double invK = 1.0 / (double)K;
     for (int64_t e = 0; e < n; e++) { /* t = e / K without a division */
@@ -559,13 +470,13 @@ static AI void kv_key_impl(const sa_args *a, const float *dO, const float *G, fl
     }
 }
 
-PL_KERNEL static void sa_bwd_kv_key(const sa_args *a, const float *dO, const float *G, float *dk,
-                                    float *dv, int64_t b, int64_t s, const int32_t *list, int64_t n,
-                                    int32_t *rows, float *cw, float *gw) {
+static void sa_bwd_kv_key(const sa_args *a, const float *dO, const float *G, float *dk, float *dv,
+                          int64_t b, int64_t s, const int32_t *list, int64_t n, int32_t *rows,
+                          float *cw, float *gw) {
     if (a->D == 32)
-        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, 4);
-    else if (a->D % 8 == 0)
-        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, (int)(a->D / 8));
+        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, 32 / PL_VW);
+    else if (a->D % PL_VW == 0)
+        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, (int)(a->D / PL_VW));
     else
         kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, 0);
 }
@@ -576,9 +487,9 @@ PL_KERNEL static void sa_bwd_kv_key(const sa_args *a, const float *dO, const flo
  * rows so that their q and dO rows are reused from cache. off: batch b's list
  * offsets; cur, end: 2 (s1 - s0) cursors. The entries of a key are summed in
  * ascending t whatever the blocks. */
-static void sa_bwd_kv_tile(const sa_args *a, const float *dO, const float *G, float *dk, float *dv,
-                           int64_t b, int64_t s0, int64_t s1, const int32_t *off,
-                           const int32_t *list, int64_t *cur, const sa_work *w) {
+void PL_ISA_FN(sa_bwd_kv_tile)(const sa_args *a, const float *dO, const float *G, float *dk,
+                               float *dv, int64_t b, int64_t s0, int64_t s1, const int32_t *off,
+                               const int32_t *list, int64_t *cur, const sa_work *w) {
     const int64_t L = a->L, K = a->K, H = a->H, nk = s1 - s0;
     int64_t *end = cur + nk;
     const float *Pb = a->P + b * L * K * H, *Gb = G ? G + b * L * K * H : NULL;
@@ -605,6 +516,49 @@ static void sa_bwd_kv_tile(const sa_args *a, const float *dO, const float *G, fl
             cur[y] = end[y];
         }
     }
+}
+
+#else /* ---- the op (built once) ---- */
+
+int64_t pl__sparse_tile_q = 0, pl__sparse_tile_k = 0;
+
+pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, int64_t K,
+                         int32_t **off_out, int32_t **list_out) {
+    if (L * K >= INT32_MAX || B * L * K >= INT32_MAX)
+        return pl__err(PL_ERR_SHAPE,
+                       "index sets of %lld x %lld x %lld entries are too large (limit 2^31)",
+                       (long long)B, (long long)L, (long long)K);
+    int32_t *off = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * (L + 1)));
+    int32_t *cur = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * L));
+    if (!off || !cur) return pl_last_status();
+    PL_PARALLEL_FOR(B * L * K >= PL_PAR_MIN, schedule(static), b, B, {
+        int32_t *o = off + b * (L + 1);
+        memset(o, 0, sizeof(int32_t) * (size_t)(L + 1));
+        const int32_t *ib = idx + b * L * K;
+        for (int64_t e = 0; e < L * K; e++)
+            if (ib[e] >= 0) o[ib[e] + 1]++;
+        for (int64_t s = 0; s < L; s++) o[s + 1] += o[s];
+    });
+    int64_t total = 0; /* batch b's list starts after those of batches < b */
+    for (int64_t b = 0; b < B; b++) {
+        int32_t *o = off + b * (L + 1);
+        int64_t n = o[L];
+        for (int64_t s = 0; s <= L; s++) o[s] += (int32_t)total;
+        total += n;
+    }
+    int32_t *list = pl__scratch(ctx, sizeof(int32_t) * (size_t)(total > 0 ? total : 1));
+    if (!list) return pl_last_status();
+    PL_PARALLEL_FOR(B * L * K >= PL_PAR_MIN, schedule(static), b, B, {
+        const int32_t *o = off + b * (L + 1);
+        int32_t *c = cur + b * L;
+        memcpy(c, o, sizeof(int32_t) * (size_t)L);
+        const int32_t *ib = idx + b * L * K;
+        for (int64_t e = 0; e < L * K; e++)
+            if (ib[e] >= 0) list[c[ib[e]]++] = (int32_t)e;
+    });
+    *off_out = off;
+    *list_out = list;
+    return PL_OK;
 }
 
 static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
@@ -634,7 +588,8 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
                         { /* largest tiles (late t) first */
                           sa_work w = work_carve(a, buf + per * (size_t)omp_get_thread_num());
                           const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ;
-                          sa_bwd_tile(a, dO, G, dq, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
+                          PL_ISA_PICK(sa_bwd_tile, a->isa)
+                          (a, dO, G, dq, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
                         });
     int32_t *off, *list;
     if ((dk || dv) && !pl__idx_by_key(ctx, a->idx, B, L, K, &off, &list))
@@ -644,8 +599,9 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
                           sa_work w = work_carve(a, base);
                           int64_t *cur = (int64_t *)(base + work_bytes(a));
                           const int64_t b = r / nk, s0 = (r % nk) * a->KT;
-                          sa_bwd_kv_tile(a, dO, G, dk, dv, b, s0, s0 + a->KT < L ? s0 + a->KT : L,
-                                         off + b * (L + 1), list, cur, &w);
+                          PL_ISA_PICK(sa_bwd_kv_tile, a->isa)
+                          (a, dO, G, dk, dv, b, s0, s0 + a->KT < L ? s0 + a->KT : L,
+                           off + b * (L + 1), list, cur, &w);
                         });
     /* pl_mark_release would also clear tape_consumed; keep it as it was. */
     const bool consumed = ctx->tape_consumed;
@@ -709,7 +665,8 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
                  pl_i32(idx),
                  pl_f32(out),
                  NULL,
-                 NULL};
+                 NULL,
+                 pl__isa()};
     if (record && !(a.P = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)))) return NULL;
     if (dropout_p > 0.0f &&
         !(a.keep = pl__scratch(ctx, sizeof(uint32_t) * (size_t)(B * L * H * a.W))))
@@ -723,7 +680,7 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     PL_PARALLEL_FOR(B * L * K * H * D >= PL_PAR_MIN, schedule(dynamic, 1), r, B * nq, {
         sa_work w = work_carve(&a, buf + per * (size_t)omp_get_thread_num());
         const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ; /* largest tiles (late t) first */
-        sa_fwd_tile(&a, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
+        PL_ISA_PICK(sa_fwd_tile, a.isa)(&a, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
     });
     if (dropout_p > 0.0f) rng->offset += (uint64_t)(B * H * L * ((K + 3) / 4));
     if (record) {
@@ -735,3 +692,5 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     }
     return out;
 }
+
+#endif

@@ -352,6 +352,17 @@ START_TEST(errors) {
 }
 END_TEST
 
+/* The kernels at each lower instruction-set level the CPU runs. */
+static void isa_cases(TCase *tc) {
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_loop_test(tc, forward_matches_naive, 0, 3);
+    tcase_add_loop_test(tc, backward_matches_naive, 0, 3);
+    tcase_add_loop_test(tc, dropout_matches_naive, 0, 2);
+    tcase_add_test(tc, thread_count_and_schedule_independent);
+    tcase_add_test(tc, causality);
+    tcase_set_timeout(tc, 120);
+}
+
 int main(void) {
     Suite *s = suite_create("attention");
     TCase *tc = tcase_create("core");
@@ -366,5 +377,6 @@ int main(void) {
     tcase_add_test(tc, errors);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
+    tu_isa_tcases(s, "attention", isa_cases);
     return tu_run(s);
 }

@@ -418,6 +418,18 @@ START_TEST(errors) {
 }
 END_TEST
 
+/* The kernels at each lower instruction-set level the CPU runs. */
+static void isa_cases(TCase *tc) {
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_loop_test(tc, forward_matches_naive, 0, 2);
+    tcase_add_test(tc, all_keys_equal_dense_causal);
+    tcase_add_test(tc, dropout_follows_documented_counters);
+    tcase_add_test(tc, thread_independent);
+    tcase_add_test(tc, equals_pl_attention_at_k_equals_L);
+    tcase_add_test(tc, vector_paths);
+    tcase_set_timeout(tc, 120);
+}
+
 int main(void) {
     Suite *s = suite_create("sparse_attention");
     TCase *tc = tcase_create("core");
@@ -432,5 +444,6 @@ int main(void) {
     tcase_add_test(tc, errors);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
+    tu_isa_tcases(s, "sparse_attention", isa_cases);
     return tu_run(s);
 }

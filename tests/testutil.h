@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "plasa.h"
+#include "simd.h"
 
 /* Deterministic test randomness (xorshift; not the library's generator). */
 uint64_t tu_next(uint64_t *s);
@@ -55,6 +56,13 @@ void tu_rm_tmp(void);
 const char *tu_tmp_path(const char *name);
 /* Writes n bytes to path (asserts success). */
 void tu_write_bytes(const char *path, const void *p, size_t n);
+
+/* Kernel instruction sets (lib/simd.h). The suite's own cases run the CPU's
+ * best level (or PLASA_ISA's); this adds to s one case per lower level the
+ * CPU runs ("isa_avx2", "isa_baseline"), each forcing its level around the
+ * tests that add(tc) registers, and prints "SKIPPED: <name>: <level> path"
+ * for each level the CPU cannot run (those are not counted as passed). */
+void tu_isa_tcases(Suite *s, const char *name, void (*add)(TCase *));
 
 /* Runs a suite; returns the process exit code. */
 int tu_run(Suite *s);
