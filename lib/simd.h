@@ -142,23 +142,42 @@ static PL_AI pl_vf pl_vexp(pl_vf x) {
 /* ---- horizontal sums: one tree ----
  * pl_vhsum: the lanes of v added by halving (lane i + lane i + w/2, ...).
  * pl_vhsum_t: the PL_VW sums of a[0 .. PL_VW) as one vector (lane i = the sum
- * of a[i]), by the transposing form of the same pairing. */
-static PL_AI float pl_vhsum(pl_vf v) {
-    for (int w = PL_VW / 2; w >= 1; w /= 2)
-        for (int i = 0; i < w; i++) v[i] += v[i + w];
-    return v[0];
-}
-static PL_AI float pl_vhmax(pl_vf v) {
-    for (int w = PL_VW / 2; w >= 1; w /= 2)
-        for (int i = 0; i < w; i++) v[i] = v[i + w] > v[i] ? v[i + w] : v[i];
-    return v[0];
-}
-
+ * of a[i]), by the transposing form of the same pairing. pl_vhmax: the
+ * largest lane, by the same halving. */
 #if defined(__clang__)
 #define PL__SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
 #define PL__SHUF(a, b, ...) __builtin_shuffle(a, b, (pl_vi){__VA_ARGS__})
 #endif
+/* v rotated down by w lanes (lane i takes lane i + w mod PL_VW). */
+#if PL_VW == 16
+#define PL__ROT8(v) PL__SHUF(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)
+#define PL__ROT4(v) PL__SHUF(v, v, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3)
+#define PL__ROT2(v) PL__SHUF(v, v, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1)
+#define PL__ROT1(v) PL__SHUF(v, v, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0)
+#define PL__HALVE(v, OP)                                                                           \
+    (v = OP(v, PL__ROT8(v)), v = OP(v, PL__ROT4(v)), v = OP(v, PL__ROT2(v)), v = OP(v, PL__ROT1(v)))
+#elif PL_VW == 8
+#define PL__ROT4(v) PL__SHUF(v, v, 4, 5, 6, 7, 0, 1, 2, 3)
+#define PL__ROT2(v) PL__SHUF(v, v, 2, 3, 4, 5, 6, 7, 0, 1)
+#define PL__ROT1(v) PL__SHUF(v, v, 1, 2, 3, 4, 5, 6, 7, 0)
+#define PL__HALVE(v, OP) (v = OP(v, PL__ROT4(v)), v = OP(v, PL__ROT2(v)), v = OP(v, PL__ROT1(v)))
+#else
+#define PL__ROT2(v) PL__SHUF(v, v, 2, 3, 0, 1)
+#define PL__ROT1(v) PL__SHUF(v, v, 1, 2, 3, 0)
+#define PL__HALVE(v, OP) (v = OP(v, PL__ROT2(v)), v = OP(v, PL__ROT1(v)))
+#endif
+#define PL__VADD(a, b) ((a) + (b))
+#define PL__VMAX(a, b) PL_SEL((b) > (a), (b), (a))
+static PL_AI float pl_vhsum(pl_vf v) {
+    PL__HALVE(v, PL__VADD);
+    return v[0];
+}
+static PL_AI float pl_vhmax(pl_vf v) {
+    PL__HALVE(v, PL__VMAX);
+    return v[0];
+}
+
 /* One level of the tree: x, y hold partial sums in blocks of bl lanes; the
  * result pairs the blocks (lane i of group g = i / 2bl, w = i % 2bl: x's lanes
  * 2bl g + w and + bl when w < bl, else y's). */

@@ -216,38 +216,56 @@ void PL_ISA_FN(fwd_task)(const att *a, int64_t bh, int64_t i, float *ws) {
     const int64_t b = bh / H, h = bh % H;
     const float *qb = a->q + (b * L * H + h) * D, *KT = a->KT + bh * a->nblk * D * BLK,
                 *Vb = a->Vp + bh * a->Lp * Dp;
-    float *S = ws, *O = S + BLK * BLK, *m = O + BLK * Dp, *l = m + BLK;
+    float *S = ws, *O = S + BLK * BLK, *m = O + BLK * Dp, *l = m + BLK, *al = l + BLK;
     const int64_t t0 = i * BLK, nr = imin(BLK, L - t0);
-    const pl_vf iota = pl_iota();
-    for (int64_t r = 0; r < nr; r++) {
+    const float scale = a->scale;
+    const pl_vf iota = pl_iota(), ninf = pl_splat(-INFINITY);
+    for (int64_t r = 0; r < BLK; r++) { /* rows past nr too: step 2 reads them */
         m[r] = -INFINITY;
         l[r] = 0.0f;
+        al[r] = 0.0f;
         for (int64_t d = 0; d < Dp; d += PL_VW) PL_ST(O + r * Dp + d, pl_splat(0.0f));
     }
     for (int64_t j = 0; j <= i; j++) {
         const int64_t s0 = j * BLK, nc = imin(BLK, L - s0), ncp = pl_rupw(nc);
+        const bool diag = j == i;
         gemm(nr, ncp, D, qb + t0 * rs, rs, 1, KT + j * D * BLK, BLK, S, BLK, false);
-        /* Online softmax; on the diagonal block keys c > r are masked (that
-         * includes the padding past L, which only the diagonal block has). */
+        /* Online softmax, a step at a time over all rows (rows are independent,
+         * so the steps overlap). On the diagonal block keys c > r are masked
+         * (that includes the padding past L, which only the diagonal block has).
+         * 1: each row's largest score of the block (scaled after the max: the
+         * scale is positive, so the max commutes with it exactly). */
         for (int64_t r = 0; r < nr; r++) {
-            float *sr = S + r * BLK;
-            pl_vf mx = pl_splat(m[r]);
+            const float *sr = S + r * BLK;
+            pl_vf mx = ninf;
             for (int64_t c = 0; c < ncp; c += PL_VW) {
-                pl_vf x = PL_LD(sr + c) * a->scale;
-                if (j == i) x = PL_SEL(iota + (float)c > (float)r, pl_splat(-INFINITY), x);
-                PL_ST(sr + c, x);
+                pl_vf x = PL_LD(sr + c);
+                if (diag) x = PL_SEL(iota + (float)c > (float)r, ninf, x);
                 mx = PL_SEL(x > mx, x, mx);
             }
-            float mnew = pl_vhmax(mx);
-            float alpha = pl__expf(m[r] - mnew); /* 0 on the first block */
-            pl_vf sum = pl_splat(0.0f), mv = pl_splat(mnew);
+            al[r] = pl_vhmax(mx) * scale;
+        }
+        /* 2: the running maxima and the factors alpha = e^(m_old - m_new) of
+         * all rows, a vector at a time (alpha = 0 on the first block). */
+        for (int64_t r = 0; r < nr; r += PL_VW) {
+            const pl_vf mo = PL_LD(m + r), mb = PL_LD(al + r), mn = PL_SEL(mb > mo, mb, mo);
+            PL_ST(m + r, mn);
+            PL_ST(al + r, pl_vexp(mo - mn));
+        }
+        /* 3: P = e^(S scale - m), the row sums, and O rescaled by alpha. */
+        for (int64_t r = 0; r < nr; r++) {
+            float *sr = S + r * BLK;
+            const pl_vf mv = pl_splat(m[r]);
+            pl_vf sum = pl_splat(0.0f);
             for (int64_t c = 0; c < ncp; c += PL_VW) {
-                pl_vf e = pl_vexp(PL_LD(sr + c) - mv);
+                pl_vf x = PL_LD(sr + c) * scale - mv;
+                if (diag) x = PL_SEL(iota + (float)c > (float)r, ninf, x);
+                const pl_vf e = pl_vexp(x);
                 sum += e;
                 PL_ST(sr + c, e);
             }
+            const float alpha = al[r];
             l[r] = l[r] * alpha + pl_vhsum(sum);
-            m[r] = mnew;
             if (alpha != 1.0f)
                 for (int64_t d = 0; d < Dp; d += PL_VW)
                     PL_ST(O + r * Dp + d, PL_LD(O + r * Dp + d) * alpha);
@@ -419,7 +437,7 @@ void PL_ISA_FN(dvec_rows)(const att *a, const float *o, float *dvec, int64_t b) 
 #else /* ---- the ops (built once) ---- */
 
 /* Floats of per-thread scratch. */
-static int64_t fwd_scratch(const att *a) { return BLK * BLK + BLK * a->Dp + 2 * BLK; }
+static int64_t fwd_scratch(const att *a) { return BLK * BLK + BLK * a->Dp + 3 * BLK; }
 static int64_t bwd_scratch(const att *a, bool whole) {
     return 3 * BLK * BLK + 2 * BLK * a->Dp + (whole ? a->nblk : 1) * BLK * a->Dp;
 }
