@@ -76,6 +76,7 @@ struct pl_ctx {
     int n_params, cap_params;
     pl_tensor **persist; /* every persistent tensor, for pl_ctx_free */
     int n_persist, cap_persist;
+    int sparse_save; /* pl_sparse_save (pl_set_sparse_attention_save) */
 };
 
 /* Checks that t is a live tensor of this context with the given dtype.

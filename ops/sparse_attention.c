@@ -57,6 +57,10 @@ typedef struct {
     float *P;       /* [B,L,K,H] probabilities (before dropout); NULL when not recorded */
     uint32_t *keep; /* [B,L,H,W] keep bits; NULL without dropout */
     int isa;        /* the kernels' level (simd.h), the same for the backward */
+    /* Recompute mode (P == NULL): the forward saves lse [B,L,H], each row's
+     * log-sum-exp of the scaled scores; the backward recomputes the scores and
+     * keeps delta [B,L,H] = dO . out for the key pass. */
+    float *lse, *delta;
 } sa_args;
 
 static inline bool keep_bit(const uint32_t *row, int64_t j) {
@@ -72,11 +76,12 @@ typedef struct {
     int64_t *tmp;       /* K (sorting) */
     float *z, *w;       /* TQ*H*Kz each */
     float *delta;       /* TQ*H */
+    float *zr;          /* H*Kz: recomputed scores of one row */
 } sa_work;
 
 static inline size_t work_bytes(const sa_args *a) {
     const size_t TQ = (size_t)a->TQ, H = (size_t)a->H, Kz = (size_t)a->Kz;
-    return 8 * (2 * TQ + (size_t)a->K) + 4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H) + 64;
+    return 8 * (2 * TQ + (size_t)a->K) + 4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H + H * Kz) + 64;
 }
 
 static inline sa_work work_carve(const sa_args *a, unsigned char *base) {
@@ -90,6 +95,7 @@ static inline sa_work work_carve(const sa_args *a, unsigned char *base) {
     w.delta = w.w + TQ * H * Kz;
     w.sel = (int32_t *)(w.delta + TQ * H);
     w.pos = w.sel + TQ * Kz;
+    w.zr = (float *)(w.pos + TQ * Kz);
     return w;
 }
 
@@ -328,7 +334,8 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
                 sum += e;
                 PL_ST(z + i, e);
             }
-            const float inv = 1.0f / pl_vhsum(sum);
+            const float tot = pl_vhsum(sum), inv = 1.0f / tot;
+            if (a->lse) a->lse[row0 + h] = m * a->scale + logf(tot);
             for (int64_t i = 0; i < n8; i += PL_VW) PL_ST(z + i, PL_LD(z + i) * inv);
             if (a->keep) {
                 const uint32_t *kr = a->keep + (row0 + h) * a->W;
@@ -376,23 +383,28 @@ static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, flo
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kz = a->Kz;
     const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
     const float scale = a->scale, ks = a->keep_scale;
+    const bool recompute = a->P == NULL;
     for (int64_t t = t0; t < t1; t++) {
         const int64_t r = t - t0, row0 = (b * L + t) * H;
         w->n[r] = row_entries(a, b, t, w->sel + r * Kz, w->pos + r * Kz, w->tmp);
         w->cur[r] = 0;
-        for (int64_t h = 0; h < H; h++)
+        for (int64_t h = 0; h < H; h++) {
             w->delta[r * H + h] = pl__dot(dO + (row0 + h) * D, a->out + (row0 + h) * D, D);
+            if (a->delta) a->delta[row0 + h] = w->delta[r * H + h];
+        }
     }
-    for (int64_t s0 = 0; G && s0 < t1; s0 += a->SK) {
+    for (int64_t s0 = 0; (G || (recompute && dq)) && s0 < t1; s0 += a->SK) {
         const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
         for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
             const int64_t r = t - t0, row0 = (b * L + t) * H;
             int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
             if (c == 0) continue;
             const int32_t *sel = w->sel + r * Kz + c0, *pos = w->pos + r * Kz + c0;
-            const float *P = a->P + (b * L + t) * K * H;
-            float *Gr = G + (b * L + t) * K * H, *dp = w->z, *g = w->w;
+            const float *P = recompute ? NULL : a->P + (b * L + t) * K * H;
+            float *dp = w->z, *g = w->w, *z = w->zr;
             dots_heads(dO + row0 * D, vb, sel, HD, H, D, pl_rupw(c), ND, dp, Kz);
+            if (recompute) /* p = e^(z scale - lse), z recomputed */
+                dots_heads(a->q + row0 * D, kb, sel, HD, H, D, pl_rupw(c), ND, z, Kz);
             for (int64_t h = 0; h < H; h++) {
                 float *dph = dp + h * Kz, *gh = g + h * Kz;
                 const float delta = w->delta[r * H + h];
@@ -401,15 +413,26 @@ static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, flo
                     for (int64_t i = 0; i < c; i++)
                         dph[i] = keep_bit(kr, pos[i]) ? dph[i] * ks : 0.0f;
                 }
-                for (int64_t i = 0; i < c; i++)
-                    gh[i] = P[pos[i] * H + h] * (dph[i] - delta) * scale;
+                if (recompute) {
+                    const float *zh = z + h * Kz;
+                    const pl_vf lv = pl_splat(a->lse[row0 + h]);
+                    for (int64_t i = 0; i < c; i += PL_VW)
+                        PL_ST(gh + i, pl_vexp(PL_LD(zh + i) * scale - lv) *
+                                          (PL_LD(dph + i) - delta) * scale);
+                } else {
+                    for (int64_t i = 0; i < c; i++)
+                        gh[i] = P[pos[i] * H + h] * (dph[i] - delta) * scale;
+                }
             }
-            for (int64_t i = 0; i < c; i++)
-                for (int64_t h = 0; h < H; h++) Gr[pos[i] * H + h] = g[h * Kz + i];
+            if (G) {
+                float *Gr = G + (b * L + t) * K * H;
+                for (int64_t i = 0; i < c; i++)
+                    for (int64_t h = 0; h < H; h++) Gr[pos[i] * H + h] = g[h * Kz + i];
+            }
             if (dq) axpys_heads(dq + row0 * D, g, Kz, kb, sel, HD, H, D, c, ND);
         }
     }
-    if (!a->keep) return;
+    if (!a->keep || recompute) return;
     for (int64_t t = t0; t < t1; t++) {
         const int64_t r = t - t0, row0 = (b * L + t) * H;
         const int32_t *pos = w->pos + r * Kz;
@@ -449,10 +472,47 @@ static PL_AI void kv_key_impl(const sa_args *a, const float *dO, const float *G,
         t += (t + 1) * K <= list[e];
         rows[e] = (int32_t)t;
     }
-    const float *Pb = a->P + b * L * K * H, *Gb = G ? G + b * L * K * H : NULL;
+    const bool recompute = a->P == NULL;
+    const float *Pb = recompute ? NULL : a->P + b * L * K * H, *Gb = G ? G + b * L * K * H : NULL;
+    if (recompute) /* rows padded to the vector width for dots */
+        for (int64_t e = n; e < pl_rupw(n); e++) rows[e] = rows[0];
     for (int64_t h = 0; h < H; h++) {
         const int64_t ko = ((b * L + s) * H + h) * D;
         const float *qb = a->q + (b * L * H + h) * D, *dOb = dO + (b * L * H + h) * D;
+        if (recompute) { /* p', g of each entry from its scores, lse and delta */
+            if (ND) {
+                dots(a->k + ko, qb, rows, HD, pl_rupw(n), ND, cw);
+                dots(a->v + ko, dOb, rows, HD, pl_rupw(n), ND, gw);
+            } else {
+                dots_any(a->k + ko, qb, rows, HD, n, D, cw);
+                dots_any(a->v + ko, dOb, rows, HD, n, D, gw);
+            }
+            for (int64_t e = 0; e < n; e++) {
+                const int64_t row = (b * L + rows[e]) * H + h;
+                float p = pl__expf(cw[e] * a->scale - a->lse[row]), dp = gw[e];
+                if (a->keep) {
+                    const bool kp = keep_bit(a->keep + row * a->W, list[e] - (int64_t)rows[e] * K);
+                    dp = kp ? dp * a->keep_scale : 0.0f;
+                    cw[e] = kp ? p * a->keep_scale : 0.0f;
+                } else {
+                    cw[e] = p;
+                }
+                gw[e] = p * (dp - a->delta[row]) * a->scale;
+            }
+            if (dv) {
+                if (ND)
+                    axpys(dv + ko, cw, dOb, rows, HD, n, ND);
+                else
+                    axpys_any(dv + ko, cw, dOb, rows, HD, n, D);
+            }
+            if (dk) {
+                if (ND)
+                    axpys(dk + ko, gw, qb, rows, HD, n, ND);
+                else
+                    axpys_any(dk + ko, gw, qb, rows, HD, n, D);
+            }
+            continue;
+        }
         if (dv) {
             for (int64_t e = 0; e < n; e++) cw[e] = Pb[(int64_t)list[e] * H + h];
             if (ND)
@@ -492,7 +552,7 @@ void PL_ISA_FN(sa_bwd_kv_tile)(const sa_args *a, const float *dO, const float *G
                                const int32_t *list, int64_t *cur, const sa_work *w) {
     const int64_t L = a->L, K = a->K, H = a->H, nk = s1 - s0;
     int64_t *end = cur + nk;
-    const float *Pb = a->P + b * L * K * H, *Gb = G ? G + b * L * K * H : NULL;
+    const float *Pb = a->P ? a->P + b * L * K * H : NULL, *Gb = G ? G + b * L * K * H : NULL;
     for (int64_t s = s0; s < s1; s++) cur[s - s0] = off[s];
     for (int64_t tq0 = s0; tq0 < L; tq0 += a->QB) {
         const int64_t lim = (tq0 + a->QB < L ? tq0 + a->QB : L) * K; /* entries e < lim */
@@ -503,7 +563,7 @@ void PL_ISA_FN(sa_bwd_kv_tile)(const sa_args *a, const float *dO, const float *G
         }
         for (int64_t x = 0; x < nk + KV_AHEAD; x++) {
             if (x < nk) /* prefetch key x's entries, KV_AHEAD keys before they are used */
-                for (int64_t e = cur[x]; e < end[x]; e++) {
+                for (int64_t e = cur[x]; Pb && e < end[x]; e++) {
                     __builtin_prefetch(Pb + (int64_t)list[e] * H);
                     if (Gb) __builtin_prefetch(Gb + (int64_t)list[e] * H);
                 }
@@ -521,26 +581,34 @@ void PL_ISA_FN(sa_bwd_kv_tile)(const sa_args *a, const float *dO, const float *G
 #else /* ---- the op (built once) ---- */
 
 static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
-    const sa_args *a = n->saved;
+    sa_args args = *(const sa_args *)n->saved;
+    const sa_args *a = &args;
     const float *dO = n->out->grad;
     const int64_t B = a->B, L = a->L, K = a->K, H = a->H;
     float *g[3];
     if (pl__grads(ctx, n, g)) return;
     float *dq = g[0], *dk = g[1], *dv = g[2];
+    const bool recompute = a->P == NULL;
     const int nt = omp_get_max_threads();
     const size_t per = (work_bytes(a) + 16 * (size_t)a->KT + 63) & ~(size_t)63;
     /* G, the transposed index sets and the per-thread memory are given back to
      * the arena when this backward is done. */
     const pl_mark mark = pl_mark_get(ctx);
     unsigned char *buf = pl__scratch(ctx, per * (size_t)nt);
-    float *G = buf && (dq || dk) ? pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)) : NULL;
-    if (!buf || ((dq || dk) && !G)) return;
+    float *G = NULL;
+    if (!buf) return;
+    if (recompute) { /* delta for the key pass instead of G */
+        if ((dk || dv) && !(args.delta = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * H))))
+            return;
+    } else if ((dq || dk) && !(G = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)))) {
+        return;
+    }
     const int64_t TQ = a->TQ, nq = (L + TQ - 1) / TQ, nk = (L + a->KT - 1) / a->KT;
     /* Dynamic loops go through PL_PARALLEL_FOR (an orphaned one would malloc
      * when serial), so each task carves its thread's memory (pointer
      * arithmetic only; the tiles do not depend on what it held before). */
     const int64_t work = B * L * K * H * a->D;
-    if (dq || dk || (dv && a->keep))
+    if (dq || dk || (dv && (a->keep || recompute)))
         PL_PARALLEL_FOR(work, schedule(dynamic, 1), r, B * nq,
                         { /* largest tiles (late t) first */
                           sa_work w = work_carve(a, buf + per * (size_t)omp_get_thread_num());
@@ -561,6 +629,15 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
                            off + b * (L + 1), list, cur, &w);
                         });
     pl_mark_release(ctx, mark);
+}
+
+pl_sparse_save pl_set_sparse_attention_save(pl_ctx *ctx, pl_sparse_save mode) {
+    const pl_sparse_save old = (pl_sparse_save)ctx->sparse_save;
+    if (mode != PL_SPARSE_SAVE_AUTO && mode != PL_SPARSE_SAVE_PROBS && mode != PL_SPARSE_SAVE_LSE)
+        pl__err(PL_ERR_ARG, "pl_set_sparse_attention_save: unknown mode %d", (int)mode);
+    else
+        ctx->sparse_save = (int)mode;
+    return old;
 }
 
 static int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
@@ -620,8 +697,16 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
                  pl_f32(out),
                  NULL,
                  NULL,
-                 pl__isa()};
-    if (record && !(a.P = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)))) return NULL;
+                 pl__isa(),
+                 NULL,
+                 NULL};
+    const size_t pbytes = sizeof(float) * (size_t)(B * L * K * H);
+    const bool lse_only =
+        ctx->sparse_save == PL_SPARSE_SAVE_LSE ||
+        (ctx->sparse_save == PL_SPARSE_SAVE_AUTO && pbytes > PL_SPARSE_SAVE_AUTO_BYTES);
+    if (record && lse_only && !(a.lse = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * H))))
+        return NULL;
+    if (record && !lse_only && !(a.P = pl__scratch(ctx, pbytes))) return NULL;
     if (dropout_p > 0.0f &&
         !(a.keep = pl__scratch(ctx, sizeof(uint32_t) * (size_t)(B * L * H * a.W))))
         return NULL;

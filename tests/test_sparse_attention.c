@@ -229,7 +229,13 @@ static pl_tensor *sa_fn_q(pl_ctx *c, pl_tensor *const *in, void *u) {
     return pl_sparse_attention(c, in[0], sc->k, sc->v, sc->idx, sc->p, &rng);
 }
 
+/* _i: 0 saves the probabilities, 1 only the row log-sum-exp (recompute). */
+static void set_save(int i) {
+    pl_set_sparse_attention_save(ctx, i ? PL_SPARSE_SAVE_LSE : PL_SPARSE_SAVE_PROBS);
+}
+
 START_TEST(gradients) {
+    set_save(_i);
     pl__tuning.par_min = tuning_default.par_min;
     uint64_t s = 12;
     const int B = 2, L = 7, H = 2, D = 3;
@@ -264,6 +270,7 @@ END_TEST
 
 /* Forward and backward give the same bits with 1 and 2 threads. */
 START_TEST(thread_independent) {
+    set_save(_i);
     uint64_t s = 4;
     const int B = 2, L = 50, H = 2, D = 8, K = 12;
     pl_tensor *q = tu_param(ctx, "q", PL_DIMS(B, L, H, D), &s, -1, 1);
@@ -345,6 +352,7 @@ END_TEST
  * with and without dropout: forward against the naive reference, gradients
  * against finite differences. */
 START_TEST(vector_paths) {
+    set_save(_i);
     uint64_t s = 901;
     const int Ds[] = {32, 64, 8, 24};
     for (int rep = 0; rep < 8; rep++) {
@@ -391,6 +399,68 @@ START_TEST(vector_paths) {
 }
 END_TEST
 
+/* Recompute mode (only the row log-sum-exp saved) against saved
+ * probabilities: the same outputs and gradients up to float rounding, for the
+ * vector and scalar kernels, sorted and unsorted rows with padding, dropout,
+ * odd tiles; and forward memory O(B*L*H) instead of B*L*K*H floats. */
+START_TEST(recompute_matches_saved) {
+    uint64_t s = 31;
+    const int Ds[] = {32, 16, 8, 5};
+    for (int rep = 0; rep < 8; rep++) {
+        set_tiles(rep % 4);
+        const int B = 2, L = 45, H = rep % 2 ? 3 : 2, D = Ds[rep % 4], K = rep < 4 ? 9 : 20;
+        const float p = rep % 3 == 1 ? 0.2f : 0.0f;
+        pl_tensor *q = tu_param(ctx, "q", PL_DIMS(B, L, H, D), &s, -1, 1);
+        pl_tensor *k = tu_param(ctx, "k", PL_DIMS(B, L, H, D), &s, -1, 1);
+        pl_tensor *v = tu_param(ctx, "v", PL_DIMS(B, L, H, D), &s, -1, 1);
+        pl_tensor *idx = pl_persistent_new(ctx, "idx", PL_I32, PL_DIMS(B, L, K), false);
+        fill_idx(&s, pl_i32(idx), B, L, K, rep % 2 == 0);
+        const int64_t n = q->numel;
+        float *seed = malloc(sizeof(float) * (size_t)n), *res[2];
+        tu_fill(seed, n, &s, -1, 1);
+        size_t grew[2];
+        for (int mode = 0; mode < 2; mode++) {
+            set_save(mode);
+            pl_zero_grad(ctx);
+            pl_rng rng;
+            pl_rng_init(&rng, 5);
+            const size_t before = pl_arena_get_stats(ctx).in_use;
+            pl_tensor *o = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
+            ck_assert_msg(o != NULL, "%s", pl_last_error());
+            grew[mode] = pl_arena_get_stats(ctx).in_use - before;
+            ck_assert_int_eq(pl_backward_seed(ctx, o, seed), PL_OK);
+            res[mode] = malloc(sizeof(float) * (size_t)n * 4);
+            memcpy(res[mode], pl_f32(o), sizeof(float) * (size_t)n);
+            memcpy(res[mode] + n, q->grad, sizeof(float) * (size_t)n);
+            memcpy(res[mode] + 2 * n, k->grad, sizeof(float) * (size_t)n);
+            memcpy(res[mode] + 3 * n, v->grad, sizeof(float) * (size_t)n);
+            pl_step_reset(ctx);
+        }
+        /* The forward outputs are the same computation in both modes. */
+        ck_assert(!memcmp(res[0], res[1], sizeof(float) * (size_t)n));
+        tu_assert_close(res[1] + n, res[0] + n, 3 * n, 1e-5, 1e-4);
+        /* Saved: P (B*L*K*H floats) vs lse (B*L*H floats), each rounded up to the
+         * arena's 64-byte alignment); nothing else differs. */
+        const size_t P = (sizeof(float) * (size_t)(B * L * K * H) + 63) & ~(size_t)63,
+                     lse = (sizeof(float) * (size_t)(B * L * H) + 63) & ~(size_t)63;
+        ck_assert_msg(grew[0] - grew[1] == P - lse,
+                      "forward took %zu bytes saving P, %zu saving lse", grew[0], grew[1]);
+        free(seed);
+        free(res[0]);
+        free(res[1]);
+        pl_tensor_free(q);
+        pl_tensor_free(k);
+        pl_tensor_free(v);
+        pl_tensor_free(idx);
+    }
+    /* The setting: previous value returned, unknown modes refused. */
+    ck_assert_int_eq(pl_set_sparse_attention_save(ctx, PL_SPARSE_SAVE_AUTO), PL_SPARSE_SAVE_LSE);
+    ck_assert_int_eq(pl_set_sparse_attention_save(ctx, (pl_sparse_save)7), PL_SPARSE_SAVE_AUTO);
+    tu_assert_error(PL_ERR_ARG, "unknown mode 7");
+    ck_assert_int_eq(pl_set_sparse_attention_save(ctx, PL_SPARSE_SAVE_AUTO), PL_SPARSE_SAVE_AUTO);
+}
+END_TEST
+
 START_TEST(errors) {
     pl_tensor *q = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 4));
     pl_tensor *bad = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 3));
@@ -423,9 +493,10 @@ static void isa_cases(TCase *tc) {
     tcase_add_loop_test(tc, forward_matches_naive, 0, 2);
     tcase_add_test(tc, all_keys_equal_dense_causal);
     tcase_add_test(tc, dropout_follows_documented_counters);
-    tcase_add_test(tc, thread_independent);
+    tcase_add_loop_test(tc, thread_independent, 0, 2);
     tcase_add_test(tc, equals_pl_attention_at_k_equals_L);
-    tcase_add_test(tc, vector_paths);
+    tcase_add_loop_test(tc, vector_paths, 0, 2);
+    tcase_add_test(tc, recompute_matches_saved);
     tcase_set_timeout(tc, 120);
 }
 
@@ -436,10 +507,11 @@ int main(void) {
     tcase_add_loop_test(tc, forward_matches_naive, 0, 2);
     tcase_add_test(tc, all_keys_equal_dense_causal);
     tcase_add_test(tc, dropout_follows_documented_counters);
-    tcase_add_test(tc, gradients);
-    tcase_add_test(tc, thread_independent);
+    tcase_add_loop_test(tc, gradients, 0, 2);
+    tcase_add_loop_test(tc, thread_independent, 0, 2);
     tcase_add_test(tc, equals_pl_attention_at_k_equals_L);
-    tcase_add_test(tc, vector_paths);
+    tcase_add_loop_test(tc, vector_paths, 0, 2);
+    tcase_add_test(tc, recompute_matches_saved);
     tcase_add_test(tc, errors);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
