@@ -213,6 +213,10 @@ typedef struct {
     int64_t indexer_at_mode;
     /* Sparse attention tiles (0: automatic): query rows per tile, keys per block. */
     int64_t sparse_tile_q, sparse_tile_k;
+    /* Sparse attention forward, per tile of queries: 0 chooses by density
+     * between a gather per query and a masked micro-GEMM over the tile's union
+     * of keys, 1 always gathers, 2 takes the micro-GEMM wherever it fits. */
+    int64_t sparse_gemm;
 } pl_tuning;
 extern pl_tuning pl__tuning;
 

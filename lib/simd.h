@@ -219,4 +219,54 @@ static PL_AI pl_vf pl_vhsum_t(const pl_vf *a) {
 }
 #endif
 
+/* ---- micro-GEMM ---- */
+/* R x PL_VW*NV tile of C (+)= A B: A(r, k) = A[r*sar + k*sak], B row-major.
+ * R <= 6, NV <= 2: 12 accumulators hide the FMA latency on AVX2. */
+static PL_AI void pl__gemm_tile(int R, int NV, int64_t K, const float *A, int64_t sar, int64_t sak,
+                                const float *B, int64_t ldb, float *C, int64_t ldc, bool acc) {
+    pl_vf c[6][2];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++)
+            c[r][v] = acc ? PL_LD(C + r * ldc + PL_VW * v) : pl_splat(0.0f);
+    for (int64_t k = 0; k < K; k++) {
+        pl_vf b[2];
+        for (int v = 0; v < NV; v++) b[v] = PL_LD(B + k * ldb + PL_VW * v);
+        for (int r = 0; r < R; r++) {
+            float a = A[r * sar + k * sak];
+            for (int v = 0; v < NV; v++) c[r][v] += a * b[v];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) PL_ST(C + r * ldc + PL_VW * v, c[r][v]);
+}
+
+/* C[M x N] (+)= A[M x K] B[K x N] (row-major B and C, A by strides), N a multiple
+ * of PL_VW: the register-blocked micro-GEMM of the attention kernels (tiles of
+ * at most 64 x 64, where a oneDNN call would cost more than the product). */
+static PL_AI void pl_gemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t sar, int64_t sak,
+                          const float *B, int64_t ldb, float *C, int64_t ldc, bool acc) {
+    int64_t m = 0;
+    for (; m + 6 <= M; m += 6) {
+        int64_t n = 0;
+        for (; n + 2 * PL_VW <= N; n += 2 * PL_VW)
+            pl__gemm_tile(6, 2, K, A + m * sar, sar, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
+        if (n < N)
+            pl__gemm_tile(6, 1, K, A + m * sar, sar, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
+    }
+    for (; m + 4 <= M; m += 4) {
+        int64_t n = 0;
+        for (; n + 2 * PL_VW <= N; n += 2 * PL_VW)
+            pl__gemm_tile(4, 2, K, A + m * sar, sar, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
+        if (n < N)
+            pl__gemm_tile(4, 1, K, A + m * sar, sar, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
+    }
+    for (; m < M; m++) {
+        int64_t n = 0;
+        for (; n + 2 * PL_VW <= N; n += 2 * PL_VW)
+            pl__gemm_tile(1, 2, K, A + m * sar, sar, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
+        if (n < N)
+            pl__gemm_tile(1, 1, K, A + m * sar, sar, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
+    }
+}
+
 #endif

@@ -90,50 +90,6 @@ PL_ISA_DECLARE(void, dvec_rows, (const att *a, const float *o, float *dvec, int6
 #define PL_SAME_CODE __attribute__((noipa))
 #endif
 
-/* R x PL_VW*NV tile of C (+)= A B: A(r, k) = A[r*sar + k*sak], B row-major.
- * R <= 6, NV <= 2: 12 accumulators hide the FMA latency on AVX2. */
-static PL_AI void tile(int R, int NV, int64_t K, const float *A, int64_t sar, int64_t sak,
-                       const float *B, int64_t ldb, float *C, int64_t ldc, bool acc) {
-    pl_vf c[6][2];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++)
-            c[r][v] = acc ? PL_LD(C + r * ldc + PL_VW * v) : pl_splat(0.0f);
-    for (int64_t k = 0; k < K; k++) {
-        pl_vf b[2];
-        for (int v = 0; v < NV; v++) b[v] = PL_LD(B + k * ldb + PL_VW * v);
-        for (int r = 0; r < R; r++) {
-            float a = A[r * sar + k * sak];
-            for (int v = 0; v < NV; v++) c[r][v] += a * b[v];
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) PL_ST(C + r * ldc + PL_VW * v, c[r][v]);
-}
-
-/* C[M x N] (+)= A[M x K] B[K x N], N a multiple of PL_VW. */
-static PL_AI void gemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t sar, int64_t sak,
-                       const float *B, int64_t ldb, float *C, int64_t ldc, bool acc) {
-    int64_t m = 0;
-    for (; m + 6 <= M; m += 6) {
-        int64_t n = 0;
-        for (; n + 2 * PL_VW <= N; n += 2 * PL_VW)
-            tile(6, 2, K, A + m * sar, sar, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
-        if (n < N) tile(6, 1, K, A + m * sar, sar, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
-    }
-    for (; m + 4 <= M; m += 4) {
-        int64_t n = 0;
-        for (; n + 2 * PL_VW <= N; n += 2 * PL_VW)
-            tile(4, 2, K, A + m * sar, sar, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
-        if (n < N) tile(4, 1, K, A + m * sar, sar, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
-    }
-    for (; m < M; m++) {
-        int64_t n = 0;
-        for (; n + 2 * PL_VW <= N; n += 2 * PL_VW)
-            tile(1, 2, K, A + m * sar, sar, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
-        if (n < N) tile(1, 1, K, A + m * sar, sar, sak, B + n, ldb, C + m * ldc + n, ldc, acc);
-    }
-}
-
 /* ---- operand packing, once per call: O(L) work and memory ---- */
 
 /* Block blk of head bh of x, transposed: dst [D][BLK], zero past L. */
@@ -229,7 +185,7 @@ void PL_ISA_FN(fwd_task)(const att *a, int64_t bh, int64_t i, float *ws) {
     for (int64_t j = 0; j <= i; j++) {
         const int64_t s0 = j * BLK, nc = imin(BLK, L - s0), ncp = pl_rupw(nc);
         const bool diag = j == i;
-        gemm(nr, ncp, D, qb + t0 * rs, rs, 1, KT + j * D * BLK, BLK, S, BLK, false);
+        pl_gemm(nr, ncp, D, qb + t0 * rs, rs, 1, KT + j * D * BLK, BLK, S, BLK, false);
         /* Online softmax, a step at a time over all rows (rows are independent,
          * so the steps overlap). On the diagonal block keys c > r are masked
          * (that includes the padding past L, which only the diagonal block has).
@@ -271,7 +227,7 @@ void PL_ISA_FN(fwd_task)(const att *a, int64_t bh, int64_t i, float *ws) {
                     PL_ST(O + r * Dp + d, PL_LD(O + r * Dp + d) * alpha);
         }
         if (a->p > 0.0f) drop_rows(a, bh, t0, nr, s0, nc, S);
-        gemm(nr, Dp, nc, S, BLK, 1, Vb + s0 * Dp, Dp, O, Dp, true);
+        pl_gemm(nr, Dp, nc, S, BLK, 1, Vb + s0 * Dp, Dp, O, Dp, true);
     }
     float *ob = a->o + (b * L * H + h) * D;
     for (int64_t r = 0; r < nr; r++) {
@@ -313,8 +269,8 @@ PL_SAME_CODE static void bwd_tile(const att *a, int64_t bh, int64_t i, int64_t j
     const float *QT = a->QT + (bh * a->nblk + i) * D * BLK,
                 *dOT = a->dOT + (bh * a->nblk + i) * D * BLK;
     const float *lseb = a->lse + bh * Lp + t0, *dvb = a->dvec + bh * Lp + t0;
-    gemm(nc, nrp, D, kb, rs, 1, QT, BLK, w->ST, BLK, false);
-    gemm(nc, nrp, D, vb, rs, 1, dOT, BLK, w->dPT, BLK, false);
+    pl_gemm(nc, nrp, D, kb, rs, 1, QT, BLK, w->ST, BLK, false);
+    pl_gemm(nc, nrp, D, vb, rs, 1, dOT, BLK, w->dPT, BLK, false);
     const bool drop = a->p > 0.0f, edge = i == j || nr < BLK;
     if (drop) drop_cols(a, bh, t0, nrp, s0, nc, w->ZT);
     const pl_vf iota = pl_iota();
@@ -344,7 +300,7 @@ PL_SAME_CODE static void bwd_tile(const att *a, int64_t bh, int64_t i, int64_t j
  * Not inlined, for the reason given at bwd_tile. */
 PL_SAME_CODE static void dq_accum(const float *dST, int64_t nr, int64_t nc, int64_t Dp,
                                   const float *Kj, float *dQa) {
-    gemm(nr, Dp, nc, dST, 1, BLK, Kj, Dp, dQa, Dp, true);
+    pl_gemm(nr, Dp, nc, dST, 1, BLK, Kj, Dp, dQa, Dp, true);
 }
 
 /* dK_j and dV_j of key block j over the query blocks i >= j; with_dq also
@@ -366,8 +322,8 @@ PL_SAME_CODE static void key_block(const att *a, int64_t bh, int64_t j, bwd_ws *
         const int64_t t0 = i * BLK, nr = imin(BLK, L - t0);
         bwd_tile(a, bh, i, j, w, want_kv);
         if (want_kv) {
-            gemm(nc, Dp, nr, w->ST, BLK, 1, dOb + t0 * Dp, Dp, w->dVa, Dp, true); /* PZ^T dO */
-            gemm(nc, Dp, nr, w->dPT, BLK, 1, Qb + t0 * Dp, Dp, w->dKa, Dp, true); /* dS^T Q */
+            pl_gemm(nc, Dp, nr, w->ST, BLK, 1, dOb + t0 * Dp, Dp, w->dVa, Dp, true); /* PZ^T dO */
+            pl_gemm(nc, Dp, nr, w->dPT, BLK, 1, Qb + t0 * Dp, Dp, w->dKa, Dp, true); /* dS^T Q */
         }
         if (with_dq) dq_accum(w->dPT, nr, nc, Dp, Kb + s0 * Dp, w->dQa + t0 * Dp);
     }

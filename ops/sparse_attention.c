@@ -77,11 +77,19 @@ typedef struct {
     float *z, *w;       /* TQ*H*Kz each */
     float *delta;       /* TQ*H */
     float *zr;          /* H*Kz: recomputed scores of one row */
+    /* The forward's masked micro-GEMM over the tile's union of keys (at most
+     * union_max keys): the keys, each key's place in them (L entries), K^T
+     * and V of the union for one head, the scores and the dense weights. */
+    int32_t *uni, *uidx;
+    float *kut, *vu, *su, *pu;
 } sa_work;
 
+static inline int64_t union_max(const sa_args *a) { return 2 * a->Kz; }
 static inline size_t work_bytes(const sa_args *a) {
-    const size_t TQ = (size_t)a->TQ, H = (size_t)a->H, Kz = (size_t)a->Kz;
-    return 8 * (2 * TQ + (size_t)a->K) + 4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H + H * Kz) + 64;
+    const size_t TQ = (size_t)a->TQ, H = (size_t)a->H, Kz = (size_t)a->Kz, D = (size_t)a->D;
+    const size_t UM = (size_t)union_max(a), L = (size_t)a->L;
+    return 8 * (2 * TQ + (size_t)a->K) + 4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H + H * Kz) +
+           4 * (UM + L + 2 * D * UM + 2 * TQ * UM) + 128;
 }
 
 static inline sa_work work_carve(const sa_args *a, unsigned char *base) {
@@ -96,6 +104,13 @@ static inline sa_work work_carve(const sa_args *a, unsigned char *base) {
     w.sel = (int32_t *)(w.delta + TQ * H);
     w.pos = w.sel + TQ * Kz;
     w.zr = (float *)(w.pos + TQ * Kz);
+    const int64_t UM = union_max(a);
+    w.uni = (int32_t *)(w.zr + a->H * Kz);
+    w.uidx = w.uni + UM;
+    w.kut = (float *)(w.uidx + a->L);
+    w.vu = w.kut + a->D * UM;
+    w.su = w.vu + a->D * UM;
+    w.pu = w.su + TQ * UM;
     return w;
 }
 
@@ -293,6 +308,72 @@ static void row_keep(const sa_args *a, int64_t b, int64_t t, int64_t n, const in
  * tile takes its entries from it): scores z = q.k/sqrt(D) block by block,
  * then p = softmax(z) per row and head (saved as P[b,t,j,h]), then out = sum
  * p' v block by block. */
+static int cmp_i32(const void *x, const void *y) {
+    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
+    return (a > b) - (a < b);
+}
+
+/* The sorted union of the tile's selected keys into w->uni and each key's
+ * place in it into w->uidx; returns its size, or -1 past union_max. */
+static int64_t tile_union(const sa_args *a, int64_t nr, const sa_work *w) {
+    const int64_t Kz = a->Kz, UM = union_max(a);
+    int64_t nu = 0;
+    for (int64_t r = 0; r < nr; r++) /* INT32_MAX: not in the union yet */
+        for (int64_t i = 0; i < w->n[r]; i++) w->uidx[w->sel[r * Kz + i]] = INT32_MAX;
+    for (int64_t r = 0; r < nr; r++)
+        for (int64_t i = 0; i < w->n[r]; i++) {
+            const int32_t s = w->sel[r * Kz + i];
+            if (w->uidx[s] != INT32_MAX) continue;
+            if (nu == UM) return -1;
+            w->uidx[s] = 0;
+            w->uni[nu++] = s;
+        }
+    qsort(w->uni, (size_t)nu, sizeof *w->uni, cmp_i32);
+    for (int64_t u = 0; u < nu; u++) w->uidx[w->uni[u]] = (int32_t)u;
+    return nu;
+}
+
+/* Scores of the tile's rows at their selected keys by one GEMM per head over
+ * the union of the keys (nu of them): S = Q_h K_U,h^T; each row's entries are
+ * then read out of its row of S, in the order the gather path makes them. */
+static PL_AI void union_scores(const sa_args *a, int64_t b, int64_t t0, int64_t nr, int64_t nu,
+                               const sa_work *w) {
+    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D, Kz = a->Kz, nup = pl_rupw(nu);
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t u = 0; u < nup; u++) {
+            const float *kr = a->k + (b * L + (u < nu ? w->uni[u] : 0)) * HD + h * D;
+            for (int64_t d = 0; d < D; d++) w->kut[d * nup + u] = u < nu ? kr[d] : 0.0f;
+        }
+        pl_gemm(nr, nup, D, a->q + (b * L + t0) * HD + h * D, HD, 1, w->kut, nup, w->su, nup,
+                false);
+        for (int64_t r = 0; r < nr; r++) {
+            const int32_t *sel = w->sel + r * Kz;
+            float *z = w->z + (r * H + h) * Kz;
+            for (int64_t i = 0; i < w->n[r]; i++) z[i] = w->su[r * nup + w->uidx[sel[i]]];
+        }
+    }
+}
+
+/* out = P' V over the union: the rows' weights spread into dense rows of nu
+ * (zero where not selected), times V_U,h, one GEMM per head. */
+static PL_AI void union_out(const sa_args *a, int64_t b, int64_t t0, int64_t nr, int64_t nu,
+                            const float *pw, const sa_work *w) {
+    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D, Kz = a->Kz;
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t u = 0; u < nu; u++)
+            memcpy(w->vu + u * D, a->v + (b * L + w->uni[u]) * HD + h * D,
+                   sizeof(float) * (size_t)D);
+        memset(w->pu, 0, sizeof(float) * (size_t)(nr * nu));
+        for (int64_t r = 0; r < nr; r++) {
+            const int32_t *sel = w->sel + r * Kz;
+            const float *p = pw + (r * H + h) * Kz;
+            for (int64_t i = 0; i < w->n[r]; i++) /* += : a row may repeat a key */
+                w->pu[r * nu + w->uidx[sel[i]]] += p[i];
+        }
+        pl_gemm(nr, D, nu, w->pu, nu, 1, w->vu, D, a->out + (b * L + t0) * HD + h * D, HD, false);
+    }
+}
+
 static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
                                 const sa_work *w, int ND) {
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kz = a->Kz;
@@ -305,14 +386,28 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
         memset(a->out + (b * L + t) * HD, 0, sizeof(float) * (size_t)HD);
         if (a->keep && n) row_keep(a, b, t, n, pos);
     }
-    for (int64_t s0 = 0; s0 < t1; s0 += a->SK) {
-        const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
-        for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
-            const int64_t r = t - t0;
-            int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
-            if (c == 0) continue;
-            dots_heads(a->q + (b * L + t) * HD, kb, w->sel + r * Kz + c0, HD, H, D, pl_rupw(c), ND,
-                       w->z + r * H * Kz + c0, Kz);
+    /* Per tile, by the measured density of its selections: where the rows'
+     * entries fill at least a quarter of (rows x union of their keys), a
+     * masked micro-GEMM over the union; otherwise a gather per query. */
+    int64_t nu = -1, entries = 0;
+    const int64_t nr = t1 - t0, mode = pl__tuning.sparse_gemm;
+    for (int64_t r = 0; r < nr; r++) entries += w->n[r];
+    if (ND && mode != 1 && entries > 0) {
+        nu = tile_union(a, nr, w);
+        if (nu >= 0 && mode != 2 && 4 * entries < nr * nu) nu = -1;
+    }
+    if (nu >= 0) {
+        union_scores(a, b, t0, nr, nu, w);
+    } else {
+        for (int64_t s0 = 0; s0 < t1; s0 += a->SK) {
+            const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
+            for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
+                const int64_t r = t - t0;
+                int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
+                if (c == 0) continue;
+                dots_heads(a->q + (b * L + t) * HD, kb, w->sel + r * Kz + c0, HD, H, D, pl_rupw(c),
+                           ND, w->z + r * H * Kz + c0, Kz);
+            }
         }
     }
     for (int64_t t = t0; t < t1; t++) {
@@ -352,6 +447,10 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
         }
     }
     const float *pw = a->keep ? w->w : w->z;
+    if (nu >= 0) {
+        union_out(a, b, t0, nr, nu, pw, w);
+        return;
+    }
     for (int64_t s0 = 0; s0 < t1; s0 += a->SK) {
         const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
         for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {

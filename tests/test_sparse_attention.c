@@ -125,11 +125,13 @@ static pl_tensor *rnd(uint64_t *s, int B, int L, int H, int D) {
 }
 
 /* Tile settings (query rows, keys per block): automatic, then small ones that
- * cut rows and key ranges into many pieces. */
+ * cut rows and key ranges into many pieces; and the forward's choice per tile
+ * (automatic, masked micro-GEMM wherever it fits, gather). */
 static const int64_t TILES[][2] = {{0, 0}, {3, 4}, {1, 1}, {5, 2}};
 static void set_tiles(int i) {
     pl__tuning.sparse_tile_q = TILES[i % 4][0];
     pl__tuning.sparse_tile_k = TILES[i % 4][1];
+    pl__tuning.sparse_gemm = (i / 4) % 3 == 1 ? 2 : (i / 4) % 3 == 2 ? 1 : 0;
 }
 
 START_TEST(forward_matches_naive) {
@@ -461,6 +463,69 @@ START_TEST(recompute_matches_saved) {
 }
 END_TEST
 
+/* The masked micro-GEMM over a tile's union of keys against the gather and
+ * the naive reference: overlapping selections (each tile's rows draw from a
+ * shared pool of keys), padded rows, dropout, D a multiple of the vector width
+ * and not; gradients through both (the backward is the same). */
+START_TEST(union_gemm_matches_gather) {
+    uint64_t s = 61;
+    const int Ds[] = {32, 16, 64, 12};
+    for (int rep = 0; rep < 8; rep++) {
+        pl__tuning.sparse_tile_q = rep % 2 ? 5 : 0;
+        const int B = 2, L = 70, H = rep % 3 + 1, D = Ds[rep % 4], K = rep < 4 ? 12 : 30;
+        const float p = rep % 3 == 2 ? 0.2f : 0.0f;
+        pl_tensor *q = tu_param(ctx, "q", PL_DIMS(B, L, H, D), &s, -1, 1);
+        pl_tensor *k = tu_param(ctx, "k", PL_DIMS(B, L, H, D), &s, -1, 1);
+        pl_tensor *v = tu_param(ctx, "v", PL_DIMS(B, L, H, D), &s, -1, 1);
+        pl_tensor *idx = pl_persistent_new(ctx, "idx", PL_I32, PL_DIMS(B, L, K), false);
+        int32_t *id = pl_i32(idx);
+        for (int b = 0; b < B; b++) /* rows of 8 share a pool of 1.5 K keys */
+            for (int t = 0; t < L; t++) {
+                int32_t *row = id + ((int64_t)b * L + t) * K;
+                const int t0 = t / 8 * 8, span = t0 + 1;
+                int n = 0;
+                for (int j = 0; j < K; j++) {
+                    int s0 = (t0 + 7 * j + 3 * b) % (span + K / 2);
+                    row[j] = s0 <= t && tu_randint(&s, 0, 5) ? s0 : -1;
+                    n += row[j] >= 0;
+                }
+                if (t % 11 == 3)
+                    for (int j = 0; j < K; j++) row[j] = -1; /* an empty row */
+                (void)n;
+            }
+        const int64_t n = q->numel;
+        float *seed = malloc(sizeof(float) * (size_t)n), *res[2];
+        tu_fill(seed, n, &s, -1, 1);
+        for (int mode = 0; mode < 2; mode++) {
+            pl__tuning.sparse_gemm = mode ? 2 : 1;
+            pl_zero_grad(ctx);
+            pl_rng rng;
+            pl_rng_init(&rng, 9);
+            pl_tensor *o = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
+            ck_assert_msg(o != NULL, "%s", pl_last_error());
+            float *ref = malloc(sizeof(float) * (size_t)n);
+            naive_sparse(pl_f32(q), pl_f32(k), pl_f32(v), id, B, L, H, D, K, p, 9, 0, ref);
+            tu_assert_close(pl_f32(o), ref, n, 1e-5, 1e-5);
+            free(ref);
+            ck_assert_int_eq(pl_backward_seed(ctx, o, seed), PL_OK);
+            res[mode] = malloc(sizeof(float) * (size_t)n * 3);
+            memcpy(res[mode], q->grad, sizeof(float) * (size_t)n);
+            memcpy(res[mode] + n, k->grad, sizeof(float) * (size_t)n);
+            memcpy(res[mode] + 2 * n, v->grad, sizeof(float) * (size_t)n);
+            pl_step_reset(ctx);
+        }
+        tu_assert_close(res[1], res[0], 3 * n, 1e-5, 1e-4);
+        free(seed);
+        free(res[0]);
+        free(res[1]);
+        pl_tensor_free(q);
+        pl_tensor_free(k);
+        pl_tensor_free(v);
+        pl_tensor_free(idx);
+    }
+}
+END_TEST
+
 START_TEST(errors) {
     pl_tensor *q = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 4));
     pl_tensor *bad = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 3));
@@ -497,6 +562,7 @@ static void isa_cases(TCase *tc) {
     tcase_add_test(tc, equals_pl_attention_at_k_equals_L);
     tcase_add_loop_test(tc, vector_paths, 0, 2);
     tcase_add_test(tc, recompute_matches_saved);
+    tcase_add_test(tc, union_gemm_matches_gather);
     tcase_set_timeout(tc, 120);
 }
 
@@ -512,6 +578,7 @@ int main(void) {
     tcase_add_test(tc, equals_pl_attention_at_k_equals_L);
     tcase_add_loop_test(tc, vector_paths, 0, 2);
     tcase_add_test(tc, recompute_matches_saved);
+    tcase_add_test(tc, union_gemm_matches_gather);
     tcase_add_test(tc, errors);
     tcase_set_timeout(tc, 120);
     suite_add_tcase(s, tc);
