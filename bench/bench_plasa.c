@@ -24,7 +24,7 @@
  * Usage: bench_plasa [--L 128,512,...] [--reps N] [--threads N] [--quick]
  *                    [--kdiv 8,4,2] [--ops substr,...] [--min]
  *        bench_plasa --compare [--L 8192,32768,65536] [--k 2048] [--reps N] [--threads N]
- *                    [--cpu]
+ *                    [--cpu] [--ops dense,PLASA]   (--ops: which optional rows to run)
  * (--quick: L up to 2048; --kdiv: k = L/m for each m; --ops: run only the rows
  * whose name contains one of the substrings, e.g. --ops "attention fwd+bwd";
  * --min: report the fastest repetition, not the median, for loaded machines).
@@ -398,7 +398,7 @@ static void compare_L(pl_ctx *ctx, int L, int k, int reps, double sgf) {
     double best_dense = 1e30;
     const int cpu = pl__isa_cpu();
     const int isas[2] = {PL_ISA_AVX512, PL_ISA_AVX2};
-    for (int x = 0; x < 2; x++) {
+    for (int x = 0; x < 2 && selected("dense"); x++) {
         if (isas[x] > cpu) {
             printf("  dense %-8s  SKIPPED (CPU lacks it)\n", pl__isa_name(isas[x]));
             continue;
@@ -457,15 +457,17 @@ static void compare_L(pl_ctx *ctx, int L, int k, int reps, double sgf) {
                sel ? "overlap" : "random", s.ms, 1e6 * s.ms / sp, s.mb, lse ? " (lse)" : "",
                256.0 / gbs);
         double plasa;
-        if (sel == 0) {
+        if (sel == 0 && selected("PLASA")) {
             timing w = time_stage(&b, st_plasa, true, reps);
             plasa = w.ms;
             printf("  %-26s %10.1f ms  %8.1f MB\n", "PLASA (indexer + sparse)", w.ms, w.mb);
         } else {
-            plasa = ix.ms + s.ms;
-            printf("  %-26s %10.1f ms  (indexer row + sparse row)\n", "PLASA overlap", plasa);
+            plasa = ix.ms + s.ms; /* for "random" when the PLASA row is not selected */
+            printf("  %-26s %10.1f ms  (indexer row + sparse row)\n",
+                   sel ? "PLASA overlap" : "PLASA random", plasa);
         }
-        printf("  dense / PLASA (%s): %.2f\n", sel ? "overlap" : "random", best_dense / plasa);
+        if (best_dense < 1e30)
+            printf("  dense / PLASA (%s): %.2f\n", sel ? "overlap" : "random", best_dense / plasa);
     }
     free(rand_idx);
     pl_step_reset(ctx);

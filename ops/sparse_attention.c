@@ -89,7 +89,7 @@ static inline size_t work_bytes(const sa_args *a) {
     const size_t TQ = (size_t)a->TQ, H = (size_t)a->H, Kz = (size_t)a->Kz, D = (size_t)a->D;
     const size_t UM = (size_t)union_max(a), L = (size_t)a->L;
     return 8 * (2 * TQ + (size_t)a->K) + 4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H + H * Kz) +
-           4 * (UM + L + 2 * D * UM + 2 * TQ * UM) + 128;
+           4 * (TQ * Kz + L + 2 * D * UM + 2 * TQ * UM) + 128;
 }
 
 static inline sa_work work_carve(const sa_args *a, unsigned char *base) {
@@ -106,7 +106,7 @@ static inline sa_work work_carve(const sa_args *a, unsigned char *base) {
     w.zr = (float *)(w.pos + TQ * Kz);
     const int64_t UM = union_max(a);
     w.uni = (int32_t *)(w.zr + a->H * Kz);
-    w.uidx = w.uni + UM;
+    w.uidx = w.uni + TQ * Kz;
     w.kut = (float *)(w.uidx + a->L);
     w.vu = w.kut + a->D * UM;
     w.su = w.vu + a->D * UM;
@@ -314,9 +314,9 @@ static int cmp_i32(const void *x, const void *y) {
 }
 
 /* The sorted union of the tile's selected keys into w->uni and each key's
- * place in it into w->uidx; returns its size, or -1 past union_max. */
+ * place in it into w->uidx; returns its size. */
 static int64_t tile_union(const sa_args *a, int64_t nr, const sa_work *w) {
-    const int64_t Kz = a->Kz, UM = union_max(a);
+    const int64_t Kz = a->Kz;
     int64_t nu = 0;
     for (int64_t r = 0; r < nr; r++) /* INT32_MAX: not in the union yet */
         for (int64_t i = 0; i < w->n[r]; i++) w->uidx[w->sel[r * Kz + i]] = INT32_MAX;
@@ -324,7 +324,6 @@ static int64_t tile_union(const sa_args *a, int64_t nr, const sa_work *w) {
         for (int64_t i = 0; i < w->n[r]; i++) {
             const int32_t s = w->sel[r * Kz + i];
             if (w->uidx[s] != INT32_MAX) continue;
-            if (nu == UM) return -1;
             w->uidx[s] = 0;
             w->uni[nu++] = s;
         }
@@ -333,45 +332,79 @@ static int64_t tile_union(const sa_args *a, int64_t nr, const sa_work *w) {
     return nu;
 }
 
-/* Scores of the tile's rows at their selected keys by one GEMM per head over
- * the union of the keys (nu of them): S = Q_h K_U,h^T; each row's entries are
- * then read out of its row of S, in the order the gather path makes them. */
-static PL_AI void union_scores(const sa_args *a, int64_t b, int64_t t0, int64_t nr, int64_t nu,
-                               const sa_work *w) {
-    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D, Kz = a->Kz, nup = pl_rupw(nu);
-    for (int64_t h = 0; h < H; h++) {
-        for (int64_t u = 0; u < nup; u++) {
-            const float *kr = a->k + (b * L + (u < nu ? w->uni[u] : 0)) * HD + h * D;
-            for (int64_t d = 0; d < D; d++) w->kut[d * nup + u] = u < nu ? kr[d] : 0.0f;
-        }
-        pl_gemm(nr, nup, D, a->q + (b * L + t0) * HD + h * D, HD, 1, w->kut, nup, w->su, nup,
-                false);
-        for (int64_t r = 0; r < nr; r++) {
-            const int32_t *sel = w->sel + r * Kz;
-            float *z = w->z + (r * H + h) * Kz;
-            for (int64_t i = 0; i < w->n[r]; i++) z[i] = w->su[r * nup + w->uidx[sel[i]]];
-        }
+/* Whether the tile starting at row t0 takes the micro-GEMM: when row t0
+ * shares at least half of its keys with row t0 - 1. Only rows <= t0 decide,
+ * so no row's result depends on a later row (PLASA is causal bit for bit;
+ * the two paths round differently). sel, n: row t0's entries; prev (Kz
+ * entries), pos (K), tmp: scratch. */
+static bool tile_overlaps(const sa_args *a, int64_t b, int64_t t0, const int32_t *sel, int64_t n,
+                          int32_t *prev, int32_t *pos, int64_t *tmp) {
+    if (t0 == 0 || n == 0) return false;
+    const int64_t np = row_entries(a, b, t0 - 1, prev, pos, tmp);
+    int64_t i = 0, j = 0, common = 0;
+    while (i < n && j < np) {
+        if (sel[i] < prev[j])
+            i++;
+        else if (sel[i] > prev[j])
+            j++;
+        else
+            common++, i++, j++;
     }
+    return 2 * common >= n;
 }
 
-/* out = P' V over the union: the rows' weights spread into dense rows of nu
- * (zero where not selected), times V_U,h, one GEMM per head. */
+/* Scores of the tile's rows at their selected keys by GEMMs over the union of
+ * the keys (nu of them, in chunks of union_max): S = Q_h K_U,h^T; each row's
+ * entries are then read out of its row of S. A score is the same dot product
+ * whatever the union (the micro-GEMM sums over d in order). */
+static PL_AI void union_scores(const sa_args *a, int64_t b, int64_t t0, int64_t nr, int64_t nu,
+                               const sa_work *w) {
+    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D, Kz = a->Kz, UM = union_max(a);
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t u0 = 0; u0 < nu; u0 += UM) {
+            const int64_t cn = nu - u0 < UM ? nu - u0 : UM, nup = pl_rupw(cn);
+            for (int64_t u = 0; u < nup; u++) {
+                const float *kr = a->k + (b * L + (u < cn ? w->uni[u0 + u] : 0)) * HD + h * D;
+                for (int64_t d = 0; d < D; d++) w->kut[d * nup + u] = u < cn ? kr[d] : 0.0f;
+            }
+            pl_gemm(nr, nup, D, a->q + (b * L + t0) * HD + h * D, HD, 1, w->kut, nup, w->su, nup,
+                    false);
+            for (int64_t r = 0; r < nr; r++) {
+                const int32_t *sel = w->sel + r * Kz;
+                float *z = w->z + (r * H + h) * Kz;
+                for (int64_t i = 0; i < w->n[r]; i++) {
+                    const int64_t u = w->uidx[sel[i]] - u0;
+                    if (u >= 0 && u < cn) z[i] = w->su[r * nup + u];
+                }
+            }
+        }
+}
+
+/* out = P' V over the union: the rows' weights spread into dense rows (zero
+ * where not selected), times V_U,h, in chunks accumulated in key order. A
+ * zero weight adds an exact zero, so a row's output is the sum over its own
+ * keys in ascending order whatever the union. */
 static PL_AI void union_out(const sa_args *a, int64_t b, int64_t t0, int64_t nr, int64_t nu,
                             const float *pw, const sa_work *w) {
-    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D, Kz = a->Kz;
-    for (int64_t h = 0; h < H; h++) {
-        for (int64_t u = 0; u < nu; u++)
-            memcpy(w->vu + u * D, a->v + (b * L + w->uni[u]) * HD + h * D,
-                   sizeof(float) * (size_t)D);
-        memset(w->pu, 0, sizeof(float) * (size_t)(nr * nu));
-        for (int64_t r = 0; r < nr; r++) {
-            const int32_t *sel = w->sel + r * Kz;
-            const float *p = pw + (r * H + h) * Kz;
-            for (int64_t i = 0; i < w->n[r]; i++) /* += : a row may repeat a key */
-                w->pu[r * nu + w->uidx[sel[i]]] += p[i];
+    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D, Kz = a->Kz, UM = union_max(a);
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t u0 = 0; u0 < nu; u0 += UM) {
+            const int64_t cn = nu - u0 < UM ? nu - u0 : UM;
+            for (int64_t u = 0; u < cn; u++)
+                memcpy(w->vu + u * D, a->v + (b * L + w->uni[u0 + u]) * HD + h * D,
+                       sizeof(float) * (size_t)D);
+            memset(w->pu, 0, sizeof(float) * (size_t)(nr * cn));
+            for (int64_t r = 0; r < nr; r++) {
+                const int32_t *sel = w->sel + r * Kz;
+                const float *p = pw + (r * H + h) * Kz;
+                for (int64_t i = 0; i < w->n[r]; i++) { /* += : a row may repeat a key */
+                    const int64_t u = w->uidx[sel[i]] - u0;
+                    if (u >= 0 && u < cn) w->pu[r * cn + u] += p[i];
+                }
+            }
+            pl_gemm(nr, D, cn, w->pu, cn, 1, w->vu, D, a->out + (b * L + t0) * HD + h * D, HD,
+                    u0 > 0);
         }
-        pl_gemm(nr, D, nu, w->pu, nu, 1, w->vu, D, a->out + (b * L + t0) * HD + h * D, HD, false);
-    }
 }
 
 static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
@@ -386,16 +419,14 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
         memset(a->out + (b * L + t) * HD, 0, sizeof(float) * (size_t)HD);
         if (a->keep && n) row_keep(a, b, t, n, pos);
     }
-    /* Per tile, by the measured density of its selections: where the rows'
-     * entries fill at least a quarter of (rows x union of their keys), a
-     * masked micro-GEMM over the union; otherwise a gather per query. */
-    int64_t nu = -1, entries = 0;
+    /* Per tile, by the measured overlap of neighbouring rows' selections
+     * (tile_overlaps): a masked micro-GEMM over the union of the tile's keys,
+     * or a gather per query. */
+    int64_t nu = -1;
     const int64_t nr = t1 - t0, mode = pl__tuning.sparse_gemm;
-    for (int64_t r = 0; r < nr; r++) entries += w->n[r];
-    if (ND && mode != 1 && entries > 0) {
+    if (ND && mode != 1 &&
+        (mode == 2 || tile_overlaps(a, b, t0, w->sel, w->n[0], w->uni, (int32_t *)w->kut, w->tmp)))
         nu = tile_union(a, nr, w);
-        if (nu >= 0 && mode != 2 && 4 * entries < nr * nu) nu = -1;
-    }
     if (nu >= 0) {
         union_scores(a, b, t0, nr, nu, w);
     } else {
@@ -806,6 +837,8 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     if (record && lse_only && !(a.lse = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * H))))
         return NULL;
     if (record && !lse_only && !(a.P = pl__scratch(ctx, pbytes))) return NULL;
+    /* Backward reads idx: keep a copy, checked above, that the caller cannot change. */
+    if (record && !(a.idx = pl__idx_copy(ctx, idx))) return NULL;
     if (dropout_p > 0.0f &&
         !(a.keep = pl__scratch(ctx, sizeof(uint32_t) * (size_t)(B * L * H * a.W))))
         return NULL;

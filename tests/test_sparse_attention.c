@@ -3,94 +3,9 @@
  * dropout against the documented counter scheme, gradient checks, thread
  * independence, errors. */
 #include "internal.h"
-#include "testutil.h"
+#include "fixture.h"
 
 #include <omp.h>
-
-static pl_ctx *ctx;
-/* Every kernel takes its parallel path, however small the test (gradient
- * checks, with their many small evaluations, restore the default). */
-static pl_tuning tuning_default;
-static void setup(void) {
-    ctx = pl_ctx_new(NULL);
-    tuning_default = pl__tuning;
-    pl__tuning.par_min = 0;
-}
-static void teardown(void) {
-    pl__tuning = tuning_default;
-    pl_ctx_free(ctx);
-}
-
-/* The documented dropout decision for slot j of row r = (b*H+h)*L + t. */
-static bool kept(uint64_t seed, uint64_t offset, uint64_t r, int K, int j, float p) {
-    uint32_t w[4];
-    pl_philox(seed, offset + r * (uint64_t)((K + 3) / 4) + (uint64_t)j / 4, w);
-    return w[j % 4] >= (uint32_t)((double)p * 4294967296.0);
-}
-
-/* out[b,t,h,:] over the keys in idx row (b,t); rows without keys give 0. */
-static void naive_sparse(const float *q, const float *k, const float *v, const int32_t *idx, int B,
-                         int L, int H, int D, int K, float p, uint64_t seed, uint64_t offset,
-                         float *out) {
-    double *z = malloc(sizeof(double) * (size_t)K);
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < L; t++)
-            for (int h = 0; h < H; h++) {
-                const int32_t *ir = idx + ((size_t)b * L + t) * K;
-                const float *qh = q + (((size_t)b * L + t) * H + h) * D;
-                double m = -INFINITY, sum = 0;
-                for (int j = 0; j < K; j++) {
-                    if (ir[j] < 0) continue;
-                    const float *kh = k + (((size_t)b * L + ir[j]) * H + h) * D;
-                    double acc = 0;
-                    for (int d = 0; d < D; d++) acc += (double)qh[d] * kh[d];
-                    z[j] = acc / sqrt((double)D);
-                    if (z[j] > m) m = z[j];
-                }
-                for (int j = 0; j < K; j++)
-                    if (ir[j] >= 0) sum += exp(z[j] - m);
-                float *oh = out + (((size_t)b * L + t) * H + h) * D;
-                for (int d = 0; d < D; d++) {
-                    double acc = 0;
-                    for (int j = 0; j < K; j++) {
-                        if (ir[j] < 0) continue;
-                        uint64_t r = ((uint64_t)b * H + h) * L + t;
-                        double pr = exp(z[j] - m) / sum;
-                        if (p > 0) pr = kept(seed, offset, r, K, j, p) ? pr / (1.0 - p) : 0.0;
-                        acc += pr * v[(((size_t)b * L + ir[j]) * H + h) * D + d];
-                    }
-                    oh[d] = (float)acc;
-                }
-            }
-    free(z);
-}
-
-/* Dense causal attention written without index sets: keys 0..t. */
-static void naive_dense_causal(const float *q, const float *k, const float *v, int B, int L, int H,
-                               int D, float *out) {
-    double *z = malloc(sizeof(double) * (size_t)L);
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < L; t++)
-            for (int h = 0; h < H; h++) {
-                double m = -INFINITY, sum = 0;
-                for (int s = 0; s <= t; s++) {
-                    double acc = 0;
-                    for (int d = 0; d < D; d++)
-                        acc += (double)q[(((size_t)b * L + t) * H + h) * D + d] *
-                               k[(((size_t)b * L + s) * H + h) * D + d];
-                    z[s] = acc / sqrt((double)D);
-                    m = z[s] > m ? z[s] : m;
-                }
-                for (int s = 0; s <= t; s++) sum += exp(z[s] - m);
-                for (int d = 0; d < D; d++) {
-                    double acc = 0;
-                    for (int s = 0; s <= t; s++)
-                        acc += exp(z[s] - m) / sum * v[(((size_t)b * L + s) * H + h) * D + d];
-                    out[(((size_t)b * L + t) * H + h) * D + d] = (float)acc;
-                }
-            }
-    free(z);
-}
 
 /* Random causal index sets (see test_indexer.c): rows with fewer keys than K,
  * optionally empty rows, keys scattered over the slots. */
@@ -150,7 +65,8 @@ START_TEST(forward_matches_naive) {
         ck_assert_msg(o != NULL, "%s", pl_last_error());
         ck_assert(pl_same_shape(o, q));
         float *ref = malloc(sizeof(float) * (size_t)o->numel);
-        naive_sparse(pl_f32(q), pl_f32(k), pl_f32(v), pl_i32(idx), B, L, H, D, K, 0, 0, 0, ref);
+        tu_attn ra = tu_attn_of(q, k, v, idx);
+        tu_attention_ref(&ra, ref, NULL, NULL, NULL, NULL);
         tu_assert_close(pl_f32(o), ref, o->numel, 1e-5, 1e-5);
         int64_t bad = 0;
         for (int64_t i = 0; i < o->numel; i++) bad += !isfinite(pl_f32(o)[i]);
@@ -166,7 +82,8 @@ START_TEST(all_keys_equal_dense_causal) {
     const int B = 2, L = 33, H = 3, D = 16;
     pl_tensor *q = rnd(&s, B, L, H, D), *k = rnd(&s, B, L, H, D), *v = rnd(&s, B, L, H, D);
     float *ref = malloc(sizeof(float) * (size_t)q->numel);
-    naive_dense_causal(pl_f32(q), pl_f32(k), pl_f32(v), B, L, H, D, ref);
+    tu_attn ra = tu_attn_of(q, k, v, NULL); /* causal dense: keys 0..t */
+    tu_attention_ref(&ra, ref, NULL, NULL, NULL, NULL);
     /* The selection of pl_causal_topk with k >= L (random scores, k = L and
      * k > L) and an explicit all-keys list in descending order. */
     pl_tensor *sc = pl_empty(ctx, PL_F32, PL_DIMS(B, L, L));
@@ -202,7 +119,11 @@ START_TEST(dropout_follows_documented_counters) {
     ck_assert_msg(o != NULL, "%s", pl_last_error());
     ck_assert_int_eq(rng.offset, 11 + B * H * L * ((K + 3) / 4));
     float *ref = malloc(sizeof(float) * (size_t)o->numel);
-    naive_sparse(pl_f32(q), pl_f32(k), pl_f32(v), pl_i32(idx), B, L, H, D, K, p, 1234, 11, ref);
+    tu_attn ra = tu_attn_of(q, k, v, idx);
+    ra.p = p;
+    ra.seed = 1234;
+    ra.offset = 11;
+    tu_attention_ref(&ra, ref, NULL, NULL, NULL, NULL);
     tu_assert_close(pl_f32(o), ref, o->numel, 1e-5, 1e-5);
     /* The next call continues the stream: different masks. */
     pl_tensor *o2 = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
@@ -238,7 +159,7 @@ static void set_save(int i) {
 
 START_TEST(gradients) {
     set_save(_i);
-    pl__tuning.par_min = tuning_default.par_min;
+    tu_par_default();
     uint64_t s = 12;
     const int B = 2, L = 7, H = 2, D = 3;
     const int Ks[] = {1, 3, 9};
@@ -376,13 +297,17 @@ START_TEST(vector_paths) {
         pl_tensor *o = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
         ck_assert_msg(o != NULL, "%s", pl_last_error());
         float *ref = malloc(sizeof(float) * (size_t)o->numel);
-        naive_sparse(pl_f32(q), pl_f32(k), pl_f32(v), pl_i32(idx), B, L, H, D, K, p, 77, 0, ref);
+        tu_attn ra = tu_attn_of(q, k, v, idx);
+        ra.p = p;
+        ra.seed = 77;
+        ra.offset = 0;
+        tu_attention_ref(&ra, ref, NULL, NULL, NULL, NULL);
         tu_assert_close(pl_f32(o), ref, o->numel, 1e-5, 1e-5);
         free(ref);
         pl_step_reset(ctx);
     }
     /* Gradients through the vector kernels (D = 32 and 16), with dropout. */
-    pl__tuning.par_min = tuning_default.par_min;
+    tu_par_default();
     for (int rep = 0; rep < 2; rep++) {
         const int B = 1, L = 6, H = 2, D = rep ? 16 : 32, K = 3;
         char nq[8], nk[8], nv[8], ni[8];
@@ -464,9 +389,9 @@ START_TEST(recompute_matches_saved) {
 END_TEST
 
 /* The masked micro-GEMM over a tile's union of keys against the gather and
- * the naive reference: overlapping selections (each tile's rows draw from a
- * shared pool of keys), padded rows, dropout, D a multiple of the vector width
- * and not; gradients through both (the backward is the same). */
+ * the double reference (outputs and gradients): overlapping selections (each tile's rows draw from
+ * a shared pool of keys), padded rows, dropout, D a multiple of the vector width and not; gradients
+ * through both (the backward is the same). */
 START_TEST(union_gemm_matches_gather) {
     uint64_t s = 61;
     const int Ds[] = {32, 16, 64, 12};
@@ -503,11 +428,19 @@ START_TEST(union_gemm_matches_gather) {
             pl_rng_init(&rng, 9);
             pl_tensor *o = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
             ck_assert_msg(o != NULL, "%s", pl_last_error());
-            float *ref = malloc(sizeof(float) * (size_t)n);
-            naive_sparse(pl_f32(q), pl_f32(k), pl_f32(v), id, B, L, H, D, K, p, 9, 0, ref);
-            tu_assert_close(pl_f32(o), ref, n, 1e-5, 1e-5);
-            free(ref);
             ck_assert_int_eq(pl_backward_seed(ctx, o, seed), PL_OK);
+            float *ref = malloc(sizeof(float) * (size_t)n * 4);
+            tu_attn ra = tu_attn_of(q, k, v, idx);
+            ra.p = p;
+            ra.seed = rng.seed;
+            ra.offset = 0;
+            ra.dO = seed;
+            tu_attention_ref(&ra, ref, NULL, ref + n, ref + 2 * n, ref + 3 * n);
+            tu_assert_close(pl_f32(o), ref, n, 1e-5, 1e-5);
+            tu_assert_close(q->grad, ref + n, n, 2e-5, 1e-4);
+            tu_assert_close(k->grad, ref + 2 * n, n, 2e-5, 1e-4);
+            tu_assert_close(v->grad, ref + 3 * n, n, 2e-5, 1e-4);
+            free(ref);
             res[mode] = malloc(sizeof(float) * (size_t)n * 3);
             memcpy(res[mode], q->grad, sizeof(float) * (size_t)n);
             memcpy(res[mode] + n, k->grad, sizeof(float) * (size_t)n);
@@ -515,6 +448,35 @@ START_TEST(union_gemm_matches_gather) {
             pl_step_reset(ctx);
         }
         tu_assert_close(res[1], res[0], 3 * n, 1e-5, 1e-4);
+        /* Causal bit for bit on the micro-GEMM path too: the last row selecting
+         * other keys (so the tiles' unions change) and the last token's k and v
+         * changing leave every earlier row's output as it was. */
+        pl__tuning.sparse_gemm = 2;
+        float *before = malloc(sizeof(float) * (size_t)n);
+        for (int pass = 0; pass < 2; pass++) {
+            if (pass) {
+                for (int b = 0; b < B; b++)
+                    for (int j = 0; j < K; j++)
+                        id[((int64_t)b * L + L - 1) * K + j] = (int32_t)((j * 5 + 1) % L);
+                for (int b = 0; b < B; b++)
+                    for (int x = 0; x < H * D; x++) {
+                        pl_f32(k)[((int64_t)b * L + L - 1) * H * D + x] += 0.5f;
+                        pl_f32(v)[((int64_t)b * L + L - 1) * H * D + x] -= 0.25f;
+                    }
+            }
+            pl_rng rng;
+            pl_rng_init(&rng, 9);
+            pl_tensor *o = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
+            ck_assert_msg(o != NULL, "%s", pl_last_error());
+            if (!pass) memcpy(before, pl_f32(o), sizeof(float) * (size_t)n);
+            for (int b = 0; pass && b < B; b++)
+                ck_assert_msg(!memcmp(before + (int64_t)b * L * H * D,
+                                      pl_f32(o) + (int64_t)b * L * H * D,
+                                      sizeof(float) * (size_t)((L - 1) * H * D)),
+                              "a row before L - 1 changed (rep %d, batch %d)", rep, b);
+            pl_step_reset(ctx);
+        }
+        free(before);
         free(seed);
         free(res[0]);
         free(res[1]);
@@ -554,7 +516,7 @@ END_TEST
 
 /* The kernels at each lower instruction-set level the CPU runs. */
 static void isa_cases(TCase *tc) {
-    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_checked_fixture(tc, tu_setup_parallel, tu_teardown);
     tcase_add_loop_test(tc, forward_matches_naive, 0, 2);
     tcase_add_test(tc, all_keys_equal_dense_causal);
     tcase_add_test(tc, dropout_follows_documented_counters);
@@ -567,9 +529,8 @@ static void isa_cases(TCase *tc) {
 }
 
 int main(void) {
-    Suite *s = suite_create("sparse_attention");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("sparse_attention", TU_PARALLEL, &tc);
     tcase_add_loop_test(tc, forward_matches_naive, 0, 2);
     tcase_add_test(tc, all_keys_equal_dense_causal);
     tcase_add_test(tc, dropout_follows_documented_counters);
@@ -580,8 +541,6 @@ int main(void) {
     tcase_add_test(tc, recompute_matches_saved);
     tcase_add_test(tc, union_gemm_matches_gather);
     tcase_add_test(tc, errors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     tu_isa_tcases(s, "sparse_attention", isa_cases);
     return tu_run(s);
 }

@@ -1,6 +1,8 @@
 #define _POSIX_C_SOURCE 200809L /* setenv */
 #include "trainer_run.h"
 
+#include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
@@ -40,5 +42,43 @@ int tu_run_program(const char *bin, const char *const *args, tr_buf *out) {
     ck_assert_int_eq(waitpid(pid, &st, 0), pid);
     ck_assert_msg(!strstr(out->data, "Sanitizer") && !strstr(out->data, "runtime error"), "%s",
                   out->data);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+int tu_run_vline(const char *bin, tr_buf *out, const char *fmt, va_list ap) {
+    char line[4096];
+    int n = vsnprintf(line, sizeof line, fmt, ap);
+    ck_assert_int_lt(n, (int)sizeof line);
+    const char *args[80];
+    int k = 0;
+    for (char *save, *w = strtok_r(line, " ", &save); w; w = strtok_r(NULL, " ", &save)) {
+        ck_assert_int_lt(k, 79);
+        args[k++] = w[0] == '@' ? tu_tmp_path(w + 1) : w;
+    }
+    args[k] = NULL;
+    return tu_run_program(bin, args, out);
+}
+
+int tu_run_program_fd(const char *bin, const char *const *args, int out_fd) {
+    fflush(NULL);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        int null = open("/dev/null", O_WRONLY);
+        dup2(null, 2);
+        if (out_fd >= 0)
+            dup2(out_fd, 1);
+        else
+            close(1);
+        setenv("OMP_WAIT_POLICY", "passive", 0);
+        const char *argv[80] = {bin};
+        int n = 1;
+        for (; args[n - 1] && n < 79; n++) argv[n] = args[n - 1];
+        argv[n] = NULL;
+        execv(bin, (char *const *)argv);
+        _exit(127);
+    }
+    int st;
+    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }

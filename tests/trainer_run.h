@@ -2,6 +2,8 @@
 #ifndef PLASA_TRAINER_RUN_H
 #define PLASA_TRAINER_RUN_H
 
+#include <stdarg.h>
+
 #include "util.h"
 
 /* Runs bin with args (NULL-terminated, at most 78); returns its exit status
@@ -9,5 +11,14 @@
  * out. A sanitizer report fails the test whatever the status (under ASan a
  * leak or error report would otherwise pass as exit 1). */
 int tu_run_program(const char *bin, const char *const *args, tr_buf *out);
+
+/* The same with the space-separated words of a printf line as args (the
+ * paths given must have no spaces); a word "@name" stands for
+ * tu_tmp_path("name"). */
+int tu_run_vline(const char *bin, tr_buf *out, const char *fmt, va_list ap);
+
+/* Runs bin with args, its stdout on out_fd (-1: closed) and stderr on
+ * /dev/null; returns its exit status (-1 if it did not exit normally). */
+int tu_run_program_fd(const char *bin, const char *const *args, int out_fd);
 
 #endif

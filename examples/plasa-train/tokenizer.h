@@ -54,6 +54,8 @@ int bpe_merge_of(const bpe *t, int id, int32_t *a, int32_t *b);
 
 int bpe_save(const bpe *t, const char *path);
 bpe *bpe_load(const char *path);
+/* The same for a file's bytes held in memory (path names it in messages). */
+bpe *bpe_parse(const char *data, size_t len, const char *path);
 
 /* Encodes text into a malloc'd array *ids of *n_ids tokens (free() it). */
 int bpe_encode(const bpe *t, const uint8_t *text, size_t n, int32_t **ids, size_t *n_ids);
