@@ -234,7 +234,10 @@ PL_API bool pl_set_grad_enabled(pl_ctx *ctx, bool enabled);
 PL_API bool pl_grad_enabled(const pl_ctx *ctx);
 
 /* Runs the tape in reverse from a scalar loss (d loss/d loss = 1).
- * Gradients accumulate into parameters' grad buffers until pl_zero_grad. */
+ * Gradients accumulate into parameters' grad buffers until pl_zero_grad.
+ * Backward reads the float inputs of the ops as they are then (change one in
+ * between and its gradient changes with it); int32 inputs (ids, targets,
+ * indices) are copied by the op, so changing them afterwards is harmless. */
 PL_API pl_status pl_backward(pl_ctx *ctx, pl_tensor *loss);
 /* Same, from any tensor with an explicit seed gradient (out->numel floats). */
 PL_API pl_status pl_backward_seed(pl_ctx *ctx, pl_tensor *out, const float *seed);
@@ -614,6 +617,32 @@ PL_API pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k);
  * block of score rows exists at a time (extra memory O(L * block + threads * L)).
  * Rows t < k need no scores at all. Not differentiable (no tape entry). */
 PL_API pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w, int k);
+
+/* Fused indexer + top-k that also returns the scores at the selected keys:
+ * idx as pl_indexer_topk (the return value) and *scores = [B, L, k], the
+ * indexer's scores at those keys (-INFINITY at padding), differentiable in qI,
+ * kI, w, as pl_indexer_scores_at(qI, kI, w, idx) would give them (with the f32
+ * precision bit for bit its blocked values: they are the very scores the
+ * selection compared; with a lower precision, the f32 scores at the keys it
+ * selected, equal to float rounding). The products are computed once for both.
+ * Backward as pl_indexer_scores_at's. On error returns NULL, *scores = NULL. */
+PL_API pl_tensor *pl_indexer_topk_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w,
+                                         int k, pl_tensor **scores);
+
+/* Precision of the indexer's products q.k in pl_indexer_topk,
+ * pl_indexer_topk_scores (the selection) and pl_indexer_scores (the values;
+ * its backward stays the f32 function's gradient), a context setting:
+ *  - PL_INDEXER_F32 (default): float32, the exact results documented above;
+ *  - PL_INDEXER_INT8: qI rows (each (b, t, head)) rounded to int8 with scale
+ *    max|row| / 127, kI rows to [-63, 63] with scale max|row| / 63, exact
+ *    int32 products (oneDNN: AVX512-VNNI or AVX2, the same bits), then
+ *    I[t,s] = sk[s] * sum_j (w[t,j] sq[t,j]) max(dot_j, 0) (sum in order of j).
+ *    Non-finite inputs give NaN scores (ranked lowest).
+ * pl_indexer_scores_at and the loss are always float32. The top-k sets agree
+ * with float32's to within the figures in docs/benchmarks.md. */
+typedef enum { PL_INDEXER_F32 = 0, PL_INDEXER_INT8 = 2 } pl_indexer_precision;
+PL_API pl_status pl_set_indexer_precision(pl_ctx *ctx, pl_indexer_precision p);
+PL_API pl_indexer_precision pl_get_indexer_precision(const pl_ctx *ctx);
 
 /* Indexer scores at the keys of idx: out[b,t,j] = I[b,t,idx[b,t,j]] (as in
  * pl_indexer_scores), -INFINITY where idx is -1. Returns [B, L, K];
