@@ -23,12 +23,15 @@ int pl__isa_cpu(void) {
     __builtin_cpu_init();
     /* The kernels are built with -march=x86-64-v4 / -v3: the CPU must have
      * every feature of the level, not just the vector unit. */
-    if (__builtin_cpu_supports("x86-64-v4"))
-        l = PL_ISA_AVX512;
-    else if (__builtin_cpu_supports("x86-64-v3"))
-        l = PL_ISA_AVX2;
-    else
-        l = PL_ISA_BASELINE;
+#if defined(__clang__) /* no level names in clang's __builtin_cpu_supports */
+    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+    const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+    const bool v3 = __builtin_cpu_supports("x86-64-v3"), v4 = __builtin_cpu_supports("x86-64-v4");
+#endif
+    l = v4 ? PL_ISA_AVX512 : v3 ? PL_ISA_AVX2 : PL_ISA_BASELINE;
 #else
     l = PL_ISA_BASELINE;
 #endif

@@ -42,7 +42,9 @@
 
 #define BLK 64 /* queries and keys per tile; multiple of 16 */
 
+#ifdef PL_ISA /* used by the kernels only */
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+#endif
 
 typedef struct {
     const float *q, *k, *v; /* [B, L, H, D] */

@@ -63,9 +63,11 @@ typedef struct {
     float *lse, *delta;
 } sa_args;
 
+#ifdef PL_ISA /* used by the kernels only */
 static inline bool keep_bit(const uint32_t *row, int64_t j) {
     return (row[j >> 5] >> (j & 31)) & 1u;
 }
+#endif
 
 /* Per-thread working memory of a tile of TQ query rows: row r's entries
  * (keys sorted, padded with valid keys; their slots) at r*Kz, its scores and
@@ -85,6 +87,7 @@ typedef struct {
 } sa_work;
 
 static inline int64_t union_max(const sa_args *a) { return 2 * a->Kz; }
+#ifndef PL_ISA /* used by the op's part only */
 static inline size_t work_bytes(const sa_args *a) {
     const size_t TQ = (size_t)a->TQ, H = (size_t)a->H, Kz = (size_t)a->Kz, D = (size_t)a->D;
     const size_t UM = (size_t)union_max(a), L = (size_t)a->L;
@@ -113,6 +116,7 @@ static inline sa_work work_carve(const sa_args *a, unsigned char *base) {
     w.pu = w.su + TQ * UM;
     return w;
 }
+#endif
 
 /* The kernels (per instruction-set level, see simd.h): the forward and the
  * row pass of the backward of query rows [t0, t1) of batch b, and the dk, dv
