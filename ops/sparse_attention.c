@@ -91,8 +91,10 @@ static inline int64_t union_max(const sa_args *a) { return 2 * a->Kz; }
 static inline size_t work_bytes(const sa_args *a) {
     const size_t TQ = (size_t)a->TQ, H = (size_t)a->H, Kz = (size_t)a->Kz, D = (size_t)a->D;
     const size_t UM = (size_t)union_max(a), L = (size_t)a->L;
-    return 8 * (2 * TQ + (size_t)a->K) + 4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H + H * Kz) +
-           4 * (TQ * Kz + L + 2 * D * UM + 2 * TQ * UM) + 128;
+    const size_t bytes = 8 * (2 * TQ + (size_t)a->K) +
+                         4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H + H * Kz) +
+                         4 * (TQ * Kz + L + 2 * D * UM + 2 * TQ * UM) + 128;
+    return (bytes + 63) & ~(size_t)63; /* the dk/dv cursors (int64) follow */
 }
 
 static inline sa_work work_carve(const sa_args *a, unsigned char *base) {
