@@ -227,7 +227,8 @@ static void bench_L(pl_ctx *ctx, int L, int max_reps, const int *kdiv, int nk) {
  *                   ns per (query, key, head) pair of the causal half and % of
  *                   sgemm's rate (7 products of 2*D FLOPs per pair);
  *   indexer f32     pl_indexer_topk (random selection: its top-k of the
- *                   Gaussian inputs);
+ *                   Gaussian inputs); indexer int8: the same at
+ *                   PL_INDEXER_INT8, and the ratios with it in place of f32;
  *   sparse <sel>    pl_sparse_attention fwd+bwd on the selection: "random"
  *                   (the indexer's) or "overlap" (each 64-query tile draws its
  *                   rows' k keys from one shared pool of 1.3 k causal keys);
@@ -432,6 +433,26 @@ static void compare_L(pl_ctx *ctx, int L, int k, int reps, double sgf) {
     const double ix_pairs = (double)L * (L + 1) / 2;
     printf("  %-26s %10.1f ms %8.3f ns per causal (t, s) pair  %8.1f MB\n", "indexer top-k f32",
            ix.ms, 1e6 * ix.ms / ix_pairs, ix.mb);
+    /* The other precisions (the selection used below stays the f32 one). */
+    double i8ms = -1;
+    if (pl_set_indexer_precision(ctx, PL_INDEXER_INT8) == PL_OK) {
+        pl_mark m8 = pl_mark_get(ctx);
+        timing i8 = {1e30, 0};
+        for (int i = 0; i < reps; i++) {
+            double t0 = cmp_wall();
+            if (!st_fused(&b)) {
+                fprintf(stderr, "bench_plasa: %s\n", pl_last_error());
+                exit(1);
+            }
+            double dt = 1e3 * (cmp_wall() - t0);
+            if (dt < i8.ms) i8.ms = dt;
+        }
+        pl_set_indexer_precision(ctx, PL_INDEXER_F32);
+        printf("  %-26s %10.1f ms %8.3f ns per causal (t, s) pair\n", "indexer top-k int8", i8.ms,
+               1e6 * i8.ms / ix_pairs);
+        i8ms = i8.ms;
+        pl_mark_release(ctx, m8);
+    }
     /* The random selection lives in the step arena: copy it out. */
     int32_t *rand_idx = malloc(sizeof(int32_t) * (size_t)L * k);
     memcpy(rand_idx, pl_i32(b.idx), sizeof(int32_t) * (size_t)L * k);
@@ -466,8 +487,12 @@ static void compare_L(pl_ctx *ctx, int L, int k, int reps, double sgf) {
             printf("  %-26s %10.1f ms  (indexer row + sparse row)\n",
                    sel ? "PLASA overlap" : "PLASA random", plasa);
         }
-        if (best_dense < 1e30)
+        if (best_dense < 1e30) {
             printf("  dense / PLASA (%s): %.2f\n", sel ? "overlap" : "random", best_dense / plasa);
+            if (i8ms > 0) /* the int8 indexer in place of the f32 one */
+                printf("  dense / PLASA (%s, int8 indexer: PLASA - f32 row + int8 row): %.2f\n",
+                       sel ? "overlap" : "random", best_dense / (plasa - ix.ms + i8ms));
+        }
     }
     free(rand_idx);
     pl_step_reset(ctx);
