@@ -326,12 +326,57 @@ PL_API pl_tensor *pl_tanh(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_gelu(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_gelu_tanh(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_clamp(pl_ctx *ctx, pl_tensor *x, float lo, float hi);
+/* masked_fill(x, mask, value) = where(mask, value, x): value where mask != 0
+ * (float32 or int32, broadcast into x's shape), x elsewhere. dx = dy where
+ * mask is 0. */
+PL_API pl_tensor *pl_masked_fill(pl_ctx *ctx, pl_tensor *x, pl_tensor *mask, float value);
+/* Layer normalisation over the last dim D: with mu and var the mean and
+ * (biased) variance of the row, y = (x - mu) / sqrt(var + eps) * weight + bias;
+ * weight and bias are [D] or NULL (then 1 and 0). Composed of recorded ops
+ * (mean_axis, sub, mul, rsqrt, add), which give its gradient. */
+PL_API pl_tensor *pl_layer_norm(pl_ctx *ctx, pl_tensor *x, pl_tensor *weight, pl_tensor *bias,
+                                float eps);
+/* log_softmax(x) = x - logsumexp(x) over the last dim (same shape). */
+PL_API pl_tensor *pl_log_softmax(pl_ctx *ctx, pl_tensor *x);
+/* Mean losses over all elements, inputs of the same shape, result [1]:
+ *   mse_loss:          (pred - target)^2
+ *   bce_with_logits:   -t log s(x) - (1 - t) log(1 - s(x)), s the sigmoid,
+ *                      computed as max(x, 0) - x t + log(1 + e^-|x|). */
+PL_API pl_tensor *pl_mse_loss(pl_ctx *ctx, pl_tensor *pred, pl_tensor *target);
+PL_API pl_tensor *pl_bce_with_logits(pl_ctx *ctx, pl_tensor *logits, pl_tensor *target);
 
 /* Sum / mean of all elements (accumulated in double): a scalar of shape [1]. */
 PL_API pl_tensor *pl_sum(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_mean(pl_ctx *ctx, pl_tensor *x);
 /* Sum over the last dimension: [..., n] -> [...] ([n] -> [1]). */
 PL_API pl_tensor *pl_sum_last(pl_ctx *ctx, pl_tensor *x);
+/* Reductions along one axis (negative counts from the end). The result has
+ * that dim of size 1 with keepdim, else without it ([1] when none is left).
+ *   sum_axis:   y = sum_j x_j                         dx_j = dy
+ *   mean_axis:  y = sum_j x_j / n                     dx_j = dy / n
+ *   max_axis:   y = x_m, m the first position of the largest (NaN ranks
+ *               highest)                              dx_m = dy, 0 elsewhere
+ *   logsumexp:  y = log sum_j e^(x_j), computed as m + log sum_j e^(x_j - m)
+ *               with m = max_j x_j                    dx_j = dy e^(x_j - y)
+ * Sums accumulate in double. */
+PL_API pl_tensor *pl_sum_axis(pl_ctx *ctx, pl_tensor *x, int axis, bool keepdim);
+PL_API pl_tensor *pl_mean_axis(pl_ctx *ctx, pl_tensor *x, int axis, bool keepdim);
+PL_API pl_tensor *pl_max_axis(pl_ctx *ctx, pl_tensor *x, int axis, bool keepdim);
+PL_API pl_tensor *pl_logsumexp(pl_ctx *ctx, pl_tensor *x, int axis, bool keepdim);
+/* The position (PL_I32, not differentiable) of the first largest / smallest
+ * element along axis (NaN ranks as largest for argmax and as smallest for
+ * argmin), shaped as the reductions above. */
+PL_API pl_tensor *pl_argmax(pl_ctx *ctx, pl_tensor *x, int axis, bool keepdim);
+PL_API pl_tensor *pl_argmin(pl_ctx *ctx, pl_tensor *x, int axis, bool keepdim);
+/* Inclusive prefix sum along axis (same shape): y_j = sum_{k <= j} x_k,
+ * accumulated in double.  dx_j = sum_{k >= j} dy_k. */
+PL_API pl_tensor *pl_cumsum(pl_ctx *ctx, pl_tensor *x, int axis);
+/* Top-k along the last axis: returns values [..., k], the k largest of each
+ * row in descending order (ties: the smaller position first; NaN ranks
+ * highest), and sets *indices (if not NULL) to their positions, PL_I32
+ * [..., k]. 1 <= k <= the last dim. O(n k) per row of n.
+ *   dx[..., indices[t]] += dvalues[..., t] */
+PL_API pl_tensor *pl_topk(pl_ctx *ctx, pl_tensor *x, int k, pl_tensor **indices);
 
 /* The shape ops below work on float32 and int32 tensors alike. */
 /* A view with a new shape (same data, same numel); one dim may be -1 (inferred). */
