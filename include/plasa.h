@@ -769,12 +769,33 @@ PL_API pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI
  * by B*H*L*WK. So with K = L and row t = [0..t, -1...] (pl_causal_topk with
  * k = L) the masks are exactly pl_attention's. rng may be NULL when
  * dropout_p == 0 (eval).
- * Saved for backward (when recorded): the probabilities, B*L*K*H floats, and
- * the keep bits (B*L*H*K bits). Backward into q, k, v; k and v gradients are
- * gathered per key from the transposed index sets, no atomics; temporary
- * memory in backward B*L*K*H floats plus B*L*K int32, given back on return. */
+ * Saved for backward (when recorded), see pl_set_sparse_attention_save: the
+ * probabilities, B*L*K*H floats, or only each row's log-sum-exp, B*L*H
+ * floats; with dropout also the keep bits (B*L*H*K bits). Backward into q, k,
+ * v; k and v gradients are gathered per key from the transposed index sets,
+ * no atomics; temporary memory in backward B*L*K int32 plus, when the
+ * probabilities were saved, B*L*K*H floats, given back on return. */
 PL_API pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v,
                                       pl_tensor *idx, float dropout_p, pl_rng *rng);
+
+/* What pl_sparse_attention saves for its backward, a setting of the context:
+ *   PL_SPARSE_SAVE_AUTO (the default): the probabilities when they take at
+ *     most PL_SPARSE_SAVE_AUTO_BYTES (B*L*K*H*4 bytes <= 256 MiB), else the
+ *     log-sum-exp;
+ *   PL_SPARSE_SAVE_PROBS: the probabilities P [B,L,K,H]; backward then takes
+ *     as much again for the score gradients;
+ *   PL_SPARSE_SAVE_LSE: only the row log-sum-exp [B,L,H]; backward recomputes
+ *     the scores (twice: once for dq, once for dk and dv), so the extra memory
+ *     is O(B*H*L) plus the B*L*K int32 of transposed index sets.
+ * The modes agree to float rounding. Returns the previous setting; an unknown
+ * mode sets PL_ERR_ARG and changes nothing. */
+typedef enum {
+    PL_SPARSE_SAVE_AUTO = 0,
+    PL_SPARSE_SAVE_PROBS = 1,
+    PL_SPARSE_SAVE_LSE = 2
+} pl_sparse_save;
+#define PL_SPARSE_SAVE_AUTO_BYTES ((size_t)256 << 20)
+PL_API pl_sparse_save pl_set_sparse_attention_save(pl_ctx *ctx, pl_sparse_save mode);
 
 /* Indexer training loss (DeepSeek style). q, k [B, L, H, D]: the attention's
  * queries and keys (after RoPE), read as CONSTANTS (no gradient reaches them);

@@ -84,7 +84,7 @@ START_TEST(header_memory_bounded) {
     static const int per_step[] = {1, 3, 40, 700};
     for (size_t k = 0; k < sizeof per_step / sizeof *per_step; k++) {
         pl_ctx *c = pl_ctx_new(NULL);
-        int steps = per_step[k] > 100 ? 300 : 20000;
+        int steps = per_step[k] > 100 ? 300 : 12000;
         for (int s = 0; s < steps; s++) {
             for (int i = 0; i < per_step[k]; i++)
                 ck_assert_ptr_nonnull(pl_empty(c, PL_F32, PL_DIMS(1)));
