@@ -344,6 +344,16 @@ PL_API pl_tensor *pl_log_softmax(pl_ctx *ctx, pl_tensor *x);
  *                      computed as max(x, 0) - x t + log(1 + e^-|x|). */
 PL_API pl_tensor *pl_mse_loss(pl_ctx *ctx, pl_tensor *pred, pl_tensor *target);
 PL_API pl_tensor *pl_bce_with_logits(pl_ctx *ctx, pl_tensor *logits, pl_tensor *target);
+/* Along axis, with index PL_I32 of x's ndim and x's shape except along axis,
+ * every entry in [0, x.shape[axis]) (else PL_ERR_ARG):
+ *   gather:       y[.., j, ..] = x[.., index[.., j, ..], ..], y of index's shape;
+ *                 dx[.., index[.., j, ..], ..] += dy[.., j, ..]
+ *   scatter_add:  y = x, then y[.., index[.., j, ..], ..] += src[.., j, ..]
+ *                 (src of index's shape; repeated positions add up);
+ *                 dx = dy, dsrc[.., j, ..] = dy[.., index[.., j, ..], ..] */
+PL_API pl_tensor *pl_gather(pl_ctx *ctx, pl_tensor *x, int axis, pl_tensor *index);
+PL_API pl_tensor *pl_scatter_add(pl_ctx *ctx, pl_tensor *x, int axis, pl_tensor *index,
+                                 pl_tensor *src);
 
 /* Sum / mean of all elements (accumulated in double): a scalar of shape [1]. */
 PL_API pl_tensor *pl_sum(pl_ctx *ctx, pl_tensor *x);
