@@ -23,17 +23,23 @@
  *
  * Usage: bench_plasa [--L 128,512,...] [--reps N] [--threads N] [--quick]
  *                    [--kdiv 8,4,2] [--ops substr,...] [--min]
+ *        bench_plasa --compare [--L 8192,32768,65536] [--k 2048] [--reps N] [--threads N]
+ *                    [--cpu] [--ops dense,PLASA]   (--ops: which optional rows to run)
  * (--quick: L up to 2048; --kdiv: k = L/m for each m; --ops: run only the rows
  * whose name contains one of the substrings, e.g. --ops "attention fwd+bwd";
  * --min: report the fastest repetition, not the median, for loaded machines).
  * Times on a shared machine are only indicative. */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
+#include <dnnl.h>
 #include <plasa.h>
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include "internal.h" /* pl__isa_force: dense attention at each instruction set */
 
 enum { DM = 128, H = 4, D = 32, HI = 4, DI = 64 };
 
@@ -208,13 +214,308 @@ static void bench_L(pl_ctx *ctx, int L, int max_reps, const int *kdiv, int nk) {
     for (int i = 0; i < 6; i++) pl_tensor_free(pl_param_find(ctx, n[i]));
 }
 
+/* ---- --compare: PLASA attention against dense attention at long L ----
+ *
+ * For each L (and k = --k, default 2048, or k = L/8 with --k 0), Gaussian
+ * inputs (B = 1, H = 4, D = 32, indexer HI = 4 x dI = 64), one run, the
+ * minimum of --reps repetitions (default 2), each row timed in turn:
+ *   sgemm           dnnl_sgemm 1024^3, GFLOP/s of this run;
+ *   gather          random 512-byte rows (one key's H*D floats) summed from
+ *                   a buffer the size of k (L*H*D floats): GB/s, the bound of
+ *                   a per-query gather;
+ *   dense <isa>     pl_attention fwd+bwd at each instruction set the CPU has;
+ *                   ns per (query, key, head) pair of the causal half and % of
+ *                   sgemm's rate (7 products of 2*D FLOPs per pair);
+ *   indexer f32     pl_indexer_topk (random selection: its top-k of the
+ *                   Gaussian inputs); indexer int8: the same at
+ *                   PL_INDEXER_INT8, and the ratios with it in place of f32;
+ *   sparse <sel>    pl_sparse_attention fwd+bwd on the selection: "random"
+ *                   (the indexer's) or "overlap" (each 64-query tile draws its
+ *                   rows' k keys from one shared pool of 1.3 k causal keys);
+ *                   ns per selected (query, key, head);
+ *   PLASA           pl_indexer_topk + pl_sparse_attention fwd+bwd, one graph
+ *                   (random); for "overlap" the sum of the two rows above;
+ *   dense / PLASA   the speed-up of PLASA over the best dense row.
+ * "extra MB" is the arena peak above what was in use before the row. The
+ * probabilities of sparse attention are saved or recomputed as the default
+ * (PL_SPARSE_SAVE_AUTO) chooses; "lse" marks the recompute mode. With --cpu
+ * every time is process CPU time (all threads) instead of wall time: on a
+ * machine loaded by other work, time spent preempted is then not counted. */
+static bool cmp_cpu; /* --cpu: process CPU time (all threads) instead of wall time */
+static double cmp_wall(void) { return cmp_cpu ? cpu_now() : now(); }
+
+static double sgemm_gflops_now(void) {
+    const int64_t n = 1024;
+    float *a = malloc(sizeof(float) * n * n), *b = malloc(sizeof(float) * n * n),
+          *c = malloc(sizeof(float) * n * n);
+    for (int64_t i = 0; i < n * n; i++) {
+        a[i] = (float)(i % 7) * 0.1f;
+        b[i] = (float)(i % 5) * 0.1f;
+    }
+    double best = 1e30;
+    for (int rep = 0; rep < 5; rep++) {
+        double t = cmp_wall();
+        dnnl_sgemm('N', 'N', n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+        t = cmp_wall() - t;
+        if (rep > 0 && t < best) best = t;
+    }
+    free(a);
+    free(b);
+    free(c);
+    return 2.0 * (double)n * n * n / best / 1e9;
+}
+
+/* GB/s of copying random rows of H*D = 128 floats (one key's row, 512 bytes)
+ * from a buffer of nrows rows into an L1-resident ring (one thread; glibc's
+ * memcpy, which uses the CPU's widest vectors): what a per-query gather of
+ * key or value rows can reach when the rows come from that buffer's level of
+ * the memory hierarchy. */
+static double gather_gbs(int64_t nrows) {
+    const int64_t row = 128;
+    float *buf = malloc(sizeof(float) * (size_t)(nrows * row)),
+          *ring = malloc(sizeof(float) * 64 * 128);
+    for (int64_t i = 0; i < nrows * row; i++) buf[i] = (float)(i & 15);
+    const int64_t n = 1 << 20;
+    int32_t *rows = malloc(sizeof(int32_t) * (size_t)n);
+    uint64_t x = 88172645463325252ull;
+    for (int64_t i = 0; i < n; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        rows[i] = (int32_t)(x % (uint64_t)nrows);
+    }
+    double best = 1e30;
+    for (int rep = 0; rep < 3; rep++) {
+        double t = cmp_wall();
+        for (int64_t i = 0; i < n; i++) {
+            if (i + 16 < n) /* the kernels prefetch the rows they will gather, so does this */
+                for (int64_t o = 0; o < row; o += 16)
+                    __builtin_prefetch(buf + rows[i + 16] * row + o);
+            memcpy(ring + (i & 63) * row, buf + (int64_t)rows[i] * row,
+                   sizeof(float) * (size_t)row);
+        }
+        t = cmp_wall() - t;
+        if (t < best) best = t;
+    }
+    float s = 0;
+    for (int d = 0; d < 64 * 128; d++) s += ring[d];
+    free(buf);
+    free(ring);
+    free(rows);
+    if (s == 12345.0f) printf(" ");
+    return (double)n * (double)row * 4.0 / best / 1e9;
+}
+
+typedef struct {
+    double ms;
+    double mb;
+} timing;
+
+static pl_tensor *c_dense(bench *b) { return pl_attention(b->ctx, b->q, b->kk, b->v, 0.0f, NULL); }
+
+static timing time_stage(bench *b, stage_fn f, bool backward, int reps) {
+    timing r = {1e30, 0};
+    for (int i = 0; i < reps; i++) {
+        size_t e;
+        double c;
+        double t = run_once(b, f, backward, &e, &c);
+        if (cmp_cpu) t = c;
+        if (1e3 * t < r.ms) r.ms = 1e3 * t;
+        if ((double)e / 1048576.0 > r.mb) r.mb = (double)e / 1048576.0;
+    }
+    return r;
+}
+
+/* Each 64-query tile draws its rows' k keys from one pool of ~1.3 k causal
+ * keys (keys < the tile's end; a row keeps those <= t), ascending. */
+static void overlap_idx(int32_t *idx, int L, int k, uint64_t seed) {
+    const int pool_n = (int)(1.3 * k);
+    int *pool = malloc(sizeof(int) * (size_t)(pool_n > 0 ? pool_n : 1));
+    unsigned char *mark = calloc((size_t)L, 1);
+    uint64_t x = seed | 1;
+#define NEXT() (x ^= x << 13, x ^= x >> 7, x ^= x << 17, x)
+    for (int t0 = 0; t0 < L; t0 += 64) {
+        const int end = t0 + 64 < L ? t0 + 64 : L;
+        int np = 0;
+        if (pool_n >= end) { /* all causal keys */
+            for (int s = 0; s < end; s++) pool[np++] = s;
+        } else {
+            memset(mark, 0, (size_t)end);
+            while (np < pool_n) {
+                int s = (int)(NEXT() % (uint64_t)end);
+                if (!mark[s]) mark[s] = 1, pool[np++] = s;
+            }
+        }
+        for (int t = t0; t < end; t++) {
+            int32_t *row = idx + (int64_t)t * k;
+            int n = 0;
+            for (int i = 0; i < np; i++) mark[pool[i]] = 0;
+            /* k of the pool's keys <= t, at random, then sorted by key. */
+            int avail = 0;
+            for (int i = 0; i < np; i++) avail += pool[i] <= t;
+            int want = avail < k ? avail : k;
+            while (n < want) {
+                int s = pool[NEXT() % (uint64_t)np];
+                if (s <= t && !mark[s]) mark[s] = 1, n++;
+            }
+            n = 0;
+            for (int s = 0; s <= t && n < want; s++)
+                if (s < L && mark[s]) row[n++] = s;
+            for (int i = 0; i < np; i++) mark[pool[i]] = 0;
+            for (; n < k; n++) row[n] = -1;
+        }
+    }
+#undef NEXT
+    free(pool);
+    free(mark);
+}
+
+static void compare_L(pl_ctx *ctx, int L, int k, int reps, double sgf) {
+    pl_rng rng;
+    pl_rng_init(&rng, (uint64_t)L);
+    char n[6][32];
+    const char *base[6] = {"cqI", "ckI", "cw", "cq", "ck", "cv"};
+    for (int i = 0; i < 6; i++) snprintf(n[i], sizeof n[i], "%s_%d", base[i], L);
+    pl_tensor *t[6] = {pl_param_new(ctx, n[0], PL_DIMS(1, L, HI, DI)),
+                       pl_param_new(ctx, n[1], PL_DIMS(1, L, DI)),
+                       pl_param_new(ctx, n[2], PL_DIMS(1, L, HI)),
+                       pl_param_new(ctx, n[3], PL_DIMS(1, L, H, D)),
+                       pl_param_new(ctx, n[4], PL_DIMS(1, L, H, D)),
+                       pl_param_new(ctx, n[5], PL_DIMS(1, L, H, D))};
+    for (int i = 0; i < 6; i++)
+        if (!t[i] || pl_fill_normal(t[i], &rng, 0.0f, 1.0f) != PL_OK) {
+            fprintf(stderr, "bench_plasa: %s\n", pl_last_error());
+            exit(1);
+        }
+    bench b = {ctx, L, k, t[0], t[1], t[2], t[3], t[4], t[5], NULL, NULL};
+    seed_buf = realloc(seed_buf, sizeof(float) * (size_t)L * H * D);
+    for (int64_t i = 0; i < (int64_t)L * H * D; i++) seed_buf[i] = 1.0f / (float)(1 + i % 7);
+    const double dense_pairs = (double)H * L * (L + 1) / 2;
+    const double gbs = gather_gbs(L);
+    printf("L=%d k=%d: gather of random %d-byte rows from %.0f MB: %.1f GB/s (1 thread)\n", L, k,
+           4 * H * D, (double)L * H * D * 4 / 1e6, gbs);
+    fflush(stdout);
+    /* dense at each instruction set */
+    double best_dense = 1e30;
+    const int cpu = pl__isa_cpu();
+    const int isas[2] = {PL_ISA_AVX512, PL_ISA_AVX2};
+    for (int x = 0; x < 2 && selected("dense"); x++) {
+        if (isas[x] > cpu) {
+            printf("  dense %-8s  SKIPPED (CPU lacks it)\n", pl__isa_name(isas[x]));
+            continue;
+        }
+        pl__isa_force(isas[x]);
+        timing d = time_stage(&b, c_dense, true, reps);
+        pl__isa_force(0);
+        const double ns = 1e6 * d.ms / dense_pairs;
+        const double gf = 14.0 * D * dense_pairs / (d.ms * 1e6);
+        printf("  %-26s %10.1f ms %8.3f ns/pair %6.1f GFLOP/s = %5.1f%% of sgemm  %8.1f MB\n",
+               isas[x] == PL_ISA_AVX512 ? "dense fwd+bwd avx512" : "dense fwd+bwd avx2", d.ms, ns,
+               gf, 100.0 * gf / sgf, d.mb);
+        if (d.ms < best_dense) best_dense = d.ms;
+    }
+    /* indexer top-k (f32), and its selection */
+    timing ix = {1e30, 0};
+    for (int i = 0; i < reps; i++) {
+        pl_step_reset(ctx);
+        pl_arena_reset_peak(ctx);
+        size_t base0 = pl_arena_get_stats(ctx).in_use;
+        double t0 = cmp_wall();
+        b.idx = st_fused(&b);
+        double dt = 1e3 * (cmp_wall() - t0);
+        if (!b.idx) {
+            fprintf(stderr, "bench_plasa: %s\n", pl_last_error());
+            exit(1);
+        }
+        if (dt < ix.ms) ix.ms = dt;
+        ix.mb = (double)(pl_arena_get_stats(ctx).peak - base0) / 1048576.0;
+    }
+    const double ix_pairs = (double)L * (L + 1) / 2;
+    printf("  %-26s %10.1f ms %8.3f ns per causal (t, s) pair  %8.1f MB\n", "indexer top-k f32",
+           ix.ms, 1e6 * ix.ms / ix_pairs, ix.mb);
+    /* The other precisions (the selection used below stays the f32 one). */
+    double i8ms = -1;
+    if (pl_set_indexer_precision(ctx, PL_INDEXER_INT8) == PL_OK) {
+        pl_mark m8 = pl_mark_get(ctx);
+        timing i8 = {1e30, 0};
+        for (int i = 0; i < reps; i++) {
+            double t0 = cmp_wall();
+            if (!st_fused(&b)) {
+                fprintf(stderr, "bench_plasa: %s\n", pl_last_error());
+                exit(1);
+            }
+            double dt = 1e3 * (cmp_wall() - t0);
+            if (dt < i8.ms) i8.ms = dt;
+        }
+        pl_set_indexer_precision(ctx, PL_INDEXER_F32);
+        printf("  %-26s %10.1f ms %8.3f ns per causal (t, s) pair\n", "indexer top-k int8", i8.ms,
+               1e6 * i8.ms / ix_pairs);
+        i8ms = i8.ms;
+        pl_mark_release(ctx, m8);
+    }
+    /* The random selection lives in the step arena: copy it out. */
+    int32_t *rand_idx = malloc(sizeof(int32_t) * (size_t)L * k);
+    memcpy(rand_idx, pl_i32(b.idx), sizeof(int32_t) * (size_t)L * k);
+    pl_step_reset(ctx);
+    pl_tensor *idx = pl_persistent_new(ctx, "cidx", PL_I32, PL_DIMS(1, L, k), false);
+    if (!idx) {
+        fprintf(stderr, "bench_plasa: %s\n", pl_last_error());
+        exit(1);
+    }
+    for (int sel = 0; sel < 2; sel++) {
+        if (sel == 0)
+            memcpy(pl_i32(idx), rand_idx, sizeof(int32_t) * (size_t)L * k);
+        else
+            overlap_idx(pl_i32(idx), L, k, 0x9e3779b97f4a7c15ull ^ (uint64_t)L);
+        b.idx = idx;
+        int64_t valid = 0;
+        for (int64_t e = 0; e < (int64_t)L * k; e++) valid += pl_i32(idx)[e] >= 0;
+        const double sp = (double)H * (double)valid;
+        timing s = time_stage(&b, st_sparse, true, reps);
+        const bool lse = sizeof(float) * (double)valid * H > (double)PL_SPARSE_SAVE_AUTO_BYTES;
+        printf("  sparse fwd+bwd %-11s %10.1f ms %8.3f ns/pair %8.1f MB%s; at the gather "
+               "bound (256 B per pair and head): %.3f ns\n",
+               sel ? "overlap" : "random", s.ms, 1e6 * s.ms / sp, s.mb, lse ? " (lse)" : "",
+               256.0 / gbs);
+        double plasa;
+        if (sel == 0 && selected("PLASA")) {
+            timing w = time_stage(&b, st_plasa, true, reps);
+            plasa = w.ms;
+            printf("  %-26s %10.1f ms  %8.1f MB\n", "PLASA (indexer + sparse)", w.ms, w.mb);
+        } else {
+            plasa = ix.ms + s.ms; /* for "random" when the PLASA row is not selected */
+            printf("  %-26s %10.1f ms  (indexer row + sparse row)\n",
+                   sel ? "PLASA overlap" : "PLASA random", plasa);
+        }
+        if (best_dense < 1e30) {
+            printf("  dense / PLASA (%s): %.2f\n", sel ? "overlap" : "random", best_dense / plasa);
+            if (i8ms > 0) /* the int8 indexer in place of the f32 one */
+                printf("  dense / PLASA (%s, int8 indexer: PLASA - f32 row + int8 row): %.2f\n",
+                       sel ? "overlap" : "random", best_dense / (plasa - ix.ms + i8ms));
+        }
+    }
+    free(rand_idx);
+    pl_step_reset(ctx);
+    pl_tensor_free(idx);
+    for (int i = 0; i < 6; i++) pl_tensor_free(t[i]);
+    fflush(stdout);
+}
+
 int main(int argc, char **argv) {
     int Ls[16] = {128, 512, 2048, 8192}, nL = 4, max_reps = 9, threads = 0;
-    int kdiv[16] = {8, 4, 2}, nk = 3;
+    int kdiv[16] = {8, 4, 2}, nk = 3, compare = 0, kfix = 2048;
+    bool L_given = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick")) {
             nL = 3;
+        } else if (!strcmp(argv[i], "--compare")) {
+            compare = 1;
+        } else if (!strcmp(argv[i], "--cpu")) {
+            cmp_cpu = true;
+        } else if (!strcmp(argv[i], "--k") && i + 1 < argc) {
+            kfix = atoi(argv[++i]);
         } else if (!strcmp(argv[i], "--L") && i + 1 < argc) {
+            L_given = true;
             nL = 0;
             for (char *p = strtok(argv[++i], ","); p && nL < 16; p = strtok(NULL, ","))
                 Ls[nL++] = atoi(p);
@@ -242,6 +543,25 @@ int main(int argc, char **argv) {
     pl_ctx_config cfg = {0, threads};
     pl_ctx *ctx = pl_ctx_new(&cfg);
     if (!ctx) return 1;
+    if (compare) {
+        if (!L_given) {
+            Ls[0] = 8192, Ls[1] = 32768, Ls[2] = 65536;
+            nL = 3;
+        }
+        const int reps = max_reps == 9 ? 2 : max_reps;
+        const double sgf = sgemm_gflops_now();
+        printf("# bench_plasa --compare: B=1 H=%d D=%d HI=%d dI=%d threads=%d, min of %d reps; "
+               "kernels %s; %s time; dnnl_sgemm 1024^3: %.1f GFLOP/s\n",
+               H, D, HI, DI, pl_get_num_threads(), reps, pl__isa_name(pl__isa()),
+               cmp_cpu ? "CPU" : "wall", sgf);
+        for (int i = 0; i < nL; i++) {
+            const int k = kfix > 0 ? kfix : Ls[i] / 8;
+            compare_L(ctx, Ls[i], k < Ls[i] ? k : Ls[i], reps, sgf);
+        }
+        free(seed_buf);
+        pl_ctx_free(ctx);
+        return 0;
+    }
     printf("# bench_plasa: B=1 d=%d H=%d D=%d HI=%d dI=%d threads=%d (%s of up to %d reps)\n", DM,
            H, D, HI, DI, pl_get_num_threads(), use_min ? "min" : "median", max_reps);
     printf("# %4s %6s  %-34s %10s %10s %8s %10s\n", "L", "k", "op", "ms", "cpu ms", "ns/pair",

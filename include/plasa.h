@@ -326,12 +326,67 @@ PL_API pl_tensor *pl_tanh(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_gelu(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_gelu_tanh(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_clamp(pl_ctx *ctx, pl_tensor *x, float lo, float hi);
+/* masked_fill(x, mask, value) = where(mask, value, x): value where mask != 0
+ * (float32 or int32, broadcast into x's shape), x elsewhere. dx = dy where
+ * mask is 0. */
+PL_API pl_tensor *pl_masked_fill(pl_ctx *ctx, pl_tensor *x, pl_tensor *mask, float value);
+/* Layer normalisation over the last dim D: with mu and var the mean and
+ * (biased) variance of the row, y = (x - mu) / sqrt(var + eps) * weight + bias;
+ * weight and bias are [D] or NULL (then 1 and 0). Composed of recorded ops
+ * (mean_axis, sub, mul, rsqrt, add), which give its gradient. */
+PL_API pl_tensor *pl_layer_norm(pl_ctx *ctx, pl_tensor *x, pl_tensor *weight, pl_tensor *bias,
+                                float eps);
+/* log_softmax(x) = x - logsumexp(x) over the last dim (same shape). */
+PL_API pl_tensor *pl_log_softmax(pl_ctx *ctx, pl_tensor *x);
+/* Mean losses over all elements, inputs of the same shape, result [1]:
+ *   mse_loss:          (pred - target)^2
+ *   bce_with_logits:   -t log s(x) - (1 - t) log(1 - s(x)), s the sigmoid,
+ *                      computed as max(x, 0) - x t + log(1 + e^-|x|). */
+PL_API pl_tensor *pl_mse_loss(pl_ctx *ctx, pl_tensor *pred, pl_tensor *target);
+PL_API pl_tensor *pl_bce_with_logits(pl_ctx *ctx, pl_tensor *logits, pl_tensor *target);
+/* Along axis, with index PL_I32 of x's ndim and x's shape except along axis,
+ * every entry in [0, x.shape[axis]) (else PL_ERR_ARG):
+ *   gather:       y[.., j, ..] = x[.., index[.., j, ..], ..], y of index's shape;
+ *                 dx[.., index[.., j, ..], ..] += dy[.., j, ..]
+ *   scatter_add:  y = x, then y[.., index[.., j, ..], ..] += src[.., j, ..]
+ *                 (src of index's shape; repeated positions add up);
+ *                 dx = dy, dsrc[.., j, ..] = dy[.., index[.., j, ..], ..] */
+PL_API pl_tensor *pl_gather(pl_ctx *ctx, pl_tensor *x, int axis, pl_tensor *index);
+PL_API pl_tensor *pl_scatter_add(pl_ctx *ctx, pl_tensor *x, int axis, pl_tensor *index,
+                                 pl_tensor *src);
 
 /* Sum / mean of all elements (accumulated in double): a scalar of shape [1]. */
 PL_API pl_tensor *pl_sum(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_mean(pl_ctx *ctx, pl_tensor *x);
 /* Sum over the last dimension: [..., n] -> [...] ([n] -> [1]). */
 PL_API pl_tensor *pl_sum_last(pl_ctx *ctx, pl_tensor *x);
+/* Reductions along one axis (negative counts from the end). The result has
+ * that dim of size 1 with keepdim, else without it ([1] when none is left).
+ *   sum_axis:   y = sum_j x_j                         dx_j = dy
+ *   mean_axis:  y = sum_j x_j / n                     dx_j = dy / n
+ *   max_axis:   y = x_m, m the first position of the largest (NaN ranks
+ *               highest)                              dx_m = dy, 0 elsewhere
+ *   logsumexp:  y = log sum_j e^(x_j), computed as m + log sum_j e^(x_j - m)
+ *               with m = max_j x_j                    dx_j = dy e^(x_j - y)
+ * Sums accumulate in double. */
+PL_API pl_tensor *pl_sum_axis(pl_ctx *ctx, pl_tensor *x, int axis, bool keepdim);
+PL_API pl_tensor *pl_mean_axis(pl_ctx *ctx, pl_tensor *x, int axis, bool keepdim);
+PL_API pl_tensor *pl_max_axis(pl_ctx *ctx, pl_tensor *x, int axis, bool keepdim);
+PL_API pl_tensor *pl_logsumexp(pl_ctx *ctx, pl_tensor *x, int axis, bool keepdim);
+/* The position (PL_I32, not differentiable) of the first largest / smallest
+ * element along axis (NaN ranks as largest for argmax and as smallest for
+ * argmin), shaped as the reductions above. */
+PL_API pl_tensor *pl_argmax(pl_ctx *ctx, pl_tensor *x, int axis, bool keepdim);
+PL_API pl_tensor *pl_argmin(pl_ctx *ctx, pl_tensor *x, int axis, bool keepdim);
+/* Inclusive prefix sum along axis (same shape): y_j = sum_{k <= j} x_k,
+ * accumulated in double.  dx_j = sum_{k >= j} dy_k. */
+PL_API pl_tensor *pl_cumsum(pl_ctx *ctx, pl_tensor *x, int axis);
+/* Top-k along the last axis: returns values [..., k], the k largest of each
+ * row in descending order (ties: the smaller position first; NaN ranks
+ * highest), and sets *indices (if not NULL) to their positions, PL_I32
+ * [..., k]. 1 <= k <= the last dim. O(n k) per row of n.
+ *   dx[..., indices[t]] += dvalues[..., t] */
+PL_API pl_tensor *pl_topk(pl_ctx *ctx, pl_tensor *x, int k, pl_tensor **indices);
 
 /* The shape ops below work on float32 and int32 tensors alike. */
 /* A view with a new shape (same data, same numel); one dim may be -1 (inferred). */
@@ -714,12 +769,33 @@ PL_API pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI
  * by B*H*L*WK. So with K = L and row t = [0..t, -1...] (pl_causal_topk with
  * k = L) the masks are exactly pl_attention's. rng may be NULL when
  * dropout_p == 0 (eval).
- * Saved for backward (when recorded): the probabilities, B*L*K*H floats, and
- * the keep bits (B*L*H*K bits). Backward into q, k, v; k and v gradients are
- * gathered per key from the transposed index sets, no atomics; temporary
- * memory in backward B*L*K*H floats plus B*L*K int32, given back on return. */
+ * Saved for backward (when recorded), see pl_set_sparse_attention_save: the
+ * probabilities, B*L*K*H floats, or only each row's log-sum-exp, B*L*H
+ * floats; with dropout also the keep bits (B*L*H*K bits). Backward into q, k,
+ * v; k and v gradients are gathered per key from the transposed index sets,
+ * no atomics; temporary memory in backward B*L*K int32 plus, when the
+ * probabilities were saved, B*L*K*H floats, given back on return. */
 PL_API pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v,
                                       pl_tensor *idx, float dropout_p, pl_rng *rng);
+
+/* What pl_sparse_attention saves for its backward, a setting of the context:
+ *   PL_SPARSE_SAVE_AUTO (the default): the probabilities when they take at
+ *     most PL_SPARSE_SAVE_AUTO_BYTES (B*L*K*H*4 bytes <= 256 MiB), else the
+ *     log-sum-exp;
+ *   PL_SPARSE_SAVE_PROBS: the probabilities P [B,L,K,H]; backward then takes
+ *     as much again for the score gradients;
+ *   PL_SPARSE_SAVE_LSE: only the row log-sum-exp [B,L,H]; backward recomputes
+ *     the scores (twice: once for dq, once for dk and dv), so the extra memory
+ *     is O(B*H*L) plus the B*L*K int32 of transposed index sets.
+ * The modes agree to float rounding. Returns the previous setting; an unknown
+ * mode sets PL_ERR_ARG and changes nothing. */
+typedef enum {
+    PL_SPARSE_SAVE_AUTO = 0,
+    PL_SPARSE_SAVE_PROBS = 1,
+    PL_SPARSE_SAVE_LSE = 2
+} pl_sparse_save;
+#define PL_SPARSE_SAVE_AUTO_BYTES ((size_t)256 << 20)
+PL_API pl_sparse_save pl_set_sparse_attention_save(pl_ctx *ctx, pl_sparse_save mode);
 
 /* Indexer training loss (DeepSeek style). q, k [B, L, H, D]: the attention's
  * queries and keys (after RoPE), read as CONSTANTS (no gradient reaches them);

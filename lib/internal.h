@@ -3,6 +3,7 @@
 #define PLASA_INTERNAL_H
 
 #include "plasa.h"
+#include "simd.h"
 
 #include <stdarg.h>
 #include <string.h>
@@ -84,6 +85,7 @@ struct pl_ctx {
     int n_params, cap_params;
     pl_tensor **persist; /* every persistent tensor, for pl_ctx_free */
     int n_persist, cap_persist;
+    int sparse_save;                        /* pl_sparse_save (pl_set_sparse_attention_save) */
     pl_indexer_precision indexer_precision; /* pl_set_indexer_precision */
 };
 
@@ -158,35 +160,7 @@ static inline int64_t pl__numel(int ndim, const int64_t *shape) {
  * compare and a select, so loops still vectorise. */
 static inline float pl__relu(float x) { return !(x <= 0.0f) ? x : 0.0f; }
 
-/* ---- fast exp ---- */
-/* e^x in float, ~2 ulp, branch free so that loops calling it vectorise
- * (glibc's expf is a scalar call). Cephes' expf: x = n ln2 + r with
- * |r| <= ln2/2, e^r by a degree-7 polynomial, 2^n put into the exponent
- * bits. x < -87 gives 0 (instead of a denormal); x > 88 gives e^88;
- * NaN gives NaN. */
-static inline float pl__expf(float x) {
-    float xc = x > -87.0f ? x : -87.0f; /* also maps NaN to a number */
-    xc = xc < 88.0f ? xc : 88.0f;
-    /* n = round(x / ln2) by the 1.5*2^23 trick (exact in float, no libm). */
-    float t = xc * 1.44269504088896341f + 12582912.0f;
-    float n = t - 12582912.0f;
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union {
-        float f;
-        int32_t i;
-    } u = {p};
-    u.i += (int32_t)n * (1 << 23);
-    float y = x < -87.0f ? 0.0f : u.f;
-    return x == x ? y : x;
-}
+/* ---- the one exp (pl__expf) and the SIMD layer: simd.h ---- */
 
 /* ---- safetensors (lib/safetensors.c) ---- */
 /* Parses a whole safetensors file held in memory, with the checks of
@@ -268,6 +242,10 @@ typedef struct {
     int64_t indexer_at_mode;
     /* Sparse attention tiles (0: automatic): query rows per tile, keys per block. */
     int64_t sparse_tile_q, sparse_tile_k;
+    /* Sparse attention forward, per tile of queries: 0 chooses by density
+     * between a gather per query and a masked micro-GEMM over the tile's union
+     * of keys, 1 always gathers, 2 takes the micro-GEMM wherever it fits. */
+    int64_t sparse_gemm;
     /* Top-k rows of n >= 1024: 0 automatic (a sampled pivot filters first), 1
      * never filter, 2 a pivot too high (the fallback). Same results in all. */
     int64_t topk_pivot_mode;

@@ -681,3 +681,22 @@ pl_tensor *pl_clamp(pl_ctx *ctx, pl_tensor *x, float lo, float hi) {
     if (n) n->farg[0] = lo, n->farg[1] = hi;
     return y;
 }
+
+/* masked_fill = where(mask, value, x): a [1] constant broadcast. */
+pl_tensor *pl_masked_fill(pl_ctx *ctx, pl_tensor *x, pl_tensor *mask, float value) {
+    static const char *fn = "pl_masked_fill";
+    if (pl__check(ctx, fn, "x", x, PL_F32)) return NULL;
+    if (pl__check_any(fn, "mask", mask, -1) || pl__check(ctx, fn, "mask", mask, mask->dtype))
+        return NULL;
+    pl_tensor *v = pl__new(ctx, PL_F32, PL_DIMS(1));
+    if (!v) return NULL;
+    pl_f32(v)[0] = value;
+    pl_tensor *in[3] = {v, x, mask};
+    pl_tensor *y = broadcast_op(ctx, fn, "masked_fill", OP_WHERE, 3, in);
+    if (y && !pl_same_shape(y, x)) {
+        char sx[96], sm[96];
+        return pl__err_null(PL_ERR_SHAPE, "%s: mask %s must broadcast into x %s", fn,
+                            pl_shape_str(mask, sm, sizeof sm), pl_shape_str(x, sx, sizeof sx));
+    }
+    return y;
+}

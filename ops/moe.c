@@ -49,7 +49,7 @@ typedef struct {
 
 #define MOE_CHUNK 64
 
-static inline float silu_f(float v) { return v / (1.0f + expf(-v)); }
+static inline float silu_f(float v) { return v / (1.0f + pl__expf(-v)); }
 
 /* For every expert e, its gathered rows in[off[e]..off[e+1]) [., n] times
  * W1[e] [n, p] into out1 (and times W2[e] into out2 when W2 is not NULL), in
@@ -87,7 +87,7 @@ static pl_status route(const float *x, const float *rw, int64_t N, int64_t d, in
         for (int64_t e = 1; e < E; e++) mx = p[e] > mx ? p[e] : mx;
         float sum = 0.0f;
         for (int64_t e = 0; e < E; e++) {
-            p[e] = expf(p[e] - mx);
+            p[e] = pl__expf(p[e] - mx);
             sum += p[e];
         }
         float inv = 1.0f / sum;
@@ -202,7 +202,7 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
             if (!du) return;
             /* dh becomes dg in place. */
             PL_PARALLEL_FOR(R * F, schedule(static), i, R * F, {
-                float g = sv->g[i], sg = 1.0f / (1.0f + expf(-g));
+                float g = sv->g[i], sg = 1.0f / (1.0f + pl__expf(-g));
                 du[i] = dh[i] * g * sg;
                 dh[i] = dh[i] * sv->u[i] * sg * (1.0f + g * (1.0f - sg));
             });

@@ -165,3 +165,10 @@ pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets) 
     }
     return y;
 }
+
+/* log_softmax(x) = x - logsumexp(x) over the last dim, composed of recorded
+ * ops (pl_logsumexp, the broadcasting pl_sub). */
+pl_tensor *pl_log_softmax(pl_ctx *ctx, pl_tensor *x) {
+    if (pl__check(ctx, "pl_log_softmax", "x", x, PL_F32)) return NULL;
+    return pl_sub(ctx, x, pl_logsumexp(ctx, x, -1, true));
+}

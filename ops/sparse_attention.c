@@ -9,7 +9,7 @@
  * heads contiguously, so a selected row is gathered once for all heads (the
  * heads' loops run over a group of rows while its lines are in L1). Scores:
  * 8 selected rows at a time, 8 vectors of partial sums (D/8 FMAs each) are
- * added into one vector of 8 scores by a transposing add tree (hsum8).
+ * added into one vector of scores by the transposing add tree of simd.h.
  * out += p v: chains of vector FMAs over the gathered rows, two accumulator
  * sets. Rows are prefetched a group or chunk ahead.
  *
@@ -43,123 +43,151 @@
 #include <omp.h>
 #include <stdlib.h>
 
-/* ISO C mode turns off FMA contraction; the kernels want it. Vector returns in
- * the baseline clone make GCC warn of an ABI change that no call crosses. */
-#if defined(__clang__)
-#pragma clang fp contract(fast)
-#pragma clang diagnostic ignored "-Wpsabi"
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=fast")
-#pragma GCC diagnostic ignored "-Wpsabi"
+typedef struct {
+    int64_t B, L, H, D, K, W; /* W: 32-bit keep words per (b,t,h) row */
+    int64_t Kp, Kz;           /* K rounded up to 8; Kz = Kp + 16: a row's stride in scratch */
+    int64_t TQ, SK;           /* forward and dq: query rows per tile, keys per block */
+    int64_t KT, QB;           /* dk, dv: keys per tile, query rows per block */
+    float scale, keep_scale;
+    uint32_t threshold; /* dropout: keep iff the random word >= threshold */
+    uint64_t seed, offset;
+    const float *q, *k, *v;
+    const int32_t *idx;
+    float *out;
+    float *P;       /* [B,L,K,H] probabilities (before dropout); NULL when not recorded */
+    uint32_t *keep; /* [B,L,H,W] keep bits; NULL without dropout */
+    int isa;        /* the kernels' level (simd.h), the same for the backward */
+    /* Recompute mode (P == NULL): the forward saves lse [B,L,H], each row's
+     * log-sum-exp of the scaled scores; the backward recomputes the scores and
+     * keeps delta [B,L,H] = dO . out for the key pass. */
+    float *lse, *delta;
+} sa_args;
+
+#ifdef PL_ISA /* used by the kernels only */
+static inline bool keep_bit(const uint32_t *row, int64_t j) {
+    return (row[j >> 5] >> (j & 31)) & 1u;
+}
 #endif
 
-/* ---- vector kernels (GCC vector extensions; AVX2+FMA in the x86-64-v3 clone)
- * ---- */
+/* Per-thread working memory of a tile of TQ query rows: row r's entries
+ * (keys sorted, padded with valid keys; their slots) at r*Kz, its scores and
+ * weights for head h at (r*H + h)*Kz. */
+typedef struct {
+    int32_t *sel, *pos; /* TQ*Kz each */
+    int64_t *n, *cur;   /* TQ each */
+    int64_t *tmp;       /* K (sorting) */
+    float *z, *w;       /* TQ*H*Kz each */
+    float *delta;       /* TQ*H */
+    float *zr;          /* H*Kz: recomputed scores of one row */
+    /* The forward's masked micro-GEMM over the tile's union of keys (at most
+     * union_max keys): the keys, each key's place in them (L entries), K^T
+     * and V of the union for one head, the scores and the dense weights. */
+    int32_t *uni, *uidx;
+    float *kut, *vu, *su, *pu;
+} sa_work;
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4)));
-#define LD(p) (*(const v8u *)(p))
-#define ST(p, x) (*(v8u *)(p) = (x))
-#define AI __attribute__((always_inline)) inline
-typedef int32_t v8i __attribute__((vector_size(32)));
-#if defined(__clang__)
-#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define SHUF(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+static inline int64_t union_max(const sa_args *a) { return 2 * a->Kz; }
+#ifndef PL_ISA /* used by the op's part only */
+static inline size_t work_bytes(const sa_args *a) {
+    const size_t TQ = (size_t)a->TQ, H = (size_t)a->H, Kz = (size_t)a->Kz, D = (size_t)a->D;
+    const size_t UM = (size_t)union_max(a), L = (size_t)a->L;
+    const size_t bytes = 8 * (2 * TQ + (size_t)a->K) +
+                         4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H + H * Kz) +
+                         4 * (TQ * Kz + L + 2 * D * UM + 2 * TQ * UM) + 128;
+    return (bytes + 63) & ~(size_t)63; /* the dk/dv cursors (int64) follow */
+}
+
+static inline sa_work work_carve(const sa_args *a, unsigned char *base) {
+    const int64_t TQ = a->TQ, H = a->H, Kz = a->Kz;
+    sa_work w;
+    w.n = (int64_t *)base;
+    w.cur = w.n + TQ;
+    w.tmp = w.cur + TQ;
+    w.z = (float *)(w.tmp + a->K);
+    w.w = w.z + TQ * H * Kz;
+    w.delta = w.w + TQ * H * Kz;
+    w.sel = (int32_t *)(w.delta + TQ * H);
+    w.pos = w.sel + TQ * Kz;
+    w.zr = (float *)(w.pos + TQ * Kz);
+    const int64_t UM = union_max(a);
+    w.uni = (int32_t *)(w.zr + a->H * Kz);
+    w.uidx = w.uni + TQ * Kz;
+    w.kut = (float *)(w.uidx + a->L);
+    w.vu = w.kut + a->D * UM;
+    w.su = w.vu + a->D * UM;
+    w.pu = w.su + TQ * UM;
+    return w;
+}
 #endif
 
-static AI v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
-#define SEL(m, a, b) ((v8)(((v8i)(a) & (m)) | ((v8i)(b) & ~(m)))) /* m ? a : b */
+/* The kernels (per instruction-set level, see simd.h): the forward and the
+ * row pass of the backward of query rows [t0, t1) of batch b, and the dk, dv
+ * pass of keys [s0, s1). */
+PL_ISA_DECLARE(void, sa_fwd_tile,
+               (const sa_args *a, int64_t b, int64_t t0, int64_t t1, const sa_work *w));
+PL_ISA_DECLARE(void, sa_bwd_tile,
+               (const sa_args *a, const float *dO, float *G, float *dq, int64_t b, int64_t t0,
+                int64_t t1, const sa_work *w));
+PL_ISA_DECLARE(void, sa_bwd_kv_tile,
+               (const sa_args *a, const float *dO, const float *G, float *dk, float *dv, int64_t b,
+                int64_t s0, int64_t s1, const int32_t *off, const int32_t *list, int64_t *cur,
+                const sa_work *w));
 
-/* e^x, 8 lanes: pl__expf's algorithm (x < -87 and -inf give 0). */
-static AI v8 expv(v8 x) {
-    const v8i under = x < splat(-87.0f);
-    x = SEL(under, splat(-87.0f), x);
-    x = SEL(x > splat(88.0f), splat(88.0f), x);
-    const v8 t = x * 1.44269504088896341f + 12582912.0f, n = t - 12582912.0f;
-    v8 r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    v8 p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const v8i e = ((v8i)t - (v8i)splat(12582912.0f)) << 23; /* n * 2^23 */
-    return SEL(under, splat(0.0f), (v8)((v8i)p + e));
-}
+#ifdef PL_ISA /* ---- the kernels ---- */
 
-/* The 8 lane sums of a[0..8) as one vector (a transposing add tree). */
-static AI v8 hsum8(const v8 *a) {
-    v8 s01 =
-        SHUF(a[0], a[1], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a[0], a[1], 1, 9, 3, 11, 5, 13, 7, 15);
-    v8 s23 =
-        SHUF(a[2], a[3], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a[2], a[3], 1, 9, 3, 11, 5, 13, 7, 15);
-    v8 s45 =
-        SHUF(a[4], a[5], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a[4], a[5], 1, 9, 3, 11, 5, 13, 7, 15);
-    v8 s67 =
-        SHUF(a[6], a[7], 0, 8, 2, 10, 4, 12, 6, 14) + SHUF(a[6], a[7], 1, 9, 3, 11, 5, 13, 7, 15);
-    v8 s03 = SHUF(s01, s23, 0, 1, 8, 9, 4, 5, 12, 13) + SHUF(s01, s23, 2, 3, 10, 11, 6, 7, 14, 15);
-    v8 s47 = SHUF(s45, s67, 0, 1, 8, 9, 4, 5, 12, 13) + SHUF(s45, s67, 2, 3, 10, 11, 6, 7, 14, 15);
-    return SHUF(s03, s47, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(s03, s47, 4, 5, 6, 7, 12, 13, 14, 15);
-}
-
-static AI float hsum8v(v8 v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
-/* out[i] = x . base[rows[i]*rs .. + 8*ND) for i < n (n rounded up to 8: rows
+/* out[i] = x . base[rows[i]*rs .. + PL_VW*ND) for i < n (n rounded up to PL_VW: rows
  * must be padded with valid row numbers; the extra outputs are junk). */
-static AI void dots(const float *x, const float *base, const int32_t *rows, int64_t rs, int64_t n,
-                    int ND, float *out) {
-    for (int64_t i = 0; i < n; i += 8) {
-        const float *r[8];
-        for (int u = 0; u < 8; u++) r[u] = base + rows[i + u] * rs;
-        v8 acc[8];
+static PL_AI void dots(const float *x, const float *base, const int32_t *rows, int64_t rs,
+                       int64_t n, int ND, float *out) {
+    for (int64_t i = 0; i < n; i += PL_VW) {
+        const float *r[PL_VW];
+        for (int u = 0; u < PL_VW; u++) r[u] = base + rows[i + u] * rs;
+        pl_vf acc[PL_VW];
         if (ND <= 4) { /* x stays in registers */
-            v8 xv[4] = {splat(0.0f), splat(0.0f), splat(0.0f), splat(0.0f)};
-            for (int c = 0; c < ND; c++) xv[c] = LD(x + 8 * c);
-            for (int u = 0; u < 8; u++) {
-                acc[u] = xv[0] * LD(r[u]);
-                for (int c = 1; c < ND; c++) acc[u] += xv[c] * LD(r[u] + 8 * c);
+            pl_vf xv[4] = {pl_splat(0.0f), pl_splat(0.0f), pl_splat(0.0f), pl_splat(0.0f)};
+            for (int c = 0; c < ND; c++) xv[c] = PL_LD(x + PL_VW * c);
+            for (int u = 0; u < PL_VW; u++) {
+                acc[u] = xv[0] * PL_LD(r[u]);
+                for (int c = 1; c < ND; c++) acc[u] += xv[c] * PL_LD(r[u] + PL_VW * c);
             }
         } else {
-            for (int u = 0; u < 8; u++) {
-                acc[u] = LD(x) * LD(r[u]);
-                for (int c = 1; c < ND; c++) acc[u] += LD(x + 8 * c) * LD(r[u] + 8 * c);
+            for (int u = 0; u < PL_VW; u++) {
+                acc[u] = PL_LD(x) * PL_LD(r[u]);
+                for (int c = 1; c < ND; c++)
+                    acc[u] += PL_LD(x + PL_VW * c) * PL_LD(r[u] + PL_VW * c);
             }
         }
-        ST(out + i, hsum8(acc));
+        PL_ST(out + i, pl_vhsum_t(acc));
     }
 }
 
-/* y[0 .. 8*ND) += sum_{i<n} w[i] * base[rows[i]*rs ..]: two accumulator sets
+/* y[0 .. PL_VW*ND) += sum_{i<n} w[i] * base[rows[i]*rs ..]: two accumulator sets
  * (even and odd i) per group of up to 4 vectors, to cover the FMA latency. */
-static AI void axpys(float *y, const float *w, const float *base, const int32_t *rows, int64_t rs,
-                     int64_t n, int ND) {
+static PL_AI void axpys(float *y, const float *w, const float *base, const int32_t *rows,
+                        int64_t rs, int64_t n, int ND) {
     for (int c0 = 0; c0 < ND; c0 += 4) {
         const int nc = ND - c0 < 4 ? ND - c0 : 4;
-        v8 a0[4], a1[4];
+        pl_vf a0[4], a1[4];
         for (int c = 0; c < nc; c++) {
-            a0[c] = LD(y + 8 * (c0 + c));
-            a1[c] = splat(0.0f);
+            a0[c] = PL_LD(y + PL_VW * (c0 + c));
+            a1[c] = pl_splat(0.0f);
         }
         int64_t i = 0;
         for (; i + 2 <= n; i += 2) {
-            const float *r0 = base + rows[i] * rs + 8 * c0, *r1 = base + rows[i + 1] * rs + 8 * c0;
-            const v8 w0 = splat(w[i]), w1 = splat(w[i + 1]);
+            const float *r0 = base + rows[i] * rs + PL_VW * c0,
+                        *r1 = base + rows[i + 1] * rs + PL_VW * c0;
+            const pl_vf w0 = pl_splat(w[i]), w1 = pl_splat(w[i + 1]);
             for (int c = 0; c < nc; c++) {
-                a0[c] += w0 * LD(r0 + 8 * c);
-                a1[c] += w1 * LD(r1 + 8 * c);
+                a0[c] += w0 * PL_LD(r0 + PL_VW * c);
+                a1[c] += w1 * PL_LD(r1 + PL_VW * c);
             }
         }
         if (i < n) {
-            const float *r0 = base + rows[i] * rs + 8 * c0;
-            const v8 w0 = splat(w[i]);
-            for (int c = 0; c < nc; c++) a0[c] += w0 * LD(r0 + 8 * c);
+            const float *r0 = base + rows[i] * rs + PL_VW * c0;
+            const pl_vf w0 = pl_splat(w[i]);
+            for (int c = 0; c < nc; c++) a0[c] += w0 * PL_LD(r0 + PL_VW * c);
         }
-        for (int c = 0; c < nc; c++) ST(y + 8 * (c0 + c), a0[c] + a1[c]);
+        for (int c = 0; c < nc; c++) PL_ST(y + PL_VW * (c0 + c), a0[c] + a1[c]);
     }
 }
 
@@ -178,8 +206,8 @@ static void axpys_any(float *y, const float *w, const float *base, const int32_t
  * after next is prefetched). */
 #define CH 16
 
-static AI void prefetch_rows(const float *base, const int32_t *rows, int64_t n, int64_t rs,
-                             int64_t bytes) {
+static PL_AI void prefetch_rows(const float *base, const int32_t *rows, int64_t n, int64_t rs,
+                                int64_t bytes) {
     for (int64_t i = 0; i < n; i++) {
         const char *r = (const char *)(base + rows[i] * rs);
         for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(r + o);
@@ -187,25 +215,26 @@ static AI void prefetch_rows(const float *base, const int32_t *rows, int64_t n, 
 }
 
 /* z[h*ldz + i] = x[h*D ..] . base[rows[i]*rs + h*D ..] for every head, i < n
- * (n a multiple of 8; rows padded). ND = D/8, or 0 for the scalar kernels. */
-static AI void dots_heads(const float *x, const float *base, const int32_t *rows, int64_t rs,
-                          int64_t H, int64_t D, int64_t n, int ND, float *z, int64_t ldz) {
-    for (int64_t i = 0; i < n; i += 8) {
-        if (i + 2 * 8 < n)
-            prefetch_rows(base, rows + i + 16, n - i - 16 < 8 ? n - i - 16 : 8, rs, 4 * H * D);
+ * (n a multiple of PL_VW; rows padded). ND = D/PL_VW, or 0 for the scalar kernels. */
+static PL_AI void dots_heads(const float *x, const float *base, const int32_t *rows, int64_t rs,
+                             int64_t H, int64_t D, int64_t n, int ND, float *z, int64_t ldz) {
+    for (int64_t i = 0; i < n; i += PL_VW) {
+        if (i + 2 * PL_VW < n)
+            prefetch_rows(base, rows + i + 2 * PL_VW,
+                          n - i - 2 * PL_VW < PL_VW ? n - i - 2 * PL_VW : PL_VW, rs, 4 * H * D);
         for (int64_t h = 0; h < H; h++) {
             if (ND)
-                dots(x + h * D, base + h * D, rows + i, rs, 8, ND, z + h * ldz + i);
+                dots(x + h * D, base + h * D, rows + i, rs, PL_VW, ND, z + h * ldz + i);
             else
-                dots_any(x + h * D, base + h * D, rows + i, rs, 8, D, z + h * ldz + i);
+                dots_any(x + h * D, base + h * D, rows + i, rs, PL_VW, D, z + h * ldz + i);
         }
     }
 }
 
 /* y[h*D ..] += sum_{i<n} w[h*ldw + i] base[rows[i]*rs + h*D ..] for every head. */
-static AI void axpys_heads(float *y, const float *w, int64_t ldw, const float *base,
-                           const int32_t *rows, int64_t rs, int64_t H, int64_t D, int64_t n,
-                           int ND) {
+static PL_AI void axpys_heads(float *y, const float *w, int64_t ldw, const float *base,
+                              const int32_t *rows, int64_t rs, int64_t H, int64_t D, int64_t n,
+                              int ND) {
     for (int64_t i = 0; i < n; i += CH) {
         const int64_t c = n - i < CH ? n - i : CH;
         if (i + CH < n)
@@ -217,55 +246,6 @@ static AI void axpys_heads(float *y, const float *w, int64_t ldw, const float *b
                 axpys_any(y + h * D, w + h * ldw + i, base + h * D, rows + i, rs, c, D);
         }
     }
-}
-
-typedef struct {
-    int64_t B, L, H, D, K, W; /* W: 32-bit keep words per (b,t,h) row */
-    int64_t Kp, Kz;           /* K rounded up to 8; Kz = Kp + 16: a row's stride in scratch */
-    int64_t TQ, SK;           /* forward and dq: query rows per tile, keys per block */
-    int64_t KT, QB;           /* dk, dv: keys per tile, query rows per block */
-    float scale, keep_scale;
-    uint32_t threshold; /* dropout: keep iff the random word >= threshold */
-    uint64_t seed, offset;
-    const float *q, *k, *v;
-    const int32_t *idx;
-    float *out;
-    float *P;       /* [B,L,K,H] probabilities (before dropout); NULL when not recorded */
-    uint32_t *keep; /* [B,L,H,W] keep bits; NULL without dropout */
-} sa_args;
-
-static inline bool keep_bit(const uint32_t *row, int64_t j) {
-    return (row[j >> 5] >> (j & 31)) & 1u;
-}
-
-/* Per-thread working memory of a tile of TQ query rows: row r's entries
- * (keys sorted, padded with valid keys; their slots) at r*Kz, its scores and
- * weights for head h at (r*H + h)*Kz. */
-typedef struct {
-    int32_t *sel, *pos; /* TQ*Kz each */
-    int64_t *n, *cur;   /* TQ each */
-    int64_t *tmp;       /* K (sorting) */
-    float *z, *w;       /* TQ*H*Kz each */
-    float *delta;       /* TQ*H */
-} sa_work;
-
-static size_t work_bytes(const sa_args *a) {
-    const size_t TQ = (size_t)a->TQ, H = (size_t)a->H, Kz = (size_t)a->Kz;
-    return 8 * (2 * TQ + (size_t)a->K) + 4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H) + 64;
-}
-
-static sa_work work_carve(const sa_args *a, unsigned char *base) {
-    const int64_t TQ = a->TQ, H = a->H, Kz = a->Kz;
-    sa_work w;
-    w.n = (int64_t *)base;
-    w.cur = w.n + TQ;
-    w.tmp = w.cur + TQ;
-    w.z = (float *)(w.tmp + a->K);
-    w.w = w.z + TQ * H * Kz;
-    w.delta = w.w + TQ * H * Kz;
-    w.sel = (int32_t *)(w.delta + TQ * H);
-    w.pos = w.sel + TQ * Kz;
-    return w;
 }
 
 static int cmp_i64(const void *x, const void *y) {
@@ -334,8 +314,107 @@ static void row_keep(const sa_args *a, int64_t b, int64_t t, int64_t n, const in
  * tile takes its entries from it): scores z = q.k/sqrt(D) block by block,
  * then p = softmax(z) per row and head (saved as P[b,t,j,h]), then out = sum
  * p' v block by block. */
-static AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1, const sa_work *w,
-                             int ND) {
+static int cmp_i32(const void *x, const void *y) {
+    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
+    return (a > b) - (a < b);
+}
+
+/* The sorted union of the tile's selected keys into w->uni and each key's
+ * place in it into w->uidx; returns its size. */
+static int64_t tile_union(const sa_args *a, int64_t nr, const sa_work *w) {
+    const int64_t Kz = a->Kz;
+    int64_t nu = 0;
+    for (int64_t r = 0; r < nr; r++) /* INT32_MAX: not in the union yet */
+        for (int64_t i = 0; i < w->n[r]; i++) w->uidx[w->sel[r * Kz + i]] = INT32_MAX;
+    for (int64_t r = 0; r < nr; r++)
+        for (int64_t i = 0; i < w->n[r]; i++) {
+            const int32_t s = w->sel[r * Kz + i];
+            if (w->uidx[s] != INT32_MAX) continue;
+            w->uidx[s] = 0;
+            w->uni[nu++] = s;
+        }
+    qsort(w->uni, (size_t)nu, sizeof *w->uni, cmp_i32);
+    for (int64_t u = 0; u < nu; u++) w->uidx[w->uni[u]] = (int32_t)u;
+    return nu;
+}
+
+/* Whether the tile starting at row t0 takes the micro-GEMM: when row t0
+ * shares at least half of its keys with row t0 - 1. Only rows <= t0 decide,
+ * so no row's result depends on a later row (PLASA is causal bit for bit;
+ * the two paths round differently). sel, n: row t0's entries; prev (Kz
+ * entries), pos (K), tmp: scratch. */
+static bool tile_overlaps(const sa_args *a, int64_t b, int64_t t0, const int32_t *sel, int64_t n,
+                          int32_t *prev, int32_t *pos, int64_t *tmp) {
+    if (t0 == 0 || n == 0) return false;
+    const int64_t np = row_entries(a, b, t0 - 1, prev, pos, tmp);
+    int64_t i = 0, j = 0, common = 0;
+    while (i < n && j < np) {
+        if (sel[i] < prev[j])
+            i++;
+        else if (sel[i] > prev[j])
+            j++;
+        else
+            common++, i++, j++;
+    }
+    return 2 * common >= n;
+}
+
+/* Scores of the tile's rows at their selected keys by GEMMs over the union of
+ * the keys (nu of them, in chunks of union_max): S = Q_h K_U,h^T; each row's
+ * entries are then read out of its row of S. A score is the same dot product
+ * whatever the union (the micro-GEMM sums over d in order). */
+static PL_AI void union_scores(const sa_args *a, int64_t b, int64_t t0, int64_t nr, int64_t nu,
+                               const sa_work *w) {
+    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D, Kz = a->Kz, UM = union_max(a);
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t u0 = 0; u0 < nu; u0 += UM) {
+            const int64_t cn = nu - u0 < UM ? nu - u0 : UM, nup = pl_rupw(cn);
+            for (int64_t u = 0; u < nup; u++) {
+                const float *kr = a->k + (b * L + (u < cn ? w->uni[u0 + u] : 0)) * HD + h * D;
+                for (int64_t d = 0; d < D; d++) w->kut[d * nup + u] = u < cn ? kr[d] : 0.0f;
+            }
+            pl_gemm(nr, nup, D, a->q + (b * L + t0) * HD + h * D, HD, 1, w->kut, nup, w->su, nup,
+                    false);
+            for (int64_t r = 0; r < nr; r++) {
+                const int32_t *sel = w->sel + r * Kz;
+                float *z = w->z + (r * H + h) * Kz;
+                for (int64_t i = 0; i < w->n[r]; i++) {
+                    const int64_t u = w->uidx[sel[i]] - u0;
+                    if (u >= 0 && u < cn) z[i] = w->su[r * nup + u];
+                }
+            }
+        }
+}
+
+/* out = P' V over the union: the rows' weights spread into dense rows (zero
+ * where not selected), times V_U,h, in chunks accumulated in key order. A
+ * zero weight adds an exact zero, so a row's output is the sum over its own
+ * keys in ascending order whatever the union. */
+static PL_AI void union_out(const sa_args *a, int64_t b, int64_t t0, int64_t nr, int64_t nu,
+                            const float *pw, const sa_work *w) {
+    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D, Kz = a->Kz, UM = union_max(a);
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t u0 = 0; u0 < nu; u0 += UM) {
+            const int64_t cn = nu - u0 < UM ? nu - u0 : UM;
+            for (int64_t u = 0; u < cn; u++)
+                memcpy(w->vu + u * D, a->v + (b * L + w->uni[u0 + u]) * HD + h * D,
+                       sizeof(float) * (size_t)D);
+            memset(w->pu, 0, sizeof(float) * (size_t)(nr * cn));
+            for (int64_t r = 0; r < nr; r++) {
+                const int32_t *sel = w->sel + r * Kz;
+                const float *p = pw + (r * H + h) * Kz;
+                for (int64_t i = 0; i < w->n[r]; i++) { /* += : a row may repeat a key */
+                    const int64_t u = w->uidx[sel[i]] - u0;
+                    if (u >= 0 && u < cn) w->pu[r * cn + u] += p[i];
+                }
+            }
+            pl_gemm(nr, D, cn, w->pu, cn, 1, w->vu, D, a->out + (b * L + t0) * HD + h * D, HD,
+                    u0 > 0);
+        }
+}
+
+static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
+                                const sa_work *w, int ND) {
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kz = a->Kz;
     const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
     for (int64_t t = t0; t < t1; t++) {
@@ -346,37 +425,50 @@ static AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1
         memset(a->out + (b * L + t) * HD, 0, sizeof(float) * (size_t)HD);
         if (a->keep && n) row_keep(a, b, t, n, pos);
     }
-    for (int64_t s0 = 0; s0 < t1; s0 += a->SK) {
-        const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
-        for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
-            const int64_t r = t - t0;
-            int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
-            if (c == 0) continue;
-            dots_heads(a->q + (b * L + t) * HD, kb, w->sel + r * Kz + c0, HD, H, D, (c + 7) & ~7,
-                       ND, w->z + r * H * Kz + c0, Kz);
+    /* Per tile, by the measured overlap of neighbouring rows' selections
+     * (tile_overlaps): a masked micro-GEMM over the union of the tile's keys,
+     * or a gather per query. */
+    int64_t nu = -1;
+    const int64_t nr = t1 - t0, mode = pl__tuning.sparse_gemm;
+    if (ND && mode != 1 &&
+        (mode == 2 || tile_overlaps(a, b, t0, w->sel, w->n[0], w->uni, (int32_t *)w->kut, w->tmp)))
+        nu = tile_union(a, nr, w);
+    if (nu >= 0) {
+        union_scores(a, b, t0, nr, nu, w);
+    } else {
+        for (int64_t s0 = 0; s0 < t1; s0 += a->SK) {
+            const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
+            for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
+                const int64_t r = t - t0;
+                int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
+                if (c == 0) continue;
+                dots_heads(a->q + (b * L + t) * HD, kb, w->sel + r * Kz + c0, HD, H, D, pl_rupw(c),
+                           ND, w->z + r * H * Kz + c0, Kz);
+            }
         }
     }
     for (int64_t t = t0; t < t1; t++) {
-        const int64_t r = t - t0, n = w->n[r], n8 = (n + 7) & ~7, row0 = (b * L + t) * H;
+        const int64_t r = t - t0, n = w->n[r], n8 = pl_rupw(n), row0 = (b * L + t) * H;
         const int32_t *pos = w->pos + r * Kz;
         w->cur[r] = 0;
         if (n == 0) continue; /* nothing selected: output 0, no gradient */
         for (int64_t h = 0; h < H; h++) {
             float *z = w->z + (r * H + h) * Kz;
             for (int64_t i = n; i < n8; i++) z[i] = -INFINITY; /* the padding: p = 0 */
-            v8 mv = splat(-INFINITY);
-            for (int64_t i = 0; i < n8; i += 8) mv = SEL(LD(z + i) > mv, LD(z + i), mv);
-            float m = mv[0];
-            for (int u = 1; u < 8; u++) m = mv[u] > m ? mv[u] : m;
-            const v8 ms = splat(m * a->scale);
-            v8 sum = splat(0.0f);
-            for (int64_t i = 0; i < n8; i += 8) {
-                const v8 e = expv(LD(z + i) * a->scale - ms);
+            pl_vf mv = pl_splat(-INFINITY);
+            for (int64_t i = 0; i < n8; i += PL_VW)
+                mv = PL_SEL(PL_LD(z + i) > mv, PL_LD(z + i), mv);
+            const float m = pl_vhmax(mv);
+            const pl_vf ms = pl_splat(m * a->scale);
+            pl_vf sum = pl_splat(0.0f);
+            for (int64_t i = 0; i < n8; i += PL_VW) {
+                const pl_vf e = pl_vexp(PL_LD(z + i) * a->scale - ms);
                 sum += e;
-                ST(z + i, e);
+                PL_ST(z + i, e);
             }
-            const float inv = 1.0f / hsum8v(sum);
-            for (int64_t i = 0; i < n8; i += 8) ST(z + i, LD(z + i) * inv);
+            const float tot = pl_vhsum(sum), inv = 1.0f / tot;
+            if (a->lse) a->lse[row0 + h] = m * a->scale + logf(tot);
+            for (int64_t i = 0; i < n8; i += PL_VW) PL_ST(z + i, PL_LD(z + i) * inv);
             if (a->keep) {
                 const uint32_t *kr = a->keep + (row0 + h) * a->W;
                 float *pw = w->w + (r * H + h) * Kz;
@@ -392,6 +484,10 @@ static AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1
         }
     }
     const float *pw = a->keep ? w->w : w->z;
+    if (nu >= 0) {
+        union_out(a, b, t0, nr, nu, pw, w);
+        return;
+    }
     for (int64_t s0 = 0; s0 < t1; s0 += a->SK) {
         const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
         for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
@@ -404,12 +500,11 @@ static AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1
     }
 }
 
-PL_KERNEL static void sa_fwd_tile(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
-                                  const sa_work *w) {
+void PL_ISA_FN(sa_fwd_tile)(const sa_args *a, int64_t b, int64_t t0, int64_t t1, const sa_work *w) {
     if (a->D == 32)
-        fwd_tile_impl(a, b, t0, t1, w, 4);
-    else if (a->D % 8 == 0)
-        fwd_tile_impl(a, b, t0, t1, w, (int)(a->D / 8));
+        fwd_tile_impl(a, b, t0, t1, w, 32 / PL_VW);
+    else if (a->D % PL_VW == 0)
+        fwd_tile_impl(a, b, t0, t1, w, (int)(a->D / PL_VW));
     else
         fwd_tile_impl(a, b, t0, t1, w, 0);
 }
@@ -419,28 +514,33 @@ PL_KERNEL static void sa_fwd_tile(const sa_args *a, int64_t b, int64_t t0, int64
  * stored as G[b,t,j,h] (for the dk pass), and dq_h += sum_j g_j k_{s_j,h}; the
  * same key blocks as the forward, v and k of a block used together. Then P
  * becomes p' = p keep / (1 - dropout_p), what the dv pass wants. */
-static AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
-                             int64_t t0, int64_t t1, const sa_work *w, int ND) {
+static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
+                                int64_t t0, int64_t t1, const sa_work *w, int ND) {
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kz = a->Kz;
     const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
     const float scale = a->scale, ks = a->keep_scale;
+    const bool recompute = a->P == NULL;
     for (int64_t t = t0; t < t1; t++) {
         const int64_t r = t - t0, row0 = (b * L + t) * H;
         w->n[r] = row_entries(a, b, t, w->sel + r * Kz, w->pos + r * Kz, w->tmp);
         w->cur[r] = 0;
-        for (int64_t h = 0; h < H; h++)
+        for (int64_t h = 0; h < H; h++) {
             w->delta[r * H + h] = pl__dot(dO + (row0 + h) * D, a->out + (row0 + h) * D, D);
+            if (a->delta) a->delta[row0 + h] = w->delta[r * H + h];
+        }
     }
-    for (int64_t s0 = 0; G && s0 < t1; s0 += a->SK) {
+    for (int64_t s0 = 0; (G || (recompute && dq)) && s0 < t1; s0 += a->SK) {
         const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
         for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
             const int64_t r = t - t0, row0 = (b * L + t) * H;
             int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
             if (c == 0) continue;
             const int32_t *sel = w->sel + r * Kz + c0, *pos = w->pos + r * Kz + c0;
-            const float *P = a->P + (b * L + t) * K * H;
-            float *Gr = G + (b * L + t) * K * H, *dp = w->z, *g = w->w;
-            dots_heads(dO + row0 * D, vb, sel, HD, H, D, (c + 7) & ~7, ND, dp, Kz);
+            const float *P = recompute ? NULL : a->P + (b * L + t) * K * H;
+            float *dp = w->z, *g = w->w, *z = w->zr;
+            dots_heads(dO + row0 * D, vb, sel, HD, H, D, pl_rupw(c), ND, dp, Kz);
+            if (recompute) /* p = e^(z scale - lse), z recomputed */
+                dots_heads(a->q + row0 * D, kb, sel, HD, H, D, pl_rupw(c), ND, z, Kz);
             for (int64_t h = 0; h < H; h++) {
                 float *dph = dp + h * Kz, *gh = g + h * Kz;
                 const float delta = w->delta[r * H + h];
@@ -449,15 +549,26 @@ static AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, float 
                     for (int64_t i = 0; i < c; i++)
                         dph[i] = keep_bit(kr, pos[i]) ? dph[i] * ks : 0.0f;
                 }
-                for (int64_t i = 0; i < c; i++)
-                    gh[i] = P[pos[i] * H + h] * (dph[i] - delta) * scale;
+                if (recompute) {
+                    const float *zh = z + h * Kz;
+                    const pl_vf lv = pl_splat(a->lse[row0 + h]);
+                    for (int64_t i = 0; i < c; i += PL_VW)
+                        PL_ST(gh + i, pl_vexp(PL_LD(zh + i) * scale - lv) *
+                                          (PL_LD(dph + i) - delta) * scale);
+                } else {
+                    for (int64_t i = 0; i < c; i++)
+                        gh[i] = P[pos[i] * H + h] * (dph[i] - delta) * scale;
+                }
             }
-            for (int64_t i = 0; i < c; i++)
-                for (int64_t h = 0; h < H; h++) Gr[pos[i] * H + h] = g[h * Kz + i];
+            if (G) {
+                float *Gr = G + (b * L + t) * K * H;
+                for (int64_t i = 0; i < c; i++)
+                    for (int64_t h = 0; h < H; h++) Gr[pos[i] * H + h] = g[h * Kz + i];
+            }
             if (dq) axpys_heads(dq + row0 * D, g, Kz, kb, sel, HD, H, D, c, ND);
         }
     }
-    if (!a->keep) return;
+    if (!a->keep || recompute) return;
     for (int64_t t = t0; t < t1; t++) {
         const int64_t r = t - t0, row0 = (b * L + t) * H;
         const int32_t *pos = w->pos + r * Kz;
@@ -472,12 +583,12 @@ static AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, float 
     }
 }
 
-PL_KERNEL static void sa_bwd_tile(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
-                                  int64_t t0, int64_t t1, const sa_work *w) {
+void PL_ISA_FN(sa_bwd_tile)(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
+                            int64_t t0, int64_t t1, const sa_work *w) {
     if (a->D == 32)
-        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, 4);
-    else if (a->D % 8 == 0)
-        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, (int)(a->D / 8));
+        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, 32 / PL_VW);
+    else if (a->D % PL_VW == 0)
+        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, (int)(a->D / PL_VW));
     else
         bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, 0);
 }
@@ -486,9 +597,9 @@ PL_KERNEL static void sa_bwd_tile(const sa_args *a, const float *dO, float *G, f
  *   dv_s,h += sum_e p'_e dO_t,h,   dk_s,h += sum_e g'_e q_t,h
  * with p' = P and g' = G as the row pass left them. rows: scratch for n int32
  * (the entries' t); cw, gw: n floats each. */
-static AI void kv_key_impl(const sa_args *a, const float *dO, const float *G, float *dk, float *dv,
-                           int64_t b, int64_t s, const int32_t *list, int64_t n, int32_t *rows,
-                           float *cw, float *gw, int ND) {
+static PL_AI void kv_key_impl(const sa_args *a, const float *dO, const float *G, float *dk,
+                              float *dv, int64_t b, int64_t s, const int32_t *list, int64_t n,
+                              int32_t *rows, float *cw, float *gw, int ND) {
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D;
     const double invK = 1.0 / (double)K;
     for (int64_t e = 0; e < n; e++) { /* t = e / K without a division */
@@ -497,10 +608,47 @@ static AI void kv_key_impl(const sa_args *a, const float *dO, const float *G, fl
         t += (t + 1) * K <= list[e];
         rows[e] = (int32_t)t;
     }
-    const float *Pb = a->P + b * L * K * H, *Gb = G ? G + b * L * K * H : NULL;
+    const bool recompute = a->P == NULL;
+    const float *Pb = recompute ? NULL : a->P + b * L * K * H, *Gb = G ? G + b * L * K * H : NULL;
+    if (recompute) /* rows padded to the vector width for dots */
+        for (int64_t e = n; e < pl_rupw(n); e++) rows[e] = rows[0];
     for (int64_t h = 0; h < H; h++) {
         const int64_t ko = ((b * L + s) * H + h) * D;
         const float *qb = a->q + (b * L * H + h) * D, *dOb = dO + (b * L * H + h) * D;
+        if (recompute) { /* p', g of each entry from its scores, lse and delta */
+            if (ND) {
+                dots(a->k + ko, qb, rows, HD, pl_rupw(n), ND, cw);
+                dots(a->v + ko, dOb, rows, HD, pl_rupw(n), ND, gw);
+            } else {
+                dots_any(a->k + ko, qb, rows, HD, n, D, cw);
+                dots_any(a->v + ko, dOb, rows, HD, n, D, gw);
+            }
+            for (int64_t e = 0; e < n; e++) {
+                const int64_t row = (b * L + rows[e]) * H + h;
+                float p = pl__expf(cw[e] * a->scale - a->lse[row]), dp = gw[e];
+                if (a->keep) {
+                    const bool kp = keep_bit(a->keep + row * a->W, list[e] - (int64_t)rows[e] * K);
+                    dp = kp ? dp * a->keep_scale : 0.0f;
+                    cw[e] = kp ? p * a->keep_scale : 0.0f;
+                } else {
+                    cw[e] = p;
+                }
+                gw[e] = p * (dp - a->delta[row]) * a->scale;
+            }
+            if (dv) {
+                if (ND)
+                    axpys(dv + ko, cw, dOb, rows, HD, n, ND);
+                else
+                    axpys_any(dv + ko, cw, dOb, rows, HD, n, D);
+            }
+            if (dk) {
+                if (ND)
+                    axpys(dk + ko, gw, qb, rows, HD, n, ND);
+                else
+                    axpys_any(dk + ko, gw, qb, rows, HD, n, D);
+            }
+            continue;
+        }
         if (dv) {
             for (int64_t e = 0; e < n; e++) cw[e] = Pb[(int64_t)list[e] * H + h];
             if (ND)
@@ -518,13 +666,13 @@ static AI void kv_key_impl(const sa_args *a, const float *dO, const float *G, fl
     }
 }
 
-PL_KERNEL static void sa_bwd_kv_key(const sa_args *a, const float *dO, const float *G, float *dk,
-                                    float *dv, int64_t b, int64_t s, const int32_t *list, int64_t n,
-                                    int32_t *rows, float *cw, float *gw) {
+static void sa_bwd_kv_key(const sa_args *a, const float *dO, const float *G, float *dk, float *dv,
+                          int64_t b, int64_t s, const int32_t *list, int64_t n, int32_t *rows,
+                          float *cw, float *gw) {
     if (a->D == 32)
-        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, 4);
-    else if (a->D % 8 == 0)
-        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, (int)(a->D / 8));
+        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, 32 / PL_VW);
+    else if (a->D % PL_VW == 0)
+        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, (int)(a->D / PL_VW));
     else
         kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, 0);
 }
@@ -535,12 +683,12 @@ PL_KERNEL static void sa_bwd_kv_key(const sa_args *a, const float *dO, const flo
  * rows so that their q and dO rows are reused from cache. off: batch b's list
  * offsets; cur, end: 2 (s1 - s0) cursors. The entries of a key are summed in
  * ascending t whatever the blocks. */
-static void sa_bwd_kv_tile(const sa_args *a, const float *dO, const float *G, float *dk, float *dv,
-                           int64_t b, int64_t s0, int64_t s1, const int32_t *off,
-                           const int32_t *list, int64_t *cur, const sa_work *w) {
+void PL_ISA_FN(sa_bwd_kv_tile)(const sa_args *a, const float *dO, const float *G, float *dk,
+                               float *dv, int64_t b, int64_t s0, int64_t s1, const int32_t *off,
+                               const int32_t *list, int64_t *cur, const sa_work *w) {
     const int64_t L = a->L, K = a->K, H = a->H, nk = s1 - s0;
     int64_t *end = cur + nk;
-    const float *Pb = a->P + b * L * K * H, *Gb = G ? G + b * L * K * H : NULL;
+    const float *Pb = a->P ? a->P + b * L * K * H : NULL, *Gb = G ? G + b * L * K * H : NULL;
     for (int64_t s = s0; s < s1; s++) cur[s - s0] = off[s];
     for (int64_t tq0 = s0; tq0 < L; tq0 += a->QB) {
         const int64_t lim = (tq0 + a->QB < L ? tq0 + a->QB : L) * K; /* entries e < lim */
@@ -551,7 +699,7 @@ static void sa_bwd_kv_tile(const sa_args *a, const float *dO, const float *G, fl
         }
         for (int64_t x = 0; x < nk + KV_AHEAD; x++) {
             if (x < nk) /* prefetch key x's entries, KV_AHEAD keys before they are used */
-                for (int64_t e = cur[x]; e < end[x]; e++) {
+                for (int64_t e = cur[x]; Pb && e < end[x]; e++) {
                     __builtin_prefetch(Pb + (int64_t)list[e] * H);
                     if (Gb) __builtin_prefetch(Gb + (int64_t)list[e] * H);
                 }
@@ -566,32 +714,43 @@ static void sa_bwd_kv_tile(const sa_args *a, const float *dO, const float *G, fl
     }
 }
 
+#else /* ---- the op (built once) ---- */
+
 static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
-    const sa_args *a = n->saved;
+    sa_args args = *(const sa_args *)n->saved;
+    const sa_args *a = &args;
     const float *dO = n->out->grad;
     const int64_t B = a->B, L = a->L, K = a->K, H = a->H;
     float *g[3];
     if (pl__grads(ctx, n, g)) return;
     float *dq = g[0], *dk = g[1], *dv = g[2];
+    const bool recompute = a->P == NULL;
     const int nt = omp_get_max_threads();
     const size_t per = (work_bytes(a) + 16 * (size_t)a->KT + 63) & ~(size_t)63;
     /* G, the transposed index sets and the per-thread memory are given back to
      * the arena when this backward is done. */
     const pl_mark mark = pl_mark_get(ctx);
     unsigned char *buf = pl__scratch(ctx, per * (size_t)nt);
-    float *G = buf && (dq || dk) ? pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)) : NULL;
-    if (!buf || ((dq || dk) && !G)) return;
+    float *G = NULL;
+    if (!buf) return;
+    if (recompute) { /* delta for the key pass instead of G */
+        if ((dk || dv) && !(args.delta = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * H))))
+            return;
+    } else if ((dq || dk) && !(G = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)))) {
+        return;
+    }
     const int64_t TQ = a->TQ, nq = (L + TQ - 1) / TQ, nk = (L + a->KT - 1) / a->KT;
     /* Dynamic loops go through PL_PARALLEL_FOR (an orphaned one would malloc
      * when serial), so each task carves its thread's memory (pointer
      * arithmetic only; the tiles do not depend on what it held before). */
     const int64_t work = B * L * K * H * a->D;
-    if (dq || dk || (dv && a->keep))
+    if (dq || dk || (dv && (a->keep || recompute)))
         PL_PARALLEL_FOR(work, schedule(dynamic, 1), r, B * nq,
                         { /* largest tiles (late t) first */
                           sa_work w = work_carve(a, buf + per * (size_t)omp_get_thread_num());
                           const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ;
-                          sa_bwd_tile(a, dO, G, dq, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
+                          PL_ISA_PICK(sa_bwd_tile, a->isa)
+                          (a, dO, G, dq, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
                         });
     int32_t *off, *list;
     if ((dk || dv) && !pl__idx_by_key(ctx, a->idx, B, L, K, &off, &list))
@@ -601,10 +760,20 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
                           sa_work w = work_carve(a, base);
                           int64_t *cur = (int64_t *)(base + work_bytes(a));
                           const int64_t b = r / nk, s0 = (r % nk) * a->KT;
-                          sa_bwd_kv_tile(a, dO, G, dk, dv, b, s0, s0 + a->KT < L ? s0 + a->KT : L,
-                                         off + b * (L + 1), list, cur, &w);
+                          PL_ISA_PICK(sa_bwd_kv_tile, a->isa)
+                          (a, dO, G, dk, dv, b, s0, s0 + a->KT < L ? s0 + a->KT : L,
+                           off + b * (L + 1), list, cur, &w);
                         });
     pl_mark_release(ctx, mark);
+}
+
+pl_sparse_save pl_set_sparse_attention_save(pl_ctx *ctx, pl_sparse_save mode) {
+    const pl_sparse_save old = (pl_sparse_save)ctx->sparse_save;
+    if (mode != PL_SPARSE_SAVE_AUTO && mode != PL_SPARSE_SAVE_PROBS && mode != PL_SPARSE_SAVE_LSE)
+        pl__err(PL_ERR_ARG, "pl_set_sparse_attention_save: unknown mode %d", (int)mode);
+    else
+        ctx->sparse_save = (int)mode;
+    return old;
 }
 
 static int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
@@ -663,8 +832,17 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
                  pl_i32(idx),
                  pl_f32(out),
                  NULL,
+                 NULL,
+                 pl__isa(),
+                 NULL,
                  NULL};
-    if (record && !(a.P = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)))) return NULL;
+    const size_t pbytes = sizeof(float) * (size_t)(B * L * K * H);
+    const bool lse_only =
+        ctx->sparse_save == PL_SPARSE_SAVE_LSE ||
+        (ctx->sparse_save == PL_SPARSE_SAVE_AUTO && pbytes > PL_SPARSE_SAVE_AUTO_BYTES);
+    if (record && lse_only && !(a.lse = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * H))))
+        return NULL;
+    if (record && !lse_only && !(a.P = pl__scratch(ctx, pbytes))) return NULL;
     /* Backward reads idx: keep a copy, checked above, that the caller cannot change. */
     if (record && !(a.idx = pl__idx_copy(ctx, idx))) return NULL;
     if (dropout_p > 0.0f &&
@@ -679,7 +857,7 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     PL_PARALLEL_FOR(B * L * K * H * D, schedule(dynamic, 1), r, B * nq, {
         sa_work w = work_carve(&a, buf + per * (size_t)omp_get_thread_num());
         const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ; /* largest tiles (late t) first */
-        sa_fwd_tile(&a, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
+        PL_ISA_PICK(sa_fwd_tile, a.isa)(&a, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
     });
     if (dropout_p > 0.0f) rng->offset += (uint64_t)(B * H * L * ((K + 3) / 4));
     pl_node *nd;
@@ -688,3 +866,5 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     if (nd) *(sa_args *)nd->saved = a;
     return out;
 }
+
+#endif

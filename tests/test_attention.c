@@ -275,6 +275,17 @@ START_TEST(errors) {
 }
 END_TEST
 
+/* The kernels at each lower instruction-set level the CPU runs. */
+static void isa_cases(TCase *tc) {
+    tcase_add_checked_fixture(tc, tu_setup_parallel, tu_teardown);
+    tcase_add_loop_test(tc, forward_matches_naive, 0, 3);
+    tcase_add_loop_test(tc, backward_matches_naive, 0, 3);
+    tcase_add_loop_test(tc, dropout_matches_naive, 0, 2);
+    tcase_add_test(tc, thread_count_and_schedule_independent);
+    tcase_add_test(tc, causality);
+    tcase_set_timeout(tc, 120);
+}
+
 int main(void) {
     TCase *tc;
     Suite *s = tu_suite("attention", TU_PARALLEL, &tc);
@@ -286,5 +297,6 @@ int main(void) {
     tcase_add_test(tc, causality);
     tcase_add_test(tc, memory_is_linear);
     tcase_add_test(tc, errors);
+    tu_isa_tcases(s, "attention", isa_cases);
     return tu_run(s);
 }

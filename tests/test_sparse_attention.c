@@ -40,11 +40,13 @@ static pl_tensor *rnd(uint64_t *s, int B, int L, int H, int D) {
 }
 
 /* Tile settings (query rows, keys per block): automatic, then small ones that
- * cut rows and key ranges into many pieces. */
+ * cut rows and key ranges into many pieces; and the forward's choice per tile
+ * (automatic, masked micro-GEMM wherever it fits, gather). */
 static const int64_t TILES[][2] = {{0, 0}, {3, 4}, {1, 1}, {5, 2}};
 static void set_tiles(int i) {
     pl__tuning.sparse_tile_q = TILES[i % 4][0];
     pl__tuning.sparse_tile_k = TILES[i % 4][1];
+    pl__tuning.sparse_gemm = (i / 4) % 3 == 1 ? 2 : (i / 4) % 3 == 2 ? 1 : 0;
 }
 
 START_TEST(forward_matches_naive) {
@@ -150,7 +152,13 @@ static pl_tensor *sa_fn_q(pl_ctx *c, pl_tensor *const *in, void *u) {
     return pl_sparse_attention(c, in[0], sc->k, sc->v, sc->idx, sc->p, &rng);
 }
 
+/* _i: 0 saves the probabilities, 1 only the row log-sum-exp (recompute). */
+static void set_save(int i) {
+    pl_set_sparse_attention_save(ctx, i ? PL_SPARSE_SAVE_LSE : PL_SPARSE_SAVE_PROBS);
+}
+
 START_TEST(gradients) {
+    set_save(_i);
     tu_par_default();
     uint64_t s = 12;
     const int B = 2, L = 7, H = 2, D = 3;
@@ -184,7 +192,17 @@ START_TEST(gradients) {
 END_TEST
 
 /* Forward and backward give the same bits with 1 and 2 threads. */
+/* A malloc'd copy of o and the gradients of q, k, v, n floats each. */
+static float *out_and_grads(const pl_tensor *o, const pl_tensor *q, const pl_tensor *k,
+                            const pl_tensor *v, int64_t n) {
+    float *r = malloc(sizeof(float) * (size_t)n * 4);
+    const float *src[4] = {pl_f32(o), q->grad, k->grad, v->grad};
+    for (int i = 0; i < 4; i++) memcpy(r + i * n, src[i], sizeof(float) * (size_t)n);
+    return r;
+}
+
 START_TEST(thread_independent) {
+    set_save(_i);
     uint64_t s = 4;
     const int B = 2, L = 50, H = 2, D = 8, K = 12;
     pl_tensor *q = tu_param(ctx, "q", PL_DIMS(B, L, H, D), &s, -1, 1);
@@ -204,11 +222,7 @@ START_TEST(thread_independent) {
         pl_rng_init(&rng, 3);
         pl_tensor *o = pl_sparse_attention(ctx, q, k, v, idx, 0.2f, &rng);
         ck_assert_int_eq(pl_backward_seed(ctx, o, seed), PL_OK);
-        res[run] = malloc(sizeof(float) * (size_t)n * 4);
-        memcpy(res[run], pl_f32(o), sizeof(float) * (size_t)n);
-        memcpy(res[run] + n, q->grad, sizeof(float) * (size_t)n);
-        memcpy(res[run] + 2 * n, k->grad, sizeof(float) * (size_t)n);
-        memcpy(res[run] + 3 * n, v->grad, sizeof(float) * (size_t)n);
+        res[run] = out_and_grads(o, q, k, v, n);
         pl_step_reset(ctx);
     }
     free(seed);
@@ -266,6 +280,7 @@ END_TEST
  * with and without dropout: forward against the naive reference, gradients
  * against finite differences. */
 START_TEST(vector_paths) {
+    set_save(_i);
     uint64_t s = 901;
     const int Ds[] = {32, 64, 8, 24};
     for (int rep = 0; rep < 8; rep++) {
@@ -316,6 +331,161 @@ START_TEST(vector_paths) {
 }
 END_TEST
 
+/* Recompute mode (only the row log-sum-exp saved) against saved
+ * probabilities: the same outputs and gradients up to float rounding, for the
+ * vector and scalar kernels, sorted and unsorted rows with padding, dropout,
+ * odd tiles; and forward memory O(B*L*H) instead of B*L*K*H floats. */
+START_TEST(recompute_matches_saved) {
+    uint64_t s = 31;
+    const int Ds[] = {32, 16, 8, 5};
+    for (int rep = 0; rep < 8; rep++) {
+        set_tiles(rep % 4);
+        const int B = 2, L = 45, H = rep % 2 ? 3 : 2, D = Ds[rep % 4], K = rep < 4 ? 9 : 20;
+        const float p = rep % 3 == 1 ? 0.2f : 0.0f;
+        pl_tensor *q = tu_param(ctx, "q", PL_DIMS(B, L, H, D), &s, -1, 1);
+        pl_tensor *k = tu_param(ctx, "k", PL_DIMS(B, L, H, D), &s, -1, 1);
+        pl_tensor *v = tu_param(ctx, "v", PL_DIMS(B, L, H, D), &s, -1, 1);
+        pl_tensor *idx = pl_persistent_new(ctx, "idx", PL_I32, PL_DIMS(B, L, K), false);
+        fill_idx(&s, pl_i32(idx), B, L, K, rep % 2 == 0);
+        const int64_t n = q->numel;
+        float *seed = malloc(sizeof(float) * (size_t)n), *res[2];
+        tu_fill(seed, n, &s, -1, 1);
+        size_t grew[2];
+        for (int mode = 0; mode < 2; mode++) {
+            set_save(mode);
+            pl_zero_grad(ctx);
+            pl_rng rng;
+            pl_rng_init(&rng, 5);
+            const size_t before = pl_arena_get_stats(ctx).in_use;
+            pl_tensor *o = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
+            ck_assert_msg(o != NULL, "%s", pl_last_error());
+            grew[mode] = pl_arena_get_stats(ctx).in_use - before;
+            ck_assert_int_eq(pl_backward_seed(ctx, o, seed), PL_OK);
+            res[mode] = out_and_grads(o, q, k, v, n);
+            pl_step_reset(ctx);
+        }
+        /* The forward outputs are the same computation in both modes. */
+        ck_assert(!memcmp(res[0], res[1], sizeof(float) * (size_t)n));
+        tu_assert_close(res[1] + n, res[0] + n, 3 * n, 1e-5, 1e-4);
+        /* Saved: P (B*L*K*H floats) vs lse (B*L*H floats), each rounded up to the
+         * arena's 64-byte alignment); nothing else differs. */
+        const size_t P = (sizeof(float) * (size_t)(B * L * K * H) + 63) & ~(size_t)63,
+                     lse = (sizeof(float) * (size_t)(B * L * H) + 63) & ~(size_t)63;
+        ck_assert_msg(grew[0] - grew[1] == P - lse,
+                      "forward took %zu bytes saving P, %zu saving lse", grew[0], grew[1]);
+        free(seed);
+        free(res[0]);
+        free(res[1]);
+        pl_tensor_free(q);
+        pl_tensor_free(k);
+        pl_tensor_free(v);
+        pl_tensor_free(idx);
+    }
+    /* The setting: previous value returned, unknown modes refused. */
+    ck_assert_int_eq(pl_set_sparse_attention_save(ctx, PL_SPARSE_SAVE_AUTO), PL_SPARSE_SAVE_LSE);
+    ck_assert_int_eq(pl_set_sparse_attention_save(ctx, (pl_sparse_save)7), PL_SPARSE_SAVE_AUTO);
+    tu_assert_error(PL_ERR_ARG, "unknown mode 7");
+    ck_assert_int_eq(pl_set_sparse_attention_save(ctx, PL_SPARSE_SAVE_AUTO), PL_SPARSE_SAVE_AUTO);
+}
+END_TEST
+
+/* The masked micro-GEMM over a tile's union of keys against the gather and
+ * the double reference (outputs and gradients): overlapping selections (each tile's rows draw from
+ * a shared pool of keys), padded rows, dropout, D a multiple of the vector width and not; gradients
+ * through both (the backward is the same). */
+START_TEST(union_gemm_matches_gather) {
+    uint64_t s = 61;
+    const int Ds[] = {32, 16, 64, 12};
+    for (int rep = 0; rep < 8; rep++) {
+        pl__tuning.sparse_tile_q = rep % 2 ? 5 : 0;
+        const int B = 2, L = 70, H = rep % 3 + 1, D = Ds[rep % 4], K = rep < 4 ? 12 : 30;
+        const float p = rep % 3 == 2 ? 0.2f : 0.0f;
+        pl_tensor *q = tu_param(ctx, "q", PL_DIMS(B, L, H, D), &s, -1, 1);
+        pl_tensor *k = tu_param(ctx, "k", PL_DIMS(B, L, H, D), &s, -1, 1);
+        pl_tensor *v = tu_param(ctx, "v", PL_DIMS(B, L, H, D), &s, -1, 1);
+        pl_tensor *idx = pl_persistent_new(ctx, "idx", PL_I32, PL_DIMS(B, L, K), false);
+        int32_t *id = pl_i32(idx);
+        for (int b = 0; b < B; b++) /* rows of 8 share a pool of 1.5 K keys */
+            for (int t = 0; t < L; t++) {
+                int32_t *row = id + ((int64_t)b * L + t) * K;
+                const int t0 = t / 8 * 8, span = t0 + 1;
+                int n = 0;
+                for (int j = 0; j < K; j++) {
+                    int s0 = (t0 + 7 * j + 3 * b) % (span + K / 2);
+                    row[j] = s0 <= t && tu_randint(&s, 0, 5) ? s0 : -1;
+                    n += row[j] >= 0;
+                }
+                if (t % 11 == 3)
+                    for (int j = 0; j < K; j++) row[j] = -1; /* an empty row */
+                (void)n;
+            }
+        const int64_t n = q->numel;
+        float *seed = malloc(sizeof(float) * (size_t)n), *res[2];
+        tu_fill(seed, n, &s, -1, 1);
+        for (int mode = 0; mode < 2; mode++) {
+            pl__tuning.sparse_gemm = mode ? 2 : 1;
+            pl_zero_grad(ctx);
+            pl_rng rng;
+            pl_rng_init(&rng, 9);
+            pl_tensor *o = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
+            ck_assert_msg(o != NULL, "%s", pl_last_error());
+            ck_assert_int_eq(pl_backward_seed(ctx, o, seed), PL_OK);
+            float *ref = malloc(sizeof(float) * (size_t)n * 4);
+            tu_attn ra = tu_attn_of(q, k, v, idx);
+            ra.p = p;
+            ra.seed = rng.seed;
+            ra.offset = 0;
+            ra.dO = seed;
+            tu_attention_ref(&ra, ref, NULL, ref + n, ref + 2 * n, ref + 3 * n);
+            tu_assert_close(pl_f32(o), ref, n, 1e-5, 1e-5);
+            tu_assert_close(q->grad, ref + n, n, 2e-5, 1e-4);
+            tu_assert_close(k->grad, ref + 2 * n, n, 2e-5, 1e-4);
+            tu_assert_close(v->grad, ref + 3 * n, n, 2e-5, 1e-4);
+            free(ref);
+            res[mode] = out_and_grads(o, q, k, v, n);
+            pl_step_reset(ctx);
+        }
+        tu_assert_close(res[1] + n, res[0] + n, 3 * n, 1e-5, 1e-4);
+        /* Causal bit for bit on the micro-GEMM path too: the last row selecting
+         * other keys (so the tiles' unions change) and the last token's k and v
+         * changing leave every earlier row's output as it was. */
+        pl__tuning.sparse_gemm = 2;
+        float *before = malloc(sizeof(float) * (size_t)n);
+        for (int pass = 0; pass < 2; pass++) {
+            if (pass) {
+                for (int b = 0; b < B; b++)
+                    for (int j = 0; j < K; j++)
+                        id[((int64_t)b * L + L - 1) * K + j] = (int32_t)((j * 5 + 1) % L);
+                for (int b = 0; b < B; b++)
+                    for (int x = 0; x < H * D; x++) {
+                        pl_f32(k)[((int64_t)b * L + L - 1) * H * D + x] += 0.5f;
+                        pl_f32(v)[((int64_t)b * L + L - 1) * H * D + x] -= 0.25f;
+                    }
+            }
+            pl_rng rng;
+            pl_rng_init(&rng, 9);
+            pl_tensor *o = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
+            ck_assert_msg(o != NULL, "%s", pl_last_error());
+            if (!pass) memcpy(before, pl_f32(o), sizeof(float) * (size_t)n);
+            for (int b = 0; pass && b < B; b++)
+                ck_assert_msg(!memcmp(before + (int64_t)b * L * H * D,
+                                      pl_f32(o) + (int64_t)b * L * H * D,
+                                      sizeof(float) * (size_t)((L - 1) * H * D)),
+                              "a row before L - 1 changed (rep %d, batch %d)", rep, b);
+            pl_step_reset(ctx);
+        }
+        free(before);
+        free(seed);
+        free(res[0]);
+        free(res[1]);
+        pl_tensor_free(q);
+        pl_tensor_free(k);
+        pl_tensor_free(v);
+        pl_tensor_free(idx);
+    }
+}
+END_TEST
+
 START_TEST(errors) {
     pl_tensor *q = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 4));
     pl_tensor *bad = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 3));
@@ -342,16 +512,33 @@ START_TEST(errors) {
 }
 END_TEST
 
+/* The kernels at each lower instruction-set level the CPU runs. */
+static void isa_cases(TCase *tc) {
+    tcase_add_checked_fixture(tc, tu_setup_parallel, tu_teardown);
+    tcase_add_loop_test(tc, forward_matches_naive, 0, 2);
+    tcase_add_test(tc, all_keys_equal_dense_causal);
+    tcase_add_test(tc, dropout_follows_documented_counters);
+    tcase_add_loop_test(tc, thread_independent, 0, 2);
+    tcase_add_test(tc, equals_pl_attention_at_k_equals_L);
+    tcase_add_loop_test(tc, vector_paths, 0, 2);
+    tcase_add_test(tc, recompute_matches_saved);
+    tcase_add_test(tc, union_gemm_matches_gather);
+    tcase_set_timeout(tc, 120);
+}
+
 int main(void) {
     TCase *tc;
     Suite *s = tu_suite("sparse_attention", TU_PARALLEL, &tc);
     tcase_add_loop_test(tc, forward_matches_naive, 0, 2);
     tcase_add_test(tc, all_keys_equal_dense_causal);
     tcase_add_test(tc, dropout_follows_documented_counters);
-    tcase_add_test(tc, gradients);
-    tcase_add_test(tc, thread_independent);
+    tcase_add_loop_test(tc, gradients, 0, 2);
+    tcase_add_loop_test(tc, thread_independent, 0, 2);
     tcase_add_test(tc, equals_pl_attention_at_k_equals_L);
-    tcase_add_test(tc, vector_paths);
+    tcase_add_loop_test(tc, vector_paths, 0, 2);
+    tcase_add_test(tc, recompute_matches_saved);
+    tcase_add_test(tc, union_gemm_matches_gather);
     tcase_add_test(tc, errors);
+    tu_isa_tcases(s, "sparse_attention", isa_cases);
     return tu_run(s);
 }

@@ -237,6 +237,29 @@ int tu_run(Suite *s) {
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }
 
+/* ---- kernel instruction sets (lib/simd.h) ---- */
+static void isa_avx2(void) { pl__isa_force(PL_ISA_AVX2); }
+static void isa_baseline(void) { pl__isa_force(PL_ISA_BASELINE); }
+static void isa_off(void) { pl__isa_force(0); }
+
+void tu_isa_tcases(Suite *s, const char *name, void (*add)(TCase *)) {
+    const int cpu = pl__isa_cpu();
+    static const int lower[2] = {PL_ISA_AVX2, PL_ISA_BASELINE};
+    static void (*const set[2])(void) = {isa_avx2, isa_baseline};
+    if (cpu < PL_ISA_AVX512)
+        printf("SKIPPED: %s: avx512 path (CPU lacks avx512f/bw/dq/vl)\n", name);
+    if (cpu < PL_ISA_AVX2) printf("SKIPPED: %s: avx2 path (CPU lacks avx2/fma)\n", name);
+    for (int i = 0; i < 2; i++) {
+        if (lower[i] >= cpu) continue; /* the CPU's own level runs in the other cases */
+        static char names[2][64];
+        snprintf(names[i], sizeof names[i], "isa_%s", pl__isa_name(lower[i]));
+        TCase *tc = tcase_create(names[i]);
+        tcase_add_checked_fixture(tc, set[i], isa_off);
+        add(tc);
+        suite_add_tcase(s, tc);
+    }
+}
+
 void *tu_failing_alloc(size_t n, void *u) {
     tu_failing *f = u;
     if (f->calls++ >= f->budget) {

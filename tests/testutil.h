@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "plasa.h"
+#include "simd.h"
 
 /* Deterministic test randomness (xorshift; not the library's generator). */
 uint64_t tu_next(uint64_t *s);
@@ -90,6 +91,13 @@ typedef struct {
 } tu_failing;
 void *tu_failing_alloc(size_t n, void *u);
 void tu_failing_free(void *p, void *u);
+
+/* Kernel instruction sets (lib/simd.h). The suite's own cases run the CPU's
+ * best level (or PLASA_ISA's); this adds to s one case per lower level the
+ * CPU runs ("isa_avx2", "isa_baseline"), each forcing its level around the
+ * tests that add(tc) registers, and prints "SKIPPED: <name>: <level> path"
+ * for each level the CPU cannot run (those are not counted as passed). */
+void tu_isa_tcases(Suite *s, const char *name, void (*add)(TCase *));
 
 /* Runs a suite; returns the process exit code. */
 int tu_run(Suite *s);
