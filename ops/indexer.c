@@ -76,9 +76,9 @@ static pl_status ix_block_dots(const ix_dims *d, const float *q, const float *k,
                      k + b * L * dI, dI, 0.0f, D, t1);
 }
 
-/* out[s] = sum_j w[j] ReLU(D[j*ld + s]) for s < n. */
-PL_KERNEL static void ix_row_scores(float *out, const float *D, int64_t ld, const float *w,
-                                    int64_t HI, int64_t n) {
+/* out[s] = sum_j w[j] ReLU(D[j*ld + s]) for s < n (also the decode path, ops/kv_cache.c). */
+PL_KERNEL void pl__ix_row_scores(float *out, const float *D, int64_t ld, const float *w, int64_t HI,
+                                 int64_t n) {
     const float w0 = w[0];
     for (int64_t s = 0; s < n; s++) out[s] = w0 * (D[s] > 0.0f ? D[s] : 0.0f);
     for (int64_t j = 1; j < HI; j++) {
@@ -157,7 +157,7 @@ pl_tensor *pl_indexer_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tenso
             PL_PARALLEL_FOR((t1 - t0) * HI * t1 >= PL_PAR_MIN, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
                 float *row = o + (b * L + t) * L;
-                ix_row_scores(row, D + i * HI * t1, t1, wd + (b * L + t) * HI, HI, t + 1);
+                pl__ix_row_scores(row, D + i * HI * t1, t1, wd + (b * L + t) * HI, HI, t + 1);
                 for (int64_t s = t + 1; s < L; s++) row[s] = -INFINITY;
             });
         }
@@ -205,8 +205,8 @@ pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor 
                 float *row = rowbuf + tid * (size_t)L;
                 uint32_t *kb = keys + tid * (size_t)L;
                 _Pragma("omp for schedule(static)") for (int64_t t = ts; t < t1; t++) {
-                    ix_row_scores(row, D + (t - t0) * HI * t1, t1, wd + (b * L + t) * HI, HI,
-                                  t + 1);
+                    pl__ix_row_scores(row, D + (t - t0) * HI * t1, t1, wd + (b * L + t) * HI, HI,
+                                      t + 1);
                     pl__causal_topk_row(row, t + 1, k, o + (b * L + t) * k, k, kb);
                 }
             });

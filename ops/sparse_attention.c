@@ -273,6 +273,8 @@ typedef struct {
     float *out;
     float *P;       /* [B,L,K,H] probabilities (before dropout); NULL when not recorded */
     uint32_t *keep; /* [B,L,H,W] keep bits; NULL without dropout */
+    int64_t qt0;    /* decode (pl__sparse_attention_seqs): q, out and idx rows hold the queries
+                       t >= qt0 of one sequence (row t - qt0); 0 otherwise */
 } sa_args;
 
 static inline bool keep_bit(const uint32_t *row, int64_t j) {
@@ -319,7 +321,7 @@ static int cmp_i64(const void *x, const void *y) {
  * copies of a valid key. Returns the count. */
 static int64_t row_entries(const sa_args *a, int64_t b, int64_t t, int32_t *sel, int32_t *pos,
                            int64_t *tmp) {
-    const int32_t *ir = a->idx + (b * a->L + t) * a->K;
+    const int32_t *ir = a->idx + (b * a->L + t - a->qt0) * a->K;
     int64_t n = 0;
     bool sorted = true;
     for (int64_t j = 0; j < a->K; j++)
@@ -384,7 +386,7 @@ static AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1
         int32_t *sel = w->sel + r * Kz, *pos = w->pos + r * Kz;
         const int64_t n = w->n[r] = row_entries(a, b, t, sel, pos, w->tmp);
         w->cur[r] = 0;
-        memset(a->out + (b * L + t) * HD, 0, sizeof(float) * (size_t)HD);
+        memset(a->out + (b * L + t - a->qt0) * HD, 0, sizeof(float) * (size_t)HD);
         if (a->keep && n) row_keep(a, b, t, n, pos);
     }
     for (int64_t s0 = 0; s0 < t1; s0 += a->SK) {
@@ -393,8 +395,8 @@ static AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1
             const int64_t r = t - t0;
             int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
             if (c == 0) continue;
-            dots_heads(a->q + (b * L + t) * HD, kb, w->sel + r * Kz + c0, HD, H, D, (c + 7) & ~7,
-                       ND, w->z + r * H * Kz + c0, Kz);
+            dots_heads(a->q + (b * L + t - a->qt0) * HD, kb, w->sel + r * Kz + c0, HD, H, D,
+                       (c + 7) & ~7, ND, w->z + r * H * Kz + c0, Kz);
         }
     }
     for (int64_t t = t0; t < t1; t++) {
@@ -439,7 +441,7 @@ static AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1
             const int64_t r = t - t0;
             int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
             if (c == 0) continue;
-            axpys_heads(a->out + (b * L + t) * HD, pw + r * H * Kz + c0, Kz, vb,
+            axpys_heads(a->out + (b * L + t - a->qt0) * HD, pw + r * H * Kz + c0, Kz, vb,
                         w->sel + r * Kz + c0, HD, H, D, c, ND);
         }
     }
@@ -655,6 +657,61 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
 
 static int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
 
+/* Tiles of the forward: query rows per tile and keys per block (see below). */
+static void sa_tiles(int64_t H, int64_t D, int64_t K, int64_t *TQ, int64_t *SK) {
+    *SK = pl__sparse_tile_k > 0 ? pl__sparse_tile_k : clamp64((1 << 15) / (H * D), 8, 1024);
+    const int64_t Kz = ((K + 7) & ~(int64_t)7) + 16;
+    *TQ = pl__sparse_tile_q > 0 ? pl__sparse_tile_q : clamp64((1 << 17) / Kz, 4, 64);
+}
+
+pl_status pl__sparse_attention_seqs(pl_ctx *ctx, const pl__sa_seq *seqs, int64_t n, int64_t H,
+                                    int64_t D, int64_t K) {
+    int64_t TQ, SK, tasks = 0, work = 0;
+    sa_tiles(H, D, K, &TQ, &SK);
+    sa_args *a = pl__scratch(ctx, sizeof(sa_args) * (size_t)(n > 0 ? n : 1));
+    int64_t *first = pl__scratch(ctx, sizeof(int64_t) * (size_t)(n + 1)); /* first task of seq */
+    if (!a || !first) return pl_last_status();
+    for (int64_t i = 0; i < n; i++) {
+        const pl__sa_seq *s = &seqs[i];
+        a[i] = (sa_args){.B = 1,
+                         .L = s->t1,
+                         .H = H,
+                         .D = D,
+                         .K = K,
+                         .W = (K + 31) / 32,
+                         .Kp = (K + 7) & ~(int64_t)7,
+                         .Kz = ((K + 7) & ~(int64_t)7) + 16,
+                         .TQ = TQ,
+                         .SK = SK,
+                         .KT = 1,
+                         .QB = 1,
+                         .scale = 1.0f / sqrtf((float)D),
+                         .keep_scale = 1.0f,
+                         .q = s->q,
+                         .k = s->k,
+                         .v = s->v,
+                         .idx = s->idx,
+                         .out = s->out,
+                         .qt0 = s->t0};
+        first[i] = tasks;
+        tasks += (s->t1 - s->t0 + TQ - 1) / TQ;
+        work += (s->t1 - s->t0) * K * H * D;
+    }
+    first[n] = tasks;
+    const int nt = omp_get_max_threads();
+    const size_t per = (work_bytes(&a[0]) + 63) & ~(size_t)63;
+    unsigned char *buf = n ? pl__scratch(ctx, per * (size_t)nt) : NULL;
+    if (n && !buf) return pl_last_status();
+    PL_PARALLEL_FOR(work >= PL_PAR_MIN, schedule(dynamic, 1), r, tasks, {
+        sa_work w = work_carve(&a[0], buf + per * (size_t)omp_get_thread_num());
+        int64_t i = 0;
+        while (first[i + 1] <= r) i++;
+        const int64_t t0 = seqs[i].t0 + (r - first[i]) * TQ, t1 = seqs[i].t1;
+        sa_fwd_tile(&a[i], 0, t0, t0 + TQ < t1 ? t0 + TQ : t1, &w);
+    });
+    return PL_OK;
+}
+
 pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v,
                                pl_tensor *idx, float dropout_p, pl_rng *rng) {
     static const char *fn = "pl_sparse_attention";
@@ -682,10 +739,9 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     /* Tiles: a key block's k or v rows (SK*H*D*4 bytes) within ~128 KB of L2;
      * TQ query rows share each block (their scratch, ~TQ*K*(8 + 8H) bytes, within
      * ~5 MB). The dk, dv pass: KT keys per tile, QB query rows per block. */
-    const int64_t SK =
-        pl__sparse_tile_k > 0 ? pl__sparse_tile_k : clamp64((1 << 15) / (H * D), 8, 1024);
+    int64_t TQ, SK;
+    sa_tiles(H, D, K, &TQ, &SK);
     const int64_t Kz = ((K + 7) & ~(int64_t)7) + 16;
-    const int64_t TQ = pl__sparse_tile_q > 0 ? pl__sparse_tile_q : clamp64((1 << 17) / Kz, 4, 64);
     sa_args a = {B,
                  L,
                  H,
@@ -709,7 +765,8 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
                  pl_i32(idx),
                  pl_f32(out),
                  NULL,
-                 NULL};
+                 NULL,
+                 0};
     if (record && !(a.P = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)))) return NULL;
     if (dropout_p > 0.0f &&
         !(a.keep = pl__scratch(ctx, sizeof(uint32_t) * (size_t)(B * L * H * a.W))))
