@@ -544,6 +544,12 @@ START_TEST(binary_bad_input_with_model) {
     /* a good checkpoint of this shape, for the mismatch cases */
     RUN_OK(&out, SMALL "--threads 1 --data %s --vocab 300 --steps 2 --eval-every 0 --checkpoint %s",
            corpus, tu_tmp_path("good.ckpt"));
+    { /* a checkpoint without the model's configuration (as older versions wrote) */
+        pl_ctx *c = pl_ctx_new(NULL);
+        ck_assert_ptr_nonnull(pl_param_new(c, "tok_emb", PL_DIMS(300, 32)));
+        ck_assert_int_eq(pl_checkpoint_save(c, tu_tmp_path("old.ckpt"), NULL, NULL, 0), PL_OK);
+        pl_ctx_free(c);
+    }
     struct {
         const char *args, *msg;
     } cases[] = {
@@ -566,7 +572,9 @@ START_TEST(binary_bad_input_with_model) {
         {"--data @corpus.txt --vocab 300 --resume @nope.ckpt", "no such file"},
         {"--data @corpus.txt --vocab 300 --init @junk.ckpt", "loading weights"},
         {"--data @corpus.txt --vocab 300 --ffn 48 --resume @good.ckpt",
-         "[64, 32] in the file but [48, 32]"},
+         "--ffn 48 conflicts with"},
+        {"--data @corpus.txt --vocab 300 --k 8 --resume @good.ckpt", "was trained with k = 32"},
+        {"--data @corpus.txt --vocab 300 --resume @old.ckpt", "holds no model configuration"},
         {"--data @corpus.txt --vocab 300 --dim 64 --init @good.ckpt", "[32] in the file but [64]"},
         {"--data @corpus.txt --vocab 300 --steps 2 --resume @good.ckpt", "leaves nothing to do"},
         {"--data @corpus.txt --vocab 300 --save-every 5", "--save-every needs --checkpoint"},

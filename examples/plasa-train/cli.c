@@ -76,10 +76,13 @@ static const flagdef flags[] = {
     {"save-every", T_I64, OFF(save_every), 0, BIG, "N",
      "also save the checkpoint every N steps (0: only at the end)"},
     {"resume", T_STR, OFF(resume), 0, 0, "FILE",
-     "resume training from a checkpoint (model, optimiser, step)"},
+     "resume training from a checkpoint (model, optimiser, step; its shape and k are reused)"},
+    {"sample-every", T_I64, OFF(sample_every), 0, BIG, "N",
+     "print a short generated sample every N steps (0: never)"},
     {"init", T_STR, OFF(init), 0, 0, "FILE", "initialise the parameters from a checkpoint"},
 };
 #define NFLAGS (sizeof flags / sizeof *flags)
+_Static_assert(NFLAGS <= 64, "tr_config.given has 64 bits");
 
 void cli_defaults(tr_config *c) {
     memset(c, 0, sizeof *c);
@@ -233,6 +236,7 @@ int cli_parse(int argc, char **argv, tr_config *c) {
             if (strlen(flags[j].name) == len && strncmp(flags[j].name, name, len) == 0)
                 f = &flags[j];
         if (!f) return tr_fail("unknown flag '%.*s' (see --help)", (int)(len + 2), a);
+        c->given |= 1ull << (f - flags);
         if (f->type == T_SWITCH) {
             if (eq) return tr_fail("--%s takes no value", f->name);
             *(bool *)field(c, f) = true;
@@ -264,6 +268,12 @@ int cli_parse(int argc, char **argv, tr_config *c) {
     if (c->resume && c->init) return tr_fail("--resume and --init exclude each other");
     if (c->save_every && !c->checkpoint) return tr_fail("--save-every needs --checkpoint FILE");
     return resolve_k(c);
+}
+
+bool cli_given(const tr_config *c, const char *name) {
+    for (size_t j = 0; j < NFLAGS; j++)
+        if (strcmp(flags[j].name, name) == 0) return (c->given >> j) & 1;
+    return false;
 }
 
 int json_string(tr_buf *out, const char *s) {

@@ -40,6 +40,9 @@ int main(int argc, char **argv) {
             return fail(tr_error());
         }
     if (cfg.threads > 0) pl_set_num_threads(cfg.threads);
+#ifdef PLASA_TRAIN_HAVE_MODEL
+    if (tr_resume_config(&cfg)) return fail(tr_error());
+#endif
 
     tr_data data;
     if (data_prepare(&cfg, &data)) {

@@ -1,12 +1,105 @@
 #include "train.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "batches.h"
+#include "plasa.h"
 #include "report.h"
+#include "tokenizer.h"
+
+int tr_resume_config(tr_config *cfg) {
+    if (!cfg->resume) return 0;
+    tr_config ck = *cfg;
+    int vocab;
+    char *tok = NULL;
+    if (model_read_config(cfg->resume, &ck, &vocab, &tok)) return -1;
+    free(tok);
+    static const struct {
+        const char *flag;
+        size_t off;
+    } shape[] = {{"layers", offsetof(tr_config, layers)},
+                 {"dim", offsetof(tr_config, dim)},
+                 {"heads", offsetof(tr_config, heads)},
+                 {"ffn", offsetof(tr_config, ffn)},
+                 {"experts", offsetof(tr_config, experts)},
+                 {"expert-ffn", offsetof(tr_config, expert_ffn)},
+                 {"top-experts", offsetof(tr_config, top_experts)},
+                 {"indexer-heads", offsetof(tr_config, indexer_heads)},
+                 {"indexer-dim", offsetof(tr_config, indexer_dim)},
+                 {"seq", offsetof(tr_config, seq)},
+                 {"vocab", offsetof(tr_config, vocab)}};
+    for (size_t i = 0; i < sizeof shape / sizeof *shape; i++) {
+        int *mine = (int *)((char *)cfg + shape[i].off),
+            theirs = *(int *)((char *)&ck + shape[i].off);
+        if (cli_given(cfg, shape[i].flag) && *mine != theirs)
+            return tr_fail("--%s %d conflicts with %s, whose model has %d (leave the flag out: "
+                           "--resume takes the model from the checkpoint)",
+                           shape[i].flag, *mine, cfg->resume, theirs);
+        *mine = theirs;
+    }
+    bool kflag = cli_given(cfg, "k") || cli_given(cfg, "schedule");
+    for (int i = 0; i < ck.layers; i++) {
+        if (kflag && cfg->layer_k[i] != ck.layer_k[i])
+            return tr_fail("--%s gives layer %d k = %d, but %s was trained with k = %d (leave "
+                           "the flag out: --resume takes the model from the checkpoint)",
+                           cli_given(cfg, "k") ? "k" : "schedule", i, cfg->layer_k[i], cfg->resume,
+                           ck.layer_k[i]);
+        cfg->layer_k[i] = ck.layer_k[i];
+    }
+    cfg->vocab_given = true;
+    return 0;
+}
+
+/* --sample-every: 32 tokens after the first 8 of the validation split, drawn
+ * at temperature 1 with the run's seed (the same draws at every sample, so
+ * samples differ only by what the model learnt), on stderr as one line. */
+static int print_sample(tr_model *m, const tr_config *cfg, const tr_data *data, int64_t step) {
+    enum { PROMPT = 8, NEW = 32 };
+    int32_t ids[PROMPT + NEW];
+    int n = data->nval < PROMPT ? (int)data->nval : PROMPT;
+    for (int i = 0; i < n; i++) ids[i] = data->val[i];
+    pl_ctx *ctx = model_ctx(m);
+    if (model_decode_start(m, PROMPT + NEW)) return -1;
+    pl_rng rng;
+    pl_rng_init(&rng, cfg->seed);
+    pl_sample_config sc = {1.0f, 0, 1.0f};
+    for (int at = 0; n < PROMPT + NEW; at = n++) { /* feed ids[at..n), draw ids[n] */
+        pl_tensor *lg = model_decode(m, ids + at, n - at);
+        pl_tensor *last = lg ? pl_slice(ctx, lg, 1, n - at - 1, 1) : NULL;
+        if (!last || pl_sample(ctx, last, &sc, &rng, ids + n, NULL)) {
+            pl_step_reset(ctx);
+            return tr_fail("sampling: %s", pl_last_error());
+        }
+        pl_step_reset(ctx);
+    }
+    tr_buf text = {0};
+    bpe *tok = model_tokenizer(m)
+                   ? bpe_parse(model_tokenizer(m), strlen(model_tokenizer(m)), "the tokenizer")
+                   : NULL;
+    int rc = 0;
+    if (tok) {
+        rc = bpe_decode(tok, ids, PROMPT + NEW, &text);
+        bpe_free(tok);
+    } else {
+        for (int i = 0; i < PROMPT + NEW && !rc; i++) {
+            char w[16];
+            int k = snprintf(w, sizeof w, "%s%d", i ? " " : "", ids[i]);
+            rc = tr_buf_append(&text, w, (size_t)k);
+        }
+    }
+    if (!rc) {
+        for (size_t i = 0; i < text.len; i++)
+            if ((unsigned char)text.data[i] < 0x20) text.data[i] = ' ';
+        fprintf(stderr, "plasa-train: sample at step %lld: %.*s\n", (long long)step, (int)text.len,
+                text.data ? text.data : "");
+    }
+    tr_buf_free(&text);
+    return rc;
+}
 
 int tr_evaluate(tr_model *m, const tr_config *cfg, const uint16_t *tok, int64_t n, int64_t cap,
                 tr_eval *out) {
@@ -72,6 +165,22 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
     } else if (cfg->init && model_load_params(m, cfg->init)) {
         goto done;
     }
+    if (data->tokenizer_text && model_set_tokenizer(m, data->tokenizer_text)) goto done;
+    if (cfg->resume) { /* the checkpoint's tokenizer: the same as the data's, or kept */
+        tr_config ck = *cfg;
+        int vocab;
+        char *tok = NULL;
+        if (model_read_config(cfg->resume, &ck, &vocab, &tok)) goto done;
+        bool differ = tok && data->tokenizer_text && strcmp(tok, data->tokenizer_text) != 0;
+        if (tok && !data->tokenizer_text && model_set_tokenizer(m, tok)) differ = true;
+        free(tok);
+        if (differ) {
+            tr_fail("the tokenizer of this run's data differs from the one in %s (other data, "
+                    "--tokenizer or --no-pretok?)",
+                    cfg->resume);
+            goto done;
+        }
+    }
     fprintf(stderr,
             "plasa-train: %lld parameters, vocabulary %d, %lld training / %lld validation "
             "tokens\n",
@@ -110,6 +219,9 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
             r->val_accuracy = ev.accuracy;
             progress_eval(&bar, step + 1, ev.loss, ev.accuracy);
         }
+        if (cfg->sample_every && (step + 1) % cfg->sample_every == 0 &&
+            print_sample(m, cfg, data, step + 1))
+            goto done;
         if (!last && cfg->save_every && (step + 1) % cfg->save_every == 0 &&
             model_save(m, cfg->checkpoint, step + 1))
             goto done;
