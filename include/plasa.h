@@ -668,7 +668,7 @@ PL_API pl_status pl_schedule_from_string(const char *spec, int n_layers, int L, 
 /* "progressive, dense, uniform, dense_to_sparse, aggressive_middle" */
 PL_API const char *pl_schedule_names(void);
 
-/* Adaptive k (SPEC section 2), OPTIONAL and OFF unless called. NOT CAUSAL: the
+/* Adaptive k (docs/model.md), OPTIONAL and OFF unless called. NOT CAUSAL: the
  * gate input and the entropy are means over the whole sequence, so a later
  * token changes k and with it earlier outputs; use it only where that leak is
  * acceptable (never for a causal LM's reported numbers).

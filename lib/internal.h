@@ -8,7 +8,6 @@
 #include <string.h>
 
 #define PL_TENSOR_MAGIC 0x504c5453u /* "PLTS" */
-#define PL_MAX_INPUTS 6
 #define PL_ALIGN 64
 
 /* Hot kernels are compiled twice, baseline x86-64 and AVX2+FMA, and picked at
@@ -22,6 +21,9 @@
 /* ---- errors ---- */
 /* Sets the thread's error and returns s. Messages read "fn: what was wrong". */
 pl_status pl__err(pl_status s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* The same for functions that return a pointer: `return pl__err_null(s, fmt, ...);`
+ * sets the error and gives NULL. */
+#define pl__err_null(...) (pl__err(__VA_ARGS__), NULL)
 
 /* ---- heap (counted, hookable) ---- */
 void *pl__malloc(size_t size);
@@ -56,8 +58,8 @@ struct pl_node {
     const char *op; /* for messages */
     pl_tensor *out;
     int n_in;
-    pl_tensor *in[PL_MAX_INPUTS];
-    void *saved;     /* op-specific data, arena-allocated */
+    pl_tensor **in;  /* n_in inputs (any number), in the node's arena block */
+    void *saved;     /* op-specific data, arena-allocated with the node */
     int64_t iarg[6]; /* op-specific integers */
     float farg[4];   /* op-specific floats */
 };
@@ -86,11 +88,31 @@ pl_tensor *pl__view(pl_ctx *ctx, pl_tensor *src, int ndim, const int64_t *shape)
 /* Arena memory for the current step, 64-byte aligned; NULL + error on OOM. */
 void *pl__scratch(pl_ctx *ctx, size_t bytes);
 
-/* True when an op on these inputs must record a node. */
+/* True when an op on these inputs will record a node (grad enabled and some
+ * input requires a gradient). For ops that save more when they record. */
 bool pl__wants_grad(pl_ctx *ctx, int n, pl_tensor *const *in);
-/* Records a node (out->requires_grad becomes true); NULL + error on OOM. */
-pl_node *pl__record(pl_ctx *ctx, const char *op, pl_backward_fn bw, pl_tensor *out, int n_in,
-                    pl_tensor *const *in);
+/* The one way an op records itself, after computing out from in[0..n_in):
+ *
+ *     pl_node *nd;
+ *     if (pl__record(ctx, "op", op_backward, out, n_in, in, sizeof(op_saved), &nd))
+ *         return NULL;
+ *     if (nd) *(op_saved *)nd->saved = ...;   (and nd->iarg, nd->farg)
+ *
+ * When pl__wants_grad(ctx, n_in, in), puts a node on the tape holding all n_in
+ * inputs and saved_bytes of uninitialised, 64-byte aligned arena memory at
+ * nd->saved (NULL if 0), sets out->requires_grad, and *node = the node;
+ * otherwise *node = NULL. Returns PL_OK, or the error (out of memory, n_in < 1).
+ * node may be NULL when the op keeps nothing on the node. */
+pl_status pl__record(pl_ctx *ctx, const char *op, pl_backward_fn bw, pl_tensor *out, int n_in,
+                     pl_tensor *const *in, size_t saved_bytes, pl_node **node);
+/* The one backward prologue: g[i] = the gradient buffer of n->in[i] (allocated
+ * zeroed on first use) when that input requires a gradient, else NULL, for
+ * i < n->n_in. Returns PL_OK or the error (out of memory):
+ *
+ *     float *g[2];
+ *     if (pl__grads(ctx, n, g)) return;
+ */
+pl_status pl__grads(pl_ctx *ctx, const pl_node *n, float **g);
 /* The gradient buffer of t, allocated zeroed on first use. NULL on OOM. */
 float *pl__grad(pl_ctx *ctx, pl_tensor *t);
 
@@ -107,7 +129,7 @@ static inline int64_t pl__numel(int ndim, const int64_t *shape) {
     return n;
 }
 
-/* ---- fast exp (added by core-ops) ---- */
+/* ---- fast exp ---- */
 /* e^x in float, ~2 ulp, branch free so that loops calling it vectorise
  * (glibc's expf is a scalar call). Cephes' expf: x = n ln2 + r with
  * |r| <= ln2/2, e^r by a degree-7 polynomial, 2^n put into the exponent
@@ -149,23 +171,18 @@ pl_safetensors *pl__safetensors_parse(const void *buf, size_t size, const char *
 static inline uint32_t pl__drop_threshold(float p) { return (uint32_t)((double)p * 4294967296.0); }
 /* The kept elements' scale, as PyTorch computes it: float32(1 / float32(1 - p)). */
 static inline float pl__drop_scale(float p) { return 1.0f / (float)(1.0 - (double)p); }
-/* pl_philox on the 8 counters ctr + i*stride, i < 8, at once (AVX2 when the
- * CPU has it; the same bits either way). Word w of counter i goes to
- * out[4*i + w] (element order: with stride 1, the words of 32 consecutive
- * elements), or with by_word to out[8*w + i]. In ops/dropout.c. */
-void pl__philox8(uint64_t seed, uint64_t ctr, uint64_t stride, bool by_word, uint32_t out[32]);
-/* ---- PLASA ops: helpers shared by ops/topk.c, ops/indexer.c, ops/sparse_attention.c,
- * ops/indexer_loss.c ---- */
-/* Writes into out[0..width) the min(k, n) indices s < n with the largest row[s]
+
+/* ---- PLASA index sets ---- */
+/* (ops/topk.c) Writes into out[0..width) the min(k, n) indices s < n with the largest row[s]
  * (ties to the smaller s; NaN ranks as -inf, -0 equals +0), in ascending s, then
  * -1 up to width. keys: scratch of n uint32. Reads nothing when k >= n. */
 void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32_t *out, int64_t width,
                          uint32_t *keys);
-/* Checks an index tensor for the causal sparse ops: PL_I32 [B, L, K] with every
+/* (ops/indexset.c) Checks an index tensor for the causal sparse ops: PL_I32 [B, L, K] with every
  * entry -1 (padding) or in [0, t] for its row t. */
 pl_status pl__check_causal_idx(pl_ctx *ctx, const char *fn, const pl_tensor *idx, int64_t B,
                                int64_t L);
-/* The index sets transposed: for batch b and key s, the entries t*K + j with
+/* (ops/indexset.c) The index sets transposed: for batch b and key s, the entries t*K + j with
  * idx[b, t, j] == s are list[off[b*(L+1) + s] .. off[b*(L+1) + s + 1]), ascending.
  * Arena memory; returns PL_OK or the error. Needs L*K < 2^31. */
 pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, int64_t K,
@@ -190,15 +207,6 @@ typedef struct {
 } pl__sa_seq;
 pl_status pl__sparse_attention_seqs(pl_ctx *ctx, const pl__sa_seq *seqs, int64_t n, int64_t H,
                                     int64_t D, int64_t K);
-/* Rows per block of the indexer's blocked score computation (0: automatic).
- * Tests set it to exercise the block edges; results do not depend on it except
- * for float rounding. */
-extern int64_t pl__indexer_block_rows;
-/* pl_indexer_scores_at: 0 automatic, 1 gather, 2 blocked (tests force both). */
-extern int64_t pl__indexer_at_mode;
-/* Sparse attention tiles (0: automatic): query rows per tile, keys per block.
- * Tests set small values to exercise the tile edges. */
-extern int64_t pl__sparse_tile_q, pl__sparse_tile_k;
 
 /* Dot product and y += a*x for the gather kernels: eight partial sums so the
  * compiler vectorises the reduction without -ffast-math; the order is fixed,
@@ -225,37 +233,53 @@ static inline float pl__sum(const float *x, int64_t n) {
     return s;
 }
 
-/* Parallel regions cost a barrier: the PLASA kernels run serially below this
- * much work (roughly multiply-adds), `#pragma omp parallel if (work >= PL_PAR_MIN)`.
- * A variable (default 32768) so that tests can force the parallel paths (0). */
-extern int64_t pl__par_min;
-#define PL_PAR_MIN pl__par_min
-
-/* ---- Philox (engine-infra) ---- */
+/* ---- Philox (lib/rng.c) ---- */
 /* Philox4x32-10 exactly as Random123's philox4x32_10: counter words ctr[0..3],
  * key words key[0..1]. pl_philox(seed, counter) is this function with
  * ctr = {lo32(counter), hi32(counter), 0, 0} and key = {lo32(seed), hi32(seed)}. */
 void pl__philox4x32_10(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]);
+/* pl_philox on the 8 counters ctr + i*stride, i < 8, at once (AVX2 when the
+ * CPU has it; the same bits either way). Word w of counter i goes to
+ * out[4*i + w] (element order: with stride 1, the words of 32 consecutive
+ * elements), or with by_word to out[8*w + i]. */
+void pl__philox8(uint64_t seed, uint64_t ctr, uint64_t stride, bool by_word, uint32_t out[32]);
 
-/* ---- parallel regions (no-malloc) ---- */
-/* Whether to enter a parallel region for a loop worth parallelising (worth):
- * only when it would run on two or more threads. libgomp (gcc 12) mallocs and
- * frees a team for every region that runs on ONE thread (an if() clause that is
- * false, num_threads(1), OMP_NUM_THREADS=1, or a region nested in another when
- * nesting is off); teams of two or more are cached. A training step makes no
- * heap allocation, so kernels go through the two macros below instead of
- * writing `#pragma omp parallel ... if (...)`. In lib/parallel.c. */
-bool pl__par(bool worth);
+/* ---- tuning knobs and the rule for going parallel (lib/parallel.c) ---- */
+/* Every size-dependent choice of the kernels, in one place. Tests change them
+ * to reach paths their small sizes would not take (par_min = 0 forces every
+ * parallel path of every op); results do not depend on them except for float
+ * rounding. Save and restore the whole struct: `pl_tuning keep = pl__tuning;`. */
+typedef struct {
+    /* Work (roughly multiply-adds, or elements for memory-bound loops) below
+     * which a loop runs serially: a parallel region costs a barrier. 32768. */
+    int64_t par_min;
+    /* Rows per block of the indexer's blocked score computation (0: automatic). */
+    int64_t indexer_block_rows;
+    /* pl_indexer_scores_at: 0 automatic, 1 gather, 2 blocked. */
+    int64_t indexer_at_mode;
+    /* Sparse attention tiles (0: automatic): query rows per tile, keys per block. */
+    int64_t sparse_tile_q, sparse_tile_k;
+} pl_tuning;
+extern pl_tuning pl__tuning;
+
+/* The one rule for entering a parallel region, for a loop of `work` (see
+ * par_min): work >= pl__tuning.par_min, and the region would run on two or more
+ * threads. libgomp (gcc 12) mallocs and frees a team for every region that runs
+ * on ONE thread (an if() clause that is false, num_threads(1),
+ * OMP_NUM_THREADS=1, or a region nested in another when nesting is off); teams
+ * of two or more are cached. A training step makes no heap allocation, so
+ * kernels go through the two macros below, never `#pragma omp parallel`. */
+bool pl__par(int64_t work);
 
 #define PL__PRAGMA(x) _Pragma(#x)
 /* for (int64_t i = 0; i < n; i++) { body }, as `#pragma omp parallel for clauses`
- * (the same iterations per thread, e.g. schedule(static)) when pl__par(worth),
+ * (the same iterations per thread, e.g. schedule(static)) when pl__par(work),
  * else serially on the calling thread without entering a region. n is
  * evaluated once. */
-#define PL_PARALLEL_FOR(worth, clauses, i, n, ...)                                                 \
+#define PL_PARALLEL_FOR(work, clauses, i, n, ...)                                                  \
     do {                                                                                           \
         const int64_t pl_n_ = (n);                                                                 \
-        if (pl__par(worth)) {                                                                      \
+        if (pl__par(work)) {                                                                       \
             PL__PRAGMA(omp parallel for clauses)                                                   \
             for (int64_t i = 0; i < pl_n_; i++) {                                                  \
                 __VA_ARGS__;                                                                       \
@@ -266,14 +290,14 @@ bool pl__par(bool worth);
             }                                                                                      \
         }                                                                                          \
     } while (0)
-/* { body } as `#pragma omp parallel clauses` when pl__par(worth), else run once
+/* { body } as `#pragma omp parallel clauses` when pl__par(work), else run once
  * on the calling thread (omp_get_num_threads() == 1, omp_get_thread_num() == 0).
  * Worksharing loops inside must be _Pragma("omp for schedule(static) ...") : an
  * orphaned static loop runs whole on one thread with no allocation, a dynamic
  * one would malloc its work share outside a region (use PL_PARALLEL_FOR). */
-#define PL_PARALLEL(worth, clauses, ...)                                                           \
+#define PL_PARALLEL(work, clauses, ...)                                                            \
     do {                                                                                           \
-        if (pl__par(worth)) {                                                                      \
+        if (pl__par(work)) {                                                                       \
             PL__PRAGMA(omp parallel clauses) { __VA_ARGS__; }                                      \
         } else {                                                                                   \
             __VA_ARGS__;                                                                           \

@@ -39,9 +39,6 @@ struct pl_sgd {
     pl_sgd_config cfg;
 };
 
-/* Elements per thread below which a loop is not worth splitting. */
-#define PAR_MIN 4096
-
 /* ---- state tensors ---- */
 
 static pl_tensor *find_persistent(pl_ctx *ctx, const char *name) {
@@ -240,7 +237,8 @@ pl_status pl_adamw_step(pl_adamw *opt) {
     const float neg_step = (float)-(c->lr / bc1);
     int64_t total = 0;
     for (int i = 0; i < o->n_slots; i++) total += o->slots[i].param->numel;
-    PL_PARALLEL(total >= 2 * PAR_MIN, default(shared), {
+    /* work: a few multiply-adds per parameter */
+    PL_PARALLEL(4 * total, default(shared), {
         for (int i = 0; i < o->n_slots; i++) {
             opt_slot *sl = &o->slots[i];
             adamw_kernel(pl_f32(sl->param), sl->param->grad, pl_f32(sl->s[0]), pl_f32(sl->s[1]),
@@ -331,7 +329,7 @@ pl_status pl_sgd_step(pl_sgd *opt) {
     const bool first = t == 1, nesterov = c->nesterov;
     int64_t total = 0;
     for (int i = 0; i < o->n_slots; i++) total += o->slots[i].param->numel;
-    PL_PARALLEL(total >= 2 * PAR_MIN, default(shared), {
+    PL_PARALLEL(4 * total, default(shared), {
         for (int i = 0; i < o->n_slots; i++) {
             opt_slot *sl = &o->slots[i];
             sgd_kernel(pl_f32(sl->param), sl->param->grad, o->n_kinds ? pl_f32(sl->s[0]) : NULL,
@@ -356,7 +354,7 @@ double pl_clip_grad_norm(pl_ctx *ctx, double max_norm, pl_status *status) {
     int64_t total = 0;
     for (int i = 0; i < n; i++) total += ctx->params[i]->numel;
     double sum = 0;
-    PL_PARALLEL(total >= 2 * PAR_MIN, reduction(+ : sum), {
+    PL_PARALLEL(4 * total, reduction(+ : sum), {
         for (int i = 0; i < n; i++) {
             const float *g = ctx->params[i]->grad;
             const int64_t m = ctx->params[i]->numel;
@@ -368,7 +366,7 @@ double pl_clip_grad_norm(pl_ctx *ctx, double max_norm, pl_status *status) {
     const double coef = max_norm / (norm + 1e-6);
     if (isfinite(norm) && coef < 1.0) {
         const float cf = (float)coef;
-        PL_PARALLEL(total >= 2 * PAR_MIN, default(shared), {
+        PL_PARALLEL(4 * total, default(shared), {
             for (int i = 0; i < n; i++) {
                 float *g = ctx->params[i]->grad;
                 const int64_t m = ctx->params[i]->numel;

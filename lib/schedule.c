@@ -2,7 +2,7 @@
  *
  * Every k is in [1, L]; "L/m" means max(1, floor(L/m)). For n layers:
  *   progressive        layer 0: L, layers 1..n-2: L/4, layer n-1: L/2
- *                      (the benchmark text: [L, L/4, L/4, L/2] for 4 layers;
+ *                      (docs/model.md: [L, L/4, L/4, L/2] for 4 layers;
  *                      n = 1: [L]; n = 2: [L, L/2])
  *   dense              every layer L (sparse attention then equals dense)
  *   uniform            every layer L/2
@@ -13,7 +13,7 @@
  * The reference's enum spellings are accepted as aliases: progressive_sparse,
  * dense_baseline, uniform_sparse. (The reference code assigns its values by
  * thirds of the depth, which for 4 layers puts layer 2 at L/2 and makes its
- * dense_to_sparse [L, L/2, 3L/4, 3L/4]; we follow the benchmark text.) */
+ * dense_to_sparse [L, L/2, 3L/4, 3L/4]; we follow docs/model.md.) */
 #include "internal.h"
 
 #include <ctype.h>
@@ -108,7 +108,7 @@ pl_status pl_schedule_from_string(const char *spec, int n_layers, int L, int *k_
     return pl_schedule_k(spec, n_layers, L, k_out);
 }
 
-/* ---- adaptive k (SPEC section 2; off unless the caller uses it) ----
+/* ---- adaptive k (docs/model.md; off unless the caller uses it) ----
  * Not causal: the gate and the entropy are statistics of the whole sequence,
  * so a later token can change k and with it an earlier output. */
 

@@ -22,20 +22,41 @@ bool pl__wants_grad(pl_ctx *ctx, int n, pl_tensor *const *in) {
     return false;
 }
 
-pl_node *pl__record(pl_ctx *ctx, const char *op, pl_backward_fn bw, pl_tensor *out, int n_in,
-                    pl_tensor *const *in) {
-    pl_node *n = pl__arena_alloc(&ctx->arena, sizeof *n);
-    if (!n) return NULL;
+pl_status pl__record(pl_ctx *ctx, const char *op, pl_backward_fn bw, pl_tensor *out, int n_in,
+                     pl_tensor *const *in, size_t saved_bytes, pl_node **node) {
+    if (node) *node = NULL;
+    if (n_in < 1) return pl__err(PL_ERR_ARG, "%s: recorded with %d inputs", op, n_in);
+    if (!pl__wants_grad(ctx, n_in, in)) return PL_OK;
+    /* One arena block: the node, its input list, then the saved state. */
+    const size_t in_at = sizeof(pl_node), in_bytes = (size_t)n_in * sizeof(pl_tensor *);
+    const size_t saved_at = (in_at + in_bytes + PL_ALIGN - 1) & ~(size_t)(PL_ALIGN - 1);
+    if (saved_bytes > SIZE_MAX - saved_at)
+        return pl__err(PL_ERR_NOMEM, "%s: out of memory: %zu bytes of saved state", op,
+                       saved_bytes);
+    unsigned char *blk = pl__arena_alloc(&ctx->arena, saved_at + saved_bytes);
+    if (!blk) return pl_last_status();
+    pl_node *n = (pl_node *)blk;
     memset(n, 0, sizeof *n);
     n->prev = ctx->tape;
     n->backward = bw;
     n->op = op;
     n->out = out;
     n->n_in = n_in;
-    for (int i = 0; i < n_in && i < PL_MAX_INPUTS; i++) n->in[i] = in[i];
+    n->in = (pl_tensor **)(blk + in_at);
+    memcpy(n->in, in, in_bytes);
+    n->saved = saved_bytes ? blk + saved_at : NULL;
     ctx->tape = n;
     out->requires_grad = true;
-    return n;
+    if (node) *node = n;
+    return PL_OK;
+}
+
+pl_status pl__grads(pl_ctx *ctx, const pl_node *n, float **g) {
+    for (int i = 0; i < n->n_in; i++) {
+        g[i] = NULL;
+        if (n->in[i]->requires_grad && !(g[i] = pl__grad(ctx, n->in[i]))) return pl_last_status();
+    }
+    return PL_OK;
 }
 
 float *pl__grad(pl_ctx *ctx, pl_tensor *t) {

@@ -451,12 +451,14 @@ PL_KERNEL static void dvec_rows(const att *a, const float *o, float *dvec, int64
 
 static void attention_backward(pl_ctx *ctx, pl_node *n) {
     att a = *(const att *)n->saved;
-    pl_tensor *q = n->in[0], *k = n->in[1], *v = n->in[2];
-    if (q->requires_grad && !(a.dq = pl__grad(ctx, q))) return;
-    if (k->requires_grad && !(a.dk = pl__grad(ctx, k))) return;
-    if (v->requires_grad && !(a.dv = pl__grad(ctx, v))) return;
+    float *g[3];
+    if (pl__grads(ctx, n, g)) return;
+    a.dq = g[0];
+    a.dk = g[1];
+    a.dv = g[2];
     a.dout = n->out->grad;
     const int64_t BH = a.B * a.H, T = omp_get_max_threads(), nblk = a.nblk;
+    const int64_t work = BH * a.L * a.L * a.D;
     const int64_t tsz = BH * a.Lp * a.D, rsz = BH * a.Lp * a.Dp;
     /* One task per head does 5 tile products per tile, the two passes 7 but
      * spread over every block: take the first unless threads would idle. */
@@ -478,7 +480,7 @@ static void attention_backward(pl_ctx *ctx, pl_node *n) {
     a.Kp = Kp;
     const att *ap = &a;
     const float *o = pl_f32(n->out);
-    PL_PARALLEL(true, default(shared), {
+    PL_PARALLEL(work, default(shared), {
         _Pragma("omp for schedule(static) nowait") for (int64_t b = 0; b < a.B; b++)
             dvec_rows(ap, o, dvec, b);
         _Pragma("omp for schedule(static)") for (int64_t t = 0; t < BH * nblk; t++) {
@@ -490,15 +492,15 @@ static void attention_backward(pl_ctx *ctx, pl_node *n) {
         }
     });
     if (whole) {
-        PL_PARALLEL_FOR(true, schedule(dynamic, 1), bh, BH,
+        PL_PARALLEL_FOR(work, schedule(dynamic, 1), bh, BH,
                         bwd_head_task(ap, bh, ws + omp_get_thread_num() * per));
     } else {
         if (a.dk || a.dv) /* longest (j = 0) first */
-            PL_PARALLEL_FOR(true, schedule(dynamic, 1), t, BH * nblk,
+            PL_PARALLEL_FOR(work, schedule(dynamic, 1), t, BH * nblk,
                             bwd_kv_task(ap, t % BH, t / BH, ws + omp_get_thread_num() * per));
         if (a.dq) /* longest (i = nblk - 1) first */
             PL_PARALLEL_FOR(
-                true, schedule(dynamic, 1), t, BH * nblk,
+                work, schedule(dynamic, 1), t, BH * nblk,
                 bwd_dq_task(ap, t % BH, nblk - 1 - t / BH, ws + omp_get_thread_num() * per));
     }
     pl_mark_release(ctx, mark);
@@ -512,20 +514,17 @@ pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v, f
         return NULL;
     char s1[96], s2[96], s3[96];
     if (q->ndim != 4)
-        return pl__err(PL_ERR_SHAPE, "%s: q must be 4-D [B, L, H, D], got %s", fn,
-                       pl_shape_str(q, s1, sizeof s1)),
-               NULL;
+        return pl__err_null(PL_ERR_SHAPE, "%s: q must be 4-D [B, L, H, D], got %s", fn,
+                            pl_shape_str(q, s1, sizeof s1));
     if (!pl_same_shape(q, k) || !pl_same_shape(q, v))
-        return pl__err(PL_ERR_SHAPE, "%s: q %s, k %s and v %s must have the same shape", fn,
-                       pl_shape_str(q, s1, sizeof s1), pl_shape_str(k, s2, sizeof s2),
-                       pl_shape_str(v, s3, sizeof s3)),
-               NULL;
+        return pl__err_null(PL_ERR_SHAPE, "%s: q %s, k %s and v %s must have the same shape", fn,
+                            pl_shape_str(q, s1, sizeof s1), pl_shape_str(k, s2, sizeof s2),
+                            pl_shape_str(v, s3, sizeof s3));
     if (!(dropout_p >= 0.0f && dropout_p < 1.0f))
-        return pl__err(PL_ERR_ARG, "%s: dropout_p must be in [0, 1), got %g", fn,
-                       (double)dropout_p),
-               NULL;
+        return pl__err_null(PL_ERR_ARG, "%s: dropout_p must be in [0, 1), got %g", fn,
+                            (double)dropout_p);
     if (dropout_p > 0.0f && !rng)
-        return pl__err(PL_ERR_ARG, "%s: rng is NULL (needed when dropout_p > 0)", fn), NULL;
+        return pl__err_null(PL_ERR_ARG, "%s: rng is NULL (needed when dropout_p > 0)", fn);
     att a = {0};
     a.B = q->shape[0];
     a.L = q->shape[1];
@@ -549,10 +548,9 @@ pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v, f
     a.k = pl_f32(k);
     a.v = pl_f32(v);
     const int64_t BH = a.B * a.H, T = omp_get_max_threads(), per = fwd_scratch(&a), nblk = a.nblk;
-    const int64_t tsz = BH * a.Lp * a.D, rsz = BH * a.Lp * a.Dp;
+    const int64_t tsz = BH * a.Lp * a.D, rsz = BH * a.Lp * a.Dp, work = BH * a.L * a.L * a.D;
     pl_tensor *out = pl__new(ctx, PL_F32, 4, q->shape);
-    att *saved = out ? pl__scratch(ctx, sizeof *saved) : NULL;
-    float *lse2 = saved ? pl__scratch(ctx, (size_t)(BH * a.Lp) * sizeof(float)) : NULL;
+    float *lse2 = out ? pl__scratch(ctx, (size_t)(BH * a.Lp) * sizeof(float)) : NULL;
     /* Operands and per-thread tiles: released for reuse once the forward is done. */
     pl_mark mark = pl_mark_get(ctx);
     float *KT = lse2 ? pl__scratch(ctx, (size_t)(tsz + rsz) * sizeof(float)) : NULL;
@@ -564,23 +562,20 @@ pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v, f
     a.Vp = KT + tsz;
     const att *ap = &a;
     /* Two regions: the dynamic loop must not run orphaned (see PL_PARALLEL). */
-    PL_PARALLEL_FOR(true, schedule(static), t, BH * nblk, {
+    PL_PARALLEL_FOR(work, schedule(static), t, BH * nblk, {
         pack_t(ap, a.k, KT, t / nblk, t % nblk);
         pack_rows(ap, a.v, KT + tsz, t / nblk, t % nblk);
         if (t % nblk == nblk - 1) /* pad rows of lse2, read by backward's tiles */
             for (int64_t x = a.L; x < a.Lp; x++) lse2[(t / nblk) * a.Lp + x] = 0.0f;
     });
-    PL_PARALLEL_FOR(true, schedule(dynamic, 1), t, BH * nblk, /* longest (last query block) first */
+    PL_PARALLEL_FOR(work, schedule(dynamic, 1), t, BH * nblk, /* longest (last query block) first */
                     fwd_task(ap, t % BH, nblk - 1 - t / BH, ws + omp_get_thread_num() * per));
     if (dropout_p > 0.0f) rng->offset += (uint64_t)BH * (uint64_t)a.L * a.W;
     a.KT = a.Vp = NULL; /* released below */
     pl_mark_release(ctx, mark);
     pl_tensor *in[3] = {q, k, v};
-    if (pl__wants_grad(ctx, 3, in)) {
-        pl_node *n = pl__record(ctx, "attention", attention_backward, out, 3, in);
-        if (!n) return NULL;
-        *saved = a;
-        n->saved = saved;
-    }
+    pl_node *n;
+    if (pl__record(ctx, "attention", attention_backward, out, 3, in, sizeof a, &n)) return NULL;
+    if (n) *(att *)n->saved = a;
     return out;
 }

@@ -17,17 +17,17 @@
 #include <math.h>
 #include <omp.h>
 
-#define CHUNK 16384 /* elements per parallel task: below this one thread is faster */
+#define CHUNK 16384 /* elements per parallel task */
 
 /* ---- flat kernels: o (op)= f(x, y, s) over n elements ---- */
 
 typedef void (*flat_fn)(float *restrict o, const float *restrict x, const float *restrict y,
                         float s, int64_t n);
 
-/* Runs f over [0, n) in CHUNK pieces, in parallel when there is more than one. */
+/* Runs f over [0, n) in CHUNK pieces (work: an element read and one written). */
 static void run_flat(flat_fn f, float *o, const float *x, const float *y, float s, int64_t n) {
     int64_t nc = (n + CHUNK - 1) / CHUNK;
-    PL_PARALLEL_FOR(nc > 1, schedule(static), c, nc, {
+    PL_PARALLEL_FOR(2 * n, schedule(static), c, nc, {
         int64_t lo = c * CHUNK, len = n - lo < CHUNK ? n - lo : CHUNK;
         f(o + lo, x ? x + lo : NULL, y ? y + lo : NULL, s, len);
     });
@@ -250,34 +250,34 @@ PL_KERNEL static void k_reduce(double *restrict part, const float *restrict g,
 
 static void bc_forward(int op, const bc_plan *p, const float *a, const float *b, float *o) {
     bc_tasks tk = bc_split(p);
-    PL_PARALLEL_FOR(tk.ntasks > 1, schedule(static), t, tk.ntasks,
+    PL_PARALLEL_FOR(2 * p->rows * p->inner, schedule(static), t, tk.ntasks,
                     BC_TASK(p, tk, t, k_binary(op, o + aoff, a + aoff, b + boff, p->bin, len)));
 }
 
 static void bc_mul_acc(const bc_plan *p, const float *g, const float *b, float *da) {
     bc_tasks tk = bc_split(p);
-    PL_PARALLEL_FOR(tk.ntasks > 1, schedule(static), t, tk.ntasks,
+    PL_PARALLEL_FOR(2 * p->rows * p->inner, schedule(static), t, tk.ntasks,
                     BC_TASK(p, tk, t, k_bmul_acc(da + aoff, g + aoff, b + boff, p->bin, len)));
 }
 
 /* db += sign * R(g (* a)). Each thread sums its share of the tasks into its own
- * double buffer of nb elements; the buffers are then added in thread order. */
+ * double buffer of nb elements (one per possible thread; unused ones stay 0);
+ * the buffers are then added in thread order. */
 static void bc_reduce(pl_ctx *ctx, const bc_plan *p, const float *g, const float *a, float sign,
                       float *db, int64_t nb) {
     bc_tasks tk = bc_split(p);
-    int T = tk.ntasks > 1 ? omp_get_max_threads() : 1;
-    if (T > tk.ntasks) T = (int)tk.ntasks;
+    const int T = omp_get_max_threads();
     double *part = pl__scratch(ctx, (size_t)T * (size_t)nb * sizeof(double));
     if (!part) return;
     memset(part, 0, (size_t)T * (size_t)nb * sizeof(double));
-    PL_PARALLEL(T > 1, num_threads(T), {
+    PL_PARALLEL(2 * p->rows * p->inner, default(shared), {
         int nth = omp_get_num_threads(), tid = omp_get_thread_num();
         double *mine = part + (size_t)tid * (size_t)nb;
         int64_t t0 = tk.ntasks * tid / nth, t1 = tk.ntasks * (tid + 1) / nth;
         for (int64_t t = t0; t < t1; t++)
             BC_TASK(p, tk, t, k_reduce(mine + boff, g + aoff, a ? a + aoff : NULL, p->bin, len));
     });
-    PL_PARALLEL_FOR(nb > CHUNK, schedule(static), k, nb, {
+    PL_PARALLEL_FOR(T * nb, schedule(static), k, nb, {
         double s = 0;
         for (int i = 0; i < T; i++) s += part[(size_t)i * (size_t)nb + k];
         db[k] += sign * (float)s;
@@ -289,17 +289,16 @@ static void binary_backward(pl_ctx *ctx, pl_node *n) {
     const bc_plan *p = n->saved;
     pl_tensor *a = n->in[0], *b = n->in[1];
     const float *g = n->out->grad;
-    if (a->requires_grad) {
-        float *da = pl__grad(ctx, a);
-        if (!da) return;
+    float *d[2];
+    if (pl__grads(ctx, n, d)) return;
+    float *da = d[0], *db = d[1];
+    if (da) {
         if (op == OP_MUL)
             bc_mul_acc(p, g, pl_f32(b), da);
         else
             run_flat(k_acc, da, g, NULL, 0, a->numel);
     }
-    if (b->requires_grad) {
-        float *db = pl__grad(ctx, b);
-        if (!db) return;
+    if (db) {
         if (b->numel == a->numel) { /* no broadcast: same layout as a */
             if (op == OP_MUL)
                 run_flat(k_mul_acc, db, g, pl_f32(a), 0, b->numel);
@@ -321,12 +320,10 @@ static pl_tensor *binary(pl_ctx *ctx, const char *fn, const char *opname, int op
     if (!y) return NULL;
     bc_forward(op, &p, pl_f32(a), pl_f32(b), pl_f32(y));
     pl_tensor *in[2] = {a, b};
-    if (pl__wants_grad(ctx, 2, in)) {
-        pl_node *n = pl__record(ctx, opname, binary_backward, y, 2, in);
-        bc_plan *s = n ? pl__scratch(ctx, sizeof *s) : NULL;
-        if (!s) return NULL;
-        *s = p;
-        n->saved = s;
+    pl_node *n;
+    if (pl__record(ctx, opname, binary_backward, y, 2, in, sizeof p, &n)) return NULL;
+    if (n) {
+        *(bc_plan *)n->saved = p;
         n->iarg[0] = op;
     }
     return y;
@@ -352,8 +349,8 @@ typedef struct {
 static void unary_backward(pl_ctx *ctx, pl_node *n) {
     const unary_bw *u = n->saved;
     pl_tensor *x = n->in[0];
-    float *dx = pl__grad(ctx, x);
-    if (!dx) return;
+    float *dx;
+    if (pl__grads(ctx, n, &dx)) return;
     const float *aux = u->use == 1 ? pl_f32(x) : u->use == 2 ? pl_f32(n->out) : NULL;
     run_flat(u->bw, dx, n->out->grad, aux, n->farg[0], x->numel);
 }
@@ -364,9 +361,9 @@ static pl_tensor *unary(pl_ctx *ctx, const char *fn, const char *opname, pl_tens
     pl_tensor *y = pl__new(ctx, PL_F32, x->ndim, x->shape);
     if (!y) return NULL;
     run_flat(fw, pl_f32(y), pl_f32(x), NULL, s, x->numel);
-    if (pl__wants_grad(ctx, 1, &x)) {
-        pl_node *n = pl__record(ctx, opname, unary_backward, y, 1, &x);
-        if (!n) return NULL;
+    pl_node *n;
+    if (pl__record(ctx, opname, unary_backward, y, 1, &x, 0, &n)) return NULL;
+    if (n) {
         n->saved = (void *)bw; /* static table below: lives as long as the library */
         n->farg[0] = s;
     }

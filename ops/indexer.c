@@ -26,14 +26,13 @@
 #include <math.h>
 #include <omp.h>
 
-int64_t pl__indexer_block_rows = 0;
-
 typedef struct {
     int64_t B, L, HI, dI, T; /* T: query rows per block */
 } ix_dims;
 
 static int64_t block_rows(int64_t L, int64_t HI) {
-    int64_t T = pl__indexer_block_rows > 0 ? pl__indexer_block_rows : (1 << 20) / (HI * L);
+    int64_t T =
+        pl__tuning.indexer_block_rows > 0 ? pl__tuning.indexer_block_rows : (1 << 20) / (HI * L);
     if (T < 1) T = 1;
     return T < L ? T : L;
 }
@@ -114,11 +113,9 @@ static void indexer_backward(pl_ctx *ctx, pl_node *n) {
     const ix_dims *d = n->saved;
     pl_tensor *qI = n->in[0], *kI = n->in[1], *w = n->in[2];
     const int64_t B = d->B, L = d->L, HI = d->HI, dI = d->dI, T = d->T;
-    float *dq = qI->requires_grad ? pl__grad(ctx, qI) : NULL;
-    float *dk = kI->requires_grad ? pl__grad(ctx, kI) : NULL;
-    float *dw = w->requires_grad ? pl__grad(ctx, w) : NULL;
-    if ((qI->requires_grad && !dq) || (kI->requires_grad && !dk) || (w->requires_grad && !dw))
-        return;
+    float *gi[3];
+    if (pl__grads(ctx, n, gi)) return;
+    float *dq = gi[0], *dk = gi[1], *dw = gi[2];
     float *D = pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * L));
     if (!D) return;
     const float *q = pl_f32(qI), *k = pl_f32(kI), *wd = pl_f32(w), *g = n->out->grad;
@@ -126,7 +123,7 @@ static void indexer_backward(pl_ctx *ctx, pl_node *n) {
         for (int64_t t0 = 0; t0 < L; t0 += T) {
             const int64_t t1 = t0 + T < L ? t0 + T : L, M = (t1 - t0) * HI;
             if (ix_block_dots(d, q, k, b, t0, t1, D)) return;
-            PL_PARALLEL_FOR(M * t1 >= PL_PAR_MIN, schedule(static), i, t1 - t0, {
+            PL_PARALLEL_FOR(M * t1, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
                 ix_row_backward(D + i * HI * t1, t1, g + (b * L + t) * L, wd + (b * L + t) * HI, HI,
                                 t + 1, dw ? dw + (b * L + t) * HI : NULL);
@@ -154,7 +151,7 @@ pl_tensor *pl_indexer_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tenso
         for (int64_t t0 = 0; t0 < L; t0 += T) {
             const int64_t t1 = t0 + T < L ? t0 + T : L;
             if (ix_block_dots(&d, q, k, b, t0, t1, D)) return NULL;
-            PL_PARALLEL_FOR((t1 - t0) * HI * t1 >= PL_PAR_MIN, schedule(static), i, t1 - t0, {
+            PL_PARALLEL_FOR((t1 - t0) * HI * t1, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
                 float *row = o + (b * L + t) * L;
                 pl__ix_row_scores(row, D + i * HI * t1, t1, wd + (b * L + t) * HI, HI, t + 1);
@@ -162,13 +159,9 @@ pl_tensor *pl_indexer_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tenso
             });
         }
     pl_tensor *in[3] = {qI, kI, w};
-    if (pl__wants_grad(ctx, 3, in)) {
-        pl_node *nd = pl__record(ctx, "indexer_scores", indexer_backward, out, 3, in);
-        ix_dims *sd = nd ? pl__scratch(ctx, sizeof *sd) : NULL;
-        if (!sd) return NULL;
-        *sd = d;
-        nd->saved = sd;
-    }
+    pl_node *nd;
+    if (pl__record(ctx, "indexer_scores", indexer_backward, out, 3, in, sizeof d, &nd)) return NULL;
+    if (nd) *(ix_dims *)nd->saved = d;
     return out;
 }
 
@@ -176,14 +169,14 @@ pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor 
     static const char *fn = "pl_indexer_topk";
     ix_dims d;
     if (ix_shapes(ctx, fn, qI, kI, w, &d)) return NULL;
-    if (k < 1) return pl__err(PL_ERR_ARG, "%s: k = %d must be >= 1", fn, k), NULL;
+    if (k < 1) return pl__err_null(PL_ERR_ARG, "%s: k = %d must be >= 1", fn, k);
     const int64_t B = d.B, L = d.L, HI = d.HI, T = d.T;
     pl_tensor *out = pl__new(ctx, PL_I32, PL_DIMS(B, L, k));
     if (!out) return NULL;
     int32_t *o = pl_i32(out);
     /* Rows t < k take every s <= t: no scores needed. */
     const int64_t tfirst = k < L ? k : L;
-    PL_PARALLEL_FOR(B * tfirst * tfirst >= PL_PAR_MIN, schedule(static), r, B * tfirst, {
+    PL_PARALLEL_FOR(B * tfirst * tfirst, schedule(static), r, B * tfirst, {
         int64_t b = r / tfirst, t = r % tfirst;
         pl__causal_topk_row(NULL, t + 1, k, o + (b * L + t) * k, k, NULL);
     });
@@ -200,7 +193,7 @@ pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor 
             if (t1 <= tfirst) continue;
             if (ix_block_dots(&d, q, kd, b, t0, t1, D)) return NULL;
             const int64_t ts = t0 > tfirst ? t0 : tfirst;
-            PL_PARALLEL((t1 - ts) * HI * t1 >= PL_PAR_MIN, default(shared), {
+            PL_PARALLEL((t1 - ts) * HI * t1, default(shared), {
                 const size_t tid = (size_t)omp_get_thread_num();
                 float *row = rowbuf + tid * (size_t)L;
                 uint32_t *kb = keys + tid * (size_t)L;
@@ -222,8 +215,6 @@ pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor 
  * of HI dot products of length dI (O(B*L*K*HI*dI)), and backward computes dk
  * per key from the transposed index sets. */
 
-int64_t pl__indexer_at_mode = 0;
-
 typedef struct {
     ix_dims d;
     int64_t K;
@@ -232,8 +223,8 @@ typedef struct {
 } ixs_saved;
 
 static bool at_blocked(int64_t L, int64_t K) {
-    if (pl__indexer_at_mode == 1) return false;
-    if (pl__indexer_at_mode == 2) return true;
+    if (pl__tuning.indexer_at_mode == 1) return false;
+    if (pl__tuning.indexer_at_mode == 2) return true;
     return K * 16 >= L;
 }
 
@@ -279,7 +270,7 @@ static pl_status ixb_forward(const ix_dims *d, const float *q, const float *k, c
             const int64_t t1 = t0 + T < L ? t0 + T : L;
             pl_status st = ix_block_dots(d, q, k, b, t0, t1, D);
             if (st) return st;
-            PL_PARALLEL_FOR((t1 - t0) * K * HI >= PL_PAR_MIN, schedule(static), i, t1 - t0, {
+            PL_PARALLEL_FOR((t1 - t0) * K * HI, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
                 ixb_fwd_row(D + i * HI * t1, t1, w + (b * L + t) * HI, HI, idx + (b * L + t) * K, K,
                             out + (b * L + t) * K);
@@ -300,7 +291,7 @@ static void ixb_backward(pl_ctx *ctx, const ix_dims *d, int64_t K, const int32_t
             const int64_t t1 = t0 + T < L ? t0 + T : L, M = (t1 - t0) * HI;
             if (ix_block_dots(d, q, k, b, t0, t1, D)) return;
             memset(G, 0, sizeof(float) * (size_t)(M * t1));
-            PL_PARALLEL_FOR((t1 - t0) * K * HI >= PL_PAR_MIN, schedule(static), i, t1 - t0, {
+            PL_PARALLEL_FOR((t1 - t0) * K * HI, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
                 ixb_bwd_row(D + i * HI * t1, G + i * HI * t1, t1, w + (b * L + t) * HI, HI,
                             idx + (b * L + t) * K, g + (b * L + t) * K, K,
@@ -374,18 +365,16 @@ static void indexer_at_backward(pl_ctx *ctx, pl_node *n) {
     const ix_dims *d = &sv->d;
     pl_tensor *qI = n->in[0], *kI = n->in[1], *w = n->in[2];
     const int64_t B = d->B, L = d->L, HI = d->HI, dI = d->dI, K = sv->K;
-    float *dq = qI->requires_grad ? pl__grad(ctx, qI) : NULL;
-    float *dk = kI->requires_grad ? pl__grad(ctx, kI) : NULL;
-    float *dw = w->requires_grad ? pl__grad(ctx, w) : NULL;
-    if ((qI->requires_grad && !dq) || (kI->requires_grad && !dk) || (w->requires_grad && !dw))
-        return;
+    float *gi[3];
+    if (pl__grads(ctx, n, gi)) return;
+    float *dq = gi[0], *dk = gi[1], *dw = gi[2];
     const float *q = pl_f32(qI), *k = pl_f32(kI), *wd = pl_f32(w), *g = n->out->grad;
     if (sv->blocked) {
         ixb_backward(ctx, d, K, sv->idx, q, k, wd, g, dq, dk, dw);
         return;
     }
     if (dq || dw) {
-        PL_PARALLEL_FOR(B * L * K * HI * dI >= PL_PAR_MIN, schedule(dynamic, 8), r, B * L,
+        PL_PARALLEL_FOR(B * L * K * HI * dI, schedule(dynamic, 8), r, B * L,
                         ixs_bwd_row(d, K, q + r * HI * dI, k, wd + r * HI, sv->idx + r * K,
                                     g + r * K, dq ? dq + r * HI * dI : NULL,
                                     dw ? dw + r * HI : NULL, r / L));
@@ -393,7 +382,7 @@ static void indexer_at_backward(pl_ctx *ctx, pl_node *n) {
     if (!dk) return;
     int32_t *off, *list;
     if (pl__idx_by_key(ctx, sv->idx, B, L, K, &off, &list)) return;
-    PL_PARALLEL_FOR(B * L * K * HI * dI >= PL_PAR_MIN, schedule(dynamic, 8), r, B * L, {
+    PL_PARALLEL_FOR(B * L * K * HI * dI, schedule(dynamic, 8), r, B * L, {
         const int64_t b = r / L, s = r % L;
         const int32_t *o = off + b * (L + 1) + s;
         ixs_bwd_key(d, K, q, k, wd, g, dk, b, s, list + o[0], o[1] - o[0]);
@@ -418,19 +407,14 @@ pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_te
         if (!D || ixb_forward(&d, q, k, wd, id, K, o, D)) return NULL;
     } else {
         PL_PARALLEL_FOR(
-            B * L * K * HI * dI >= PL_PAR_MIN, schedule(dynamic, 8), r, B * L,
+            B * L * K * HI * dI, schedule(dynamic, 8), r, B * L,
             ixs_fwd_row(&d, K, q + r * HI * dI, k, wd + r * HI, id + r * K, o + r * K, r / L));
     }
     pl_tensor *in[3] = {qI, kI, w};
-    if (pl__wants_grad(ctx, 3, in)) {
-        pl_node *nd = pl__record(ctx, "indexer_scores_at", indexer_at_backward, out, 3, in);
-        ixs_saved *sv = nd ? pl__scratch(ctx, sizeof *sv) : NULL;
-        if (!sv) return NULL;
-        sv->d = d;
-        sv->K = K;
-        sv->idx = id;
-        sv->blocked = blocked;
-        nd->saved = sv;
-    }
+    pl_node *nd;
+    if (pl__record(ctx, "indexer_scores_at", indexer_at_backward, out, 3, in, sizeof(ixs_saved),
+                   &nd))
+        return NULL;
+    if (nd) *(ixs_saved *)nd->saved = (ixs_saved){d, K, id, blocked};
     return out;
 }

@@ -66,11 +66,10 @@ PL_KERNEL static double kl_row(const float *q, const float *k, const int32_t *ir
 
 static void kl_backward(pl_ctx *ctx, pl_node *n) {
     const kl_saved *sv = n->saved;
-    pl_tensor *scores = n->in[0];
-    float *ds = pl__grad(ctx, scores);
-    if (!ds) return;
+    float *ds;
+    if (pl__grads(ctx, n, &ds)) return;
     const float gout = n->out->grad[0];
-    PL_PARALLEL_FOR(sv->n >= PL_PAR_MIN, schedule(static), i, sv->n, ds[i] += gout * sv->g[i]);
+    PL_PARALLEL_FOR(sv->n, schedule(static), i, sv->n, ds[i] += gout * sv->g[i]);
 }
 
 pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *idx,
@@ -81,17 +80,16 @@ pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor
         return NULL;
     char sq[96], sk[96];
     if (q->ndim != 4 || !pl_same_shape(q, k))
-        return pl__err(PL_ERR_SHAPE, "%s: q and k must both be [B, L, H, D]; got %s and %s", fn,
-                       pl_shape_str(q, sq, sizeof sq), pl_shape_str(k, sk, sizeof sk)),
-               NULL;
+        return pl__err_null(PL_ERR_SHAPE, "%s: q and k must both be [B, L, H, D]; got %s and %s",
+                            fn, pl_shape_str(q, sq, sizeof sq), pl_shape_str(k, sk, sizeof sk));
     const int64_t B = q->shape[0], L = q->shape[1], H = q->shape[2], D = q->shape[3];
     if (pl__check_causal_idx(ctx, fn, idx, B, L)) return NULL;
     if (!pl_same_shape(scores, idx))
-        return pl__err(PL_ERR_SHAPE,
-                       "%s: scores must be [B, L, K] like idx (%s), one score per selected "
-                       "key; got %s",
-                       fn, pl_shape_str(idx, sq, sizeof sq), pl_shape_str(scores, sk, sizeof sk)),
-               NULL;
+        return pl__err_null(PL_ERR_SHAPE,
+                            "%s: scores must be [B, L, K] like idx (%s), one score per selected "
+                            "key; got %s",
+                            fn, pl_shape_str(idx, sq, sizeof sq),
+                            pl_shape_str(scores, sk, sizeof sk));
     const int64_t K = idx->shape[2], rows = B * L;
     pl_tensor *loss = pl__new(ctx, PL_F32, PL_DIMS(1));
     float *g = loss ? pl__scratch(ctx, sizeof(float) * (size_t)(rows * K)) : NULL;
@@ -101,7 +99,7 @@ pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor
     if (!buf) return NULL;
     const float *qd = pl_f32(q), *kd = pl_f32(k), *sd = pl_f32(scores);
     const int32_t *id = pl_i32(idx);
-    PL_PARALLEL_FOR(rows * K * H * D >= PL_PAR_MIN, schedule(dynamic, 8), r, rows, {
+    PL_PARALLEL_FOR(rows * K * H * D, schedule(dynamic, 8), r, rows, {
         float *P = buf + 4 * (size_t)K * (size_t)omp_get_thread_num(), *z = P + K;
         int32_t *sel = (int32_t *)(z + K), *pos = sel + K;
         rowkl[r] = kl_row(qd, kd, id + r * K, sd + r * K, g + r * K, r / L, r % L, L, H, D, K, P, z,
@@ -118,13 +116,11 @@ pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor
     pl_tensor *in[1] = {scores};
     if (pl__wants_grad(ctx, 1, in)) {
         const float inv = counted ? 1.0f / (float)counted : 0.0f;
-        PL_PARALLEL_FOR(rows * K >= PL_PAR_MIN, schedule(static), i, rows * K, g[i] *= inv);
-        pl_node *nd = pl__record(ctx, "indexer_kl_loss", kl_backward, loss, 1, in);
-        kl_saved *sv = nd ? pl__scratch(ctx, sizeof *sv) : NULL;
-        if (!sv) return NULL;
-        sv->g = g;
-        sv->n = rows * K;
-        nd->saved = sv;
+        PL_PARALLEL_FOR(rows * K, schedule(static), i, rows * K, g[i] *= inv);
+        pl_node *nd;
+        if (pl__record(ctx, "indexer_kl_loss", kl_backward, loss, 1, in, sizeof(kl_saved), &nd))
+            return NULL;
+        *(kl_saved *)nd->saved = (kl_saved){g, rows * K};
     }
     return loss;
 }

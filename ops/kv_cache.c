@@ -293,7 +293,7 @@ pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *c, int layer, 
                           D, L))
                 return NULL;
         }
-        PL_PARALLEL(T * HI * L >= PL_PAR_MIN && T > 1, default(shared), {
+        PL_PARALLEL(T > 1 ? T * HI * L : 0, default(shared), {
             const size_t tid = (size_t)omp_get_thread_num();
             float *row = rowbuf + tid * (size_t)Lmax;
             uint32_t *kb = keys + tid * (size_t)Lmax;

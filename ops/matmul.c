@@ -61,14 +61,12 @@ static pl_status mm_run(const mm_dims *d, const float *A, const float *B, float 
     return PL_OK;
 }
 
-static void mm_backward_into(pl_ctx *ctx, const mm_dims *d, pl_tensor *a, pl_tensor *b,
-                             const float *dC) {
-    const float *A = pl_f32(a), *B = pl_f32(b);
+/* Adds the gradients of C = op(A) op(B) into dA and dB (each skipped when NULL). */
+static void mm_backward_into(const mm_dims *d, const float *A, const float *B, const float *dC,
+                             float *dA, float *dB) {
     int64_t M = d->M, N = d->N, K = d->K;
     int64_t lda = d->ta ? M : K, ldb = d->tb ? K : N;
-    if (a->requires_grad) {
-        float *dA = pl__grad(ctx, a);
-        if (!dA) return;
+    if (dA) {
         if (d->shared_b && !d->ta) { /* batch folded into M */
             if (pl__sgemm(false, !d->tb, d->batch * M, K, N, 1.0f, dC, N, B, ldb, 1.0f, dA, K))
                 return;
@@ -85,9 +83,7 @@ static void mm_backward_into(pl_ctx *ctx, const mm_dims *d, pl_tensor *a, pl_ten
             }
         }
     }
-    if (b->requires_grad) {
-        float *dB = pl__grad(ctx, b);
-        if (!dB) return;
+    if (dB) {
         if (d->shared_b && !d->ta) { /* sum over the batch is one product */
             int64_t R = d->batch * M;
             if (d->tb)
@@ -109,8 +105,9 @@ static void mm_backward_into(pl_ctx *ctx, const mm_dims *d, pl_tensor *a, pl_ten
 }
 
 static void matmul_backward(pl_ctx *ctx, pl_node *n) {
-    mm_dims *d = n->saved;
-    mm_backward_into(ctx, d, n->in[0], n->in[1], n->out->grad);
+    float *g[2];
+    if (pl__grads(ctx, n, g)) return;
+    mm_backward_into(n->saved, pl_f32(n->in[0]), pl_f32(n->in[1]), n->out->grad, g[0], g[1]);
 }
 
 static pl_tensor *matmul_impl(pl_ctx *ctx, const char *fn, pl_tensor *a, pl_tensor *b, bool ta,
@@ -137,25 +134,21 @@ pl_tensor *pl_matmul(pl_ctx *ctx, pl_tensor *a, pl_tensor *b, bool trans_a, bool
     pl_tensor *c = matmul_impl(ctx, "pl_matmul", a, b, trans_a, trans_b, &d);
     if (!c) return NULL;
     pl_tensor *in[2] = {a, b};
-    if (pl__wants_grad(ctx, 2, in)) {
-        pl_node *n = pl__record(ctx, "matmul", matmul_backward, c, 2, in);
-        mm_dims *s = n ? pl__scratch(ctx, sizeof *s) : NULL;
-        if (!s) return NULL;
-        *s = d;
-        n->saved = s;
-    }
+    pl_node *n;
+    if (pl__record(ctx, "matmul", matmul_backward, c, 2, in, sizeof d, &n)) return NULL;
+    if (n) *(mm_dims *)n->saved = d;
     return c;
 }
 
 /* y = x W + bias; backward adds d bias = column sums of dy. */
 static void linear_backward(pl_ctx *ctx, pl_node *n) {
-    mm_dims *d = n->saved;
+    float *g[3];
+    if (pl__grads(ctx, n, g)) return;
+    const mm_dims *d = n->saved;
     const float *dy = n->out->grad;
-    mm_backward_into(ctx, d, n->in[0], n->in[1], dy);
-    pl_tensor *bias = n->n_in > 2 ? n->in[2] : NULL;
-    if (bias && bias->requires_grad) {
-        float *db = pl__grad(ctx, bias);
-        if (!db) return;
+    mm_backward_into(d, pl_f32(n->in[0]), pl_f32(n->in[1]), dy, g[0], g[1]);
+    float *db = n->n_in > 2 ? g[2] : NULL;
+    if (db) {
         int64_t rows = d->batch * d->M, cols = d->N;
         for (int64_t r = 0; r < rows; r++)
             for (int64_t j = 0; j < cols; j++) db[j] += dy[r * cols + j];
@@ -167,16 +160,14 @@ pl_tensor *pl_linear(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *bias) {
     if (pl__check(ctx, fn, "x", x, PL_F32) || pl__check(ctx, fn, "w", w, PL_F32)) return NULL;
     char sx[96], sw[96];
     if (w->ndim != 2 || x->shape[x->ndim - 1] != w->shape[0])
-        return pl__err(PL_ERR_SHAPE,
-                       "%s: x %s does not fit W %s (want W [in, out] with in = "
-                       "x's last dim)",
-                       fn, pl_shape_str(x, sx, sizeof sx), pl_shape_str(w, sw, sizeof sw)),
-               NULL;
+        return pl__err_null(PL_ERR_SHAPE,
+                            "%s: x %s does not fit W %s (want W [in, out] with in = x's last dim)",
+                            fn, pl_shape_str(x, sx, sizeof sx), pl_shape_str(w, sw, sizeof sw));
     if (bias) {
         if (pl__check(ctx, fn, "bias", bias, PL_F32)) return NULL;
         if (bias->numel != w->shape[1] || bias->ndim != 1)
-            return pl__err(PL_ERR_SHAPE, "%s: bias must be [%lld]", fn, (long long)w->shape[1]),
-                   NULL;
+            return pl__err_null(PL_ERR_SHAPE, "%s: bias must be [%lld]", fn,
+                                (long long)w->shape[1]);
     }
     /* View x as [rows, in] so the whole batch is one product. */
     mm_dims d = {x->numel / w->shape[0], 1, w->shape[1], w->shape[0], false, false, true};
@@ -197,12 +188,8 @@ pl_tensor *pl_linear(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *bias) {
     if (pl__sgemm(false, false, d.M, d.N, d.K, 1.0f, pl_f32(x), d.K, pl_f32(w), d.N, beta, yd, d.N))
         return NULL;
     pl_tensor *in[3] = {x, w, bias};
-    if (pl__wants_grad(ctx, 3, in)) {
-        pl_node *n = pl__record(ctx, "linear", linear_backward, y, bias ? 3 : 2, in);
-        mm_dims *s = n ? pl__scratch(ctx, sizeof *s) : NULL;
-        if (!s) return NULL;
-        *s = d;
-        n->saved = s;
-    }
+    pl_node *n;
+    if (pl__record(ctx, "linear", linear_backward, y, bias ? 3 : 2, in, sizeof d, &n)) return NULL;
+    if (n) *(mm_dims *)n->saved = d;
     return y;
 }

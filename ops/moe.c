@@ -57,7 +57,7 @@ static pl_status route(const float *x, const float *rw, int64_t N, int64_t d, in
                        float *probs, int32_t *sel, float *wts) {
     pl_status s = pl__sgemm(false, false, N, E, d, 1.0f, x, d, rw, E, 0.0f, probs, E);
     if (s) return s;
-    PL_PARALLEL_FOR(true, schedule(static), t, N, {
+    PL_PARALLEL_FOR(N * E, schedule(static), t, N, {
         float *p = probs + t * E;
         float mx = p[0];
         for (int64_t e = 1; e < E; e++) mx = p[e] > mx ? p[e] : mx;
@@ -132,17 +132,19 @@ static pl_status moe_check(pl_ctx *ctx, const char *fn, pl_tensor *x, pl_tensor 
 
 static void moe_backward(pl_ctx *ctx, pl_node *n) {
     const moe_saved *sv = n->saved;
-    pl_tensor *x = n->in[0], *rw = n->in[1], *wg = n->in[2], *wu = n->in[3], *wd = n->in[4];
+    pl_tensor *x = n->in[0], *rw = n->in[1], *wg = n->in[2], *wu = n->in[3];
     const int64_t N = sv->N, d = sv->d, E = sv->E, F = sv->F, k = sv->k, R = sv->R;
     const float *dy = n->out->grad;
-    const bool need_x = x->requires_grad, need_r = rw->requires_grad;
-    const bool need_in = need_x || wg->requires_grad || wu->requires_grad;
+    float *gi[5];
+    if (pl__grads(ctx, n, gi)) return;
+    float *dx = gi[0], *dR = gi[1], *dWg = gi[2], *dWu = gi[3], *dWd = gi[4];
+    const bool need_x = dx != NULL, need_r = dR != NULL, need_in = dx || dWg || dWu;
 
     float *dw = pl__scratch(ctx, (size_t)(N * k) * 4);
     float *dyg = pl__scratch(ctx, (size_t)(R * d) * 4);
     if (!dw || !dyg) return;
     /* dw = dy . o_e and the weighted output gradient, gathered. */
-    PL_PARALLEL_FOR(true, schedule(static), t, N, {
+    PL_PARALLEL_FOR(R * d, schedule(static), t, N, {
         const float *dyt = dy + t * d;
         for (int64_t j = 0; j < k; j++) {
             int64_t r = sv->pos[t * k + j];
@@ -157,14 +159,13 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
     });
 
     /* Experts. */
-    if (wd->requires_grad || need_in) {
-        float *dWd = wd->requires_grad ? pl__grad(ctx, wd) : NULL;
+    if (dWd || need_in) {
         float *dh = need_in ? pl__scratch(ctx, (size_t)(R * F) * 4) : NULL;
-        if ((wd->requires_grad && !dWd) || (need_in && !dh)) return;
+        if (need_in && !dh) return;
         for (int64_t e = 0; e < E; e++) {
             int64_t o = sv->off[e], ne = sv->off[e + 1] - o;
             if (ne == 0) continue;
-            const float *De = pl_f32(wd) + e * F * d;
+            const float *De = pl_f32(n->in[4]) + e * F * d;
             if (dh &&
                 pl__sgemm(false, true, ne, F, d, 1.0f, dyg + o * d, d, De, d, 0.0f, dh + o * F, F))
                 return;
@@ -176,16 +177,13 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
             float *du = pl__scratch(ctx, (size_t)(R * F) * 4);
             if (!du) return;
             /* dh becomes dg in place. */
-            PL_PARALLEL_FOR(true, schedule(static), i, R * F, {
+            PL_PARALLEL_FOR(R * F, schedule(static), i, R * F, {
                 float g = sv->g[i], sg = 1.0f / (1.0f + expf(-g));
                 du[i] = dh[i] * g * sg;
                 dh[i] = dh[i] * sv->u[i] * sg * (1.0f + g * (1.0f - sg));
             });
-            float *dWg = wg->requires_grad ? pl__grad(ctx, wg) : NULL;
-            float *dWu = wu->requires_grad ? pl__grad(ctx, wu) : NULL;
             float *dxg = need_x ? pl__scratch(ctx, (size_t)(R * d) * 4) : NULL;
-            if ((wg->requires_grad && !dWg) || (wu->requires_grad && !dWu) || (need_x && !dxg))
-                return;
+            if (need_x && !dxg) return;
             for (int64_t e = 0; e < E; e++) {
                 int64_t o = sv->off[e], ne = sv->off[e + 1] - o;
                 if (ne == 0) continue;
@@ -203,9 +201,7 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
                     return;
             }
             if (dxg) {
-                float *dx = pl__grad(ctx, x);
-                if (!dx) return;
-                PL_PARALLEL_FOR(true, schedule(static), t, N, {
+                PL_PARALLEL_FOR(R * d, schedule(static), t, N, {
                     for (int64_t j = 0; j < k; j++) {
                         const float *src = dxg + sv->pos[t * k + j] * d;
                         float *dst = dx + t * d;
@@ -220,7 +216,7 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
     if (need_x || need_r) {
         float *dl = pl__scratch(ctx, (size_t)(N * E) * 4);
         if (!dl) return;
-        PL_PARALLEL_FOR(true, schedule(static), t, N, {
+        PL_PARALLEL_FOR(N * E, schedule(static), t, N, {
             const float *p = sv->probs + t * E, *w = sv->wts + t * k, *dwt = dw + t * k;
             const int32_t *st = sv->sel + t * k;
             float *dlt = dl + t * E;
@@ -239,14 +235,10 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
             for (int64_t e = 0; e < E; e++) dlt[e] = p[e] * (dlt[e] - pdp);
         });
         if (need_r) {
-            float *dR = pl__grad(ctx, rw);
-            if (!dR || pl__sgemm(true, false, d, E, N, 1.0f, pl_f32(x), d, dl, E, 1.0f, dR, E))
-                return;
+            if (pl__sgemm(true, false, d, E, N, 1.0f, pl_f32(x), d, dl, E, 1.0f, dR, E)) return;
         }
         if (need_x) {
-            float *dx = pl__grad(ctx, x);
-            if (!dx || pl__sgemm(false, true, N, d, E, 1.0f, dl, E, pl_f32(rw), E, 1.0f, dx, d))
-                return;
+            if (pl__sgemm(false, true, N, d, E, 1.0f, dl, E, pl_f32(rw), E, 1.0f, dx, d)) return;
         }
     }
 }
@@ -295,7 +287,7 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
         tok[r] = i / k;
     }
 
-    PL_PARALLEL_FOR(true, schedule(static), r, R,
+    PL_PARALLEL_FOR(R * d, schedule(static), r, R,
                     memcpy(sv->xg + r * d, xd + tok[r] * d, (size_t)d * 4));
     /* chunk buffers (see the top of the file): input, and two outputs */
     const int64_t C = MOE_CHUNK, wmax = d > F ? d : F;
@@ -316,7 +308,7 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
             memcpy(sv->g + o * F, c1, (size_t)(m * F) * 4);
             memcpy(sv->u + o * F, c2, (size_t)(m * F) * 4);
         }
-    PL_PARALLEL_FOR(true, schedule(static), i, R * F, sv->h[i] = silu_f(sv->g[i]) * sv->u[i]);
+    PL_PARALLEL_FOR(R * F, schedule(static), i, R * F, sv->h[i] = silu_f(sv->g[i]) * sv->u[i]);
     for (int64_t e = 0; e < E; e++)
         for (int64_t o = off[e]; o < off[e + 1]; o += C) {
             int64_t m = off[e + 1] - o < C ? off[e + 1] - o : C;
@@ -331,7 +323,7 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
     /* Each token sums w_e * o_e over its experts in increasing expert order
      * (gathered rows are expert-major, so that is increasing row order). */
     float *od = pl_f32(out);
-    PL_PARALLEL_FOR(true, schedule(static), t, N, {
+    PL_PARALLEL_FOR(R * d, schedule(static), t, N, {
         float *ot = od + t * d;
         for (int64_t c = 0; c < d; c++) ot[c] = 0.0f;
         int64_t last = -1;
@@ -349,11 +341,9 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
     });
 
     pl_tensor *in[5] = {x, router_w, w_gate, w_up, w_down};
-    if (pl__wants_grad(ctx, 5, in)) {
-        pl_node *nd = pl__record(ctx, "moe", moe_backward, out, 5, in);
-        if (!nd) return NULL;
-        nd->saved = sv;
-    }
+    pl_node *nd;
+    if (pl__record(ctx, "moe", moe_backward, out, 5, in, 0, &nd)) return NULL;
+    if (nd) nd->saved = sv; /* filled by the forward */
     return out;
 }
 

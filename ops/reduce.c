@@ -11,7 +11,6 @@
 #include "internal.h"
 
 #define BLOCK 8192
-#define PAR_MIN 32768 /* elements below which one thread is faster */
 
 PL_KERNEL static double k_sum(const float *restrict x, int64_t n) {
     double acc = 0;
@@ -33,7 +32,7 @@ static double sum_all(pl_ctx *ctx, const float *x, int64_t n, bool *ok) {
         *ok = false;
         return 0;
     }
-    PL_PARALLEL_FOR(n > PAR_MIN, schedule(static), b, nb, {
+    PL_PARALLEL_FOR(n, schedule(static), b, nb, {
         int64_t lo = b * BLOCK;
         part[b] = k_sum(x + lo, n - lo < BLOCK ? n - lo : BLOCK);
     });
@@ -45,12 +44,12 @@ static double sum_all(pl_ctx *ctx, const float *x, int64_t n, bool *ok) {
 /* dx += c * dy[0]; iarg[0] = 1 for the mean (c = 1/N). */
 static void sum_backward(pl_ctx *ctx, pl_node *n) {
     pl_tensor *x = n->in[0];
-    float *dx = pl__grad(ctx, x);
-    if (!dx) return;
+    float *dx;
+    if (pl__grads(ctx, n, &dx)) return;
     float c = n->out->grad[0];
     if (n->iarg[0]) c = (float)((double)c / (double)x->numel);
     int64_t N = x->numel, nb = (N + BLOCK - 1) / BLOCK;
-    PL_PARALLEL_FOR(N > PAR_MIN, schedule(static), b, nb, {
+    PL_PARALLEL_FOR(N, schedule(static), b, nb, {
         int64_t lo = b * BLOCK;
         k_add_const(dx + lo, c, N - lo < BLOCK ? N - lo : BLOCK);
     });
@@ -65,11 +64,9 @@ static pl_tensor *sum_impl(pl_ctx *ctx, const char *fn, const char *opname, pl_t
     pl_tensor *y = pl__new(ctx, PL_F32, PL_DIMS(1));
     if (!y) return NULL;
     pl_f32(y)[0] = (float)(mean ? s / (double)x->numel : s);
-    if (pl__wants_grad(ctx, 1, &x)) {
-        pl_node *n = pl__record(ctx, opname, sum_backward, y, 1, &x);
-        if (!n) return NULL;
-        n->iarg[0] = mean;
-    }
+    pl_node *n;
+    if (pl__record(ctx, opname, sum_backward, y, 1, &x, 0, &n)) return NULL;
+    if (n) n->iarg[0] = mean;
     return y;
 }
 
@@ -78,12 +75,11 @@ pl_tensor *pl_mean(pl_ctx *ctx, pl_tensor *x) { return sum_impl(ctx, "pl_mean", 
 
 static void sum_last_backward(pl_ctx *ctx, pl_node *n) {
     pl_tensor *x = n->in[0];
-    float *dx = pl__grad(ctx, x);
-    if (!dx) return;
+    float *dx;
+    if (pl__grads(ctx, n, &dx)) return;
     const float *g = n->out->grad;
     int64_t cols = x->shape[x->ndim - 1], rows = x->numel / cols;
-    PL_PARALLEL_FOR(x->numel > PAR_MIN, schedule(static), r, rows,
-                    k_add_const(dx + r * cols, g[r], cols));
+    PL_PARALLEL_FOR(x->numel, schedule(static), r, rows, k_add_const(dx + r * cols, g[r], cols));
 }
 
 pl_tensor *pl_sum_last(pl_ctx *ctx, pl_tensor *x) {
@@ -96,9 +92,7 @@ pl_tensor *pl_sum_last(pl_ctx *ctx, pl_tensor *x) {
     if (!y) return NULL;
     const float *xd = pl_f32(x);
     float *yd = pl_f32(y);
-    PL_PARALLEL_FOR(x->numel > PAR_MIN, schedule(static), r, rows,
-                    yd[r] = (float)k_sum(xd + r * cols, cols));
-    if (pl__wants_grad(ctx, 1, &x) && !pl__record(ctx, "sum_last", sum_last_backward, y, 1, &x))
-        return NULL;
+    PL_PARALLEL_FOR(x->numel, schedule(static), r, rows, yd[r] = (float)k_sum(xd + r * cols, cols));
+    if (pl__record(ctx, "sum_last", sum_last_backward, y, 1, &x, 0, NULL)) return NULL;
     return y;
 }

@@ -40,15 +40,15 @@ static void rmsnorm_backward(pl_ctx *ctx, pl_node *n) {
     pl_tensor *x = n->in[0], *w = n->in[1];
     const float *rstd = n->saved, *dy = n->out->grad, *xd = pl_f32(x), *wd = pl_f32(w);
     int64_t d = w->numel, rows = x->numel / d;
-    float *dx = NULL, *dw = NULL, *part = NULL;
-    if (x->requires_grad && !(dx = pl__grad(ctx, x))) return;
+    float *g[2], *part = NULL;
+    if (pl__grads(ctx, n, g)) return;
+    float *dx = g[0], *dw = g[1];
     int64_t nchunk = (rows + RMS_CHUNK - 1) / RMS_CHUNK;
-    if (w->requires_grad) {
-        if (!(dw = pl__grad(ctx, w))) return;
+    if (dw) {
         if (!(part = pl__scratch(ctx, (size_t)(nchunk * d) * sizeof(float)))) return;
         memset(part, 0, (size_t)(nchunk * d) * sizeof(float));
     }
-    PL_PARALLEL_FOR(true, schedule(static), c, nchunk, {
+    PL_PARALLEL_FOR(x->numel, schedule(static), c, nchunk, {
         int64_t end = (c + 1) * RMS_CHUNK < rows ? (c + 1) * RMS_CHUNK : rows;
         for (int64_t r = c * RMS_CHUNK; r < end; r++)
             rms_bwd_row(xd + r * d, wd, dy + r * d, rstd[r], dx ? dx + r * d : NULL,
@@ -65,25 +65,21 @@ pl_tensor *pl_rmsnorm(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, float eps) {
     char sx[96], sw[96];
     int64_t d = x->shape[x->ndim - 1];
     if (w->ndim != 1 || w->shape[0] != d)
-        return pl__err(PL_ERR_SHAPE, "%s: w %s must be [d] with d = x's last dim (x is %s)", fn,
-                       pl_shape_str(w, sw, sizeof sw), pl_shape_str(x, sx, sizeof sx)),
-               NULL;
+        return pl__err_null(PL_ERR_SHAPE, "%s: w %s must be [d] with d = x's last dim (x is %s)",
+                            fn, pl_shape_str(w, sw, sizeof sw), pl_shape_str(x, sx, sizeof sx));
     if (!(eps >= 0.0f) || isinf(eps))
-        return pl__err(PL_ERR_ARG, "%s: eps must be finite and >= 0, got %g", fn, (double)eps),
-               NULL;
+        return pl__err_null(PL_ERR_ARG, "%s: eps must be finite and >= 0, got %g", fn, (double)eps);
     int64_t rows = x->numel / d;
     pl_tensor *y = pl__new(ctx, PL_F32, x->ndim, x->shape);
     float *rstd = y ? pl__scratch(ctx, (size_t)rows * sizeof(float)) : NULL;
     if (!rstd) return NULL;
     const float *xd = pl_f32(x), *wd = pl_f32(w);
     float *yd = pl_f32(y);
-    PL_PARALLEL_FOR(true, schedule(static), r, rows,
+    PL_PARALLEL_FOR(x->numel, schedule(static), r, rows,
                     rms_fwd_row(xd + r * d, wd, yd + r * d, rstd + r, d, eps));
     pl_tensor *in[2] = {x, w};
-    if (pl__wants_grad(ctx, 2, in)) {
-        pl_node *n = pl__record(ctx, "rmsnorm", rmsnorm_backward, y, 2, in);
-        if (!n) return NULL;
-        n->saved = rstd;
-    }
+    pl_node *n;
+    if (pl__record(ctx, "rmsnorm", rmsnorm_backward, y, 2, in, 0, &n)) return NULL;
+    if (n) n->saved = rstd; /* filled by the forward */
     return y;
 }

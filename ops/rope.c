@@ -37,13 +37,13 @@ static void rope_apply(const rope_saved *s, const float *x, float *out, float di
                        bool accumulate) {
     const int64_t L = s->L, H = s->H, D = s->D;
     PL_PARALLEL_FOR(
-        true, schedule(static), bl, s->B * L,
+        s->B * L * H * D, schedule(static), bl, s->B * L,
         rope_row(s->cs + (bl % L) * D, x + bl * H * D, out + bl * H * D, H, D, dir, accumulate));
 }
 
 static void rope_backward(pl_ctx *ctx, pl_node *n) {
-    float *dx = pl__grad(ctx, n->in[0]);
-    if (!dx) return;
+    float *dx;
+    if (pl__grads(ctx, n, &dx)) return;
     rope_apply(n->saved, n->out->grad, dx, -1.0f, true);
 }
 
@@ -52,16 +52,14 @@ pl_tensor *pl_rope(pl_ctx *ctx, pl_tensor *x, float base, int64_t pos_offset) {
     if (pl__check(ctx, fn, "x", x, PL_F32)) return NULL;
     char sx[96];
     if (x->ndim != 4 || x->shape[3] % 2 != 0)
-        return pl__err(PL_ERR_SHAPE, "%s: x must be [B, L, H, D] with D even, got %s", fn,
-                       pl_shape_str(x, sx, sizeof sx)),
-               NULL;
+        return pl__err_null(PL_ERR_SHAPE, "%s: x must be [B, L, H, D] with D even, got %s", fn,
+                            pl_shape_str(x, sx, sizeof sx));
     if (!(base > 0.0f) || isinf(base))
-        return pl__err(PL_ERR_ARG, "%s: base must be finite and > 0, got %g", fn, (double)base),
-               NULL;
+        return pl__err_null(PL_ERR_ARG, "%s: base must be finite and > 0, got %g", fn,
+                            (double)base);
     if (pos_offset < 0)
-        return pl__err(PL_ERR_ARG, "%s: pos_offset must be >= 0, got %lld", fn,
-                       (long long)pos_offset),
-               NULL;
+        return pl__err_null(PL_ERR_ARG, "%s: pos_offset must be >= 0, got %lld", fn,
+                            (long long)pos_offset);
     rope_saved *s = pl__scratch(ctx, sizeof *s);
     pl_tensor *y = s ? pl__new(ctx, PL_F32, 4, x->shape) : NULL;
     if (!y) return NULL;
@@ -81,11 +79,8 @@ pl_tensor *pl_rope(pl_ctx *ctx, pl_tensor *x, float base, int64_t pos_offset) {
         }
     }
     rope_apply(s, pl_f32(x), pl_f32(y), 1.0f, false);
-    pl_tensor *in[1] = {x};
-    if (pl__wants_grad(ctx, 1, in)) {
-        pl_node *n = pl__record(ctx, "rope", rope_backward, y, 1, in);
-        if (!n) return NULL;
-        n->saved = s;
-    }
+    pl_node *n;
+    if (pl__record(ctx, "rope", rope_backward, y, 1, &x, 0, &n)) return NULL;
+    if (n) n->saved = s; /* filled by the forward */
     return y;
 }

@@ -15,8 +15,7 @@
 
 #include <math.h>
 
-#define PAR_MIN 32768 /* elements below which one thread is faster */
-#define BLK 512       /* online log-sum-exp block (2 KiB) */
+#define BLK 512 /* online log-sum-exp block (2 KiB) */
 
 /* out[0] = max x, out[1] = log sum exp(x - max). */
 PL_KERNEL static void k_logsumexp(const float *restrict x, int64_t n, float *restrict out) {
@@ -65,11 +64,11 @@ PL_KERNEL static void k_softmax_bw_row(float *restrict dx, const float *restrict
 
 static void softmax_backward(pl_ctx *ctx, pl_node *n) {
     pl_tensor *x = n->in[0];
-    float *dx = pl__grad(ctx, x);
-    if (!dx) return;
+    float *dx;
+    if (pl__grads(ctx, n, &dx)) return;
     const float *y = pl_f32(n->out), *g = n->out->grad;
     int64_t V = x->shape[x->ndim - 1], rows = x->numel / V;
-    PL_PARALLEL_FOR(x->numel > PAR_MIN, schedule(static), r, rows,
+    PL_PARALLEL_FOR(x->numel, schedule(static), r, rows,
                     k_softmax_bw_row(dx + r * V, y + r * V, g + r * V, V));
 }
 
@@ -80,10 +79,8 @@ pl_tensor *pl_softmax(pl_ctx *ctx, pl_tensor *x) {
     const float *xd = pl_f32(x);
     float *yd = pl_f32(y);
     int64_t V = x->shape[x->ndim - 1], rows = x->numel / V;
-    PL_PARALLEL_FOR(x->numel > PAR_MIN, schedule(static), r, rows,
-                    k_softmax_row(yd + r * V, xd + r * V, V));
-    if (pl__wants_grad(ctx, 1, &x) && !pl__record(ctx, "softmax", softmax_backward, y, 1, &x))
-        return NULL;
+    PL_PARALLEL_FOR(x->numel, schedule(static), r, rows, k_softmax_row(yd + r * V, xd + r * V, V));
+    if (pl__record(ctx, "softmax", softmax_backward, y, 1, &x, 0, NULL)) return NULL;
     return y;
 }
 
@@ -96,7 +93,7 @@ PL_KERNEL static void k_ce_bw_row(float *restrict dx, const float *restrict x, f
 
 typedef struct {
     float *lse;   /* (max, log-sum) per row */
-    int32_t *tgt; /* copy of the validated targets */
+    int32_t *tgt; /* copy of the validated targets, right after this struct */
 } ce_saved;
 
 /* iarg[0]: number of counted rows. */
@@ -104,14 +101,15 @@ static void ce_backward(pl_ctx *ctx, pl_node *n) {
     pl_tensor *x = n->in[0];
     int64_t count = n->iarg[0];
     if (count == 0) return; /* every target ignored: the loss is a constant 0 */
-    float *dx = pl__grad(ctx, x);
-    if (!dx) return;
+    float *g[2];
+    if (pl__grads(ctx, n, g)) return;
+    float *dx = g[0];
     const ce_saved *sv = n->saved;
     const float *lse = sv->lse, *xd = pl_f32(x);
     const int32_t *t = sv->tgt;
     float c = (float)((double)n->out->grad[0] / (double)count);
     int64_t V = x->shape[x->ndim - 1], rows = x->numel / V;
-    PL_PARALLEL_FOR(x->numel > PAR_MIN, schedule(static), r, rows, {
+    PL_PARALLEL_FOR(x->numel, schedule(static), r, rows, {
         if (t[r] < 0) continue;
         k_ce_bw_row(dx + r * V, xd + r * V, lse[2 * r], lse[2 * r + 1], c, V);
         dx[r * V + t[r]] -= c;
@@ -128,43 +126,41 @@ pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets) 
     for (int i = 0; ok && i < logits->ndim - 1; i++) ok = targets->shape[i] == logits->shape[i];
     char sl[96], st[96];
     if (!ok)
-        return pl__err(PL_ERR_SHAPE,
-                       "%s: targets %s must have the leading shape of logits %s (all dims but "
-                       "the last)",
-                       fn, pl_shape_str(targets, st, sizeof st),
-                       pl_shape_str(logits, sl, sizeof sl)),
-               NULL;
+        return pl__err_null(PL_ERR_SHAPE,
+                            "%s: targets %s must have the leading shape of logits %s (all dims "
+                            "but the last)",
+                            fn, pl_shape_str(targets, st, sizeof st),
+                            pl_shape_str(logits, sl, sizeof sl));
     const int32_t *t = pl_i32(targets);
     int64_t count = 0;
     for (int64_t r = 0; r < rows; r++) {
         if (t[r] >= V)
-            return pl__err(PL_ERR_ARG,
-                           "%s: target %d at row %lld is >= the number of classes V = %lld "
-                           "(targets < 0 are ignored)",
-                           fn, (int)t[r], (long long)r, (long long)V),
-                   NULL;
+            return pl__err_null(PL_ERR_ARG,
+                                "%s: target %d at row %lld is >= the number of classes V = %lld "
+                                "(targets < 0 are ignored)",
+                                fn, (int)t[r], (long long)r, (long long)V);
         count += t[r] >= 0;
     }
     float *lse = pl__scratch(ctx, (size_t)rows * 2 * sizeof(float));
     pl_tensor *y = lse ? pl__new(ctx, PL_F32, PL_DIMS(1)) : NULL;
     if (!y) return NULL;
     const float *xd = pl_f32(logits);
-    PL_PARALLEL_FOR(logits->numel > PAR_MIN, schedule(static), r, rows,
+    PL_PARALLEL_FOR(logits->numel, schedule(static), r, rows,
                     if (t[r] >= 0) k_logsumexp(xd + r * V, V, lse + 2 * r));
     double loss = 0;
     for (int64_t r = 0; r < rows; r++)
         if (t[r] >= 0) loss += ((double)lse[2 * r] - xd[r * V + t[r]]) + lse[2 * r + 1];
     pl_f32(y)[0] = count ? (float)(loss / (double)count) : 0.0f;
     pl_tensor *in[2] = {logits, targets};
-    if (pl__wants_grad(ctx, 2, in)) {
-        pl_node *n = pl__record(ctx, "cross_entropy", ce_backward, y, 2, in);
-        ce_saved *sv = n ? pl__scratch(ctx, sizeof *sv) : NULL;
-        int32_t *keep = sv ? pl__scratch(ctx, (size_t)rows * sizeof *keep) : NULL;
-        if (!keep) return NULL;
-        memcpy(keep, t, (size_t)rows * sizeof *keep);
+    pl_node *n;
+    if (pl__record(ctx, "cross_entropy", ce_backward, y, 2, in,
+                   sizeof(ce_saved) + (size_t)rows * sizeof *t, &n))
+        return NULL;
+    if (n) {
+        ce_saved *sv = n->saved;
         sv->lse = lse;
-        sv->tgt = keep;
-        n->saved = sv;
+        sv->tgt = (int32_t *)(sv + 1);
+        memcpy(sv->tgt, t, (size_t)rows * sizeof *t);
         n->iarg[0] = count;
     }
     return y;

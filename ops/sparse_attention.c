@@ -43,8 +43,6 @@
 #include <omp.h>
 #include <stdlib.h>
 
-int64_t pl__sparse_tile_q = 0, pl__sparse_tile_k = 0;
-
 /* ISO C mode turns off FMA contraction; the kernels want it. Vector returns in
  * the baseline clone make GCC warn of an ABI change that no call crosses. */
 #if defined(__clang__)
@@ -54,45 +52,6 @@ int64_t pl__sparse_tile_q = 0, pl__sparse_tile_k = 0;
 #pragma GCC optimize("fp-contract=fast")
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
-
-pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, int64_t K,
-                         int32_t **off_out, int32_t **list_out) {
-    if (L * K >= INT32_MAX || B * L * K >= INT32_MAX)
-        return pl__err(PL_ERR_SHAPE,
-                       "index sets of %lld x %lld x %lld entries are too large (limit 2^31)",
-                       (long long)B, (long long)L, (long long)K);
-    int32_t *off = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * (L + 1)));
-    int32_t *cur = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * L));
-    if (!off || !cur) return pl_last_status();
-    PL_PARALLEL_FOR(B * L * K >= PL_PAR_MIN, schedule(static), b, B, {
-        int32_t *o = off + b * (L + 1);
-        memset(o, 0, sizeof(int32_t) * (size_t)(L + 1));
-        const int32_t *ib = idx + b * L * K;
-        for (int64_t e = 0; e < L * K; e++)
-            if (ib[e] >= 0) o[ib[e] + 1]++;
-        for (int64_t s = 0; s < L; s++) o[s + 1] += o[s];
-    });
-    int64_t total = 0; /* batch b's list starts after those of batches < b */
-    for (int64_t b = 0; b < B; b++) {
-        int32_t *o = off + b * (L + 1);
-        int64_t n = o[L];
-        for (int64_t s = 0; s <= L; s++) o[s] += (int32_t)total;
-        total += n;
-    }
-    int32_t *list = pl__scratch(ctx, sizeof(int32_t) * (size_t)(total > 0 ? total : 1));
-    if (!list) return pl_last_status();
-    PL_PARALLEL_FOR(B * L * K >= PL_PAR_MIN, schedule(static), b, B, {
-        const int32_t *o = off + b * (L + 1);
-        int32_t *c = cur + b * L;
-        memcpy(c, o, sizeof(int32_t) * (size_t)L);
-        const int32_t *ib = idx + b * L * K;
-        for (int64_t e = 0; e < L * K; e++)
-            if (ib[e] >= 0) list[c[ib[e]]++] = (int32_t)e;
-    });
-    *off_out = off;
-    *list_out = list;
-    return PL_OK;
-}
 
 /* ---- vector kernels (GCC vector extensions; AVX2+FMA in the x86-64-v3 clone)
  * ---- */
@@ -611,13 +570,11 @@ static void sa_bwd_kv_tile(const sa_args *a, const float *dO, const float *G, fl
 
 static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
     const sa_args *a = n->saved;
-    pl_tensor *q = n->in[0], *k = n->in[1], *v = n->in[2];
     const float *dO = n->out->grad;
     const int64_t B = a->B, L = a->L, K = a->K, H = a->H;
-    float *dq = q->requires_grad ? pl__grad(ctx, q) : NULL;
-    float *dk = k->requires_grad ? pl__grad(ctx, k) : NULL;
-    float *dv = v->requires_grad ? pl__grad(ctx, v) : NULL;
-    if ((q->requires_grad && !dq) || (k->requires_grad && !dk) || (v->requires_grad && !dv)) return;
+    float *g[3];
+    if (pl__grads(ctx, n, g)) return;
+    float *dq = g[0], *dk = g[1], *dv = g[2];
     const int nt = omp_get_max_threads();
     const size_t per = (work_bytes(a) + 16 * (size_t)a->KT + 63) & ~(size_t)63;
     /* G, the transposed index sets and the per-thread memory are given back to
@@ -630,9 +587,9 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
     /* Dynamic loops go through PL_PARALLEL_FOR (an orphaned one would malloc
      * when serial), so each task carves its thread's memory (pointer
      * arithmetic only; the tiles do not depend on what it held before). */
-    const bool par = B * L * K * H * a->D >= PL_PAR_MIN;
+    const int64_t work = B * L * K * H * a->D;
     if (dq || dk || (dv && a->keep))
-        PL_PARALLEL_FOR(par, schedule(dynamic, 1), r, B * nq,
+        PL_PARALLEL_FOR(work, schedule(dynamic, 1), r, B * nq,
                         { /* largest tiles (late t) first */
                           sa_work w = work_carve(a, buf + per * (size_t)omp_get_thread_num());
                           const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ;
@@ -640,7 +597,7 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
                         });
     int32_t *off, *list;
     if ((dk || dv) && !pl__idx_by_key(ctx, a->idx, B, L, K, &off, &list))
-        PL_PARALLEL_FOR(par, schedule(dynamic, 1), r, B * nk,
+        PL_PARALLEL_FOR(work, schedule(dynamic, 1), r, B * nk,
                         { /* early keys first */
                           unsigned char *base = buf + per * (size_t)omp_get_thread_num();
                           sa_work w = work_carve(a, base);
@@ -649,19 +606,17 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
                           sa_bwd_kv_tile(a, dO, G, dk, dv, b, s0, s0 + a->KT < L ? s0 + a->KT : L,
                                          off + b * (L + 1), list, cur, &w);
                         });
-    /* pl_mark_release would also clear tape_consumed; keep it as it was. */
-    const bool consumed = ctx->tape_consumed;
     pl_mark_release(ctx, mark);
-    ctx->tape_consumed = consumed;
 }
 
 static int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
 
 /* Tiles of the forward: query rows per tile and keys per block (see below). */
 static void sa_tiles(int64_t H, int64_t D, int64_t K, int64_t *TQ, int64_t *SK) {
-    *SK = pl__sparse_tile_k > 0 ? pl__sparse_tile_k : clamp64((1 << 15) / (H * D), 8, 1024);
+    *SK = pl__tuning.sparse_tile_k > 0 ? pl__tuning.sparse_tile_k
+                                       : clamp64((1 << 15) / (H * D), 8, 1024);
     const int64_t Kz = ((K + 7) & ~(int64_t)7) + 16;
-    *TQ = pl__sparse_tile_q > 0 ? pl__sparse_tile_q : clamp64((1 << 17) / Kz, 4, 64);
+    *TQ = pl__tuning.sparse_tile_q > 0 ? pl__tuning.sparse_tile_q : clamp64((1 << 17) / Kz, 4, 64);
 }
 
 pl_status pl__sparse_attention_seqs(pl_ctx *ctx, const pl__sa_seq *seqs, int64_t n, int64_t H,
@@ -702,7 +657,7 @@ pl_status pl__sparse_attention_seqs(pl_ctx *ctx, const pl__sa_seq *seqs, int64_t
     const size_t per = (work_bytes(&a[0]) + 63) & ~(size_t)63;
     unsigned char *buf = n ? pl__scratch(ctx, per * (size_t)nt) : NULL;
     if (n && !buf) return pl_last_status();
-    PL_PARALLEL_FOR(work >= PL_PAR_MIN, schedule(dynamic, 1), r, tasks, {
+    PL_PARALLEL_FOR(work, schedule(dynamic, 1), r, tasks, {
         sa_work w = work_carve(&a[0], buf + per * (size_t)omp_get_thread_num());
         int64_t i = 0;
         while (first[i + 1] <= r) i++;
@@ -720,17 +675,16 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
         return NULL;
     char sq[96], sk[96], sv[96];
     if (q->ndim != 4 || !pl_same_shape(q, k) || !pl_same_shape(q, v))
-        return pl__err(PL_ERR_SHAPE, "%s: q, k, v must all be [B, L, H, D]; got %s, %s, %s", fn,
-                       pl_shape_str(q, sq, sizeof sq), pl_shape_str(k, sk, sizeof sk),
-                       pl_shape_str(v, sv, sizeof sv)),
-               NULL;
+        return pl__err_null(PL_ERR_SHAPE, "%s: q, k, v must all be [B, L, H, D]; got %s, %s, %s",
+                            fn, pl_shape_str(q, sq, sizeof sq), pl_shape_str(k, sk, sizeof sk),
+                            pl_shape_str(v, sv, sizeof sv));
     const int64_t B = q->shape[0], L = q->shape[1], H = q->shape[2], D = q->shape[3];
     if (pl__check_causal_idx(ctx, fn, idx, B, L)) return NULL;
     if (!(dropout_p >= 0.0f && dropout_p < 1.0f))
-        return pl__err(PL_ERR_ARG, "%s: dropout_p = %g must be in [0, 1)", fn, (double)dropout_p),
-               NULL;
+        return pl__err_null(PL_ERR_ARG, "%s: dropout_p = %g must be in [0, 1)", fn,
+                            (double)dropout_p);
     if (dropout_p > 0.0f && !rng)
-        return pl__err(PL_ERR_ARG, "%s: rng is NULL but dropout_p > 0", fn), NULL;
+        return pl__err_null(PL_ERR_ARG, "%s: rng is NULL but dropout_p > 0", fn);
     const int64_t K = idx->shape[2];
     pl_tensor *out = pl__new(ctx, PL_F32, 4, q->shape);
     if (!out) return NULL;
@@ -777,18 +731,15 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     if (!buf) return NULL;
     const int64_t nq = (L + TQ - 1) / TQ;
     /* Each task carves its thread's memory (see the backward). */
-    PL_PARALLEL_FOR(B * L * K * H * D >= PL_PAR_MIN, schedule(dynamic, 1), r, B * nq, {
+    PL_PARALLEL_FOR(B * L * K * H * D, schedule(dynamic, 1), r, B * nq, {
         sa_work w = work_carve(&a, buf + per * (size_t)omp_get_thread_num());
         const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ; /* largest tiles (late t) first */
         sa_fwd_tile(&a, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
     });
     if (dropout_p > 0.0f) rng->offset += (uint64_t)(B * H * L * ((K + 3) / 4));
-    if (record) {
-        pl_node *nd = pl__record(ctx, "sparse_attention", sparse_attention_backward, out, 3, in);
-        sa_args *sv2 = nd ? pl__scratch(ctx, sizeof *sv2) : NULL;
-        if (!sv2) return NULL;
-        *sv2 = a;
-        nd->saved = sv2;
-    }
+    pl_node *nd;
+    if (pl__record(ctx, "sparse_attention", sparse_attention_backward, out, 3, in, sizeof a, &nd))
+        return NULL;
+    if (nd) *(sa_args *)nd->saved = a;
     return out;
 }

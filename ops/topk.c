@@ -13,8 +13,6 @@
 #include <math.h>
 #include <omp.h>
 
-int64_t pl__par_min = 32768;
-
 /* Monotone map float -> uint32 (a < b  <=>  key(a) < key(b)). NaN is mapped as
  * -inf and -0 as +0, so they tie with those (and the tie goes to smaller s). */
 static inline uint32_t order_key(float x) {
@@ -62,56 +60,17 @@ void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32_t *out, i
     for (; m < width; m++) out[m] = -1;
 }
 
-pl_status pl__check_causal_idx(pl_ctx *ctx, const char *fn, const pl_tensor *idx, int64_t B,
-                               int64_t L) {
-    pl_status st = pl__check(ctx, fn, "idx", idx, PL_I32);
-    if (st) return st;
-    char buf[96];
-    if (idx->ndim != 3 || idx->shape[0] != B || idx->shape[1] != L)
-        return pl__err(PL_ERR_SHAPE, "%s: idx must be [%lld, %lld, K] (int32), got %s", fn,
-                       (long long)B, (long long)L, pl_shape_str(idx, buf, sizeof buf));
-    const int64_t K = idx->shape[2], rows = B * L;
-    const int32_t *id = pl_i32(idx);
-    int64_t first = rows; /* first row with a bad entry */
-    PL_PARALLEL_FOR(rows * K >= PL_PAR_MIN,
-                    schedule(static) reduction(min
-                                               : first),
-                    r, rows, {
-                        int64_t t = r % L;
-                        for (int64_t j = 0; j < K; j++) {
-                            int32_t s = id[r * K + j];
-                            if (s < -1 || s > t) {
-                                if (r < first) first = r;
-                                break;
-                            }
-                        }
-                    });
-    if (first == rows) return PL_OK;
-    int64_t t = first % L, j = 0;
-    while (id[first * K + j] >= -1 && id[first * K + j] <= t) j++;
-    int32_t s = id[first * K + j];
-    if (s >= 0 && s < L)
-        return pl__err(PL_ERR_ARG,
-                       "%s: idx[%lld, %lld, %lld] = %d is a future key (> t = %lld); causal "
-                       "sparse ops accept only keys s <= t (or -1 for padding)",
-                       fn, (long long)(first / L), (long long)t, (long long)j, (int)s,
-                       (long long)t);
-    return pl__err(PL_ERR_ARG, "%s: idx[%lld, %lld, %lld] = %d is out of range [-1, %lld]", fn,
-                   (long long)(first / L), (long long)t, (long long)j, (int)s, (long long)t);
-}
-
 pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k) {
     static const char *fn = "pl_causal_topk";
     if (pl__check(ctx, fn, "scores", scores, PL_F32)) return NULL;
     char buf[96];
     if (scores->ndim != 3 || scores->shape[1] != scores->shape[2])
-        return pl__err(PL_ERR_SHAPE, "%s: scores must be [B, L, L], got %s", fn,
-                       pl_shape_str(scores, buf, sizeof buf)),
-               NULL;
-    if (k < 1) return pl__err(PL_ERR_ARG, "%s: k = %d must be >= 1", fn, k), NULL;
+        return pl__err_null(PL_ERR_SHAPE, "%s: scores must be [B, L, L], got %s", fn,
+                            pl_shape_str(scores, buf, sizeof buf));
+    if (k < 1) return pl__err_null(PL_ERR_ARG, "%s: k = %d must be >= 1", fn, k);
     const int64_t B = scores->shape[0], L = scores->shape[1];
     if (L > INT32_MAX)
-        return pl__err(PL_ERR_SHAPE, "%s: L = %lld exceeds int32", fn, (long long)L), NULL;
+        return pl__err_null(PL_ERR_SHAPE, "%s: L = %lld exceeds int32", fn, (long long)L);
     pl_tensor *out = pl__new(ctx, PL_I32, PL_DIMS(B, L, k));
     if (!out) return NULL;
     const int nt = omp_get_max_threads();
@@ -120,7 +79,7 @@ pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k) {
     const float *sc = pl_f32(scores);
     int32_t *o = pl_i32(out);
     /* A dynamic loop: PL_PARALLEL_FOR, each row finds its thread's key buffer. */
-    PL_PARALLEL_FOR(B * L * L >= PL_PAR_MIN, schedule(dynamic, 16), r, B * L, {
+    PL_PARALLEL_FOR(B * L * L, schedule(dynamic, 16), r, B * L, {
         uint32_t *kb = keys ? keys + (size_t)omp_get_thread_num() * (size_t)L : NULL;
         pl__causal_topk_row(sc + r * L, r % L + 1, k, o + r * k, k, kb);
     });

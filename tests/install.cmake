@@ -1,10 +1,16 @@
 # test_install: cmake --install of this build into a temporary prefix, then a
 # consumer built against it with find_package and with pkg-config (shared and
-# static), see install/run.cmake. In a sanitizer build the consumers are built
-# with the same -fsanitize flags (the installed library needs the runtime).
-if(NOT PKG_CONFIG_EXECUTABLE)
-  message(STATUS "test_install: pkg-config not found, test not registered")
+# static, checked with ldd), and the installed plasa-train; see
+# install/run.cmake. In a sanitizer build the consumers are built with the
+# same -fsanitize flags (the installed library needs the runtime).
+find_program(PLASA_LDD ldd)
+if(NOT PKG_CONFIG_EXECUTABLE OR NOT PLASA_LDD)
+  message(STATUS "test_install: pkg-config or ldd not found, test not registered")
   return()
+endif()
+set(PLASA_INSTALL_TRAIN OFF)
+if(TARGET plasa-train)
+  set(PLASA_INSTALL_TRAIN ON)
 endif()
 set(PLASA_CONSUMER_FLAGS "")
 if(PLASA_SANITIZE)
@@ -16,5 +22,6 @@ add_test(NAME test_install
                  -DWORK_DIR=${CMAKE_CURRENT_BINARY_DIR}/install-test
                  -DLIBDIR=${CMAKE_INSTALL_LIBDIR} -DC_COMPILER=${CMAKE_C_COMPILER}
                  "-DC_FLAGS=${PLASA_CONSUMER_FLAGS}" -DPKG_CONFIG=${PKG_CONFIG_EXECUTABLE}
+                 -DLDD=${PLASA_LDD} -DTRAIN=${PLASA_INSTALL_TRAIN}
                  -P ${CMAKE_CURRENT_SOURCE_DIR}/install/run.cmake)
 set_tests_properties(test_install PROPERTIES TIMEOUT 300)

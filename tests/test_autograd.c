@@ -16,9 +16,8 @@ static void teardown(void) { pl_ctx_free(ctx); }
  * (2 is right, anything else is a deliberately wrong gradient). */
 static void square_backward(pl_ctx *c, pl_node *n) {
     pl_tensor *x = n->in[0];
-    if (!x->requires_grad) return;
-    float *dx = pl__grad(c, x);
-    if (!dx) return;
+    float *dx;
+    if (pl__grads(c, n, &dx) || !dx) return;
     const float *g = n->out->grad, *xd = pl_f32(x);
     for (int64_t i = 0; i < x->numel; i++) dx[i] += n->farg[0] * xd[i] * g[i];
 }
@@ -28,11 +27,9 @@ static pl_tensor *t_square_k(pl_ctx *c, pl_tensor *x, float k) {
     pl_tensor *y = pl__new(c, PL_F32, x->ndim, x->shape);
     if (!y) return NULL;
     for (int64_t i = 0; i < x->numel; i++) pl_f32(y)[i] = pl_f32(x)[i] * pl_f32(x)[i];
-    if (pl__wants_grad(c, 1, &x)) {
-        pl_node *n = pl__record(c, "t_square", square_backward, y, 1, &x);
-        if (!n) return NULL;
-        n->farg[0] = k;
-    }
+    pl_node *n;
+    if (pl__record(c, "t_square", square_backward, y, 1, &x, 0, &n)) return NULL;
+    if (n) n->farg[0] = k;
     return y;
 }
 static pl_tensor *t_square(pl_ctx *c, pl_tensor *x) { return t_square_k(c, x, 2.0f); }
@@ -40,8 +37,8 @@ static pl_tensor *t_square(pl_ctx *c, pl_tensor *x) { return t_square_k(c, x, 2.
 /* Sum of all elements -> [1]. */
 static void sum_backward(pl_ctx *c, pl_node *n) {
     pl_tensor *x = n->in[0];
-    float *dx = pl__grad(c, x);
-    if (!dx) return;
+    float *dx;
+    if (pl__grads(c, n, &dx)) return;
     for (int64_t i = 0; i < x->numel; i++) dx[i] += n->out->grad[0];
 }
 
@@ -52,7 +49,7 @@ static pl_tensor *t_sum(pl_ctx *c, pl_tensor *x) {
     double s = 0;
     for (int64_t i = 0; i < x->numel; i++) s += pl_f32(x)[i];
     pl_f32(y)[0] = (float)s;
-    if (pl__wants_grad(c, 1, &x) && !pl__record(c, "t_sum", sum_backward, y, 1, &x)) return NULL;
+    if (pl__record(c, "t_sum", sum_backward, y, 1, &x, 0, NULL)) return NULL;
     return y;
 }
 
@@ -64,7 +61,7 @@ static void failing_backward(pl_ctx *c, pl_node *n) {
 
 static pl_tensor *t_fail(pl_ctx *c, pl_tensor *x) {
     pl_tensor *y = pl__view(c, x, x->ndim, x->shape);
-    if (y && !pl__record(c, "t_fail", failing_backward, y, 1, &x)) return NULL;
+    if (y && pl__record(c, "t_fail", failing_backward, y, 1, &x, 0, NULL)) return NULL;
     return y;
 }
 

@@ -6,16 +6,14 @@
 static pl_ctx *ctx;
 /* Every kernel takes its parallel path, however small the test (gradient
  * checks, with their many small evaluations, restore the default). */
-static int64_t par_default = -1;
+static pl_tuning tuning_default;
 static void setup(void) {
     ctx = pl_ctx_new(NULL);
-    if (par_default < 0) par_default = pl__par_min;
-    pl__par_min = 0;
+    tuning_default = pl__tuning;
+    pl__tuning.par_min = 0;
 }
 static void teardown(void) {
-    pl__indexer_block_rows = 0;
-    pl__indexer_at_mode = 0;
-    pl__par_min = par_default;
+    pl__tuning = tuning_default;
     pl_ctx_free(ctx);
 }
 
@@ -55,7 +53,7 @@ START_TEST(scores_match_naive) {
     for (int rep = 0; rep < 8; rep++) {
         dims d = {tu_randint(&s, 1, 3), tu_randint(&s, 1, 23), tu_randint(&s, 1, 5),
                   tu_randint(&s, 1, 19)};
-        pl__indexer_block_rows = blocks[rep % 4];
+        pl__tuning.indexer_block_rows = blocks[rep % 4];
         pl_tensor *q, *k, *w;
         make_inputs(&s, d, rep & 1, &q, &k, &w);
         pl_tensor *I = pl_indexer_scores(ctx, q, k, w);
@@ -139,7 +137,7 @@ static pl_tensor *scores_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
 }
 
 START_TEST(scores_gradients) {
-    pl__par_min = par_default;
+    pl__tuning.par_min = tuning_default.par_min;
     uint64_t s = 3;
     const int B = 2, L = 7, HI = 3, dI = 4;
     pl_tensor *in[3] = {pl_param_new(ctx, "qI", PL_DIMS(B, L, HI, dI)),
@@ -148,7 +146,7 @@ START_TEST(scores_gradients) {
     kinkless(&s, in[0], in[1], dI);
     const int64_t blocks[] = {0, 2, 3};
     for (int i = 0; i < 3; i++) {
-        pl__indexer_block_rows = blocks[i];
+        pl__tuning.indexer_block_rows = blocks[i];
         masked_gradcheck(scores_fn, NULL, in, 3, 1e-2);
     }
 }
@@ -160,7 +158,7 @@ START_TEST(fused_topk_equals_topk_of_scores) {
     for (int rep = 0; rep < 8; rep++) {
         dims d = {tu_randint(&s, 1, 2), tu_randint(&s, 1, 40), tu_randint(&s, 1, 4),
                   tu_randint(&s, 1, 9)};
-        pl__indexer_block_rows = blocks[rep % 4];
+        pl__tuning.indexer_block_rows = blocks[rep % 4];
         pl_tensor *q, *k, *w;
         make_inputs(&s, d, rep & 1, &q, &k, &w);
         pl_tensor *I = pl_indexer_scores(ctx, q, k, w);
@@ -172,7 +170,7 @@ START_TEST(fused_topk_equals_topk_of_scores) {
             ck_assert(pl_same_shape(a, f) && f->dtype == PL_I32);
             ck_assert_msg(!memcmp(pl_i32(a), pl_i32(f), sizeof(int32_t) * (size_t)a->numel),
                           "fused top-k differs: L=%d k=%d block=%lld", d.L, ks[i],
-                          (long long)pl__indexer_block_rows);
+                          (long long)pl__tuning.indexer_block_rows);
         }
         pl_step_reset(ctx);
     }
@@ -215,8 +213,8 @@ static pl_tensor *random_idx(uint64_t *s, int B, int L, int K, bool allow_empty,
 START_TEST(scores_at_matches_dense) {
     uint64_t s = 23;
     for (int rep = 0; rep < 9; rep++) {
-        pl__indexer_at_mode = rep % 3; /* automatic, gather, blocked */
-        pl__indexer_block_rows = rep % 2 ? 4 : 0;
+        pl__tuning.indexer_at_mode = rep % 3; /* automatic, gather, blocked */
+        pl__tuning.indexer_block_rows = rep % 2 ? 4 : 0;
         dims d = {tu_randint(&s, 1, 3), tu_randint(&s, 1, 30), tu_randint(&s, 1, 4),
                   tu_randint(&s, 1, 17)};
         int K = tu_randint(&s, 1, d.L + 2);
@@ -237,7 +235,7 @@ START_TEST(scores_at_matches_dense) {
                                                         d.dI, b, t, c);
                 }
         tu_assert_close(pl_f32(at), ref, at->numel, 1e-5, 1e-5);
-        if (pl__indexer_at_mode == 2) { /* blocked: the dense op's values, bit for bit */
+        if (pl__tuning.indexer_at_mode == 2) { /* blocked: the dense op's values, bit for bit */
             pl_tensor *I = pl_indexer_scores(ctx, q, k, w);
             int64_t bad = 0;
             for (int64_t e = 0; e < at->numel; e++) {
@@ -259,7 +257,7 @@ static pl_tensor *at_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
 }
 
 START_TEST(scores_at_gradients) {
-    pl__par_min = par_default;
+    pl__tuning.par_min = tuning_default.par_min;
     uint64_t s = 31;
     const int B = 2, L = 6, HI = 2, dI = 5, K = 3;
     pl_tensor *in[3] = {pl_param_new(ctx, "qI", PL_DIMS(B, L, HI * dI)),
@@ -276,8 +274,8 @@ START_TEST(scores_at_gradients) {
     memcpy(pl_i32(pad), pl_i32(tmp), sizeof(int32_t) * (size_t)pad->numel);
     pl_step_reset(ctx);
     for (int mode = 1; mode <= 2; mode++) { /* gather, blocked (with 2-row blocks) */
-        pl__indexer_at_mode = mode;
-        pl__indexer_block_rows = mode == 2 ? 2 : 0;
+        pl__tuning.indexer_at_mode = mode;
+        pl__tuning.indexer_block_rows = mode == 2 ? 2 : 0;
         tu_gradcheck(ctx, at_fn, full, in, 3, 1e-2, 1e-3, 1e-2, 0);
         /* With padding and empty rows (their -inf entries masked out). */
         masked_gradcheck(at_fn, pad, in, 3, 1e-2);
@@ -299,11 +297,11 @@ START_TEST(backward_serial_equals_parallel) {
     tu_fill(seed, (int64_t)B * L * L, &s, -1, 1);
     int64_t n = in[0]->numel + in[1]->numel + in[2]->numel;
     float *res[2][3];
-    pl__indexer_block_rows = 5;
+    pl__tuning.indexer_block_rows = 5;
     for (int par = 0; par < 2; par++)
         for (int op = 0; op < 3; op++) { /* dense, at (gather), at (blocked) */
-            pl__par_min = par ? 0 : INT64_MAX;
-            pl__indexer_at_mode = op;
+            pl__tuning.par_min = par ? 0 : INT64_MAX;
+            pl__tuning.indexer_at_mode = op;
             pl_step_reset(ctx);
             pl_zero_grad(ctx);
             pl_tensor *y = op ? pl_indexer_scores_at(ctx, in[0], in[1], in[2], idx)

@@ -6,14 +6,14 @@
 static pl_ctx *ctx;
 /* Every kernel takes its parallel path, however small the test (gradient
  * checks, with their many small evaluations, restore the default). */
-static int64_t par_default = -1;
+static pl_tuning tuning_default;
 static void setup(void) {
     ctx = pl_ctx_new(NULL);
-    if (par_default < 0) par_default = pl__par_min;
-    pl__par_min = 0;
+    tuning_default = pl__tuning;
+    pl__tuning.par_min = 0;
 }
 static void teardown(void) {
-    pl__par_min = par_default;
+    pl__tuning = tuning_default;
     pl_ctx_free(ctx);
 }
 
@@ -150,7 +150,7 @@ static pl_tensor *kl_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
 }
 
 START_TEST(gradient_only_into_scores) {
-    pl__par_min = par_default;
+    pl__tuning.par_min = tuning_default.par_min;
     uint64_t s = 9;
     const int B = 2, L = 6, H = 2, D = 3, K = 4;
     /* q and k are parameters here, yet no gradient may reach them. */

@@ -473,9 +473,9 @@ static pl_status plasa_step(pl_ctx *c, plasa_lm *m) {
  * for the kernels (default, or 0: every loop worth a region). */
 static void plasa_full_step(int threads, int64_t par_min) {
     int keep = pl_get_num_threads();
-    int64_t keep_min = pl__par_min;
+    int64_t keep_min = pl__tuning.par_min;
     pl_set_num_threads(threads);
-    pl__par_min = par_min;
+    pl__tuning.par_min = par_min;
     uint64_t s = 6;
     plasa_lm m = {.step = 0};
     /* Parameter names are unique per context: tag them by layer and run. */
@@ -508,7 +508,7 @@ static void plasa_full_step(int threads, int64_t par_min) {
     counters_stop();
     int nth = pl_get_num_threads();
     pl_set_num_threads(keep);
-    pl__par_min = keep_min;
+    pl__tuning.par_min = keep_min;
     pl_adamw_free(m.opt);
     ck_assert_msg(st == PL_OK, "%s", pl_last_error());
     ck_assert_int_eq(nth, threads);
@@ -534,12 +534,12 @@ static void plasa_full_step(int threads, int64_t par_min) {
 }
 
 START_TEST(steady_state_plasa_step) {
-    plasa_full_step(2, pl__par_min); /* default cutoff: some loops serial, some not */
+    plasa_full_step(2, pl__tuning.par_min); /* default cutoff: some loops serial, some not */
     plasa_full_step(2, 0);
 }
 END_TEST
 
-START_TEST(steady_state_plasa_step_single_thread) { plasa_full_step(1, pl__par_min); }
+START_TEST(steady_state_plasa_step_single_thread) { plasa_full_step(1, pl__tuning.par_min); }
 END_TEST
 
 /* ---- decoding ----

@@ -348,7 +348,7 @@ static pl_tensor *replica_logits(fixture *f, pl_tensor **x1, pl_tensor **idx) {
 }
 
 /* An independent selection: index scores in double from the float32 attention
- * input x [B, L, d] and the indexer weights, then the rule of SPEC section 1 by
+ * input x [B, L, d] and the indexer weights, then the causal top-k rule by
  * ranking (key s is in row t's set iff fewer than k_t = min(k, t+1) keys s' <= t
  * beat it: a larger score, or an equal one at s' < s), written [B, L, k] in
  * ascending s with -1 padding, as pl_indexer_topk and the fixture write it. */

@@ -10,15 +10,14 @@
 static pl_ctx *ctx;
 /* Every kernel takes its parallel path, however small the test (gradient
  * checks, with their many small evaluations, restore the default). */
-static int64_t par_default = -1;
+static pl_tuning tuning_default;
 static void setup(void) {
     ctx = pl_ctx_new(NULL);
-    if (par_default < 0) par_default = pl__par_min;
-    pl__par_min = 0;
+    tuning_default = pl__tuning;
+    pl__tuning.par_min = 0;
 }
 static void teardown(void) {
-    pl__sparse_tile_q = pl__sparse_tile_k = 0;
-    pl__par_min = par_default;
+    pl__tuning = tuning_default;
     pl_ctx_free(ctx);
 }
 
@@ -129,8 +128,8 @@ static pl_tensor *rnd(uint64_t *s, int B, int L, int H, int D) {
  * cut rows and key ranges into many pieces. */
 static const int64_t TILES[][2] = {{0, 0}, {3, 4}, {1, 1}, {5, 2}};
 static void set_tiles(int i) {
-    pl__sparse_tile_q = TILES[i % 4][0];
-    pl__sparse_tile_k = TILES[i % 4][1];
+    pl__tuning.sparse_tile_q = TILES[i % 4][0];
+    pl__tuning.sparse_tile_k = TILES[i % 4][1];
 }
 
 START_TEST(forward_matches_naive) {
@@ -231,7 +230,7 @@ static pl_tensor *sa_fn_q(pl_ctx *c, pl_tensor *const *in, void *u) {
 }
 
 START_TEST(gradients) {
-    pl__par_min = par_default;
+    pl__tuning.par_min = tuning_default.par_min;
     uint64_t s = 12;
     const int B = 2, L = 7, H = 2, D = 3;
     const int Ks[] = {1, 3, 9};
@@ -373,7 +372,7 @@ START_TEST(vector_paths) {
         pl_step_reset(ctx);
     }
     /* Gradients through the vector kernels (D = 32 and 16), with dropout. */
-    pl__par_min = par_default;
+    pl__tuning.par_min = tuning_default.par_min;
     for (int rep = 0; rep < 2; rep++) {
         const int B = 1, L = 6, H = 2, D = rep ? 16 : 32, K = 3;
         char nq[8], nk[8], nv[8], ni[8];

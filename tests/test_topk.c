@@ -6,14 +6,14 @@
 static pl_ctx *ctx;
 /* Every kernel takes its parallel path, however small the test (gradient
  * checks, with their many small evaluations, restore the default). */
-static int64_t par_default = -1;
+static pl_tuning tuning_default;
 static void setup(void) {
     ctx = pl_ctx_new(NULL);
-    if (par_default < 0) par_default = pl__par_min;
-    pl__par_min = 0;
+    tuning_default = pl__tuning;
+    pl__tuning.par_min = 0;
 }
 static void teardown(void) {
-    pl__par_min = par_default;
+    pl__tuning = tuning_default;
     pl_ctx_free(ctx);
 }
 

@@ -1,7 +1,7 @@
 /* plasa-train with its model (examples/plasa-train/model.c): short training
  * runs of the real binary on a corpus written here (the loss falls, the JSON
  * is consistent), bit-identical resumption and determinism, the whole-model
- * causality proof of SPEC section 1 (through model.h), bad input now that
+ * causality proof of docs/model.md (through model.h), bad input now that
  * the binary trains, the dense schedule and the indexer loss.
  *
  * Every run uses a small model (d = 32, 2 heads, L = 32, vocabulary 300), so

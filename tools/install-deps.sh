@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# Installs the Debian packages libplasa needs to build and test, if missing.
+# Installs the Debian packages libplasa needs to build and test, if missing,
+# plus any package names given as arguments (tools/run.sh adds npm this way).
 # Run as root on Debian 12 (bookworm). Safe to run again.
+#
+# ocl-icd-opencl-dev: libdnnl-dev's CMake package (dnnl-config.cmake) calls
+# find_package(OpenCL), so configure fails without the OpenCL headers and
+# libOpenCL.so. libdnnl-dev only recommends it, and we install without
+# recommends. Why we keep oneDNN's CMake package: docs/dependencies.md.
 set -euo pipefail
-pkgs=(build-essential cmake pkg-config libdnnl-dev check libcjson-dev valgrind clang)
+pkgs=(build-essential cmake pkg-config libdnnl-dev ocl-icd-opencl-dev check libcjson-dev
+      valgrind clang "$@")
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

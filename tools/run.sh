@@ -5,10 +5,14 @@
 # plasa-train (e.g. --schedule dense, --steps 200, --plot curve.svg).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/install-deps.sh
-command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm; }
+# npm may come from Debian or elsewhere (e.g. with nodejs): only install it if
+# there is none.
+if command -v npm >/dev/null; then bash tools/install-deps.sh; else bash tools/install-deps.sh npm; fi
 bash tools/fetch-corpus.sh
-cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DPLASA_BUILD_TESTS=OFF
+# Shares build/release with tools/test.sh; only the options this job relies on
+# are set, the others stay as cached (so neither script rebuilds for the other).
+cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DPLASA_BUILD_EXAMPLES=ON \
+      -DPLASA_SANITIZE=OFF -DPLASA_FUZZ=OFF
 cmake --build build/release -j"$(nproc)" --target plasa-train
 mkdir -p results
 exec build/release/examples/plasa-train/plasa-train --json results/plasa.json \

@@ -1,4 +1,4 @@
-/* The PLASA benchmark model (SPEC section 2) built from public libplasa ops.
+/* The PLASA benchmark model (docs/model.md) built from public libplasa ops.
  *
  *   h = embed(ids)
  *   per layer i:  h += Wo · Attn_i(RMSNorm(h));  h += FFN_i(RMSNorm(h))

@@ -2,7 +2,7 @@
  *
  * train.c drives training and evaluation only through these functions;
  * model.c implements them with libplasa (the PLASA benchmark model of
- * SPEC section 2: embedding, pre-norm decoder layers with per-layer top-k
+ * docs/model.md: embedding, pre-norm decoder layers with per-layer top-k
  * sparse attention and lightning indexers, SwiGLU / MoE FFNs, LM head, AdamW).
  * The build compiles the training path only when model.c exists; without it
  * plasa-train still prepares data (--prepare-only).

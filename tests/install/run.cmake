@@ -3,12 +3,16 @@
 #   1. as a CMake package: find_package(plasa CONFIG REQUIRED), plasa::plasa
 #      and plasa::plasa_static;
 #   2. with pkg-config: cc $(pkg-config --cflags --libs plasa), shared;
-#   3. with pkg-config --static against libplasa.a;
+#   3. with pkg-config --static --libs plasa-static: libplasa.a, although
+#      libplasa.so is installed beside it;
 # and runs every binary; each computes a tiny matmul + backward and checks it.
+# ldd shows that the shared consumers load the installed libplasa.so and the
+# static ones no libplasa.so at all. With -DTRAIN=ON the build has plasa-train:
+# it must be installed in bin/ and run (--help) from there.
 # cmake -DBUILD_DIR=... -DSRC_DIR=... -DWORK_DIR=... -DLIBDIR=... -DC_COMPILER=...
-#       [-DC_FLAGS="..."] -DPKG_CONFIG=... -P run.cmake
+#       [-DC_FLAGS="..."] -DPKG_CONFIG=... -DLDD=... [-DTRAIN=ON] -P run.cmake
 cmake_minimum_required(VERSION 3.18)
-foreach(v BUILD_DIR SRC_DIR WORK_DIR LIBDIR C_COMPILER PKG_CONFIG)
+foreach(v BUILD_DIR SRC_DIR WORK_DIR LIBDIR C_COMPILER PKG_CONFIG LDD)
   if(NOT DEFINED ${v} OR "${${v}}" STREQUAL "")
     message(FATAL_ERROR "run.cmake: -D${v}=... is required")
   endif()
@@ -38,9 +42,26 @@ function(check_consumer what)
   message(STATUS "${what}: ${run_out}")
 endfunction()
 
+# check_links(<what> <binary> SHARED|STATIC): what ldd says about libplasa.so.
+function(check_links what bin kind)
+  run("ldd ${what}" ${LDD} ${bin})
+  string(REGEX MATCH "libplasa\\.so[^\n]*" line "${run_out}")
+  if(kind STREQUAL "STATIC" AND line)
+    message(FATAL_ERROR "${what} should not need libplasa.so, but ldd says: ${line}")
+  endif()
+  string(FIND "${line}" "=> ${libdir}/libplasa.so" at)
+  if(kind STREQUAL "SHARED" AND at EQUAL -1)
+    message(FATAL_ERROR "${what} should load ${libdir}/libplasa.so, ldd says:\n${run_out}")
+  endif()
+  if(NOT line)
+    set(line "no libplasa.so")
+  endif()
+  message(STATUS "${what}: ldd: ${line}")
+endfunction()
+
 run("cmake --install" ${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${prefix})
 foreach(f include/plasa.h ${LIBDIR}/libplasa.a ${LIBDIR}/pkgconfig/plasa.pc
-          ${LIBDIR}/cmake/plasa/plasaConfig.cmake)
+          ${LIBDIR}/pkgconfig/plasa-static.pc ${LIBDIR}/cmake/plasa/plasaConfig.cmake)
   if(NOT EXISTS ${prefix}/${f})
     message(FATAL_ERROR "not installed: ${f}")
   endif()
@@ -72,7 +93,9 @@ if(NOT found STREQUAL "plasa_DIR:PATH=${libdir}/cmake/plasa")
 endif()
 run("build the consumer" ${CMAKE_COMMAND} --build ${WORK_DIR}/cmake-build)
 check_consumer("find_package, plasa::plasa" ${WORK_DIR}/cmake-build/consumer_shared)
+check_links("find_package, plasa::plasa" ${WORK_DIR}/cmake-build/consumer_shared SHARED)
 check_consumer("find_package, plasa::plasa_static" ${WORK_DIR}/cmake-build/consumer_static)
+check_links("find_package, plasa::plasa_static" ${WORK_DIR}/cmake-build/consumer_static STATIC)
 
 # 2. pkg-config, shared library
 set(ENV{PKG_CONFIG_PATH} ${libdir}/pkgconfig)
@@ -86,13 +109,30 @@ run("cc with pkg-config" ${C_COMPILER} ${c_flags} ${WORK_DIR}/src/consumer.c
 set(keep_ld "$ENV{LD_LIBRARY_PATH}")
 set(ENV{LD_LIBRARY_PATH} "${libdir}:${keep_ld}")
 check_consumer("pkg-config, shared" ${WORK_DIR}/consumer_pc)
+check_links("pkg-config, shared" ${WORK_DIR}/consumer_pc SHARED)
 set(ENV{LD_LIBRARY_PATH} "${keep_ld}")
 
-# 3. pkg-config --static: libplasa.a plus its Libs.private; the binary runs
-#    without the prefix on the library path.
-run("pkg-config --static" ${PKG_CONFIG} --static --cflags --libs plasa)
+# 3. pkg-config --static with plasa-static: libplasa.a by full path plus what it
+#    needs; the binary runs without the prefix on the library path.
+run("pkg-config --static plasa-static" ${PKG_CONFIG} --static --cflags --libs plasa-static)
 separate_arguments(pc UNIX_COMMAND "${run_out}")
-list(TRANSFORM pc REPLACE "^-lplasa$" "-l:libplasa.a")
+if(NOT "${libdir}/libplasa.a" IN_LIST pc)
+  message(FATAL_ERROR "plasa-static.pc does not name ${libdir}/libplasa.a: ${run_out}")
+endif()
 run("cc with pkg-config --static" ${C_COMPILER} ${c_flags} ${WORK_DIR}/src/consumer.c
     -o ${WORK_DIR}/consumer_pc_static ${pc} -lm)
-check_consumer("pkg-config --static" ${WORK_DIR}/consumer_pc_static)
+check_consumer("pkg-config --static plasa-static" ${WORK_DIR}/consumer_pc_static)
+check_links("pkg-config --static plasa-static" ${WORK_DIR}/consumer_pc_static STATIC)
+
+# 4. plasa-train, installed in bin/.
+if(TRAIN)
+  set(train ${prefix}/bin/plasa-train)
+  if(NOT EXISTS ${train})
+    message(FATAL_ERROR "not installed: bin/plasa-train")
+  endif()
+  run("bin/plasa-train --help" ${train} --help)
+  if(NOT run_out MATCHES "--steps")
+    message(FATAL_ERROR "bin/plasa-train --help printed no --steps:\n${run_out}")
+  endif()
+  check_links("bin/plasa-train" ${train} STATIC)
+endif()

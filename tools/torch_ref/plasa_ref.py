@@ -1,4 +1,4 @@
-"""PyTorch reference of the libplasa PLASA benchmark model (SPEC.md section 2),
+"""PyTorch reference of the libplasa PLASA benchmark model (docs/model.md),
 with CAUSAL top-k selection, written for parity checks against the C library.
 
 Conventions (shared with the C side; a safetensors file loads in both):
