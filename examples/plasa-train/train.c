@@ -1,6 +1,8 @@
+#define _POSIX_C_SOURCE 200809L /* sigaction */
 #include "train.h"
 
 #include <math.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -138,6 +140,9 @@ int tr_evaluate(tr_model *m, const tr_config *cfg, const uint16_t *tok, int64_t 
     return 0;
 }
 
+static volatile sig_atomic_t stop_signal;
+static void on_stop_signal(int sig) { stop_signal = sig; }
+
 int tr_train(const tr_config *cfg, const tr_data *data) {
     double t_start = tr_now();
     int B = cfg->batch, L = cfg->seq, rc = -1;
@@ -148,6 +153,8 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
     report_row *rows = calloc((size_t)cfg->steps + 1, sizeof *rows);
     size_t nrows = 0;
     tr_buf json = {0};
+    FILE *csv = NULL;
+    bool handlers = false;
     if (!in || !tg || !rows) {
         tr_fail("out of memory (batches and history for %lld steps)", (long long)cfg->steps);
         goto done;
@@ -189,10 +196,26 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
 
     progress bar;
     progress_init(&bar, stderr, first, cfg->steps, cfg->log_every);
-    double train_time = 0, tail_loss = 0;
-    int64_t tail_n = 0, tokens_done = 0;
+    /* The CSV is written as training goes, flushed at every log line. */
+    if (cfg->csv && (!(csv = fopen(cfg->csv, "w")) || report_csv_begin(csv))) {
+        tr_fail("%s: cannot write the CSV", cfg->csv);
+        goto done;
+    }
+    /* SIGINT/SIGTERM: the handler only sets a flag; the loop stops at the next
+     * step boundary. A second signal acts as usual (SA_RESETHAND). */
+    struct sigaction sa, old_int, old_term;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESETHAND;
+    sigemptyset(&sa.sa_mask);
+    stop_signal = 0;
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+    handlers = true;
+    double train_time = 0, tail_loss = 0, last_val = NAN, last_acc = NAN;
+    int64_t tail_n = 0, tokens_done = 0, step = first;
     int64_t tail_from = cfg->steps - (cfg->steps < 50 ? cfg->steps : 50);
-    for (int64_t step = first; step < cfg->steps; step++) {
+    for (; step < cfg->steps && !stop_signal; step++) {
         batch_random(data->train, data->ntrain, L, B, cfg->seed, (uint64_t)step, in, tg);
         double t0 = tr_now(), loss;
         if (model_train_step(m, in, tg, B, step, &loss)) goto done;
@@ -210,15 +233,17 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
         r->val_loss = r->val_accuracy = NAN;
         r->tokens_per_second = dt > 0 ? (double)B * L / dt : NAN;
         r->elapsed_seconds = tr_now() - t_start;
-        progress_step(&bar, step + 1, loss, (double)tokens_done / train_time);
-        bool last = step + 1 == cfg->steps;
+        bool last = step + 1 == cfg->steps, flush = (step + 1) % cfg->log_every == 0;
         if (!last && cfg->eval_every && (step + 1) % cfg->eval_every == 0) {
             tr_eval ev;
             if (tr_evaluate(m, cfg, data->val, data->nval, cfg->eval_max_tokens, &ev)) goto done;
-            r->val_loss = ev.loss;
-            r->val_accuracy = ev.accuracy;
-            progress_eval(&bar, step + 1, ev.loss, ev.accuracy);
+            r->val_loss = last_val = ev.loss;
+            r->val_accuracy = last_acc = ev.accuracy;
+            flush = true;
         }
+        if (csv && (report_csv_row(csv, r) || (flush && fflush(csv)))) goto done;
+        progress_step(&bar, step + 1, loss, (double)tokens_done / train_time);
+        if (!isnan(r->val_loss)) progress_eval(&bar, step + 1, r->val_loss, r->val_accuracy);
         if (cfg->sample_every && (step + 1) % cfg->sample_every == 0 &&
             print_sample(m, cfg, data, step + 1))
             goto done;
@@ -227,13 +252,19 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
             goto done;
     }
     progress_done(&bar);
-    tr_eval ev; /* the final evaluation: always the whole held-out split */
-    if (tr_evaluate(m, cfg, data->val, data->nval, 0, &ev)) goto done;
-    if (nrows) {
-        rows[nrows - 1].val_loss = ev.loss;
-        rows[nrows - 1].val_accuracy = ev.accuracy;
+    const bool interrupted = step < cfg->steps;
+    tr_eval ev = {last_val, last_acc, 0};
+    if (interrupted) { /* what there is: the last periodic evaluation, if any */
+        fprintf(stderr, "plasa-train: %s after step %lld: writing what there is\n",
+                stop_signal == SIGINT ? "SIGINT" : "SIGTERM", (long long)step);
+    } else { /* the final evaluation: always the whole held-out split */
+        if (tr_evaluate(m, cfg, data->val, data->nval, 0, &ev)) goto done;
+        if (nrows) {
+            rows[nrows - 1].val_loss = ev.loss;
+            rows[nrows - 1].val_accuracy = ev.accuracy;
+        }
     }
-    if (cfg->checkpoint && model_save(m, cfg->checkpoint, cfg->steps)) goto done;
+    if (cfg->checkpoint && model_save(m, cfg->checkpoint, step)) goto done;
     int layer_k[CLI_MAX_LAYERS];
     int layers = model_layers(m);
     if (layers > CLI_MAX_LAYERS) layers = CLI_MAX_LAYERS;
@@ -247,28 +278,44 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
         .tokens_per_second = train_time > 0 ? (double)tokens_done / train_time : NAN,
         .wall_seconds = tr_now() - t_start,
         .parameters = model_parameters(m),
-        .steps = cfg->steps,
+        .steps = step,
         .vocab = data->vocab,
         .layers = layers,
         .layer_k = layer_k,
         .data_source = data->source,
+        .interrupted = interrupted,
     };
     if (report_json(&json, &fin, cfg)) goto done;
     fputs(json.data, stdout);
     fflush(stdout);
     if (cfg->json && tr_write_file(cfg->json, json.data, json.len)) goto done;
-    if (cfg->csv && report_csv(cfg->csv, rows, nrows)) goto done;
+    if (csv) {
+        int bad = fclose(csv) != 0;
+        csv = NULL;
+        if (bad || report_csv(cfg->csv, rows, nrows)) goto done;
+    }
     if (cfg->plot) {
         char title[256], ks[128] = "";
         for (int i = 0, o = 0; i < layers && o < (int)sizeof ks - 12; i++)
             o += snprintf(ks + o, sizeof ks - (size_t)o, "%s%d", i ? "," : "", layer_k[i]);
         snprintf(title, sizeof title, "plasa-train: %s (k = %s), %lld steps, val ppl %.1f",
-                 cfg->k_list ? "explicit k" : cfg->schedule, ks, (long long)cfg->steps,
-                 exp(ev.loss));
+                 cfg->k_list ? "explicit k" : cfg->schedule, ks, (long long)step, exp(ev.loss));
         if (report_svg(cfg->plot, rows, nrows, title)) goto done;
+    }
+    if (interrupted) {
+        tr_fail("interrupted by %s after step %lld of %lld%s%s",
+                stop_signal == SIGINT ? "SIGINT" : "SIGTERM", (long long)step,
+                (long long)cfg->steps, cfg->checkpoint ? "; checkpoint written to " : "",
+                cfg->checkpoint ? cfg->checkpoint : "");
+        goto done;
     }
     rc = 0;
 done:
+    if (handlers) {
+        sigaction(SIGINT, &old_int, NULL);
+        sigaction(SIGTERM, &old_term, NULL);
+    }
+    if (csv) fclose(csv);
     free(in), free(tg), free(rows);
     tr_buf_free(&json);
     model_free(m);
