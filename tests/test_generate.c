@@ -24,25 +24,7 @@
 #define SEQ 32
 
 /* Runs bin with the space-separated words of a printf line. */
-static int run(const char *bin, tr_buf *out, const char *fmt, ...) TR_PRINTF(3, 4);
-static int run(const char *bin, tr_buf *out, const char *fmt, ...) {
-    char line[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
-    ck_assert_int_lt(n, (int)sizeof line);
-    const char *args[80];
-    int k = 0;
-    for (char *save, *w = strtok_r(line, " ", &save); w; w = strtok_r(NULL, " ", &save)) {
-        ck_assert_int_lt(k, 79);
-        args[k++] = w;
-    }
-    args[k] = NULL;
-    int st = tu_run_program(bin, args, out);
-    if (!out->data) tr_buf_putc(out, 0);
-    return st;
-}
+#define run(bin, out, ...) tu_run_words((bin), (out), __VA_ARGS__)
 
 static void write_corpus(const char *path) {
     static const char *adj[] = {"small", "old", "red", "quiet", "happy"};

@@ -52,29 +52,17 @@ START_TEST(signal_writes_everything) {
                    "--eval-max-tokens 64 --checkpoint %s --csv %s --json %s",
              corpus, ck, csv, json);
     const char *args[80] = {PLASA_TRAIN_BIN};
-    int k = 1;
+    int k = 1; /* args[0] is the program, for the resumed run below */
     for (char *save, *w = strtok_r(line, " ", &save); w; w = strtok_r(NULL, " ", &save))
         args[k++] = w;
     args[k] = NULL;
-    int fd[2];
-    ck_assert_int_eq(pipe(fd), 0);
-    fflush(NULL);
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        dup2(fd[1], 1);
-        dup2(fd[1], 2);
-        close(fd[0]);
-        execv(PLASA_TRAIN_BIN, (char *const *)args);
-        _exit(127);
-    }
-    close(fd[1]);
+    int fd;
+    pid_t pid = tu_spawn(PLASA_TRAIN_BIN, args + 1, &fd);
     tr_buf out = {0};
     char buf[4096];
     ssize_t got;
     /* wait for the progress line of step 12 */
-    while (!(out.data && strstr(out.data, "step 12/")) &&
-           (got = read(fd[0], buf, sizeof buf)) > 0) {
+    while (!(out.data && strstr(out.data, "step 12/")) && (got = read(fd, buf, sizeof buf)) > 0) {
         tr_buf_append(&out, buf, (size_t)got);
         tr_buf_putc(&out, 0);
         out.len--;
@@ -84,12 +72,8 @@ START_TEST(signal_writes_everything) {
     int rows_now = count_lines(csv);
     ck_assert_msg(rows_now >= 13, "the CSV has %d lines while step 12 is done", rows_now);
     ck_assert_int_eq(kill(pid, sig), 0);
-    while ((got = read(fd[0], buf, sizeof buf)) > 0) tr_buf_append(&out, buf, (size_t)got);
-    tr_buf_putc(&out, 0);
-    close(fd[0]);
-    int st;
-    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
-    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 1, "status %d: %s", st, out.data);
+    int st = tu_finish_program(pid, fd, &out);
+    ck_assert_msg(st == 1, "status %d: %s", st, out.data);
     char want[64];
     snprintf(want, sizeof want, "interrupted by %s after step ", _i ? "SIGINT" : "SIGTERM");
     const char *at = strstr(out.data, want);
@@ -111,13 +95,10 @@ START_TEST(signal_writes_everything) {
     ck_assert_msg(strstr(j.data, want), "%s", j.data);
     tr_buf_free(&j);
     /* and the checkpoint resumes, with no model flags */
-    snprintf(line, sizeof line, "--threads 1 --data %s --steps %lld --eval-every 0 --resume %s",
-             corpus, done + 2, ck);
-    k = 0;
-    for (char *save, *w = strtok_r(line, " ", &save); w; w = strtok_r(NULL, " ", &save))
-        args[k++] = w;
-    args[k] = NULL;
-    ck_assert_msg(tu_run_program(PLASA_TRAIN_BIN, args, &out) == 0, "%s", out.data);
+    st = tu_run_words(PLASA_TRAIN_BIN, &out,
+                      "--threads 1 --data %s --steps %lld --eval-every 0 --resume %s", corpus,
+                      done + 2, ck);
+    ck_assert_msg(st == 0, "%s", out.data);
     snprintf(want, sizeof want, "at step %lld", done);
     ck_assert_msg(strstr(out.data, want), "%s", out.data);
     tr_buf_free(&out);

@@ -469,6 +469,26 @@ static pl_status plasa_step(pl_ctx *c, plasa_lm *m) {
     return s;
 }
 
+/* The parameters, U(-0.2, 0.2) (embedding U(-1, 1)); names are unique per
+ * context, so they are tagged by a run counter. */
+static void plasa_params(plasa_lm *m, uint64_t *s) {
+    static int run;
+    char nm[32];
+#define PNAME(what, li) (snprintf(nm, sizeof nm, "%s%d.%d", what, li, run), nm)
+    m->emb = tu_param(ctx, PNAME("emb", 0), PL_DIMS(PV, PD), s, -1, 1);
+    m->head = tu_param(ctx, PNAME("head", 0), PL_DIMS(PD, PV), s, -0.2f, 0.2f);
+    for (int li = 0; li < 2; li++) {
+        m->norm[li] = tu_param(ctx, PNAME("norm", li), PL_DIMS(PD), s, -0.1f, 0.1f);
+        m->wqkv[li] = tu_param(ctx, PNAME("wqkv", li), PL_DIMS(PD, 3 * PD), s, -0.2f, 0.2f);
+        m->wo[li] = tu_param(ctx, PNAME("wo", li), PL_DIMS(PD, PD), s, -0.2f, 0.2f);
+        m->iq[li] = tu_param(ctx, PNAME("iq", li), PL_DIMS(PD, PHI * PDI), s, -0.2f, 0.2f);
+        m->ik[li] = tu_param(ctx, PNAME("ik", li), PL_DIMS(PD, PDI), s, -0.2f, 0.2f);
+        m->iw[li] = tu_param(ctx, PNAME("iw", li), PL_DIMS(PD, PHI), s, -0.2f, 0.2f);
+    }
+#undef PNAME
+    run++;
+}
+
 /* Five steady PLASA steps on `threads` threads; par_min: the serial cutoff
  * for the kernels (default, or 0: every loop worth a region). */
 static void plasa_full_step(int threads, int64_t par_min) {
@@ -478,22 +498,7 @@ static void plasa_full_step(int threads, int64_t par_min) {
     pl__tuning.par_min = par_min;
     uint64_t s = 6;
     plasa_lm m = {.step = 0};
-    /* Parameter names are unique per context: tag them by layer and run. */
-    static int run;
-    char nm[32];
-#define PNAME(what, li) (snprintf(nm, sizeof nm, "%s%d.%d", what, li, run), nm)
-    m.emb = tu_param(ctx, PNAME("emb", 0), PL_DIMS(PV, PD), &s, -1, 1);
-    m.head = tu_param(ctx, PNAME("head", 0), PL_DIMS(PD, PV), &s, -0.2f, 0.2f);
-    for (int li = 0; li < 2; li++) {
-        m.norm[li] = tu_param(ctx, PNAME("norm", li), PL_DIMS(PD), &s, -0.1f, 0.1f);
-        m.wqkv[li] = tu_param(ctx, PNAME("wqkv", li), PL_DIMS(PD, 3 * PD), &s, -0.2f, 0.2f);
-        m.wo[li] = tu_param(ctx, PNAME("wo", li), PL_DIMS(PD, PD), &s, -0.2f, 0.2f);
-        m.iq[li] = tu_param(ctx, PNAME("iq", li), PL_DIMS(PD, PHI * PDI), &s, -0.2f, 0.2f);
-        m.ik[li] = tu_param(ctx, PNAME("ik", li), PL_DIMS(PD, PDI), &s, -0.2f, 0.2f);
-        m.iw[li] = tu_param(ctx, PNAME("iw", li), PL_DIMS(PD, PHI), &s, -0.2f, 0.2f);
-    }
-#undef PNAME
-    run++;
+    plasa_params(&m, &s);
     for (int i = 0; i < PB * PL_; i++) {
         m.ids[i] = tu_randint(&s, 0, PV - 1);
         m.targets[i] = tu_randint(&s, 0, PV - 1);
@@ -594,21 +599,7 @@ static void decode_steps(int threads) {
     pl_set_num_threads(threads);
     uint64_t s = 8;
     plasa_lm m = {.step = 0};
-    static int run;
-    char nm[32];
-#define PNAME(what, li) (snprintf(nm, sizeof nm, "d%s%d.%d", what, li, run), nm)
-    m.emb = tu_param(ctx, PNAME("emb", 0), PL_DIMS(PV, PD), &s, -1, 1);
-    m.head = tu_param(ctx, PNAME("head", 0), PL_DIMS(PD, PV), &s, -0.2f, 0.2f);
-    for (int li = 0; li < 2; li++) {
-        m.norm[li] = tu_param(ctx, PNAME("norm", li), PL_DIMS(PD), &s, -0.1f, 0.1f);
-        m.wqkv[li] = tu_param(ctx, PNAME("wqkv", li), PL_DIMS(PD, 3 * PD), &s, -0.2f, 0.2f);
-        m.wo[li] = tu_param(ctx, PNAME("wo", li), PL_DIMS(PD, PD), &s, -0.2f, 0.2f);
-        m.iq[li] = tu_param(ctx, PNAME("iq", li), PL_DIMS(PD, PHI * PDI), &s, -0.2f, 0.2f);
-        m.ik[li] = tu_param(ctx, PNAME("ik", li), PL_DIMS(PD, PDI), &s, -0.2f, 0.2f);
-        m.iw[li] = tu_param(ctx, PNAME("iw", li), PL_DIMS(PD, PHI), &s, -0.2f, 0.2f);
-    }
-#undef PNAME
-    run++;
+    plasa_params(&m, &s);
     for (int i = 0; i < PB * PL_; i++) m.ids[i] = tu_randint(&s, 0, PV - 1);
     const int dims[2] = {0, PDI};
     pl_kv_cache_config cc = {2, PB, PL_, PH, PD / PH, dims};

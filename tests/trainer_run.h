@@ -9,5 +9,14 @@
  * out. A sanitizer report fails the test whatever the status (under ASan a
  * leak or error report would otherwise pass as exit 1). */
 int tu_run_program(const char *bin, const char *const *args, tr_buf *out);
+/* The same with the space-separated words of a printf line (no word may hold a
+ * space). */
+int tu_run_words(const char *bin, tr_buf *out, const char *fmt, ...) TR_PRINTF(3, 4);
+/* tu_run_program in two halves, to act on the child while it runs: tu_spawn
+ * starts it (*fd: the read end of its stdout+stderr), tu_finish_program reads
+ * the rest of its output into out (appended), waits and returns its status. */
+#include <sys/types.h>
+pid_t tu_spawn(const char *bin, const char *const *args, int *fd);
+int tu_finish_program(pid_t pid, int fd, tr_buf *out);
 
 #endif

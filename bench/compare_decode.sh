@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Decoding speed, libplasa vs PyTorch, side by side in one run: for each thread
+# count, bench/bench_decode (libplasa's KV cache ops and the trainer's model)
+# and tools/torch_ref/decode_ref.py (the same layer and model in PyTorch with a
+# hand-written KV cache) one after the other, then one table per part with both
+# sides and the ratio torch / libplasa (> 1: libplasa is faster).
+#
+#   bash bench/compare_decode.sh [--threads 1,2] [--ctx 512,1024,2048,4096,8192]
+#                                [--long 8192] [--reps 41] [--build DIR]
+#
+# --threads LIST  thread counts (default 1,2)
+# --ctx LIST      contexts of the layer table and of the per-token columns
+# --long L        context of the long-context model variant (default 8192)
+# --reps N        tokens timed per context in the layer part (median and min)
+# --build DIR     CMake build directory (default build/release); bench_decode is
+#                 (re)built there
+# Both sides run with OMP_WAIT_POLICY=PASSIVE (see bench/compare_torch.sh). Needs
+# Debian's python3-torch (tools/torch_ref/README.md). The load average is printed
+# with each part: on a shared machine the figures are noisy.
+set -euo pipefail
+
+threads=1,2 ctx=512,1024,2048,4096,8192 long=8192 reps=41 build=build/release
+py=${PYTHON:-/usr/bin/python3}
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --threads) threads=$2; shift 2 ;;
+    --ctx) ctx=$2; shift 2 ;;
+    --long) long=$2; shift 2 ;;
+    --reps) reps=$2; shift 2 ;;
+    --build) build=$2; shift 2 ;;
+    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "compare_decode.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+[ -f "$build/CMakeCache.txt" ] || cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+grep -q "CMAKE_BUILD_TYPE:STRING=Release" "$build/CMakeCache.txt" ||
+    echo "compare_decode.sh: warning: $build is not a Release build" >&2
+cmake --build "$build" --target bench_decode -j2 >/dev/null
+bin=$build/bench/bench_decode
+export OMP_WAIT_POLICY=PASSIVE
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores;" \
+     "AVX-512: $(grep -qw avx512f /proc/cpuinfo && echo yes || echo no)"
+for t in ${threads//,/ }; do
+    args=(--threads "$t" --ctx "$ctx" --reps "$reps" --long "$long")
+    "$bin" "${args[@]}" >"$tmp/c$t.md"
+    "$py" tools/torch_ref/decode_ref.py "${args[@]}" >"$tmp/p$t.md"
+    echo
+    echo "## $t thread(s)"
+    echo
+    echo "libplasa: $(head -1 "$tmp/c$t.md")"
+    echo "torch:    $(head -1 "$tmp/p$t.md")"
+    # Layer: both sides' medians and the ratios.
+    echo
+    echo "### One attention layer, one new token: median us per token (min in brackets)"
+    echo
+    echo "| context | libplasa dense | libplasa PLASA | torch dense | torch PLASA | torch/libplasa dense | torch/libplasa PLASA | libplasa dense/PLASA |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
+    awk -F'|' 'FNR == 1 { f++ }
+        /^\| [0-9]/ { gsub(/ /, ""); split($3, d, "/"); split($4, p, "/");
+                      key = $2; if (f == 1) { cd[key] = d[1]; cdm[key] = d[2]; cp[key] = p[1]; cpm[key] = p[2]; order[++n] = key }
+                      else { td[key] = d[1]; tdm[key] = d[2]; tp[key] = p[1]; tpm[key] = p[2] } }
+        END { for (i = 1; i <= n; i++) { k = order[i];
+                printf "| %s | %s (%s) | %s (%s) | %s (%s) | %s (%s) | %.2f | %.2f | %.2f |\n", k,
+                       cd[k], cdm[k], cp[k], cpm[k], td[k], tdm[k], tp[k], tpm[k],
+                       td[k] / cd[k], tp[k] / cp[k], cd[k] / cp[k] } }' \
+        <(grep '^| [0-9]' "$tmp/c$t.md") <(grep '^| [0-9]' "$tmp/p$t.md")
+    # Model: tokens/s and per-token ms, both sides.
+    echo
+    echo "### The model, one token at a time (vocabulary 8192, greedy): tokens/s, ms per token as the context grows"
+    echo
+    grep -m1 '^| model |' "$tmp/c$t.md" | sed 's/^| model |/| side | model |/'
+    grep -m1 '^|---|---|' "$tmp/c$t.md" | sed 's/^|/|---|/'
+    grep -E '^\| (benchmark|long-context)' "$tmp/c$t.md" | sed 's/^|/| libplasa |/'
+    grep -E '^\| (benchmark|long-context)' "$tmp/p$t.md" | sed 's/^|/| torch |/'
+done
