@@ -43,8 +43,9 @@ export OMP_WAIT_POLICY=PASSIVE
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores;" \
-     "AVX-512: $(grep -qw avx512f /proc/cpuinfo && echo yes || echo no)"
+cpu() { grep -m1 "^$1" /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'; }
+echo "machine: $(cpu 'model name') (family $(cpu 'cpu family'), model $(cpu 'model')), $(nproc) cores;" \
+     "AVX-512: $(grep -qw avx512f /proc/cpuinfo && echo yes || echo no); $(date -u '+%Y-%m-%d %H:%M UTC')"
 for t in ${threads//,/ }; do
     args=(--threads "$t" --ctx "$ctx" --reps "$reps" --long "$long")
     "$bin" "${args[@]}" >"$tmp/c$t.md"

@@ -726,10 +726,15 @@ PL_API pl_status pl_indexer_entropy(pl_ctx *ctx, const pl_tensor *scores, float 
  *
  * Grad-free: the ops record nothing and their results never require grad (an
  * input that requires grad is read as a constant). Their results and scratch
- * are step tensors of ctx (the arena): per step O(nb * T_new * len) floats at
- * most, bounded by the capacity, so once a step at the longest context has run
- * (the arena has grown to it) decoding makes no heap allocation. Results do not
- * depend on the number of threads. Not thread-safe per cache: one step at a
+ * are step tensors of ctx (the arena): the outputs, the indexer products of a
+ * block of query rows (at most ~2^20 floats, or one row's HI*len), the index
+ * rows of a block of dense queries (at most ~2^22 int32, or one row's len) and
+ * the sparse kernel's tiles; all bounded by the capacity, so once a step at the
+ * longest context has run (the arena has grown to it) decoding makes no heap
+ * allocation (tests/test_memory.c). Results do not depend on the number of
+ * threads. Parallelism: over sequences and blocks of new queries (and
+ * oneDNN's threads in the indexer's products), so one token of one sequence
+ * runs the attention on one thread. Not thread-safe per cache: one step at a
  * time. */
 typedef struct pl_kv_cache pl_kv_cache;
 
@@ -766,7 +771,8 @@ PL_API pl_status pl_kv_cache_append(pl_kv_cache *cache, int layer, int seq0, pl_
  * q [nb, T_new, H, D] (or [nb, T_new, H*D]) -> [nb, T_new, H, D], with query i
  * of sequence b at t = len_b - T_new + i:
  *   out[b,i,h,:] = sum_{s<=t} softmax_s(q[b,i,h,:] . k[b,s,h,:] / sqrt(D)) v[b,s,h,:]
- * Cost O(nb * T_new * len * H * D) reads of the cache: every cached row is read. */
+ * Cost O(nb * T_new * len * H * D): every cached row is read. It is
+ * pl_sparse_attention's kernel with every s <= t selected. */
 PL_API pl_tensor *pl_attention_cached(pl_ctx *ctx, const pl_kv_cache *cache, int layer, int seq0,
                                       pl_tensor *q);
 

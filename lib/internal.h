@@ -259,6 +259,8 @@ typedef struct {
     int64_t indexer_at_mode;
     /* Sparse attention tiles (0: automatic): query rows per tile, keys per block. */
     int64_t sparse_tile_q, sparse_tile_k;
+    /* pl_attention_cached: query rows per block of index rows (0: automatic). */
+    int64_t decode_block_rows;
 } pl_tuning;
 extern pl_tuning pl__tuning;
 

@@ -204,24 +204,27 @@ static pl_status query_span(const char *fn, const pl_kv_cache *c, int layer, int
     return PL_OK;
 }
 
-/* Sparse attention of the new queries over idx [nb, T, K]. */
-static pl_tensor *attend(pl_ctx *ctx, const pl_kv_cache *c, int layer, int seq0, pl_tensor *q,
-                         int64_t nb, int64_t T, const int32_t *idx, int64_t K) {
-    const int64_t HD = c->H * c->D;
-    pl_tensor *out = pl__new(ctx, PL_F32, PL_DIMS(nb, T, c->H, c->D));
-    pl__sa_seq *seqs = out ? pl__scratch(ctx, sizeof *seqs * (size_t)nb) : NULL;
-    if (!seqs) return NULL;
+/* Sparse attention of the new query rows [i0, i1) of each sequence (of T)
+ * over idx [nb, i1 - i0, K], into out [nb, T, H, D]. */
+static pl_status attend(pl_ctx *ctx, const pl_kv_cache *c, int layer, int seq0, pl_tensor *q,
+                        int64_t nb, int64_t T, int64_t i0, int64_t i1, const int32_t *idx,
+                        int64_t K, pl_tensor *out) {
+    const int64_t HD = c->H * c->D, n = i1 - i0;
+    const pl_mark mark = pl_mark_get(ctx); /* the tiles' scratch, given back */
+    pl__sa_seq *seqs = pl__scratch(ctx, sizeof *seqs * (size_t)nb);
+    if (!seqs) return pl_last_status();
     const int64_t *len = c->len + (int64_t)layer * c->batch + seq0;
     for (int64_t b = 0; b < nb; b++)
-        seqs[b] = (pl__sa_seq){.q = pl_f32(q) + b * T * HD,
+        seqs[b] = (pl__sa_seq){.q = pl_f32(q) + (b * T + i0) * HD,
                                .k = c->k[layer] + (seq0 + b) * c->cap * HD,
                                .v = c->v[layer] + (seq0 + b) * c->cap * HD,
-                               .idx = idx + b * T * K,
-                               .out = pl_f32(out) + b * T * HD,
-                               .t0 = len[b] - T,
-                               .t1 = len[b]};
-    if (pl__sparse_attention_seqs(ctx, seqs, nb, c->H, c->D, K)) return NULL;
-    return out;
+                               .idx = idx + b * n * K,
+                               .out = pl_f32(out) + (b * T + i0) * HD,
+                               .t0 = len[b] - T + i0,
+                               .t1 = len[b] - T + i1};
+    pl_status st = pl__sparse_attention_seqs(ctx, seqs, nb, c->H, c->D, K);
+    pl_mark_release(ctx, mark);
+    return st;
 }
 
 pl_tensor *pl_attention_cached(pl_ctx *ctx, const pl_kv_cache *c, int layer, int seq0,
@@ -232,17 +235,30 @@ pl_tensor *pl_attention_cached(pl_ctx *ctx, const pl_kv_cache *c, int layer, int
         query_span(fn, c, layer, seq0, nb, T))
         return NULL;
     const int64_t *len = c->len + (int64_t)layer * c->batch + seq0;
-    int64_t K = 0;
-    for (int64_t b = 0; b < nb; b++) K = len[b] > K ? len[b] : K;
-    int32_t *idx = pl__scratch(ctx, sizeof(int32_t) * (size_t)(nb * T * K));
+    int64_t Lmax = 0;
+    for (int64_t b = 0; b < nb; b++) Lmax = len[b] > Lmax ? len[b] : Lmax;
+    pl_tensor *out = pl__new(ctx, PL_F32, PL_DIMS(nb, T, c->H, c->D));
+    /* Every cached s <= t selected, in blocks of query rows so that the index
+     * rows of a block hold at most ~2^22 entries (a long prefill chunk does
+     * not need T * len of them). */
+    int64_t QB = pl__tuning.decode_block_rows > 0 ? pl__tuning.decode_block_rows
+                                                  : ((int64_t)1 << 22) / (nb * Lmax);
+    QB = QB < 1 ? 1 : QB > T ? T : QB;
+    int32_t *idx = out ? pl__scratch(ctx, sizeof(int32_t) * (size_t)(nb * QB * Lmax)) : NULL;
     if (!idx) return NULL;
-    for (int64_t b = 0; b < nb; b++)
-        for (int64_t i = 0; i < T; i++) {
-            int32_t *row = idx + (b * T + i) * K;
-            const int64_t t = len[b] - T + i;
-            for (int64_t s = 0; s < K; s++) row[s] = s <= t ? (int32_t)s : -1;
-        }
-    return attend(ctx, c, layer, seq0, q, nb, T, idx, K);
+    for (int64_t i0 = 0; i0 < T; i0 += QB) {
+        const int64_t i1 = i0 + QB < T ? i0 + QB : T;
+        int64_t K = 0; /* the widest row of the block: its last query's */
+        for (int64_t b = 0; b < nb; b++) K = len[b] - T + i1 > K ? len[b] - T + i1 : K;
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t i = i0; i < i1; i++) {
+                int32_t *row = idx + (b * (i1 - i0) + i - i0) * K;
+                const int64_t t = len[b] - T + i;
+                for (int64_t s = 0; s < K; s++) row[s] = s <= t ? (int32_t)s : -1;
+            }
+        if (attend(ctx, c, layer, seq0, q, nb, T, i0, i1, idx, K, out)) return NULL;
+    }
+    return out;
 }
 
 pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *c, int layer, int seq0,
@@ -279,32 +295,40 @@ pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *c, int layer, 
     for (int64_t b = 0; b < nb; b++) Lmax = len[b] > Lmax ? len[b] : Lmax;
     pl_tensor *out = pl__new(ctx, PL_I32, PL_DIMS(nb, T, k));
     const int nt = omp_get_max_threads();
-    float *D = out ? pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * Lmax)) : NULL;
+    /* Query rows in blocks of TB (as pl_indexer_topk): the products of a block
+     * hold at most ~2^20 floats, so a long prefill chunk does not need T*HI*len. */
+    int64_t TB =
+        pl__tuning.indexer_block_rows > 0 ? pl__tuning.indexer_block_rows : (1 << 20) / (HI * Lmax);
+    TB = TB < 1 ? 1 : TB > T ? T : TB;
+    float *D = out ? pl__scratch(ctx, sizeof(float) * (size_t)(TB * HI * Lmax)) : NULL;
     float *rowbuf = D ? pl__scratch(ctx, sizeof(float) * (size_t)(Lmax * nt)) : NULL;
     uint32_t *keys = rowbuf ? pl__scratch(ctx, sizeof(uint32_t) * (size_t)(Lmax * nt)) : NULL;
     if (!keys) return NULL;
     int32_t *o = pl_i32(out);
     const float *q = pl_f32(qI), *wd = pl_f32(w);
     for (int64_t b = 0; b < nb; b++) {
-        const int64_t L = len[b], t0 = L - T;
-        if (L > k) { /* rows t < k take every s <= t: no products needed */
-            const float *kc = c->kI[layer] + (seq0 + b) * c->cap * dI;
-            if (pl__sgemm(false, true, T * HI, L, dI, 1.0f, q + b * T * HI * dI, dI, kc, dI, 0.0f,
-                          D, L))
-                return NULL;
-        }
-        PL_PARALLEL(T > 1 ? T * HI * L : 0, default(shared), {
-            const size_t tid = (size_t)omp_get_thread_num();
-            float *row = rowbuf + tid * (size_t)Lmax;
-            uint32_t *kb = keys + tid * (size_t)Lmax;
-            _Pragma("omp for schedule(static)") for (int64_t i = 0; i < T; i++) {
-                const int64_t t = t0 + i;
-                int32_t *orow = o + (b * T + i) * k;
-                if (t + 1 > k)
-                    pl__ix_row_scores(row, D + i * HI * L, L, wd + (b * T + i) * HI, HI, t + 1);
-                pl__causal_topk_row(row, t + 1, k, orow, k, kb);
+        const int64_t t0 = len[b] - T;
+        for (int64_t i0 = 0; i0 < T; i0 += TB) {
+            const int64_t i1 = i0 + TB < T ? i0 + TB : T, N = t0 + i1; /* keys of the block */
+            if (N > k) { /* rows t < k take every s <= t: no products needed */
+                const float *kc = c->kI[layer] + (seq0 + b) * c->cap * dI;
+                if (pl__sgemm(false, true, (i1 - i0) * HI, N, dI, 1.0f, q + (b * T + i0) * HI * dI,
+                              dI, kc, dI, 0.0f, D, N))
+                    return NULL;
             }
-        });
+            PL_PARALLEL(i1 - i0 > 1 ? (i1 - i0) * HI * N : 0, default(shared), {
+                const size_t tid = (size_t)omp_get_thread_num();
+                float *row = rowbuf + tid * (size_t)Lmax;
+                uint32_t *kb = keys + tid * (size_t)Lmax;
+                _Pragma("omp for schedule(static)") for (int64_t i = i0; i < i1; i++) {
+                    const int64_t t = t0 + i;
+                    if (t + 1 > k)
+                        pl__ix_row_scores(row, D + (i - i0) * HI * N, N, wd + (b * T + i) * HI, HI,
+                                          t + 1);
+                    pl__causal_topk_row(row, t + 1, k, o + (b * T + i) * k, k, kb);
+                }
+            });
+        }
     }
     return out;
 }
@@ -337,5 +361,7 @@ pl_tensor *pl_sparse_attention_cached(pl_ctx *ctx, const pl_kv_cache *c, int lay
                            NULL;
             }
         }
-    return attend(ctx, c, layer, seq0, q, nb, T, id, K);
+    pl_tensor *out = pl__new(ctx, PL_F32, PL_DIMS(nb, T, c->H, c->D));
+    if (!out || attend(ctx, c, layer, seq0, q, nb, T, 0, T, id, K, out)) return NULL;
+    return out;
 }
