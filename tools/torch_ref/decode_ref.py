@@ -31,10 +31,14 @@ import plasa_ref as R  # noqa: E402
 H, D, HI, DI = 4, 32, 4, 64
 
 
+ROPE_MAX = [8192]  # positions the tables cover (main() raises it to the longest context)
+
+
 def rope_at(x, pos):
-    """x [n, H, D] at positions pos..pos+n-1 (the C op's float32 angles)."""
+    """x [n, H, D] at positions pos..pos+n-1 (the C op's float32 angles; one table
+    of ROPE_MAX[0] positions, cached by plasa_ref)."""
     n, h, d = x.shape
-    cos, sin = R.rope_tables(pos + n, d)
+    cos, sin = R.rope_tables(ROPE_MAX[0], d)
     cos, sin = cos[pos:pos + n, None, :], sin[pos:pos + n, None, :]
     xp = x.reshape(n, h, d // 2, 2)
     x0, x1 = xp[..., 0], xp[..., 1]
@@ -181,6 +185,7 @@ def main():
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     ctxs = [int(x) for x in a.ctx.split(",")]
+    ROPE_MAX[0] = max([a.long, 128] + ctxs)
     load = os.getloadavg()
     print(f"decode_ref: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
