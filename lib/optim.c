@@ -163,7 +163,7 @@ static pl_status check_adamw(const char *fn, const pl_adamw_config *c) {
 
 pl_adamw *pl_adamw_new(pl_ctx *ctx, const pl_adamw_config *cfg) {
     static const char *fn = "pl_adamw_new";
-    if (!ctx) return pl__err(PL_ERR_ARG, "%s: ctx is NULL", fn), NULL;
+    if (!ctx) return pl__err_null(PL_ERR_ARG, "%s: ctx is NULL", fn);
     pl_adamw_config c = cfg ? *cfg : pl_adamw_default_config();
     if (check_adamw(fn, &c)) return NULL;
     pl_adamw *opt = pl__calloc(1, sizeof *opt);
@@ -258,17 +258,16 @@ pl_sgd_config pl_sgd_default_config(void) {
 
 pl_sgd *pl_sgd_new(pl_ctx *ctx, const pl_sgd_config *cfg) {
     static const char *fn = "pl_sgd_new";
-    if (!ctx) return pl__err(PL_ERR_ARG, "%s: ctx is NULL", fn), NULL;
+    if (!ctx) return pl__err_null(PL_ERR_ARG, "%s: ctx is NULL", fn);
     pl_sgd_config c = cfg ? *cfg : pl_sgd_default_config();
-    if (!(c.lr >= 0)) return pl__err(PL_ERR_ARG, "%s: lr = %g must be >= 0", fn, c.lr), NULL;
+    if (!(c.lr >= 0)) return pl__err_null(PL_ERR_ARG, "%s: lr = %g must be >= 0", fn, c.lr);
     if (!(c.momentum >= 0))
-        return pl__err(PL_ERR_ARG, "%s: momentum = %g must be >= 0", fn, c.momentum), NULL;
+        return pl__err_null(PL_ERR_ARG, "%s: momentum = %g must be >= 0", fn, c.momentum);
     if (!(c.weight_decay >= 0))
-        return pl__err(PL_ERR_ARG, "%s: weight_decay = %g must be >= 0", fn, c.weight_decay), NULL;
-    if (!isfinite(c.dampening))
-        return pl__err(PL_ERR_ARG, "%s: dampening must be finite", fn), NULL;
+        return pl__err_null(PL_ERR_ARG, "%s: weight_decay = %g must be >= 0", fn, c.weight_decay);
+    if (!isfinite(c.dampening)) return pl__err_null(PL_ERR_ARG, "%s: dampening must be finite", fn);
     if (c.nesterov && (c.momentum <= 0 || c.dampening != 0))
-        return pl__err(PL_ERR_ARG, "%s: nesterov needs momentum > 0 and dampening = 0", fn), NULL;
+        return pl__err_null(PL_ERR_ARG, "%s: nesterov needs momentum > 0 and dampening = 0", fn);
     pl_sgd *opt = pl__calloc(1, sizeof *opt);
     if (!opt) return NULL;
     opt->cfg = c;

@@ -364,15 +364,15 @@ int pl_param_count(const pl_ctx *ctx) {
     return ctx->n_params;
 }
 pl_tensor *pl_param_at(const pl_ctx *ctx, int i) {
-    if (!ctx) return pl__err(PL_ERR_ARG, "pl_param_at: ctx is NULL"), NULL;
+    if (!ctx) return pl__err_null(PL_ERR_ARG, "pl_param_at: ctx is NULL");
     if (i < 0 || i >= ctx->n_params)
-        return pl__err(PL_ERR_ARG, "pl_param_at: index %d outside [0, %d)", i, ctx->n_params), NULL;
+        return pl__err_null(PL_ERR_ARG, "pl_param_at: index %d outside [0, %d)", i, ctx->n_params);
     return ctx->params[i];
 }
 /* Not finding the name is an answer, not an error. */
 pl_tensor *pl_param_find(const pl_ctx *ctx, const char *name) {
     if (!ctx || !name)
-        return pl__err(PL_ERR_ARG, "pl_param_find: %s is NULL", ctx ? "name" : "ctx"), NULL;
+        return pl__err_null(PL_ERR_ARG, "pl_param_find: %s is NULL", ctx ? "name" : "ctx");
     for (int i = 0; i < ctx->n_params; i++)
         if (ctx->params[i]->name && !strcmp(ctx->params[i]->name, name)) return ctx->params[i];
     return NULL;

@@ -51,6 +51,30 @@ typedef struct {
 
 static inline float silu_f(float v) { return v / (1.0f + expf(-v)); }
 
+/* For every expert e, its gathered rows in[off[e]..off[e+1]) [., n] times
+ * W1[e] [n, p] into out1 (and times W2[e] into out2 when W2 is not NULL), in
+ * MOE_CHUNK-row chunks copied into the zero-padded buffer ca (outputs through
+ * c1, c2): the same sgemm shape for every chunk (see the top of the file). */
+static pl_status expert_products(const int64_t *off, int64_t E, const float *in, int64_t n,
+                                 int64_t p, const float *W1, float *out1, const float *W2,
+                                 float *out2, float *ca, float *c1, float *c2) {
+    const int64_t C = MOE_CHUNK;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t o = off[e]; o < off[e + 1]; o += C) {
+            int64_t m = off[e + 1] - o < C ? off[e + 1] - o : C;
+            memcpy(ca, in + o * n, (size_t)(m * n) * 4);
+            memset(ca + m * n, 0, (size_t)((C - m) * n) * 4);
+            pl_status s =
+                pl__sgemm(false, false, C, p, n, 1.0f, ca, n, W1 + e * n * p, p, 0.0f, c1, p);
+            if (!s && W2)
+                s = pl__sgemm(false, false, C, p, n, 1.0f, ca, n, W2 + e * n * p, p, 0.0f, c2, p);
+            if (s) return s;
+            memcpy(out1 + o * p, c1, (size_t)(m * p) * 4);
+            if (W2) memcpy(out2 + o * p, c2, (size_t)(m * p) * 4);
+        }
+    return PL_OK;
+}
+
 /* Router logits, softmax and top-k for every token. probs [N, E], sel and
  * wts [N, k] must be allocated by the caller. */
 static pl_status route(const float *x, const float *rw, int64_t N, int64_t d, int64_t E, int64_t k,
@@ -295,30 +319,12 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
     float *c1 = pl__scratch(ctx, (size_t)(C * wmax) * 4);
     float *c2 = pl__scratch(ctx, (size_t)(C * F) * 4);
     if (!ca || !c1 || !c2) return NULL;
-    for (int64_t e = 0; e < E; e++)
-        for (int64_t o = off[e]; o < off[e + 1]; o += C) {
-            int64_t m = off[e + 1] - o < C ? off[e + 1] - o : C;
-            memcpy(ca, sv->xg + o * d, (size_t)(m * d) * 4);
-            memset(ca + m * d, 0, (size_t)((C - m) * d) * 4);
-            if (pl__sgemm(false, false, C, F, d, 1.0f, ca, d, pl_f32(w_gate) + e * d * F, F, 0.0f,
-                          c1, F) ||
-                pl__sgemm(false, false, C, F, d, 1.0f, ca, d, pl_f32(w_up) + e * d * F, F, 0.0f, c2,
-                          F))
-                return NULL;
-            memcpy(sv->g + o * F, c1, (size_t)(m * F) * 4);
-            memcpy(sv->u + o * F, c2, (size_t)(m * F) * 4);
-        }
+    if (expert_products(off, E, sv->xg, d, F, pl_f32(w_gate), sv->g, pl_f32(w_up), sv->u, ca, c1,
+                        c2))
+        return NULL;
     PL_PARALLEL_FOR(R * F, schedule(static), i, R * F, sv->h[i] = silu_f(sv->g[i]) * sv->u[i]);
-    for (int64_t e = 0; e < E; e++)
-        for (int64_t o = off[e]; o < off[e + 1]; o += C) {
-            int64_t m = off[e + 1] - o < C ? off[e + 1] - o : C;
-            memcpy(ca, sv->h + o * F, (size_t)(m * F) * 4);
-            memset(ca + m * F, 0, (size_t)((C - m) * F) * 4);
-            if (pl__sgemm(false, false, C, d, F, 1.0f, ca, F, pl_f32(w_down) + e * F * d, d, 0.0f,
-                          c1, d))
-                return NULL;
-            memcpy(sv->y + o * d, c1, (size_t)(m * d) * 4);
-        }
+    if (expert_products(off, E, sv->h, F, d, pl_f32(w_down), sv->y, NULL, NULL, ca, c1, c2))
+        return NULL;
 
     /* Each token sums w_e * o_e over its experts in increasing expert order
      * (gathered rows are expert-major, so that is increasing row order). */

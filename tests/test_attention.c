@@ -2,88 +2,7 @@
  * softmax(QK^T/sqrt(D) + causal mask) V written here in double (with the
  * documented dropout rule), gradient checks, the two backward schedules and
  * thread counts giving identical bits, causality, linear memory, errors. */
-#include "testutil.h"
-
-static pl_ctx *ctx;
-static void setup(void) { ctx = pl_ctx_new(NULL); }
-static void teardown(void) { pl_ctx_free(ctx); }
-
-/* The documented rule: element (b,h,t,s) takes word s%4 of
- * philox(seed, offset + ((b*H + h)*L + t)*ceil(L/4) + s/4). */
-static double ref_drop(int64_t b, int64_t h, int64_t t, int64_t s, int64_t H, int64_t L, float p,
-                       uint64_t seed, uint64_t off) {
-    if (p == 0.0f) return 1.0;
-    uint32_t w[4];
-    uint64_t W = (uint64_t)(L + 3) / 4;
-    pl_philox(seed, off + (uint64_t)((b * H + h) * L + t) * W + (uint64_t)s / 4, w);
-    if ((double)w[s % 4] < floor((double)p * 4294967296.0)) return 0.0;
-    return (double)(1.0f / (float)(1.0 - (double)p));
-}
-
-/* out = attention(q, k, v); with dO also dq, dk, dv (accumulated in double). */
-static void ref_attention(const float *q, const float *k, const float *v, const float *dO,
-                          int64_t B, int64_t L, int64_t H, int64_t D, float p, uint64_t seed,
-                          uint64_t off, float *out, float *dq, float *dk, float *dv) {
-    double scale = 1.0 / sqrt((double)D);
-    int64_t n = B * L * H * D;
-    double *gq = calloc((size_t)n, sizeof(double)), *gk = calloc((size_t)n, sizeof(double)),
-           *gv = calloc((size_t)n, sizeof(double));
-    double *P = malloc(sizeof(double) * (size_t)L), *Z = malloc(sizeof(double) * (size_t)L),
-           *dP = malloc(sizeof(double) * (size_t)L);
-#define AT(x, b, t, h) ((x) + (((b)*L + (t)) * H + (h)) * D)
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t h = 0; h < H; h++)
-            for (int64_t t = 0; t < L; t++) {
-                double mx = -INFINITY, sum = 0;
-                for (int64_t s = 0; s <= t; s++) {
-                    double acc = 0;
-                    for (int64_t d = 0; d < D; d++)
-                        acc += (double)AT(q, b, t, h)[d] * AT(k, b, s, h)[d];
-                    P[s] = acc * scale;
-                    if (P[s] > mx) mx = P[s];
-                }
-                for (int64_t s = 0; s <= t; s++) sum += (P[s] = exp(P[s] - mx));
-                for (int64_t s = 0; s <= t; s++) {
-                    P[s] /= sum;
-                    Z[s] = ref_drop(b, h, t, s, H, L, p, seed, off);
-                }
-                for (int64_t d = 0; d < D; d++) {
-                    double acc = 0;
-                    for (int64_t s = 0; s <= t; s++) acc += P[s] * Z[s] * AT(v, b, s, h)[d];
-                    AT(out, b, t, h)[d] = (float)acc;
-                }
-                if (!dO) continue;
-                double Dt = 0;
-                for (int64_t s = 0; s <= t; s++) {
-                    double acc = 0;
-                    for (int64_t d = 0; d < D; d++)
-                        acc += (double)AT(dO, b, t, h)[d] * AT(v, b, s, h)[d];
-                    dP[s] = acc * Z[s];
-                    Dt += P[s] * dP[s];
-                }
-                for (int64_t s = 0; s <= t; s++) {
-                    double dS = P[s] * (dP[s] - Dt);
-                    for (int64_t d = 0; d < D; d++) {
-                        AT(gq, b, t, h)[d] += scale * dS * AT(k, b, s, h)[d];
-                        AT(gk, b, s, h)[d] += scale * dS * AT(q, b, t, h)[d];
-                        AT(gv, b, s, h)[d] += P[s] * Z[s] * AT(dO, b, t, h)[d];
-                    }
-                }
-            }
-#undef AT
-    if (dO)
-        for (int64_t i = 0; i < n; i++) {
-            dq[i] = (float)gq[i];
-            dk[i] = (float)gk[i];
-            dv[i] = (float)gv[i];
-        }
-    free(gq);
-    free(gk);
-    free(gv);
-    free(P);
-    free(Z);
-    free(dP);
-}
+#include "fixture.h"
 
 typedef struct {
     int64_t B, L, H, D;
@@ -112,8 +31,8 @@ START_TEST(forward_matches_naive) {
         ck_assert_msg(o != NULL, "%s", pl_last_error());
         ck_assert(pl_same_shape(o, q));
         float *ref = malloc(sizeof(float) * (size_t)q->numel);
-        ref_attention(pl_f32(q), pl_f32(k), pl_f32(v), NULL, sh.B, sh.L, sh.H, sh.D, 0, 0, 0, ref,
-                      NULL, NULL, NULL);
+        tu_attn ra = tu_attn_of(q, k, v, NULL);
+        tu_attention_ref(&ra, ref, NULL, NULL, NULL, NULL);
         double r = tu_close_ratio(pl_f32(o), ref, q->numel, 2e-6, 1e-5);
         ck_assert_msg(r <= 1.0, "B=%lld L=%lld H=%lld D=%lld: %g x tolerance", (long long)sh.B,
                       (long long)sh.L, (long long)sh.H, (long long)sh.D, r);
@@ -142,8 +61,12 @@ static void check_fwd_bwd(shp sh, float p, uint64_t *s) {
     else
         ck_assert_uint_eq(rng.offset, 17);
     ck_assert_int_eq(pl_backward_seed(ctx, o, dO), PL_OK);
-    ref_attention(pl_f32(q), pl_f32(k), pl_f32(v), dO, sh.B, sh.L, sh.H, sh.D, p, 4242, 17, ref,
-                  ref + n, ref + 2 * n, ref + 3 * n);
+    tu_attn ra = tu_attn_of(q, k, v, NULL);
+    ra.p = p;
+    ra.seed = 4242;
+    ra.offset = 17;
+    ra.dO = dO;
+    tu_attention_ref(&ra, ref, NULL, ref + n, ref + 2 * n, ref + 3 * n);
     const float *got[4] = {pl_f32(o), q->grad, k->grad, v->grad};
     static const char *what[4] = {"out", "dq", "dk", "dv"};
     for (int i = 0; i < 4; i++) {
@@ -353,9 +276,8 @@ START_TEST(errors) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("attention");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("attention", TU_PARALLEL, &tc);
     tcase_add_loop_test(tc, forward_matches_naive, 0, 3);
     tcase_add_loop_test(tc, backward_matches_naive, 0, 3);
     tcase_add_loop_test(tc, dropout_matches_naive, 0, 2);
@@ -364,7 +286,5 @@ int main(void) {
     tcase_add_test(tc, causality);
     tcase_add_test(tc, memory_is_linear);
     tcase_add_test(tc, errors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

@@ -4,11 +4,7 @@
  * ones). Besides pl_matmul, the graphs use small ops defined here through the
  * internal API (pl__record), so this file does not depend on ops/. */
 #include "internal.h"
-#include "testutil.h"
-
-static pl_ctx *ctx;
-static void setup(void) { ctx = pl_ctx_new(NULL); }
-static void teardown(void) { pl_ctx_free(ctx); }
+#include "fixture.h"
 
 /* ---- test-only ops ---- */
 
@@ -477,9 +473,8 @@ START_TEST(gradcheck_errors) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("autograd");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("autograd", TU_DEFAULT, &tc);
     tcase_add_test(tc, backward_scalar_loss);
     tcase_add_test(tc, backward_twice_is_an_error);
     tcase_add_test(tc, non_scalar_needs_a_seed);
@@ -495,7 +490,5 @@ int main(void) {
     tcase_add_test(tc, gradcheck_reports_wrong_gradient);
     tcase_add_test(tc, gradcheck_leaves_state_alone);
     tcase_add_test(tc, gradcheck_errors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

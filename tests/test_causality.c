@@ -7,17 +7,16 @@
  * the whole row, future scores masked to -inf, so for k > t+1 it picks future
  * keys) and must detect its leak: the check is known to be able to fail. */
 #include "internal.h"
-#include "testutil.h"
+#include "fixture.h"
 
 enum { B = 2, L = 32, DM = 16, H = 2, D = 8, HI = 2, DI = 8 };
 
 typedef enum { SEL_FUSED, SEL_SCORES_TOPK, SEL_FLAWED } selector;
 
-static pl_ctx *ctx;
 static pl_tensor *WqI, *WkI, *WwI, *Wq, *Wk, *Wv;
 
-static void setup(void) {
-    ctx = pl_ctx_new(NULL);
+/* After tu_setup_parallel: the projections. */
+static void make_params(void) {
     uint64_t s = 2024;
     WqI = tu_param(ctx, "WqI", PL_DIMS(DM, HI * DI), &s, -0.5f, 0.5f);
     WkI = tu_param(ctx, "WkI", PL_DIMS(DM, DI), &s, -0.5f, 0.5f);
@@ -26,7 +25,6 @@ static void setup(void) {
     Wk = tu_param(ctx, "Wk", PL_DIMS(DM, H * D), &s, -0.5f, 0.5f);
     Wv = tu_param(ctx, "Wv", PL_DIMS(DM, H * D), &s, -0.5f, 0.5f);
 }
-static void teardown(void) { pl_ctx_free(ctx); }
 
 /* The reference's selection: scores with future entries at -inf, then the k
  * largest of the WHOLE row (ties to the smaller index), sorted by index. For
@@ -54,36 +52,6 @@ static void flawed_topk(const float *I, int k, int32_t *out) {
             }
     }
     free(ord);
-}
-
-/* Attention over whatever idx says (no causality check): the naive reference. */
-static void naive_attention(const float *q, const float *k, const float *v, const int32_t *idx,
-                            int K, float *out) {
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < L; t++)
-            for (int h = 0; h < H; h++) {
-                const int32_t *ir = idx + ((size_t)b * L + t) * K;
-                double z[L + 8], m = -INFINITY, sum = 0;
-                for (int j = 0; j < K; j++) {
-                    if (ir[j] < 0) continue;
-                    double acc = 0;
-                    for (int d = 0; d < D; d++)
-                        acc += (double)q[(((size_t)b * L + t) * H + h) * D + d] *
-                               k[(((size_t)b * L + ir[j]) * H + h) * D + d];
-                    z[j] = acc / sqrt((double)D);
-                    m = z[j] > m ? z[j] : m;
-                }
-                for (int j = 0; j < K; j++)
-                    if (ir[j] >= 0) sum += exp(z[j] - m);
-                for (int d = 0; d < D; d++) {
-                    double acc = 0;
-                    for (int j = 0; j < K; j++)
-                        if (ir[j] >= 0)
-                            acc +=
-                                exp(z[j] - m) / sum * v[(((size_t)b * L + ir[j]) * H + h) * D + d];
-                    out[(((size_t)b * L + t) * H + h) * D + d] = sum > 0 ? (float)acc : 0.0f;
-                }
-            }
 }
 
 static pl_tensor *heads(pl_tensor *x2d) { /* [B, L, H*D] -> [B, L, H, D], same data */
@@ -130,7 +98,8 @@ static float *pipeline(const float *xdata, selector sel, bool library_attention,
         memcpy(res, pl_f32(o), no * sizeof(float));
         memcpy(res + no, pl_f32(sc), ns * sizeof(float));
     } else {
-        naive_attention(pl_f32(q), pl_f32(kk), pl_f32(v), pl_i32(idx), k, res);
+        tu_attn ra = tu_attn_of(q, kk, v, idx);
+        tu_attention_ref(&ra, res, NULL, NULL, NULL, NULL);
         memcpy(res + no, pl_f32(I), ns * sizeof(float));
     }
     pl_step_reset(ctx);
@@ -211,13 +180,11 @@ START_TEST(check_detects_flawed_selection) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("causality");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("causality", TU_PARALLEL, &tc);
+    tcase_add_checked_fixture(tc, make_params, NULL);
     tcase_add_test(tc, library_pipeline_is_causal);
     tcase_add_test(tc, naive_attention_with_causal_topk_is_causal);
     tcase_add_test(tc, check_detects_flawed_selection);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

@@ -3,11 +3,7 @@
  * checks (including the reduced gradient of a broadcast b), large shapes that
  * take the parallel paths (backward against naive sums), gradient
  * accumulation for a tensor used twice, and errors. */
-#include "testutil.h"
-
-static pl_ctx *ctx;
-static void setup(void) { ctx = pl_ctx_new(NULL); }
-static void teardown(void) { pl_ctx_free(ctx); }
+#include "fixture.h"
 
 enum { ADD, SUB, MUL };
 static pl_tensor *(*const binop[3])(pl_ctx *, pl_tensor *, pl_tensor *) = {pl_add, pl_sub, pl_mul};
@@ -303,9 +299,8 @@ START_TEST(errors) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("elementwise");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("elementwise", TU_PARALLEL, &tc);
     tcase_add_loop_test(tc, binary_forward_matches_naive, 0, 3);
     tcase_add_test(tc, binary_gradients);
     tcase_add_test(tc, binary_large_backward_matches_naive);
@@ -315,7 +310,5 @@ int main(void) {
     tcase_add_test(tc, unary_large_backward);
     tcase_add_test(tc, relu_subgradient_zero_at_zero);
     tcase_add_test(tc, errors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

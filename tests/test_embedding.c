@@ -1,11 +1,7 @@
 /* pl_embedding: rows gathered for ids of any shape, the table gradient
  * (scatter-add with repeated ids) by gradient check and, on a size that takes
  * the parallel path, against a naive serial scatter; errors. */
-#include "testutil.h"
-
-static pl_ctx *ctx;
-static void setup(void) { ctx = pl_ctx_new(NULL); }
-static void teardown(void) { pl_ctx_free(ctx); }
+#include "fixture.h"
 
 START_TEST(forward_matches_naive) {
     uint64_t s = 51;
@@ -117,15 +113,12 @@ START_TEST(errors) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("embedding");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("embedding", TU_PARALLEL, &tc);
     tcase_add_test(tc, forward_matches_naive);
     tcase_add_test(tc, table_gradient);
     tcase_add_test(tc, ids_changed_before_backward);
     tcase_add_test(tc, large_backward_matches_naive);
     tcase_add_test(tc, errors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

@@ -9,7 +9,7 @@
 #include <pthread.h>
 
 #include "internal.h"
-#include "testutil.h"
+#include "fixture.h"
 
 /* Huge requests must come back as NULL (an error), not abort under ASan. */
 const char *__asan_default_options(void);
@@ -29,15 +29,15 @@ const char *__asan_default_options(void) { return "allocator_may_return_null=1";
 /* Same for functions without a return value. */
 #define EXPECT_VOID(call, st, want) EXPECT(((call), 1), st, want)
 
-static pl_ctx *ctx, *other;
+static pl_ctx *other;
 static pl_tensor junk; /* bytes that are not a tensor */
 static void setup(void) {
-    ctx = pl_ctx_new(NULL);
+    tu_setup();
     other = pl_ctx_new(NULL);
     memset(&junk, 0xA5, sizeof junk);
 }
 static void teardown(void) {
-    pl_ctx_free(ctx);
+    tu_teardown();
     pl_ctx_free(other);
 }
 

@@ -1,21 +1,7 @@
 /* Lightning indexer: dense scores, fused top-k and scores at index sets
  * against naive double references, gradient checks, block edges, errors. */
 #include "internal.h"
-#include "testutil.h"
-
-static pl_ctx *ctx;
-/* Every kernel takes its parallel path, however small the test (gradient
- * checks, with their many small evaluations, restore the default). */
-static pl_tuning tuning_default;
-static void setup(void) {
-    ctx = pl_ctx_new(NULL);
-    tuning_default = pl__tuning;
-    pl__tuning.par_min = 0;
-}
-static void teardown(void) {
-    pl__tuning = tuning_default;
-    pl_ctx_free(ctx);
-}
+#include "fixture.h"
 
 /* I[b,t,s] in double; -inf above the diagonal. */
 static double naive_score(const float *q, const float *k, const float *w, int L, int HI, int dI,
@@ -137,7 +123,7 @@ static pl_tensor *scores_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
 }
 
 START_TEST(scores_gradients) {
-    pl__tuning.par_min = tuning_default.par_min;
+    tu_par_default();
     uint64_t s = 3;
     const int B = 2, L = 7, HI = 3, dI = 4;
     pl_tensor *in[3] = {pl_param_new(ctx, "qI", PL_DIMS(B, L, HI, dI)),
@@ -257,7 +243,7 @@ static pl_tensor *at_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
 }
 
 START_TEST(scores_at_gradients) {
-    pl__tuning.par_min = tuning_default.par_min;
+    tu_par_default();
     uint64_t s = 31;
     const int B = 2, L = 6, HI = 2, dI = 5, K = 3;
     pl_tensor *in[3] = {pl_param_new(ctx, "qI", PL_DIMS(B, L, HI * dI)),
@@ -360,9 +346,8 @@ START_TEST(errors) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("indexer");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("indexer", TU_PARALLEL, &tc);
     tcase_add_loop_test(tc, scores_match_naive, 0, 2);
     tcase_add_test(tc, scores_gradients);
     tcase_add_loop_test(tc, fused_topk_equals_topk_of_scores, 0, 2);
@@ -370,7 +355,5 @@ int main(void) {
     tcase_add_test(tc, scores_at_gradients);
     tcase_add_test(tc, backward_serial_equals_parallel);
     tcase_add_test(tc, errors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

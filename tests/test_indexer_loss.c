@@ -1,73 +1,49 @@
 /* Indexer KL loss against a naive double reference, gradient check w.r.t.
  * the scores, no gradient into q/k, zero at the target, errors. */
 #include "internal.h"
-#include "testutil.h"
+#include "fixture.h"
 
-static pl_ctx *ctx;
-/* Every kernel takes its parallel path, however small the test (gradient
- * checks, with their many small evaluations, restore the default). */
-static pl_tuning tuning_default;
-static void setup(void) {
-    ctx = pl_ctx_new(NULL);
-    tuning_default = pl__tuning;
-    pl__tuning.par_min = 0;
-}
-static void teardown(void) {
-    pl__tuning = tuning_default;
-    pl_ctx_free(ctx);
-}
-
-/* Head-averaged attention distribution over row (b,t)'s keys into P[K]
- * (0 at padding); returns the number of keys. */
-static int naive_target(const float *q, const float *k, const int32_t *ir, int b, int t, int L,
-                        int H, int D, int K, double *P) {
-    int n = 0;
-    for (int j = 0; j < K; j++) {
-        P[j] = 0;
-        n += ir[j] >= 0;
-    }
-    if (!n) return 0;
-    double *z = malloc(sizeof(double) * (size_t)K);
-    for (int h = 0; h < H; h++) {
-        double m = -INFINITY, sum = 0;
-        for (int j = 0; j < K; j++) {
-            if (ir[j] < 0) continue;
-            double acc = 0;
-            for (int d = 0; d < D; d++)
-                acc += (double)q[(((size_t)b * L + t) * H + h) * D + d] *
-                       k[(((size_t)b * L + ir[j]) * H + h) * D + d];
-            z[j] = acc / sqrt((double)D);
-            m = z[j] > m ? z[j] : m;
-        }
-        for (int j = 0; j < K; j++)
-            if (ir[j] >= 0) sum += exp(z[j] - m);
-        for (int j = 0; j < K; j++)
-            if (ir[j] >= 0) P[j] += exp(z[j] - m) / sum / H;
-    }
-    free(z);
-    return n;
+/* The target: the head-averaged attention distribution over each row's keys,
+ * P [B*L, K] (0 at padding), from the shared attention reference. */
+static double *naive_targets(const float *q, const float *k, const int32_t *idx, int B, int L,
+                             int H, int D, int K) {
+    const size_t rows = (size_t)B * L;
+    double *probs = malloc(sizeof(double) * rows * (size_t)(H * K));
+    double *P = calloc(rows * (size_t)K, sizeof(double));
+    float *out = malloc(sizeof(float) * rows * (size_t)(H * D));
+    tu_attention_ref(
+        &(tu_attn){.B = B, .L = L, .H = H, .D = D, .q = q, .k = k, .v = k, .idx = idx, .K = K}, out,
+        probs, NULL, NULL, NULL);
+    for (size_t r = 0; r < rows; r++)
+        for (int h = 0; h < H; h++)
+            for (int j = 0; j < K; j++) P[r * K + j] += probs[(r * H + h) * K + j] / H;
+    free(probs);
+    free(out);
+    return P;
 }
 
 static double naive_loss(const float *q, const float *k, const int32_t *idx, const float *sc, int B,
                          int L, int H, int D, int K) {
-    double *P = malloc(sizeof(double) * (size_t)K), total = 0;
+    double *PT = naive_targets(q, k, idx, B, L, H, D, K), total = 0;
     int rows = 0;
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < L; t++) {
-            const int32_t *ir = idx + ((size_t)b * L + t) * K;
-            const float *sr = sc + ((size_t)b * L + t) * K;
-            if (!naive_target(q, k, ir, b, t, L, H, D, K, P)) continue;
-            double m = -INFINITY, sum = 0, kl = 0;
-            for (int j = 0; j < K; j++)
-                if (ir[j] >= 0 && sr[j] > m) m = sr[j];
-            for (int j = 0; j < K; j++)
-                if (ir[j] >= 0) sum += exp(sr[j] - m);
-            for (int j = 0; j < K; j++)
-                if (ir[j] >= 0 && P[j] > 0) kl += P[j] * (log(P[j]) - (sr[j] - m - log(sum)));
-            total += kl;
-            rows++;
-        }
-    free(P);
+    for (int r = 0; r < B * L; r++) {
+        const int32_t *ir = idx + (size_t)r * K;
+        const float *sr = sc + (size_t)r * K;
+        const double *P = PT + (size_t)r * K;
+        int n = 0;
+        for (int j = 0; j < K; j++) n += ir[j] >= 0;
+        if (!n) continue;
+        double m = -INFINITY, sum = 0, kl = 0;
+        for (int j = 0; j < K; j++)
+            if (ir[j] >= 0 && sr[j] > m) m = sr[j];
+        for (int j = 0; j < K; j++)
+            if (ir[j] >= 0) sum += exp(sr[j] - m);
+        for (int j = 0; j < K; j++)
+            if (ir[j] >= 0 && P[j] > 0) kl += P[j] * (log(P[j]) - (sr[j] - m - log(sum)));
+        total += kl;
+        rows++;
+    }
+    free(PT);
     return rows ? total / rows : 0;
 }
 
@@ -124,11 +100,11 @@ START_TEST(zero_at_target_and_empty) {
     tu_fill(pl_f32(k), k->numel, &s, -2, 2);
     fill_idx(&s, pl_i32(idx), B, L, K);
     /* scores = log P + a per-row constant: the student equals the target. */
-    double P[K];
-    for (int r = 0; r < B * L; r++) {
-        naive_target(pl_f32(q), pl_f32(k), pl_i32(idx) + r * K, r / L, r % L, L, H, D, K, P);
-        for (int j = 0; j < K; j++) pl_f32(sc)[r * K + j] = P[j] > 0 ? (float)log(P[j]) + r : 7;
-    }
+    double *P = naive_targets(pl_f32(q), pl_f32(k), pl_i32(idx), B, L, H, D, K);
+    for (int r = 0; r < B * L; r++)
+        for (int j = 0; j < K; j++)
+            pl_f32(sc)[r * K + j] = P[r * K + j] > 0 ? (float)log(P[r * K + j]) + r : 7;
+    free(P);
     pl_tensor *loss = pl_indexer_kl_loss(ctx, q, k, idx, sc);
     ck_assert_ptr_nonnull(loss);
     ck_assert(fabsf(pl_f32(loss)[0]) < 1e-6f);
@@ -150,7 +126,7 @@ static pl_tensor *kl_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
 }
 
 START_TEST(gradient_only_into_scores) {
-    pl__tuning.par_min = tuning_default.par_min;
+    tu_par_default();
     uint64_t s = 9;
     const int B = 2, L = 6, H = 2, D = 3, K = 4;
     /* q and k are parameters here, yet no gradient may reach them. */
@@ -194,14 +170,11 @@ START_TEST(errors) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("indexer_loss");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("indexer_loss", TU_PARALLEL, &tc);
     tcase_add_test(tc, forward_matches_naive);
     tcase_add_test(tc, zero_at_target_and_empty);
     tcase_add_test(tc, gradient_only_into_scores);
     tcase_add_test(tc, errors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

@@ -1,10 +1,6 @@
 /* matmul and linear: forward against a naive double-accumulated product on
  * random shapes and every transpose combination, gradient checks, errors. */
-#include "testutil.h"
-
-static pl_ctx *ctx;
-static void setup(void) { ctx = pl_ctx_new(NULL); }
-static void teardown(void) { pl_ctx_free(ctx); }
+#include "fixture.h"
 
 START_TEST(forward_matches_naive) {
     uint64_t s = 42 + (uint64_t)_i;
@@ -110,14 +106,11 @@ START_TEST(shape_errors) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("matmul");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("matmul", TU_PARALLEL, &tc);
     tcase_add_loop_test(tc, forward_matches_naive, 0, 4);
     tcase_add_test(tc, gradients);
     tcase_add_test(tc, linear_forward_and_gradients);
     tcase_add_test(tc, shape_errors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

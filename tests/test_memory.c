@@ -48,7 +48,7 @@
 #include <dnnl.h>
 
 #include "internal.h"
-#include "testutil.h"
+#include "fixture.h"
 
 /* ---- counting ---- */
 
@@ -209,24 +209,20 @@ typedef struct {
     float *x; /* host input, M x K */
 } model;
 
-static pl_status train_step(pl_ctx *ctx, const model *m) {
+static pl_status train_step(pl_ctx *c, const model *m) {
     /* loss = u^T ((x W1 + b1) W2) v: linear, matmul, two reductions by
      * matmul with constant vectors, then backward. */
-    pl_tensor *x = pl_from_data(ctx, PL_F32, PL_DIMS(M, K), m->x);
-    pl_tensor *h = pl_linear(ctx, x, m->w1, m->b1);
-    pl_tensor *y = pl_matmul(ctx, h, m->w2, false, false);
-    pl_tensor *u = pl_full(ctx, PL_DIMS(1, M), 1.0f / M);
-    pl_tensor *v = pl_full(ctx, PL_DIMS(O, 1), 1.0f);
-    pl_tensor *loss = pl_matmul(ctx, u, pl_matmul(ctx, y, v, false, false), false, false);
-    pl_status s = loss ? pl_backward(ctx, loss) : pl_last_status();
-    pl_zero_grad(ctx);
-    pl_step_reset(ctx);
+    pl_tensor *x = pl_from_data(c, PL_F32, PL_DIMS(M, K), m->x);
+    pl_tensor *h = pl_linear(c, x, m->w1, m->b1);
+    pl_tensor *y = pl_matmul(c, h, m->w2, false, false);
+    pl_tensor *u = pl_full(c, PL_DIMS(1, M), 1.0f / M);
+    pl_tensor *v = pl_full(c, PL_DIMS(O, 1), 1.0f);
+    pl_tensor *loss = pl_matmul(c, u, pl_matmul(c, y, v, false, false), false, false);
+    pl_status s = loss ? pl_backward(c, loss) : pl_last_status();
+    pl_zero_grad(c);
+    pl_step_reset(c);
     return s;
 }
-
-static pl_ctx *ctx;
-static void setup(void) { ctx = pl_ctx_new(NULL); }
-static void teardown(void) { pl_ctx_free(ctx); }
 
 static void make_model(pl_ctx *c, model *m, uint64_t *s) {
     m->w1 = tu_param(c, "w1", PL_DIMS(K, H), s, -0.1f, 0.1f);
@@ -862,9 +858,8 @@ END_TEST
 
 int main(void) {
     install_counters();
-    Suite *s = suite_create("memory");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("memory", TU_DEFAULT, &tc);
     tcase_add_test(tc, steady_state_allocates_nothing);
     tcase_add_test(tc, steady_state_single_thread);
     tcase_add_test(tc, steady_state_full_step);
@@ -877,7 +872,5 @@ int main(void) {
     tcase_add_test(tc, marks);
     tcase_add_test(tc, marks_across_chunks);
     tcase_add_test(tc, stale_tensors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

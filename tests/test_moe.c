@@ -1,11 +1,7 @@
 /* Mixture of experts: forward against a naive per-token loop (double), exact
  * ties in the router, gradient checks, partial gradients, steady-state
  * allocation and errors. */
-#include "testutil.h"
-
-static pl_ctx *ctx;
-static void setup(void) { ctx = pl_ctx_new(NULL); }
-static void teardown(void) { pl_ctx_free(ctx); }
+#include "fixture.h"
 
 /* Naive reference: router softmax, top-k (strict > keeps the lower index on
  * ties), renormalise, SwiGLU experts, weighted sum; all in double. sel gets
@@ -422,9 +418,8 @@ START_TEST(errors) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("moe");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("moe", TU_PARALLEL, &tc);
     tcase_add_loop_test(tc, forward_matches_naive, 0, 4);
     tcase_add_test(tc, forward_3d_input);
     tcase_add_test(tc, forward_large_blocks);
@@ -436,7 +431,5 @@ int main(void) {
     tcase_add_test(tc, partial_gradients);
     tcase_add_test(tc, steady_state_no_heap);
     tcase_add_test(tc, errors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

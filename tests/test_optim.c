@@ -2,13 +2,9 @@
  * trajectories computed by hand in double, decoupled weight decay, state
  * tensors and resume, clip_grad_norm, no heap allocation in steady state,
  * init bounds and statistics, errors. */
-#include "testutil.h"
+#include "fixture.h"
 
 #include "internal.h" /* to look up the optimiser's state tensors by name */
-
-static pl_ctx *ctx;
-static void setup(void) { ctx = pl_ctx_new(NULL); }
-static void teardown(void) { pl_ctx_free(ctx); }
 
 static pl_tensor *find_state(pl_ctx *c, const char *name) {
     for (int i = 0; i < c->n_persist; i++)
@@ -523,9 +519,8 @@ START_TEST(adamw_set_lr) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("optim");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("optim", TU_PARALLEL, &tc);
     tcase_add_test(tc, adamw_matches_hand_trajectory);
     tcase_add_test(tc, adamw_weight_decay_is_decoupled);
     tcase_add_test(tc, adamw_resume);
@@ -537,7 +532,5 @@ int main(void) {
     tcase_add_test(tc, init_embedding_stats);
     tcase_add_test(tc, errors);
     tcase_add_test(tc, adamw_set_lr);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

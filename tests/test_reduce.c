@@ -1,11 +1,7 @@
 /* Reductions: pl_sum, pl_mean, pl_sum_last. Forward against double sums on
  * random and large shapes, independence from the thread count, gradient
  * checks, large backward, errors. */
-#include "testutil.h"
-
-static pl_ctx *ctx;
-static void setup(void) { ctx = pl_ctx_new(NULL); }
-static void teardown(void) { pl_ctx_free(ctx); }
+#include "fixture.h"
 
 START_TEST(sum_mean_match_double) {
     uint64_t s = 31;
@@ -150,16 +146,13 @@ START_TEST(errors) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("reduce");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("reduce", TU_PARALLEL, &tc);
     tcase_add_test(tc, sum_mean_match_double);
     tcase_add_test(tc, sum_independent_of_threads);
     tcase_add_test(tc, sum_last_matches_naive);
     tcase_add_test(tc, gradients);
     tcase_add_test(tc, large_backward);
     tcase_add_test(tc, errors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

@@ -4,7 +4,7 @@
  * leak), atomic writes under failure, allocation failures, and a file
  * written without libplasa (tests/data/fixture.safetensors). */
 #define _XOPEN_SOURCE 700
-#include "testutil.h"
+#include "fixture.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -15,7 +15,6 @@
 
 #include "internal.h" /* pl__safetensors_parse */
 
-static pl_ctx *ctx;
 static char dir[64];
 
 /* An allocator that fails once its countdown reaches 0 (-1: never). */
@@ -45,8 +44,8 @@ static void rm_tree(const char *d) {
     rmdir(d);
 }
 
+/* After tu_setup (tu_suite's fixture): the test's directory. */
 static void setup(void) {
-    ctx = pl_ctx_new(NULL);
     strcpy(dir, "/tmp/plasa_st_XXXXXX");
     ck_assert_ptr_nonnull(mkdtemp(dir));
     pl_clear_error();
@@ -54,7 +53,6 @@ static void setup(void) {
 static void teardown(void) {
     fail_countdown = -1;
     pl_set_allocator(NULL); /* in case an allocation-failure check failed */
-    pl_ctx_free(ctx);
     rm_tree(dir);
 }
 
@@ -1022,8 +1020,8 @@ START_TEST(reads_python_fixture) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("safetensors");
-    TCase *tc = tcase_create("core");
+    TCase *tc;
+    Suite *s = tu_suite("safetensors", TU_DEFAULT, &tc);
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, round_trip_bit_exact);
     tcase_add_test(tc, metadata_round_trip);
@@ -1037,7 +1035,5 @@ int main(void) {
     tcase_add_test(tc, atomic_write_failures);
     tcase_add_test(tc, allocation_failures);
     tcase_add_test(tc, reads_python_fixture);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

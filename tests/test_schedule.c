@@ -1,30 +1,45 @@
 /* Sparsity schedules: named schedules, explicit lists, errors. */
-#include "testutil.h"
+#include "fixture.h"
 
-static void expect(const char *name, int n, int L, const int *want) {
-    int k[16];
-    pl_status st = pl_schedule_from_string(name, n, L, k);
-    ck_assert_msg(st == PL_OK, "%s: %s", name, pl_last_error());
-    for (int i = 0; i < n; i++)
-        ck_assert_msg(k[i] == want[i], "%s n=%d L=%d: layer %d has k=%d, want %d", name, n, L, i,
-                      k[i], want[i]);
+/* A schedule (a name or an explicit list) for n layers at length L, and the
+ * per-layer k it must give. */
+typedef struct {
+    const char *spec;
+    int n, L;
+    int want[8];
+} schedule_case;
+
+static const schedule_case named_cases[] = {
+    {"progressive", 4, 128, {128, 32, 32, 64}},
+    {"progressive_sparse", 4, 128, {128, 32, 32, 64}},
+    {"progressive", 6, 1024, {1024, 256, 256, 256, 256, 512}},
+    {"progressive", 1, 128, {128}},
+    {"progressive", 2, 128, {128, 64}},
+    {"dense", 4, 128, {128, 128, 128, 128}},
+    {"uniform", 4, 128, {64, 64, 64, 64}},
+    {"dense_to_sparse", 4, 128, {128, 96, 64, 32}},
+    {"dense_to_sparse", 1, 128, {128}},
+    {"dense_to_sparse", 2, 100, {100, 25}},
+    {"aggressive_middle", 4, 128, {64, 32, 32, 64}},
+    /* Tiny L: every k stays >= 1. */
+    {"progressive", 4, 1, {1, 1, 1, 1}},
+    {"aggressive_middle", 3, 3, {1, 1, 1}},
+    /* Explicit lists. */
+    {"128,32,32,64", 4, 128, {128, 32, 32, 64}},
+    {" 1 , 2,3 ,128 ", 4, 128, {1, 2, 3, 128}},
+};
+
+static void expect(const schedule_case *c) {
+    int k[8];
+    pl_status st = pl_schedule_from_string(c->spec, c->n, c->L, k);
+    ck_assert_msg(st == PL_OK, "%s: %s", c->spec, pl_last_error());
+    for (int i = 0; i < c->n; i++)
+        ck_assert_msg(k[i] == c->want[i], "%s n=%d L=%d: layer %d has k=%d, want %d", c->spec, c->n,
+                      c->L, i, k[i], c->want[i]);
 }
 
 START_TEST(named) {
-    expect("progressive", 4, 128, (int[]){128, 32, 32, 64});
-    expect("progressive_sparse", 4, 128, (int[]){128, 32, 32, 64});
-    expect("progressive", 6, 1024, (int[]){1024, 256, 256, 256, 256, 512});
-    expect("progressive", 1, 128, (int[]){128});
-    expect("progressive", 2, 128, (int[]){128, 64});
-    expect("dense", 4, 128, (int[]){128, 128, 128, 128});
-    expect("uniform", 4, 128, (int[]){64, 64, 64, 64});
-    expect("dense_to_sparse", 4, 128, (int[]){128, 96, 64, 32});
-    expect("dense_to_sparse", 1, 128, (int[]){128});
-    expect("dense_to_sparse", 2, 100, (int[]){100, 25});
-    expect("aggressive_middle", 4, 128, (int[]){64, 32, 32, 64});
-    /* Tiny L: every k stays >= 1. */
-    expect("progressive", 4, 1, (int[]){1, 1, 1, 1});
-    expect("aggressive_middle", 3, 3, (int[]){1, 1, 1});
+    for (size_t i = 0; i < sizeof named_cases / sizeof *named_cases; i++) expect(&named_cases[i]);
     /* Every named schedule keeps k in [1, L]. */
     const char *names[] = {"progressive", "dense", "uniform", "dense_to_sparse",
                            "aggressive_middle"};
@@ -39,28 +54,27 @@ START_TEST(named) {
 }
 END_TEST
 
+/* A bad list for 4 layers at L = 128, and what the message must say. */
+static const struct {
+    const char *list, *message;
+} bad_lists[] = {
+    {"128,32,32", "3 values for 4 layers"},
+    {"128,32,32,64,1", "5 values for 4 layers"},
+    {"128,0,32,64", "outside [1, L = 128]"},
+    {"128,-5,32,64", "outside [1, L = 128]"},
+    {"129,32,32,64", "k = 129"},
+    {"128,32x,32,64", "unexpected 'x'"},
+    {"128,,32,64", "item 2"},
+    {"128,32,32,", "not an integer"},
+    {"99999999999999999999,1,1,1", "outside"},
+};
+
 START_TEST(lists) {
-    expect("128,32,32,64", 4, 128, (int[]){128, 32, 32, 64});
-    expect(" 1 , 2,3 ,128 ", 4, 128, (int[]){1, 2, 3, 128});
-    int k[4];
-    ck_assert_int_eq(pl_schedule_parse("128,32,32", 4, 128, k), PL_ERR_ARG);
-    tu_assert_error(PL_ERR_ARG, "3 values for 4 layers");
-    ck_assert_int_eq(pl_schedule_parse("128,32,32,64,1", 4, 128, k), PL_ERR_ARG);
-    tu_assert_error(PL_ERR_ARG, "5 values for 4 layers");
-    ck_assert_int_eq(pl_schedule_parse("128,0,32,64", 4, 128, k), PL_ERR_ARG);
-    tu_assert_error(PL_ERR_ARG, "outside [1, L = 128]");
-    ck_assert_int_eq(pl_schedule_parse("128,-5,32,64", 4, 128, k), PL_ERR_ARG);
-    tu_assert_error(PL_ERR_ARG, "outside [1, L = 128]");
-    ck_assert_int_eq(pl_schedule_parse("129,32,32,64", 4, 128, k), PL_ERR_ARG);
-    tu_assert_error(PL_ERR_ARG, "k = 129");
-    ck_assert_int_eq(pl_schedule_parse("128,32x,32,64", 4, 128, k), PL_ERR_ARG);
-    tu_assert_error(PL_ERR_ARG, "unexpected 'x'");
-    ck_assert_int_eq(pl_schedule_parse("128,,32,64", 4, 128, k), PL_ERR_ARG);
-    tu_assert_error(PL_ERR_ARG, "item 2");
-    ck_assert_int_eq(pl_schedule_parse("128,32,32,", 4, 128, k), PL_ERR_ARG);
-    tu_assert_error(PL_ERR_ARG, "not an integer");
-    ck_assert_int_eq(pl_schedule_parse("99999999999999999999,1,1,1", 4, 128, k), PL_ERR_ARG);
-    tu_assert_error(PL_ERR_ARG, "outside");
+    for (size_t i = 0; i < sizeof bad_lists / sizeof *bad_lists; i++) {
+        int k[4];
+        ck_assert_int_eq(pl_schedule_parse(bad_lists[i].list, 4, 128, k), PL_ERR_ARG);
+        tu_assert_error(PL_ERR_ARG, bad_lists[i].message);
+    }
 }
 END_TEST
 
@@ -100,7 +114,6 @@ START_TEST(adaptive_k) {
 END_TEST
 
 START_TEST(indexer_entropy) {
-    pl_ctx *ctx = pl_ctx_new(NULL);
     const int B = 2, L = 9;
     pl_tensor *sc = pl_empty(ctx, PL_F32, PL_DIMS(B, L, L));
     uint64_t s = 3;
@@ -127,18 +140,16 @@ START_TEST(indexer_entropy) {
     ck_assert(fabs(e - ref) < 1e-6);
     pl_tensor *bad = pl_zeros(ctx, PL_F32, PL_DIMS(2, 3, 4));
     ck_assert_int_eq(pl_indexer_entropy(ctx, bad, &e), PL_ERR_SHAPE);
-    pl_ctx_free(ctx);
 }
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("schedule");
-    TCase *tc = tcase_create("core");
+    TCase *tc;
+    Suite *s = tu_suite("schedule", TU_DEFAULT, &tc);
     tcase_add_test(tc, named);
     tcase_add_test(tc, lists);
     tcase_add_test(tc, errors);
     tcase_add_test(tc, adaptive_k);
     tcase_add_test(tc, indexer_entropy);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

@@ -1,11 +1,7 @@
 /* Shape ops: reshape (a view), permute, transpose, slice, concat. Forward
  * against naive index arithmetic on random shapes (float32 and int32),
  * gradient checks, large shapes for the parallel paths, errors. */
-#include "testutil.h"
-
-static pl_ctx *ctx;
-static void setup(void) { ctx = pl_ctx_new(NULL); }
-static void teardown(void) { pl_ctx_free(ctx); }
+#include "fixture.h"
 
 static void unravel(int64_t i, int nd, const int64_t *sh, int64_t *idx) {
     for (int d = nd - 1; d >= 0; d--) {
@@ -370,9 +366,8 @@ START_TEST(concat_errors) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("shape");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("shape", TU_PARALLEL, &tc);
     tcase_add_test(tc, reshape_is_a_view);
     tcase_add_test(tc, reshape_gradient);
     tcase_add_test(tc, reshape_errors);
@@ -386,7 +381,5 @@ int main(void) {
     tcase_add_test(tc, concat_matches_naive);
     tcase_add_test(tc, concat_gradients);
     tcase_add_test(tc, concat_errors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

@@ -4,11 +4,7 @@
  * formulas, the all-ignored case, memory (no softmax tensor kept), errors.
  * Also the fast exp they are built on (lib/internal.h). */
 #include "internal.h"
-#include "testutil.h"
-
-static pl_ctx *ctx;
-static void setup(void) { ctx = pl_ctx_new(NULL); }
-static void teardown(void) { pl_ctx_free(ctx); }
+#include "fixture.h"
 
 START_TEST(fast_exp_accuracy) {
     double worst = 0;
@@ -260,9 +256,8 @@ START_TEST(errors) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("softmax");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("softmax", TU_PARALLEL, &tc);
     tcase_add_test(tc, fast_exp_accuracy);
     tcase_add_test(tc, softmax_matches_double);
     tcase_add_test(tc, softmax_gradient);
@@ -274,7 +269,5 @@ int main(void) {
     tcase_add_test(tc, cross_entropy_targets_changed_before_backward);
     tcase_add_test(tc, cross_entropy_all_ignored);
     tcase_add_test(tc, errors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

@@ -3,94 +3,9 @@
  * dropout against the documented counter scheme, gradient checks, thread
  * independence, errors. */
 #include "internal.h"
-#include "testutil.h"
+#include "fixture.h"
 
 #include <omp.h>
-
-static pl_ctx *ctx;
-/* Every kernel takes its parallel path, however small the test (gradient
- * checks, with their many small evaluations, restore the default). */
-static pl_tuning tuning_default;
-static void setup(void) {
-    ctx = pl_ctx_new(NULL);
-    tuning_default = pl__tuning;
-    pl__tuning.par_min = 0;
-}
-static void teardown(void) {
-    pl__tuning = tuning_default;
-    pl_ctx_free(ctx);
-}
-
-/* The documented dropout decision for slot j of row r = (b*H+h)*L + t. */
-static bool kept(uint64_t seed, uint64_t offset, uint64_t r, int K, int j, float p) {
-    uint32_t w[4];
-    pl_philox(seed, offset + r * (uint64_t)((K + 3) / 4) + (uint64_t)j / 4, w);
-    return w[j % 4] >= (uint32_t)((double)p * 4294967296.0);
-}
-
-/* out[b,t,h,:] over the keys in idx row (b,t); rows without keys give 0. */
-static void naive_sparse(const float *q, const float *k, const float *v, const int32_t *idx, int B,
-                         int L, int H, int D, int K, float p, uint64_t seed, uint64_t offset,
-                         float *out) {
-    double *z = malloc(sizeof(double) * (size_t)K);
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < L; t++)
-            for (int h = 0; h < H; h++) {
-                const int32_t *ir = idx + ((size_t)b * L + t) * K;
-                const float *qh = q + (((size_t)b * L + t) * H + h) * D;
-                double m = -INFINITY, sum = 0;
-                for (int j = 0; j < K; j++) {
-                    if (ir[j] < 0) continue;
-                    const float *kh = k + (((size_t)b * L + ir[j]) * H + h) * D;
-                    double acc = 0;
-                    for (int d = 0; d < D; d++) acc += (double)qh[d] * kh[d];
-                    z[j] = acc / sqrt((double)D);
-                    if (z[j] > m) m = z[j];
-                }
-                for (int j = 0; j < K; j++)
-                    if (ir[j] >= 0) sum += exp(z[j] - m);
-                float *oh = out + (((size_t)b * L + t) * H + h) * D;
-                for (int d = 0; d < D; d++) {
-                    double acc = 0;
-                    for (int j = 0; j < K; j++) {
-                        if (ir[j] < 0) continue;
-                        uint64_t r = ((uint64_t)b * H + h) * L + t;
-                        double pr = exp(z[j] - m) / sum;
-                        if (p > 0) pr = kept(seed, offset, r, K, j, p) ? pr / (1.0 - p) : 0.0;
-                        acc += pr * v[(((size_t)b * L + ir[j]) * H + h) * D + d];
-                    }
-                    oh[d] = (float)acc;
-                }
-            }
-    free(z);
-}
-
-/* Dense causal attention written without index sets: keys 0..t. */
-static void naive_dense_causal(const float *q, const float *k, const float *v, int B, int L, int H,
-                               int D, float *out) {
-    double *z = malloc(sizeof(double) * (size_t)L);
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < L; t++)
-            for (int h = 0; h < H; h++) {
-                double m = -INFINITY, sum = 0;
-                for (int s = 0; s <= t; s++) {
-                    double acc = 0;
-                    for (int d = 0; d < D; d++)
-                        acc += (double)q[(((size_t)b * L + t) * H + h) * D + d] *
-                               k[(((size_t)b * L + s) * H + h) * D + d];
-                    z[s] = acc / sqrt((double)D);
-                    m = z[s] > m ? z[s] : m;
-                }
-                for (int s = 0; s <= t; s++) sum += exp(z[s] - m);
-                for (int d = 0; d < D; d++) {
-                    double acc = 0;
-                    for (int s = 0; s <= t; s++)
-                        acc += exp(z[s] - m) / sum * v[(((size_t)b * L + s) * H + h) * D + d];
-                    out[(((size_t)b * L + t) * H + h) * D + d] = (float)acc;
-                }
-            }
-    free(z);
-}
 
 /* Random causal index sets (see test_indexer.c): rows with fewer keys than K,
  * optionally empty rows, keys scattered over the slots. */
@@ -148,7 +63,8 @@ START_TEST(forward_matches_naive) {
         ck_assert_msg(o != NULL, "%s", pl_last_error());
         ck_assert(pl_same_shape(o, q));
         float *ref = malloc(sizeof(float) * (size_t)o->numel);
-        naive_sparse(pl_f32(q), pl_f32(k), pl_f32(v), pl_i32(idx), B, L, H, D, K, 0, 0, 0, ref);
+        tu_attn ra = tu_attn_of(q, k, v, idx);
+        tu_attention_ref(&ra, ref, NULL, NULL, NULL, NULL);
         tu_assert_close(pl_f32(o), ref, o->numel, 1e-5, 1e-5);
         int64_t bad = 0;
         for (int64_t i = 0; i < o->numel; i++) bad += !isfinite(pl_f32(o)[i]);
@@ -164,7 +80,8 @@ START_TEST(all_keys_equal_dense_causal) {
     const int B = 2, L = 33, H = 3, D = 16;
     pl_tensor *q = rnd(&s, B, L, H, D), *k = rnd(&s, B, L, H, D), *v = rnd(&s, B, L, H, D);
     float *ref = malloc(sizeof(float) * (size_t)q->numel);
-    naive_dense_causal(pl_f32(q), pl_f32(k), pl_f32(v), B, L, H, D, ref);
+    tu_attn ra = tu_attn_of(q, k, v, NULL); /* causal dense: keys 0..t */
+    tu_attention_ref(&ra, ref, NULL, NULL, NULL, NULL);
     /* The selection of pl_causal_topk with k >= L (random scores, k = L and
      * k > L) and an explicit all-keys list in descending order. */
     pl_tensor *sc = pl_empty(ctx, PL_F32, PL_DIMS(B, L, L));
@@ -200,7 +117,11 @@ START_TEST(dropout_follows_documented_counters) {
     ck_assert_msg(o != NULL, "%s", pl_last_error());
     ck_assert_int_eq(rng.offset, 11 + B * H * L * ((K + 3) / 4));
     float *ref = malloc(sizeof(float) * (size_t)o->numel);
-    naive_sparse(pl_f32(q), pl_f32(k), pl_f32(v), pl_i32(idx), B, L, H, D, K, p, 1234, 11, ref);
+    tu_attn ra = tu_attn_of(q, k, v, idx);
+    ra.p = p;
+    ra.seed = 1234;
+    ra.offset = 11;
+    tu_attention_ref(&ra, ref, NULL, NULL, NULL, NULL);
     tu_assert_close(pl_f32(o), ref, o->numel, 1e-5, 1e-5);
     /* The next call continues the stream: different masks. */
     pl_tensor *o2 = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
@@ -230,7 +151,7 @@ static pl_tensor *sa_fn_q(pl_ctx *c, pl_tensor *const *in, void *u) {
 }
 
 START_TEST(gradients) {
-    pl__tuning.par_min = tuning_default.par_min;
+    tu_par_default();
     uint64_t s = 12;
     const int B = 2, L = 7, H = 2, D = 3;
     const int Ks[] = {1, 3, 9};
@@ -366,13 +287,17 @@ START_TEST(vector_paths) {
         pl_tensor *o = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
         ck_assert_msg(o != NULL, "%s", pl_last_error());
         float *ref = malloc(sizeof(float) * (size_t)o->numel);
-        naive_sparse(pl_f32(q), pl_f32(k), pl_f32(v), pl_i32(idx), B, L, H, D, K, p, 77, 0, ref);
+        tu_attn ra = tu_attn_of(q, k, v, idx);
+        ra.p = p;
+        ra.seed = 77;
+        ra.offset = 0;
+        tu_attention_ref(&ra, ref, NULL, NULL, NULL, NULL);
         tu_assert_close(pl_f32(o), ref, o->numel, 1e-5, 1e-5);
         free(ref);
         pl_step_reset(ctx);
     }
     /* Gradients through the vector kernels (D = 32 and 16), with dropout. */
-    pl__tuning.par_min = tuning_default.par_min;
+    tu_par_default();
     for (int rep = 0; rep < 2; rep++) {
         const int B = 1, L = 6, H = 2, D = rep ? 16 : 32, K = 3;
         char nq[8], nk[8], nv[8], ni[8];
@@ -418,9 +343,8 @@ START_TEST(errors) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("sparse_attention");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("sparse_attention", TU_PARALLEL, &tc);
     tcase_add_loop_test(tc, forward_matches_naive, 0, 2);
     tcase_add_test(tc, all_keys_equal_dense_causal);
     tcase_add_test(tc, dropout_follows_documented_counters);
@@ -429,7 +353,5 @@ int main(void) {
     tcase_add_test(tc, equals_pl_attention_at_k_equals_L);
     tcase_add_test(tc, vector_paths);
     tcase_add_test(tc, errors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

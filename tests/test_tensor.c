@@ -3,15 +3,11 @@
  * the Random123 known-answer vectors; fills reproducible for a seed whatever
  * the thread count, with sane moments. */
 #include "internal.h"
-#include "testutil.h"
+#include "fixture.h"
 
 /* Huge requests must come back as NULL (an error), not abort under ASan. */
 const char *__asan_default_options(void);
 const char *__asan_default_options(void) { return "allocator_may_return_null=1"; }
-
-static pl_ctx *ctx;
-static void setup(void) { ctx = pl_ctx_new(NULL); }
-static void teardown(void) { pl_ctx_free(ctx); }
 
 /* ---- creation ---- */
 
@@ -416,9 +412,8 @@ START_TEST(fill_moments) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("tensor");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("tensor", TU_PARALLEL, &tc);
     tcase_add_test(tc, step_tensors);
     tcase_add_test(tc, creation_errors);
     tcase_add_test(tc, max_dims_and_pl_dims);
@@ -430,7 +425,5 @@ int main(void) {
     tcase_add_test(tc, fills_independent_of_threads);
     tcase_add_test(tc, fills_are_counter_based);
     tcase_add_test(tc, fill_moments);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

@@ -1,21 +1,7 @@
 /* pl_causal_topk against a naive full sort of every row (with ties, NaN,
  * signed zeros and infinities), padding and order, errors. */
 #include "internal.h"
-#include "testutil.h"
-
-static pl_ctx *ctx;
-/* Every kernel takes its parallel path, however small the test (gradient
- * checks, with their many small evaluations, restore the default). */
-static pl_tuning tuning_default;
-static void setup(void) {
-    ctx = pl_ctx_new(NULL);
-    tuning_default = pl__tuning;
-    pl__tuning.par_min = 0;
-}
-static void teardown(void) {
-    pl__tuning = tuning_default;
-    pl_ctx_free(ctx);
-}
+#include "fixture.h"
 
 typedef struct {
     double v;
@@ -144,13 +130,10 @@ START_TEST(errors) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("topk");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("topk", TU_PARALLEL, &tc);
     tcase_add_loop_test(tc, matches_naive_sort, 0, 3);
     tcase_add_test(tc, ties_go_to_smaller_s_and_future_is_ignored);
     tcase_add_test(tc, errors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

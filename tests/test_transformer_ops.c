@@ -2,11 +2,7 @@
  * written here (double accumulation), gradient checks, the dropout mask rule,
  * its reproducibility and thread-count independence, errors. */
 #include "internal.h" /* pl__philox8 */
-#include "testutil.h"
-
-static pl_ctx *ctx;
-static void setup(void) { ctx = pl_ctx_new(NULL); }
-static void teardown(void) { pl_ctx_free(ctx); }
+#include "fixture.h"
 
 static pl_tensor *rand_tensor(int ndim, const int64_t *shape, uint64_t *s, float lo, float hi) {
     pl_tensor *t = pl_empty(ctx, PL_F32, ndim, shape);
@@ -397,9 +393,8 @@ START_TEST(dropout_errors) {
 END_TEST
 
 int main(void) {
-    Suite *s = suite_create("transformer_ops");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup, teardown);
+    TCase *tc;
+    Suite *s = tu_suite("transformer_ops", TU_PARALLEL, &tc);
     tcase_add_loop_test(tc, rmsnorm_forward, 0, 3);
     tcase_add_test(tc, rmsnorm_gradients);
     tcase_add_test(tc, rmsnorm_errors);
@@ -417,7 +412,5 @@ int main(void) {
     tcase_add_test(tc, dropout_p_zero_is_identity);
     tcase_add_test(tc, dropout_gradients);
     tcase_add_test(tc, dropout_errors);
-    tcase_set_timeout(tc, 120);
-    suite_add_tcase(s, tc);
     return tu_run(s);
 }

@@ -20,7 +20,7 @@ int tu_randint(uint64_t *s, int lo, int hi); /* [lo, hi] */
 void tu_fill(float *x, int64_t n, uint64_t *s, float lo, float hi);
 
 /* A parameter filled with U(lo, hi). */
-pl_tensor *tu_param(pl_ctx *ctx, const char *name, int ndim, const int64_t *shape, uint64_t *s,
+pl_tensor *tu_param(pl_ctx *c, const char *name, int ndim, const int64_t *shape, uint64_t *s,
                     float lo, float hi);
 
 /* max |a-b| / (atol + rtol*|b|) over n elements; <= 1 means "close". */
@@ -34,8 +34,33 @@ double tu_close_ratio(const float *a, const float *b, int64_t n, double atol, do
 /* Naive row-major C[M,N] = op(A) op(B), accumulated in double. */
 void tu_matmul_ref(const float *A, const float *B, float *C, int M, int N, int K, int ta, int tb);
 
+/* Masked-softmax attention in double: the reference of every attention op.
+ * Row (b, t), head h attends to the keys in its slots: idx[b, t, 0..K) (-1 is
+ * padding; a key in two slots counts twice), or with idx NULL to keys 0..t
+ * (K = L, slot s = key s). Scores q.k / sqrt(D). Dropout (p > 0): slot j of row
+ * r = (b*H + h)*L + t is kept iff word j % 4 of
+ * pl_philox(seed, offset + r*ceil(K/4) + j/4) is >= floor(p 2^32), and kept
+ * probabilities are scaled by float32(1 / float32(1 - p)). */
+typedef struct {
+    int B, L, H, D;
+    const float *q, *k, *v; /* [B, L, H, D] */
+    const int32_t *idx;     /* [B, L, K], or NULL: causal dense */
+    int K;
+    float p; /* dropout probability (0: none) */
+    uint64_t seed, offset;
+    const float *dO; /* [B, L, H, D]: with it, the gradients too */
+} tu_attn;
+/* The description of q, k, v [B, L, H, D] (float32 tensors) with the index
+ * sets idx [B, L, K] (int32; NULL: causal dense), without dropout or dO. */
+tu_attn tu_attn_of(const pl_tensor *q, const pl_tensor *k, const pl_tensor *v,
+                   const pl_tensor *idx);
+/* Writes out [B, L, H, D] (0 for a row without keys); probs (if not NULL) the
+ * softmax probabilities before dropout, [B, L, H, K] (0 at padding); with
+ * a->dO, dq, dk, dv [B, L, H, D]. */
+void tu_attention_ref(const tu_attn *a, float *out, double *probs, float *dq, float *dk, float *dv);
+
 /* Runs pl_gradcheck and asserts that every checked element passed. */
-void tu_gradcheck(pl_ctx *ctx, pl_gradcheck_fn fn, void *user, pl_tensor *const *in, int n,
+void tu_gradcheck(pl_ctx *c, pl_gradcheck_fn fn, void *user, pl_tensor *const *in, int n,
                   double eps, double atol, double rtol, int max_per_input);
 
 /* Asserts that the call failed with status st and a message containing

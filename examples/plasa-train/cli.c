@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "plasa.h"
 #include "schedule.h"
 
 typedef enum { T_INT, T_I64, T_U64, T_DBL, T_STR, T_SWITCH } ftype;
@@ -33,7 +34,8 @@ static const flagdef flags[] = {
     {"dropout", T_DBL, OFF(dropout), 0, 0.999999, "P", "dropout on attention probabilities"},
     {"indexer-loss", T_DBL, OFF(indexer_loss), 0, 1e9, "W",
      "weight of the indexer's training loss (0: indexer not trained)"},
-    {"schedule", T_STR, OFF(schedule), 0, 0, "NAME", "per-layer k: " SCHEDULE_NAMES},
+    {"schedule", T_STR, OFF(schedule), 0, 0, "NAME",
+     "per-layer k schedule (the names are listed below)"},
     {"k", T_STR, OFF(k_list), 0, 0, "LIST",
      "explicit per-layer k, e.g. 128,32,32,64 (one value: every layer); overrides --schedule"},
     {"layers", T_INT, OFF(layers), 1, CLI_MAX_LAYERS, "N", "decoder layers"},
@@ -151,6 +153,7 @@ void cli_usage(FILE *f) {
         fprintf(f, "  %-24s %s [%s]\n", opt, flags[i].help, def);
     }
     fprintf(f, "  %-24s %s\n", "--help", "print this and exit");
+    fprintf(f, "\nschedules: %s\n", pl_schedule_names());
 }
 
 static int parse_value(tr_config *c, const flagdef *f, const char *v) {
@@ -254,7 +257,7 @@ int cli_parse(int argc, char **argv, tr_config *c) {
     }
     if (!schedule_known(c->schedule))
         return tr_fail("--schedule: unknown schedule '%s' (one of %s)", c->schedule,
-                       SCHEDULE_NAMES);
+                       pl_schedule_names());
     if (c->dim % c->heads)
         return tr_fail("--dim %d is not divisible by --heads %d", c->dim, c->heads);
     if ((c->dim / c->heads) % 2)

@@ -14,10 +14,8 @@
 #include "cli.h"
 #include "data.h"
 #include "plasa.h"
-#include "util.h"
-#ifdef PLASA_TRAIN_HAVE_MODEL
 #include "train.h"
-#endif
+#include "util.h"
 
 static int fail(const char *what) {
     fprintf(stderr, "plasa-train: error: %s\n", what);
@@ -40,9 +38,7 @@ int main(int argc, char **argv) {
             return fail(tr_error());
         }
     if (cfg.threads > 0) pl_set_num_threads(cfg.threads);
-#ifdef PLASA_TRAIN_HAVE_MODEL
     if (tr_resume_config(&cfg)) return fail(tr_error());
-#endif
 
     tr_data data;
     if (data_prepare(&cfg, &data)) {
@@ -57,13 +53,7 @@ int main(int argc, char **argv) {
         data_free(&data);
         return rc ? fail(tr_error()) : 0;
     }
-#ifdef PLASA_TRAIN_HAVE_MODEL
     rc = tr_train(&cfg, &data);
     data_free(&data);
     return rc ? fail(tr_error()) : 0;
-#else
-    data_free(&data);
-    return fail("this plasa-train was built without a model (examples/plasa-train/model.c is "
-                "absent): only --prepare-only works");
-#endif
 }

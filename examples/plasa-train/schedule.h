@@ -5,9 +5,7 @@
 #ifndef PLASA_TRAIN_SCHEDULE_H
 #define PLASA_TRAIN_SCHEDULE_H
 
-#define SCHEDULE_NAMES "progressive|dense|uniform|dense_to_sparse|aggressive_middle"
-
-/* 1 if name is one of SCHEDULE_NAMES. */
+/* 1 if name is one of the library's schedules (pl_schedule_names). */
 int schedule_known(const char *name);
 /* Fills k[0..layers) for the named schedule; -1 (message set) if unknown. */
 int schedule_k(const char *name, int layers, int L, int *k);
