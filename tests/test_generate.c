@@ -8,7 +8,6 @@
  *    recomputed here with the FULL forward (no cache), the same seed gives the
  *    same text at 1 and 2 threads, another seed another text; bad input. */
 #define _POSIX_C_SOURCE 200809L
-#include <stdarg.h>
 
 #include "testutil.h"
 #include "trainer_run.h"
