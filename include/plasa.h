@@ -120,20 +120,30 @@ typedef struct pl_tensor {
         __VA_ARGS__                                                                                \
     }
 
+/* The most threads pl_set_num_threads and pl_ctx_config accept. */
+#define PL_MAX_THREADS 1024
+
 typedef struct {
     size_t arena_initial_bytes; /* 0: 16 MiB; the arena grows as needed */
-    int num_threads;            /* 0: leave OpenMP's default */
+    int num_threads;            /* 0: leave OpenMP's default; else 1..PL_MAX_THREADS */
 } pl_ctx_config;
 
-PL_API pl_ctx *pl_ctx_new(const pl_ctx_config *cfg); /* NULL cfg: defaults */
+/* NULL cfg: defaults. Besides its heap memory (through the allocator hooks)
+ * a context reserves address space for step tensor headers with mmap (up to
+ * 16 GiB of address space, no memory until used; see pl_step_reset). */
+PL_API pl_ctx *pl_ctx_new(const pl_ctx_config *cfg);
 PL_API void pl_ctx_free(pl_ctx *ctx);
-/* Threads used by our kernels and by oneDNN (process-wide, as in OpenMP). */
+/* Threads used by our kernels and by oneDNN (process-wide, as in OpenMP);
+ * n in [1, PL_MAX_THREADS], else PL_ERR_ARG and the count is unchanged. */
 PL_API void pl_set_num_threads(int n);
 PL_API int pl_get_num_threads(void);
 
 /* Ends a step: every step tensor and the tape are released at once. Tensors
  * from before the reset must not be used again; an op given one reports
- * PL_ERR_STATE. */
+ * PL_ERR_STATE, after any number of resets: a step tensor's header address
+ * is not handed out again until 2^27 more step tensors have been made (2^17
+ * when the system grants less address space, e.g. under valgrind). Reading
+ * such a tensor's fields yourself is undefined (its memory may be gone). */
 PL_API void pl_step_reset(pl_ctx *ctx);
 
 typedef struct {
@@ -157,7 +167,14 @@ typedef struct {
 } pl_mark;
 PL_API pl_mark pl_mark_get(pl_ctx *ctx);
 /* Releases everything allocated and recorded since the mark, and puts the
- * tape back in the state it had then (including whether backward had run). */
+ * tape back in the state it had then (including whether backward had run).
+ * Step tensors made after the mark must not be used again (their header
+ * slots are handed out anew; until then an op given one reports
+ * PL_ERR_STATE). Step tensors
+ * made before it stay, but a gradient that a backward after the mark gave
+ * them is dropped with the memory that held it: their grad is NULL again, and
+ * the next backward starts it from zero. Parameters' gradients (persistent
+ * memory) are kept, accumulated as always until pl_zero_grad. */
 PL_API pl_status pl_mark_release(pl_ctx *ctx, pl_mark mark);
 
 /* Step tensors. */
@@ -329,7 +346,8 @@ PL_API pl_tensor *pl_rmsnorm(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, float eps)
  * The angles follow PyTorch's float32 pipeline exactly (as in HF rotary
  * embeddings): inv_freq = float32(1 / float32(base^float32(2i/D))), angle =
  * float32(float32(pos) * inv_freq), cos and sin of that float angle rounded
- * to float. Backward rotates by -angle. base > 0, pos_offset >= 0. */
+ * to float. Backward rotates by -angle. base > 0, 0 <= pos_offset and
+ * pos_offset + L <= INT64_MAX. */
 PL_API pl_tensor *pl_rope(pl_ctx *ctx, pl_tensor *x, float base, int64_t pos_offset);
 
 /* Fused SwiGLU gate: y = silu(a) * b = a * sigmoid(a) * b; a and b the same

@@ -10,15 +10,31 @@ static _Thread_local pl_status err_status = PL_OK;
 
 const char *pl_version(void) { return "0.1.0"; }
 
+void pl__fit_message(char *dst, size_t size, const char *src) {
+    size_t len = strlen(src);
+    if (len < size) {
+        memmove(dst, src, len + 1);
+        return;
+    }
+    /* Too long: a wrapped message ends with its first cause, so keep the
+     * head (which call failed) and the tail (why), and mark the cut. */
+    static const char cut[] = " [...] ";
+    size_t head = size / 4, tail = size - 1 - head - (sizeof cut - 1);
+    memmove(dst, src, head);
+    memcpy(dst + head, cut, sizeof cut - 1);
+    memmove(dst + head + sizeof cut - 1, src + len - tail, tail);
+    dst[size - 1] = 0;
+}
+
 pl_status pl__err(pl_status s, const char *fmt, ...) {
     /* Format into a temporary first: the message may quote the previous one
      * (ops given a NULL input keep the original cause). */
-    char buf[sizeof err_msg];
+    char buf[4 * sizeof err_msg];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
-    memcpy(err_msg, buf, sizeof err_msg);
+    pl__fit_message(err_msg, sizeof err_msg, buf);
     err_status = s;
     return s;
 }

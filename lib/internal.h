@@ -24,6 +24,9 @@ pl_status pl__err(pl_status s, const char *fmt, ...) __attribute__((format(print
 /* The same for functions that return a pointer: `return pl__err_null(s, fmt, ...);`
  * sets the error and gives NULL. */
 #define pl__err_null(...) (pl__err(__VA_ARGS__), NULL)
+/* Copies the NUL-terminated src into dst[size]; a src too long keeps its head
+ * and its tail (the first cause of a wrapped message) around " [...] ". */
+void pl__fit_message(char *dst, size_t size, const char *src);
 
 /* ---- heap (counted, hookable) ---- */
 void *pl__malloc(size_t size);
@@ -66,7 +69,12 @@ struct pl_node {
 
 struct pl_ctx {
     pl_arena arena;
-    pl_arena hdr[2]; /* tensor headers, alternating by epoch (see pl_step_reset) */
+    /* Step tensor headers: a ring of fixed-size slots in address space
+     * reserved once (lib/tensor.c), so that a header address is handed out
+     * again only after the whole ring; [hdr_prev, hdr_start) holds the last
+     * step's headers, [hdr_start, hdr_cur) this step's (offsets, circular). */
+    unsigned char *hdr_base;
+    size_t hdr_size, hdr_prev, hdr_start, hdr_cur;
     uint64_t epoch;
     pl_node *tape;
     bool grad_enabled;
@@ -81,12 +89,20 @@ struct pl_ctx {
  * argname names the argument in the message. Returns PL_OK or the error. */
 pl_status pl__check(pl_ctx *ctx, const char *fn, const char *argname, const pl_tensor *t,
                     pl_dtype dt);
+/* The same for a tensor given without its context (pl_fill, saving): the
+ * context is the one whose header ring holds t, else t's own. dt < 0: any
+ * dtype. */
+pl_status pl__check_any(const char *fn, const char *argname, const pl_tensor *t, int dt);
 /* A new step tensor with uninitialised data. */
 pl_tensor *pl__new(pl_ctx *ctx, pl_dtype dt, int ndim, const int64_t *shape);
 /* A new step tensor header sharing data with src (views). */
 pl_tensor *pl__view(pl_ctx *ctx, pl_tensor *src, int ndim, const int64_t *shape);
 /* Arena memory for the current step, 64-byte aligned; NULL + error on OOM. */
 void *pl__scratch(pl_ctx *ctx, size_t bytes);
+/* An arena copy of an int32 tensor's data, for a backward that must see the
+ * indices the forward checked: the caller may change its tensor in between,
+ * and indices read out of range would read and write out of bounds. */
+int32_t *pl__idx_copy(pl_ctx *ctx, const pl_tensor *idx);
 
 /* True when an op on these inputs will record a node (grad enabled and some
  * input requires a gradient). For ops that save more when they record. */
@@ -128,6 +144,10 @@ static inline int64_t pl__numel(int ndim, const int64_t *shape) {
     for (int i = 0; i < ndim; i++) n *= shape[i];
     return n;
 }
+
+/* max(x, 0) with NaN in, NaN out (as PyTorch's relu); -0 gives +0. One
+ * compare and a select, so loops still vectorise. */
+static inline float pl__relu(float x) { return !(x <= 0.0f) ? x : 0.0f; }
 
 /* ---- fast exp ---- */
 /* e^x in float, ~2 ulp, branch free so that loops calling it vectorise

@@ -151,13 +151,19 @@ pl_adamw_config pl_adamw_default_config(void) {
         .lr = 1e-3, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 1e-2};
 }
 
+/* x finite and in [0, +inf); the one check of every optimiser hyperparameter. */
+static bool nonneg(double x) { return isfinite(x) && x >= 0; }
+
 static pl_status check_adamw(const char *fn, const pl_adamw_config *c) {
-    if (!(c->lr >= 0)) return pl__err(PL_ERR_ARG, "%s: lr = %g must be >= 0", fn, c->lr);
+    if (!nonneg(c->lr))
+        return pl__err(PL_ERR_ARG, "%s: lr = %g must be finite and >= 0", fn, c->lr);
     if (!(c->beta1 >= 0 && c->beta1 < 1) || !(c->beta2 >= 0 && c->beta2 < 1))
         return pl__err(PL_ERR_ARG, "%s: betas (%g, %g) must be in [0, 1)", fn, c->beta1, c->beta2);
-    if (!(c->eps >= 0)) return pl__err(PL_ERR_ARG, "%s: eps = %g must be >= 0", fn, c->eps);
-    if (!(c->weight_decay >= 0))
-        return pl__err(PL_ERR_ARG, "%s: weight_decay = %g must be >= 0", fn, c->weight_decay);
+    if (!nonneg(c->eps))
+        return pl__err(PL_ERR_ARG, "%s: eps = %g must be finite and >= 0", fn, c->eps);
+    if (!nonneg(c->weight_decay))
+        return pl__err(PL_ERR_ARG, "%s: weight_decay = %g must be finite and >= 0", fn,
+                       c->weight_decay);
     return PL_OK;
 }
 
@@ -191,7 +197,8 @@ pl_status pl_adamw_set_step(pl_adamw *opt, int64_t step) {
 
 pl_status pl_adamw_set_lr(pl_adamw *opt, double lr) {
     if (!opt) return pl__err(PL_ERR_ARG, "pl_adamw_set_lr: opt is NULL");
-    if (!(lr >= 0)) return pl__err(PL_ERR_ARG, "pl_adamw_set_lr: lr = %g must be >= 0", lr);
+    if (!nonneg(lr))
+        return pl__err(PL_ERR_ARG, "pl_adamw_set_lr: lr = %g must be finite and >= 0", lr);
     opt->cfg.lr = lr;
     return PL_OK;
 }
@@ -227,6 +234,11 @@ pl_status pl_adamw_step(pl_adamw *opt) {
     pl_status s = sync_slots(o, fn);
     if (s) return s;
     int64_t t = opt_get_step(o) + 1;
+    if (t < 1)
+        return pl__err(PL_ERR_STATE,
+                       "%s: %s.step = %lld is negative (restored from a bad "
+                       "checkpoint?)",
+                       fn, o->prefix, (long long)(t - 1));
     if (t > INT32_MAX) return pl__err(PL_ERR_STATE, "%s: step count overflows", fn);
     const pl_adamw_config *c = &opt->cfg;
     const double bc1 = 1.0 - pow(c->beta1, (double)t), bc2 = 1.0 - pow(c->beta2, (double)t);
@@ -260,11 +272,14 @@ pl_sgd *pl_sgd_new(pl_ctx *ctx, const pl_sgd_config *cfg) {
     static const char *fn = "pl_sgd_new";
     if (!ctx) return pl__err_null(PL_ERR_ARG, "%s: ctx is NULL", fn);
     pl_sgd_config c = cfg ? *cfg : pl_sgd_default_config();
-    if (!(c.lr >= 0)) return pl__err_null(PL_ERR_ARG, "%s: lr = %g must be >= 0", fn, c.lr);
-    if (!(c.momentum >= 0))
-        return pl__err_null(PL_ERR_ARG, "%s: momentum = %g must be >= 0", fn, c.momentum);
-    if (!(c.weight_decay >= 0))
-        return pl__err_null(PL_ERR_ARG, "%s: weight_decay = %g must be >= 0", fn, c.weight_decay);
+    if (!nonneg(c.lr))
+        return pl__err_null(PL_ERR_ARG, "%s: lr = %g must be finite and >= 0", fn, c.lr);
+    if (!nonneg(c.momentum))
+        return pl__err_null(PL_ERR_ARG, "%s: momentum = %g must be finite and >= 0", fn,
+                            c.momentum);
+    if (!nonneg(c.weight_decay))
+        return pl__err_null(PL_ERR_ARG, "%s: weight_decay = %g must be finite and >= 0", fn,
+                            c.weight_decay);
     if (!isfinite(c.dampening)) return pl__err_null(PL_ERR_ARG, "%s: dampening must be finite", fn);
     if (c.nesterov && (c.momentum <= 0 || c.dampening != 0))
         return pl__err_null(PL_ERR_ARG, "%s: nesterov needs momentum > 0 and dampening = 0", fn);
@@ -293,7 +308,8 @@ pl_status pl_sgd_set_step(pl_sgd *opt, int64_t step) {
 
 pl_status pl_sgd_set_lr(pl_sgd *opt, double lr) {
     if (!opt) return pl__err(PL_ERR_ARG, "pl_sgd_set_lr: opt is NULL");
-    if (!(lr >= 0)) return pl__err(PL_ERR_ARG, "pl_sgd_set_lr: lr = %g must be >= 0", lr);
+    if (!nonneg(lr))
+        return pl__err(PL_ERR_ARG, "pl_sgd_set_lr: lr = %g must be finite and >= 0", lr);
     opt->cfg.lr = lr;
     return PL_OK;
 }
@@ -321,6 +337,11 @@ pl_status pl_sgd_step(pl_sgd *opt) {
     pl_status s = sync_slots(o, fn);
     if (s) return s;
     int64_t t = opt_get_step(o) + 1;
+    if (t < 1)
+        return pl__err(PL_ERR_STATE,
+                       "%s: %s.step = %lld is negative (restored from a bad "
+                       "checkpoint?)",
+                       fn, o->prefix, (long long)(t - 1));
     if (t > INT32_MAX) return pl__err(PL_ERR_STATE, "%s: step count overflows", fn);
     const pl_sgd_config *c = &opt->cfg;
     const float wd = (float)c->weight_decay, mom = (float)c->momentum;

@@ -10,6 +10,10 @@
 #include "internal.h"
 
 #include <cjson/cJSON.h>
+#include <dirent.h>
+#include <limits.h>
+#include <signal.h>
+#include <time.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -134,6 +138,21 @@ static bool header_bytes_ok(const unsigned char *s, size_t n, size_t *at, const 
             if (s[i + 1] == '\\' || s[i + 1] == '"') k = 2; /* skip the escaped byte */
         } else if (s[i] == '"') {
             in_str = !in_str;
+        } else if (!in_str && (s[i] == '-' || (s[i] >= '0' && s[i] <= '9'))) {
+            /* The only numbers of the format are shapes and data_offsets:
+             * plain non-negative integers, so "-0", "2e0", "2.0", "01" are
+             * not (cJSON would read them all as integers). */
+            size_t j = i;
+            bool plain = true;
+            while (j < n && strchr("0123456789+-.eE", s[j]) && s[j]) {
+                plain &= s[j] >= '0' && s[j] <= '9';
+                j++;
+            }
+            if (!plain || (s[i] == '0' && j - i > 1)) {
+                *why = "a number that is not a plain non-negative integer";
+                return false;
+            }
+            k = j - i;
         } else if (!in_str && (s[i] == '[' || s[i] == ',' || s[i] == ':') &&
                    ++values > ST_MAX_VALUES) {
             *why = "more than " ST_MAX_VALUES_STR " JSON values (the limit)";
@@ -425,6 +444,10 @@ static pl_safetensors *parse_header(const char *fn, const char *label, const cha
     }
     cJSON_ArrayForEach(it, root) {
         if (it == meta) continue;
+        if (!it->string[0]) {
+            fail(fn, label, PL_ERR_FORMAT, "a tensor has an empty name");
+            goto bad;
+        }
         pl_safetensors_entry *e = &st->e[st->n];
         POOL(e->name, it->string);
         if (!parse_entry(fn, label, it, data_size, e)) goto bad;
@@ -454,6 +477,28 @@ static pl_safetensors *parse_header(const char *fn, const char *label, const cha
                  tmp[i]->name, (unsigned long long)tmp[i]->begin, (unsigned long long)tmp[i]->end);
             goto bad;
         }
+    /* The tensors' byte ranges cover the data section exactly: no gap before,
+     * between or after them (the format's rule; what is not a tensor's is not
+     * read). Empty tensors hold no bytes: their offsets need only lie within it. */
+    uint64_t covered = 0;
+    for (size_t i = 0; i < n_data; i++) {
+        if (tmp[i]->begin != covered) {
+            fail(fn, label, PL_ERR_FORMAT,
+                 "bytes [%llu, %llu) of the data section belong to no tensor (a gap before "
+                 "'%s')",
+                 (unsigned long long)covered, (unsigned long long)tmp[i]->begin, tmp[i]->name);
+            goto bad;
+        }
+        covered = tmp[i]->end;
+    }
+    if (covered != data_size) {
+        fail(fn, label, PL_ERR_FORMAT,
+             "%llu bytes after the last tensor (the data section is %llu bytes; tensors cover "
+             "%llu)",
+             (unsigned long long)(data_size - covered), (unsigned long long)data_size,
+             (unsigned long long)covered);
+        goto bad;
+    }
 
     /* Now the sizes are known to be bounded by the file: read the data. The
      * block is over-allocated so every tensor can start ST_ALIGN-aligned. */
@@ -708,27 +753,60 @@ static bool write_le32(FILE *f, const void *data, size_t bytes) {
 
 /* fsync the directory holding path, so that the rename is durable. */
 static int sync_dir(const char *path) {
+    char dir[PATH_MAX];
     const char *slash = strrchr(path, '/');
-    char *dir;
-    if (!slash)
-        dir = pl__strdup(".");
-    else if (slash == path)
-        dir = pl__strdup("/");
-    else {
-        size_t l = (size_t)(slash - path);
-        if ((dir = pl__malloc(l + 1))) {
-            memcpy(dir, path, l);
-            dir[l] = 0;
-        }
-    }
-    if (!dir) return ENOMEM;
+    size_t l = !slash ? 1 : slash == path ? 1 : (size_t)(slash - path);
+    if (l >= sizeof dir) return 0; /* cannot name it: nothing to sync */
+    memcpy(dir, !slash ? "." : path, l);
+    dir[l] = 0;
     int err = 0, fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    pl__free(dir);
     if (fd < 0) return errno;
     /* Some file systems cannot sync a directory; nothing more can be done. */
     if (fsync(fd) != 0 && errno != EINVAL && errno != ENOTSUP) err = errno;
     close(fd);
     return err;
+}
+
+/* A save killed before its rename leaves its "<path>.tmp-PID-N" behind. The
+ * next save to path removes such files: only names of exactly that pattern
+ * for this path, and only when process PID is gone (not this process, kill(PID, 0)
+ * says no such process) or the file was last written over a day ago; a live
+ * saver's file (another process, or another thread of this one) is left
+ * alone. Best effort: nothing here changes the save's outcome or the error
+ * state. (Processes in another PID namespace sharing the folder look dead:
+ * their in-progress save would then fail at its rename, never corrupt.) */
+static void remove_stale_temps(const char *path) {
+    char dir[PATH_MAX];
+    const char *slash = strrchr(path, '/'), *base = slash ? slash + 1 : path;
+    size_t dl = slash ? (size_t)(slash - path) : 1, bl = strlen(base);
+    if (dl + 1 >= sizeof dir || !bl) return;
+    if (slash)
+        memcpy(dir, path, dl);
+    else
+        dir[0] = '.';
+    dir[dl ? dl : 1] = 0;
+    if (slash == path) dir[0] = '/', dir[1] = 0;
+    DIR *d = opendir(dir);
+    if (!d) return;
+    const long self = (long)getpid();
+    const time_t now = time(NULL);
+    for (struct dirent *e; (e = readdir(d));) {
+        const char *nm = e->d_name;
+        if (strncmp(nm, base, bl) != 0 || strncmp(nm + bl, ".tmp-", 5) != 0) continue;
+        const char *p = nm + bl + 5, *q = p;
+        long pid = 0;
+        while (*q >= '0' && *q <= '9' && q - p < 9) pid = pid * 10 + (*q++ - '0');
+        if (q == p || *q != '-' || !q[1]) continue;
+        const char *r = q + 1;
+        while (*r >= '0' && *r <= '9') r++;
+        if (*r || r - q - 1 > 10) continue;
+        struct stat sb;
+        if (fstatat(dirfd(d), nm, &sb, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(sb.st_mode)) continue;
+        bool dead = pid > 0 && pid != self && kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+        bool old = now - sb.st_mtime > 24 * 3600;
+        if (dead || old) unlinkat(dirfd(d), nm, 0);
+    }
+    closedir(d);
 }
 
 /* Validated arguments -> header -> temporary file -> rename over path. */
@@ -743,11 +821,12 @@ static pl_status save_impl(const char *fn, const char *path, const pl_tensor *co
         return pl__err(PL_ERR_ARG, "%s: meta_keys or meta_values is NULL", fn);
     for (int i = 0; i < n; i++) {
         const pl_tensor *t = tensors[i];
-        if (!t || t->magic != PL_TENSOR_MAGIC)
-            return pl__err(PL_ERR_ARG, "%s: tensor %d is NULL or not a libplasa tensor", fn, i);
+        char arg[32];
+        snprintf(arg, sizeof arg, "tensors[%d]", i);
+        if (!t) return pl__err(PL_ERR_ARG, "%s: tensor %d is NULL", fn, i);
+        if (pl__check_any(fn, arg, t, -1)) return pl_last_status();
         const char *nm = names ? names[i] : t->name;
         if (!nm || !*nm) return pl__err(PL_ERR_ARG, "%s: tensor %d has no name", fn, i);
-        if (pl__check(t->ctx, fn, nm, t, t->dtype)) return pl_last_status();
         if (!valid_utf8(nm))
             return pl__err(PL_ERR_ARG, "%s: name of tensor %d is not valid UTF-8", fn, i);
         if (!strcmp(nm, "__metadata__"))
@@ -819,6 +898,7 @@ static pl_status save_impl(const char *fn, const char *path, const pl_tensor *co
 
     /* Temporary file beside the target (same file system, so rename is
      * atomic); created exclusively with the usual 0666 & ~umask mode. */
+    remove_stale_temps(path);
     size_t tl = strlen(path) + 48;
     char *tmp = pl__malloc(tl);
     if (!tmp) {

@@ -1,21 +1,129 @@
 /* Contexts, tensor creation, parameters, lifetimes. */
+#define _DEFAULT_SOURCE /* MAP_ANONYMOUS, MAP_NORESERVE, madvise */
 #include "internal.h"
 
 #include <omp.h>
+#include <pthread.h>
 #include <stdio.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #define DEFAULT_ARENA (16u << 20)
-#define HDR_CHUNK (64u << 10)
+/* A step tensor header slot (sizeof(pl_tensor) rounded up to the alignment). */
+#define HDR_SLOT ((sizeof(pl_tensor) + PL_ALIGN - 1) & ~(size_t)(PL_ALIGN - 1))
+/* Address space reserved for step tensor headers: tried from the largest
+ * (2^27 headers) down to the smallest (2^17) until the system grants it. */
+#define HDR_RESERVE_MAX ((size_t)1 << 34)
+#define HDR_RESERVE_MIN ((size_t)1 << 24)
+
+/* ---- step tensor headers ----
+ * A stale step tensor (from before a pl_step_reset) must be reported, never
+ * mistaken for the live tensor that took its place. So header addresses are
+ * not reused step after step: headers are carved in order from a ring of
+ * slots in address space reserved once (no memory until touched), and a slot
+ * comes round again only after the whole ring (2^27 headers with the full
+ * reservation), however many resets. A pointer into the ring outside the live
+ * part is known stale from its address alone, without reading it. Each reset
+ * gives the pages of the step before last back to the system (MADV_DONTNEED),
+ * so resident memory stays two steps' headers. */
+
+static void hdr_release(pl_ctx *ctx, size_t a, size_t b) {
+    if (a > b) { /* wrapped */
+        hdr_release(ctx, a, ctx->hdr_size);
+        hdr_release(ctx, 0, b);
+        return;
+    }
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t lo = (a + page - 1) / page * page, hi = b / page * page;
+    if (hi > lo) madvise(ctx->hdr_base + lo, hi - lo, MADV_DONTNEED);
+}
+
+/* Offset of x from a in the ring. */
+static size_t ring_dist(const pl_ctx *ctx, size_t a, size_t x) {
+    return x >= a ? x - a : ctx->hdr_size - a + x;
+}
+
+/* 0: a header of this step; 1: stale (ring slot not of this step); 2: not in
+ * this context's ring. */
+static int hdr_where(const pl_ctx *ctx, const void *t) {
+    uintptr_t p = (uintptr_t)t, base = (uintptr_t)ctx->hdr_base;
+    if (p < base || p - base >= ctx->hdr_size) return 2;
+    size_t off = (size_t)(p - base);
+    if (off % HDR_SLOT) return 1;
+    return ring_dist(ctx, ctx->hdr_start, off) < ring_dist(ctx, ctx->hdr_start, ctx->hdr_cur) ? 0
+                                                                                              : 1;
+}
+
+/* Every context's ring, so that a stale header can be recognised by its
+ * address even where no context is given (pl_fill, pl_copy_from). */
+#define MAX_RINGS 256
+static pthread_mutex_t rings_lock = PTHREAD_MUTEX_INITIALIZER;
+static const pl_ctx *rings[MAX_RINGS];
+
+static void rings_set(const pl_ctx *old, const pl_ctx *ctx) {
+    pthread_mutex_lock(&rings_lock);
+    for (int i = 0; i < MAX_RINGS; i++)
+        if (rings[i] == old) {
+            rings[i] = ctx;
+            break;
+        }
+    pthread_mutex_unlock(&rings_lock);
+}
+
+/* The context whose ring holds t, or NULL. */
+static pl_ctx *ring_owner(const void *t) {
+    pl_ctx *owner = NULL;
+    pthread_mutex_lock(&rings_lock);
+    for (int i = 0; i < MAX_RINGS && !owner; i++)
+        if (rings[i] && hdr_where(rings[i], t) != 2) owner = (pl_ctx *)rings[i];
+    pthread_mutex_unlock(&rings_lock);
+    return owner;
+}
+
+static pl_tensor *hdr_alloc(pl_ctx *ctx) {
+    size_t next = ctx->hdr_cur + HDR_SLOT == ctx->hdr_size ? 0 : ctx->hdr_cur + HDR_SLOT;
+    if (next == ctx->hdr_prev) {
+        pl__err(PL_ERR_NOMEM,
+                "out of memory: more than %zu step tensors in two steps (the header space)",
+                ctx->hdr_size / HDR_SLOT - 1);
+        return NULL;
+    }
+    pl_tensor *t = (pl_tensor *)(ctx->hdr_base + ctx->hdr_cur);
+    ctx->hdr_cur = next;
+    return t;
+}
 
 pl_ctx *pl_ctx_new(const pl_ctx_config *cfg) {
     pl_ctx *ctx = pl__calloc(1, sizeof *ctx);
     if (!ctx) return NULL;
     size_t arena = cfg && cfg->arena_initial_bytes ? cfg->arena_initial_bytes : DEFAULT_ARENA;
     ctx->arena.min_chunk = arena;
-    ctx->hdr[0].min_chunk = ctx->hdr[1].min_chunk = HDR_CHUNK;
     ctx->grad_enabled = true;
     ctx->epoch = 1;
+    if (cfg && (cfg->num_threads < 0 || cfg->num_threads > PL_MAX_THREADS)) {
+        pl__err(PL_ERR_ARG, "pl_ctx_new: num_threads = %d is outside [0, %d]", cfg->num_threads,
+                PL_MAX_THREADS);
+        pl__free(ctx);
+        return NULL;
+    }
     if (cfg && cfg->num_threads > 0) pl_set_num_threads(cfg->num_threads);
+    for (size_t size = HDR_RESERVE_MAX; size >= HDR_RESERVE_MIN && !ctx->hdr_base; size /= 2) {
+        void *p = mmap(NULL, size / HDR_SLOT * HDR_SLOT, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p != MAP_FAILED) {
+            ctx->hdr_base = p;
+            ctx->hdr_size = size / HDR_SLOT * HDR_SLOT;
+        }
+    }
+    if (!ctx->hdr_base) {
+        pl__err(PL_ERR_NOMEM,
+                "pl_ctx_new: out of memory: cannot reserve %zu bytes of address "
+                "space for tensor headers",
+                HDR_RESERVE_MIN);
+        pl__free(ctx);
+        return NULL;
+    }
+    rings_set(NULL, ctx);
     return ctx;
 }
 
@@ -29,23 +137,22 @@ void pl_ctx_free(pl_ctx *ctx) {
     pl__free(ctx->persist);
     pl__free(ctx->params);
     pl__arena_free(&ctx->arena);
-    pl__arena_free(&ctx->hdr[0]);
-    pl__arena_free(&ctx->hdr[1]);
+    rings_set(ctx, NULL);
+    munmap(ctx->hdr_base, ctx->hdr_size);
     pl__free(ctx);
 }
 
 void pl_set_num_threads(int n) {
-    if (n > 0)
+    if (n >= 1 && n <= PL_MAX_THREADS)
         omp_set_num_threads(n);
     else
-        pl__err(PL_ERR_ARG, "pl_set_num_threads: n = %d (must be >= 1)", n);
+        pl__err(PL_ERR_ARG, "pl_set_num_threads: n = %d is outside [1, %d]", n, PL_MAX_THREADS);
 }
 int pl_get_num_threads(void) { return omp_get_max_threads(); }
 
-/* Headers of epoch e live in hdr[e & 1]. Resetting into epoch e+1 clears
- * only hdr[(e+1) & 1], so the headers of the step just ended stay intact and
- * still carry their old epoch: an op handed one of them reports it instead of
- * reading memory that now belongs to someone else. */
+/* The headers of the step just ended stay readable (and carry their old
+ * epoch) until the next reset; those of the step before go back to the
+ * system. */
 void pl_step_reset(pl_ctx *ctx) {
     if (!ctx) {
         pl__err(PL_ERR_ARG, "pl_step_reset: ctx is NULL");
@@ -53,7 +160,9 @@ void pl_step_reset(pl_ctx *ctx) {
     }
     ctx->epoch++;
     pl__arena_reset(&ctx->arena);
-    pl__arena_reset(&ctx->hdr[ctx->epoch & 1]);
+    hdr_release(ctx, ctx->hdr_prev, ctx->hdr_start);
+    ctx->hdr_prev = ctx->hdr_start;
+    ctx->hdr_start = ctx->hdr_cur;
     ctx->tape = NULL;
     ctx->tape_consumed = false;
 }
@@ -92,11 +201,10 @@ pl_mark pl_mark_get(pl_ctx *ctx) {
         pl__err(PL_ERR_ARG, "pl_mark_get: ctx is NULL");
         return m;
     }
-    pl_arena *h = &ctx->hdr[ctx->epoch & 1];
     m.chunk = ctx->arena.cur;
     m.used = ctx->arena.cur ? ctx->arena.cur->used : 0;
-    m.hdr_chunk = h->cur;
-    m.hdr_used = h->cur ? h->cur->used : 0;
+    m.hdr_chunk = ctx->hdr_base;
+    m.hdr_used = ctx->hdr_cur;
     m.tape = ctx->tape;
     m.epoch = ctx->epoch;
     m.tape_consumed = ctx->tape_consumed;
@@ -130,22 +238,47 @@ static int mark_position(const pl_arena *a, const pl_chunk *chunk, size_t used) 
     return 2;
 }
 
+/* Whether p lies in the arena memory a rollback to (chunk, used) releases. */
+static bool arena_released(const pl_arena *a, const pl_chunk *chunk, size_t used, const void *p) {
+    const unsigned char *q = p;
+    bool after = !chunk;
+    for (const pl_chunk *c = a->head; c; c = c->next) {
+        if (c == chunk) {
+            if (q >= c->data + used && q < c->data + c->size) return true;
+            after = true;
+        } else if (after && q >= c->data && q < c->data + c->size) {
+            return true;
+        }
+    }
+    return false;
+}
+
 pl_status pl_mark_release(pl_ctx *ctx, pl_mark m) {
     if (!ctx) return pl__err(PL_ERR_ARG, "pl_mark_release: ctx is NULL");
     if (m.epoch != ctx->epoch)
         return pl__err(PL_ERR_STATE, "pl_mark_release: the mark is from before a pl_step_reset");
     int pa = mark_position(&ctx->arena, m.chunk, m.used);
-    int ph = mark_position(&ctx->hdr[ctx->epoch & 1], m.hdr_chunk, m.hdr_used);
     bool tape_ok = !m.tape;
     for (pl_node *n = ctx->tape; n && !tape_ok; n = n->prev) tape_ok = n == m.tape;
-    if (pa == 2 || ph == 2)
+    if (pa == 2 || m.hdr_chunk != ctx->hdr_base || m.hdr_used >= ctx->hdr_size ||
+        m.hdr_used % HDR_SLOT)
         return pl__err(PL_ERR_ARG, "pl_mark_release: the mark is not from this context");
-    if (pa || ph || !tape_ok)
+    bool hdr_ahead =
+        ring_dist(ctx, ctx->hdr_start, m.hdr_used) > ring_dist(ctx, ctx->hdr_start, ctx->hdr_cur);
+    if (pa || hdr_ahead || !tape_ok)
         return pl__err(PL_ERR_STATE,
                        "pl_mark_release: the mark is ahead of the current position (taken "
                        "after a mark that was released since)");
+    /* Step tensors made before the mark stay, but a gradient that backward
+     * gave them after it lives in the memory released here: drop it (the
+     * tensor has no gradient again, as before that backward). */
+    for (size_t o = ctx->hdr_start; o != m.hdr_used;
+         o = o + HDR_SLOT == ctx->hdr_size ? 0 : o + HDR_SLOT) {
+        pl_tensor *t = (pl_tensor *)(ctx->hdr_base + o);
+        if (t->grad && arena_released(&ctx->arena, m.chunk, m.used, t->grad)) t->grad = NULL;
+    }
     arena_rollback(&ctx->arena, m.chunk, m.used);
-    arena_rollback(&ctx->hdr[ctx->epoch & 1], m.hdr_chunk, m.hdr_used);
+    ctx->hdr_cur = m.hdr_used;
     ctx->tape = m.tape;
     ctx->tape_consumed = m.tape_consumed;
     return PL_OK;
@@ -175,13 +308,17 @@ pl_status pl__check(pl_ctx *ctx, const char *fn, const char *argname, const pl_t
                     pl_dtype dt) {
     if (!ctx) return pl__err(PL_ERR_ARG, "%s: ctx is NULL", fn);
     if (!t) {
-        /* Keep the cause: ops chain, and a NULL input usually means an
-         * earlier op failed. */
-        if (pl_last_status() != PL_OK)
-            return pl__err(pl_last_status(), "%s: input '%s' is NULL (earlier error: %s)", fn,
-                           argname, pl_last_error());
+        /* Ops chain, and a NULL input usually means an earlier op failed: keep
+         * that first cause as it is (wrapping it again at every op of a long
+         * chain would push it out of the message buffer). */
+        if (pl_last_status() != PL_OK) return pl_last_status();
         return pl__err(PL_ERR_ARG, "%s: input '%s' is NULL", fn, argname);
     }
+    if (hdr_where(ctx, t) == 1)
+        return pl__err(PL_ERR_STATE,
+                       "%s: '%s' is a step tensor from before the last pl_step_reset; its "
+                       "memory has been reused",
+                       fn, argname);
     if (t->magic != PL_TENSOR_MAGIC)
         return pl__err(PL_ERR_ARG, "%s: '%s' is not a libplasa tensor (freed?)", fn, argname);
     if (t->ctx != ctx)
@@ -201,6 +338,12 @@ pl_status pl__check(pl_ctx *ctx, const char *fn, const char *argname, const pl_t
 
 void *pl__scratch(pl_ctx *ctx, size_t bytes) { return pl__arena_alloc(&ctx->arena, bytes); }
 
+int32_t *pl__idx_copy(pl_ctx *ctx, const pl_tensor *idx) {
+    int32_t *keep = pl__scratch(ctx, (size_t)idx->numel * sizeof *keep);
+    if (keep) memcpy(keep, idx->data, (size_t)idx->numel * sizeof *keep);
+    return keep;
+}
+
 static void init_header(pl_ctx *ctx, pl_tensor *t, pl_dtype dt, int ndim, const int64_t *shape) {
     memset(t, 0, sizeof *t);
     t->dtype = dt;
@@ -213,7 +356,7 @@ static void init_header(pl_ctx *ctx, pl_tensor *t, pl_dtype dt, int ndim, const 
 }
 
 pl_tensor *pl__new(pl_ctx *ctx, pl_dtype dt, int ndim, const int64_t *shape) {
-    pl_tensor *t = pl__arena_alloc(&ctx->hdr[ctx->epoch & 1], sizeof *t);
+    pl_tensor *t = hdr_alloc(ctx);
     if (!t) return NULL;
     init_header(ctx, t, dt, ndim, shape);
     t->data = pl__arena_alloc(&ctx->arena, (size_t)t->numel * 4);
@@ -222,7 +365,7 @@ pl_tensor *pl__new(pl_ctx *ctx, pl_dtype dt, int ndim, const int64_t *shape) {
 }
 
 pl_tensor *pl__view(pl_ctx *ctx, pl_tensor *src, int ndim, const int64_t *shape) {
-    pl_tensor *t = pl__arena_alloc(&ctx->hdr[ctx->epoch & 1], sizeof *t);
+    pl_tensor *t = hdr_alloc(ctx);
     if (!t) return NULL;
     init_header(ctx, t, src->dtype, ndim, shape);
     t->data = src->data;
@@ -408,11 +551,19 @@ const char *pl_shape_str(const pl_tensor *t, char *buf, size_t size) {
 
 /* ---- filling ---- */
 
+pl_status pl__check_any(const char *fn, const char *argname, const pl_tensor *t, int dt) {
+    if (!t) {
+        if (pl_last_status() != PL_OK) return pl_last_status(); /* keep the first cause */
+        return pl__err(PL_ERR_ARG, "%s: tensor is NULL (argument %s)", fn, argname);
+    }
+    pl_ctx *owner = ring_owner(t); /* a step tensor, maybe stale: judged by address */
+    if (!owner && t->magic != PL_TENSOR_MAGIC)
+        return pl__err(PL_ERR_ARG, "%s: '%s' is not a libplasa tensor (freed?)", fn, argname);
+    return pl__check(owner ? owner : t->ctx, fn, argname, t, dt < 0 ? t->dtype : (pl_dtype)dt);
+}
+
 static pl_status check_fill(const char *fn, const pl_tensor *t) {
-    if (!t) return pl__err(PL_ERR_ARG, "%s: tensor is NULL", fn);
-    if (t->magic != PL_TENSOR_MAGIC)
-        return pl__err(PL_ERR_ARG, "%s: not a libplasa tensor (freed?)", fn);
-    return pl__check(t->ctx, fn, "t", t, t->dtype);
+    return pl__check_any(fn, "t", t, -1);
 }
 
 pl_status pl_copy_from(pl_tensor *t, const void *data, int64_t numel) {

@@ -59,7 +59,7 @@ PL_KERNEL static void k_add_s(float *restrict o, const float *restrict x, const 
 }
 PL_KERNEL static void k_relu(float *restrict o, const float *restrict x, const float *restrict y,
                              float s, int64_t n) {
-    for (int64_t i = 0; i < n; i++) o[i] = x[i] > 0.0f ? x[i] : 0.0f;
+    for (int64_t i = 0; i < n; i++) o[i] = pl__relu(x[i]);
 }
 /* d relu: 1 for x > 0, 0 otherwise (subgradient 0 at 0). x = dy, y = input. */
 PL_KERNEL static void k_relu_bw(float *restrict o, const float *restrict x, const float *restrict y,

@@ -79,10 +79,10 @@ static pl_status ix_block_dots(const ix_dims *d, const float *q, const float *k,
 PL_KERNEL void pl__ix_row_scores(float *out, const float *D, int64_t ld, const float *w, int64_t HI,
                                  int64_t n) {
     const float w0 = w[0];
-    for (int64_t s = 0; s < n; s++) out[s] = w0 * (D[s] > 0.0f ? D[s] : 0.0f);
+    for (int64_t s = 0; s < n; s++) out[s] = w0 * pl__relu(D[s]);
     for (int64_t j = 1; j < HI; j++) {
         const float wj = w[j], *Dj = D + j * ld;
-        for (int64_t s = 0; s < n; s++) out[s] += wj * (Dj[s] > 0.0f ? Dj[s] : 0.0f);
+        for (int64_t s = 0; s < n; s++) out[s] += wj * pl__relu(Dj[s]);
     }
 }
 
@@ -98,11 +98,11 @@ PL_KERNEL static void ix_row_backward(float *D, int64_t ld, const float *g, cons
         for (; s + 8 <= n; s += 8)
             for (int l = 0; l < 8; l++) {
                 float x = Dj[s + l];
-                acc[l] += g[s + l] * (x > 0.0f ? x : 0.0f);
+                acc[l] += g[s + l] * pl__relu(x);
             }
         float sum =
             ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        for (; s < n; s++) sum += g[s] * (Dj[s] > 0.0f ? Dj[s] : 0.0f);
+        for (; s < n; s++) sum += g[s] * pl__relu(Dj[s]);
         if (dw) dw[j] += sum;
         for (s = 0; s < n; s++) Dj[s] = Dj[s] > 0.0f ? g[s] * wj : 0.0f;
         for (; s < ld; s++) Dj[s] = 0.0f;
@@ -238,10 +238,10 @@ PL_KERNEL static void ixb_fwd_row(const float *Dt, int64_t ld, const float *w, i
             out[j] = -INFINITY;
             continue;
         }
-        float acc = w[0] * (Dt[s] > 0.0f ? Dt[s] : 0.0f);
+        float acc = w[0] * pl__relu(Dt[s]);
         for (int64_t h = 1; h < HI; h++) {
             const float x = Dt[h * ld + s];
-            acc += w[h] * (x > 0.0f ? x : 0.0f);
+            acc += w[h] * pl__relu(x);
         }
         out[j] = acc;
     }
@@ -318,7 +318,7 @@ PL_KERNEL static void ixs_fwd_row(const ix_dims *d, int64_t K, const float *q, c
         float acc = 0;
         for (int64_t h = 0; h < HI; h++) {
             float x = pl__dot(q + h * dI, ks, dI);
-            acc += w[h] * (x > 0.0f ? x : 0.0f);
+            acc += w[h] * pl__relu(x);
         }
         out[j] = acc;
     }
@@ -415,6 +415,11 @@ pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_te
     if (pl__record(ctx, "indexer_scores_at", indexer_at_backward, out, 3, in, sizeof(ixs_saved),
                    &nd))
         return NULL;
-    if (nd) *(ixs_saved *)nd->saved = (ixs_saved){d, K, id, blocked};
+    if (nd) {
+        /* Backward reads idx: a copy the caller cannot change. */
+        const int32_t *keep = pl__idx_copy(ctx, idx);
+        if (!keep) return NULL;
+        *(ixs_saved *)nd->saved = (ixs_saved){d, K, keep, blocked};
+    }
     return out;
 }

@@ -58,7 +58,8 @@ PL_KERNEL static double kl_row(const float *q, const float *k, const int32_t *ir
     double kl = 0.0;
     for (int64_t i = 0; i < n; i++) {
         const float lr = sc[pos[i]] - lse; /* log R */
-        if (P[i] > 0.0f) kl += (double)P[i] * ((double)logf(P[i]) - (double)lr);
+        /* 0 log 0 = 0; a NaN P (NaN in q or k) must reach the loss, as it reaches g. */
+        if (P[i] != 0.0f) kl += (double)P[i] * ((double)logf(P[i]) - (double)lr);
         g[pos[i]] = expf(lr) - P[i];
     }
     return kl;

@@ -57,9 +57,9 @@ pl_tensor *pl_rope(pl_ctx *ctx, pl_tensor *x, float base, int64_t pos_offset) {
     if (!(base > 0.0f) || isinf(base))
         return pl__err_null(PL_ERR_ARG, "%s: base must be finite and > 0, got %g", fn,
                             (double)base);
-    if (pos_offset < 0)
-        return pl__err_null(PL_ERR_ARG, "%s: pos_offset must be >= 0, got %lld", fn,
-                            (long long)pos_offset);
+    if (pos_offset < 0 || pos_offset > INT64_MAX - x->shape[1])
+        return pl__err_null(PL_ERR_ARG, "%s: pos_offset must be in [0, 2^63 - 1 - L], got %lld",
+                            fn, (long long)pos_offset);
     rope_saved *s = pl__scratch(ctx, sizeof *s);
     pl_tensor *y = s ? pl__new(ctx, PL_F32, 4, x->shape) : NULL;
     if (!y) return NULL;

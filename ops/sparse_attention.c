@@ -722,6 +722,8 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
                  NULL,
                  0};
     if (record && !(a.P = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)))) return NULL;
+    /* Backward reads idx: keep a copy, checked above, that the caller cannot change. */
+    if (record && !(a.idx = pl__idx_copy(ctx, idx))) return NULL;
     if (dropout_p > 0.0f &&
         !(a.keep = pl__scratch(ctx, sizeof(uint32_t) * (size_t)(B * L * H * a.W))))
         return NULL;

@@ -182,7 +182,7 @@ START_TEST(fill_and_rng_functions) {
     EXPECT(pl_fill_uniform(t, NULL, 0, 1) == PL_ERR_ARG, PL_ERR_ARG,
            "pl_fill_uniform: rng is NULL");
     EXPECT(pl_fill_uniform(&junk, &r, 0, 1) == PL_ERR_ARG, PL_ERR_ARG,
-           "pl_fill_uniform: not a libplasa tensor");
+           "pl_fill_uniform: 't' is not a libplasa tensor");
     EXPECT(pl_fill_uniform(t, &r, NAN, 1) == PL_ERR_ARG, PL_ERR_ARG, "pl_fill_uniform: lo > hi");
     EXPECT(pl_fill_normal(NULL, &r, 0, 1) == PL_ERR_ARG, PL_ERR_ARG, "pl_fill_normal");
     EXPECT(pl_fill_normal(t, NULL, 0, 1) == PL_ERR_ARG, PL_ERR_ARG, "pl_fill_normal");
@@ -192,7 +192,7 @@ START_TEST(fill_and_rng_functions) {
     EXPECT(pl_copy_from(&junk, d, 4) == PL_ERR_ARG, PL_ERR_ARG, "pl_copy_from");
     EXPECT(pl_copy_from(t, d, -1) == PL_ERR_SHAPE, PL_ERR_SHAPE, "pl_copy_from");
     EXPECT(pl_fill(NULL, 1) == PL_ERR_ARG, PL_ERR_ARG, "pl_fill: tensor is NULL");
-    EXPECT(pl_fill(&junk, 1) == PL_ERR_ARG, PL_ERR_ARG, "pl_fill: not a libplasa tensor");
+    EXPECT(pl_fill(&junk, 1) == PL_ERR_ARG, PL_ERR_ARG, "pl_fill: 't' is not a libplasa tensor");
     ck_assert_uint_eq(r.offset, 0);
     /* Tensors of another context are fine for the context-free functions. */
     ck_assert_int_eq(pl_fill_uniform(foreign, &r, 0, 1), PL_OK);
@@ -295,7 +295,7 @@ START_TEST(optim_and_checkpoint_functions) {
     EXPECT(pl_safetensors_save(path, NULL, NULL, 1, NULL, NULL, 0) == PL_ERR_ARG, PL_ERR_ARG,
            "pl_safetensors_save: tensors is NULL");
     EXPECT(pl_safetensors_save(path, bad, NULL, 1, NULL, NULL, 0) == PL_ERR_ARG, PL_ERR_ARG,
-           "pl_safetensors_save: tensor 0");
+           "pl_safetensors_save: 'tensors[0]' is not a libplasa tensor");
     EXPECT(pl_safetensors_save(path, ts, NULL, -1, NULL, NULL, 0) == PL_ERR_ARG, PL_ERR_ARG,
            "pl_safetensors_save");
     EXPECT(pl_safetensors_save(path, ts, NULL, 1, NULL, NULL, 2) == PL_ERR_ARG, PL_ERR_ARG,
@@ -363,27 +363,6 @@ START_TEST(allocator_functions) {
 END_TEST
 
 /* ---- allocation failure ---- */
-
-typedef struct {
-    long budget; /* allocations allowed before failing */
-    long calls, live, failed;
-} failing;
-
-static void *failing_alloc(size_t n, void *u) {
-    failing *f = u;
-    if (f->calls++ >= f->budget) {
-        f->failed++;
-        return NULL;
-    }
-    void *p = malloc(n);
-    if (p) f->live++;
-    return p;
-}
-static void failing_free(void *p, void *u) {
-    failing *f = u;
-    if (p) f->live--;
-    free(p);
-}
 
 static pl_tensor *get_param(pl_ctx *c, const char *name, int ndim, const int64_t *shape,
                             pl_rng *r) {
@@ -459,8 +438,8 @@ START_TEST(allocation_failure_sweep) {
     int threads = pl_get_num_threads();
     pl_set_num_threads(1);
     for (long n = 0; n < 1000; n++) {
-        failing f = {n, 0, 0, 0};
-        pl_set_allocator(&(pl_allocator){failing_alloc, failing_free, &f});
+        tu_failing f = {n, 0, 0, 0};
+        pl_set_allocator(&(pl_allocator){tu_failing_alloc, tu_failing_free, &f});
         pl_clear_error();
         /* A small arena, so that the steps grow and merge chunks. */
         pl_ctx *c = pl_ctx_new(&(pl_ctx_config){.arena_initial_bytes = 16 << 10});

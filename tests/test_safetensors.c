@@ -566,13 +566,13 @@ static const bad_case bad_cases[] = {
      "has no string \"dtype\""},
     {"no dtype", "{\"a\":{\"shape\":[1],\"data_offsets\":[0,4]}}", 4, "has no string \"dtype\""},
     {"negative dim", "{\"a\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", 4,
-     "shape entry 0 is not a non-negative integer"},
+     "header has a number that is not a plain non-negative integer"},
     {"fractional dim", "{\"a\":{\"dtype\":\"F32\",\"shape\":[2, 1.5],\"data_offsets\":[0,12]}}", 12,
-     "shape entry 1 is not a non-negative integer"},
+     "header has a number that is not a plain non-negative integer"},
     {"string dim", "{\"a\":{\"dtype\":\"F32\",\"shape\":[\"1\"],\"data_offsets\":[0,4]}}", 4,
      "shape entry 0 is not a non-negative integer"},
     {"huge dim", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1e300],\"data_offsets\":[0,4]}}", 4,
-     "shape entry 0 is not a non-negative integer"},
+     "header has a number that is not a plain non-negative integer"},
     {"7 dims", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1,1,1,1,1,1,1],\"data_offsets\":[0,4]}}", 4,
      "has more than 6 dims"},
     {"shape not an array", "{\"a\":{\"dtype\":\"F32\",\"shape\":4,\"data_offsets\":[0,4]}}", 4,
@@ -617,13 +617,35 @@ static const bad_case bad_cases[] = {
     {"three offsets", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4,8]}}", 8,
      "\"data_offsets\" must be two non-negative integers"},
     {"negative offset", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[-4,0]}}", 4,
-     "\"data_offsets\" must be two non-negative integers"},
+     "header has a number that is not a plain non-negative integer"},
     {"offset beyond 2^53",
      "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,18014398509481984]}}", 4,
      "\"data_offsets\" must be two non-negative integers"},
     {"no offsets", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1]}}", 4,
      "\"data_offsets\" must be two non-negative integers"},
     {"entry not an object", "{\"a\":5}", 0, "entry 'a' is not an object"},
+    /* The data section is exactly the tensors' bytes; integers are plain. */
+    {"gap before the first tensor",
+     "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8,
+     "bytes [0, 4) of the data section belong to no tensor (a gap before 'a')"},
+    {"gap between tensors",
+     "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+     "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}",
+     12, "bytes [4, 8) of the data section belong to no tensor (a gap before 'b')"},
+    {"bytes after the last tensor",
+     "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 5,
+     "1 bytes after the last tensor"},
+    {"data but no tensor", "{}", 4, "4 bytes after the last tensor"},
+    {"exponent integer", "{\"a\":{\"dtype\":\"F32\",\"shape\":[2e0],\"data_offsets\":[0,8]}}", 8,
+     "not a plain non-negative integer"},
+    {"decimal integer", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4.0]}}", 4,
+     "not a plain non-negative integer"},
+    {"minus zero", "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[-0,4]}}", 4,
+     "not a plain non-negative integer"},
+    {"leading zero", "{\"a\":{\"dtype\":\"F32\",\"shape\":[01],\"data_offsets\":[0,4]}}", 4,
+     "not a plain non-negative integer"},
+    {"empty name", "{\"\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4,
+     "a tensor has an empty name"},
     {"invalid UTF-8", "{\"a\xc3\x28\":{}}", 0, "header has invalid UTF-8 at byte 3"},
     {"overlong UTF-8", "{\"\xc0\xaf\":{}}", 0, "header has invalid UTF-8"},
     {"control byte", "{\"a\x01\":{}}", 0, "header has a control byte at byte 3"},
@@ -746,22 +768,23 @@ END_TEST
 
 START_TEST(valid_unusual_files) {
     /* What the format allows even if we never write it: a scalar, empty
-     * tensors, gaps and unaligned offsets, header order != data order,
+     * tensors, offsets unaligned in the file, header order != data order,
      * whitespace padding, unicode escapes, unknown fields in an entry. */
     const char *hdr =
-        "{\"s\":{\"dtype\":\"F32\",\"shape\":[],\"data_offsets\":[9,13]},\n"
-        " \"z\":{\"dtype\":\"I32\",\"shape\":[0,3],\"data_offsets\":[13,13]},\n"
+        "{\"s\":{\"dtype\":\"F32\",\"shape\":[],\"data_offsets\":[8,12]},\n"
+        " \"z\":{\"dtype\":\"I32\",\"shape\":[0,3],\"data_offsets\":[12,12]},\n"
         " \"z2\":{\"dtype\":\"F32\",\"shape\":[2,0],\"data_offsets\":[0,0]},\n"
-        " \"\\u00e9t\\u00e9\":{\"dtype\":\"I32\",\"shape\":[2],\"data_offsets\":[1,9],"
+        " \"\\u00e9t\\u00e9\":{\"dtype\":\"I32\",\"shape\":[2],\"data_offsets\":[0,8],"
         "\"extra\":[1,2]},\n"
-        " \"__metadata__\":{\"k\":\"\\u03c0\"}}   \n\t ";
+        " \"__metadata__\":{\"k\":\"\\u03c0\"}}   \n\t  ";
     size_t n;
-    unsigned char *b = make_file(hdr, 16, &n);
+    unsigned char *b = make_file(hdr, 12, &n);
     unsigned char *data = b + 8 + strlen(hdr);
+    ck_assert_uint_ne((uintptr_t)(8 + strlen(hdr)) % 16, 0); /* unaligned in the file */
     int32_t iv[2] = {-5, 77};
     float sv = -2.5f;
-    memcpy(data + 1, iv, 8); /* unaligned in the file */
-    memcpy(data + 9, &sv, 4);
+    memcpy(data, iv, 8);
+    memcpy(data + 8, &sv, 4);
     const char *path = path_in("unusual.safetensors");
     write_all(path, b, n);
     free(b);
@@ -781,8 +804,8 @@ START_TEST(valid_unusual_files) {
     ck_assert_uint_eq((uintptr_t)e->data % 16, 0);
     ck_assert_int_eq(((const int32_t *)e->data)[0], -5);
     ck_assert_int_eq(((const int32_t *)e->data)[1], 77);
-    ck_assert_uint_eq(e->begin, 1);
-    ck_assert_uint_eq(e->end, 9);
+    ck_assert_uint_eq(e->begin, 0);
+    ck_assert_uint_eq(e->end, 8);
     ck_assert_str_eq(pl_safetensors_meta(st, "k"), "\xcf\x80");
     ck_assert_str_eq(pl_safetensors_at(st, 3)->name, "\xc3\xa9t\xc3\xa9");
     /* A scalar or an empty tensor cannot become a context tensor; nothing

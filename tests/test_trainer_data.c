@@ -581,7 +581,7 @@ START_TEST(flags_and_schedules) {
         {"--schedule sparse", "unknown schedule 'sparse'"},
         {"--k 200", "larger than the sequence length"},
         {"--k 1,2,3", "3 values for 4 layers"},
-        {"--k 1,,2", "not a comma-separated"},
+        {"--k 1,,2", "--k: '' is not an integer"},
         {"--dropout 1.5", "--dropout must be in"},
         {"--vocab 100", "--vocab must be at least 256"},
         {"--dim 130", "not divisible"},

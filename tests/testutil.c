@@ -236,3 +236,20 @@ int tu_run(Suite *s) {
     srunner_free(sr);
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
 }
+
+void *tu_failing_alloc(size_t n, void *u) {
+    tu_failing *f = u;
+    if (f->calls++ >= f->budget) {
+        f->failed++;
+        return NULL;
+    }
+    void *p = malloc(n);
+    if (p) f->live++;
+    return p;
+}
+
+void tu_failing_free(void *p, void *u) {
+    tu_failing *f = u;
+    if (p) f->live--;
+    free(p);
+}

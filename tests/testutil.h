@@ -81,6 +81,16 @@ const char *tu_tmp_path(const char *name);
 /* Writes n bytes to path (asserts success). */
 void tu_write_bytes(const char *path, const void *p, size_t n);
 
+/* An allocator (pl_set_allocator, user = a tu_failing) that fails every
+ * allocation after the first budget ones, counting calls, failures and the
+ * blocks still live (for the allocation-failure sweeps). */
+typedef struct {
+    long budget; /* allocations allowed before failing */
+    long calls, live, failed;
+} tu_failing;
+void *tu_failing_alloc(size_t n, void *u);
+void tu_failing_free(void *p, void *u);
+
 /* Runs a suite; returns the process exit code. */
 int tu_run(Suite *s);
 

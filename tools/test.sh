@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds, and runs the whole test suite twice:
 # a -Werror release build, then the same suite under AddressSanitizer + UBSan,
-# then 30 s of fuzzing of the checkpoint loader. (valgrind: tools/valgrind.sh.)
+# then 60 s of fuzzing of the readers of outside input. (valgrind: tools/valgrind.sh.)
 #
 # Every option the suite depends on is passed explicitly, so whatever another
 # script left in a build folder's cache (tools/run.sh configures build/release
@@ -24,4 +24,4 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:ha
     ctest --test-dir build/asan --output-on-failure --no-tests=error -j"$jobs"
 
 # The safetensors loader under libFuzzer (clang, ASan + UBSan), bounded.
-bash tools/fuzz.sh "${PLASA_FUZZ_SECONDS:-30}"
+bash tools/fuzz.sh "${PLASA_FUZZ_SECONDS:-60}"

@@ -7,7 +7,8 @@
 #
 # Builds the release configuration first if needed (as tools/test.sh does).
 # tools/valgrind.supp silences libgomp's worker-thread TLS ("possibly lost"
-# because the thread pool lives until exit).
+# because the thread pool lives until exit) and oneDNN's JIT sgemm reading 32
+# bytes past a buffer of its own (test_parity; see the file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build/release}

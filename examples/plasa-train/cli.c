@@ -1,7 +1,6 @@
 #define _POSIX_C_SOURCE 200809L
 #include "cli.h"
 
-#include <errno.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -27,7 +26,7 @@ static const flagdef flags[] = {
     {"batch", T_INT, OFF(batch), 1, 1 << 20, "N", "sequences per batch"},
     {"seq", T_INT, OFF(seq), 1, 1 << 20, "N", "sequence length L (a window is L+1 tokens)"},
     {"seed", T_U64, OFF(seed), 0, 1.8e19, "N", "seed of initialisation, dropout and batches"},
-    {"threads", T_INT, OFF(threads), 0, 4096, "N", "threads (0: OpenMP's default)"},
+    {"threads", T_INT, OFF(threads), 0, PL_MAX_THREADS, "N", "threads (0: OpenMP's default)"},
     {"lr", T_DBL, OFF(lr), 0, 1e9, "X", "AdamW learning rate (constant)"},
     {"weight-decay", T_DBL, OFF(weight_decay), 0, 1e9, "X", "AdamW decoupled weight decay"},
     {"clip", T_DBL, OFF(clip), 0, 1e30, "X", "clip the global gradient L2 norm (0: off)"},
@@ -163,33 +162,13 @@ static int parse_value(tr_config *c, const flagdef *f, const char *v) {
         *(const char **)p = v;
         return 0;
     }
-    char *end;
-    errno = 0;
-    if (f->type == T_DBL) {
-        double x = strtod(v, &end);
-        if (end == v || *end || errno || !isfinite(x))
-            return tr_fail("--%s: '%s' is not a number", f->name, v);
-        if (x < f->min || x > f->max)
-            return tr_fail("--%s must be in [%g, %g] (got %s)", f->name, f->min, f->max, v);
-        *(double *)p = x;
-        return 0;
-    }
-    if (f->type == T_U64) {
-        if (*v == '-') return tr_fail("--%s must not be negative (got %s)", f->name, v);
-        unsigned long long x = strtoull(v, &end, 10);
-        if (end == v || *end || errno)
-            return tr_fail("--%s: '%s' is not a non-negative integer", f->name, v);
-        *(uint64_t *)p = x;
-        return 0;
-    }
-    long long x = strtoll(v, &end, 10);
-    if (end == v || *end || errno) return tr_fail("--%s: '%s' is not an integer", f->name, v);
-    if ((double)x < f->min) {
-        if (f->min == 1) return tr_fail("--%s must be at least 1 (got %s)", f->name, v);
-        return tr_fail("--%s must be at least %.0f (got %s)", f->name, f->min, v);
-    }
-    if ((double)x > f->max)
-        return tr_fail("--%s must be at most %.0f (got %s)", f->name, f->max, v);
+    char what[40];
+    snprintf(what, sizeof what, "--%s", f->name);
+    size_t n = strlen(v);
+    if (f->type == T_DBL) return tr_parse_real(v, n, f->min, f->max, (double *)p, what);
+    if (f->type == T_U64) return tr_parse_u64(v, n, (uint64_t *)p, what);
+    int64_t x;
+    if (tr_parse_int(v, n, (int64_t)f->min, (int64_t)f->max, &x, what)) return -1;
     if (f->type == T_INT)
         *(int *)p = (int)x;
     else
@@ -203,19 +182,16 @@ static int resolve_k(tr_config *c) {
     int vals[CLI_MAX_LAYERS], n = 0;
     const char *s = c->k_list;
     for (;;) {
-        char *end;
-        errno = 0;
-        long x = strtol(s, &end, 10);
-        if (end == s || errno || (*end && *end != ','))
-            return tr_fail("--k: '%s' is not a comma-separated list of integers", c->k_list);
+        size_t len = strcspn(s, ",");
+        int64_t x;
         if (n == CLI_MAX_LAYERS) return tr_fail("--k: more than %d values", CLI_MAX_LAYERS);
-        if (x < 1) return tr_fail("--k: k = %ld must be at least 1", x);
+        if (tr_parse_int(s, len, 1, INT32_MAX, &x, "--k")) return -1;
         if (x > L)
-            return tr_fail("--k: k = %ld (layer %d) is larger than the sequence length --seq %d", x,
-                           n, L);
+            return tr_fail("--k: k = %lld (layer %d) is larger than the sequence length --seq %d",
+                           (long long)x, n, L);
         vals[n++] = (int)x;
-        if (!*end) break;
-        s = end + 1;
+        if (!s[len]) break;
+        s += len + 1;
     }
     if (n != 1 && n != c->layers)
         return tr_fail("--k: %d values for %d layers (give one per layer, or one for all)", n,
@@ -281,18 +257,43 @@ bool cli_given(const tr_config *c, const char *name) {
     return false;
 }
 
+/* Length of the valid UTF-8 sequence at p (RFC 3629: no overlong forms, no
+ * surrogates, at most U+10FFFF), or 0. */
+static size_t utf8_len(const unsigned char *p) {
+    unsigned c = p[0];
+    size_t n = c < 0x80                 ? 1
+               : c >= 0xc2 && c <= 0xdf ? 2
+               : c >= 0xe0 && c <= 0xef ? 3
+               : c >= 0xf0 && c <= 0xf4 ? 4
+                                        : 0;
+    for (size_t i = 1; i < n; i++)
+        if ((p[i] & 0xc0) != 0x80) return 0;
+    if ((c == 0xe0 && p[1] < 0xa0) || (c == 0xed && p[1] > 0x9f) || (c == 0xf0 && p[1] < 0x90) ||
+        (c == 0xf4 && p[1] > 0x8f))
+        return 0;
+    return n;
+}
+
+/* A JSON string; a byte that is not part of valid UTF-8 (a file name may hold
+ * any byte) becomes U+FFFD, so the output is always valid JSON. */
 int json_string(tr_buf *out, const char *s) {
     if (tr_buf_putc(out, '"')) return -1;
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+    for (const unsigned char *p = (const unsigned char *)s; *p;) {
         char esc[8];
+        size_t n = utf8_len(p);
+        const char *w = esc;
         if (*p == '"' || *p == '\\') {
             esc[0] = '\\', esc[1] = (char)*p, esc[2] = 0;
-        } else if (*p < 0x20) {
+        } else if (*p < 0x20 || *p == 0x7f) {
             snprintf(esc, sizeof esc, "\\u%04x", *p);
+        } else if (n == 0) {
+            w = "\\ufffd";
+            n = 1;
         } else {
-            esc[0] = (char)*p, esc[1] = 0;
+            w = (const char *)p;
         }
-        if (tr_buf_append(out, esc, strlen(esc))) return -1;
+        if (tr_buf_append(out, w, w == (const char *)p ? n : strlen(w))) return -1;
+        p += n ? n : 1;
     }
     return tr_buf_putc(out, '"');
 }

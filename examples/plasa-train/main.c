@@ -8,8 +8,11 @@
  * tokenizer.c, tokens.c), then train and evaluate (train.c) through the
  * model seam (model.h). Results: JSON on stdout; progress on stderr. Any
  * error: one message on stderr and exit status 1 (2 for bad flags). */
+#define _POSIX_C_SOURCE 200809L
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "cli.h"
 #include "data.h"
@@ -22,10 +25,24 @@ static int fail(const char *what) {
     return 1;
 }
 
+/* The result goes to stdout: a write that failed there (full disk, closed
+ * pipe, /dev/full) is an error, not a successful run. */
+static int close_stdout(int rc) {
+    int bad = fflush(stdout) != 0;
+    bad |= ferror(stdout) != 0;
+    bad |= fclose(stdout) != 0;
+    if (bad && rc == 0) return fail("writing the result to stdout failed");
+    return rc;
+}
+
 int main(int argc, char **argv) {
+    /* A closed stdout would lose the result, and the next file opened would
+     * take its descriptor (and receive the JSON). */
+    if (fcntl(STDOUT_FILENO, F_GETFD) == -1)
+        return fail("stdout is closed: nowhere to write the result");
     tr_config cfg;
     int rc = cli_parse(argc, argv, &cfg);
-    if (rc == 1) return 0;
+    if (rc == 1) return close_stdout(0);
     if (rc) {
         fprintf(stderr, "plasa-train: error: %s\n", tr_error());
         return 2;
@@ -51,9 +68,9 @@ int main(int argc, char **argv) {
         if (!rc) fputs(out.data, stdout);
         tr_buf_free(&out);
         data_free(&data);
-        return rc ? fail(tr_error()) : 0;
+        return close_stdout(rc ? fail(tr_error()) : 0);
     }
     rc = tr_train(&cfg, &data);
     data_free(&data);
-    return rc ? fail(tr_error()) : 0;
+    return close_stdout(rc ? fail(tr_error()) : 0);
 }

@@ -445,12 +445,22 @@ done:
 int model_load(tr_model *m, const char *path, int64_t *steps_done) {
     pl_safetensors *st = pl_safetensors_open(path);
     if (!st) return fail("loading a checkpoint");
-    uint64_t steps = 0;
+    const char *steps = pl_safetensors_meta(st, "steps_done");
+    int64_t n = 0;
     int rc = 0;
-    if (pl_safetensors_meta_u64(st, "steps_done", &steps) || pl_checkpoint_restore(m->ctx, st, 0))
+    char what[600];
+    snprintf(what, sizeof what, "%s: metadata steps_done", path);
+    if (!steps)
+        rc = tr_fail("%s: no steps_done metadata: not a plasa-train checkpoint", path);
+    else if (tr_parse_int(steps, strlen(steps), 0, INT32_MAX, &n, what))
+        rc = -1;
+    else if (pl_checkpoint_restore(m->ctx, st, 0))
         rc = fail("loading a checkpoint");
+    else if (pl_adamw_get_step(m->opt) < 0 || pl_adamw_get_step(m->opt) > n)
+        rc = tr_fail("%s: adamw.step = %lld is outside [0, steps_done = %lld]", path,
+                     (long long)pl_adamw_get_step(m->opt), (long long)n);
     pl_safetensors_close(st);
-    if (!rc) *steps_done = (int64_t)steps;
+    if (!rc) *steps_done = n;
     return rc;
 }
 

@@ -320,7 +320,7 @@ static int trainer_layout(trainer *t, const uint8_t *text, size_t n, bpe_pretok 
     size_t total = n;
     strmap words = {0};
     if (pretok == BPE_PRETOK_GPT2) {
-        if (strmap_init(&words, 1 << 16)) return -1;
+        if (strmap_init(&words, 1 << 10)) return -1;
         total = 0;
         for (size_t i = 0; i < n;) {
             size_t len = bpe_chunk_len(text + i, n - i);
@@ -376,7 +376,7 @@ bpe *bpe_train(const uint8_t *text, size_t n, int vocab_size, bpe_pretok pretok)
     }
     trainer t = {0};
     int32_t(*merge)[2] = malloc((size_t)(vocab_size - 256 + 1) * sizeof *merge);
-    if (!merge || u64map_init(&t.index, 1 << 16) || trainer_layout(&t, text, n, pretok)) {
+    if (!merge || u64map_init(&t.index, 1 << 10) || trainer_layout(&t, text, n, pretok)) {
         if (!merge) tr_fail("out of memory");
         free(merge);
         trainer_free(&t);
@@ -596,6 +596,13 @@ static int next_line(const char **p, const char *end, char *line, size_t cap) {
     return 1;
 }
 
+/* line is exactly key followed by an integer in [min, max] (the one parser). */
+static bool keyword_int(const char *line, const char *key, int64_t min, int64_t max, int64_t *out) {
+    size_t kl = strlen(key);
+    return strncmp(line, key, kl) == 0 &&
+           tr_parse_int(line + kl, strlen(line + kl), min, max, out, key) == 0;
+}
+
 bpe *bpe_load(const char *path) {
     tr_buf f = {0};
     if (tr_read_file(path, &f)) return NULL;
@@ -604,8 +611,8 @@ bpe *bpe_load(const char *path) {
     return t;
 }
 
-bpe *bpe_parse(const char *text, size_t n, const char *path) {
-    const char *p = text, *end = text + n;
+bpe *bpe_parse(const char *data, size_t len, const char *path) {
+    const char *p = data, *end = data + len;
     char line[256], word[32], extra;
     int vocab = 0, merges = -1, ln = 0;
     int32_t(*merge)[2] = NULL;
@@ -615,12 +622,13 @@ bpe *bpe_parse(const char *text, size_t n, const char *path) {
         goto fail;
     }
     ln = 1;
+    int64_t v64;
     if (!next_line(&p, end, line, sizeof line) ||
-        sscanf(line, "vocab_size %d %c", &vocab, &extra) != 1 || vocab < 256 ||
-        vocab > BPE_MAX_VOCAB) {
+        !keyword_int(line, "vocab_size ", 256, BPE_MAX_VOCAB, &v64)) {
         tr_fail("%s:2: expected 'vocab_size V' with 256 <= V <= %d", path, BPE_MAX_VOCAB);
         goto fail;
     }
+    vocab = (int)v64;
     if (!next_line(&p, end, line, sizeof line) ||
         sscanf(line, "pretok %31s %c", word, &extra) != 1 ||
         (strcmp(word, "gpt2") != 0 && strcmp(word, "none") != 0)) {
@@ -629,10 +637,11 @@ bpe *bpe_parse(const char *text, size_t n, const char *path) {
     }
     pretok = strcmp(word, "gpt2") == 0 ? BPE_PRETOK_GPT2 : BPE_PRETOK_NONE;
     if (!next_line(&p, end, line, sizeof line) ||
-        sscanf(line, "merges %d %c", &merges, &extra) != 1 || merges != vocab - 256) {
+        !keyword_int(line, "merges ", vocab - 256, vocab - 256, &v64)) {
         tr_fail("%s:4: expected 'merges %d' (vocab_size - 256)", path, vocab - 256);
         goto fail;
     }
+    merges = (int)v64;
     merge = malloc((size_t)(merges + 1) * sizeof *merge);
     if (!merge) {
         tr_fail("out of memory");
@@ -642,25 +651,27 @@ bpe *bpe_parse(const char *text, size_t n, const char *path) {
     if (u64map_init(&seen, (size_t)merges + 1)) goto fail;
     for (int k = 0; k < merges; k++) {
         ln = 5 + k;
-        int a, b;
+        int64_t a, b;
         if (!next_line(&p, end, line, sizeof line)) {
             tr_fail("%s: truncated: %d of %d merges", path, k, merges);
             u64map_free(&seen);
             goto fail;
         }
-        if (sscanf(line, "%d %d %c", &a, &b, &extra) != 2 || a < 0 || b < 0 || a >= 256 + k ||
-            b >= 256 + k) {
+        const char *sp = strchr(line, ' ');
+        if (!sp || tr_parse_int(line, (size_t)(sp - line), 0, 256 + k - 1, &a, "merge") ||
+            tr_parse_int(sp + 1, strlen(sp + 1), 0, 256 + k - 1, &b, "merge")) {
             tr_fail("%s:%d: expected two token ids below %d", path, ln, 256 + k);
             u64map_free(&seen);
             goto fail;
         }
-        if (u64map_put(&seen, pair_key(a, b), k) != k) {
-            tr_fail("%s:%d: the pair %d %d is merged twice", path, ln, a, b);
+        if (u64map_put(&seen, pair_key((int32_t)a, (int32_t)b), k) != k) {
+            tr_fail("%s:%d: the pair %lld %lld is merged twice", path, ln, (long long)a,
+                    (long long)b);
             u64map_free(&seen);
             goto fail;
         }
-        merge[k][0] = a;
-        merge[k][1] = b;
+        merge[k][0] = (int32_t)a;
+        merge[k][1] = (int32_t)b;
     }
     u64map_free(&seen);
     while (next_line(&p, end, line, sizeof line)) {

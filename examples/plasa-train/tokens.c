@@ -49,10 +49,19 @@ int tokfile_read(const char *path, int vocab, uint16_t **tok, int64_t *n) {
     *n = 0;
     tr_buf f = {0};
     if (tr_read_file(path, &f)) return -1;
-    const uint8_t *b = (const uint8_t *)f.data;
+    int rc = tokfile_parse(f.data, f.len, path, vocab, tok, n);
+    tr_buf_free(&f);
+    return rc;
+}
+
+int tokfile_parse(const void *data, size_t len, const char *path, int vocab, uint16_t **tok,
+                  int64_t *n) {
+    *tok = NULL;
+    *n = 0;
+    const uint8_t *b = data;
     int rc = -1;
-    if (f.len < TOKFILE_HEADER_BYTES) {
-        tr_fail("%s: %zu bytes, too short for the %d-byte header of a token file", path, f.len,
+    if (len < TOKFILE_HEADER_BYTES) {
+        tr_fail("%s: %zu bytes, too short for the %d-byte header of a token file", path, len,
                 TOKFILE_HEADER_BYTES);
         goto done;
     }
@@ -72,7 +81,7 @@ int tokfile_read(const char *path, int vocab, uint16_t **tok, int64_t *n) {
         tr_fail("%s: negative token count %d in the header", path, count);
         goto done;
     }
-    size_t have = f.len - TOKFILE_HEADER_BYTES, want = 2 * (size_t)count;
+    size_t have = len - TOKFILE_HEADER_BYTES, want = 2 * (size_t)count;
     if (have < want) {
         tr_fail("%s: truncated: the header announces %d tokens (%zu bytes) but %zu bytes follow",
                 path, count, want, have);
@@ -102,7 +111,6 @@ int tokfile_read(const char *path, int vocab, uint16_t **tok, int64_t *n) {
     *n = count;
     rc = 0;
 done:
-    tr_buf_free(&f);
     return rc;
 }
 

@@ -17,6 +17,9 @@ int tokfile_write(const char *path, const uint16_t *tok, int64_t n);
  * truncated nor followed by extra bytes) and, if vocab > 0, that every id
  * is < vocab. */
 int tokfile_read(const char *path, int vocab, uint16_t **tok, int64_t *n);
+/* The same for a file's bytes held in memory (path names it in messages). */
+int tokfile_parse(const void *data, size_t len, const char *path, int vocab, uint16_t **tok,
+                  int64_t *n);
 /* Index of the first id >= vocab, or -1; *max_id = the largest id (0 if n = 0). */
 int64_t tokfile_check_vocab(const uint16_t *tok, int64_t n, int vocab, int *max_id);
 /* int32 ids (each in [0, 65536)) to a malloc'd uint16 array. */

@@ -2,6 +2,11 @@
 #include "util.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <unistd.h>
+#include <math.h>
+#include <stdbool.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,7 +14,8 @@
 #include <sys/stat.h>
 #include <time.h>
 
-static char err_msg[1024];
+/* Twice the library's message buffer: a wrapped library message fits whole. */
+static char err_msg[2048];
 
 int tr_fail(const char *fmt, ...) {
     va_list ap;
@@ -20,6 +26,86 @@ int tr_fail(const char *fmt, ...) {
 }
 
 const char *tr_error(void) { return err_msg; }
+
+/* The digits s[0, n) as a value, or -1 if any is not a digit or the value
+ * exceeds UINT64_MAX. */
+static int digits_u64(const char *s, size_t n, uint64_t *out) {
+    uint64_t v = 0;
+    if (n == 0) return -1;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9') return -1;
+        unsigned d = (unsigned)(s[i] - '0');
+        if (v > (UINT64_MAX - d) / 10) return -1;
+        v = v * 10 + d;
+    }
+    *out = v;
+    return 0;
+}
+
+/* "'text'" for messages: at most 40 bytes, non-printable bytes as '?'. */
+static const char *quoted(const char *s, size_t n, char *buf) {
+    size_t m = n < 40 ? n : 40, o = 0;
+    buf[o++] = '\'';
+    for (size_t i = 0; i < m; i++)
+        buf[o++] = (unsigned char)s[i] >= 0x20 && (unsigned char)s[i] < 0x7f ? s[i] : '?';
+    if (m < n) buf[o++] = '.', buf[o++] = '.', buf[o++] = '.';
+    buf[o++] = '\'';
+    buf[o] = 0;
+    return buf;
+}
+
+int tr_parse_int(const char *s, size_t n, int64_t min, int64_t max, int64_t *out,
+                 const char *what) {
+    char q[48];
+    bool neg = n > 0 && s[0] == '-';
+    uint64_t mag;
+    if (digits_u64(s + neg, n - neg, &mag))
+        return tr_fail("%s: %s is not an integer", what, quoted(s, n, q));
+    bool fits = neg ? mag <= (uint64_t)INT64_MAX + 1 : mag <= (uint64_t)INT64_MAX;
+    int64_t v = !fits ? 0
+                : neg ? (mag == (uint64_t)INT64_MAX + 1 ? INT64_MIN : -(int64_t)mag)
+                      : (int64_t)mag;
+    if ((!fits && neg) || v < min)
+        return tr_fail("%s must be at least %lld (got %s)", what, (long long)min, quoted(s, n, q));
+    if (!fits || v > max)
+        return tr_fail("%s must be at most %lld (got %s)", what, (long long)max, quoted(s, n, q));
+    *out = v;
+    return 0;
+}
+
+int tr_parse_u64(const char *s, size_t n, uint64_t *out, const char *what) {
+    char q[48];
+    if (n > 0 && s[0] == '-')
+        return tr_fail("%s must not be negative (got %s)", what, quoted(s, n, q));
+    if (digits_u64(s, n, out))
+        return tr_fail("%s: %s is not an integer in [0, 2^64 - 1]", what, quoted(s, n, q));
+    return 0;
+}
+
+int tr_parse_real(const char *s, size_t n, double min, double max, double *out, const char *what) {
+    char q[48], buf[64];
+    /* The grammar first (strtod alone would take spaces, '+', hex, inf, nan). */
+    size_t i = 0, digits = 0;
+    if (i < n && s[i] == '-') i++;
+    for (; i < n && s[i] >= '0' && s[i] <= '9'; i++) digits++;
+    if (i < n && s[i] == '.')
+        for (i++; i < n && s[i] >= '0' && s[i] <= '9'; i++) digits++;
+    if (digits && i < n && (s[i] == 'e' || s[i] == 'E')) {
+        size_t e = ++i;
+        if (i < n && s[i] == '-') e = ++i;
+        while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+        if (i == e) digits = 0;
+    }
+    if (!digits || i != n || n >= sizeof buf)
+        return tr_fail("%s: %s is not a number", what, quoted(s, n, q));
+    memcpy(buf, s, n);
+    buf[n] = 0;
+    double x = strtod(buf, NULL);
+    if (!isfinite(x) || !(x >= min && x <= max))
+        return tr_fail("%s must be in [%g, %g] (got %s)", what, min, max, quoted(s, n, q));
+    *out = x;
+    return 0;
+}
 
 int tr_buf_reserve(tr_buf *b, size_t extra) {
     if (b->len + extra + 1 <= b->cap) return 0;
@@ -52,34 +138,49 @@ int tr_read_file(const char *path, tr_buf *out) {
     out->len = 0;
     FILE *f = fopen(path, "rb");
     if (!f) return tr_fail("cannot open %s: %s", path, strerror(errno));
-    if (tr_buf_reserve(out, 1 << 16)) {
-        fclose(f);
-        return -1;
-    }
     for (;;) {
-        if (tr_buf_reserve(out, 1 << 16)) {
-            fclose(f);
-            return -1;
-        }
+        if (tr_buf_reserve(out, 1 << 16)) break;
         size_t got = fread(out->data + out->len, 1, out->cap - out->len - 1, f);
         out->len += got;
-        if (got == 0) break;
+        out->data[out->len] = 0;
+        if (got == 0) {
+            if (!ferror(f)) {
+                fclose(f);
+                return 0;
+            }
+            tr_fail("cannot read %s: %s", path, strerror(errno));
+            break;
+        }
     }
-    int bad = ferror(f);
+    /* Failed: the caller gets no buffer to free. */
     fclose(f);
-    out->data[out->len] = 0;
-    if (bad) return tr_fail("cannot read %s: %s", path, strerror(errno));
-    return 0;
+    tr_buf_free(out);
+    return -1;
 }
 
 int tr_write_file(const char *path, const void *data, size_t n) {
+    /* A temporary name of this process and call alone ("<path>.tmp-PID-N",
+     * created exclusively), renamed into place: runs that write the same
+     * cache file at the same time each rename a complete file, and a reader
+     * sees the old file or a complete new one. */
+    static atomic_uint counter;
     size_t plen = strlen(path);
-    char *tmp = malloc(plen + 16);
+    char *tmp = malloc(plen + 48);
     if (!tmp) return tr_fail("out of memory");
-    snprintf(tmp, plen + 16, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
+    int fd = -1;
+    for (int tries = 0; tries < 100 && fd < 0; tries++) {
+        snprintf(tmp, plen + 48, "%s.tmp-%ld-%u", path, (long)getpid(),
+                 atomic_fetch_add(&counter, 1u));
+        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+        if (fd < 0 && errno != EEXIST) break;
+    }
+    FILE *f = fd < 0 ? NULL : fdopen(fd, "wb");
     if (!f) {
         tr_fail("cannot create %s: %s", tmp, strerror(errno));
+        if (fd >= 0) {
+            close(fd);
+            remove(tmp);
+        }
         free(tmp);
         return -1;
     }

@@ -29,6 +29,19 @@ int tr_buf_append(tr_buf *b, const void *p, size_t n);
 int tr_buf_putc(tr_buf *b, char c);
 void tr_buf_free(tr_buf *b);
 
+/* The one number parser of plasa-train, used for every number it reads
+ * (flags, the tokenizer file, checkpoint metadata). The whole of s[0, n) must
+ * be the number: an optional '-' (not for u64) and decimal digits, nothing
+ * else (no spaces, '+', hex, exponent). Returns 0 with *out set, or -1 with
+ * the message "<what>: '<text>' is not ..." set. */
+int tr_parse_int(const char *s, size_t n, int64_t min, int64_t max, int64_t *out,
+                 const char *what);
+int tr_parse_u64(const char *s, size_t n, uint64_t *out, const char *what);
+/* A finite decimal number ([-]digits[.digits][e[-]digits], also ".5") in
+ * [min, max]. */
+int tr_parse_real(const char *s, size_t n, double min, double max, double *out,
+                  const char *what);
+
 /* Reads a whole file into *out (NUL-terminated). An empty file is read
  * (len 0); callers decide whether that is an error. */
 int tr_read_file(const char *path, tr_buf *out);

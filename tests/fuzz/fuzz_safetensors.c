@@ -14,6 +14,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "fuzz_check.h"
+
 static pl_ctx *ctx;
 
 static void setup_ctx(void) {
@@ -23,14 +25,6 @@ static void setup_ctx(void) {
     pl_persistent_new(ctx, "adamw.m.a", PL_F32, PL_DIMS(2, 2), false);
     pl_persistent_new(ctx, "ids", PL_I32, PL_DIMS(3), false);
 }
-
-#define CHECK(c)                                                                                   \
-    do {                                                                                           \
-        if (!(c)) {                                                                                \
-            fprintf(stderr, "fuzz_safetensors: invariant failed: %s\n", #c);                       \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (!ctx) setup_ctx();
