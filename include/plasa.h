@@ -234,7 +234,10 @@ PL_API bool pl_set_grad_enabled(pl_ctx *ctx, bool enabled);
 PL_API bool pl_grad_enabled(const pl_ctx *ctx);
 
 /* Runs the tape in reverse from a scalar loss (d loss/d loss = 1).
- * Gradients accumulate into parameters' grad buffers until pl_zero_grad. */
+ * Gradients accumulate into parameters' grad buffers until pl_zero_grad.
+ * Backward reads the float inputs of the ops as they are then (change one in
+ * between and its gradient changes with it); int32 inputs (ids, targets,
+ * indices) are copied by the op, so changing them afterwards is harmless. */
 PL_API pl_status pl_backward(pl_ctx *ctx, pl_tensor *loss);
 /* Same, from any tensor with an explicit seed gradient (out->numel floats). */
 PL_API pl_status pl_backward_seed(pl_ctx *ctx, pl_tensor *out, const float *seed);
@@ -270,14 +273,28 @@ PL_API pl_status pl_gradcheck(pl_ctx *ctx, pl_gradcheck_fn fn, void *user, pl_te
 /* Core ops. Each returns a new step tensor (NULL on error) and, when an     */
 /* input requires grad, records its backward on the tape.                    */
 
-/* Broadcasting for the binary elementwise ops: b's shape must equal a
- * trailing part of a's shape, with dims of size 1 allowed in b (NumPy rules
- * restricted to "b broadcasts into a"; e.g. a [B, T, D] with b [D], [T, 1]
- * or [1]). The result has a's shape; b's gradient is summed over the dims it
- * was broadcast along. */
+/* Binary elementwise ops with NumPy broadcasting: the shapes are aligned at
+ * their last dim, and in each dim the sizes are equal or one of them is 1;
+ * the result has the common shape (e.g. a [B, T, D] with b [D], [T, 1] or
+ * [1]; a row [1, n] with a column [m, 1] gives [m, n]). Each input's gradient
+ * is summed over the dims it was broadcast along.
+ *   add: a + b            da = dy,                 db = dy
+ *   sub: a - b            da = dy,                 db = -dy
+ *   mul: a * b            da = dy b,               db = dy a
+ *   div: a / b            da = dy / b,             db = -dy a / b^2
+ *   maximum / minimum: the larger / smaller of a and b (NaN if either is NaN);
+ *                         dy goes to the chosen one, half to each on a tie. */
 PL_API pl_tensor *pl_add(pl_ctx *ctx, pl_tensor *a, pl_tensor *b);
 PL_API pl_tensor *pl_sub(pl_ctx *ctx, pl_tensor *a, pl_tensor *b);
 PL_API pl_tensor *pl_mul(pl_ctx *ctx, pl_tensor *a, pl_tensor *b);
+PL_API pl_tensor *pl_div(pl_ctx *ctx, pl_tensor *a, pl_tensor *b);
+PL_API pl_tensor *pl_maximum(pl_ctx *ctx, pl_tensor *a, pl_tensor *b);
+PL_API pl_tensor *pl_minimum(pl_ctx *ctx, pl_tensor *a, pl_tensor *b);
+/* where(mask, a, b) = mask != 0 ? a : b, elementwise, the three broadcast
+ * together; mask is float32 or int32 (no gradient). da = dy where mask,
+ * db = dy elsewhere. */
+PL_API pl_tensor *pl_where(pl_ctx *ctx, pl_tensor *mask, pl_tensor *a, pl_tensor *b);
+/* y = a s;  y = a + s. */
 PL_API pl_tensor *pl_scale(pl_ctx *ctx, pl_tensor *a, float s);
 PL_API pl_tensor *pl_add_scalar(pl_ctx *ctx, pl_tensor *a, float s);
 
@@ -286,6 +303,29 @@ PL_API pl_tensor *pl_add_scalar(pl_ctx *ctx, pl_tensor *a, float s);
 PL_API pl_tensor *pl_relu(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_sigmoid(pl_ctx *ctx, pl_tensor *x);
 PL_API pl_tensor *pl_silu(pl_ctx *ctx, pl_tensor *x);
+/* Unary functions, elementwise, with their derivatives:
+ *   exp(x)   = e^x (about 2 ulp; +inf above log(FLT_MAX))   dx = dy e^x
+ *   log(x)   = ln x (NaN for x < 0, -inf at 0)               dx = dy / x
+ *   sqrt(x)  = x^(1/2)                                       dx = dy / (2 sqrt x)
+ *   rsqrt(x) = x^(-1/2)                                      dx = -dy x^(-3/2) / 2
+ *   pow(x,p) = x^p for a scalar p (powf rules)               dx = dy p x^(p-1) (0 if p = 0)
+ *   abs(x)   = |x|                                           dx = dy sign(x) (0 at 0)
+ *   neg(x)   = -x                                            dx = -dy
+ *   tanh(x)                                                  dx = dy (1 - tanh^2 x)
+ *   gelu(x)  = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2         dx = dy (Phi(x) + x phi(x))
+ *   gelu_tanh(x) = x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2  (the GPT-2 form)
+ *   clamp(x, lo, hi) = min(max(x, lo), hi), lo <= hi          dx = dy where lo <= x <= hi */
+PL_API pl_tensor *pl_exp(pl_ctx *ctx, pl_tensor *x);
+PL_API pl_tensor *pl_log(pl_ctx *ctx, pl_tensor *x);
+PL_API pl_tensor *pl_sqrt(pl_ctx *ctx, pl_tensor *x);
+PL_API pl_tensor *pl_rsqrt(pl_ctx *ctx, pl_tensor *x);
+PL_API pl_tensor *pl_pow(pl_ctx *ctx, pl_tensor *x, float p);
+PL_API pl_tensor *pl_abs(pl_ctx *ctx, pl_tensor *x);
+PL_API pl_tensor *pl_neg(pl_ctx *ctx, pl_tensor *x);
+PL_API pl_tensor *pl_tanh(pl_ctx *ctx, pl_tensor *x);
+PL_API pl_tensor *pl_gelu(pl_ctx *ctx, pl_tensor *x);
+PL_API pl_tensor *pl_gelu_tanh(pl_ctx *ctx, pl_tensor *x);
+PL_API pl_tensor *pl_clamp(pl_ctx *ctx, pl_tensor *x, float lo, float hi);
 
 /* Sum / mean of all elements (accumulated in double): a scalar of shape [1]. */
 PL_API pl_tensor *pl_sum(pl_ctx *ctx, pl_tensor *x);
@@ -615,13 +655,43 @@ PL_API pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k);
  * Rows t < k need no scores at all. Not differentiable (no tape entry). */
 PL_API pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w, int k);
 
+/* Fused indexer + top-k that also returns the scores at the selected keys:
+ * idx as pl_indexer_topk (the return value) and *scores = [B, L, k], the
+ * indexer's scores at those keys (-INFINITY at padding), differentiable in qI,
+ * kI, w, as pl_indexer_scores_at(qI, kI, w, idx) would give them (with the f32
+ * precision bit for bit its blocked values: they are the very scores the
+ * selection compared; with a lower precision, the f32 scores at the keys it
+ * selected, equal to float rounding). The products are computed once for both.
+ * Backward as pl_indexer_scores_at's. On error returns NULL, *scores = NULL. */
+PL_API pl_tensor *pl_indexer_topk_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w,
+                                         int k, pl_tensor **scores);
+
+/* Precision of the indexer's products q.k in pl_indexer_topk,
+ * pl_indexer_topk_scores (the selection) and pl_indexer_scores (the values;
+ * its backward stays the f32 function's gradient), a context setting:
+ *  - PL_INDEXER_F32 (default): float32, the exact results documented above;
+ *  - PL_INDEXER_INT8: qI rows (each (b, t, head)) rounded to int8 with scale
+ *    max|row| / 127, kI rows to [-63, 63] with scale max|row| / 63, exact
+ *    int32 products (oneDNN: AVX512-VNNI or AVX2, the same bits), then
+ *    I[t,s] = sk[s] * sum_j (w[t,j] sq[t,j]) max(dot_j, 0) (sum in order of j).
+ *    Non-finite inputs give NaN scores (ranked lowest).
+ * pl_indexer_scores_at and the loss are always float32. The top-k sets agree
+ * with float32's to within the figures in docs/benchmarks.md. */
+typedef enum { PL_INDEXER_F32 = 0, PL_INDEXER_INT8 = 2 } pl_indexer_precision;
+PL_API pl_status pl_set_indexer_precision(pl_ctx *ctx, pl_indexer_precision p);
+PL_API pl_indexer_precision pl_get_indexer_precision(const pl_ctx *ctx);
+
 /* Indexer scores at the keys of idx: out[b,t,j] = I[b,t,idx[b,t,j]] (as in
  * pl_indexer_scores), -INFINITY where idx is -1. Returns [B, L, K];
  * differentiable in qI, kI, w. This is what the indexer loss trains on when the
- * selection came from pl_indexer_topk. Two ways, by density: for K >= L/16 the
- * blocked sgemm products of pl_indexer_scores (same cost, O(L * block) memory,
- * values bit-identical to it); for smaller K a gather of HI dot products per
- * entry, O(B*L*K*HI*dI) (equal to float rounding). */
+ * selection came from pl_indexer_topk. Forward two ways, by density: for
+ * K >= L/3 the blocked sgemm products of pl_indexer_scores (same cost,
+ * O(L * block) memory, values bit-identical to it); for smaller K a gather of
+ * HI dot products per entry, O(B*L*K*HI*dI) (equal to float rounding).
+ * Backward recomputes the gathered dots, O(B*L*K*HI*dI), on all threads with
+ * the same bits for any thread count; extra memory while it runs: the idx
+ * copy, 2 to 8 buffers the size of kI (the kI gradient per range of rows) and
+ * one row of dots per thread. */
 PL_API pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w,
                                        pl_tensor *idx);
 
@@ -665,7 +735,10 @@ PL_API pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, p
  *   idx = pl_indexer_topk(ctx, qI, kI, w, k);
  *   out = pl_sparse_attention(ctx, q, k, v, idx, p, rng);
  *   aux = pl_indexer_kl_loss(ctx, q, k, idx, pl_indexer_scores_at(ctx, qI, kI, w, idx));
- *   loss = main_loss + lambda * aux. */
+ *   loss = main_loss + lambda * aux.
+ * (or idx = pl_indexer_topk_scores(ctx, qI, kI, w, k, &sc) and sc in place of
+ * the pl_indexer_scores_at call: the products are then computed once.)
+ * A NaN in q, k or the scores of a row makes the loss NaN. */
 PL_API pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *idx,
                                      pl_tensor *scores);
 
@@ -800,10 +873,11 @@ PL_API pl_tensor *pl_attention_cached(pl_ctx *ctx, const pl_kv_cache *cache, int
  * positions s <= t with the largest indexer scores
  *   I[t,s] = sum_j w[i,j] * ReLU(qI[i,j,:] . kI[b,s,:])
  * (ties to the smaller s, NaN as -inf, ascending s, then -1 up to k): exactly
- * the rule of pl_indexer_topk, row t. The products are one sgemm per sequence
- * (M = T_new*HI, N = t+1, K = dI) and the sum over heads is the training
- * kernel's. Cost O(T_new * len * HI * dI) plus an O(len) radix select per
- * row; reads only the indexer keys (dI floats per position). */
+ * the rule of pl_indexer_topk, row t, in float32 precision (a context set to
+ * PL_INDEXER_INT8 is refused with PL_ERR_STATE). The products are one sgemm
+ * per block of rows of a sequence (M = rows*HI, N = t+1, K = dI) and the sum
+ * over heads is the training kernel's. Cost O(T_new * len * HI * dI) plus an O(len) radix select
+ * per row; reads only the indexer keys (dI floats per position). */
 PL_API pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *cache, int layer, int seq0,
                                          pl_tensor *qI, pl_tensor *w, int k);
 

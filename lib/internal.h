@@ -75,6 +75,7 @@ struct pl_ctx {
      * step's headers, [hdr_start, hdr_cur) this step's (offsets, circular). */
     unsigned char *hdr_base;
     size_t hdr_size, hdr_prev, hdr_start, hdr_cur;
+    size_t hdr_done; /* pages before it (back to the last step's) went back to the system */
     uint64_t epoch;
     pl_node *tape;
     bool grad_enabled;
@@ -83,6 +84,7 @@ struct pl_ctx {
     int n_params, cap_params;
     pl_tensor **persist; /* every persistent tensor, for pl_ctx_free */
     int n_persist, cap_persist;
+    pl_indexer_precision indexer_precision; /* pl_set_indexer_precision */
 };
 
 /* Checks that t is a live tensor of this context with the given dtype.
@@ -136,6 +138,13 @@ float *pl__grad(pl_ctx *ctx, pl_tensor *t);
 /* C = alpha*op(A)op(B) + beta*C, row-major, via oneDNN. */
 pl_status pl__sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
                     int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
+/* C = A B^T in int32 from int8 A [M, K] and B [N, K], row-major, via oneDNN
+ * (VNNI where the CPU has it). Exact while no pair sum of the AVX2 kernel
+ * (u8 * s8, A shifted by 128) saturates: |B| <= 63 keeps it exact everywhere. */
+pl_status pl__gemm_s8(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t lda,
+                      const int8_t *B, int64_t ldb, int32_t *C, int64_t ldc);
+/* The ISA oneDNN runs with (ONEDNN_MAX_CPU_ISA limits it), for test messages. */
+const char *pl__dnnl_isa(void);
 /* Philox uniform in [0,1) from a 32-bit word (24 bits of mantissa). */
 static inline float pl__u01(uint32_t w) { return (float)(w >> 8) * (1.0f / 16777216.0f); }
 
@@ -195,9 +204,9 @@ static inline float pl__drop_scale(float p) { return 1.0f / (float)(1.0 - (doubl
 /* ---- PLASA index sets ---- */
 /* (ops/topk.c) Writes into out[0..width) the min(k, n) indices s < n with the largest row[s]
  * (ties to the smaller s; NaN ranks as -inf, -0 equals +0), in ascending s, then
- * -1 up to width. keys: scratch of n uint32. Reads nothing when k >= n. */
+ * -1 up to width. scratch: 3n uint32. Reads nothing when k >= n. */
 void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32_t *out, int64_t width,
-                         uint32_t *keys);
+                         uint32_t *scratch);
 /* (ops/indexset.c) Checks an index tensor for the causal sparse ops: PL_I32 [B, L, K] with every
  * entry -1 (padding) or in [0, t] for its row t. */
 pl_status pl__check_causal_idx(pl_ctx *ctx, const char *fn, const pl_tensor *idx, int64_t B,
@@ -279,6 +288,9 @@ typedef struct {
     int64_t indexer_at_mode;
     /* Sparse attention tiles (0: automatic): query rows per tile, keys per block. */
     int64_t sparse_tile_q, sparse_tile_k;
+    /* Top-k rows of n >= 1024: 0 automatic (a sampled pivot filters first), 1
+     * never filter, 2 a pivot too high (the fallback). Same results in all. */
+    int64_t topk_pivot_mode;
     /* pl_attention_cached: query rows per block of index rows (0: automatic). */
     int64_t decode_block_rows;
 } pl_tuning;

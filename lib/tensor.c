@@ -24,18 +24,22 @@
  * comes round again only after the whole ring (2^27 headers with the full
  * reservation), however many resets. A pointer into the ring outside the live
  * part is known stale from its address alone, without reading it. Each reset
- * gives the pages of the step before last back to the system (MADV_DONTNEED),
- * so resident memory stays two steps' headers. */
+ * gives the pages before the last step's headers back to the system
+ * (MADV_DONTNEED), so resident memory stays about two steps' headers. */
 
-static void hdr_release(pl_ctx *ctx, size_t a, size_t b) {
-    if (a > b) { /* wrapped */
-        hdr_release(ctx, a, ctx->hdr_size);
-        hdr_release(ctx, 0, b);
-        return;
+/* Gives the pages of the ring from hdr_done up to the page holding the
+ * first header still readable (at keep) back to the system. Steps smaller
+ * than a page are covered too: the range starts where the last one ended. */
+static void hdr_release(pl_ctx *ctx, size_t keep) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE), to = keep / page * page, from = ctx->hdr_done;
+    if (to == from) return;
+    if (to > from) {
+        madvise(ctx->hdr_base + from, to - from, MADV_DONTNEED);
+    } else { /* wrapped */
+        madvise(ctx->hdr_base + from, ctx->hdr_size - from, MADV_DONTNEED);
+        if (to) madvise(ctx->hdr_base, to, MADV_DONTNEED);
     }
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    size_t lo = (a + page - 1) / page * page, hi = b / page * page;
-    if (hi > lo) madvise(ctx->hdr_base + lo, hi - lo, MADV_DONTNEED);
+    ctx->hdr_done = to;
 }
 
 /* Offset of x from a in the ring. */
@@ -160,7 +164,7 @@ void pl_step_reset(pl_ctx *ctx) {
     }
     ctx->epoch++;
     pl__arena_reset(&ctx->arena);
-    hdr_release(ctx, ctx->hdr_prev, ctx->hdr_start);
+    hdr_release(ctx, ctx->hdr_start);
     ctx->hdr_prev = ctx->hdr_start;
     ctx->hdr_start = ctx->hdr_cur;
     ctx->tape = NULL;

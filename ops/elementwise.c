@@ -1,17 +1,20 @@
-/* Elementwise ops: add/sub/mul with broadcasting, scale, add_scalar, relu,
- * sigmoid, silu; forward and backward side by side.
+/* Elementwise ops: add/sub/mul/div/maximum/minimum and where with NumPy
+ * broadcasting, scale, add_scalar, and the unary functions (relu, sigmoid,
+ * silu, exp, log, sqrt, rsqrt, pow, abs, neg, tanh, gelu, clamp); forward and
+ * backward side by side.
  *
- * Broadcasting: b's shape is a trailing part of a's, with 1s allowed. After
- * dropping size-1 dims of a and merging neighbouring dims that are all
- * "b has it" or all "b broadcasts", a is a short list of dims, and b's offset
- * for each row of a's innermost merged dim is a sum of index*stride. The
- * innermost dim then runs with b stride 1 (b has it) or 0 (b is constant).
+ * Broadcasting (bc_plan): the operands broadcast into their common shape.
+ * After dropping size-1 dims and merging neighbouring dims in which the same
+ * operands have the dim, the output is a short list of dims; each operand's
+ * offset for a row of the innermost merged dim is a sum of index*stride, and
+ * along the row its stride is 1 or 0.
  *
- *   y = a + b:  da += dy,     db += R(dy)
- *   y = a - b:  da += dy,     db -= R(dy)
- *   y = a * b:  da += dy * b, db += R(dy * a)
- * where R sums over the broadcast dims (accumulated in double, one partial
- * buffer per thread, so the reduction is race-free). */
+ *   y = a + b:  da += R_a(dy),      db += R_b(dy)
+ *   y = a - b:  da += R_a(dy),      db -= R_b(dy)
+ *   y = a * b:  da += R_a(dy b),    db += R_b(dy a)
+ *   y = a / b:  da += R_a(dy / b),  db -= R_b(dy a / b^2)
+ * where R_x sums over the dims x was broadcast along (accumulated in double,
+ * one partial buffer per thread, so the reduction is race-free). */
 #include "internal.h"
 
 #include <math.h>
@@ -40,10 +43,6 @@ PL_KERNEL static void k_acc(float *restrict o, const float *restrict x, const fl
 PL_KERNEL static void k_sub_acc(float *restrict o, const float *restrict x, const float *restrict y,
                                 float s, int64_t n) {
     for (int64_t i = 0; i < n; i++) o[i] -= x[i];
-}
-PL_KERNEL static void k_mul_acc(float *restrict o, const float *restrict x, const float *restrict y,
-                                float s, int64_t n) {
-    for (int64_t i = 0; i < n; i++) o[i] += x[i] * y[i];
 }
 PL_KERNEL static void k_scale(float *restrict o, const float *restrict x, const float *restrict y,
                               float s, int64_t n) {
@@ -101,59 +100,199 @@ PL_KERNEL static void k_silu_bw(float *restrict o, const float *restrict x, cons
     }
 }
 
+/* e^x: the library's exp (pl__expf), with overflow to +inf above
+ * log(FLT_MAX) (pl__expf stops at e^88). */
+static inline float ex(float x) { return x > 88.72283935546875f ? INFINITY : pl__expf(x); }
+PL_KERNEL static void k_exp(float *restrict o, const float *restrict x, const float *restrict y,
+                            float s, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) o[i] = ex(x[i]);
+}
+/* x = dy, y = the output: dx += dy e^x. */
+PL_KERNEL static void k_exp_bw(float *restrict o, const float *restrict x, const float *restrict y,
+                               float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) o[i] += x[i] * y[i];
+}
+PL_KERNEL static void k_log(float *restrict o, const float *restrict x, const float *restrict y,
+                            float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) o[i] = logf(x[i]);
+}
+/* y = the input: dx += dy / x. */
+PL_KERNEL static void k_log_bw(float *restrict o, const float *restrict x, const float *restrict y,
+                               float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) o[i] += x[i] / y[i];
+}
+PL_KERNEL static void k_sqrt(float *restrict o, const float *restrict x, const float *restrict y,
+                             float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) o[i] = sqrtf(x[i]);
+}
+/* y = the output: dx += dy / (2 sqrt x). */
+PL_KERNEL static void k_sqrt_bw(float *restrict o, const float *restrict x, const float *restrict y,
+                                float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) o[i] += 0.5f * x[i] / y[i];
+}
+PL_KERNEL static void k_rsqrt(float *restrict o, const float *restrict x, const float *restrict y,
+                              float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) o[i] = 1.0f / sqrtf(x[i]);
+}
+/* y = the output r: dx += dy (-r^3 / 2). */
+PL_KERNEL static void k_rsqrt_bw(float *restrict o, const float *restrict x,
+                                 const float *restrict y, float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) o[i] -= 0.5f * x[i] * y[i] * y[i] * y[i];
+}
+PL_KERNEL static void k_pow(float *restrict o, const float *restrict x, const float *restrict y,
+                            float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) o[i] = powf(x[i], s);
+}
+/* y = the input: dx += dy p x^(p-1) (0 for p = 0). */
+PL_KERNEL static void k_pow_bw(float *restrict o, const float *restrict x, const float *restrict y,
+                               float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) o[i] += s == 0.0f ? 0.0f : x[i] * s * powf(y[i], s - 1.0f);
+}
+PL_KERNEL static void k_abs(float *restrict o, const float *restrict x, const float *restrict y,
+                            float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) o[i] = fabsf(x[i]);
+}
+/* y = the input: dx += dy sign(x) (0 at 0). */
+PL_KERNEL static void k_abs_bw(float *restrict o, const float *restrict x, const float *restrict y,
+                               float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float g = x[i];
+        o[i] += y[i] > 0.0f ? g : y[i] < 0.0f ? -g : 0.0f;
+    }
+}
+PL_KERNEL static void k_tanh(float *restrict o, const float *restrict x, const float *restrict y,
+                             float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) o[i] = tanhf(x[i]);
+}
+/* y = the output: dx += dy (1 - y^2). */
+PL_KERNEL static void k_tanh_bw(float *restrict o, const float *restrict x, const float *restrict y,
+                                float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) o[i] += x[i] * (1.0f - y[i] * y[i]);
+}
+#define INV_SQRT2 0.70710678118654752f
+#define INV_SQRT_2PI 0.39894228040143268f
+#define SQRT_2_OVER_PI 0.79788456080286536f
+PL_KERNEL static void k_gelu(float *restrict o, const float *restrict x, const float *restrict y,
+                             float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) o[i] = 0.5f * x[i] * (1.0f + erff(x[i] * INV_SQRT2));
+}
+/* y = the input: dx += dy (Phi(x) + x phi(x)). */
+PL_KERNEL static void k_gelu_bw(float *restrict o, const float *restrict x, const float *restrict y,
+                                float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = y[i];
+        float cdf = 0.5f * (1.0f + erff(v * INV_SQRT2));
+        o[i] += x[i] * (cdf + v * INV_SQRT_2PI * pl__expf(-0.5f * v * v));
+    }
+}
+PL_KERNEL static void k_gelu_tanh(float *restrict o, const float *restrict x,
+                                  const float *restrict y, float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        o[i] = 0.5f * v * (1.0f + tanhf(SQRT_2_OVER_PI * (v + 0.044715f * v * v * v)));
+    }
+}
+/* y = the input, u = c (x + 0.044715 x^3), t = tanh u:
+ * dx += dy (0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)). */
+PL_KERNEL static void k_gelu_tanh_bw(float *restrict o, const float *restrict x,
+                                     const float *restrict y, float s, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = y[i], t = tanhf(SQRT_2_OVER_PI * (v + 0.044715f * v * v * v));
+        o[i] += x[i] * (0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * SQRT_2_OVER_PI *
+                                                (1.0f + 3.0f * 0.044715f * v * v));
+    }
+}
+
 /* ---- broadcasting ---- */
 
+/* The plan of a broadcast of nx operands (2, or 3 for where) into their common
+ * shape. After dropping size-1 dims of the output and merging neighbouring
+ * dims in which the same operands have the dim (the others broadcast), the
+ * output is a short list of dims; operand j's offset at the start of each row
+ * of the innermost merged dim is a sum of index*stride, and along that row its
+ * stride is 1 (it has the dim) or 0 (it is constant). */
 typedef struct {
-    int nd; /* merged dims of a, outermost first */
-    int64_t dim[PL_MAX_DIMS];
-    int64_t bstr[PL_MAX_DIMS]; /* b's stride along each merged dim (0: broadcast) */
-    int64_t inner, rows;       /* innermost merged dim; numel / inner */
-    int64_t bin;               /* b's stride along the innermost dim: 1 or 0 */
+    int nd, nx;
+    int64_t dim[PL_MAX_DIMS];    /* merged dims of the output, outermost first */
+    int64_t str[3][PL_MAX_DIMS]; /* operand j's stride along each merged dim (0: broadcast) */
+    int64_t inner, rows, numel;  /* innermost merged dim; numel / inner; output numel */
+    int64_t in[3];               /* operand j's stride along the innermost dim: 1 or 0 */
+    int ndim;                    /* the output's shape */
+    int64_t shape[PL_MAX_DIMS];
 } bc_plan;
 
-static pl_status bc_make(const char *fn, const pl_tensor *a, const pl_tensor *b, bc_plan *p) {
-    char sa[96], sb[96];
-    int off = a->ndim - b->ndim;
-    bool ok = off >= 0;
-    for (int i = 0; ok && i < b->ndim; i++)
-        ok = b->shape[i] == a->shape[off + i] || b->shape[i] == 1;
-    if (!ok)
-        return pl__err(PL_ERR_SHAPE,
-                       "%s: b %s does not broadcast into a %s (b's shape must equal a trailing "
-                       "part of a's shape, with dims of size 1 allowed in b)",
-                       fn, pl_shape_str(b, sb, sizeof sb), pl_shape_str(a, sa, sizeof sa));
-    int nd = 0, kind[PL_MAX_DIMS]; /* kind 1: b has the dim, 0: b broadcasts */
-    for (int i = 0; i < a->ndim; i++) {
-        if (a->shape[i] == 1) continue;
-        int k = i >= off && b->shape[i - off] == a->shape[i];
-        if (nd > 0 && kind[nd - 1] == k) {
-            p->dim[nd - 1] *= a->shape[i];
+/* The common shape of x[0..nx) by NumPy rules (shapes aligned at their last
+ * dim; in each dim the sizes are equal or one of them is 1), or an error that
+ * names the shapes. */
+static pl_status bc_make(const char *fn, int nx, pl_tensor *const *x, const char *const *names,
+                         bc_plan *p) {
+    int nd = 0;
+    for (int j = 0; j < nx; j++) nd = x[j]->ndim > nd ? x[j]->ndim : nd;
+    p->ndim = nd;
+    p->nx = nx;
+    for (int i = 0; i < nd; i++) {
+        int64_t s = 1;
+        for (int j = 0; j < nx; j++) {
+            int d = i - (nd - x[j]->ndim);
+            int64_t sj = d >= 0 ? x[j]->shape[d] : 1;
+            if (sj != 1 && s != 1 && sj != s) {
+                char s0[96], s1[96];
+                int k = 0;
+                while (k < j) { /* the earlier operand that fixed s */
+                    int dk = i - (nd - x[k]->ndim);
+                    if (dk >= 0 && x[k]->shape[dk] == s) break;
+                    k++;
+                }
+                return pl__err(PL_ERR_SHAPE,
+                               "%s: %s %s and %s %s do not broadcast (NumPy rules: shapes "
+                               "aligned at the last dim, sizes equal or 1 in each dim)",
+                               fn, names[k], pl_shape_str(x[k], s0, sizeof s0), names[j],
+                               pl_shape_str(x[j], s1, sizeof s1));
+            }
+            if (sj != 1) s = sj;
+        }
+        p->shape[i] = s;
+    }
+    int m = 0, kind[PL_MAX_DIMS]; /* bit j: operand j has the dim */
+    for (int i = 0; i < nd; i++) {
+        if (p->shape[i] == 1) continue;
+        int k = 0;
+        for (int j = 0; j < nx; j++) {
+            int d = i - (nd - x[j]->ndim);
+            if (d >= 0 && x[j]->shape[d] == p->shape[i]) k |= 1 << j;
+        }
+        if (m > 0 && kind[m - 1] == k) {
+            p->dim[m - 1] *= p->shape[i];
         } else {
-            kind[nd] = k;
-            p->dim[nd++] = a->shape[i];
+            kind[m] = k;
+            p->dim[m++] = p->shape[i];
         }
     }
-    if (nd == 0) { /* a has one element */
-        kind[0] = 1;
-        p->dim[nd++] = 1;
+    if (m == 0) { /* one element */
+        kind[0] = (1 << nx) - 1;
+        p->dim[m++] = 1;
     }
-    int64_t st = 1;
-    for (int i = nd - 1; i >= 0; i--) {
-        p->bstr[i] = kind[i] ? st : 0;
-        if (kind[i]) st *= p->dim[i];
+    for (int j = 0; j < nx; j++) {
+        int64_t st = 1;
+        for (int i = m - 1; i >= 0; i--) {
+            p->str[j][i] = kind[i] >> j & 1 ? st : 0;
+            if (kind[i] >> j & 1) st *= p->dim[i];
+        }
+        p->in[j] = p->str[j][m - 1];
     }
-    p->nd = nd;
-    p->inner = p->dim[nd - 1];
-    p->bin = p->bstr[nd - 1];
-    p->rows = a->numel / p->inner;
+    p->nd = m;
+    p->inner = p->dim[m - 1];
+    p->numel = pl__numel(nd, p->shape);
+    p->rows = p->numel / p->inner;
     return PL_OK;
 }
 
-/* b's offset at the start of row r (of the innermost merged dim). */
-static inline int64_t bc_row_off(const bc_plan *p, int64_t r) {
+/* Operand j's offset at the start of row r (of the innermost merged dim). */
+static inline int64_t bc_row_off(const bc_plan *p, int j, int64_t r) {
     int64_t o = 0;
     for (int i = p->nd - 2; i >= 0 && r > 0; i--) {
-        o += (r % p->dim[i]) * p->bstr[i];
+        o += (r % p->dim[i]) * p->str[j][i];
         r /= p->dim[i];
     }
     return o;
@@ -180,153 +319,226 @@ static bc_tasks bc_split(const bc_plan *p) {
     return t;
 }
 
-enum { OP_ADD, OP_SUB, OP_MUL };
-
-/* o = a (op) b for one row piece; bs is b's stride (1 or 0). */
-PL_KERNEL static void k_binary(int op, float *restrict o, const float *restrict a,
-                               const float *restrict b, int64_t bs, int64_t n) {
-    if (bs) {
-        if (op == OP_ADD)
-            for (int64_t i = 0; i < n; i++) o[i] = a[i] + b[i];
-        else if (op == OP_SUB)
-            for (int64_t i = 0; i < n; i++) o[i] = a[i] - b[i];
-        else
-            for (int64_t i = 0; i < n; i++) o[i] = a[i] * b[i];
-    } else {
-        float c = b[0];
-        if (op == OP_ADD)
-            for (int64_t i = 0; i < n; i++) o[i] = a[i] + c;
-        else if (op == OP_SUB)
-            for (int64_t i = 0; i < n; i++) o[i] = a[i] - c;
-        else
-            for (int64_t i = 0; i < n; i++) o[i] = a[i] * c;
-    }
-}
-
-/* o += g * b for one row piece (d a of a product). */
-PL_KERNEL static void k_bmul_acc(float *restrict o, const float *restrict g,
-                                 const float *restrict b, int64_t bs, int64_t n) {
-    if (bs) {
-        for (int64_t i = 0; i < n; i++) o[i] += g[i] * b[i];
-    } else {
-        float c = b[0];
-        for (int64_t i = 0; i < n; i++) o[i] += g[i] * c;
-    }
-}
-
-/* part (+)= g (* a) for one row piece: elementwise if bs, else summed into part[0]. */
-PL_KERNEL static void k_reduce(double *restrict part, const float *restrict g,
-                               const float *restrict a, int64_t bs, int64_t n) {
-    if (bs) {
-        if (a)
-            for (int64_t i = 0; i < n; i++) part[i] += (double)g[i] * a[i];
-        else
-            for (int64_t i = 0; i < n; i++) part[i] += g[i];
-    } else {
-        double acc = 0;
-        if (a) {
-#pragma omp simd reduction(+ : acc)
-            for (int64_t i = 0; i < n; i++) acc += (double)g[i] * a[i];
-        } else {
-#pragma omp simd reduction(+ : acc)
-            for (int64_t i = 0; i < n; i++) acc += g[i];
-        }
-        part[0] += acc;
-    }
-}
-
-/* Calls body(row, j0, len, boff) for every piece of task t. */
+/* Runs BODY for every row piece of task t, with oo = the output offset, off[j]
+ * = operand j's offset and len = the piece's length. */
 #define BC_TASK(p, tk, t, BODY)                                                                    \
     do {                                                                                           \
-        int64_t r0_ = (t) / (tk).cpr * (tk).rpt, j0 = (t) % (tk).cpr * (tk).jlen;                  \
+        int64_t r0_ = (t) / (tk).cpr * (tk).rpt, j0_ = (t) % (tk).cpr * (tk).jlen;                 \
         int64_t r1_ = r0_ + (tk).rpt < (p)->rows ? r0_ + (tk).rpt : (p)->rows;                     \
-        int64_t len = (p)->inner - j0 < (tk).jlen ? (p)->inner - j0 : (tk).jlen;                   \
+        int64_t len = (p)->inner - j0_ < (tk).jlen ? (p)->inner - j0_ : (tk).jlen;                 \
         for (int64_t row = r0_; row < r1_; row++) {                                                \
-            int64_t boff = bc_row_off((p), row) + j0 * (p)->bin;                                   \
-            int64_t aoff = row * (p)->inner + j0;                                                  \
+            int64_t off[3], oo = row * (p)->inner + j0_;                                           \
+            for (int j_ = 0; j_ < (p)->nx; j_++)                                                   \
+                off[j_] = bc_row_off((p), j_, row) + j0_ * (p)->in[j_];                            \
             BODY;                                                                                  \
         }                                                                                          \
     } while (0)
 
-static void bc_forward(int op, const bc_plan *p, const float *a, const float *b, float *o) {
-    bc_tasks tk = bc_split(p);
-    PL_PARALLEL_FOR(2 * p->rows * p->inner, schedule(static), t, tk.ntasks,
-                    BC_TASK(p, tk, t, k_binary(op, o + aoff, a + aoff, b + boff, p->bin, len)));
+enum { OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_MAX, OP_MIN, OP_WHERE };
+
+/* Weight of a in maximum(a, b) (mx) or minimum: 1 where a is chosen (or is
+ * NaN), 0 where b is, 1/2 at a tie. */
+static inline float mm_wa(float a, float b, int mx) {
+    bool win = mx ? a > b : a < b;
+    return win || a != a ? 1.0f : a == b ? 0.5f : 0.0f;
 }
 
-static void bc_mul_acc(const bc_plan *p, const float *g, const float *b, float *da) {
-    bc_tasks tk = bc_split(p);
-    PL_PARALLEL_FOR(2 * p->rows * p->inner, schedule(static), t, tk.ntasks,
-                    BC_TASK(p, tk, t, k_bmul_acc(da + aoff, g + aoff, b + boff, p->bin, len)));
+/* The operands of one row piece: a, b (float) with strides as, bs (1 or 0),
+ * and where's mask m (float or int32) with stride ms. */
+typedef struct {
+    const float *a, *b;
+    const void *m;
+    int64_t as, bs, ms;
+    bool mi32;
+} bc_args;
+
+static inline bool mask_at(const bc_args *x, int64_t i) {
+    return x->mi32 ? ((const int32_t *)x->m)[i * x->ms] != 0
+                   : ((const float *)x->m)[i * x->ms] != 0.0f;
 }
 
-/* db += sign * R(g (* a)). Each thread sums its share of the tasks into its own
- * double buffer of nb elements (one per possible thread; unused ones stay 0);
- * the buffers are then added in thread order. */
-static void bc_reduce(pl_ctx *ctx, const bc_plan *p, const float *g, const float *a, float sign,
-                      float *db, int64_t nb) {
+/* o = a (op) b for one row piece. */
+PL_KERNEL static void k_binary(int op, float *restrict o, const bc_args *x, int64_t n) {
+    const float *restrict a = x->a, *restrict b = x->b;
+    const int64_t as = x->as, bs = x->bs;
+    switch (op) {
+    case OP_ADD:
+        for (int64_t i = 0; i < n; i++) o[i] = a[i * as] + b[i * bs];
+        break;
+    case OP_SUB:
+        for (int64_t i = 0; i < n; i++) o[i] = a[i * as] - b[i * bs];
+        break;
+    case OP_MUL:
+        for (int64_t i = 0; i < n; i++) o[i] = a[i * as] * b[i * bs];
+        break;
+    case OP_DIV:
+        for (int64_t i = 0; i < n; i++) o[i] = a[i * as] / b[i * bs];
+        break;
+    case OP_MAX:
+    case OP_MIN:
+        for (int64_t i = 0; i < n; i++) {
+            float u = a[i * as], v = b[i * bs];
+            o[i] = mm_wa(u, v, op == OP_MAX) == 0.0f ? v : u;
+        }
+        break;
+    default:
+        for (int64_t i = 0; i < n; i++) o[i] = mask_at(x, i) ? a[i * as] : b[i * bs];
+    }
+}
+
+/* t = the part of dy that goes to operand j (before reduction) for one row piece. */
+PL_KERNEL static void k_local(int op, int j, float *restrict t, const float *restrict g,
+                              const bc_args *x, int64_t n) {
+    const float *restrict a = x->a, *restrict b = x->b;
+    const int64_t as = x->as, bs = x->bs;
+    switch (op) {
+    case OP_MUL:
+        if (j == 0)
+            for (int64_t i = 0; i < n; i++) t[i] = g[i] * b[i * bs];
+        else
+            for (int64_t i = 0; i < n; i++) t[i] = g[i] * a[i * as];
+        break;
+    case OP_DIV:
+        if (j == 0)
+            for (int64_t i = 0; i < n; i++) t[i] = g[i] / b[i * bs];
+        else
+            for (int64_t i = 0; i < n; i++) {
+                float v = b[i * bs];
+                t[i] = -g[i] * (a[i * as] / v) / v;
+            }
+        break;
+    case OP_MAX:
+    case OP_MIN:
+        for (int64_t i = 0; i < n; i++) {
+            float w = mm_wa(a[i * as], b[i * bs], op == OP_MAX);
+            t[i] = g[i] * (j == 0 ? w : 1.0f - w);
+        }
+        break;
+    default: /* where */
+        for (int64_t i = 0; i < n; i++) t[i] = mask_at(x, i) == (j == 0) ? g[i] : 0.0f;
+    }
+}
+
+static bc_args bc_at(const bc_plan *p, pl_tensor *const *in, const int64_t *off) {
+    bc_args x = {
+        pl_f32(in[0]) + off[0], pl_f32(in[1]) + off[1], NULL, p->in[0], p->in[1], 0, false};
+    if (p->nx == 3) {
+        x.mi32 = in[2]->dtype == PL_I32;
+        x.m = x.mi32 ? (const void *)(pl_i32(in[2]) + off[2])
+                     : (const void *)(pl_f32(in[2]) + off[2]);
+        x.ms = p->in[2];
+    }
+    return x;
+}
+
+static void bc_forward(int op, const bc_plan *p, pl_tensor *const *in, float *o) {
+    bc_tasks tk = bc_split(p);
+    PL_PARALLEL_FOR(2 * p->numel, schedule(static), t, tk.ntasks, BC_TASK(p, tk, t, {
+                        bc_args x = bc_at(p, in, off);
+                        k_binary(op, o + oo, &x, len);
+                    }));
+}
+
+/* tl (output layout) = the part of dy that goes to operand j. */
+static void bc_local(int op, int j, const bc_plan *p, pl_tensor *const *in, const float *g,
+                     float *tl) {
+    bc_tasks tk = bc_split(p);
+    PL_PARALLEL_FOR(2 * p->numel, schedule(static), t, tk.ntasks, BC_TASK(p, tk, t, {
+                        bc_args x = bc_at(p, in, off);
+                        k_local(op, j, tl + oo, g + oo, &x, len);
+                    }));
+}
+
+/* part (+)= g for one row piece: elementwise if xs, else summed into part[0]. */
+PL_KERNEL static void k_reduce(double *restrict part, const float *restrict g, int64_t xs,
+                               int64_t n) {
+    if (xs) {
+        for (int64_t i = 0; i < n; i++) part[i] += g[i];
+    } else {
+        double acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < n; i++) acc += g[i];
+        part[0] += acc;
+    }
+}
+
+/* dx += sign * R_j(g): g (output layout) summed over the dims operand j was
+ * broadcast along, into its nx elements. Each thread sums its share of the
+ * tasks into its own double buffer (one per possible thread; unused ones stay
+ * 0); the buffers are then added in thread order. */
+static void bc_reduce(pl_ctx *ctx, const bc_plan *p, int j, const float *g, float sign, float *dx,
+                      int64_t nx) {
     bc_tasks tk = bc_split(p);
     const int T = omp_get_max_threads();
-    double *part = pl__scratch(ctx, (size_t)T * (size_t)nb * sizeof(double));
+    double *part = pl__scratch(ctx, (size_t)T * (size_t)nx * sizeof(double));
     if (!part) return;
-    memset(part, 0, (size_t)T * (size_t)nb * sizeof(double));
-    PL_PARALLEL(2 * p->rows * p->inner, default(shared), {
+    memset(part, 0, (size_t)T * (size_t)nx * sizeof(double));
+    PL_PARALLEL(2 * p->numel, default(shared), {
         int nth = omp_get_num_threads(), tid = omp_get_thread_num();
-        double *mine = part + (size_t)tid * (size_t)nb;
+        double *mine = part + (size_t)tid * (size_t)nx;
         int64_t t0 = tk.ntasks * tid / nth, t1 = tk.ntasks * (tid + 1) / nth;
         for (int64_t t = t0; t < t1; t++)
-            BC_TASK(p, tk, t, k_reduce(mine + boff, g + aoff, a ? a + aoff : NULL, p->bin, len));
+            BC_TASK(p, tk, t, k_reduce(mine + off[j], g + oo, p->in[j], len));
     });
-    PL_PARALLEL_FOR(T * nb, schedule(static), k, nb, {
+    PL_PARALLEL_FOR(T * nx, schedule(static), k, nx, {
         double s = 0;
-        for (int i = 0; i < T; i++) s += part[(size_t)i * (size_t)nb + k];
-        db[k] += sign * (float)s;
+        for (int i = 0; i < T; i++) s += part[(size_t)i * (size_t)nx + k];
+        dx[k] += sign * (float)s;
     });
 }
 
 static void binary_backward(pl_ctx *ctx, pl_node *n) {
     int op = (int)n->iarg[0];
     const bc_plan *p = n->saved;
-    pl_tensor *a = n->in[0], *b = n->in[1];
     const float *g = n->out->grad;
-    float *d[2];
+    float *d[3];
     if (pl__grads(ctx, n, d)) return;
-    float *da = d[0], *db = d[1];
-    if (da) {
-        if (op == OP_MUL)
-            bc_mul_acc(p, g, pl_f32(b), da);
-        else
-            run_flat(k_acc, da, g, NULL, 0, a->numel);
-    }
-    if (db) {
-        if (b->numel == a->numel) { /* no broadcast: same layout as a */
-            if (op == OP_MUL)
-                run_flat(k_mul_acc, db, g, pl_f32(a), 0, b->numel);
-            else
-                run_flat(op == OP_ADD ? k_acc : k_sub_acc, db, g, NULL, 0, b->numel);
-        } else {
-            bc_reduce(ctx, p, g, op == OP_MUL ? pl_f32(a) : NULL, op == OP_SUB ? -1.0f : 1.0f, db,
-                      b->numel);
+    for (int j = 0; j < 2; j++) {
+        if (!d[j]) continue;
+        const float *t = g; /* add, sub: dy itself */
+        float sign = op == OP_SUB && j == 1 ? -1.0f : 1.0f;
+        if (op != OP_ADD && op != OP_SUB) {
+            float *tl = pl__scratch(ctx, (size_t)p->numel * sizeof(float));
+            if (!tl) return;
+            bc_local(op, j, p, n->in, g, tl);
+            t = tl;
         }
+        int64_t nx = n->in[j]->numel;
+        if (nx == p->numel) /* no broadcast: the output's layout */
+            run_flat(sign < 0 ? k_sub_acc : k_acc, d[j], t, NULL, 0, nx);
+        else
+            bc_reduce(ctx, p, j, t, sign, d[j], nx);
     }
 }
 
-static pl_tensor *binary(pl_ctx *ctx, const char *fn, const char *opname, int op, pl_tensor *a,
-                         pl_tensor *b) {
-    if (pl__check(ctx, fn, "a", a, PL_F32) || pl__check(ctx, fn, "b", b, PL_F32)) return NULL;
+/* y = a (op) b, or where(m, a, b) with in[2] = m. */
+static pl_tensor *broadcast_op(pl_ctx *ctx, const char *fn, const char *opname, int op, int nx,
+                               pl_tensor *const *in) {
+    static const char *const names[3] = {"a", "b", "mask"};
+    for (int j = 0; j < 2; j++)
+        if (pl__check(ctx, fn, names[j], in[j], PL_F32)) return NULL;
+    if (nx == 3 &&
+        (pl__check_any(fn, "mask", in[2], -1) || pl__check(ctx, fn, "mask", in[2], in[2]->dtype)))
+        return NULL;
     bc_plan p;
-    if (bc_make(fn, a, b, &p)) return NULL;
-    pl_tensor *y = pl__new(ctx, PL_F32, a->ndim, a->shape);
+    if (bc_make(fn, nx, in, names, &p)) return NULL;
+    pl_tensor *y = pl__new(ctx, PL_F32, p.ndim, p.shape);
     if (!y) return NULL;
-    bc_forward(op, &p, pl_f32(a), pl_f32(b), pl_f32(y));
-    pl_tensor *in[2] = {a, b};
+    bc_forward(op, &p, in, pl_f32(y));
     pl_node *n;
-    if (pl__record(ctx, opname, binary_backward, y, 2, in, sizeof p, &n)) return NULL;
+    /* where's mask is an input too (its gradient, 0, is left as it is) */
+    if (pl__record(ctx, opname, binary_backward, y, nx, in, sizeof p, &n)) return NULL;
     if (n) {
         *(bc_plan *)n->saved = p;
         n->iarg[0] = op;
     }
     return y;
+}
+
+static pl_tensor *binary(pl_ctx *ctx, const char *fn, const char *opname, int op, pl_tensor *a,
+                         pl_tensor *b) {
+    pl_tensor *in[2] = {a, b};
+    return broadcast_op(ctx, fn, opname, op, 2, in);
 }
 
 pl_tensor *pl_add(pl_ctx *ctx, pl_tensor *a, pl_tensor *b) {
@@ -337,6 +549,19 @@ pl_tensor *pl_sub(pl_ctx *ctx, pl_tensor *a, pl_tensor *b) {
 }
 pl_tensor *pl_mul(pl_ctx *ctx, pl_tensor *a, pl_tensor *b) {
     return binary(ctx, "pl_mul", "mul", OP_MUL, a, b);
+}
+pl_tensor *pl_div(pl_ctx *ctx, pl_tensor *a, pl_tensor *b) {
+    return binary(ctx, "pl_div", "div", OP_DIV, a, b);
+}
+pl_tensor *pl_maximum(pl_ctx *ctx, pl_tensor *a, pl_tensor *b) {
+    return binary(ctx, "pl_maximum", "maximum", OP_MAX, a, b);
+}
+pl_tensor *pl_minimum(pl_ctx *ctx, pl_tensor *a, pl_tensor *b) {
+    return binary(ctx, "pl_minimum", "minimum", OP_MIN, a, b);
+}
+pl_tensor *pl_where(pl_ctx *ctx, pl_tensor *mask, pl_tensor *a, pl_tensor *b) {
+    pl_tensor *in[3] = {a, b, mask};
+    return broadcast_op(ctx, "pl_where", "where", OP_WHERE, 3, in);
 }
 
 /* ---- unary ops ---- */
@@ -387,4 +612,72 @@ pl_tensor *pl_sigmoid(pl_ctx *ctx, pl_tensor *x) {
 }
 pl_tensor *pl_silu(pl_ctx *ctx, pl_tensor *x) {
     return unary(ctx, "pl_silu", "silu", x, 0, k_silu, &bw_silu);
+}
+
+static const unary_bw bw_exp = {k_exp_bw, 2}, bw_log = {k_log_bw, 1}, bw_sqrt = {k_sqrt_bw, 2},
+                      bw_rsqrt = {k_rsqrt_bw, 2}, bw_pow = {k_pow_bw, 1}, bw_abs = {k_abs_bw, 1},
+                      bw_tanh = {k_tanh_bw, 2}, bw_gelu = {k_gelu_bw, 1},
+                      bw_gelu_tanh = {k_gelu_tanh_bw, 1};
+
+pl_tensor *pl_exp(pl_ctx *ctx, pl_tensor *x) {
+    return unary(ctx, "pl_exp", "exp", x, 0, k_exp, &bw_exp);
+}
+pl_tensor *pl_log(pl_ctx *ctx, pl_tensor *x) {
+    return unary(ctx, "pl_log", "log", x, 0, k_log, &bw_log);
+}
+pl_tensor *pl_sqrt(pl_ctx *ctx, pl_tensor *x) {
+    return unary(ctx, "pl_sqrt", "sqrt", x, 0, k_sqrt, &bw_sqrt);
+}
+pl_tensor *pl_rsqrt(pl_ctx *ctx, pl_tensor *x) {
+    return unary(ctx, "pl_rsqrt", "rsqrt", x, 0, k_rsqrt, &bw_rsqrt);
+}
+pl_tensor *pl_pow(pl_ctx *ctx, pl_tensor *x, float p) {
+    return unary(ctx, "pl_pow", "pow", x, p, k_pow, &bw_pow);
+}
+pl_tensor *pl_abs(pl_ctx *ctx, pl_tensor *x) {
+    return unary(ctx, "pl_abs", "abs", x, 0, k_abs, &bw_abs);
+}
+pl_tensor *pl_neg(pl_ctx *ctx, pl_tensor *x) {
+    return unary(ctx, "pl_neg", "neg", x, -1.0f, k_scale, &bw_scale);
+}
+pl_tensor *pl_tanh(pl_ctx *ctx, pl_tensor *x) {
+    return unary(ctx, "pl_tanh", "tanh", x, 0, k_tanh, &bw_tanh);
+}
+pl_tensor *pl_gelu(pl_ctx *ctx, pl_tensor *x) {
+    return unary(ctx, "pl_gelu", "gelu", x, 0, k_gelu, &bw_gelu);
+}
+pl_tensor *pl_gelu_tanh(pl_ctx *ctx, pl_tensor *x) {
+    return unary(ctx, "pl_gelu_tanh", "gelu_tanh", x, 0, k_gelu_tanh, &bw_gelu_tanh);
+}
+
+/* ---- clamp ---- */
+
+/* dx += dy where lo <= x <= hi (farg: lo, hi). */
+static void clamp_backward(pl_ctx *ctx, pl_node *n) {
+    float *dx;
+    if (pl__grads(ctx, n, &dx)) return;
+    const float *x = pl_f32(n->in[0]), *g = n->out->grad;
+    const float lo = n->farg[0], hi = n->farg[1];
+    PL_PARALLEL_FOR(2 * n->out->numel, schedule(static), i, n->out->numel,
+                    dx[i] += x[i] >= lo && x[i] <= hi ? g[i] : 0.0f);
+}
+
+pl_tensor *pl_clamp(pl_ctx *ctx, pl_tensor *x, float lo, float hi) {
+    static const char *fn = "pl_clamp";
+    if (pl__check(ctx, fn, "x", x, PL_F32)) return NULL;
+    if (!(lo <= hi))
+        return pl__err_null(PL_ERR_ARG, "%s: lo (%g) must be <= hi (%g)", fn, (double)lo,
+                            (double)hi);
+    pl_tensor *y = pl__new(ctx, PL_F32, x->ndim, x->shape);
+    if (!y) return NULL;
+    const float *xd = pl_f32(x);
+    float *yd = pl_f32(y);
+    PL_PARALLEL_FOR(2 * x->numel, schedule(static), i, x->numel,
+                    yd[i] = xd[i] < lo   ? lo
+                            : xd[i] > hi ? hi
+                                         : xd[i]);
+    pl_node *n;
+    if (pl__record(ctx, "clamp", clamp_backward, y, 1, &x, 0, &n)) return NULL;
+    if (n) n->farg[0] = lo, n->farg[1] = hi;
+    return y;
 }

@@ -19,12 +19,57 @@ typedef struct {
     int64_t n;
 } kl_saved;
 
+/* ln x for x > 0 (Cephes' logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+ * ln m by a degree-9 polynomial), branch free so that loops over it
+ * vectorise. Only the KL sum uses it, at probabilities P > 0 (a NaN or 0
+ * argument is not used: the caller selects). */
+static inline float kl_logf(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    int32_t e = (int32_t)((u >> 23) & 0xffu) - 126;
+    u = (u & 0x807fffffu) | 0x3f000000u; /* mantissa in [0.5, 1) */
+    float m;
+    memcpy(&m, &u, sizeof m);
+    const bool lo = m < 0.707106781186547524f;
+    e -= lo;
+    m = (lo ? m + m : m) - 1.0f;
+    const float z = m * m, fe = (float)e;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    y += -2.12194440e-4f * fe;
+    y += -0.5f * z;
+    return m + y + 0.693359375f * fe;
+}
+
+/* max of x[0..n) (n >= 1) with eight partial maxima; a NaN is skipped (it
+ * reaches the result through the sums that follow). */
+static inline float kl_max(const float *x, int64_t n) {
+    float m[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY,
+                  -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) m[l] = x[i + l] > m[l] ? x[i + l] : m[l];
+    for (; i < n; i++) m[0] = x[i] > m[0] ? x[i] : m[0];
+    for (int l = 1; l < 8; l++) m[0] = m[l] > m[0] ? m[l] : m[0];
+    return m[0];
+}
+
 /* Row (b,t): returns KL(P || R) and writes dKL/dscore into g (0 for padding).
  * Returns -inf (and leaves g zero) for a row without selected keys: a marker,
- * since a KL divergence is never negative beyond rounding. */
+ * since a KL divergence is never negative beyond rounding. A NaN anywhere in
+ * the row's inputs gives NaN (only exact zeros of P are skipped, 0 log 0 = 0). */
 PL_KERNEL static double kl_row(const float *q, const float *k, const int32_t *ir, const float *sc,
                                float *g, int64_t b, int64_t t, int64_t L, int64_t H, int64_t D,
                                int64_t K, float *P, float *z, int32_t *sel, int32_t *pos) {
+    /* scratch: P [K], z [(1 + H) K], sel and pos [K] */
     int64_t n = 0;
     for (int64_t j = 0; j < K; j++) {
         g[j] = 0.0f;
@@ -35,33 +80,56 @@ PL_KERNEL static double kl_row(const float *q, const float *k, const int32_t *ir
     }
     if (n == 0) return -INFINITY;
     const float scale = 1.0f / sqrtf((float)D);
+    const float *qt = q + (b * L + t) * H * D;
+    /* Z[h*n + i] = q_{t,h} . k_{s_i,h} / sqrt(D): one key row (all heads,
+     * contiguous) at a time, the rows a few keys ahead prefetched. */
+    float *Z = z + K;
+    for (int64_t i = 0; i < n; i++) {
+        if (i + 16 < n) {
+            const char *ahead = (const char *)(k + (b * L + sel[i + 16]) * H * D);
+            for (int64_t o = 0; o < H * D * (int64_t)sizeof(float); o += 64)
+                __builtin_prefetch(ahead + o);
+        }
+        const float *ks = k + (b * L + sel[i]) * H * D;
+        for (int64_t h = 0; h < H; h++) Z[h * n + i] = pl__dot(qt + h * D, ks + h * D, D) * scale;
+    }
     for (int64_t i = 0; i < n; i++) P[i] = 0.0f;
     for (int64_t h = 0; h < H; h++) {
-        const float *qh = q + ((b * L + t) * H + h) * D;
-        float m = -INFINITY, sum = 0.0f;
-        for (int64_t i = 0; i < n; i++) {
-            z[i] = pl__dot(qh, k + ((b * L + sel[i]) * H + h) * D, D) * scale;
-            if (z[i] > m) m = z[i];
-        }
-        for (int64_t i = 0; i < n; i++) {
-            z[i] = expf(z[i] - m);
-            sum += z[i];
-        }
-        const float inv = 1.0f / (sum * (float)H);
-        for (int64_t i = 0; i < n; i++) P[i] += z[i] * inv;
+        float *zh = Z + h * n, m = kl_max(zh, n);
+        for (int64_t i = 0; i < n; i++) zh[i] = pl__expf(zh[i] - m);
+        const float inv = 1.0f / (pl__sum(zh, n) * (float)H);
+        for (int64_t i = 0; i < n; i++) P[i] += zh[i] * inv;
     }
-    float m = -INFINITY, sum = 0.0f;
-    for (int64_t i = 0; i < n; i++)
-        if (sc[pos[i]] > m) m = sc[pos[i]];
-    for (int64_t i = 0; i < n; i++) sum += expf(sc[pos[i]] - m);
-    const float lse = m + logf(sum);
-    double kl = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        const float lr = sc[pos[i]] - lse; /* log R */
-        /* 0 log 0 = 0; a NaN P (NaN in q or k) must reach the loss, as it reaches g. */
-        if (P[i] != 0.0f) kl += (double)P[i] * ((double)logf(P[i]) - (double)lr);
-        g[pos[i]] = expf(lr) - P[i];
+    /* R: the scores at the selected keys, gathered into z. */
+    for (int64_t i = 0; i < n; i++) z[i] = sc[pos[i]];
+    const float m = kl_max(z, n);
+    for (int64_t i = 0; i < n; i++) z[i] -= m;
+    float sum = 0.0f;
+    {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            for (int l = 0; l < 8; l++) acc[l] += pl__expf(z[i + l]);
+        sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (; i < n; i++) sum += pl__expf(z[i]);
     }
+    const float ls = logf(sum); /* log R_i = z_i - ls */
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) {
+            const float p = P[i + l], lr = z[i + l] - ls;
+            acc[l] += p != 0.0f ? p * (kl_logf(p) - lr) : 0.0f;
+            z[i + l] = pl__expf(lr) - p; /* d KL / d score */
+        }
+    double kl =
+        (double)(((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])));
+    for (; i < n; i++) {
+        const float p = P[i], lr = z[i] - ls;
+        kl += p != 0.0f ? (double)(p * (kl_logf(p) - lr)) : 0.0;
+        z[i] = pl__expf(lr) - p;
+    }
+    for (i = 0; i < n; i++) g[pos[i]] = z[i];
     return kl;
 }
 
@@ -96,13 +164,14 @@ pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor
     float *g = loss ? pl__scratch(ctx, sizeof(float) * (size_t)(rows * K)) : NULL;
     double *rowkl = g ? pl__scratch(ctx, sizeof(double) * (size_t)rows) : NULL;
     const int nt = omp_get_max_threads();
-    float *buf = rowkl ? pl__scratch(ctx, sizeof(float) * 4 * (size_t)K * (size_t)nt) : NULL;
+    const size_t per = (size_t)(4 + H) * (size_t)K; /* P, z, H*K dots, sel, pos */
+    float *buf = rowkl ? pl__scratch(ctx, sizeof(float) * per * (size_t)nt) : NULL;
     if (!buf) return NULL;
     const float *qd = pl_f32(q), *kd = pl_f32(k), *sd = pl_f32(scores);
     const int32_t *id = pl_i32(idx);
     PL_PARALLEL_FOR(rows * K * H * D, schedule(dynamic, 8), r, rows, {
-        float *P = buf + 4 * (size_t)K * (size_t)omp_get_thread_num(), *z = P + K;
-        int32_t *sel = (int32_t *)(z + K), *pos = sel + K;
+        float *P = buf + per * (size_t)omp_get_thread_num(), *z = P + K;
+        int32_t *sel = (int32_t *)(z + (1 + H) * K), *pos = sel + K;
         rowkl[r] = kl_row(qd, kd, id + r * K, sd + r * K, g + r * K, r / L, r % L, L, H, D, K, P, z,
                           sel, pos);
     });

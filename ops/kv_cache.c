@@ -289,6 +289,12 @@ pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *c, int layer, 
                        (long long)dI),
                NULL;
     if (k < 1) return pl__err(PL_ERR_ARG, "%s: k = %d must be >= 1", fn, k), NULL;
+    if (ctx->indexer_precision != PL_INDEXER_F32)
+        return pl__err(PL_ERR_STATE,
+                       "%s: the context's indexer precision is int8; decoding computes the "
+                       "float32 scores only (pl_set_indexer_precision(ctx, PL_INDEXER_F32))",
+                       fn),
+               NULL;
     if (query_span(fn, c, layer, seq0, nb, T)) return NULL;
     const int64_t *len = c->len + (int64_t)layer * c->batch + seq0;
     int64_t Lmax = 0;
@@ -302,7 +308,8 @@ pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *c, int layer, 
     TB = TB < 1 ? 1 : TB > T ? T : TB;
     float *D = out ? pl__scratch(ctx, sizeof(float) * (size_t)(TB * HI * Lmax)) : NULL;
     float *rowbuf = D ? pl__scratch(ctx, sizeof(float) * (size_t)(Lmax * nt)) : NULL;
-    uint32_t *keys = rowbuf ? pl__scratch(ctx, sizeof(uint32_t) * (size_t)(Lmax * nt)) : NULL;
+    /* pl__causal_topk_row's scratch: 3 len per thread */
+    uint32_t *keys = rowbuf ? pl__scratch(ctx, sizeof(uint32_t) * 3 * (size_t)(Lmax * nt)) : NULL;
     if (!keys) return NULL;
     int32_t *o = pl_i32(out);
     const float *q = pl_f32(qI), *wd = pl_f32(w);
@@ -319,7 +326,7 @@ pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *c, int layer, 
             PL_PARALLEL(i1 - i0 > 1 ? (i1 - i0) * HI * N : 0, default(shared), {
                 const size_t tid = (size_t)omp_get_thread_num();
                 float *row = rowbuf + tid * (size_t)Lmax;
-                uint32_t *kb = keys + tid * (size_t)Lmax;
+                uint32_t *kb = keys + tid * 3 * (size_t)Lmax;
                 _Pragma("omp for schedule(static)") for (int64_t i = i0; i < i1; i++) {
                     const int64_t t = t0 + i;
                     if (t + 1 > k)

@@ -271,11 +271,12 @@ START_TEST(errors) {
     pl_tensor *big = pl_zeros(ctx, PL_F32, PL_DIMS(1, 2, 3));
     pl_tensor *ia = pl_zeros(ctx, PL_I32, PL_DIMS(2, 3));
     ck_assert_ptr_null(pl_add(ctx, a, b));
-    tu_assert_error(PL_ERR_SHAPE, "does not broadcast");
+    tu_assert_error(PL_ERR_SHAPE, "do not broadcast");
     ck_assert_ptr_null(pl_mul(ctx, a, b2)); /* [3,1] vs trailing [2,3]: 3 != 2 */
-    tu_assert_error(PL_ERR_SHAPE, "b [3, 1] does not broadcast into a [2, 3]");
-    ck_assert_ptr_null(pl_sub(ctx, a, big)); /* b may not have more dims than a */
-    tu_assert_error(PL_ERR_SHAPE, "does not broadcast");
+    tu_assert_error(PL_ERR_SHAPE, "a [2, 3] and b [3, 1] do not broadcast");
+    pl_tensor *y = pl_sub(ctx, a, big); /* b may have more dims than a */
+    ck_assert_msg(y != NULL, "%s", pl_last_error());
+    ck_assert_int_eq(y->ndim, 3);
     ck_assert_ptr_null(pl_add(ctx, a, ia));
     tu_assert_error(PL_ERR_DTYPE, "must be float32");
     ck_assert_ptr_null(pl_relu(ctx, ia));
@@ -291,7 +292,7 @@ START_TEST(errors) {
     tu_assert_error(PL_ERR_ARG, "is NULL");
     /* a failure upstream stays the named cause */
     ck_assert_ptr_null(pl_silu(ctx, pl_add(ctx, a, b)));
-    tu_assert_error(PL_ERR_SHAPE, "does not broadcast");
+    tu_assert_error(PL_ERR_SHAPE, "do not broadcast");
     pl_step_reset(ctx);
     ck_assert_ptr_null(pl_add_scalar(ctx, a, 1)); /* stale step tensor */
     tu_assert_error(PL_ERR_STATE, "pl_step_reset");

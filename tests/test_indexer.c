@@ -307,6 +307,210 @@ START_TEST(backward_serial_equals_parallel) {
 }
 END_TEST
 
+/* Gradients of the row-pass backward (pl_indexer_scores_at and
+ * pl_indexer_topk_scores) against the dense op's independent backward,
+ * seeded with the same gradient scattered to the selected keys; shapes
+ * that take the four-head and eight-lane paths and their remainders. */
+START_TEST(at_backward_matches_dense_backward) {
+    uint64_t s = 71;
+    const int shapes[][4] = {{1, 40, 4, 8}, {2, 33, 5, 19}, {1, 50, 9, 64}, {2, 21, 4, 7}};
+    for (int c = 0; c < 4; c++) {
+        const int B = shapes[c][0], L = shapes[c][1], HI = shapes[c][2], dI = shapes[c][3];
+        const int K = c == 2 ? 37 : 9;
+        char nq[16], nk[16], nw[16];
+        snprintf(nq, sizeof nq, "q%d", c);
+        snprintf(nk, sizeof nk, "k%d", c);
+        snprintf(nw, sizeof nw, "w%d", c);
+        pl_tensor *in[3] = {tu_param(ctx, nq, PL_DIMS(B, L, HI, dI), &s, -1, 1),
+                            tu_param(ctx, nk, PL_DIMS(B, L, dI), &s, -1, 1),
+                            tu_param(ctx, nw, PL_DIMS(B, L, HI), &s, -1, 1)};
+        for (int dups = 0; dups < 2; dups++) {
+            char ni[16];
+            snprintf(ni, sizeof ni, "idx%d_%d", c, dups);
+            pl_tensor *idx = pl_persistent_new(ctx, ni, PL_I32, PL_DIMS(B, L, K), false);
+            pl_tensor *tmp = random_idx(&s, B, L, K, true, dups);
+            memcpy(pl_i32(idx), pl_i32(tmp), sizeof(int32_t) * (size_t)idx->numel);
+            float *g = malloc(sizeof(float) * (size_t)B * L * K);
+            float *gd = calloc((size_t)B * L * L, sizeof(float));
+            tu_fill(g, (int64_t)B * L * K, &s, -1, 1);
+            for (int64_t e = 0; e < (int64_t)B * L * K; e++) {
+                const int c2 = pl_i32(idx)[e];
+                if (c2 >= 0) gd[(e / K) * L + c2] += g[e];
+            }
+            int64_t n = in[0]->numel + in[1]->numel + in[2]->numel;
+            float *res[2];
+            for (int op = 0; op < 2; op++) {
+                pl_step_reset(ctx);
+                pl_zero_grad(ctx);
+                pl__tuning.indexer_at_mode = 1;
+                pl_tensor *y = op ? pl_indexer_scores_at(ctx, in[0], in[1], in[2], idx)
+                                  : pl_indexer_scores(ctx, in[0], in[1], in[2]);
+                ck_assert_msg(y && pl_backward_seed(ctx, y, op ? g : gd) == PL_OK, "%s",
+                              pl_last_error());
+                float *r = res[op] = malloc(sizeof(float) * (size_t)n);
+                for (int i = 0, off = 0; i < 3; off += (int)in[i]->numel, i++)
+                    memcpy(r + off, in[i]->grad, sizeof(float) * (size_t)in[i]->numel);
+            }
+            tu_assert_close(res[1], res[0], n, 1e-4, 1e-4);
+            free(res[0]);
+            free(res[1]);
+            free(g);
+            free(gd);
+        }
+        pl_step_reset(ctx);
+    }
+}
+END_TEST
+
+/* pl_indexer_topk_scores: the indices of pl_indexer_topk; at f32 the scores
+ * of the blocked pl_indexer_scores_at bit for bit (the values the selection
+ * compared), at int8 those of the gathered scores_at; backward the same bits
+ * as scores_at's on the same selection. */
+START_TEST(topk_scores_fused) {
+    uint64_t s = 41 + (uint64_t)_i;
+    for (int rep = 0; rep < 6; rep++) {
+        const pl_indexer_precision prec = rep % 2 ? PL_INDEXER_INT8 : PL_INDEXER_F32;
+        dims d = {tu_randint(&s, 1, 2), tu_randint(&s, 2, 45), tu_randint(&s, 1, 6),
+                  tu_randint(&s, 1, 20)};
+        pl__tuning.indexer_block_rows = rep % 3 == 2 ? 3 : 0;
+        char nq[16], nk[16], nw[16];
+        snprintf(nq, sizeof nq, "q%d", rep);
+        snprintf(nk, sizeof nk, "k%d", rep);
+        snprintf(nw, sizeof nw, "w%d", rep);
+        pl_tensor *in[3] = {tu_param(ctx, nq, PL_DIMS(d.B, d.L, d.HI, d.dI), &s, -1, 1),
+                            tu_param(ctx, nk, PL_DIMS(d.B, d.L, d.dI), &s, -1, 1),
+                            tu_param(ctx, nw, PL_DIMS(d.B, d.L, d.HI), &s, -1, 1)};
+        const int ks[] = {1, d.L / 3 + 1, d.L + 2};
+        for (int i = 0; i < 3; i++) {
+            const int k = ks[i];
+            ck_assert_int_eq(pl_set_indexer_precision(ctx, prec), PL_OK);
+            pl_tensor *ref = pl_indexer_topk(ctx, in[0], in[1], in[2], k), *sc = NULL;
+            pl_zero_grad(ctx);
+            pl_tensor *idx = pl_indexer_topk_scores(ctx, in[0], in[1], in[2], k, &sc);
+            ck_assert_msg(ref && idx && sc, "%s", pl_last_error());
+            ck_assert(pl_same_shape(idx, ref) && pl_same_shape(sc, idx) && sc->requires_grad);
+            ck_assert(!memcmp(pl_i32(idx), pl_i32(ref), sizeof(int32_t) * (size_t)idx->numel));
+            float *seed = malloc(sizeof(float) * (size_t)sc->numel);
+            tu_fill(seed, sc->numel, &s, -1, 1);
+            ck_assert_int_eq(pl_backward_seed(ctx, sc, seed), PL_OK);
+            int64_t n = in[0]->numel + in[1]->numel + in[2]->numel;
+            float *gf = malloc(sizeof(float) * (size_t)n), *ga = malloc(sizeof(float) * (size_t)n);
+            for (int j = 0, off = 0; j < 3; off += (int)in[j]->numel, j++)
+                memcpy(gf + off, in[j]->grad, sizeof(float) * (size_t)in[j]->numel);
+            float *scf = malloc(sizeof(float) * (size_t)sc->numel);
+            memcpy(scf, pl_f32(sc), sizeof(float) * (size_t)sc->numel);
+            char ni[16];
+            snprintf(ni, sizeof ni, "idx%d_%d", rep, i);
+            pl_tensor *pidx = pl_persistent_new(ctx, ni, PL_I32, 3, idx->shape, false);
+            memcpy(pl_i32(pidx), pl_i32(idx), sizeof(int32_t) * (size_t)idx->numel);
+            pl_step_reset(ctx);
+            pl_set_indexer_precision(ctx, PL_INDEXER_F32);
+            pl__tuning.indexer_at_mode = prec == PL_INDEXER_F32 ? 2 : 1;
+            pl_zero_grad(ctx);
+            pl_tensor *at = pl_indexer_scores_at(ctx, in[0], in[1], in[2], pidx);
+            ck_assert_msg(at && pl_backward_seed(ctx, at, seed) == PL_OK, "%s", pl_last_error());
+            pl__tuning.indexer_at_mode = 0;
+            for (int j = 0, off = 0; j < 3; off += (int)in[j]->numel, j++)
+                memcpy(ga + off, in[j]->grad, sizeof(float) * (size_t)in[j]->numel);
+            ck_assert_msg(!memcmp(scf, pl_f32(at), sizeof(float) * (size_t)at->numel),
+                          "rep %d k %d: fused scores differ from scores_at", rep, k);
+            ck_assert_msg(!memcmp(gf, ga, sizeof(float) * (size_t)n),
+                          "rep %d k %d: fused backward differs from scores_at's", rep, k);
+            free(seed);
+            free(gf);
+            free(ga);
+            free(scf);
+            pl_step_reset(ctx);
+        }
+        pl_step_reset(ctx);
+    }
+}
+END_TEST
+
+/* int8: the documented quantisation and score, computed here with exact
+ * integer dots, against pl_indexer_scores bit for bit; pl_indexer_topk
+ * equals pl_causal_topk of those scores. Runs on the ISA oneDNN picks (the
+ * suite runs this file again with ONEDNN_MAX_CPU_ISA=AVX2 and =SSE41). */
+static void quant_ref(const float *x, int64_t n, int64_t dI, float lim, int8_t *x8, float *sc) {
+    for (int64_t r = 0; r < n; r++) {
+        float m = 0.0f;
+        for (int64_t i = 0; i < dI; i++) m = fabsf(x[r * dI + i]) > m ? fabsf(x[r * dI + i]) : m;
+        const float inv = m > 0.0f ? lim / m : 0.0f;
+        sc[r] = m / lim;
+        for (int64_t i = 0; i < dI; i++) {
+            float v = x[r * dI + i] * inv;
+            v = v > lim ? lim : v < -lim ? -lim : v;
+            x8[r * dI + i] = (int8_t)lrintf(v);
+        }
+    }
+}
+
+START_TEST(int8_scores_match_reference) {
+    printf("indexer int8: oneDNN runs %s%s\n", pl__dnnl_isa(),
+           strstr(pl__dnnl_isa(), "vnni") || strstr(pl__dnnl_isa(), "bf16") ||
+                   strstr(pl__dnnl_isa(), "amx")
+               ? ""
+               : " (AVX512-VNNI path SKIPPED: not available here or capped)");
+    uint64_t s = 77;
+    ck_assert_int_eq(pl_set_indexer_precision(ctx, PL_INDEXER_INT8), PL_OK);
+    ck_assert_int_eq(pl_get_indexer_precision(ctx), PL_INDEXER_INT8);
+    for (int rep = 0; rep < 8; rep++) {
+        dims d = {tu_randint(&s, 1, 2), tu_randint(&s, 1, 40), tu_randint(&s, 1, 5),
+                  tu_randint(&s, 1, 70)};
+        pl__tuning.indexer_block_rows = rep % 2 ? 3 : 0;
+        pl_tensor *q, *k, *w;
+        make_inputs(&s, d, rep & 1, &q, &k, &w);
+        if (rep == 5) /* extreme codes everywhere: the largest pair sums */
+            for (int64_t i = 0; i < q->numel; i++) pl_f32(q)[i] = (i / d.dI) % 2 ? -1.0f : 1.0f;
+        if (rep == 5)
+            for (int64_t i = 0; i < k->numel; i++) pl_f32(k)[i] = 1.0f;
+        if (rep == 3) /* a zero key row: scale 0 */
+            memset(pl_f32(k), 0, sizeof(float) * (size_t)d.dI);
+        const int64_t nq = (int64_t)d.B * d.L * d.HI, nk = (int64_t)d.B * d.L;
+        int8_t *q8 = malloc((size_t)(nq * d.dI)), *k8 = malloc((size_t)(nk * d.dI));
+        float *sq = malloc(sizeof(float) * (size_t)nq), *sk = malloc(sizeof(float) * (size_t)nk);
+        quant_ref(pl_f32(q), nq, d.dI, 127.0f, q8, sq);
+        quant_ref(pl_f32(k), nk, d.dI, 63.0f, k8, sk);
+        pl_tensor *I = pl_indexer_scores(ctx, q, k, w);
+        ck_assert_msg(I != NULL, "%s", pl_last_error());
+        int64_t bad = 0;
+        for (int b = 0; b < d.B; b++)
+            for (int t = 0; t < d.L; t++)
+                for (int c = 0; c < d.L; c++) {
+                    float want = -INFINITY;
+                    if (c <= t) {
+                        float acc = 0.0f;
+                        for (int j = 0; j < d.HI; j++) {
+                            const int64_t qr = ((int64_t)b * d.L + t) * d.HI + j;
+                            int32_t dot = 0;
+                            for (int i = 0; i < d.dI; i++)
+                                dot += (int32_t)q8[qr * d.dI + i] *
+                                       k8[((int64_t)b * d.L + c) * d.dI + i];
+                            const float wq = pl_f32(w)[((int64_t)b * d.L + t) * d.HI + j] * sq[qr];
+                            const float term = wq * (float)(dot > 0 ? dot : 0);
+                            acc = j ? acc + term : term;
+                        }
+                        want = acc * sk[(int64_t)b * d.L + c];
+                    }
+                    const float got = pl_f32(I)[((int64_t)b * d.L + t) * d.L + c];
+                    bad += memcmp(&want, &got, sizeof got) != 0;
+                }
+        ck_assert_msg(bad == 0, "rep %d: %lld int8 scores differ from the reference", rep,
+                      (long long)bad);
+        int ks[] = {1, d.L / 2 + 1, d.L + 1};
+        for (int i = 0; i < 3; i++) {
+            pl_tensor *a = pl_causal_topk(ctx, I, ks[i]);
+            pl_tensor *f = pl_indexer_topk(ctx, q, k, w, ks[i]);
+            ck_assert_msg(a && f, "%s", pl_last_error());
+            ck_assert(!memcmp(pl_i32(a), pl_i32(f), sizeof(int32_t) * (size_t)a->numel));
+        }
+        free(q8), free(k8), free(sq), free(sk);
+        pl_step_reset(ctx);
+    }
+    ck_assert_int_eq(pl_set_indexer_precision(ctx, PL_INDEXER_F32), PL_OK);
+}
+END_TEST
+
 START_TEST(errors) {
     pl_tensor *q = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 3, 4));
     pl_tensor *k = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 4));
@@ -342,6 +546,19 @@ START_TEST(errors) {
     pl_tensor *idx2 = pl_zeros(ctx, PL_I32, PL_DIMS(2, 4, 2));
     ck_assert_ptr_null(pl_indexer_scores_at(ctx, q, k, w, idx2));
     tu_assert_error(PL_ERR_SHAPE, "idx must be [2, 5, K]");
+    /* Precision and the fused call. */
+    ck_assert_int_eq(pl_set_indexer_precision(ctx, (pl_indexer_precision)7), PL_ERR_ARG);
+    tu_assert_error(PL_ERR_ARG, "unknown precision 7");
+    ck_assert_int_eq(pl_set_indexer_precision(NULL, PL_INDEXER_INT8), PL_ERR_ARG);
+    ck_assert_int_eq(pl_get_indexer_precision(ctx), PL_INDEXER_F32);
+    ck_assert_ptr_null(pl_indexer_topk_scores(ctx, q, k, w, 2, NULL));
+    tu_assert_error(PL_ERR_ARG, "scores (the output pointer) is NULL");
+    pl_tensor *sc = q;
+    ck_assert_ptr_null(pl_indexer_topk_scores(ctx, q, k, w, 0, &sc));
+    tu_assert_error(PL_ERR_ARG, "k = 0");
+    ck_assert_ptr_null(sc);
+    ck_assert_ptr_null(pl_indexer_topk_scores(ctx, q, kbad, w, 2, &sc));
+    tu_assert_error(PL_ERR_SHAPE, "pl_indexer_topk_scores");
 }
 END_TEST
 
@@ -354,6 +571,9 @@ int main(void) {
     tcase_add_test(tc, scores_at_matches_dense);
     tcase_add_test(tc, scores_at_gradients);
     tcase_add_test(tc, backward_serial_equals_parallel);
+    tcase_add_test(tc, at_backward_matches_dense_backward);
+    tcase_add_loop_test(tc, topk_scores_fused, 0, 2);
+    tcase_add_test(tc, int8_scores_match_reference);
     tcase_add_test(tc, errors);
     return tu_run(s);
 }

@@ -66,24 +66,33 @@ static void fill_idx(uint64_t *s, int32_t *id, int B, int L, int K) {
     }
 }
 
+/* Random q, k (in [-2, 2]), scores (in [-3, 3]) and index sets of the given
+ * shape; returns the loss, checked against the naive reference. */
+static pl_tensor *random_case(uint64_t *s, int B, int L, int H, int D, int K, pl_tensor **q,
+                              pl_tensor **k, pl_tensor **sc, pl_tensor **idx) {
+    *q = pl_empty(ctx, PL_F32, PL_DIMS(B, L, H, D));
+    *k = pl_empty(ctx, PL_F32, PL_DIMS(B, L, H, D));
+    *sc = pl_empty(ctx, PL_F32, PL_DIMS(B, L, K));
+    *idx = pl_empty(ctx, PL_I32, PL_DIMS(B, L, K));
+    tu_fill(pl_f32(*q), (*q)->numel, s, -2, 2);
+    tu_fill(pl_f32(*k), (*k)->numel, s, -2, 2);
+    tu_fill(pl_f32(*sc), (*sc)->numel, s, -3, 3);
+    fill_idx(s, pl_i32(*idx), B, L, K);
+    pl_tensor *loss = pl_indexer_kl_loss(ctx, *q, *k, *idx, *sc);
+    ck_assert_msg(loss != NULL, "%s", pl_last_error());
+    ck_assert_int_eq(loss->numel, 1);
+    float ref = (float)naive_loss(pl_f32(*q), pl_f32(*k), pl_i32(*idx), pl_f32(*sc), B, L, H, D, K);
+    tu_assert_close(pl_f32(loss), &ref, 1, 1e-5, 1e-4);
+    return loss;
+}
+
 START_TEST(forward_matches_naive) {
     uint64_t s = 41;
     for (int rep = 0; rep < 8; rep++) {
         int B = tu_randint(&s, 1, 3), L = tu_randint(&s, 1, 16), H = tu_randint(&s, 1, 4),
             D = tu_randint(&s, 1, 12), K = tu_randint(&s, 1, L + 2);
-        pl_tensor *q = pl_empty(ctx, PL_F32, PL_DIMS(B, L, H, D));
-        pl_tensor *k = pl_empty(ctx, PL_F32, PL_DIMS(B, L, H, D));
-        pl_tensor *sc = pl_empty(ctx, PL_F32, PL_DIMS(B, L, K));
-        pl_tensor *idx = pl_empty(ctx, PL_I32, PL_DIMS(B, L, K));
-        tu_fill(pl_f32(q), q->numel, &s, -2, 2);
-        tu_fill(pl_f32(k), k->numel, &s, -2, 2);
-        tu_fill(pl_f32(sc), sc->numel, &s, -3, 3);
-        fill_idx(&s, pl_i32(idx), B, L, K);
-        pl_tensor *loss = pl_indexer_kl_loss(ctx, q, k, idx, sc);
-        ck_assert_msg(loss != NULL, "%s", pl_last_error());
-        ck_assert_int_eq(loss->numel, 1);
-        float ref = (float)naive_loss(pl_f32(q), pl_f32(k), pl_i32(idx), pl_f32(sc), B, L, H, D, K);
-        tu_assert_close(pl_f32(loss), &ref, 1, 1e-5, 1e-4);
+        pl_tensor *q, *k, *sc, *idx;
+        random_case(&s, B, L, H, D, K, &q, &k, &sc, &idx);
         pl_step_reset(ctx);
     }
 }
@@ -151,6 +160,44 @@ START_TEST(gradient_only_into_scores) {
 }
 END_TEST
 
+/* Longer rows (the eight-lane paths) against the reference; then a NaN in
+ * q, in a selected key's k or in a score gives a NaN loss (not 0), and a
+ * NaN in a key no row selected changes nothing. */
+START_TEST(long_rows_and_nan) {
+    uint64_t s = 43;
+    const int B = 2, L = 70, H = 4, D = 32, K = 40;
+    pl_tensor *q, *k, *sc, *idx, *loss = random_case(&s, B, L, H, D, K, &q, &k, &sc, &idx);
+    const float clean = pl_f32(loss)[0];
+    /* the key of batch 1 that no row selected, if any */
+    int unused = -1;
+    for (int c = L - 1; c >= 0 && unused < 0; c--) {
+        bool used = false;
+        for (int64_t e = (int64_t)L * K; e < 2 * (int64_t)L * K; e++) used |= pl_i32(idx)[e] == c;
+        if (!used) unused = c;
+    }
+    float *where[3] = {pl_f32(q) + ((size_t)L + 30) * H * D + 5, NULL, NULL};
+    for (int64_t e = 0; e < sc->numel && !where[1]; e++)
+        if (pl_i32(idx)[e] >= 0) {
+            where[1] = pl_f32(k) + ((size_t)(e / (L * K)) * L + pl_i32(idx)[e]) * H * D + 2 * D;
+            where[2] = pl_f32(sc) + e;
+        }
+    for (int i = 0; i < 3; i++) {
+        ck_assert_ptr_nonnull(where[i]);
+        const float keep = *where[i];
+        *where[i] = NAN;
+        loss = pl_indexer_kl_loss(ctx, q, k, idx, sc);
+        ck_assert_ptr_nonnull(loss);
+        ck_assert_msg(isnan(pl_f32(loss)[0]), "NaN in input %d gave %g", i, pl_f32(loss)[0]);
+        *where[i] = keep;
+    }
+    if (unused >= 0) {
+        pl_f32(k)[((size_t)L + unused) * H * D] = NAN;
+        loss = pl_indexer_kl_loss(ctx, q, k, idx, sc);
+        ck_assert(pl_f32(loss)[0] == clean);
+    }
+}
+END_TEST
+
 START_TEST(errors) {
     pl_tensor *q = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 4));
     pl_tensor *kb = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 3));
@@ -175,6 +222,7 @@ int main(void) {
     tcase_add_test(tc, forward_matches_naive);
     tcase_add_test(tc, zero_at_target_and_empty);
     tcase_add_test(tc, gradient_only_into_scores);
+    tcase_add_test(tc, long_rows_and_nan);
     tcase_add_test(tc, errors);
     return tu_run(s);
 }

@@ -7,6 +7,7 @@
 #define _GNU_SOURCE /* utimensat, AT_FDCWD */
 #include <fcntl.h>
 #include <limits.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -73,6 +74,35 @@ START_TEST(stale_after_any_number_of_resets) {
             stale_after(resets[i], per_step[j]);
         }
     tu_rm_tmp();
+}
+END_TEST
+
+/* Resident memory of the header ring stays bounded over many steps, small
+ * (fewer headers than a page holds) or large. */
+START_TEST(header_memory_bounded) {
+    long page = sysconf(_SC_PAGESIZE);
+    static const int per_step[] = {1, 3, 40, 700};
+    for (size_t k = 0; k < sizeof per_step / sizeof *per_step; k++) {
+        pl_ctx *c = pl_ctx_new(NULL);
+        int steps = per_step[k] > 100 ? 300 : 20000;
+        for (int s = 0; s < steps; s++) {
+            for (int i = 0; i < per_step[k]; i++)
+                ck_assert_ptr_nonnull(pl_empty(c, PL_F32, PL_DIMS(1)));
+            pl_step_reset(c);
+        }
+        /* Pages of the ring that are resident now. */
+        size_t used = (size_t)steps * (size_t)per_step[k] * 128 + (size_t)page;
+        size_t npages = (used + (size_t)page - 1) / (size_t)page;
+        unsigned char *vec = malloc(npages);
+        ck_assert_int_eq(mincore(c->hdr_base, npages * (size_t)page, vec), 0);
+        size_t resident = 0;
+        for (size_t i = 0; i < npages; i++) resident += vec[i] & 1;
+        free(vec);
+        size_t want = 2 * ((size_t)per_step[k] * 128 / (size_t)page + 2);
+        ck_assert_msg(resident <= want, "%d tensors per step: %zu resident pages after %d steps",
+                      per_step[k], resident, steps);
+        pl_ctx_free(c);
+    }
 }
 END_TEST
 
@@ -538,6 +568,7 @@ int main(void) {
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, stale_after_any_number_of_resets);
     tcase_add_test(tc, stale_across_contexts);
+    tcase_add_test(tc, header_memory_bounded);
     tcase_add_test(tc, mark_release_after_backward);
     tcase_add_test(tc, indices_changed_before_backward);
     tcase_add_test(tc, thread_counts_and_positions);

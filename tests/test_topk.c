@@ -88,6 +88,46 @@ START_TEST(matches_naive_sort) {
 }
 END_TEST
 
+/* Rows long enough for the pivot filter (n >= 1024), each row against the
+ * naive sort, in the three pivot modes (automatic, none, a pivot too high:
+ * the fallback), with ties, specials, and rows built so that the sampled
+ * keys are the row's largest (the filter keeps too few: the fallback). */
+START_TEST(long_rows_pivot_filter) {
+    uint64_t s = 99 + (uint64_t)_i;
+    const int nmax = 5000;
+    float *row = malloc(sizeof(float) * nmax);
+    uint32_t *scratch = malloc(sizeof(uint32_t) * 3 * nmax);
+    int32_t *got = malloc(sizeof(int32_t) * (nmax + 3));
+    int *ref = malloc(sizeof(int) * (nmax + 3));
+    const int64_t mode_default = pl__tuning.topk_pivot_mode;
+    for (int rep = 0; rep < 24; rep++) {
+        const int n = tu_randint(&s, 1024, nmax), mode = rep % 4;
+        const int ks[] = {1, 7, n / 8, n / 3, n - 1, n + 2};
+        for (int i = 0; i < n; i++) row[i] = draw(&s, mode < 3 ? mode : 1);
+        if (mode == 3) /* the largest values sit at a regular stride, like the samples */
+            for (int i = 0; i + n / 512 < n; i += n / 256) row[i + n / 512] = 100.0f + (float)i;
+        for (int pm = 0; pm < 3; pm++) {
+            pl__tuning.topk_pivot_mode = pm;
+            for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++) {
+                const int k = ks[ki];
+                pl__causal_topk_row(row, n, k, got, k, scratch);
+                naive_topk(row, n - 1, k, ref);
+                int j = 0;
+                while (j < k && got[j] == ref[j]) j++;
+                if (j < k)
+                    ck_abort_msg("n=%d k=%d mode=%d pivot mode %d: entry %d: got %d want %d", n, k,
+                                 mode, pm, j, got[j], ref[j]);
+            }
+        }
+    }
+    pl__tuning.topk_pivot_mode = mode_default;
+    free(row);
+    free(scratch);
+    free(got);
+    free(ref);
+}
+END_TEST
+
 START_TEST(ties_go_to_smaller_s_and_future_is_ignored) {
     /* One row of equal scores: the k smallest s win. Future entries are huge. */
     const int L = 10, k = 4;
@@ -133,6 +173,7 @@ int main(void) {
     TCase *tc;
     Suite *s = tu_suite("topk", TU_PARALLEL, &tc);
     tcase_add_loop_test(tc, matches_naive_sort, 0, 3);
+    tcase_add_loop_test(tc, long_rows_pivot_filter, 0, 2);
     tcase_add_test(tc, ties_go_to_smaller_s_and_future_is_ignored);
     tcase_add_test(tc, errors);
     return tu_run(s);

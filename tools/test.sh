@@ -23,5 +23,5 @@ cmake --build build/asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     ctest --test-dir build/asan --output-on-failure --no-tests=error -j"$jobs"
 
-# The safetensors loader under libFuzzer (clang, ASan + UBSan), bounded.
+# The readers of outside input under libFuzzer (clang, ASan + UBSan), bounded.
 bash tools/fuzz.sh "${PLASA_FUZZ_SECONDS:-60}"
