@@ -170,9 +170,9 @@ PL_KERNEL static void ix_row_scores_i8(float *out, const int32_t *C, int64_t ld,
     for (int64_t s = 0; s < n; s++) out[s] *= sk[s];
 }
 
-/* out[s] = sum_j w[j] ReLU(D[j*ld + s]) for s < n. */
-PL_KERNEL static void ix_row_scores(float *out, const float *D, int64_t ld, const float *w,
-                                    int64_t HI, int64_t n) {
+/* out[s] = sum_j w[j] ReLU(D[j*ld + s]) for s < n (also the decode path, ops/kv_cache.c). */
+PL_KERNEL void pl__ix_row_scores(float *out, const float *D, int64_t ld, const float *w, int64_t HI,
+                                 int64_t n) {
     const float w0 = w[0];
     for (int64_t s = 0; s < n; s++) out[s] = w0 * pl__relu(D[s]);
     for (int64_t j = 1; j < HI; j++) {
@@ -189,7 +189,7 @@ static void ix_row(const ix_dims *d, const ix_q8 *z, const float *D, const float
         ix_row_scores_i8(out, z->C + i * HI * t1, t1, w + (b * d->L + t) * HI,
                          z->sq + (b * d->L + t) * HI, z->sk + b * d->L, HI, t + 1);
     else
-        ix_row_scores(out, D + i * HI * t1, t1, w + (b * d->L + t) * HI, HI, t + 1);
+        pl__ix_row_scores(out, D + i * HI * t1, t1, w + (b * d->L + t) * HI, HI, t + 1);
 }
 
 /* Turns the dots of row t into dDots in place (zero for s > t) and adds dw for
