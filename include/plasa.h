@@ -423,6 +423,13 @@ PL_API pl_tensor *pl_softmax(pl_ctx *ctx, pl_tensor *x);
  * loss is 0 with zero gradient. A target >= V is PL_ERR_ARG. Fused: no
  * softmax tensor is kept (two floats per row are saved for backward). */
 PL_API pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets);
+/* Cross-entropy with label smoothing e in [0, 1] (PyTorch's definition): the
+ * target distribution is (1 - e) one-hot + e / V uniform, so the loss is
+ * (1 - e) pl_cross_entropy + e * mean over the counted rows of
+ * -(1/V) sum_j log softmax(logits)_j. Same shapes and ignored targets as
+ * pl_cross_entropy; e = 0 is pl_cross_entropy. */
+PL_API pl_tensor *pl_cross_entropy_smooth(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets,
+                                          float smoothing);
 
 /* ------------------------------------------------------------------------ */
 /* Transformer ops (ops/rmsnorm.c, ops/rope.c, ops/swiglu.c, ops/dropout.c,  */
