@@ -423,6 +423,13 @@ PL_API pl_tensor *pl_softmax(pl_ctx *ctx, pl_tensor *x);
  * loss is 0 with zero gradient. A target >= V is PL_ERR_ARG. Fused: no
  * softmax tensor is kept (two floats per row are saved for backward). */
 PL_API pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets);
+/* Cross-entropy with label smoothing e in [0, 1] (PyTorch's definition): the
+ * target distribution is (1 - e) one-hot + e / V uniform, so the loss is
+ * (1 - e) pl_cross_entropy + e * mean over the counted rows of
+ * -(1/V) sum_j log softmax(logits)_j. Same shapes and ignored targets as
+ * pl_cross_entropy; e = 0 is pl_cross_entropy. */
+PL_API pl_tensor *pl_cross_entropy_smooth(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets,
+                                          float smoothing);
 
 /* ------------------------------------------------------------------------ */
 /* Transformer ops (ops/rmsnorm.c, ops/rope.c, ops/swiglu.c, ops/dropout.c,  */
@@ -859,6 +866,145 @@ PL_API int pl_adaptive_k_next(pl_adaptive_k *st, int k_base, int L, float gate, 
  * and t of the entropy of softmax(scores[b, t, 0..t]), divided by log L
  * (0 when L = 1). */
 PL_API pl_status pl_indexer_entropy(pl_ctx *ctx, const pl_tensor *scores, float *out);
+
+/* ------------------------------------------------------------------------ */
+/* Inference: incremental decoding with a KV cache (ops/kv_cache.c)          */
+
+/* A KV cache holds, for n_layers attention layers and `batch` independent
+ * sequences, the keys and values of every position decoded so far, and for
+ * PLASA layers (index_dim[layer] > 0) the lightning indexer's keys kI:
+ *   k, v   [batch, capacity, heads, head_dim]   float32, per layer
+ *   kI     [batch, capacity, index_dim[layer]]  float32, PLASA layers only
+ * i.e. 4 * batch * capacity * (2 * heads * head_dim + index_dim) bytes per
+ * layer, allocated once by pl_kv_cache_new (through the library's heap hooks)
+ * and never again. Each (layer, sequence) has its own length: the positions
+ * 0..len-1 are filled. Sequences are independent and may have different
+ * lengths (e.g. prompts of different sizes prefilled one sequence at a time).
+ *
+ * A decode step of a model, for the sequences [seq0, seq0 + nb) and T_new >= 1
+ * new tokens each (positions len_b .. len_b + T_new - 1, with len_b the
+ * sequence's length before the step; RoPE and the like use those positions):
+ *   per layer: compute the new q, k, v (and qI, kI, w) from the new tokens only,
+ *              pl_kv_cache_append(cache, layer, seq0, k, v, kI), then
+ *              pl_attention_cached(...) for a dense layer, or
+ *              idx = pl_indexer_topk_cached(...);
+ *              pl_sparse_attention_cached(..., idx) for a PLASA layer.
+ * The attention ops read the new queries as the LAST T_new positions of each
+ * sequence (already appended): query i of sequence b is at position
+ * t = len_b - T_new + i and attends to the cached keys s <= t (so a chunk of
+ * several tokens is causal inside itself too). They equal the training-time
+ * ops (pl_attention; pl_indexer_topk + pl_sparse_attention) on the whole
+ * sequence, row by row, up to float rounding; the selection of a PLASA layer is
+ * the same rule (same scores formula and order of summation over heads, same
+ * causal top-k and tie rule), see tests/test_decode.c.
+ *
+ * Grad-free: the ops record nothing and their results never require grad (an
+ * input that requires grad is read as a constant). Their results and scratch
+ * are step tensors of ctx (the arena): the outputs, the indexer products of a
+ * block of query rows (at most ~2^20 floats, or one row's HI*len), the index
+ * rows of a block of dense queries (at most ~2^22 int32, or one row's len) and
+ * the sparse kernel's tiles; all bounded by the capacity, so once a step at the
+ * longest context has run (the arena has grown to it) decoding makes no heap
+ * allocation (tests/test_memory.c). Results do not depend on the number of
+ * threads. Parallelism: over sequences and blocks of new queries (and
+ * oneDNN's threads in the indexer's products), so one token of one sequence
+ * runs the attention on one thread. Not thread-safe per cache: one step at a
+ * time. */
+typedef struct pl_kv_cache pl_kv_cache;
+
+typedef struct {
+    int n_layers;         /* >= 1 */
+    int batch;            /* independent sequences, >= 1 */
+    int64_t capacity;     /* positions per sequence, >= 1 (< 2^31) */
+    int heads, head_dim;  /* H, D of the attention's q, k, v [.., H, D] */
+    const int *index_dim; /* per layer: the indexer key width dI, 0 for a dense
+                             layer; NULL: every layer dense. Copied. */
+} pl_kv_cache_config;
+
+/* NULL (and the message) on a bad configuration or when memory runs out. */
+PL_API pl_kv_cache *pl_kv_cache_new(const pl_kv_cache_config *cfg);
+PL_API void pl_kv_cache_free(pl_kv_cache *cache);
+/* Empties every sequence of every layer (lengths 0; memory kept). */
+PL_API void pl_kv_cache_reset(pl_kv_cache *cache);
+/* Empties one sequence (every layer). PL_ERR_ARG for a bad sequence. */
+PL_API pl_status pl_kv_cache_reset_seq(pl_kv_cache *cache, int seq);
+/* Filled positions of (layer, seq); -1 (and PL_ERR_ARG) for bad arguments. */
+PL_API int64_t pl_kv_cache_len(const pl_kv_cache *cache, int layer, int seq);
+PL_API int64_t pl_kv_cache_capacity(const pl_kv_cache *cache);
+
+/* Appends T_new positions to the sequences [seq0, seq0 + nb) of one layer:
+ * k, v [nb, T_new, H, D] (or [nb, T_new, H*D]); kI [nb, T_new, dI] for a PLASA
+ * layer, NULL for a dense one. Sequence b's rows go to positions len_b ..
+ * len_b + T_new - 1 and its length grows by T_new. If any sequence would pass
+ * the capacity, nothing is written and the result is PL_ERR_STATE naming the
+ * sequence, its length and the capacity. Copies O(nb*T_new*(2HD + dI)). */
+PL_API pl_status pl_kv_cache_append(pl_kv_cache *cache, int layer, int seq0, pl_tensor *k,
+                                    pl_tensor *v, pl_tensor *kI);
+
+/* Dense causal attention of the T_new newest positions against the cache:
+ * q [nb, T_new, H, D] (or [nb, T_new, H*D]) -> [nb, T_new, H, D], with query i
+ * of sequence b at t = len_b - T_new + i:
+ *   out[b,i,h,:] = sum_{s<=t} softmax_s(q[b,i,h,:] . k[b,s,h,:] / sqrt(D)) v[b,s,h,:]
+ * Cost O(nb * T_new * len * H * D): every cached row is read. It is
+ * pl_sparse_attention's kernel with every s <= t selected. */
+PL_API pl_tensor *pl_attention_cached(pl_ctx *ctx, const pl_kv_cache *cache, int layer, int seq0,
+                                      pl_tensor *q);
+
+/* PLASA selection for the T_new newest positions of a PLASA layer: qI [nb,
+ * T_new, HI, dI] (or [nb, T_new, HI*dI]), w [nb, T_new, HI] -> PL_I32 [nb,
+ * T_new, k]. Row i (position t as above) holds the k_t = min(k, t+1) cached
+ * positions s <= t with the largest indexer scores
+ *   I[t,s] = sum_j w[i,j] * ReLU(qI[i,j,:] . kI[b,s,:])
+ * (ties to the smaller s, NaN as -inf, ascending s, then -1 up to k): exactly
+ * the rule of pl_indexer_topk, row t, in float32 precision (a context set to
+ * PL_INDEXER_INT8 is refused with PL_ERR_STATE). The products are one sgemm
+ * per block of rows of a sequence (M = rows*HI, N = t+1, K = dI) and the sum
+ * over heads is the training kernel's. Cost O(T_new * len * HI * dI) plus an O(len) radix select
+ * per row; reads only the indexer keys (dI floats per position). */
+PL_API pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *cache, int layer, int seq0,
+                                         pl_tensor *qI, pl_tensor *w, int k);
+
+/* Sparse attention of the T_new newest positions over cached keys: q as in
+ * pl_attention_cached, idx PL_I32 [nb, T_new, K] with entries in [-1, t] for
+ * row i (t as above; a later position is PL_ERR_ARG), e.g. from
+ * pl_indexer_topk_cached. out[b,i,h,:] as pl_sparse_attention computes it
+ * (same kernel) over the selected cached rows: O(nb * T_new * K * H * D), only
+ * the selected rows of k and v are read. */
+PL_API pl_tensor *pl_sparse_attention_cached(pl_ctx *ctx, const pl_kv_cache *cache, int layer,
+                                             int seq0, pl_tensor *q, pl_tensor *idx);
+
+/* ------------------------------------------------------------------------ */
+/* Sampling (ops/sample.c)                                                    */
+
+/* How to pick the next token from a row of logits z[0..V):
+ *   temperature == 0: greedy, the first index of the largest logit;
+ *   temperature > 0:  p = softmax(z / temperature), then
+ *     top_k > 0       keeps the top_k most probable tokens (ties: smaller index),
+ *     0 < top_p < 1   keeps the smallest set of the most probable tokens (in
+ *                     that order) whose probability sums to >= top_p (at
+ *                     least one token),
+ *   applied in that order, renormalised; one token is drawn by inverse CDF
+ *   over the kept tokens in descending probability (ties: smaller index) with
+ *   u = the top 24 bits of word 0 of pl_philox(rng->seed, rng->offset + r) /
+ *   2^24 for row r. rng->offset then advances by the number of rows. */
+typedef struct {
+    float temperature; /* >= 0; 0 = greedy */
+    int top_k;         /* 0 = off */
+    float top_p;       /* in (0, 1]; 1 = off */
+} pl_sample_config;
+
+/* Greedy (temperature 0, top_k 0, top_p 1). */
+PL_API pl_sample_config pl_sample_default_config(void);
+
+/* Draws one token per row of logits [..., V] into tokens (numel / V int32s).
+ * logprobs, if not NULL, receives for each row log softmax(z)[token] of the
+ * UNMODIFIED logits (temperature 1, no filtering), i.e. the model's own
+ * log-probability of the chosen token. rng may be NULL when greedy. Rows are
+ * drawn one after the other (no threads): the same (seed, offset) gives the
+ * same tokens whatever the thread count. Scratch from ctx's arena, O(V). A
+ * row with a NaN logit is PL_ERR_ARG. */
+PL_API pl_status pl_sample(pl_ctx *ctx, pl_tensor *logits, const pl_sample_config *cfg, pl_rng *rng,
+                           int32_t *tokens, float *logprobs);
 
 #ifdef __cplusplus
 }

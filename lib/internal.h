@@ -193,6 +193,26 @@ pl_status pl__check_causal_idx(pl_ctx *ctx, const char *fn, const pl_tensor *idx
  * Arena memory; returns PL_OK or the error. Needs L*K < 2^31. */
 pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, int64_t K,
                          int32_t **off, int32_t **list);
+/* Indexer score row from the products of one query row: out[s] = sum_j w[j]
+ * ReLU(D[j*ld + s]) for s < n, heads summed in order j = 0..HI-1 (ops/indexer.c;
+ * pl_indexer_topk and the decode path share it, so their scores agree bit for bit
+ * when the products do). */
+void pl__ix_row_scores(float *out, const float *D, int64_t ld, const float *w, int64_t HI,
+                       int64_t n);
+/* Sparse attention forward for decoding (ops/sparse_attention.c, used by
+ * ops/kv_cache.c): per sequence, the queries t in [t0, t1) at q + (t-t0)*H*D,
+ * index rows at idx + (t-t0)*K (entries in [-1, t], as pl__check_causal_idx
+ * demands), outputs at out + (t-t0)*H*D, keys and values rows s at k + s*H*D,
+ * v + s*H*D. No dropout, nothing saved. The same tile kernel as
+ * pl_sparse_attention, so a query gives the same bits as there. */
+typedef struct {
+    const float *q, *k, *v;
+    const int32_t *idx;
+    float *out;
+    int64_t t0, t1;
+} pl__sa_seq;
+pl_status pl__sparse_attention_seqs(pl_ctx *ctx, const pl__sa_seq *seqs, int64_t n, int64_t H,
+                                    int64_t D, int64_t K);
 
 /* Dot product and y += a*x for the gather kernels: eight partial sums so the
  * compiler vectorises the reduction without -ffast-math; the order is fixed,
@@ -252,6 +272,8 @@ typedef struct {
     /* Top-k rows of n >= 1024: 0 automatic (a sampled pivot filters first), 1
      * never filter, 2 a pivot too high (the fallback). Same results in all. */
     int64_t topk_pivot_mode;
+    /* pl_attention_cached: query rows per block of index rows (0: automatic). */
+    int64_t decode_block_rows;
 } pl_tuning;
 extern pl_tuning pl__tuning;
 

@@ -170,9 +170,9 @@ PL_KERNEL static void ix_row_scores_i8(float *out, const int32_t *C, int64_t ld,
     for (int64_t s = 0; s < n; s++) out[s] *= sk[s];
 }
 
-/* out[s] = sum_j w[j] ReLU(D[j*ld + s]) for s < n. */
-PL_KERNEL static void ix_row_scores(float *out, const float *D, int64_t ld, const float *w,
-                                    int64_t HI, int64_t n) {
+/* out[s] = sum_j w[j] ReLU(D[j*ld + s]) for s < n (also the decode path, ops/kv_cache.c). */
+PL_KERNEL void pl__ix_row_scores(float *out, const float *D, int64_t ld, const float *w, int64_t HI,
+                                 int64_t n) {
     const float w0 = w[0];
     for (int64_t s = 0; s < n; s++) out[s] = w0 * pl__relu(D[s]);
     for (int64_t j = 1; j < HI; j++) {
@@ -189,7 +189,7 @@ static void ix_row(const ix_dims *d, const ix_q8 *z, const float *D, const float
         ix_row_scores_i8(out, z->C + i * HI * t1, t1, w + (b * d->L + t) * HI,
                          z->sq + (b * d->L + t) * HI, z->sk + b * d->L, HI, t + 1);
     else
-        ix_row_scores(out, D + i * HI * t1, t1, w + (b * d->L + t) * HI, HI, t + 1);
+        pl__ix_row_scores(out, D + i * HI * t1, t1, w + (b * d->L + t) * HI, HI, t + 1);
 }
 
 /* Turns the dots of row t into dDots in place (zero for s > t) and adds dw for
@@ -420,11 +420,18 @@ typedef int32_t ix_v8i __attribute__((vector_size(32)));
 /* The four sums of the lanes of a[0..3], into out[0..3] (a transposing tree;
  * by pointer: vector arguments would change the ABI between clones). */
 static inline __attribute__((always_inline)) void ix_hsum4(const ix_v8 *a, float *out) {
-    const ix_v8i e = {0, 8, 2, 10, 4, 12, 6, 14}, o = {1, 9, 3, 11, 5, 13, 7, 15};
-    const ix_v8i lo = {0, 1, 8, 9, 4, 5, 12, 13}, hi = {2, 3, 10, 11, 6, 7, 14, 15};
-    const ix_v8 s01 = __builtin_shuffle(a[0], a[1], e) + __builtin_shuffle(a[0], a[1], o);
-    const ix_v8 s23 = __builtin_shuffle(a[2], a[3], e) + __builtin_shuffle(a[2], a[3], o);
-    const ix_v8 t = __builtin_shuffle(s01, s23, lo) + __builtin_shuffle(s01, s23, hi);
+#ifdef __clang__ /* gcc and clang name the two-vector shuffle differently */
+#define IX_SHUF(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
+#else
+#define IX_SHUF(x, y, ...) __builtin_shuffle(x, y, (ix_v8i){__VA_ARGS__})
+#endif
+    const ix_v8 s01 = IX_SHUF(a[0], a[1], 0, 8, 2, 10, 4, 12, 6, 14) +
+                      IX_SHUF(a[0], a[1], 1, 9, 3, 11, 5, 13, 7, 15);
+    const ix_v8 s23 = IX_SHUF(a[2], a[3], 0, 8, 2, 10, 4, 12, 6, 14) +
+                      IX_SHUF(a[2], a[3], 1, 9, 3, 11, 5, 13, 7, 15);
+    const ix_v8 t =
+        IX_SHUF(s01, s23, 0, 1, 8, 9, 4, 5, 12, 13) + IX_SHUF(s01, s23, 2, 3, 10, 11, 6, 7, 14, 15);
+#undef IX_SHUF
     for (int g = 0; g < 4; g++) out[g] = t[g] + t[g + 4];
 }
 

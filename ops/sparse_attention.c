@@ -61,6 +61,8 @@ typedef struct {
      * log-sum-exp of the scaled scores; the backward recomputes the scores and
      * keeps delta [B,L,H] = dO . out for the key pass. */
     float *lse, *delta;
+    int64_t qt0; /* decode (pl__sparse_attention_seqs): q, out and idx rows hold the queries
+                    t >= qt0 of one sequence (row t - qt0); 0 otherwise */
 } sa_args;
 
 #ifdef PL_ISA /* used by the kernels only */
@@ -258,7 +260,7 @@ static int cmp_i64(const void *x, const void *y) {
  * copies of a valid key. Returns the count. */
 static int64_t row_entries(const sa_args *a, int64_t b, int64_t t, int32_t *sel, int32_t *pos,
                            int64_t *tmp) {
-    const int32_t *ir = a->idx + (b * a->L + t) * a->K;
+    const int32_t *ir = a->idx + (b * a->L + t - a->qt0) * a->K;
     int64_t n = 0;
     bool sorted = true;
     for (int64_t j = 0; j < a->K; j++)
@@ -345,7 +347,7 @@ static int64_t tile_union(const sa_args *a, int64_t nr, const sa_work *w) {
  * entries), pos (K), tmp: scratch. */
 static bool tile_overlaps(const sa_args *a, int64_t b, int64_t t0, const int32_t *sel, int64_t n,
                           int32_t *prev, int32_t *pos, int64_t *tmp) {
-    if (t0 == 0 || n == 0) return false;
+    if (t0 <= a->qt0 || n == 0) return false; /* row t0 - 1 must be held */
     const int64_t np = row_entries(a, b, t0 - 1, prev, pos, tmp);
     int64_t i = 0, j = 0, common = 0;
     while (i < n && j < np) {
@@ -373,8 +375,8 @@ static PL_AI void union_scores(const sa_args *a, int64_t b, int64_t t0, int64_t 
                 const float *kr = a->k + (b * L + (u < cn ? w->uni[u0 + u] : 0)) * HD + h * D;
                 for (int64_t d = 0; d < D; d++) w->kut[d * nup + u] = u < cn ? kr[d] : 0.0f;
             }
-            pl_gemm(nr, nup, D, a->q + (b * L + t0) * HD + h * D, HD, 1, w->kut, nup, w->su, nup,
-                    false);
+            pl_gemm(nr, nup, D, a->q + (b * L + t0 - a->qt0) * HD + h * D, HD, 1, w->kut, nup,
+                    w->su, nup, false);
             for (int64_t r = 0; r < nr; r++) {
                 const int32_t *sel = w->sel + r * Kz;
                 float *z = w->z + (r * H + h) * Kz;
@@ -408,8 +410,8 @@ static PL_AI void union_out(const sa_args *a, int64_t b, int64_t t0, int64_t nr,
                     if (u >= 0 && u < cn) w->pu[r * cn + u] += p[i];
                 }
             }
-            pl_gemm(nr, D, cn, w->pu, cn, 1, w->vu, D, a->out + (b * L + t0) * HD + h * D, HD,
-                    u0 > 0);
+            pl_gemm(nr, D, cn, w->pu, cn, 1, w->vu, D, a->out + (b * L + t0 - a->qt0) * HD + h * D,
+                    HD, u0 > 0);
         }
 }
 
@@ -422,7 +424,7 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
         int32_t *sel = w->sel + r * Kz, *pos = w->pos + r * Kz;
         const int64_t n = w->n[r] = row_entries(a, b, t, sel, pos, w->tmp);
         w->cur[r] = 0;
-        memset(a->out + (b * L + t) * HD, 0, sizeof(float) * (size_t)HD);
+        memset(a->out + (b * L + t - a->qt0) * HD, 0, sizeof(float) * (size_t)HD);
         if (a->keep && n) row_keep(a, b, t, n, pos);
     }
     /* Per tile, by the measured overlap of neighbouring rows' selections
@@ -442,8 +444,8 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
                 const int64_t r = t - t0;
                 int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
                 if (c == 0) continue;
-                dots_heads(a->q + (b * L + t) * HD, kb, w->sel + r * Kz + c0, HD, H, D, pl_rupw(c),
-                           ND, w->z + r * H * Kz + c0, Kz);
+                dots_heads(a->q + (b * L + t - a->qt0) * HD, kb, w->sel + r * Kz + c0, HD, H, D,
+                           pl_rupw(c), ND, w->z + r * H * Kz + c0, Kz);
             }
         }
     }
@@ -494,7 +496,7 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
             const int64_t r = t - t0;
             int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
             if (c == 0) continue;
-            axpys_heads(a->out + (b * L + t) * HD, pw + r * H * Kz + c0, Kz, vb,
+            axpys_heads(a->out + (b * L + t - a->qt0) * HD, pw + r * H * Kz + c0, Kz, vb,
                         w->sel + r * Kz + c0, HD, H, D, c, ND);
         }
     }
@@ -778,6 +780,63 @@ pl_sparse_save pl_set_sparse_attention_save(pl_ctx *ctx, pl_sparse_save mode) {
 
 static int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
 
+/* Tiles of the forward: query rows per tile and keys per block (see below). */
+static void sa_tiles(int64_t H, int64_t D, int64_t K, int64_t *TQ, int64_t *SK) {
+    *SK = pl__tuning.sparse_tile_k > 0 ? pl__tuning.sparse_tile_k
+                                       : clamp64((1 << 15) / (H * D), 8, 1024);
+    const int64_t Kz = ((K + 7) & ~(int64_t)7) + 16;
+    *TQ = pl__tuning.sparse_tile_q > 0 ? pl__tuning.sparse_tile_q : clamp64((1 << 17) / Kz, 4, 64);
+}
+
+pl_status pl__sparse_attention_seqs(pl_ctx *ctx, const pl__sa_seq *seqs, int64_t n, int64_t H,
+                                    int64_t D, int64_t K) {
+    int64_t TQ, SK, tasks = 0, work = 0;
+    sa_tiles(H, D, K, &TQ, &SK);
+    sa_args *a = pl__scratch(ctx, sizeof(sa_args) * (size_t)(n > 0 ? n : 1));
+    int64_t *first = pl__scratch(ctx, sizeof(int64_t) * (size_t)(n + 1)); /* first task of seq */
+    if (!a || !first) return pl_last_status();
+    for (int64_t i = 0; i < n; i++) {
+        const pl__sa_seq *s = &seqs[i];
+        a[i] = (sa_args){.B = 1,
+                         .L = s->t1,
+                         .H = H,
+                         .D = D,
+                         .K = K,
+                         .W = (K + 31) / 32,
+                         .Kp = (K + 7) & ~(int64_t)7,
+                         .Kz = ((K + 7) & ~(int64_t)7) + 16,
+                         .TQ = TQ,
+                         .SK = SK,
+                         .KT = 1,
+                         .QB = 1,
+                         .scale = 1.0f / sqrtf((float)D),
+                         .keep_scale = 1.0f,
+                         .q = s->q,
+                         .k = s->k,
+                         .v = s->v,
+                         .idx = s->idx,
+                         .out = s->out,
+                         .isa = pl__isa(),
+                         .qt0 = s->t0};
+        first[i] = tasks;
+        tasks += (s->t1 - s->t0 + TQ - 1) / TQ;
+        work += (s->t1 - s->t0) * K * H * D;
+    }
+    first[n] = tasks;
+    const int nt = omp_get_max_threads();
+    const size_t per = (work_bytes(&a[0]) + 63) & ~(size_t)63;
+    unsigned char *buf = n ? pl__scratch(ctx, per * (size_t)nt) : NULL;
+    if (n && !buf) return pl_last_status();
+    PL_PARALLEL_FOR(work, schedule(dynamic, 1), r, tasks, {
+        sa_work w = work_carve(&a[0], buf + per * (size_t)omp_get_thread_num());
+        int64_t i = 0;
+        while (first[i + 1] <= r) i++;
+        const int64_t t0 = seqs[i].t0 + (r - first[i]) * TQ, t1 = seqs[i].t1;
+        PL_ISA_PICK(sa_fwd_tile, a[i].isa)(&a[i], 0, t0, t0 + TQ < t1 ? t0 + TQ : t1, &w);
+    });
+    return PL_OK;
+}
+
 pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v,
                                pl_tensor *idx, float dropout_p, pl_rng *rng) {
     static const char *fn = "pl_sparse_attention";
@@ -804,11 +863,9 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     /* Tiles: a key block's k or v rows (SK*H*D*4 bytes) within ~128 KB of L2;
      * TQ query rows share each block (their scratch, ~TQ*K*(8 + 8H) bytes, within
      * ~5 MB). The dk, dv pass: KT keys per tile, QB query rows per block. */
-    const int64_t SK = pl__tuning.sparse_tile_k > 0 ? pl__tuning.sparse_tile_k
-                                                    : clamp64((1 << 15) / (H * D), 8, 1024);
+    int64_t TQ, SK;
+    sa_tiles(H, D, K, &TQ, &SK);
     const int64_t Kz = ((K + 7) & ~(int64_t)7) + 16;
-    const int64_t TQ =
-        pl__tuning.sparse_tile_q > 0 ? pl__tuning.sparse_tile_q : clamp64((1 << 17) / Kz, 4, 64);
     sa_args a = {B,
                  L,
                  H,
@@ -835,7 +892,8 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
                  NULL,
                  pl__isa(),
                  NULL,
-                 NULL};
+                 NULL,
+                 0};
     const size_t pbytes = sizeof(float) * (size_t)(B * L * K * H);
     const bool lse_only =
         ctx->sparse_save == PL_SPARSE_SAVE_LSE ||

@@ -465,6 +465,26 @@ static pl_status plasa_step(pl_ctx *c, plasa_lm *m) {
     return s;
 }
 
+/* The parameters, U(-0.2, 0.2) (embedding U(-1, 1)); names are unique per
+ * context, so they are tagged by a run counter. */
+static void plasa_params(plasa_lm *m, uint64_t *s) {
+    static int run;
+    char nm[32];
+#define PNAME(what, li) (snprintf(nm, sizeof nm, "%s%d.%d", what, li, run), nm)
+    m->emb = tu_param(ctx, PNAME("emb", 0), PL_DIMS(PV, PD), s, -1, 1);
+    m->head = tu_param(ctx, PNAME("head", 0), PL_DIMS(PD, PV), s, -0.2f, 0.2f);
+    for (int li = 0; li < 2; li++) {
+        m->norm[li] = tu_param(ctx, PNAME("norm", li), PL_DIMS(PD), s, -0.1f, 0.1f);
+        m->wqkv[li] = tu_param(ctx, PNAME("wqkv", li), PL_DIMS(PD, 3 * PD), s, -0.2f, 0.2f);
+        m->wo[li] = tu_param(ctx, PNAME("wo", li), PL_DIMS(PD, PD), s, -0.2f, 0.2f);
+        m->iq[li] = tu_param(ctx, PNAME("iq", li), PL_DIMS(PD, PHI * PDI), s, -0.2f, 0.2f);
+        m->ik[li] = tu_param(ctx, PNAME("ik", li), PL_DIMS(PD, PDI), s, -0.2f, 0.2f);
+        m->iw[li] = tu_param(ctx, PNAME("iw", li), PL_DIMS(PD, PHI), s, -0.2f, 0.2f);
+    }
+#undef PNAME
+    run++;
+}
+
 /* Five steady PLASA steps on `threads` threads; par_min: the serial cutoff
  * for the kernels (default, or 0: every loop worth a region). */
 static void plasa_full_step(int threads, int64_t par_min) {
@@ -474,22 +494,7 @@ static void plasa_full_step(int threads, int64_t par_min) {
     pl__tuning.par_min = par_min;
     uint64_t s = 6;
     plasa_lm m = {.step = 0};
-    /* Parameter names are unique per context: tag them by layer and run. */
-    static int run;
-    char nm[32];
-#define PNAME(what, li) (snprintf(nm, sizeof nm, "%s%d.%d", what, li, run), nm)
-    m.emb = tu_param(ctx, PNAME("emb", 0), PL_DIMS(PV, PD), &s, -1, 1);
-    m.head = tu_param(ctx, PNAME("head", 0), PL_DIMS(PD, PV), &s, -0.2f, 0.2f);
-    for (int li = 0; li < 2; li++) {
-        m.norm[li] = tu_param(ctx, PNAME("norm", li), PL_DIMS(PD), &s, -0.1f, 0.1f);
-        m.wqkv[li] = tu_param(ctx, PNAME("wqkv", li), PL_DIMS(PD, 3 * PD), &s, -0.2f, 0.2f);
-        m.wo[li] = tu_param(ctx, PNAME("wo", li), PL_DIMS(PD, PD), &s, -0.2f, 0.2f);
-        m.iq[li] = tu_param(ctx, PNAME("iq", li), PL_DIMS(PD, PHI * PDI), &s, -0.2f, 0.2f);
-        m.ik[li] = tu_param(ctx, PNAME("ik", li), PL_DIMS(PD, PDI), &s, -0.2f, 0.2f);
-        m.iw[li] = tu_param(ctx, PNAME("iw", li), PL_DIMS(PD, PHI), &s, -0.2f, 0.2f);
-    }
-#undef PNAME
-    run++;
+    plasa_params(&m, &s);
     for (int i = 0; i < PB * PL_; i++) {
         m.ids[i] = tu_randint(&s, 0, PV - 1);
         m.targets[i] = tu_randint(&s, 0, PV - 1);
@@ -536,6 +541,99 @@ START_TEST(steady_state_plasa_step) {
 END_TEST
 
 START_TEST(steady_state_plasa_step_single_thread) { plasa_full_step(1, pl__tuning.par_min); }
+END_TEST
+
+/* ---- decoding ----
+ * The same kind of model decoding with a KV cache (layer 0 dense, layer 1 PLASA
+ * with k = 3), two sequences, a prompt of 8 tokens then one token at a time to
+ * the cache's capacity, each token sampled (temperature, top-k, top-p). Once a
+ * pass to the capacity has run (the arena has grown to the longest context), a
+ * second pass makes no heap allocation. */
+static pl_tensor *decode_layer(pl_ctx *c, const plasa_lm *m, pl_kv_cache *kv, int li, pl_tensor *x,
+                               int64_t nt, int64_t pos) {
+    pl_tensor *qkv = pl_linear(c, x, m->wqkv[li], NULL);
+    pl_tensor *q = pl_reshape(c, pl_slice(c, qkv, 2, 0, PD), PL_DIMS(PB, nt, PH, PD / PH));
+    pl_tensor *k = pl_reshape(c, pl_slice(c, qkv, 2, PD, PD), PL_DIMS(PB, nt, PH, PD / PH));
+    pl_tensor *v = pl_reshape(c, pl_slice(c, qkv, 2, 2 * PD, PD), PL_DIMS(PB, nt, PH, PD / PH));
+    q = pl_rope(c, q, 10000.0f, pos);
+    k = pl_rope(c, k, 10000.0f, pos);
+    pl_tensor *a;
+    if (li == 0) {
+        if (pl_kv_cache_append(kv, li, 0, k, v, NULL)) return NULL;
+        a = pl_attention_cached(c, kv, li, 0, q);
+    } else {
+        pl_tensor *qI = pl_linear(c, x, m->iq[li], NULL);
+        pl_tensor *kI = pl_linear(c, x, m->ik[li], NULL);
+        pl_tensor *wI = pl_linear(c, x, m->iw[li], NULL);
+        if (pl_kv_cache_append(kv, li, 0, k, v, kI)) return NULL;
+        a = pl_sparse_attention_cached(c, kv, li, 0, q,
+                                       pl_indexer_topk_cached(c, kv, li, 0, qI, wI, plasa_k[li]));
+    }
+    return pl_linear(c, pl_reshape(c, a, PL_DIMS(PB, nt, PD)), m->wo[li], NULL);
+}
+
+static pl_status decode_pass(pl_ctx *c, const plasa_lm *m, pl_kv_cache *kv, pl_rng *rng) {
+    int32_t ids[PB * 8], next[PB * 8];
+    memcpy(ids, m->ids, sizeof ids);
+    pl_sample_config sc = {0.9f, 20, 0.95f};
+    pl_kv_cache_reset(kv);
+    for (int64_t pos = 0, nt = 8; pos < PL_; pos += nt, nt = 1) {
+        pl_tensor *h = pl_embedding(c, m->emb, pl_from_data(c, PL_I32, PL_DIMS(PB, nt), ids));
+        for (int li = 0; li < 2; li++)
+            h = pl_add(c, h,
+                       decode_layer(c, m, kv, li, pl_rmsnorm(c, h, m->norm[li], 1e-6f), nt, pos));
+        pl_tensor *lg = pl_slice(c, pl_linear(c, h, m->head, NULL), 1, nt - 1, 1);
+        if (!lg || pl_sample(c, lg, &sc, rng, next, NULL)) return pl_last_status();
+        memcpy(ids, next, sizeof(int32_t) * PB);
+        pl_step_reset(c);
+    }
+    return PL_OK;
+}
+
+static void decode_steps(int threads) {
+    int keep = pl_get_num_threads();
+    pl_set_num_threads(threads);
+    uint64_t s = 8;
+    plasa_lm m = {.step = 0};
+    plasa_params(&m, &s);
+    for (int i = 0; i < PB * PL_; i++) m.ids[i] = tu_randint(&s, 0, PV - 1);
+    const int dims[2] = {0, PDI};
+    pl_kv_cache_config cc = {2, PB, PL_, PH, PD / PH, dims};
+    pl_kv_cache *kv = pl_kv_cache_new(&cc);
+    ck_assert_ptr_nonnull(kv);
+    bool was = pl_set_grad_enabled(ctx, false);
+    pl_rng rng;
+    pl_rng_init(&rng, 3);
+    ck_assert_msg(decode_pass(ctx, &m, kv, &rng) == PL_OK, "%s", pl_last_error()); /* warm */
+    uint64_t lib0 = pl_heap_allocations();
+    counters_start();
+    pl_status st = decode_pass(ctx, &m, kv, &rng);
+    counters_stop();
+    pl_set_grad_enabled(ctx, was);
+    pl_kv_cache_free(kv);
+    pl_set_num_threads(keep);
+    ck_assert_msg(st == PL_OK, "%s", pl_last_error());
+    ck_assert_uint_eq(pl_heap_allocations() - lib0, 0);
+    if (!under_valgrind()) {
+        ck_assert_msg(atomic_load(&n_alloc) == 0 && atomic_load(&n_free) == 0,
+                      "decoding: %ld allocations, %ld frees outside dnnl_sgemm and libgomp",
+                      atomic_load(&n_alloc), atomic_load(&n_free));
+        ck_assert_msg(atomic_load(&t_alloc) == 0 && atomic_load(&t_free) == 0,
+                      "decoding: libgomp: %ld allocations, %ld frees in %ld parallel regions",
+                      atomic_load(&t_alloc), atomic_load(&t_free), atomic_load(&t_calls));
+        printf("test_memory: decoding %d positions x %d sequences, %d thread(s): 0 allocations "
+               "outside oneDNN (libgomp: 0 in %ld parallel regions); dnnl_sgemm %ld calls, %ld "
+               "allocations, all freed within the call\n",
+               PL_, PB, threads, atomic_load(&t_calls), atomic_load(&g_calls),
+               atomic_load(&g_alloc));
+    }
+    ck_assert_int_eq(atomic_load(&g_alloc), atomic_load(&g_free));
+}
+
+START_TEST(decode_allocates_nothing) {
+    decode_steps(2);
+    decode_steps(1);
+}
 END_TEST
 
 /* ---- arena ---- */
@@ -767,6 +865,7 @@ int main(void) {
     tcase_add_test(tc, steady_state_full_step_single_thread);
     tcase_add_test(tc, steady_state_plasa_step);
     tcase_add_test(tc, steady_state_plasa_step_single_thread);
+    tcase_add_test(tc, decode_allocates_nothing);
     tcase_add_test(tc, arena_stats);
     tcase_add_test(tc, arena_growth_and_merge);
     tcase_add_test(tc, marks);

@@ -1,6 +1,6 @@
 /* layer_norm (with and without weight and bias), log_softmax, masked_fill,
- * mse_loss and bce_with_logits: forward against naive double references,
- * gradient checks, and errors. */
+ * mse_loss, bce_with_logits and cross-entropy with label smoothing: forward against naive double
+ * references, gradient checks, and errors. */
 #include "fixture.h"
 
 START_TEST(layer_norm_matches_naive) {
@@ -140,6 +140,48 @@ START_TEST(loss_gradients) {
 }
 END_TEST
 
+START_TEST(cross_entropy_smooth_matches_naive) {
+    uint64_t s = 87;
+    pl_tensor *x = tu_param(ctx, "x", PL_DIMS(5, 7), &s, -4, 4);
+    int32_t tv[5] = {3, -1, 0, 6, 2};
+    pl_tensor *t = pl_from_data(ctx, PL_I32, PL_DIMS(5), tv);
+    const float e = 0.1f;
+    pl_tensor *y = pl_cross_entropy_smooth(ctx, x, t, e);
+    ck_assert_msg(y != NULL, "%s", pl_last_error());
+    ck_assert_int_eq(pl_backward(ctx, y), PL_OK);
+    double L = 0, dx[35] = {0};
+    for (int r = 0; r < 5; r++) {
+        if (tv[r] < 0) continue;
+        const float *xr = pl_f32(x) + r * 7;
+        double m = -INFINITY, z = 0;
+        for (int j = 0; j < 7; j++) m = fmax(m, xr[j]);
+        for (int j = 0; j < 7; j++) z += exp(xr[j] - m);
+        for (int j = 0; j < 7; j++) {
+            double lp = xr[j] - m - log(z), q = (1 - e) * (j == tv[r]) + e / 7.0;
+            L -= q * lp / 4; /* 4 counted rows */
+            dx[r * 7 + j] = (exp(lp) - q) / 4;
+        }
+    }
+    ck_assert_float_eq_tol(pl_f32(y)[0], (float)L, 1e-5);
+    for (int i = 0; i < 35; i++) ck_assert_float_eq_tol(x->grad[i], (float)dx[i], 1e-6);
+    ck_assert_ptr_null(pl_cross_entropy_smooth(ctx, x, t, 1.5f));
+    tu_assert_error(PL_ERR_ARG, "pl_cross_entropy_smooth: smoothing (1.5) must be in [0, 1]");
+}
+END_TEST
+
+static pl_tensor *ces_fn(pl_ctx *c, pl_tensor *const *in, void *u) {
+    return pl_cross_entropy_smooth(c, in[0], u, 0.2f);
+}
+
+START_TEST(cross_entropy_smooth_gradient) {
+    uint64_t s = 88;
+    pl_tensor *x = tu_param(ctx, "x", PL_DIMS(2, 3, 5), &s, -2, 2);
+    int32_t tv[6] = {1, 4, -1, 0, 2, 3};
+    pl_tensor *t = pl_from_data(ctx, PL_I32, PL_DIMS(2, 3), tv);
+    tu_gradcheck(ctx, ces_fn, t, &x, 1, 1e-2, 1e-3, 1e-2, 0);
+}
+END_TEST
+
 START_TEST(errors) {
     pl_tensor *x = pl_zeros(ctx, PL_F32, PL_DIMS(2, 3));
     pl_tensor *w4 = pl_zeros(ctx, PL_F32, PL_DIMS(4));
@@ -170,6 +212,8 @@ int main(void) {
     tcase_add_test(tc, masked_fill_forward_and_backward);
     tcase_add_test(tc, losses_match_naive);
     tcase_add_test(tc, loss_gradients);
+    tcase_add_test(tc, cross_entropy_smooth_matches_naive);
+    tcase_add_test(tc, cross_entropy_smooth_gradient);
     tcase_add_test(tc, errors);
     return tu_run(s);
 }

@@ -8,7 +8,6 @@
  * the file takes seconds. */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
-#include <stdarg.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -63,16 +62,9 @@ static void write_corpus(const char *path, int docs, uint64_t seed) {
     tr_buf_free(&b);
 }
 
-/* The same with the space-separated words of a printf line (our paths have
- * no spaces). */
-static int run(tr_buf *out, const char *fmt, ...) TR_PRINTF(2, 3);
-static int run(tr_buf *out, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    int st = tu_run_vline(PLASA_TRAIN_BIN, out, fmt, ap);
-    va_end(ap);
-    return st;
-}
+/* Runs the trainer with the space-separated words of a printf line (our
+ * paths have no spaces). */
+#define run(out, ...) tu_run_words(PLASA_TRAIN_BIN, (out), __VA_ARGS__)
 
 /* Like run, and the run must succeed. */
 #define RUN_OK(out, ...)                                                                           \
@@ -535,6 +527,12 @@ START_TEST(binary_bad_input_with_model) {
     /* a good checkpoint of this shape, for the mismatch cases */
     RUN_OK(&out, SMALL "--threads 1 --data %s --vocab 300 --steps 2 --eval-every 0 --checkpoint %s",
            corpus, tu_tmp_path("good.ckpt"));
+    { /* a checkpoint without the model's configuration (as older versions wrote) */
+        pl_ctx *c = pl_ctx_new(NULL);
+        ck_assert_ptr_nonnull(pl_param_new(c, "tok_emb", PL_DIMS(300, 32)));
+        ck_assert_int_eq(pl_checkpoint_save(c, tu_tmp_path("old.ckpt"), NULL, NULL, 0), PL_OK);
+        pl_ctx_free(c);
+    }
     struct {
         const char *args, *msg;
     } cases[] = {
@@ -556,8 +554,9 @@ START_TEST(binary_bad_input_with_model) {
         {"--data @corpus.txt --vocab 300 --resume @junk.ckpt", "loading a checkpoint"},
         {"--data @corpus.txt --vocab 300 --resume @nope.ckpt", "no such file"},
         {"--data @corpus.txt --vocab 300 --init @junk.ckpt", "loading weights"},
-        {"--data @corpus.txt --vocab 300 --ffn 48 --resume @good.ckpt",
-         "[64, 32] in the file but [48, 32]"},
+        {"--data @corpus.txt --vocab 300 --ffn 48 --resume @good.ckpt", "--ffn 48 conflicts with"},
+        {"--data @corpus.txt --vocab 300 --k 8 --resume @good.ckpt", "was trained with k = 32"},
+        {"--data @corpus.txt --vocab 300 --resume @old.ckpt", "holds no model configuration"},
         {"--data @corpus.txt --vocab 300 --dim 64 --init @good.ckpt", "[32] in the file but [64]"},
         {"--data @corpus.txt --vocab 300 --steps 2 --resume @good.ckpt", "leaves nothing to do"},
         {"--data @corpus.txt --vocab 300 --save-every 5", "--save-every needs --checkpoint"},

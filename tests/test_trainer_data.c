@@ -698,6 +698,22 @@ int model_load_params(tr_model *m, const char *path) {
     m->steps = 0;
     return rc;
 }
+/* The stand-in's checkpoints hold no configuration or tokenizer, and it cannot
+ * decode (train.c asks for that only with --sample-every). */
+int model_set_tokenizer(tr_model *m, const char *text) { return 0; }
+const char *model_tokenizer(const tr_model *m) { return NULL; }
+int model_read_config(const char *path, tr_config *cfg, int *vocab, char **tokenizer) {
+    *vocab = cfg->vocab;
+    *tokenizer = NULL;
+    return tr_file_exists(path) ? 0 : tr_fail("cannot open %s", path);
+}
+int model_decode_start(tr_model *m, int64_t capacity) { return tr_fail("stand-in: no decoding"); }
+int64_t model_decode_len(const tr_model *m) { return 0; }
+struct pl_ctx *model_ctx(tr_model *m) { return NULL; }
+struct pl_tensor *model_decode(tr_model *m, const int32_t *ids, int n) {
+    tr_fail("stand-in: no decoding");
+    return NULL;
+}
 
 START_TEST(training_loop_outputs) {
     tu_mk_tmp();

@@ -58,8 +58,8 @@ static int run_stdout(int out_fd, const char *const *args) {
 
 /* ---- checkpoint metadata ---- */
 
-/* src with the metadata steps_done = steps (NULL: none) and, if step32 is
- * not NULL, adamw.step = *step32, saved as dst. */
+/* src with the metadata steps_done = steps (NULL: none; the other metadata
+ * kept) and, if step32 is not NULL, adamw.step = *step32, saved as dst. */
 static void craft_checkpoint(const char *src, const char *dst, const char *steps,
                              const int32_t *step32) {
     pl_ctx *c = pl_ctx_new(NULL);
@@ -73,8 +73,20 @@ static void craft_checkpoint(const char *src, const char *dst, const char *steps
             }
         ck_assert(found);
     }
-    const char *keys[2] = {"format", "steps_done"}, *vals[2] = {"libplasa plasa-train v1", steps};
-    ck_assert_int_eq(pl_checkpoint_save(c, dst, keys, vals, steps ? 2 : 1), PL_OK);
+    /* the rest of src's metadata (format, the model's configuration and
+     * tokenizer) as it was */
+    pl_safetensors *st = pl_safetensors_open(src);
+    ck_assert_ptr_nonnull(st);
+    const char *keys[64], *vals[64];
+    int n = 0;
+    for (int i = 0; i < pl_safetensors_meta_count(st) && n < 63; i++)
+        if (strcmp(pl_safetensors_meta_key(st, i), "steps_done") != 0) {
+            keys[n] = pl_safetensors_meta_key(st, i);
+            vals[n++] = pl_safetensors_meta_value(st, i);
+        }
+    if (steps) keys[n] = "steps_done", vals[n++] = steps;
+    ck_assert_int_eq(pl_checkpoint_save(c, dst, keys, vals, n), PL_OK);
+    pl_safetensors_close(st);
     pl_ctx_free(c);
 }
 

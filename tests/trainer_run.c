@@ -10,7 +10,21 @@
 
 #include "testutil.h"
 
-int tu_run_program(const char *bin, const char *const *args, tr_buf *out) {
+/* The child's side: argv from bin and args, the wait policy, exec. */
+static void exec_child(const char *bin, const char *const *args) {
+    /* On a loaded machine OpenMP's spinning threads wait for each other
+     * for whole time slices (10x slower at --threads 2); the wait policy
+     * changes no result. */
+    setenv("OMP_WAIT_POLICY", "passive", 0);
+    const char *argv[80] = {bin};
+    int n = 1;
+    for (; args[n - 1] && n < 79; n++) argv[n] = args[n - 1];
+    argv[n] = NULL;
+    execv(bin, (char *const *)argv);
+    _exit(127);
+}
+
+pid_t tu_spawn(const char *bin, const char *const *args, int *fd_out) {
     int fd[2];
     ck_assert_int_eq(pipe(fd), 0);
     fflush(NULL);
@@ -20,29 +34,31 @@ int tu_run_program(const char *bin, const char *const *args, tr_buf *out) {
         dup2(fd[1], 1);
         dup2(fd[1], 2);
         close(fd[0]);
-        /* On a loaded machine OpenMP's spinning threads wait for each other
-         * for whole time slices (10x slower at --threads 2); the wait policy
-         * changes no result. */
-        setenv("OMP_WAIT_POLICY", "passive", 0);
-        const char *argv[80] = {bin};
-        int n = 1;
-        for (; args[n - 1] && n < 79; n++) argv[n] = args[n - 1];
-        argv[n] = NULL;
-        execv(bin, (char *const *)argv);
-        _exit(127);
+        exec_child(bin, args);
     }
     close(fd[1]);
-    out->len = 0;
+    *fd_out = fd[0];
+    return pid;
+}
+
+int tu_finish_program(pid_t pid, int fd, tr_buf *out) {
     char buf[4096];
     ssize_t got;
-    while ((got = read(fd[0], buf, sizeof buf)) > 0) tr_buf_append(out, buf, (size_t)got);
-    close(fd[0]);
+    while ((got = read(fd, buf, sizeof buf)) > 0) tr_buf_append(out, buf, (size_t)got);
+    close(fd);
     tr_buf_putc(out, 0);
     int st;
     ck_assert_int_eq(waitpid(pid, &st, 0), pid);
     ck_assert_msg(!strstr(out->data, "Sanitizer") && !strstr(out->data, "runtime error"), "%s",
                   out->data);
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+int tu_run_program(const char *bin, const char *const *args, tr_buf *out) {
+    int fd;
+    pid_t pid = tu_spawn(bin, args, &fd);
+    out->len = 0;
+    return tu_finish_program(pid, fd, out);
 }
 
 int tu_run_vline(const char *bin, tr_buf *out, const char *fmt, va_list ap) {
@@ -59,6 +75,14 @@ int tu_run_vline(const char *bin, tr_buf *out, const char *fmt, va_list ap) {
     return tu_run_program(bin, args, out);
 }
 
+int tu_run_words(const char *bin, tr_buf *out, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int st = tu_run_vline(bin, out, fmt, ap);
+    va_end(ap);
+    return st;
+}
+
 int tu_run_program_fd(const char *bin, const char *const *args, int out_fd) {
     fflush(NULL);
     pid_t pid = fork();
@@ -70,13 +94,7 @@ int tu_run_program_fd(const char *bin, const char *const *args, int out_fd) {
             dup2(out_fd, 1);
         else
             close(1);
-        setenv("OMP_WAIT_POLICY", "passive", 0);
-        const char *argv[80] = {bin};
-        int n = 1;
-        for (; args[n - 1] && n < 79; n++) argv[n] = args[n - 1];
-        argv[n] = NULL;
-        execv(bin, (char *const *)argv);
-        _exit(127);
+        exec_child(bin, args);
     }
     int st;
     ck_assert_int_eq(waitpid(pid, &st, 0), pid);

@@ -71,16 +71,21 @@ static const flagdef flags[] = {
     {"log-every", T_I64, OFF(log_every), 1, BIG, "N",
      "steps between progress lines when stderr is not a terminal"},
     {"json", T_STR, OFF(json), 0, 0, "FILE", "also write the final JSON result to FILE"},
-    {"csv", T_STR, OFF(csv), 0, 0, "FILE", "write the loss curve as CSV"},
+    {"csv", T_STR, OFF(csv), 0, 0, "FILE",
+     "write the loss curve as CSV (as training goes, flushed at every log line)"},
     {"plot", T_STR, OFF(plot), 0, 0, "FILE", "write the loss curve as an SVG plot"},
-    {"checkpoint", T_STR, OFF(checkpoint), 0, 0, "FILE", "save the model here (at the end)"},
+    {"checkpoint", T_STR, OFF(checkpoint), 0, 0, "FILE",
+     "save the model here (at the end, and when SIGINT/SIGTERM stops training)"},
     {"save-every", T_I64, OFF(save_every), 0, BIG, "N",
      "also save the checkpoint every N steps (0: only at the end)"},
     {"resume", T_STR, OFF(resume), 0, 0, "FILE",
-     "resume training from a checkpoint (model, optimiser, step)"},
+     "resume training from a checkpoint (model, optimiser, step; its shape and k are reused)"},
+    {"sample-every", T_I64, OFF(sample_every), 0, BIG, "N",
+     "print a short generated sample every N steps (0: never)"},
     {"init", T_STR, OFF(init), 0, 0, "FILE", "initialise the parameters from a checkpoint"},
 };
 #define NFLAGS (sizeof flags / sizeof *flags)
+_Static_assert(NFLAGS <= 64, "tr_config.given has 64 bits");
 
 void cli_defaults(tr_config *c) {
     memset(c, 0, sizeof *c);
@@ -212,6 +217,7 @@ int cli_parse(int argc, char **argv, tr_config *c) {
             if (strlen(flags[j].name) == len && strncmp(flags[j].name, name, len) == 0)
                 f = &flags[j];
         if (!f) return tr_fail("unknown flag '%.*s' (see --help)", (int)(len + 2), a);
+        c->given |= 1ull << (f - flags);
         if (f->type == T_SWITCH) {
             if (eq) return tr_fail("--%s takes no value", f->name);
             *(bool *)field(c, f) = true;
@@ -243,6 +249,12 @@ int cli_parse(int argc, char **argv, tr_config *c) {
     if (c->resume && c->init) return tr_fail("--resume and --init exclude each other");
     if (c->save_every && !c->checkpoint) return tr_fail("--save-every needs --checkpoint FILE");
     return resolve_k(c);
+}
+
+bool cli_given(const tr_config *c, const char *name) {
+    for (size_t j = 0; j < NFLAGS; j++)
+        if (strcmp(flags[j].name, name) == 0) return (c->given >> j) & 1;
+    return false;
 }
 
 /* Length of the valid UTF-8 sequence at p (RFC 3629: no overlong forms, no

@@ -32,14 +32,17 @@ typedef struct {
     double val_share;
     bool no_pretok, prepare_only;
     /* evaluation, output, checkpoints */
-    int64_t eval_every, eval_max_tokens, log_every, save_every;
+    int64_t eval_every, eval_max_tokens, log_every, save_every, sample_every;
     const char *json, *csv, *plot, *checkpoint, *resume, *init;
+    uint64_t given; /* bit i: the i-th flag of --help appeared on the command line */
 } tr_config;
 
 void cli_defaults(tr_config *cfg);
 /* 0: parsed and validated; 1: --help was printed; -1: error (message set). */
 int cli_parse(int argc, char **argv, tr_config *cfg);
 void cli_usage(FILE *f);
+/* Whether --name appeared on the command line. */
+bool cli_given(const tr_config *cfg, const char *name);
 /* Appends the whole configuration as a JSON object. */
 int cli_config_json(const tr_config *cfg, tr_buf *out);
 /* Appends s as a JSON string literal (quoted, escaped). */

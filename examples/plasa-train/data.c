@@ -70,6 +70,14 @@ static int from_bins(const tr_config *cfg, tr_data *d) {
     return 0;
 }
 
+/* The tokenizer's file text goes into checkpoints (model_set_tokenizer). */
+static int keep_tokenizer(const bpe *tok, tr_data *d) {
+    tr_buf b = {0};
+    if (bpe_serialize(tok, &b)) return tr_fail("out of memory (tokenizer text)");
+    d->tokenizer_text = b.data;
+    return 0;
+}
+
 static int from_text(const tr_config *cfg, tr_data *d) {
     tr_buf text = {0}, train = {0}, val = {0};
     bpe *tok = NULL;
@@ -84,7 +92,7 @@ static int from_text(const tr_config *cfg, tr_data *d) {
         encode_split(tok, &val, &d->val, &d->nval))
         goto done;
     snprintf(d->source, sizeof d->source, "text file %s", cfg->data);
-    rc = 0;
+    rc = keep_tokenizer(tok, d);
 done:
     bpe_free(tok);
     tr_buf_free(&text);
@@ -158,6 +166,7 @@ static int from_brown(const tr_config *cfg, tr_data *d) {
     fprintf(stderr, "plasa-train: cached tokenizer and tokens in %s\n", d->cache);
     rc = 0;
 done:
+    if (!rc) rc = keep_tokenizer(tok, d);
     bpe_free(tok);
     tr_buf_free(&train);
     tr_buf_free(&val);
@@ -181,7 +190,9 @@ int data_prepare(const tr_config *cfg, tr_data *d) {
 void data_free(tr_data *d) {
     free(d->train);
     free(d->val);
+    free(d->tokenizer_text);
     d->train = d->val = NULL;
+    d->tokenizer_text = NULL;
 }
 
 int data_stats_json(const tr_data *d, tr_buf *out) {

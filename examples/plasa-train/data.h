@@ -27,6 +27,7 @@ typedef struct {
     corpus_stats corpus;
     bool tokenizer_trained; /* this run trained it (else loaded or none) */
     double tokenizer_seconds, prepare_seconds;
+    char *tokenizer_text; /* the BPE tokenizer as its file text (bpe_parse), NULL for token files */
 } tr_data;
 
 /* Prepares the data cfg asks for; notes go to stderr. Fails when a split

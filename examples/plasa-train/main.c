@@ -55,6 +55,7 @@ int main(int argc, char **argv) {
             return fail(tr_error());
         }
     if (cfg.threads > 0) pl_set_num_threads(cfg.threads);
+    if (tr_resume_config(&cfg)) return fail(tr_error());
 
     tr_data data;
     if (data_prepare(&cfg, &data)) {

@@ -10,6 +10,7 @@
  * them. FFN_i: SwiGLU MLP on even layers, top-2 mixture of experts on odd
  * layers. Parameters are stored [in, out] (y = x W) under the names of
  * tools/torch_ref, so one safetensors file loads on both sides. */
+#define _POSIX_C_SOURCE 200809L /* strdup */
 #include "model.h"
 
 #include <math.h>
@@ -35,6 +36,8 @@ typedef struct {
 struct tr_model {
     tr_config cfg;
     int vocab;
+    char *tokenizer;    /* file text of the BPE tokenizer, saved in checkpoints; or NULL */
+    pl_kv_cache *cache; /* decoding (model_decode_start) */
     pl_ctx *ctx;
     pl_adamw *opt;
     pl_tensor *tok_emb, *final_norm, *lm_head;
@@ -144,6 +147,8 @@ tr_model *model_create(const tr_config *cfg, int vocab) {
 
 void model_free(tr_model *m) {
     if (!m) return;
+    pl_kv_cache_free(m->cache);
+    free(m->tokenizer);
     pl_adamw_free(m->opt);
     pl_ctx_free(m->ctx);
     free(m);
@@ -156,6 +161,35 @@ int model_layer_k(const tr_model *m, int i) { return m->layers[i].k; }
 /* Attention of one layer on x = RMSNorm(h) [B, L, d]. Dropout counters are a
  * function of (seed, step, layer), so a resumed run draws the same masks.
  * With an indexer loss weight, *aux accumulates the layer's KL term. */
+/* Decoding: the layer's T new positions of sequence 0 against the KV cache
+ * (dense when the layer's k >= the training length, as in training). */
+static pl_tensor *attention_decode(tr_model *m, int li, pl_tensor *x) {
+    pl_ctx *ctx = m->ctx;
+    const layer *l = &m->layers[li];
+    int64_t T = x->shape[1], d = m->cfg.dim, H = m->cfg.heads, D = d / H;
+    int64_t pos = pl_kv_cache_len(m->cache, li, 0);
+    pl_tensor *qkv = pl_linear(ctx, x, l->wqkv, NULL);
+    pl_tensor *q = pl_reshape(ctx, pl_slice(ctx, qkv, 2, 0, d), PL_DIMS(1, T, H, D));
+    pl_tensor *k = pl_reshape(ctx, pl_slice(ctx, qkv, 2, d, d), PL_DIMS(1, T, H, D));
+    pl_tensor *v = pl_reshape(ctx, pl_slice(ctx, qkv, 2, 2 * d, d), PL_DIMS(1, T, H, D));
+    q = pl_rope(ctx, q, ROPE_BASE, pos);
+    k = pl_rope(ctx, k, ROPE_BASE, pos);
+    pl_tensor *a;
+    if (!k || !v || !q) return NULL;
+    if (l->k >= m->cfg.seq) {
+        if (pl_kv_cache_append(m->cache, li, 0, k, v, NULL)) return NULL;
+        a = pl_attention_cached(ctx, m->cache, li, 0, q);
+    } else {
+        pl_tensor *qI = pl_linear(ctx, x, l->iq, NULL);
+        pl_tensor *kI = pl_linear(ctx, x, l->ik, NULL);
+        pl_tensor *wI = pl_linear(ctx, x, l->iw, NULL);
+        if (!kI || pl_kv_cache_append(m->cache, li, 0, k, v, kI)) return NULL;
+        pl_tensor *idx = pl_indexer_topk_cached(ctx, m->cache, li, 0, qI, wI, l->k);
+        a = pl_sparse_attention_cached(ctx, m->cache, li, 0, q, idx);
+    }
+    return pl_linear(ctx, pl_reshape(ctx, a, PL_DIMS(1, T, d)), l->wo, NULL);
+}
+
 static pl_tensor *attention(tr_model *m, int li, pl_tensor *x, float p_drop, int64_t step,
                             pl_tensor **aux) {
     pl_ctx *ctx = m->ctx;
@@ -201,21 +235,56 @@ static pl_tensor *ffn(tr_model *m, const layer *l, pl_tensor *x) {
     return pl_linear(ctx, pl_swiglu(ctx, g, u), l->down, NULL);
 }
 
-/* Logits [B, L, V] for ids [B, L]. */
-static pl_tensor *forward(tr_model *m, const int32_t *inputs, int batch, bool train, int64_t step,
-                          pl_tensor **aux) {
+/* Logits [B, L, V] for ids [B, L] (L = cfg->seq); decode: ids [1, L] are the
+ * next L positions of the KV cache's sequence (any L >= 1). */
+static pl_tensor *forward_ids(tr_model *m, const int32_t *inputs, int batch, int64_t L, bool decode,
+                              bool train, int64_t step, pl_tensor **aux) {
     pl_ctx *ctx = m->ctx;
-    int64_t B = batch, L = m->cfg.seq;
+    int64_t B = batch;
     pl_tensor *ids = pl_from_data(ctx, PL_I32, PL_DIMS(B, L), inputs);
     pl_tensor *h = pl_embedding(ctx, m->tok_emb, ids);
     float p_drop = train ? (float)m->cfg.dropout : 0.0f;
     for (int i = 0; i < m->cfg.layers && h; i++) {
         const layer *l = &m->layers[i];
+        pl_tensor *x = pl_rmsnorm(ctx, h, l->attn_norm, NORM_EPS);
         h = pl_add(ctx, h,
-                   attention(m, i, pl_rmsnorm(ctx, h, l->attn_norm, NORM_EPS), p_drop, step, aux));
+                   decode ? attention_decode(m, i, x) : attention(m, i, x, p_drop, step, aux));
         h = pl_add(ctx, h, ffn(m, l, pl_rmsnorm(ctx, h, l->ffn_norm, NORM_EPS)));
     }
     return pl_linear(ctx, pl_rmsnorm(ctx, h, m->final_norm, NORM_EPS), m->lm_head, NULL);
+}
+
+static pl_tensor *forward(tr_model *m, const int32_t *inputs, int batch, bool train, int64_t step,
+                          pl_tensor **aux) {
+    return forward_ids(m, inputs, batch, m->cfg.seq, false, train, step, aux);
+}
+
+int model_decode_start(tr_model *m, int64_t capacity) {
+    if (!m->cache || pl_kv_cache_capacity(m->cache) < capacity) {
+        pl_kv_cache_free(m->cache);
+        int dims[CLI_MAX_LAYERS];
+        for (int i = 0; i < m->cfg.layers; i++)
+            dims[i] = m->layers[i].k >= m->cfg.seq ? 0 : m->cfg.indexer_dim;
+        pl_kv_cache_config cc = {
+            m->cfg.layers, 1, capacity, m->cfg.heads, m->cfg.dim / m->cfg.heads, dims};
+        if (!(m->cache = pl_kv_cache_new(&cc))) return fail("decoding cache");
+    }
+    pl_kv_cache_reset(m->cache);
+    return 0;
+}
+
+int64_t model_decode_len(const tr_model *m) {
+    return m->cache ? pl_kv_cache_len(m->cache, 0, 0) : 0;
+}
+
+pl_tensor *model_decode(tr_model *m, const int32_t *ids, int n) {
+    if (!m->cache) return fail("decoding before model_decode_start"), NULL;
+    pl_ctx *ctx = m->ctx;
+    bool was = pl_set_grad_enabled(ctx, false);
+    pl_tensor *lg = forward_ids(m, ids, 1, n, true, false, 0, NULL);
+    pl_set_grad_enabled(ctx, was);
+    if (!lg) return fail("decoding"), NULL;
+    return lg;
 }
 
 pl_ctx *model_ctx(tr_model *m) { return m->ctx; }
@@ -284,13 +353,93 @@ int model_eval(tr_model *m, const int32_t *inputs, const int32_t *targets, int b
     return 0;
 }
 
-int model_save(const tr_model *m, const char *path, int64_t steps_done) {
-    char steps[32];
-    snprintf(steps, sizeof steps, "%lld", (long long)steps_done);
-    const char *keys[] = {"format", "steps_done"};
-    const char *vals[] = {"libplasa plasa-train v1", steps};
-    if (pl_checkpoint_save(m->ctx, path, keys, vals, 2)) return fail("saving a checkpoint");
+int model_set_tokenizer(tr_model *m, const char *text) {
+    free(m->tokenizer);
+    m->tokenizer = NULL;
+    if (text && !(m->tokenizer = strdup(text))) return tr_fail("model: out of memory");
     return 0;
+}
+
+const char *model_tokenizer(const tr_model *m) { return m->tokenizer; }
+
+/* The shape of the model in checkpoint metadata: "model.<field>" = decimal. */
+#define SHAPE_FIELDS(X)                                                                            \
+    X(layers)                                                                                      \
+    X(dim) X(heads) X(ffn) X(experts) X(expert_ffn) X(top_experts) X(indexer_heads) X(indexer_dim) \
+        X(seq)
+
+int model_save(const tr_model *m, const char *path, int64_t steps_done) {
+    const tr_config *c = &m->cfg;
+    char vals[16][32], ks[CLI_MAX_LAYERS * 12] = "";
+    const char *keys[20], *v[20];
+    int n = 0;
+    keys[n] = "format", v[n++] = "libplasa plasa-train v1";
+    snprintf(vals[n], sizeof vals[n], "%lld", (long long)steps_done);
+    keys[n] = "steps_done", v[n] = vals[n], n++;
+    snprintf(vals[n], sizeof vals[n], "%d", m->vocab);
+    keys[n] = "model.vocab", v[n] = vals[n], n++;
+#define PUT(f)                                                                                     \
+    snprintf(vals[n], sizeof vals[n], "%d", c->f);                                                 \
+    keys[n] = "model." #f, v[n] = vals[n], n++;
+    SHAPE_FIELDS(PUT)
+#undef PUT
+    for (int i = 0, o = 0; i < c->layers; i++)
+        o += snprintf(ks + o, sizeof ks - (size_t)o, "%s%d", i ? "," : "", m->layers[i].k);
+    keys[n] = "model.layer_k", v[n++] = ks;
+    if (m->tokenizer) keys[n] = "tokenizer", v[n++] = m->tokenizer;
+    if (pl_checkpoint_save(m->ctx, path, keys, v, n)) return fail("saving a checkpoint");
+    return 0;
+}
+
+int model_read_config(const char *path, tr_config *cfg, int *vocab, char **tokenizer) {
+    pl_safetensors *st = pl_safetensors_open(path);
+    if (!st) return fail("loading a checkpoint");
+    int rc = -1;
+    uint64_t x;
+    if (!pl_safetensors_meta(st, "model.layers")) {
+        tr_fail("%s holds no model configuration (written by an older plasa-train?): it cannot be "
+                "rebuilt from the checkpoint alone",
+                path);
+        goto done;
+    }
+#define GET(f)                                                                                     \
+    if (pl_safetensors_meta_u64(st, "model." #f, &x) || x < 1 || x > (1u << 20)) {                 \
+        tr_fail("%s: metadata model." #f " is missing or out of range", path);                     \
+        goto done;                                                                                 \
+    }                                                                                              \
+    cfg->f = (int)x;
+    SHAPE_FIELDS(GET)
+    GET(vocab)
+#undef GET
+    if (cfg->layers > CLI_MAX_LAYERS || cfg->dim % cfg->heads || (cfg->dim / cfg->heads) % 2 ||
+        cfg->top_experts > cfg->experts) {
+        tr_fail("%s: the model configuration in its metadata is inconsistent", path);
+        goto done;
+    }
+    *vocab = cfg->vocab;
+    const char *ks = pl_safetensors_meta(st, "model.layer_k");
+    for (int i = 0; i < cfg->layers; i++) {
+        char *end;
+        long k = ks ? strtol(ks, &end, 10) : 0;
+        if (!ks || end == ks || k < 1 || k > cfg->seq || (*end != ',' && *end != 0) ||
+            ((*end == 0) != (i == cfg->layers - 1))) {
+            tr_fail("%s: metadata model.layer_k is not %d values in [1, %d]", path, cfg->layers,
+                    cfg->seq);
+            goto done;
+        }
+        cfg->layer_k[i] = (int)k;
+        ks = *end ? end + 1 : end;
+    }
+    const char *tok = pl_safetensors_meta(st, "tokenizer");
+    *tokenizer = NULL;
+    if (tok && !(*tokenizer = strdup(tok))) {
+        tr_fail("out of memory");
+        goto done;
+    }
+    rc = 0;
+done:
+    pl_safetensors_close(st);
+    return rc;
 }
 
 int model_load(tr_model *m, const char *path, int64_t *steps_done) {

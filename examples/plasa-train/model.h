@@ -60,6 +60,15 @@ int model_eval(tr_model *m, const int32_t *inputs, const int32_t *targets, int b
  * steps done in *steps_done; model_load_params takes only the parameters
  * (--init) and leaves the optimiser fresh. Shapes must match the config. */
 int model_save(const tr_model *m, const char *path, int64_t steps_done);
+/* Every checkpoint also stores what rebuilds the model: the shape (metadata
+ * "model.vocab", "model.layers", ..., "model.seq", "model.layer_k" = "k0,k1,..")
+ * and, when set here, the tokenizer's file text ("tokenizer"). */
+int model_set_tokenizer(tr_model *m, const char *text); /* copied; NULL: none */
+const char *model_tokenizer(const tr_model *m);
+/* Reads a checkpoint's configuration into cfg (shape fields, seq, layer_k;
+ * the rest untouched), *vocab, and *tokenizer (malloc'd text, NULL if the
+ * checkpoint has none). A checkpoint without configuration is an error. */
+int model_read_config(const char *path, tr_config *cfg, int *vocab, char **tokenizer);
 int model_load(tr_model *m, const char *path, int64_t *steps_done);
 int model_load_params(tr_model *m, const char *path);
 
@@ -73,5 +82,17 @@ struct pl_tensor;
 struct pl_ctx *model_ctx(tr_model *m);
 struct pl_tensor *model_logits(tr_model *m, const int32_t *inputs, int batch, int train,
                                int64_t step);
+
+/* Incremental decoding of one sequence with a KV cache (libplasa's
+ * pl_kv_cache): model_decode_start empties it (capacity: positions, made
+ * larger when needed); model_decode runs n new tokens through the model
+ * (positions model_decode_len() ..) and returns their logits [1, n, V], a step
+ * tensor (pl_step_reset(model_ctx(m)) after use). Layers decode as they train:
+ * dense when their k >= seq, else PLASA with their k. Logits equal those of the
+ * full forward (model_logits) at every position up to float rounding
+ * (tests/test_generate.c). No gradients, no dropout. */
+int model_decode_start(tr_model *m, int64_t capacity);
+int64_t model_decode_len(const tr_model *m);
+struct pl_tensor *model_decode(tr_model *m, const int32_t *ids, int n);
 
 #endif

@@ -92,28 +92,43 @@ static void num_or_empty(tr_buf *b, double x, const char *fmt) {
     tr_buf_append(b, s, strlen(s));
 }
 
+static const char csv_head[] =
+    "step,train_loss,val_loss,val_accuracy,tokens_per_second,elapsed_seconds\n";
+
+static int csv_row(tr_buf *b, const report_row *r) {
+    char s[32];
+    snprintf(s, sizeof s, "%lld,", (long long)r->step);
+    tr_buf_append(b, s, strlen(s));
+    num_or_empty(b, r->train_loss, "%.6f");
+    tr_buf_putc(b, ',');
+    num_or_empty(b, r->val_loss, "%.6f");
+    tr_buf_putc(b, ',');
+    num_or_empty(b, r->val_accuracy, "%.6f");
+    tr_buf_putc(b, ',');
+    num_or_empty(b, r->tokens_per_second, "%.1f");
+    tr_buf_putc(b, ',');
+    num_or_empty(b, r->elapsed_seconds, "%.3f");
+    return tr_buf_putc(b, '\n');
+}
+
 int report_csv(const char *path, const report_row *rows, size_t n) {
     tr_buf b = {0};
-    const char *head = "step,train_loss,val_loss,val_accuracy,tokens_per_second,elapsed_seconds\n";
-    int bad = tr_buf_append(&b, head, strlen(head));
-    for (size_t i = 0; i < n && !bad; i++) {
-        char s[32];
-        snprintf(s, sizeof s, "%lld,", (long long)rows[i].step);
-        tr_buf_append(&b, s, strlen(s));
-        num_or_empty(&b, rows[i].train_loss, "%.6f");
-        tr_buf_putc(&b, ',');
-        num_or_empty(&b, rows[i].val_loss, "%.6f");
-        tr_buf_putc(&b, ',');
-        num_or_empty(&b, rows[i].val_accuracy, "%.6f");
-        tr_buf_putc(&b, ',');
-        num_or_empty(&b, rows[i].tokens_per_second, "%.1f");
-        tr_buf_putc(&b, ',');
-        num_or_empty(&b, rows[i].elapsed_seconds, "%.3f");
-        bad = tr_buf_putc(&b, '\n');
-    }
+    int bad = tr_buf_append(&b, csv_head, strlen(csv_head));
+    for (size_t i = 0; i < n && !bad; i++) bad = csv_row(&b, &rows[i]);
     int rc = bad ? -1 : tr_write_file(path, b.data, b.len);
     tr_buf_free(&b);
     return rc;
+}
+
+int report_csv_begin(FILE *f) {
+    return fputs(csv_head, f) < 0 || fflush(f) ? tr_fail("writing the CSV failed") : 0;
+}
+
+int report_csv_row(FILE *f, const report_row *r) {
+    tr_buf b = {0};
+    int rc = csv_row(&b, r) || fwrite(b.data, 1, b.len, f) != b.len;
+    tr_buf_free(&b);
+    return rc ? tr_fail("writing the CSV failed") : 0;
 }
 
 /* ---- SVG -------------------------------------------------------------------------- */
@@ -293,6 +308,7 @@ int report_json(tr_buf *out, const report_final *r, const tr_config *cfg) {
     jnum(out, "wall_seconds", r->wall_seconds, false);
     jnum(out, "parameters", (double)r->parameters, false);
     jnum(out, "steps", (double)r->steps, false);
+    if (r->interrupted) tr_buf_append(out, ", \"interrupted\": true", 21);
     jnum(out, "vocab", (double)r->vocab, false);
     jnum(out, "train_tokens", (double)r->train_tokens, false);
     jnum(out, "val_predicted_tokens", (double)r->val_tokens, false);

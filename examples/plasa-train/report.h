@@ -38,6 +38,10 @@ void format_duration(double seconds, char *buf, size_t n);
 /* CSV: step,train_loss,val_loss,val_accuracy,tokens_per_second,elapsed_seconds
  * (empty fields where there is no value). */
 int report_csv(const char *path, const report_row *rows, size_t n);
+/* The same written as training goes: the header, then one row at a time (the
+ * caller flushes). */
+int report_csv_begin(FILE *f);
+int report_csv_row(FILE *f, const report_row *r);
 /* SVG plot of train loss (raw and a moving average) and validation loss
  * against step, with axes, ticks, labels, legend and title. */
 int report_svg(const char *path, const report_row *rows, size_t n, const char *title);
@@ -50,11 +54,13 @@ typedef struct {
     int vocab, layers;
     const int *layer_k;
     const char *data_source;
+    bool interrupted; /* stopped by a signal: "interrupted": true, steps = steps done */
 } report_final;
 
 /* The final result: score = 1/perplexity, perplexity = exp(val_loss),
  * accuracy, train_loss, val_loss, then tokens_per_second, wall_seconds,
- * parameters, layer_k, and the configuration. Appends to out. */
+ * parameters, layer_k, and the configuration. Appends to out. Values that
+ * are not known (NAN) are null. */
 int report_json(tr_buf *out, const report_final *r, const tr_config *cfg);
 
 #endif

@@ -554,7 +554,7 @@ int bpe_merge_of(const bpe *t, int id, int32_t *a, int32_t *b) {
     return 0;
 }
 
-int bpe_save(const bpe *t, const char *path) {
+int bpe_serialize(const bpe *t, tr_buf *out) {
     tr_buf b = {0};
     char line[64];
     int n = snprintf(line, sizeof line, "plasa-bpe 1\nvocab_size %d\npretok %s\nmerges %d\n",
@@ -565,12 +565,21 @@ int bpe_save(const bpe *t, const char *path) {
         n = snprintf(line, sizeof line, "%d %d\n", t->merge[k][0], t->merge[k][1]);
         if (tr_buf_append(&b, line, (size_t)n)) goto fail;
     }
-    int rc = tr_write_file(path, b.data, b.len);
-    tr_buf_free(&b);
-    return rc;
+    if (tr_buf_putc(&b, 0)) goto fail; /* NUL-terminated, not counted in len */
+    b.len--;
+    *out = b;
+    return 0;
 fail:
     tr_buf_free(&b);
     return -1;
+}
+
+int bpe_save(const bpe *t, const char *path) {
+    tr_buf b = {0};
+    if (bpe_serialize(t, &b)) return -1;
+    int rc = tr_write_file(path, b.data, b.len);
+    tr_buf_free(&b);
+    return rc;
 }
 
 /* Next line of [*p, end) into line (NUL-terminated, without '\n'); 0 at end. */

@@ -56,6 +56,9 @@ int bpe_save(const bpe *t, const char *path);
 bpe *bpe_load(const char *path);
 /* The same for a file's bytes held in memory (path names it in messages). */
 bpe *bpe_parse(const char *data, size_t len, const char *path);
+/* The file's text in memory (what bpe_save writes): *out gets it,
+ * NUL-terminated (tr_buf_free it); bpe_parse reads it back. */
+int bpe_serialize(const bpe *t, tr_buf *out);
 
 /* Encodes text into a malloc'd array *ids of *n_ids tokens (free() it). */
 int bpe_encode(const bpe *t, const uint8_t *text, size_t n, int32_t **ids, size_t *n_ids);

@@ -1,12 +1,107 @@
+#define _POSIX_C_SOURCE 200809L /* sigaction */
 #include "train.h"
 
 #include <math.h>
+#include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "batches.h"
+#include "plasa.h"
 #include "report.h"
+#include "tokenizer.h"
+
+int tr_resume_config(tr_config *cfg) {
+    if (!cfg->resume) return 0;
+    tr_config ck = *cfg;
+    int vocab;
+    char *tok = NULL;
+    if (model_read_config(cfg->resume, &ck, &vocab, &tok)) return -1;
+    free(tok);
+    static const struct {
+        const char *flag;
+        size_t off;
+    } shape[] = {{"layers", offsetof(tr_config, layers)},
+                 {"dim", offsetof(tr_config, dim)},
+                 {"heads", offsetof(tr_config, heads)},
+                 {"ffn", offsetof(tr_config, ffn)},
+                 {"experts", offsetof(tr_config, experts)},
+                 {"expert-ffn", offsetof(tr_config, expert_ffn)},
+                 {"top-experts", offsetof(tr_config, top_experts)},
+                 {"indexer-heads", offsetof(tr_config, indexer_heads)},
+                 {"indexer-dim", offsetof(tr_config, indexer_dim)},
+                 {"seq", offsetof(tr_config, seq)},
+                 {"vocab", offsetof(tr_config, vocab)}};
+    for (size_t i = 0; i < sizeof shape / sizeof *shape; i++) {
+        int *mine = (int *)((char *)cfg + shape[i].off),
+            theirs = *(int *)((char *)&ck + shape[i].off);
+        if (cli_given(cfg, shape[i].flag) && *mine != theirs)
+            return tr_fail("--%s %d conflicts with %s, whose model has %d (leave the flag out: "
+                           "--resume takes the model from the checkpoint)",
+                           shape[i].flag, *mine, cfg->resume, theirs);
+        *mine = theirs;
+    }
+    bool kflag = cli_given(cfg, "k") || cli_given(cfg, "schedule");
+    for (int i = 0; i < ck.layers; i++) {
+        if (kflag && cfg->layer_k[i] != ck.layer_k[i])
+            return tr_fail("--%s gives layer %d k = %d, but %s was trained with k = %d (leave "
+                           "the flag out: --resume takes the model from the checkpoint)",
+                           cli_given(cfg, "k") ? "k" : "schedule", i, cfg->layer_k[i], cfg->resume,
+                           ck.layer_k[i]);
+        cfg->layer_k[i] = ck.layer_k[i];
+    }
+    cfg->vocab_given = true;
+    return 0;
+}
+
+/* --sample-every: 32 tokens after the first 8 of the validation split, drawn
+ * at temperature 1 with the run's seed (the same draws at every sample, so
+ * samples differ only by what the model learnt), on stderr as one line. */
+static int print_sample(tr_model *m, const tr_config *cfg, const tr_data *data, int64_t step) {
+    enum { PROMPT = 8, NEW = 32 };
+    int32_t ids[PROMPT + NEW];
+    int n = data->nval < PROMPT ? (int)data->nval : PROMPT;
+    for (int i = 0; i < n; i++) ids[i] = data->val[i];
+    pl_ctx *ctx = model_ctx(m);
+    if (model_decode_start(m, PROMPT + NEW)) return -1;
+    pl_rng rng;
+    pl_rng_init(&rng, cfg->seed);
+    pl_sample_config sc = {1.0f, 0, 1.0f};
+    for (int at = 0; n < PROMPT + NEW; at = n++) { /* feed ids[at..n), draw ids[n] */
+        pl_tensor *lg = model_decode(m, ids + at, n - at);
+        pl_tensor *last = lg ? pl_slice(ctx, lg, 1, n - at - 1, 1) : NULL;
+        if (!last || pl_sample(ctx, last, &sc, &rng, ids + n, NULL)) {
+            pl_step_reset(ctx);
+            return tr_fail("sampling: %s", pl_last_error());
+        }
+        pl_step_reset(ctx);
+    }
+    tr_buf text = {0};
+    bpe *tok = model_tokenizer(m)
+                   ? bpe_parse(model_tokenizer(m), strlen(model_tokenizer(m)), "the tokenizer")
+                   : NULL;
+    int rc = 0;
+    if (tok) {
+        rc = bpe_decode(tok, ids, PROMPT + NEW, &text);
+        bpe_free(tok);
+    } else {
+        for (int i = 0; i < PROMPT + NEW && !rc; i++) {
+            char w[16];
+            int k = snprintf(w, sizeof w, "%s%d", i ? " " : "", ids[i]);
+            rc = tr_buf_append(&text, w, (size_t)k);
+        }
+    }
+    if (!rc) {
+        for (size_t i = 0; i < text.len; i++)
+            if ((unsigned char)text.data[i] < 0x20) text.data[i] = ' ';
+        fprintf(stderr, "plasa-train: sample at step %lld: %.*s\n", (long long)step, (int)text.len,
+                text.data ? text.data : "");
+    }
+    tr_buf_free(&text);
+    return rc;
+}
 
 int tr_evaluate(tr_model *m, const tr_config *cfg, const uint16_t *tok, int64_t n, int64_t cap,
                 tr_eval *out) {
@@ -45,6 +140,9 @@ int tr_evaluate(tr_model *m, const tr_config *cfg, const uint16_t *tok, int64_t 
     return 0;
 }
 
+static volatile sig_atomic_t stop_signal;
+static void on_stop_signal(int sig) { stop_signal = sig; }
+
 int tr_train(const tr_config *cfg, const tr_data *data) {
     double t_start = tr_now();
     int B = cfg->batch, L = cfg->seq, rc = -1;
@@ -55,6 +153,8 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
     report_row *rows = calloc((size_t)cfg->steps + 1, sizeof *rows);
     size_t nrows = 0;
     tr_buf json = {0};
+    FILE *csv = NULL;
+    bool handlers = false;
     if (!in || !tg || !rows) {
         tr_fail("out of memory (batches and history for %lld steps)", (long long)cfg->steps);
         goto done;
@@ -72,6 +172,22 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
     } else if (cfg->init && model_load_params(m, cfg->init)) {
         goto done;
     }
+    if (data->tokenizer_text && model_set_tokenizer(m, data->tokenizer_text)) goto done;
+    if (cfg->resume) { /* the checkpoint's tokenizer: the same as the data's, or kept */
+        tr_config ck = *cfg;
+        int vocab;
+        char *tok = NULL;
+        if (model_read_config(cfg->resume, &ck, &vocab, &tok)) goto done;
+        bool differ = tok && data->tokenizer_text && strcmp(tok, data->tokenizer_text) != 0;
+        if (tok && !data->tokenizer_text && model_set_tokenizer(m, tok)) differ = true;
+        free(tok);
+        if (differ) {
+            tr_fail("the tokenizer of this run's data differs from the one in %s (other data, "
+                    "--tokenizer or --no-pretok?)",
+                    cfg->resume);
+            goto done;
+        }
+    }
     fprintf(stderr,
             "plasa-train: %lld parameters, vocabulary %d, %lld training / %lld validation "
             "tokens\n",
@@ -80,10 +196,26 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
 
     progress bar;
     progress_init(&bar, stderr, first, cfg->steps, cfg->log_every);
-    double train_time = 0, tail_loss = 0;
-    int64_t tail_n = 0, tokens_done = 0;
+    /* The CSV is written as training goes, flushed at every log line. */
+    if (cfg->csv && (!(csv = fopen(cfg->csv, "w")) || report_csv_begin(csv))) {
+        tr_fail("%s: cannot write the CSV", cfg->csv);
+        goto done;
+    }
+    /* SIGINT/SIGTERM: the handler only sets a flag; the loop stops at the next
+     * step boundary. A second signal acts as usual (SA_RESETHAND). */
+    struct sigaction sa, old_int, old_term;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESETHAND;
+    sigemptyset(&sa.sa_mask);
+    stop_signal = 0;
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+    handlers = true;
+    double train_time = 0, tail_loss = 0, last_val = NAN, last_acc = NAN;
+    int64_t tail_n = 0, tokens_done = 0, step = first;
     int64_t tail_from = cfg->steps - (cfg->steps < 50 ? cfg->steps : 50);
-    for (int64_t step = first; step < cfg->steps; step++) {
+    for (; step < cfg->steps && !stop_signal; step++) {
         batch_random(data->train, data->ntrain, L, B, cfg->seed, (uint64_t)step, in, tg);
         double t0 = tr_now(), loss;
         if (model_train_step(m, in, tg, B, step, &loss)) goto done;
@@ -101,27 +233,38 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
         r->val_loss = r->val_accuracy = NAN;
         r->tokens_per_second = dt > 0 ? (double)B * L / dt : NAN;
         r->elapsed_seconds = tr_now() - t_start;
-        progress_step(&bar, step + 1, loss, (double)tokens_done / train_time);
-        bool last = step + 1 == cfg->steps;
+        bool last = step + 1 == cfg->steps, flush = (step + 1) % cfg->log_every == 0;
         if (!last && cfg->eval_every && (step + 1) % cfg->eval_every == 0) {
             tr_eval ev;
             if (tr_evaluate(m, cfg, data->val, data->nval, cfg->eval_max_tokens, &ev)) goto done;
-            r->val_loss = ev.loss;
-            r->val_accuracy = ev.accuracy;
-            progress_eval(&bar, step + 1, ev.loss, ev.accuracy);
+            r->val_loss = last_val = ev.loss;
+            r->val_accuracy = last_acc = ev.accuracy;
+            flush = true;
         }
+        if (csv && (report_csv_row(csv, r) || (flush && fflush(csv)))) goto done;
+        progress_step(&bar, step + 1, loss, (double)tokens_done / train_time);
+        if (!isnan(r->val_loss)) progress_eval(&bar, step + 1, r->val_loss, r->val_accuracy);
+        if (cfg->sample_every && (step + 1) % cfg->sample_every == 0 &&
+            print_sample(m, cfg, data, step + 1))
+            goto done;
         if (!last && cfg->save_every && (step + 1) % cfg->save_every == 0 &&
             model_save(m, cfg->checkpoint, step + 1))
             goto done;
     }
     progress_done(&bar);
-    tr_eval ev; /* the final evaluation: always the whole held-out split */
-    if (tr_evaluate(m, cfg, data->val, data->nval, 0, &ev)) goto done;
-    if (nrows) {
-        rows[nrows - 1].val_loss = ev.loss;
-        rows[nrows - 1].val_accuracy = ev.accuracy;
+    const bool interrupted = step < cfg->steps;
+    tr_eval ev = {last_val, last_acc, 0};
+    if (interrupted) { /* what there is: the last periodic evaluation, if any */
+        fprintf(stderr, "plasa-train: %s after step %lld: writing what there is\n",
+                stop_signal == SIGINT ? "SIGINT" : "SIGTERM", (long long)step);
+    } else { /* the final evaluation: always the whole held-out split */
+        if (tr_evaluate(m, cfg, data->val, data->nval, 0, &ev)) goto done;
+        if (nrows) {
+            rows[nrows - 1].val_loss = ev.loss;
+            rows[nrows - 1].val_accuracy = ev.accuracy;
+        }
     }
-    if (cfg->checkpoint && model_save(m, cfg->checkpoint, cfg->steps)) goto done;
+    if (cfg->checkpoint && model_save(m, cfg->checkpoint, step)) goto done;
     int layer_k[CLI_MAX_LAYERS];
     int layers = model_layers(m);
     if (layers > CLI_MAX_LAYERS) layers = CLI_MAX_LAYERS;
@@ -135,28 +278,44 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
         .tokens_per_second = train_time > 0 ? (double)tokens_done / train_time : NAN,
         .wall_seconds = tr_now() - t_start,
         .parameters = model_parameters(m),
-        .steps = cfg->steps,
+        .steps = step,
         .vocab = data->vocab,
         .layers = layers,
         .layer_k = layer_k,
         .data_source = data->source,
+        .interrupted = interrupted,
     };
     if (report_json(&json, &fin, cfg)) goto done;
     fputs(json.data, stdout);
     fflush(stdout);
     if (cfg->json && tr_write_file(cfg->json, json.data, json.len)) goto done;
-    if (cfg->csv && report_csv(cfg->csv, rows, nrows)) goto done;
+    if (csv) {
+        int bad = fclose(csv) != 0;
+        csv = NULL;
+        if (bad || report_csv(cfg->csv, rows, nrows)) goto done;
+    }
     if (cfg->plot) {
         char title[256], ks[128] = "";
         for (int i = 0, o = 0; i < layers && o < (int)sizeof ks - 12; i++)
             o += snprintf(ks + o, sizeof ks - (size_t)o, "%s%d", i ? "," : "", layer_k[i]);
         snprintf(title, sizeof title, "plasa-train: %s (k = %s), %lld steps, val ppl %.1f",
-                 cfg->k_list ? "explicit k" : cfg->schedule, ks, (long long)cfg->steps,
-                 exp(ev.loss));
+                 cfg->k_list ? "explicit k" : cfg->schedule, ks, (long long)step, exp(ev.loss));
         if (report_svg(cfg->plot, rows, nrows, title)) goto done;
+    }
+    if (interrupted) {
+        tr_fail("interrupted by %s after step %lld of %lld%s%s",
+                stop_signal == SIGINT ? "SIGINT" : "SIGTERM", (long long)step,
+                (long long)cfg->steps, cfg->checkpoint ? "; checkpoint written to " : "",
+                cfg->checkpoint ? cfg->checkpoint : "");
+        goto done;
     }
     rc = 0;
 done:
+    if (handlers) {
+        sigaction(SIGINT, &old_int, NULL);
+        sigaction(SIGTERM, &old_term, NULL);
+    }
+    if (csv) fclose(csv);
     free(in), free(tg), free(rows);
     tr_buf_free(&json);
     model_free(m);

@@ -19,6 +19,11 @@ typedef struct {
 int tr_evaluate(tr_model *m, const tr_config *cfg, const uint16_t *tok, int64_t n, int64_t cap,
                 tr_eval *out);
 
+/* With --resume: takes the model's shape, seq, per-layer k and vocabulary
+ * from the checkpoint into cfg (before the data is prepared); a flag given on
+ * the command line that conflicts with it is an error. */
+int tr_resume_config(tr_config *cfg);
+
 /* Trains as cfg says, prints the final JSON on stdout and writes the
  * --json/--csv/--plot/--checkpoint files. */
 int tr_train(const tr_config *cfg, const tr_data *data);
