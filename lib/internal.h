@@ -107,6 +107,9 @@ void *pl__scratch(pl_ctx *ctx, size_t bytes);
  * indices the forward checked: the caller may change its tensor in between,
  * and indices read out of range would read and write out of bounds. */
 int32_t *pl__idx_copy(pl_ctx *ctx, const pl_tensor *idx);
+/* The same for an op whose backward reads its int32 input nd->in[i]: the
+ * node's input becomes a tensor holding such a copy. PL_OK or the error. */
+pl_status pl__keep_idx(pl_ctx *ctx, pl_node *nd, int i);
 
 /* True when an op on these inputs will record a node (grad enabled and some
  * input requires a gradient). For ops that save more when they record. */

@@ -342,6 +342,15 @@ pl_status pl__check(pl_ctx *ctx, const char *fn, const char *argname, const pl_t
 
 void *pl__scratch(pl_ctx *ctx, size_t bytes) { return pl__arena_alloc(&ctx->arena, bytes); }
 
+pl_status pl__keep_idx(pl_ctx *ctx, pl_node *nd, int i) {
+    pl_tensor *t = nd->in[i], *keep = pl__view(ctx, t, t->ndim, t->shape);
+    int32_t *copy = keep ? pl__idx_copy(ctx, t) : NULL;
+    if (!copy) return pl_last_status();
+    keep->data = copy;
+    nd->in[i] = keep;
+    return PL_OK;
+}
+
 int32_t *pl__idx_copy(pl_ctx *ctx, const pl_tensor *idx) {
     int32_t *keep = pl__scratch(ctx, (size_t)idx->numel * sizeof *keep);
     if (keep) memcpy(keep, idx->data, (size_t)idx->numel * sizeof *keep);

@@ -67,6 +67,7 @@ pl_tensor *pl_gather(pl_ctx *ctx, pl_tensor *x, int axis, pl_tensor *index) {
     pl_tensor *in[2] = {x, index};
     pl_node *nd;
     if (pl__record(ctx, "gather", gather_backward, y, 2, in, sizeof L, &nd)) return NULL;
+    if (nd && pl__keep_idx(ctx, nd, 1)) return NULL; /* backward reads index */
     if (nd) *(lanes *)nd->saved = L;
     return y;
 }
@@ -111,6 +112,7 @@ pl_tensor *pl_scatter_add(pl_ctx *ctx, pl_tensor *x, int axis, pl_tensor *index,
     pl_tensor *in[3] = {x, index, src};
     pl_node *nd;
     if (pl__record(ctx, "scatter_add", scatter_backward, y, 3, in, sizeof L, &nd)) return NULL;
+    if (nd && pl__keep_idx(ctx, nd, 1)) return NULL; /* backward reads index */
     if (nd) *(lanes *)nd->saved = L;
     return y;
 }

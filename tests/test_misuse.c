@@ -236,8 +236,26 @@ static void grads_of(idx_op op, bool clobber, float *out) {
 
 /* Every op that takes int32 indices (the ops whose backward would index memory
  * with them). */
+static pl_tensor *op_gather(pl_ctx *c, pl_tensor *const *p, pl_tensor *idx, pl_tensor **ints) {
+    (void)idx;
+    int32_t id[32];
+    for (int i = 0; i < 32; i++) id[i] = (i * 5) % 16;
+    *ints = pl_from_data(c, PL_I32, PL_DIMS(8, 4), id);
+    return pl_gather(c, pl_reshape(c, p[0], PL_DIMS(16, 4)), 0, *ints);
+}
+static pl_tensor *op_scatter(pl_ctx *c, pl_tensor *const *p, pl_tensor *idx, pl_tensor **ints) {
+    (void)idx;
+    int32_t id[32];
+    for (int i = 0; i < 32; i++) id[i] = (i * 3) % 16;
+    *ints = pl_from_data(c, PL_I32, PL_DIMS(8, 4), id);
+    return pl_scatter_add(
+        c, pl_reshape(c, p[0], PL_DIMS(16, 4)), 0, *ints,
+        pl_reshape(c, pl_slice(c, pl_reshape(c, p[1], PL_DIMS(64)), 0, 0, 32), PL_DIMS(8, 4)));
+}
+
 START_TEST(indices_changed_before_backward) {
-    static const idx_op ops[] = {op_sparse, op_scores_at, op_kl, op_embedding, op_ce};
+    static const idx_op ops[] = {op_sparse, op_scores_at, op_kl,     op_embedding,
+                                 op_ce,     op_gather,    op_scatter};
     for (size_t i = 0; i < sizeof ops / sizeof *ops; i++) {
         float a[3 * 64], b[3 * 64];
         grads_of(ops[i], false, a);
