@@ -290,6 +290,24 @@ static inline int64_t block_end(const sa_work *w, int64_t Kz, int64_t r, int64_t
     return c;
 }
 
+/* The walk of a tile's rows [t0, t1) by blocks of SK keys, so that a block's k and v rows
+ * serve every query row of the tile together: block by block, each row t that can see the
+ * block (t >= its first key) and selected keys in it, as *t with its entries c0 .. c0 + c - 1.
+ * Start with *s1 = 0 (the end of the block before the first) and *t = t1 - 1. */
+static inline bool next_block(const sa_args *a, const sa_work *w, int64_t t0, int64_t t1,
+                              int64_t *s1, int64_t *t, int64_t *c0, int64_t *c) {
+    for (;;) {
+        if (++*t == t1) { /* on to the next block [s0, s1) */
+            const int64_t s0 = *s1;
+            if (s0 >= t1) return false;
+            *s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
+            *t = t0 > s0 ? t0 : s0;
+        }
+        *c = block_end(w, a->Kz, *t - t0, *s1, c0) - *c0;
+        if (*c) return true;
+    }
+}
+
 /* Dropout keep bits of row (b, t): element (b,h,t,j) uses word j%4 of
  * Philox(seed, offset + ((b*H+h)*L+t)*ceil(K/4) + j/4), kept iff >= threshold
  * (pl_attention's scheme with K in place of L). */
@@ -438,15 +456,11 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
     if (nu >= 0) {
         union_scores(a, b, t0, nr, nu, w);
     } else {
-        for (int64_t s0 = 0; s0 < t1; s0 += a->SK) {
-            const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
-            for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
-                const int64_t r = t - t0;
-                int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
-                if (c == 0) continue;
-                dots_heads(a->q + (b * L + t - a->qt0) * HD, kb, w->sel + r * Kz + c0, HD, H, D,
-                           pl_rupw(c), ND, w->z + r * H * Kz + c0, Kz);
-            }
+        for (int64_t s1 = 0, t = t1 - 1, c0 = 0, c = 0;
+             next_block(a, w, t0, t1, &s1, &t, &c0, &c);) {
+            const int64_t r = t - t0;
+            dots_heads(a->q + (b * L + t - a->qt0) * HD, kb, w->sel + r * Kz + c0, HD, H, D,
+                       pl_rupw(c), ND, w->z + r * H * Kz + c0, Kz);
         }
     }
     for (int64_t t = t0; t < t1; t++) {
@@ -490,15 +504,10 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
         union_out(a, b, t0, nr, nu, pw, w);
         return;
     }
-    for (int64_t s0 = 0; s0 < t1; s0 += a->SK) {
-        const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
-        for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
-            const int64_t r = t - t0;
-            int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
-            if (c == 0) continue;
-            axpys_heads(a->out + (b * L + t - a->qt0) * HD, pw + r * H * Kz + c0, Kz, vb,
-                        w->sel + r * Kz + c0, HD, H, D, c, ND);
-        }
+    for (int64_t s1 = 0, t = t1 - 1, c0 = 0, c = 0; next_block(a, w, t0, t1, &s1, &t, &c0, &c);) {
+        const int64_t r = t - t0;
+        axpys_heads(a->out + (b * L + t - a->qt0) * HD, pw + r * H * Kz + c0, Kz, vb,
+                    w->sel + r * Kz + c0, HD, H, D, c, ND);
     }
 }
 
@@ -531,44 +540,39 @@ static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, flo
             if (a->delta) a->delta[row0 + h] = w->delta[r * H + h];
         }
     }
-    for (int64_t s0 = 0; (G || (recompute && dq)) && s0 < t1; s0 += a->SK) {
-        const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
-        for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
-            const int64_t r = t - t0, row0 = (b * L + t) * H;
-            int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
-            if (c == 0) continue;
-            const int32_t *sel = w->sel + r * Kz + c0, *pos = w->pos + r * Kz + c0;
-            const float *P = recompute ? NULL : a->P + (b * L + t) * K * H;
-            float *dp = w->z, *g = w->w, *z = w->zr;
-            dots_heads(dO + row0 * D, vb, sel, HD, H, D, pl_rupw(c), ND, dp, Kz);
-            if (recompute) /* p = e^(z scale - lse), z recomputed */
-                dots_heads(a->q + row0 * D, kb, sel, HD, H, D, pl_rupw(c), ND, z, Kz);
-            for (int64_t h = 0; h < H; h++) {
-                float *dph = dp + h * Kz, *gh = g + h * Kz;
-                const float delta = w->delta[r * H + h];
-                if (a->keep) {
-                    const uint32_t *kr = a->keep + (row0 + h) * a->W;
-                    for (int64_t i = 0; i < c; i++)
-                        dph[i] = keep_bit(kr, pos[i]) ? dph[i] * ks : 0.0f;
-                }
-                if (recompute) {
-                    const float *zh = z + h * Kz;
-                    const pl_vf lv = pl_splat(a->lse[row0 + h]);
-                    for (int64_t i = 0; i < c; i += PL_VW)
-                        PL_ST(gh + i, pl_vexp(PL_LD(zh + i) * scale - lv) *
-                                          (PL_LD(dph + i) - delta) * scale);
-                } else {
-                    for (int64_t i = 0; i < c; i++)
-                        gh[i] = P[pos[i] * H + h] * (dph[i] - delta) * scale;
-                }
+    for (int64_t s1 = 0, t = t1 - 1, c0 = 0, c = 0;
+         (G || (recompute && dq)) && next_block(a, w, t0, t1, &s1, &t, &c0, &c);) {
+        const int64_t r = t - t0, row0 = (b * L + t) * H;
+        const int32_t *sel = w->sel + r * Kz + c0, *pos = w->pos + r * Kz + c0;
+        const float *P = recompute ? NULL : a->P + (b * L + t) * K * H;
+        float *dp = w->z, *g = w->w, *z = w->zr;
+        dots_heads(dO + row0 * D, vb, sel, HD, H, D, pl_rupw(c), ND, dp, Kz);
+        if (recompute) /* p = e^(z scale - lse), z recomputed */
+            dots_heads(a->q + row0 * D, kb, sel, HD, H, D, pl_rupw(c), ND, z, Kz);
+        for (int64_t h = 0; h < H; h++) {
+            float *dph = dp + h * Kz, *gh = g + h * Kz;
+            const float delta = w->delta[r * H + h];
+            if (a->keep) {
+                const uint32_t *kr = a->keep + (row0 + h) * a->W;
+                for (int64_t i = 0; i < c; i++) dph[i] = keep_bit(kr, pos[i]) ? dph[i] * ks : 0.0f;
             }
-            if (G) {
-                float *Gr = G + (b * L + t) * K * H;
+            if (recompute) {
+                const float *zh = z + h * Kz;
+                const pl_vf lv = pl_splat(a->lse[row0 + h]);
+                for (int64_t i = 0; i < c; i += PL_VW)
+                    PL_ST(gh + i,
+                          pl_vexp(PL_LD(zh + i) * scale - lv) * (PL_LD(dph + i) - delta) * scale);
+            } else {
                 for (int64_t i = 0; i < c; i++)
-                    for (int64_t h = 0; h < H; h++) Gr[pos[i] * H + h] = g[h * Kz + i];
+                    gh[i] = P[pos[i] * H + h] * (dph[i] - delta) * scale;
             }
-            if (dq) axpys_heads(dq + row0 * D, g, Kz, kb, sel, HD, H, D, c, ND);
         }
+        if (G) {
+            float *Gr = G + (b * L + t) * K * H;
+            for (int64_t i = 0; i < c; i++)
+                for (int64_t h = 0; h < H; h++) Gr[pos[i] * H + h] = g[h * Kz + i];
+        }
+        if (dq) axpys_heads(dq + row0 * D, g, Kz, kb, sel, HD, H, D, c, ND);
     }
     if (!a->keep || recompute) return;
     for (int64_t t = t0; t < t1; t++) {
