@@ -288,16 +288,23 @@ static int32_t pair_get(trainer *t, int32_t a, int32_t b) {
     return id;
 }
 
-static int pair_addpos(pairrec *p, int32_t pos) {
-    if (p->npos == p->cappos) {
-        int32_t cap = p->cappos ? 2 * p->cappos : 4;
-        int32_t *q = realloc(p->pos, (size_t)cap * sizeof *q);
-        if (!q) return tr_fail("out of memory (BPE positions)");
-        p->pos = q;
-        p->cappos = cap;
+/* Appends x to the int32 array *a of *n entries and room for *cap, the room doubled (at first
+ * cap0) when full; what names the array in the out-of-memory message. */
+static int push_i32(int32_t **a, int32_t *n, int32_t *cap, int32_t cap0, int32_t x,
+                    const char *what) {
+    if (*n == *cap) {
+        int32_t c = *cap ? 2 * *cap : cap0;
+        int32_t *q = realloc(*a, (size_t)c * sizeof *q);
+        if (!q) return tr_fail("out of memory (%s)", what);
+        *a = q;
+        *cap = c;
     }
-    p->pos[p->npos++] = pos;
+    (*a)[(*n)++] = x;
     return 0;
+}
+
+static int pair_addpos(pairrec *p, int32_t pos) {
+    return push_i32(&p->pos, &p->npos, &p->cappos, 4, pos, "BPE positions");
 }
 
 static int cmp_i32(const void *x, const void *y) {
@@ -770,15 +777,7 @@ typedef struct {
 } posvec;
 
 static int posvec_push(posvec *v, int32_t x) {
-    if (v->n == v->cap) {
-        int32_t cap = v->cap ? 2 * v->cap : 16;
-        int32_t *p = realloc(v->p, (size_t)cap * sizeof *p);
-        if (!p) return tr_fail("out of memory (encoder buckets)");
-        v->p = p;
-        v->cap = cap;
-    }
-    v->p[v->n++] = x;
-    return 0;
+    return push_i32(&v->p, &v->n, &v->cap, 16, x, "encoder buckets");
 }
 
 /* The same order as the heap (merge id, then position), for long
