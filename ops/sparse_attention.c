@@ -202,6 +202,14 @@ static void axpys_any(float *y, const float *w, const float *base, const int32_t
                       int64_t n, int64_t D) {
     for (int64_t i = 0; i < n; i++) pl__axpy(y, w[i], base + rows[i] * rs, D);
 }
+/* axpys for D = PL_VW*ND, axpys_any when ND = 0. */
+static PL_AI void axpys_nd(float *y, const float *w, const float *base, const int32_t *rows,
+                           int64_t rs, int64_t n, int ND, int64_t D) {
+    if (ND)
+        axpys(y, w, base, rows, rs, n, ND);
+    else
+        axpys_any(y, w, base, rows, rs, n, D);
+}
 
 /* Gathered rows are used in chunks of CH entries, all heads of a chunk before
  * the next one (a row's H*D floats are then fetched once, while the chunk
@@ -242,10 +250,7 @@ static PL_AI void axpys_heads(float *y, const float *w, int64_t ldw, const float
         if (i + CH < n)
             prefetch_rows(base, rows + i + CH, n - i - CH < CH ? n - i - CH : CH, rs, 4 * H * D);
         for (int64_t h = 0; h < H; h++) {
-            if (ND)
-                axpys(y + h * D, w + h * ldw + i, base + h * D, rows + i, rs, c, ND);
-            else
-                axpys_any(y + h * D, w + h * ldw + i, base + h * D, rows + i, rs, c, D);
+            axpys_nd(y + h * D, w + h * ldw + i, base + h * D, rows + i, rs, c, ND, D);
         }
     }
 }
@@ -641,33 +646,17 @@ static PL_AI void kv_key_impl(const sa_args *a, const float *dO, const float *G,
                 }
                 gw[e] = p * (dp - a->delta[row]) * a->scale;
             }
-            if (dv) {
-                if (ND)
-                    axpys(dv + ko, cw, dOb, rows, HD, n, ND);
-                else
-                    axpys_any(dv + ko, cw, dOb, rows, HD, n, D);
-            }
-            if (dk) {
-                if (ND)
-                    axpys(dk + ko, gw, qb, rows, HD, n, ND);
-                else
-                    axpys_any(dk + ko, gw, qb, rows, HD, n, D);
-            }
+            if (dv) axpys_nd(dv + ko, cw, dOb, rows, HD, n, ND, D);
+            if (dk) axpys_nd(dk + ko, gw, qb, rows, HD, n, ND, D);
             continue;
         }
         if (dv) {
             for (int64_t e = 0; e < n; e++) cw[e] = Pb[(int64_t)list[e] * H + h];
-            if (ND)
-                axpys(dv + ko, cw, dOb, rows, HD, n, ND);
-            else
-                axpys_any(dv + ko, cw, dOb, rows, HD, n, D);
+            axpys_nd(dv + ko, cw, dOb, rows, HD, n, ND, D);
         }
         if (dk) {
             for (int64_t e = 0; e < n; e++) gw[e] = Gb[(int64_t)list[e] * H + h];
-            if (ND)
-                axpys(dk + ko, gw, qb, rows, HD, n, ND);
-            else
-                axpys_any(dk + ko, gw, qb, rows, HD, n, D);
+            axpys_nd(dk + ko, gw, qb, rows, HD, n, ND, D);
         }
     }
 }
