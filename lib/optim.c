@@ -152,6 +152,22 @@ static pl_status opt_set_step(opt_state *o, const char *fn, int64_t step) {
     return PL_OK;
 }
 
+/* The start of every optimiser's step: the slots made to match the context's parameters, *t
+ * the number of the step about to be taken (1: the first). o is NULL when the caller's opt is. */
+static pl_status opt_begin_step(opt_state *o, const char *fn, int64_t *t) {
+    if (!o) return pl__err(PL_ERR_ARG, "%s: opt is NULL", fn);
+    pl_status s = sync_slots(o, fn);
+    if (s) return s;
+    *t = opt_get_step(o) + 1;
+    if (*t < 1)
+        return pl__err(PL_ERR_STATE,
+                       "%s: %s.step = %lld is negative (restored from a bad "
+                       "checkpoint?)",
+                       fn, o->prefix, (long long)(*t - 1));
+    if (*t > INT32_MAX) return pl__err(PL_ERR_STATE, "%s: step count overflows", fn);
+    return PL_OK;
+}
+
 /* ---- AdamW ---- */
 
 pl_adamw_config pl_adamw_default_config(void) {
@@ -236,18 +252,10 @@ PL_KERNEL static void adamw_kernel(float *restrict p, const float *restrict g, f
 }
 
 pl_status pl_adamw_step(pl_adamw *opt) {
-    static const char *fn = "pl_adamw_step";
-    if (!opt) return pl__err(PL_ERR_ARG, "%s: opt is NULL", fn);
-    opt_state *o = &opt->st;
-    pl_status s = sync_slots(o, fn);
+    int64_t t = 0;
+    pl_status s = opt_begin_step(opt ? &opt->st : NULL, "pl_adamw_step", &t);
     if (s) return s;
-    int64_t t = opt_get_step(o) + 1;
-    if (t < 1)
-        return pl__err(PL_ERR_STATE,
-                       "%s: %s.step = %lld is negative (restored from a bad "
-                       "checkpoint?)",
-                       fn, o->prefix, (long long)(t - 1));
-    if (t > INT32_MAX) return pl__err(PL_ERR_STATE, "%s: step count overflows", fn);
+    opt_state *o = &opt->st;
     const pl_adamw_config *c = &opt->cfg;
     const double bc1 = 1.0 - pow(c->beta1, (double)t), bc2 = 1.0 - pow(c->beta2, (double)t);
     const float decay = (float)(1.0 - c->lr * c->weight_decay);
@@ -332,18 +340,10 @@ PL_KERNEL static void sgd_kernel(float *restrict p, const float *restrict g, flo
 }
 
 pl_status pl_sgd_step(pl_sgd *opt) {
-    static const char *fn = "pl_sgd_step";
-    if (!opt) return pl__err(PL_ERR_ARG, "%s: opt is NULL", fn);
-    opt_state *o = &opt->st;
-    pl_status s = sync_slots(o, fn);
+    int64_t t = 0;
+    pl_status s = opt_begin_step(opt ? &opt->st : NULL, "pl_sgd_step", &t);
     if (s) return s;
-    int64_t t = opt_get_step(o) + 1;
-    if (t < 1)
-        return pl__err(PL_ERR_STATE,
-                       "%s: %s.step = %lld is negative (restored from a bad "
-                       "checkpoint?)",
-                       fn, o->prefix, (long long)(t - 1));
-    if (t > INT32_MAX) return pl__err(PL_ERR_STATE, "%s: step count overflows", fn);
+    opt_state *o = &opt->st;
     const pl_sgd_config *c = &opt->cfg;
     const float wd = (float)c->weight_decay, mom = (float)c->momentum;
     const float damp1 = (float)(1.0 - c->dampening), neg_lr = (float)-c->lr;
