@@ -136,11 +136,35 @@ static pl_status opt_init(opt_state *o, pl_ctx *ctx, const char *fn, const char 
 
 static int64_t opt_get_step(const opt_state *o) { return pl_i32(o->step)[0]; }
 
+/* The bodies of pl_<opt>_free, _set_step and _set_lr, shared by every optimiser; o and lr
+ * are NULL when the caller's opt is. */
+static void opt_free(opt_state *o, void *opt) {
+    pl__free(o->slots);
+    pl__free(opt);
+}
+
 static pl_status opt_set_step(opt_state *o, const char *fn, int64_t step) {
+    if (!o) return pl__err(PL_ERR_ARG, "%s: opt is NULL", fn);
     if (step < 0 || step > INT32_MAX)
         return pl__err(PL_ERR_ARG, "%s: step %lld is outside [0, %d]", fn, (long long)step,
                        INT32_MAX);
     pl_i32(o->step)[0] = (int32_t)step;
+    return PL_OK;
+}
+
+/* The start of every optimiser's step: the slots made to match the context's parameters, *t
+ * the number of the step about to be taken (1: the first). o is NULL when the caller's opt is. */
+static pl_status opt_begin_step(opt_state *o, const char *fn, int64_t *t) {
+    if (!o) return pl__err(PL_ERR_ARG, "%s: opt is NULL", fn);
+    pl_status s = sync_slots(o, fn);
+    if (s) return s;
+    *t = opt_get_step(o) + 1;
+    if (*t < 1)
+        return pl__err(PL_ERR_STATE,
+                       "%s: %s.step = %lld is negative (restored from a bad "
+                       "checkpoint?)",
+                       fn, o->prefix, (long long)(*t - 1));
+    if (*t > INT32_MAX) return pl__err(PL_ERR_STATE, "%s: step count overflows", fn);
     return PL_OK;
 }
 
@@ -153,6 +177,13 @@ pl_adamw_config pl_adamw_default_config(void) {
 
 /* x finite and in [0, +inf); the one check of every optimiser hyperparameter. */
 static bool nonneg(double x) { return isfinite(x) && x >= 0; }
+
+static pl_status opt_set_lr(double *lr_field, const char *fn, double lr) {
+    if (!lr_field) return pl__err(PL_ERR_ARG, "%s: opt is NULL", fn);
+    if (!nonneg(lr)) return pl__err(PL_ERR_ARG, "%s: lr = %g must be finite and >= 0", fn, lr);
+    *lr_field = lr;
+    return PL_OK;
+}
 
 static pl_status check_adamw(const char *fn, const pl_adamw_config *c) {
     if (!nonneg(c->lr))
@@ -183,24 +214,17 @@ pl_adamw *pl_adamw_new(pl_ctx *ctx, const pl_adamw_config *cfg) {
 }
 
 void pl_adamw_free(pl_adamw *opt) {
-    if (!opt) return;
-    pl__free(opt->st.slots);
-    pl__free(opt);
+    if (opt) opt_free(&opt->st, opt);
 }
 
 int64_t pl_adamw_get_step(const pl_adamw *opt) { return opt ? opt_get_step(&opt->st) : 0; }
 
 pl_status pl_adamw_set_step(pl_adamw *opt, int64_t step) {
-    if (!opt) return pl__err(PL_ERR_ARG, "pl_adamw_set_step: opt is NULL");
-    return opt_set_step(&opt->st, "pl_adamw_set_step", step);
+    return opt_set_step(opt ? &opt->st : NULL, "pl_adamw_set_step", step);
 }
 
 pl_status pl_adamw_set_lr(pl_adamw *opt, double lr) {
-    if (!opt) return pl__err(PL_ERR_ARG, "pl_adamw_set_lr: opt is NULL");
-    if (!nonneg(lr))
-        return pl__err(PL_ERR_ARG, "pl_adamw_set_lr: lr = %g must be finite and >= 0", lr);
-    opt->cfg.lr = lr;
-    return PL_OK;
+    return opt_set_lr(opt ? &opt->cfg.lr : NULL, "pl_adamw_set_lr", lr);
 }
 
 /* PyTorch's lerp: start + w*(end - start) for |w| < 0.5, else
@@ -228,18 +252,10 @@ PL_KERNEL static void adamw_kernel(float *restrict p, const float *restrict g, f
 }
 
 pl_status pl_adamw_step(pl_adamw *opt) {
-    static const char *fn = "pl_adamw_step";
-    if (!opt) return pl__err(PL_ERR_ARG, "%s: opt is NULL", fn);
-    opt_state *o = &opt->st;
-    pl_status s = sync_slots(o, fn);
+    int64_t t = 0;
+    pl_status s = opt_begin_step(opt ? &opt->st : NULL, "pl_adamw_step", &t);
     if (s) return s;
-    int64_t t = opt_get_step(o) + 1;
-    if (t < 1)
-        return pl__err(PL_ERR_STATE,
-                       "%s: %s.step = %lld is negative (restored from a bad "
-                       "checkpoint?)",
-                       fn, o->prefix, (long long)(t - 1));
-    if (t > INT32_MAX) return pl__err(PL_ERR_STATE, "%s: step count overflows", fn);
+    opt_state *o = &opt->st;
     const pl_adamw_config *c = &opt->cfg;
     const double bc1 = 1.0 - pow(c->beta1, (double)t), bc2 = 1.0 - pow(c->beta2, (double)t);
     const float decay = (float)(1.0 - c->lr * c->weight_decay);
@@ -294,24 +310,17 @@ pl_sgd *pl_sgd_new(pl_ctx *ctx, const pl_sgd_config *cfg) {
 }
 
 void pl_sgd_free(pl_sgd *opt) {
-    if (!opt) return;
-    pl__free(opt->st.slots);
-    pl__free(opt);
+    if (opt) opt_free(&opt->st, opt);
 }
 
 int64_t pl_sgd_get_step(const pl_sgd *opt) { return opt ? opt_get_step(&opt->st) : 0; }
 
 pl_status pl_sgd_set_step(pl_sgd *opt, int64_t step) {
-    if (!opt) return pl__err(PL_ERR_ARG, "pl_sgd_set_step: opt is NULL");
-    return opt_set_step(&opt->st, "pl_sgd_set_step", step);
+    return opt_set_step(opt ? &opt->st : NULL, "pl_sgd_set_step", step);
 }
 
 pl_status pl_sgd_set_lr(pl_sgd *opt, double lr) {
-    if (!opt) return pl__err(PL_ERR_ARG, "pl_sgd_set_lr: opt is NULL");
-    if (!nonneg(lr))
-        return pl__err(PL_ERR_ARG, "pl_sgd_set_lr: lr = %g must be finite and >= 0", lr);
-    opt->cfg.lr = lr;
-    return PL_OK;
+    return opt_set_lr(opt ? &opt->cfg.lr : NULL, "pl_sgd_set_lr", lr);
 }
 
 PL_KERNEL static void sgd_kernel(float *restrict p, const float *restrict g, float *restrict buf,
@@ -331,18 +340,10 @@ PL_KERNEL static void sgd_kernel(float *restrict p, const float *restrict g, flo
 }
 
 pl_status pl_sgd_step(pl_sgd *opt) {
-    static const char *fn = "pl_sgd_step";
-    if (!opt) return pl__err(PL_ERR_ARG, "%s: opt is NULL", fn);
-    opt_state *o = &opt->st;
-    pl_status s = sync_slots(o, fn);
+    int64_t t = 0;
+    pl_status s = opt_begin_step(opt ? &opt->st : NULL, "pl_sgd_step", &t);
     if (s) return s;
-    int64_t t = opt_get_step(o) + 1;
-    if (t < 1)
-        return pl__err(PL_ERR_STATE,
-                       "%s: %s.step = %lld is negative (restored from a bad "
-                       "checkpoint?)",
-                       fn, o->prefix, (long long)(t - 1));
-    if (t > INT32_MAX) return pl__err(PL_ERR_STATE, "%s: step count overflows", fn);
+    opt_state *o = &opt->st;
     const pl_sgd_config *c = &opt->cfg;
     const float wd = (float)c->weight_decay, mom = (float)c->momentum;
     const float damp1 = (float)(1.0 - c->dampening), neg_lr = (float)-c->lr;

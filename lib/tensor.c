@@ -385,15 +385,16 @@ pl_tensor *pl__view(pl_ctx *ctx, pl_tensor *src, int ndim, const int64_t *shape)
     return t;
 }
 
+/* The ctx and dtype checks of every public constructor. */
+static pl_status check_ctx_dtype(const char *fn, const pl_ctx *ctx, pl_dtype dt) {
+    if (!ctx) return pl__err(PL_ERR_ARG, "%s: ctx is NULL", fn);
+    if (dt != PL_F32 && dt != PL_I32)
+        return pl__err(PL_ERR_DTYPE, "%s: unknown dtype %d", fn, (int)dt);
+    return PL_OK;
+}
+
 pl_tensor *pl_empty(pl_ctx *ctx, pl_dtype dt, int ndim, const int64_t *shape) {
-    if (!ctx) {
-        pl__err(PL_ERR_ARG, "pl_empty: ctx is NULL");
-        return NULL;
-    }
-    if (dt != PL_F32 && dt != PL_I32) {
-        pl__err(PL_ERR_DTYPE, "pl_empty: unknown dtype %d", (int)dt);
-        return NULL;
-    }
+    if (check_ctx_dtype("pl_empty", ctx, dt)) return NULL;
     if (check_shape("pl_empty", ndim, shape)) return NULL;
     return pl__new(ctx, dt, ndim, shape);
 }
@@ -436,14 +437,7 @@ static bool grow(void **arr, int *cap, int need, size_t elem) {
 
 pl_tensor *pl_persistent_new(pl_ctx *ctx, const char *name, pl_dtype dt, int ndim,
                              const int64_t *shape, bool requires_grad) {
-    if (!ctx) {
-        pl__err(PL_ERR_ARG, "pl_persistent_new: ctx is NULL");
-        return NULL;
-    }
-    if (dt != PL_F32 && dt != PL_I32) {
-        pl__err(PL_ERR_DTYPE, "pl_persistent_new: unknown dtype %d", (int)dt);
-        return NULL;
-    }
+    if (check_ctx_dtype("pl_persistent_new", ctx, dt)) return NULL;
     if (requires_grad && dt != PL_F32) {
         pl__err(PL_ERR_DTYPE, "pl_persistent_new: only float32 tensors can require grad");
         return NULL;

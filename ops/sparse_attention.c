@@ -202,6 +202,14 @@ static void axpys_any(float *y, const float *w, const float *base, const int32_t
                       int64_t n, int64_t D) {
     for (int64_t i = 0; i < n; i++) pl__axpy(y, w[i], base + rows[i] * rs, D);
 }
+/* axpys for D = PL_VW*ND, axpys_any when ND = 0. */
+static PL_AI void axpys_nd(float *y, const float *w, const float *base, const int32_t *rows,
+                           int64_t rs, int64_t n, int ND, int64_t D) {
+    if (ND)
+        axpys(y, w, base, rows, rs, n, ND);
+    else
+        axpys_any(y, w, base, rows, rs, n, D);
+}
 
 /* Gathered rows are used in chunks of CH entries, all heads of a chunk before
  * the next one (a row's H*D floats are then fetched once, while the chunk
@@ -242,10 +250,7 @@ static PL_AI void axpys_heads(float *y, const float *w, int64_t ldw, const float
         if (i + CH < n)
             prefetch_rows(base, rows + i + CH, n - i - CH < CH ? n - i - CH : CH, rs, 4 * H * D);
         for (int64_t h = 0; h < H; h++) {
-            if (ND)
-                axpys(y + h * D, w + h * ldw + i, base + h * D, rows + i, rs, c, ND);
-            else
-                axpys_any(y + h * D, w + h * ldw + i, base + h * D, rows + i, rs, c, D);
+            axpys_nd(y + h * D, w + h * ldw + i, base + h * D, rows + i, rs, c, ND, D);
         }
     }
 }
@@ -288,6 +293,24 @@ static inline int64_t block_end(const sa_work *w, int64_t Kz, int64_t r, int64_t
     while (c < w->n[r] && sel[c] < s1) c++;
     w->cur[r] = c;
     return c;
+}
+
+/* The walk of a tile's rows [t0, t1) by blocks of SK keys, so that a block's k and v rows
+ * serve every query row of the tile together: block by block, each row t that can see the
+ * block (t >= its first key) and selected keys in it, as *t with its entries c0 .. c0 + c - 1.
+ * Start with *s1 = 0 (the end of the block before the first) and *t = t1 - 1. */
+static inline bool next_block(const sa_args *a, const sa_work *w, int64_t t0, int64_t t1,
+                              int64_t *s1, int64_t *t, int64_t *c0, int64_t *c) {
+    for (;;) {
+        if (++*t == t1) { /* on to the next block [s0, s1) */
+            const int64_t s0 = *s1;
+            if (s0 >= t1) return false;
+            *s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
+            *t = t0 > s0 ? t0 : s0;
+        }
+        *c = block_end(w, a->Kz, *t - t0, *s1, c0) - *c0;
+        if (*c) return true;
+    }
 }
 
 /* Dropout keep bits of row (b, t): element (b,h,t,j) uses word j%4 of
@@ -438,15 +461,11 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
     if (nu >= 0) {
         union_scores(a, b, t0, nr, nu, w);
     } else {
-        for (int64_t s0 = 0; s0 < t1; s0 += a->SK) {
-            const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
-            for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
-                const int64_t r = t - t0;
-                int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
-                if (c == 0) continue;
-                dots_heads(a->q + (b * L + t - a->qt0) * HD, kb, w->sel + r * Kz + c0, HD, H, D,
-                           pl_rupw(c), ND, w->z + r * H * Kz + c0, Kz);
-            }
+        for (int64_t s1 = 0, t = t1 - 1, c0 = 0, c = 0;
+             next_block(a, w, t0, t1, &s1, &t, &c0, &c);) {
+            const int64_t r = t - t0;
+            dots_heads(a->q + (b * L + t - a->qt0) * HD, kb, w->sel + r * Kz + c0, HD, H, D,
+                       pl_rupw(c), ND, w->z + r * H * Kz + c0, Kz);
         }
     }
     for (int64_t t = t0; t < t1; t++) {
@@ -490,15 +509,10 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
         union_out(a, b, t0, nr, nu, pw, w);
         return;
     }
-    for (int64_t s0 = 0; s0 < t1; s0 += a->SK) {
-        const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
-        for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
-            const int64_t r = t - t0;
-            int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
-            if (c == 0) continue;
-            axpys_heads(a->out + (b * L + t - a->qt0) * HD, pw + r * H * Kz + c0, Kz, vb,
-                        w->sel + r * Kz + c0, HD, H, D, c, ND);
-        }
+    for (int64_t s1 = 0, t = t1 - 1, c0 = 0, c = 0; next_block(a, w, t0, t1, &s1, &t, &c0, &c);) {
+        const int64_t r = t - t0;
+        axpys_heads(a->out + (b * L + t - a->qt0) * HD, pw + r * H * Kz + c0, Kz, vb,
+                    w->sel + r * Kz + c0, HD, H, D, c, ND);
     }
 }
 
@@ -531,44 +545,39 @@ static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, flo
             if (a->delta) a->delta[row0 + h] = w->delta[r * H + h];
         }
     }
-    for (int64_t s0 = 0; (G || (recompute && dq)) && s0 < t1; s0 += a->SK) {
-        const int64_t s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
-        for (int64_t t = t0 > s0 ? t0 : s0; t < t1; t++) {
-            const int64_t r = t - t0, row0 = (b * L + t) * H;
-            int64_t c0, c = block_end(w, Kz, r, s1, &c0) - c0;
-            if (c == 0) continue;
-            const int32_t *sel = w->sel + r * Kz + c0, *pos = w->pos + r * Kz + c0;
-            const float *P = recompute ? NULL : a->P + (b * L + t) * K * H;
-            float *dp = w->z, *g = w->w, *z = w->zr;
-            dots_heads(dO + row0 * D, vb, sel, HD, H, D, pl_rupw(c), ND, dp, Kz);
-            if (recompute) /* p = e^(z scale - lse), z recomputed */
-                dots_heads(a->q + row0 * D, kb, sel, HD, H, D, pl_rupw(c), ND, z, Kz);
-            for (int64_t h = 0; h < H; h++) {
-                float *dph = dp + h * Kz, *gh = g + h * Kz;
-                const float delta = w->delta[r * H + h];
-                if (a->keep) {
-                    const uint32_t *kr = a->keep + (row0 + h) * a->W;
-                    for (int64_t i = 0; i < c; i++)
-                        dph[i] = keep_bit(kr, pos[i]) ? dph[i] * ks : 0.0f;
-                }
-                if (recompute) {
-                    const float *zh = z + h * Kz;
-                    const pl_vf lv = pl_splat(a->lse[row0 + h]);
-                    for (int64_t i = 0; i < c; i += PL_VW)
-                        PL_ST(gh + i, pl_vexp(PL_LD(zh + i) * scale - lv) *
-                                          (PL_LD(dph + i) - delta) * scale);
-                } else {
-                    for (int64_t i = 0; i < c; i++)
-                        gh[i] = P[pos[i] * H + h] * (dph[i] - delta) * scale;
-                }
+    for (int64_t s1 = 0, t = t1 - 1, c0 = 0, c = 0;
+         (G || (recompute && dq)) && next_block(a, w, t0, t1, &s1, &t, &c0, &c);) {
+        const int64_t r = t - t0, row0 = (b * L + t) * H;
+        const int32_t *sel = w->sel + r * Kz + c0, *pos = w->pos + r * Kz + c0;
+        const float *P = recompute ? NULL : a->P + (b * L + t) * K * H;
+        float *dp = w->z, *g = w->w, *z = w->zr;
+        dots_heads(dO + row0 * D, vb, sel, HD, H, D, pl_rupw(c), ND, dp, Kz);
+        if (recompute) /* p = e^(z scale - lse), z recomputed */
+            dots_heads(a->q + row0 * D, kb, sel, HD, H, D, pl_rupw(c), ND, z, Kz);
+        for (int64_t h = 0; h < H; h++) {
+            float *dph = dp + h * Kz, *gh = g + h * Kz;
+            const float delta = w->delta[r * H + h];
+            if (a->keep) {
+                const uint32_t *kr = a->keep + (row0 + h) * a->W;
+                for (int64_t i = 0; i < c; i++) dph[i] = keep_bit(kr, pos[i]) ? dph[i] * ks : 0.0f;
             }
-            if (G) {
-                float *Gr = G + (b * L + t) * K * H;
+            if (recompute) {
+                const float *zh = z + h * Kz;
+                const pl_vf lv = pl_splat(a->lse[row0 + h]);
+                for (int64_t i = 0; i < c; i += PL_VW)
+                    PL_ST(gh + i,
+                          pl_vexp(PL_LD(zh + i) * scale - lv) * (PL_LD(dph + i) - delta) * scale);
+            } else {
                 for (int64_t i = 0; i < c; i++)
-                    for (int64_t h = 0; h < H; h++) Gr[pos[i] * H + h] = g[h * Kz + i];
+                    gh[i] = P[pos[i] * H + h] * (dph[i] - delta) * scale;
             }
-            if (dq) axpys_heads(dq + row0 * D, g, Kz, kb, sel, HD, H, D, c, ND);
         }
+        if (G) {
+            float *Gr = G + (b * L + t) * K * H;
+            for (int64_t i = 0; i < c; i++)
+                for (int64_t h = 0; h < H; h++) Gr[pos[i] * H + h] = g[h * Kz + i];
+        }
+        if (dq) axpys_heads(dq + row0 * D, g, Kz, kb, sel, HD, H, D, c, ND);
     }
     if (!a->keep || recompute) return;
     for (int64_t t = t0; t < t1; t++) {
@@ -637,33 +646,17 @@ static PL_AI void kv_key_impl(const sa_args *a, const float *dO, const float *G,
                 }
                 gw[e] = p * (dp - a->delta[row]) * a->scale;
             }
-            if (dv) {
-                if (ND)
-                    axpys(dv + ko, cw, dOb, rows, HD, n, ND);
-                else
-                    axpys_any(dv + ko, cw, dOb, rows, HD, n, D);
-            }
-            if (dk) {
-                if (ND)
-                    axpys(dk + ko, gw, qb, rows, HD, n, ND);
-                else
-                    axpys_any(dk + ko, gw, qb, rows, HD, n, D);
-            }
+            if (dv) axpys_nd(dv + ko, cw, dOb, rows, HD, n, ND, D);
+            if (dk) axpys_nd(dk + ko, gw, qb, rows, HD, n, ND, D);
             continue;
         }
         if (dv) {
             for (int64_t e = 0; e < n; e++) cw[e] = Pb[(int64_t)list[e] * H + h];
-            if (ND)
-                axpys(dv + ko, cw, dOb, rows, HD, n, ND);
-            else
-                axpys_any(dv + ko, cw, dOb, rows, HD, n, D);
+            axpys_nd(dv + ko, cw, dOb, rows, HD, n, ND, D);
         }
         if (dk) {
             for (int64_t e = 0; e < n; e++) gw[e] = Gb[(int64_t)list[e] * H + h];
-            if (ND)
-                axpys(dk + ko, gw, qb, rows, HD, n, ND);
-            else
-                axpys_any(dk + ko, gw, qb, rows, HD, n, D);
+            axpys_nd(dk + ko, gw, qb, rows, HD, n, ND, D);
         }
     }
 }

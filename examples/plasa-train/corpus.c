@@ -102,17 +102,24 @@ static bool blank_line(const char *p, const char *end) {
     return true;
 }
 
+/* The next blank-separated "word/tag" token of [*q, end), or NULL at the line's end: its
+ * start; *q moves past it, *slash gets its last '/' (NULL: no tag). */
+static const char *next_token(const char **q, const char *end, const char **slash) {
+    const char *c = *q;
+    while (c < end && (*c == ' ' || *c == '\t' || *c == '\r')) c++;
+    const char *t = c;
+    *slash = NULL;
+    for (; c < end && *c != ' ' && *c != '\t' && *c != '\r'; c++)
+        if (*c == '/') *slash = c;
+    *q = c;
+    return c == t ? NULL : t;
+}
+
 /* A line whose every tag carries "-hl" (headline) */
 static bool is_headline(const char *p, const char *end) {
     int tokens = 0;
-    for (const char *q = p; q < end;) {
-        while (q < end && (*q == ' ' || *q == '\t' || *q == '\r')) q++;
-        const char *t = q;
-        while (q < end && *q != ' ' && *q != '\t' && *q != '\r') q++;
-        if (q == t) continue;
-        const char *slash = NULL;
-        for (const char *c = t; c < q; c++)
-            if (*c == '/') slash = c;
+    const char *q = p, *t, *slash;
+    while ((t = next_token(&q, end, &slash))) {
         if (!slash) return false;
         bool hl = false;
         for (const char *c = slash; c + 3 <= q; c++)
@@ -138,14 +145,8 @@ int corpus_brown_doc(const char *src, size_t n, tr_buf *out) {
                 if (tr_buf_putc(out, '\n')) return -1;
                 d = (detok){out, true, false, false};
             }
-            for (const char *q = p; q < eol;) {
-                while (q < eol && (*q == ' ' || *q == '\t' || *q == '\r')) q++;
-                const char *t = q;
-                while (q < eol && *q != ' ' && *q != '\t' && *q != '\r') q++;
-                if (q == t) continue;
-                const char *slash = NULL;
-                for (const char *c = t; c < q; c++)
-                    if (*c == '/') slash = c;
+            const char *q = p, *t, *slash;
+            while ((t = next_token(&q, eol, &slash))) {
                 size_t wn = slash ? (size_t)(slash - t) : (size_t)(q - t);
                 if (wn && emit_word(&d, t, wn)) return -1;
             }

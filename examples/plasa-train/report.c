@@ -163,6 +163,31 @@ static void xml_text(tr_buf *b, const char *s) {
     }
 }
 
+/* The plot area (left, top, width, height) and the ranges of step and loss it shows. */
+typedef struct {
+    double ml, mt, pw, ph, xmin, xmax, ymin, ymax;
+} plot_frame;
+
+static double plot_x(const plot_frame *f, double x) {
+    return f->ml + (x - f->xmin) / (f->xmax - f->xmin) * f->pw;
+}
+
+static double plot_y(const plot_frame *f, double y) {
+    return f->mt + (f->ymax - y) / (f->ymax - f->ymin) * f->ph;
+}
+
+/* A polyline through (step, loss) of the rows whose loss is finite; val: the validation
+ * loss, else the training loss. */
+static void loss_line(tr_buf *b, const plot_frame *f, const report_row *rows, size_t n, bool val,
+                      const char *color, int width) {
+    svgf(b, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"%d\" points=\"", color, width);
+    for (size_t i = 0; i < n; i++) {
+        const double y = val ? rows[i].val_loss : rows[i].train_loss;
+        if (isfinite(y)) svgf(b, "%.1f,%.1f ", plot_x(f, (double)rows[i].step), plot_y(f, y));
+    }
+    svgf(b, "\"/>\n");
+}
+
 int report_svg(const char *path, const report_row *rows, size_t n, const char *title) {
     const double W = 900, H = 540, ml = 80, mr = 30, mt = 60, mb = 70;
     const double pw = W - ml - mr, ph = H - mt - mb;
@@ -179,8 +204,9 @@ int report_svg(const char *path, const report_row *rows, size_t n, const char *t
     ymin = floor(ymin / ys) * ys;
     ymax = ceil(ymax / ys) * ys;
     xmax = ceil(xmax / xs) * xs;
-#define PX(x) (ml + ((x)-xmin) / (xmax - xmin) * pw)
-#define PY(y) (mt + (ymax - (y)) / (ymax - ymin) * ph)
+    const plot_frame f = {ml, mt, pw, ph, xmin, xmax, ymin, ymax};
+#define PX(x) plot_x(&f, x)
+#define PY(y) plot_y(&f, y)
     tr_buf b = {0};
     svgf(&b,
          "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
@@ -221,11 +247,7 @@ int report_svg(const char *path, const report_row *rows, size_t n, const char *t
     size_t ntrain = 0;
     for (size_t i = 0; i < n; i++) ntrain += isfinite(rows[i].train_loss);
     if (ntrain) {
-        svgf(&b, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1\" points=\"", color[0]);
-        for (size_t i = 0; i < n; i++)
-            if (isfinite(rows[i].train_loss))
-                svgf(&b, "%.1f,%.1f ", PX((double)rows[i].step), PY(rows[i].train_loss));
-        svgf(&b, "\"/>\n");
+        loss_line(&b, &f, rows, n, false, color[0], 1);
         svgf(&b, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"2\" points=\"", color[1]);
         double sum = 0;
         size_t cnt = 0, lo = 0;
@@ -245,11 +267,7 @@ int report_svg(const char *path, const report_row *rows, size_t n, const char *t
     size_t nval = 0;
     for (size_t i = 0; i < n; i++) nval += isfinite(rows[i].val_loss);
     if (nval) {
-        svgf(&b, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"2\" points=\"", color[2]);
-        for (size_t i = 0; i < n; i++)
-            if (isfinite(rows[i].val_loss))
-                svgf(&b, "%.1f,%.1f ", PX((double)rows[i].step), PY(rows[i].val_loss));
-        svgf(&b, "\"/>\n");
+        loss_line(&b, &f, rows, n, true, color[2], 2);
         for (size_t i = 0; i < n; i++)
             if (isfinite(rows[i].val_loss))
                 svgf(&b, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3.5\" fill=\"%s\"/>\n",

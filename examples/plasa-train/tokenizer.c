@@ -237,14 +237,25 @@ static bool heap_before(const trainer *t, heapent x, heapent y) {
     return p->b < q->b;
 }
 
-static int heap_push(trainer *t, heapent e) {
-    if (t->nheap == t->capheap) {
-        size_t cap = t->capheap ? 2 * t->capheap : 1024;
-        heapent *h = realloc(t->heap, cap * sizeof *h);
-        if (!h) return tr_fail("out of memory (BPE heap)");
-        t->heap = h;
-        t->capheap = cap;
+/* Room for entry n of the array a of elem-byte entries with room for *cap, the room doubled
+ * (at first cap0) when full: the array, perhaps moved; NULL (a kept) when out of memory, what
+ * naming it in the message. */
+static void *room_for(void *a, size_t n, size_t *cap, size_t cap0, size_t elem, const char *what) {
+    if (n < *cap) return a;
+    size_t c = *cap ? 2 * *cap : cap0;
+    void *q = realloc(a, c * elem);
+    if (!q) {
+        tr_fail("out of memory (%s)", what);
+        return NULL;
     }
+    *cap = c;
+    return q;
+}
+
+static int heap_push(trainer *t, heapent e) {
+    heapent *h = room_for(t->heap, t->nheap, &t->capheap, 1024, sizeof *h, "BPE heap");
+    if (!h) return -1;
+    t->heap = h;
     size_t i = t->nheap++;
     while (i > 0) {
         size_t up = (i - 1) / 2;
@@ -275,29 +286,29 @@ static int32_t pair_get(trainer *t, int32_t a, int32_t b) {
     int32_t id = u64map_put(&t->index, pair_key(a, b), (int32_t)t->npairs);
     if (id == -2) return -1;
     if ((size_t)id == t->npairs) {
-        if (t->npairs == t->cappairs) {
-            size_t cap = t->cappairs ? 2 * t->cappairs : 4096;
-            pairrec *p = realloc(t->pairs, cap * sizeof *p);
-            if (!p) return tr_fail("out of memory (BPE pairs)");
-            t->pairs = p;
-            t->cappairs = cap;
-        }
+        pairrec *p = room_for(t->pairs, t->npairs, &t->cappairs, 4096, sizeof *p, "BPE pairs");
+        if (!p) return -1;
+        t->pairs = p;
         t->pairs[id] = (pairrec){0, a, b, NULL, 0, 0, 0};
         t->npairs++;
     }
     return id;
 }
 
-static int pair_addpos(pairrec *p, int32_t pos) {
-    if (p->npos == p->cappos) {
-        int32_t cap = p->cappos ? 2 * p->cappos : 4;
-        int32_t *q = realloc(p->pos, (size_t)cap * sizeof *q);
-        if (!q) return tr_fail("out of memory (BPE positions)");
-        p->pos = q;
-        p->cappos = cap;
-    }
-    p->pos[p->npos++] = pos;
+/* Appends x to the int32 array *a of *n entries and room for *cap (room_for's growth). */
+static int push_i32(int32_t **a, int32_t *n, int32_t *cap, size_t cap0, int32_t x,
+                    const char *what) {
+    size_t c = (size_t)*cap;
+    int32_t *q = room_for(*a, (size_t)*n, &c, cap0, sizeof *q, what);
+    if (!q) return -1;
+    *a = q;
+    *cap = (int32_t)c;
+    q[(*n)++] = x;
     return 0;
+}
+
+static int pair_addpos(pairrec *p, int32_t pos) {
+    return push_i32(&p->pos, &p->npos, &p->cappos, 4, pos, "BPE positions");
 }
 
 static int cmp_i32(const void *x, const void *y) {
@@ -770,15 +781,7 @@ typedef struct {
 } posvec;
 
 static int posvec_push(posvec *v, int32_t x) {
-    if (v->n == v->cap) {
-        int32_t cap = v->cap ? 2 * v->cap : 16;
-        int32_t *p = realloc(v->p, (size_t)cap * sizeof *p);
-        if (!p) return tr_fail("out of memory (encoder buckets)");
-        v->p = p;
-        v->cap = cap;
-    }
-    v->p[v->n++] = x;
-    return 0;
+    return push_i32(&v->p, &v->n, &v->cap, 16, x, "encoder buckets");
 }
 
 /* The same order as the heap (merge id, then position), for long
