@@ -22,7 +22,8 @@ static struct {
     tr_model *m;
     float *scratch; /* --check-replicas */
     int64_t scratch_n;
-} g = {false, 0, 1, 2, NULL, NULL, NULL, NULL, 0};
+    bool collective; /* dist_fail_is_collective */
+} g = {false, 0, 1, 2, NULL, NULL, NULL, NULL, 0, false};
 
 void dist_init(int *argc, char ***argv) {
     /* Set by Open MPI's mpirun, by MPICH's hydra (PMI_*) and by PMIx launchers. */
@@ -66,10 +67,19 @@ void dist_fail(const char *msg, int rc) {
         return;
     }
     fflush(stdout);
+    if (g.collective) { /* every rank is here: leave MPI in order */
+        if (g.rank == 0) fprintf(stderr, "plasa-train: error: %s\n", msg);
+        fflush(stderr);
+        dist_detach();
+        MPI_Finalize();
+        exit(rc ? rc : 1);
+    }
     dprintf(g.err_fd, "plasa-train: error: %s (rank %d of %d)\n", msg, g.rank, g.size);
     MPI_Abort(MPI_COMM_WORLD, rc ? rc : 1);
     exit(rc ? rc : 1); /* not reached */
 }
+
+void dist_fail_is_collective(void) { g.collective = true; }
 
 int dist_check_config(const tr_config *cfg) {
     if (!g.active) {

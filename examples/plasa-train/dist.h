@@ -30,6 +30,10 @@ int dist_size(void);
 /* Prints "plasa-train: error: msg" (with the rank under MPI) on the real
  * stderr; under MPI then ends every rank with status rc and does not return. */
 void dist_fail(const char *msg, int rc);
+/* The next dist_fail is reached by every rank with the same cause (the
+ * ranks agreed on it, e.g. a signal): rank 0 prints, every rank leaves MPI
+ * in order (MPI_Finalize) and exits with rc, without MPI_Abort. */
+void dist_fail_is_collective(void);
 /* Flags that need MPI, and --batch divisible by the ranks. 0 or -1 (message). */
 int dist_check_config(const tr_config *cfg);
 /* Rank 0 first, then the others (they reuse what it cached): brackets data

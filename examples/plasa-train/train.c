@@ -322,8 +322,10 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
         .comm_share = train_time > 0 ? comm_s / train_time : NAN,
         .comm_bytes_per_step = step > first ? (double)comm_b / (double)(step - first) : NAN,
     };
+    /* An interruption is agreed by all ranks: they end together (dist.h). */
+    if (interrupted) dist_fail_is_collective();
     if (!root) { /* rank 0 alone reports and writes the files */
-        rc = 0;
+        rc = interrupted ? tr_fail("interrupted") : 0;
         goto done;
     }
     if (report_json(&json, &fin, cfg)) goto done;
