@@ -30,4 +30,4 @@ add_test(NAME test_install
                  -DMPIRUN=${PLASA_INSTALL_MPIRUN}
                  -P ${CMAKE_CURRENT_SOURCE_DIR}/install/run.cmake)
 set_tests_properties(test_install PROPERTIES TIMEOUT 300 ENVIRONMENT
-  "OMP_NUM_THREADS=1;LSAN_OPTIONS=suppressions=${CMAKE_CURRENT_SOURCE_DIR}/mpi/lsan.supp:print_suppressions=0")
+  "OMP_NUM_THREADS=1;LSAN_OPTIONS=suppressions=${CMAKE_CURRENT_SOURCE_DIR}/mpi/lsan.supp:print_suppressions=0:fast_unwind_on_malloc=0")
