@@ -68,6 +68,7 @@ typedef enum {
     PL_ERR_IO,      /* file system error */
     PL_ERR_FORMAT,  /* malformed file */
     PL_ERR_BACKEND, /* oneDNN reported an error */
+    PL_ERR_COMM,    /* MPI reported an error (plasa_mpi, include/plasa_mpi.h) */
 } pl_status;
 
 /* Message of the last failure on this thread ("" if none). */
@@ -75,6 +76,10 @@ PL_API const char *pl_last_error(void);
 /* Status code of the last failure on this thread (PL_OK if none). */
 PL_API pl_status pl_last_status(void);
 PL_API void pl_clear_error(void);
+/* Records a failure as the library's own functions do (for companion
+ * libraries such as plasa_mpi, and embedders): message printf-style, kept
+ * as pl_last_error(); returns s. */
+PL_API pl_status pl_set_error(pl_status s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 PL_API const char *pl_status_name(pl_status s);
 
 /* ------------------------------------------------------------------------ */
@@ -196,6 +201,9 @@ PL_API void pl_tensor_free(pl_tensor *t);
 PL_API int pl_param_count(const pl_ctx *ctx);
 PL_API pl_tensor *pl_param_at(const pl_ctx *ctx, int i);
 PL_API pl_tensor *pl_param_find(const pl_ctx *ctx, const char *name);
+/* Any persistent tensor (parameter, optimiser state, ...) by name; NULL (no
+ * error set) if there is none. */
+PL_API pl_tensor *pl_persistent_find(const pl_ctx *ctx, const char *name);
 PL_API int64_t pl_param_numel(const pl_ctx *ctx); /* sum over parameters */
 
 static inline float *pl_f32(const pl_tensor *t) { return (float *)t->data; }
@@ -587,6 +595,17 @@ PL_API pl_status pl_adamw_set_step(pl_adamw *opt, int64_t step);
 /* For schedules: the lr used from the next step on. */
 PL_API pl_status pl_adamw_set_lr(pl_adamw *opt, double lr);
 PL_API void pl_adamw_free(pl_adamw *opt);
+/* The configuration in use (lr as last set). NULL opt: the defaults. */
+PL_API pl_adamw_config pl_adamw_get_config(const pl_adamw *opt);
+/* The element update of pl_adamw_step, step t (1-based), on n elements of
+ * any flat range: p, m and v updated in place from the gradient g. The same
+ * code and float operations as pl_adamw_step, which applies it to each
+ * parameter in turn, so updating a parameter range by range (e.g. one shard
+ * per process, plasa_mpi's ZeRO-1) gives bit-identical results. Runs on
+ * OpenMP threads when n is large. PL_ERR_ARG on a bad cfg, t < 1 or NULL
+ * arrays (n > 0). */
+PL_API pl_status pl_adamw_update(const pl_adamw_config *cfg, int64_t t, float *p, const float *g,
+                                 float *m, float *v, int64_t n);
 
 /* torch.optim.SGD (maximize off):
  *   d = g + wd*p                            (coupled weight decay)

@@ -521,6 +521,14 @@ pl_tensor *pl_param_at(const pl_ctx *ctx, int i) {
     return ctx->params[i];
 }
 /* Not finding the name is an answer, not an error. */
+pl_tensor *pl_persistent_find(const pl_ctx *ctx, const char *name) {
+    if (!ctx || !name)
+        return pl__err_null(PL_ERR_ARG, "pl_persistent_find: %s is NULL", ctx ? "name" : "ctx");
+    for (int i = 0; i < ctx->n_persist; i++)
+        if (ctx->persist[i]->name && !strcmp(ctx->persist[i]->name, name)) return ctx->persist[i];
+    return NULL;
+}
+
 pl_tensor *pl_param_find(const pl_ctx *ctx, const char *name) {
     if (!ctx || !name)
         return pl__err_null(PL_ERR_ARG, "pl_param_find: %s is NULL", ctx ? "name" : "ctx");

@@ -83,6 +83,10 @@ static const flagdef flags[] = {
     {"sample-every", T_I64, OFF(sample_every), 0, BIG, "N",
      "print a short generated sample every N steps (0: never)"},
     {"init", T_STR, OFF(init), 0, 0, "FILE", "initialise the parameters from a checkpoint"},
+    {"zero", T_SWITCH, OFF(zero), 0, 0, NULL,
+     "under mpirun: shard the AdamW state over the ranks (ZeRO-1)"},
+    {"check-replicas", T_SWITCH, OFF(check_replicas), 0, 0, NULL,
+     "under mpirun: after every step, fail unless all ranks hold bit-identical parameters"},
 };
 #define NFLAGS (sizeof flags / sizeof *flags)
 _Static_assert(NFLAGS <= 64, "tr_config.given has 64 bits");

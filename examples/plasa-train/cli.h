@@ -34,6 +34,8 @@ typedef struct {
     /* evaluation, output, checkpoints */
     int64_t eval_every, eval_max_tokens, log_every, save_every, sample_every;
     const char *json, *csv, *plot, *checkpoint, *resume, *init;
+    /* data-parallel training under mpirun (dist.h) */
+    bool zero, check_replicas;
     uint64_t given; /* bit i: the i-th flag of --help appeared on the command line */
 } tr_config;
 

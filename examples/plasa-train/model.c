@@ -39,7 +39,10 @@ struct tr_model {
     char *tokenizer;    /* file text of the BPE tokenizer, saved in checkpoints; or NULL */
     pl_kv_cache *cache; /* decoding (model_decode_start) */
     pl_ctx *ctx;
-    pl_adamw *opt;
+    pl_adamw *opt; /* NULL when an update hook owns the optimiser (--zero) */
+    model_update_fn update;
+    void *update_user;
+    int64_t row0; /* global index of this process's first batch row (dropout) */
     pl_tensor *tok_emb, *final_norm, *lm_head;
     layer layers[CLI_MAX_LAYERS];
 };
@@ -104,6 +107,25 @@ static int init_params(tr_model *m) {
     return 0;
 }
 
+pl_adamw_config model_adamw_config(const tr_config *cfg) {
+    pl_adamw_config oc = pl_adamw_default_config();
+    oc.lr = cfg->lr;
+    oc.beta1 = 0.9;
+    oc.beta2 = 0.95;
+    oc.eps = 1e-8;
+    oc.weight_decay = cfg->weight_decay;
+    return oc;
+}
+
+void model_set_update(tr_model *m, model_update_fn fn, void *user) {
+    m->update = fn;
+    m->update_user = user;
+}
+
+void model_set_row_offset(tr_model *m, int64_t row0) { m->row0 = row0; }
+
+pl_adamw *model_optimizer(tr_model *m) { return m->opt; }
+
 tr_model *model_create(const tr_config *cfg, int vocab) {
     if (cfg->layers < 1 || cfg->layers > CLI_MAX_LAYERS || cfg->dim % cfg->heads ||
         (cfg->dim / cfg->heads) % 2) {
@@ -131,13 +153,8 @@ tr_model *model_create(const tr_config *cfg, int vocab) {
         model_free(m);
         return NULL;
     }
-    pl_adamw_config oc = pl_adamw_default_config();
-    oc.lr = cfg->lr;
-    oc.beta1 = 0.9;
-    oc.beta2 = 0.95;
-    oc.eps = 1e-8;
-    oc.weight_decay = cfg->weight_decay;
-    if (!(m->opt = pl_adamw_new(m->ctx, &oc))) {
+    pl_adamw_config oc = model_adamw_config(cfg);
+    if (!cfg->zero && !(m->opt = pl_adamw_new(m->ctx, &oc))) {
         fail("optimiser");
         model_free(m);
         return NULL;
@@ -201,8 +218,13 @@ static pl_tensor *attention(tr_model *m, int li, pl_tensor *x, float p_drop, int
     pl_tensor *v = pl_reshape(ctx, pl_slice(ctx, qkv, 2, 2 * d, d), PL_DIMS(B, L, H, D));
     q = pl_rope(ctx, q, ROPE_BASE, 0);
     k = pl_rope(ctx, k, ROPE_BASE, 0);
+    /* Dropout counters of row b are those of global row row0 + b, so a batch
+     * split over processes draws the masks of the whole batch: the ops
+     * advance the counter by H*L*ceil(K/4) per row (K = L dense, k sparse). */
+    const int64_t K = l->k >= L ? L : l->k;
     pl_rng rng = {m->cfg.seed ^ 0x6a09e667f3bcc908ull,
-                  ((uint64_t)step * (uint64_t)m->cfg.layers + (uint64_t)li) << 36};
+                  (((uint64_t)step * (uint64_t)m->cfg.layers + (uint64_t)li) << 36) +
+                      (uint64_t)(m->row0 * H * L * ((K + 3) / 4))};
     pl_tensor *a;
     if (l->k >= L) {
         a = pl_attention(ctx, q, k, v, p_drop, p_drop > 0 ? &rng : NULL);
@@ -310,6 +332,10 @@ int model_train_step(tr_model *m, const int32_t *inputs, const int32_t *targets,
         goto done;
     }
     *loss = pl_f32(ce)[0];
+    if (m->update) {
+        rc = m->update(m->update_user, m->cfg.clip);
+        goto done;
+    }
     pl_status st = PL_OK;
     if (m->cfg.clip > 0) pl_clip_grad_norm(ctx, m->cfg.clip, &st);
     if (st || pl_adamw_step(m->opt)) rc = fail("optimiser step");
@@ -365,8 +391,8 @@ const char *model_tokenizer(const tr_model *m) { return m->tokenizer; }
 /* The shape of the model in checkpoint metadata: "model.<field>" = decimal. */
 #define SHAPE_FIELDS(X)                                                                            \
     X(layers)                                                                                      \
-    X(dim) X(heads) X(ffn) X(experts) X(expert_ffn) X(top_experts) X(indexer_heads) X(indexer_dim) \
-        X(seq)
+    X(dim)                                                                                         \
+    X(heads) X(ffn) X(experts) X(expert_ffn) X(top_experts) X(indexer_heads) X(indexer_dim) X(seq)
 
 int model_save(const tr_model *m, const char *path, int64_t steps_done) {
     const tr_config *c = &m->cfg;
@@ -454,9 +480,11 @@ int model_load(tr_model *m, const char *path, int64_t *steps_done) {
         rc = tr_fail("%s: no steps_done metadata: not a plasa-train checkpoint", path);
     else if (tr_parse_int(steps, strlen(steps), 0, INT32_MAX, &n, what))
         rc = -1;
-    else if (pl_checkpoint_restore(m->ctx, st, 0))
+    /* Without an optimiser (--zero) its state becomes plain tensors that the
+     * update hook takes its shard of. */
+    else if (pl_checkpoint_restore(m->ctx, st, m->opt ? 0 : PL_CKPT_CREATE_EXTRA))
         rc = fail("loading a checkpoint");
-    else if (pl_adamw_get_step(m->opt) < 0 || pl_adamw_get_step(m->opt) > n)
+    else if (m->opt && (pl_adamw_get_step(m->opt) < 0 || pl_adamw_get_step(m->opt) > n))
         rc = tr_fail("%s: adamw.step = %lld is outside [0, steps_done = %lld]", path,
                      (long long)pl_adamw_get_step(m->opt), (long long)n);
     pl_safetensors_close(st);
