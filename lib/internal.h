@@ -165,6 +165,17 @@ static inline float pl__relu(float x) { return !(x <= 0.0f) ? x : 0.0f; }
 
 /* ---- the one exp (pl__expf) and the SIMD layer: simd.h ---- */
 
+/* ---- cross-entropy (ops/softmax.c; pl_cross_entropy, pl_cross_entropy_smooth,
+ * pl_linear_cross_entropy) ---- */
+/* Checks targets (int32) against the rows of lead, the logits or the input
+ * whose all-but-last dims they must match (a 1-D lead: one target), with every
+ * target < V; *count = the targets >= 0 (the counted rows). lead_name names
+ * lead in the message. PL_OK or the error. */
+pl_status pl__ce_targets(const char *fn, const char *lead_name, const pl_tensor *lead,
+                         const pl_tensor *targets, int64_t V, int64_t *count);
+/* Checks a label-smoothing weight: in [0, 1]. */
+pl_status pl__ce_smoothing(const char *fn, float smoothing);
+
 /* ---- safetensors (lib/safetensors.c) ---- */
 /* Parses a whole safetensors file held in memory, with the checks of
  * pl_safetensors_open; label names the source in messages. Used by the
@@ -274,6 +285,10 @@ typedef struct {
     int64_t topk_pivot_mode;
     /* pl_attention_cached: query rows per block of index rows (0: automatic). */
     int64_t decode_block_rows;
+    /* pl_linear_cross_entropy: with gradients, bytes of logits kept per block of
+     * rows (0: automatic, 64 MiB); vocabulary columns per chunk (0: automatic,
+     * about 1 MiB of logits). */
+    int64_t lce_block_bytes, lce_chunk_cols;
 } pl_tuning;
 extern pl_tuning pl__tuning;
 

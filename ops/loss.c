@@ -40,9 +40,7 @@ pl_tensor *pl_cross_entropy_smooth(pl_ctx *ctx, pl_tensor *logits, pl_tensor *ta
     if (pl__check(ctx, fn, "logits", logits, PL_F32) ||
         pl__check(ctx, fn, "targets", targets, PL_I32))
         return NULL;
-    if (!(smoothing >= 0 && smoothing <= 1))
-        return pl__err_null(PL_ERR_ARG, "%s: smoothing (%g) must be in [0, 1]", fn,
-                            (double)smoothing);
+    if (pl__ce_smoothing(fn, smoothing)) return NULL;
     pl_tensor *ce = pl_cross_entropy(ctx, logits, targets); /* checks the shapes and targets */
     if (!ce || smoothing == 0) return ce;
     pl_tensor *m = pl__new(ctx, PL_F32, targets->ndim, targets->shape);
