@@ -242,6 +242,26 @@ PL_API pl_status pl_backward(pl_ctx *ctx, pl_tensor *loss);
 /* Same, from any tensor with an explicit seed gradient (out->numel floats). */
 PL_API pl_status pl_backward_seed(pl_ctx *ctx, pl_tensor *out, const float *seed);
 PL_API void pl_zero_grad(pl_ctx *ctx);
+/* Profile of the step per op family (cheap when off: one branch per op).
+ * pl_profile_start starts timing (pl_profile_stop pauses it, pl_profile_reset
+ * empties the table; a context starts empty and off); while it runs, every
+ * public op adds its wall time to its family's forward time (an op
+ * called inside another counts toward the outer one), each tape node's
+ * backward adds to its family's backward time, and pl_zero_grad,
+ * pl_step_reset, pl_clip_grad_norm and pl_adamw_step count as families of
+ * their own. Families are named as the ops ("linear", "rmsnorm", "add",
+ * "sparse_attention", ...). pl_profile_read copies up to max entries, in the
+ * order the families first ran, and returns how many there are (-1 on
+ * error). Times are in milliseconds; family names are static strings. */
+typedef struct {
+    const char *family;
+    double fwd_ms, bwd_ms;
+    int64_t fwd_calls, bwd_calls;
+} pl_profile_entry;
+PL_API pl_status pl_profile_start(pl_ctx *ctx);
+PL_API pl_status pl_profile_stop(pl_ctx *ctx);
+PL_API pl_status pl_profile_reset(pl_ctx *ctx);
+PL_API int pl_profile_read(const pl_ctx *ctx, pl_profile_entry *out, int max);
 /* Same data, no history: gradients stop here. */
 PL_API pl_tensor *pl_detach(pl_ctx *ctx, pl_tensor *x);
 

@@ -68,8 +68,24 @@ struct pl_node {
     float farg[4];   /* op-specific floats */
 };
 
+/* Per-op-family profile (lib/profile.c): time in the outermost public op
+ * (forward) and in each tape node's backward, keyed by family name. */
+#define PL__PROF_SLOTS 64
+typedef struct {
+    const char *name; /* a string literal (static storage) */
+    double fwd, bwd;  /* seconds */
+    int64_t nf, nb;   /* calls */
+} pl__prof_slot;
+typedef struct {
+    bool on;
+    int depth; /* public ops nested in the one being timed are not timed again */
+    int n;
+    pl__prof_slot slot[PL__PROF_SLOTS];
+} pl__profile;
+
 struct pl_ctx {
     pl_arena arena;
+    pl__profile prof;
     /* Step tensor headers: a ring of fixed-size slots in address space
      * reserved once (lib/tensor.c), so that a header address is handed out
      * again only after the whole ring; [hdr_prev, hdr_start) holds the last
@@ -138,6 +154,14 @@ pl_status pl__record(pl_ctx *ctx, const char *op, pl_backward_fn bw, pl_tensor *
 pl_status pl__grads(pl_ctx *ctx, const pl_node *n, float **g);
 /* The gradient buffer of t, allocated zeroed on first use. NULL on OOM. */
 float *pl__grad(pl_ctx *ctx, pl_tensor *t);
+
+/* ---- profile (lib/profile.c) ---- */
+/* Around the body of a public op or any timed part of the step:
+ *     double t0 = pl__prof_begin(ctx);  ...  pl__prof_end(ctx, "family", t0, false);
+ * Only a branch when the profile is off; an op inside a timed one counts toward
+ * the outer (depth). family must have static storage. bwd: a backward. */
+double pl__prof_begin(pl_ctx *ctx);
+void pl__prof_end(pl_ctx *ctx, const char *family, double t0, bool bwd);
 
 /* ---- numerics ---- */
 /* C = alpha*op(A)op(B) + beta*C, row-major, via oneDNN. */

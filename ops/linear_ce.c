@@ -115,8 +115,8 @@ static void lce_backward(pl_ctx *ctx, pl_node *n) {
     }
 }
 
-pl_tensor *pl_linear_cross_entropy(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *targets,
-                                   float smoothing, int32_t *argmax) {
+static pl_tensor *linear_cross_entropy_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor *w,
+                                            pl_tensor *targets, float smoothing, int32_t *argmax) {
     static const char *fn = "pl_linear_cross_entropy";
     if (pl__check(ctx, fn, "x", x, PL_F32) || pl__check(ctx, fn, "w", w, PL_F32) ||
         pl__check(ctx, fn, "targets", targets, PL_I32) || pl__ce_smoothing(fn, smoothing))
@@ -225,5 +225,13 @@ pl_tensor *pl_linear_cross_entropy(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_t
         lce_saved *sv = n->saved;
         sv->dx = dx, sv->dw = dw, sv->count = grad ? count : 0;
     }
+    return y;
+}
+
+pl_tensor *pl_linear_cross_entropy(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *targets,
+                                   float smoothing, int32_t *argmax) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = linear_cross_entropy_impl(ctx, x, w, targets, smoothing, argmax);
+    pl__prof_end(ctx, "linear_cross_entropy", t0, false);
     return y;
 }
