@@ -184,7 +184,8 @@ static pl_tensor *linear_cross_entropy_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor
             float *z = grad ? zbuf + v0 : zbuf;
             if (d == 0) {
                 for (int64_t r = 0; r < rb; r++) memset(z + r * ld, 0, (size_t)cw * sizeof *z);
-            } else if (pl__sgemm(false, false, rb, cw, d, 1.0f, xb, d, wd + v0, V, 0.0f, z, ld)) {
+            } else if (pl__sgemm(ctx, false, false, rb, cw, d, 1.0f, xb, d, wd + v0, V, 0.0f, z,
+                                 ld)) {
                 return NULL;
             }
             PL_PARALLEL_FOR(
@@ -208,11 +209,11 @@ static pl_tensor *linear_cross_entropy_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor
                 k_lce_grad_row(z + r * V, cw, v0, t[q], st.m[q], logf((float)st.s[q]), inv_c, ce_v,
                                c_t);
             });
-            if (want_dx && pl__sgemm(false, true, rb, d, cw, 1.0f, z, V, wd + v0, V,
+            if (want_dx && pl__sgemm(ctx, false, true, rb, d, cw, 1.0f, z, V, wd + v0, V,
                                      v0 ? 1.0f : 0.0f, dx + r0 * d, d))
                 return NULL;
-            if (want_dw &&
-                pl__sgemm(true, false, d, cw, rb, 1.0f, xb, d, z, V, r0 ? 1.0f : 0.0f, dw + v0, V))
+            if (want_dw && pl__sgemm(ctx, true, false, d, cw, rb, 1.0f, xb, d, z, V,
+                                     r0 ? 1.0f : 0.0f, dw + v0, V))
                 return NULL;
         }
     }
