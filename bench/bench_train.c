@@ -5,6 +5,13 @@
  *
  * Usage: bench_train [--steps N] [--warmup N] [--vocab V] [--schedule NAME]
  *                    [--threads N] [--indexer-loss W] [--sgemm-peak N] [--sgemm-reps R]
+ *                    [--profile 1]
+ *
+ * --profile 1 times the measured training steps per op family with the
+ * library's profile (pl_profile_start): ms per step in each family's forward
+ * and backward, the optimiser, clipping and resets, and the part of the step
+ * no family covers (the tape walk, the model's own code). Evaluation batches
+ * are not profiled.
  *
  * --sgemm-peak N (N > 0) first measures the machine's sgemm peak in this run:
  * the best of R (default 5) row-major N x N x N dnnl_sgemm products (oneDNN,
@@ -50,6 +57,35 @@ static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int cmp_prof(const void *a, const void *b) {
+    const pl_profile_entry *x = a, *y = b;
+    double tx = x->fwd_ms + x->bwd_ms, ty = y->fwd_ms + y->bwd_ms;
+    return (tx < ty) - (tx > ty);
+}
+
+/* The profile of `steps` training steps that took step_ms in all. */
+static void print_profile(pl_ctx *ctx, int steps, double step_ms) {
+    pl_profile_entry e[64];
+    int n = pl_profile_read(ctx, e, 64);
+    if (n < 0) return;
+    n = n < 64 ? n : 64;
+    qsort(e, (size_t)n, sizeof *e, cmp_prof);
+    double f = 0, b = 0, per = 1.0 / steps;
+    printf("profile: ms per training step by op family (mean of %d steps)\n", steps);
+    printf("  %-22s %9s %9s %9s %6s\n", "family", "forward", "backward", "total", "share");
+    for (int i = 0; i < n; i++) {
+        double t = (e[i].fwd_ms + e[i].bwd_ms) * per;
+        printf("  %-22s %9.3f %9.3f %9.3f %5.1f%%\n", e[i].family, e[i].fwd_ms * per,
+               e[i].bwd_ms * per, t, 100 * t / (step_ms * per));
+        f += e[i].fwd_ms * per, b += e[i].bwd_ms * per;
+    }
+    double rest = step_ms * per - f - b;
+    printf("  %-22s %9.3f %9.3f %9.3f %5.1f%%\n", "(all families)", f, b, f + b,
+           100 * (f + b) / (step_ms * per));
+    printf("  %-22s %29.3f %5.1f%%\n", "(not in a family)", rest, 100 * rest / (step_ms * per));
+    printf("  %-22s %29.3f\n", "step (mean)", step_ms * per);
 }
 
 static int cmp(const void *a, const void *b) {
@@ -176,7 +212,7 @@ int main(int argc, char **argv) {
     tr_omp_wait_auto(argv); /* OMP_WAIT_POLICY unset: PASSIVE on a busy machine */
     tr_config cfg;
     cli_defaults(&cfg);
-    int steps = 30, warmup = 5, vocab = 8192, peak_n = 0, peak_reps = 5;
+    int steps = 30, warmup = 5, vocab = 8192, peak_n = 0, peak_reps = 5, profile = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--steps"))
             steps = atoi(argv[i + 1]);
@@ -194,6 +230,8 @@ int main(int argc, char **argv) {
             peak_n = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--sgemm-reps"))
             peak_reps = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--profile"))
+            profile = atoi(argv[i + 1]);
         else {
             fprintf(stderr, "bench_train: unknown flag %s (or a flag without its value)\n",
                     argv[i]);
@@ -248,6 +286,7 @@ int main(int argc, char **argv) {
     double *t_step = malloc(sizeof(double) * steps), *t_eval = malloc(sizeof(double) * steps);
     uint64_t s = 42;
     int rc = 0;
+    double prof_ms = 0;
     for (int it = 0; it < warmup + steps && !rc; it++) {
         for (int i = 0; i < B * L; i++) {
             s = s * 6364136223846793005ull + 1442695040888963407ull;
@@ -256,9 +295,15 @@ int main(int argc, char **argv) {
         }
         double loss, ls;
         int64_t ok, n;
+        bool prof = profile && it >= warmup;
+        if (prof) pl_profile_start(model_ctx(m));
         double t0 = now();
         rc = model_train_step(m, in, tg, B, it, &loss);
         double t1 = now();
+        if (prof) {
+            pl_profile_stop(model_ctx(m));
+            prof_ms += (t1 - t0) * 1e3;
+        }
         rc = rc || model_eval(m, in, tg, B, &ls, &ok, &n);
         double t2 = now();
         if (it >= warmup) {
@@ -286,6 +331,7 @@ int main(int argc, char **argv) {
         if (peak > 0)
             printf("share of sgemm peak: train step %.1f%%, eval batch %.1f%%\n", 100 * tg_s / peak,
                    100 * eg_s / peak);
+        if (profile) print_profile(model_ctx(m), steps, prof_ms);
         printf("result vocab=%d threads=%d train_ms=%.3f eval_ms=%.3f train_gflop=%.4f "
                "eval_gflop=%.4f peak_gflops=%.2f\n",
                vocab, pl_get_num_threads(), ms, ems, train_flops * 1e-9, eval_flops * 1e-9, peak);

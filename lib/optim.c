@@ -276,6 +276,7 @@ pl_status pl_adamw_step(pl_adamw *opt) {
     if (s) return s;
     opt_state *o = &opt->st;
     const adamw_consts k = adamw_make_consts(&opt->cfg, t);
+    double t0 = pl__prof_begin(o->ctx);
     int64_t total = 0;
     for (int i = 0; i < o->n_slots; i++) total += o->slots[i].param->numel;
     /* work: a few multiply-adds per parameter */
@@ -287,6 +288,7 @@ pl_status pl_adamw_step(pl_adamw *opt) {
         }
     });
     pl_i32(o->step)[0] = (int32_t)t;
+    pl__prof_end(o->ctx, "adamw", t0, false);
     return PL_OK;
 }
 
@@ -405,6 +407,7 @@ double pl_clip_grad_norm(pl_ctx *ctx, double max_norm, pl_status *status) {
     if (!(max_norm >= 0))
         return *status = pl__err(PL_ERR_ARG, "%s: max_norm = %g must be >= 0", fn, max_norm), -1.0;
     *status = PL_OK;
+    double t0 = pl__prof_begin(ctx);
     const int n = ctx->n_params;
     int64_t total = 0;
     for (int i = 0; i < n; i++) total += ctx->params[i]->numel;
@@ -430,6 +433,7 @@ double pl_clip_grad_norm(pl_ctx *ctx, double max_norm, pl_status *status) {
             }
         });
     }
+    pl__prof_end(ctx, "clip_grad_norm", t0, false);
     return norm;
 }
 

@@ -163,6 +163,7 @@ void pl_step_reset(pl_ctx *ctx) {
         pl__err(PL_ERR_ARG, "pl_step_reset: ctx is NULL");
         return;
     }
+    double t0 = pl__prof_begin(ctx);
     ctx->epoch++;
     pl__arena_reset(&ctx->arena);
     hdr_release(ctx, ctx->hdr_start);
@@ -170,6 +171,7 @@ void pl_step_reset(pl_ctx *ctx) {
     ctx->hdr_start = ctx->hdr_cur;
     ctx->tape = NULL;
     ctx->tape_consumed = false;
+    pl__prof_end(ctx, "step_reset", t0, false);
 }
 
 pl_arena_stats pl_arena_get_stats(const pl_ctx *ctx) {

@@ -257,8 +257,9 @@ static pl_tensor *ffn(tr_model *m, const layer *l, pl_tensor *x) {
     return pl_linear(ctx, pl_swiglu(ctx, g, u), l->down, NULL);
 }
 
-/* Logits [B, L, V] for ids [B, L] (L = cfg->seq); decode: ids [1, L] are the
- * next L positions of the KV cache's sequence (any L >= 1). */
+/* The LM head's input RMSNorm(h) [B, L, d] for ids [B, L] (L = cfg->seq);
+ * decode: ids [1, L] are the next L positions of the KV cache's sequence (any
+ * L >= 1). The logits are this times lm_head. */
 static pl_tensor *forward_ids(tr_model *m, const int32_t *inputs, int batch, int64_t L, bool decode,
                               bool train, int64_t step, pl_tensor **aux) {
     pl_ctx *ctx = m->ctx;
@@ -273,9 +274,13 @@ static pl_tensor *forward_ids(tr_model *m, const int32_t *inputs, int batch, int
                    decode ? attention_decode(m, i, x) : attention(m, i, x, p_drop, step, aux));
         h = pl_add(ctx, h, ffn(m, l, pl_rmsnorm(ctx, h, l->ffn_norm, NORM_EPS)));
     }
-    return pl_linear(ctx, pl_rmsnorm(ctx, h, m->final_norm, NORM_EPS), m->lm_head, NULL);
+    return pl_rmsnorm(ctx, h, m->final_norm, NORM_EPS);
 }
 
+/* The LM head's input for a batch of cfg->seq positions; the training step and
+ * the evaluation apply the head and the loss in one op, chunk by chunk over
+ * the vocabulary (pl_linear_cross_entropy), so the logits of the whole batch
+ * are never made. */
 static pl_tensor *forward(tr_model *m, const int32_t *inputs, int batch, bool train, int64_t step,
                           pl_tensor **aux) {
     return forward_ids(m, inputs, batch, m->cfg.seq, false, train, step, aux);
@@ -303,7 +308,8 @@ pl_tensor *model_decode(tr_model *m, const int32_t *ids, int n) {
     if (!m->cache) return fail("decoding before model_decode_start"), NULL;
     pl_ctx *ctx = m->ctx;
     bool was = pl_set_grad_enabled(ctx, false);
-    pl_tensor *lg = forward_ids(m, ids, 1, n, true, false, 0, NULL);
+    pl_tensor *lg =
+        pl_linear(ctx, forward_ids(m, ids, 1, n, true, false, 0, NULL), m->lm_head, NULL);
     pl_set_grad_enabled(ctx, was);
     if (!lg) return fail("decoding"), NULL;
     return lg;
@@ -312,7 +318,8 @@ pl_tensor *model_decode(tr_model *m, const int32_t *ids, int n) {
 pl_ctx *model_ctx(tr_model *m) { return m->ctx; }
 
 pl_tensor *model_logits(tr_model *m, const int32_t *inputs, int batch, int train, int64_t step) {
-    pl_tensor *lg = forward(m, inputs, batch, train, step, NULL);
+    pl_tensor *lg =
+        pl_linear(m->ctx, forward(m, inputs, batch, train, step, NULL), m->lm_head, NULL);
     if (!lg) fail("forward");
     return lg;
 }
@@ -322,9 +329,9 @@ int model_train_step(tr_model *m, const int32_t *inputs, const int32_t *targets,
     pl_ctx *ctx = m->ctx;
     int rc = 0;
     pl_tensor *aux = NULL;
-    pl_tensor *logits = forward(m, inputs, batch, true, step, &aux);
+    pl_tensor *hid = forward(m, inputs, batch, true, step, &aux);
     pl_tensor *tg = pl_from_data(ctx, PL_I32, PL_DIMS(batch, m->cfg.seq), targets);
-    pl_tensor *ce = pl_cross_entropy(ctx, logits, tg);
+    pl_tensor *ce = pl_linear_cross_entropy(ctx, hid, m->lm_head, tg, 0.0f, NULL);
     pl_tensor *total = ce;
     if (ce && aux) total = pl_add(ctx, ce, pl_scale(ctx, aux, (float)m->cfg.indexer_loss));
     if (!total || pl_backward(ctx, total)) {
@@ -349,27 +356,23 @@ int model_eval(tr_model *m, const int32_t *inputs, const int32_t *targets, int b
                double *loss_sum, int64_t *correct, int64_t *count) {
     pl_ctx *ctx = m->ctx;
     bool was = pl_set_grad_enabled(ctx, false);
-    pl_tensor *logits = forward(m, inputs, batch, false, 0, NULL);
+    int64_t rows = (int64_t)batch * m->cfg.seq;
+    pl_tensor *hid = forward(m, inputs, batch, false, 0, NULL);
     pl_tensor *tg = pl_from_data(ctx, PL_I32, PL_DIMS(batch, m->cfg.seq), targets);
-    /* The library's fused cross-entropy gives the mean over counted targets. */
-    pl_tensor *ce = pl_cross_entropy(ctx, logits, tg);
+    pl_tensor *am = pl_empty(ctx, PL_I32, PL_DIMS(rows));
+    /* The mean over counted targets and each row's argmax (first maximum) from
+     * one pass over the vocabulary chunks. */
+    pl_tensor *ce = am ? pl_linear_cross_entropy(ctx, hid, m->lm_head, tg, 0.0f, pl_i32(am)) : NULL;
     pl_set_grad_enabled(ctx, was);
     if (!ce) {
         pl_step_reset(ctx);
         return fail("evaluation");
     }
-    int64_t rows = (int64_t)batch * m->cfg.seq, V = m->vocab;
-    const float *lg = pl_f32(logits);
+    const int32_t *best = pl_i32(am);
     int64_t ok = 0, n = 0;
-    /* Serial: about 1 ms per batch, and a parallel region run on one thread
-     * would make libgomp allocate. */
     for (int64_t r = 0; r < rows; r++) {
         if (targets[r] < 0) continue;
-        const float *row = lg + r * V;
-        int64_t best = 0; /* argmax, first maximum */
-        for (int64_t j = 1; j < V; j++)
-            if (row[j] > row[best]) best = j;
-        ok += best == targets[r];
+        ok += best[r] == targets[r];
         n++;
     }
     *loss_sum = (double)pl_f32(ce)[0] * (double)n;
