@@ -652,6 +652,13 @@ PL_API pl_status pl_safetensors_save(const char *path, const pl_tensor *const *t
                                      const char *const *names, int n, const char *const *meta_keys,
                                      const char *const *meta_values, int n_meta);
 
+/* Writes n bytes to path as the checkpoint saves do (above): a temporary file
+ * beside it, synced and renamed over path, so a reader sees the old file or
+ * the complete new one, concurrent writers each leave a complete file, and a
+ * failure leaves the old file untouched. Temporary files of earlier writes to
+ * path whose process is gone (killed mid-write) are removed first. */
+PL_API pl_status pl_file_write_atomic(const char *path, const void *data, size_t n);
+
 /* A loaded file: every tensor's data is in memory, converted to host order. */
 typedef struct pl_safetensors pl_safetensors;
 typedef struct {
