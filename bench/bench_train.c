@@ -183,6 +183,15 @@ int main(int argc, char **argv) {
     cli_defaults(&cfg);
     int steps = 30, warmup = 5, vocab = 8192, peak_n = 0, peak_reps = 5;
     const char *prec = "f32";
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            printf("usage: bench_train [--steps N] [--warmup N] [--vocab V] [--schedule NAME]\n"
+                   "                   [--threads N] [--indexer-loss W] [--sgemm-peak N] "
+                   "[--sgemm-reps R]\n"
+                   "                   [--precision f32|bf16|both]\n"
+                   "(the top of bench/bench_train.c explains each)\n");
+            return 0;
+        }
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--steps"))
             steps = atoi(argv[i + 1]);
