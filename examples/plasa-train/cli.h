@@ -19,6 +19,7 @@ typedef struct {
     uint64_t seed;
     int threads; /* 0: OpenMP's default */
     double lr, weight_decay, clip, dropout, indexer_loss;
+    const char *precision; /* "f32" or "bf16": pl_set_matmul_precision */
     /* sparsity */
     const char *schedule;
     const char *k_list;          /* --k as given, or NULL */

@@ -149,6 +149,15 @@ tr_model *model_create(const tr_config *cfg, int vocab) {
         free(m);
         return NULL;
     }
+    /* --precision bf16: every product of the model in bf16 (the parameters,
+     * gradients and AdamW state stay f32); refused where it is not native. */
+    if (cfg->precision && strcmp(cfg->precision, "bf16") == 0 &&
+        pl_set_matmul_precision(m->ctx, PL_PRECISION_BF16)) {
+        tr_fail("--precision bf16: %s", pl_last_error());
+        pl_ctx_free(m->ctx);
+        free(m);
+        return NULL;
+    }
     if (init_params(m)) {
         model_free(m);
         return NULL;
@@ -415,6 +424,10 @@ int model_save(const tr_model *m, const char *path, int64_t steps_done) {
     for (int i = 0, o = 0; i < c->layers; i++)
         o += snprintf(ks + o, sizeof ks - (size_t)o, "%s%d", i ? "," : "", m->layers[i].k);
     keys[n] = "model.layer_k", v[n++] = ks;
+    /* The precision the run trained in (not part of the model: --init and
+     * plasa-generate ignore it; --resume continues in it). */
+    keys[n] = "train.precision",
+    v[n++] = pl_get_matmul_precision(m->ctx) == PL_PRECISION_BF16 ? "bf16" : "f32";
     if (m->tokenizer) keys[n] = "tokenizer", v[n++] = m->tokenizer;
     if (pl_checkpoint_save(m->ctx, path, keys, v, n)) return fail("saving a checkpoint");
     return 0;
@@ -459,6 +472,13 @@ int model_read_config(const char *path, tr_config *cfg, int *vocab, char **token
         cfg->layer_k[i] = (int)k;
         ks = *end ? end + 1 : end;
     }
+    /* Checkpoints from before --precision trained in f32. */
+    const char *prec = pl_safetensors_meta(st, "train.precision");
+    if (prec && strcmp(prec, "f32") != 0 && strcmp(prec, "bf16") != 0) {
+        tr_fail("%s: metadata train.precision is '%s', not f32 or bf16", path, prec);
+        goto done;
+    }
+    cfg->precision = prec && strcmp(prec, "bf16") == 0 ? "bf16" : "f32";
     const char *tok = pl_safetensors_meta(st, "tokenizer");
     *tokenizer = NULL;
     if (tok && !(*tokenizer = strdup(tok))) {

@@ -81,8 +81,9 @@ int model_save(const tr_model *m, const char *path, int64_t steps_done);
  * and, when set here, the tokenizer's file text ("tokenizer"). */
 int model_set_tokenizer(tr_model *m, const char *text); /* copied; NULL: none */
 const char *model_tokenizer(const tr_model *m);
-/* Reads a checkpoint's configuration into cfg (shape fields, seq, layer_k;
- * the rest untouched), *vocab, and *tokenizer (malloc'd text, NULL if the
+/* Reads a checkpoint's configuration into cfg (shape fields, seq, layer_k,
+ * and precision: metadata "train.precision", "f32" when absent; the rest
+ * untouched), *vocab, and *tokenizer (malloc'd text, NULL if the
  * checkpoint has none). A checkpoint without configuration is an error. */
 int model_read_config(const char *path, tr_config *cfg, int *vocab, char **tokenizer);
 int model_load(tr_model *m, const char *path, int64_t *steps_done);

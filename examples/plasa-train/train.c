@@ -53,6 +53,11 @@ int tr_resume_config(tr_config *cfg) {
                            ck.layer_k[i]);
         cfg->layer_k[i] = ck.layer_k[i];
     }
+    if (cli_given(cfg, "precision") && strcmp(cfg->precision, ck.precision) != 0)
+        return tr_fail("--precision %s conflicts with %s, which trained in %s (leave the flag "
+                       "out: --resume continues in the checkpoint's precision)",
+                       cfg->precision, cfg->resume, ck.precision);
+    cfg->precision = ck.precision;
     cfg->vocab_given = true;
     return 0;
 }
