@@ -3,9 +3,13 @@
  * the default configuration, on random tokens (speed does not depend on the
  * text), with the step's matrix-product FLOPs and GFLOP/s.
  *
- * Usage: bench_train [--steps N] [--warmup N] [--vocab V] [--schedule NAME]
+ * Usage: bench_train [--steps N] [--warmup N] [--vocab V[,V...]] [--schedule NAME]
  *                    [--threads N] [--indexer-loss W] [--sgemm-peak N] [--sgemm-reps R]
  *                    [--profile 1]
+ *
+ * --vocab 8192,49152 measures up to 4 vocabularies in one run, their steps
+ * interleaved (one of each in turn), so that the machine's load touches them
+ * alike; each gets its own results, and with --sgemm-peak its step / floor.
  *
  * --profile 1 times the measured training steps per op family with the
  * library's profile (pl_profile_start): ms per step in each family's forward
@@ -208,17 +212,43 @@ static double gemm_floor(const tr_config *c, int vocab, int reps, double *flops)
     return total;
 }
 
+#define MAX_VOCABS 4
+
+typedef struct {
+    int vocab;
+    tr_model *m;
+    flop_count fc;
+    double floor_ms; /* 0: not measured */
+    double *t_step, *t_eval, prof_ms;
+    uint64_t s; /* token stream */
+} run;
+
+/* "8192,49152" -> vocabs; the count, or -1. */
+static int parse_vocabs(const char *arg, int *v) {
+    int n = 0;
+    for (const char *p = arg; *p;) {
+        char *end;
+        long x = strtol(p, &end, 10);
+        if (end == p || x < 1 || x > (1 << 24) || n == MAX_VOCABS || (*end && *end != ','))
+            return -1;
+        v[n++] = (int)x;
+        p = *end ? end + 1 : end;
+    }
+    return n;
+}
+
 int main(int argc, char **argv) {
     tr_config cfg;
     cli_defaults(&cfg);
-    int steps = 30, warmup = 5, vocab = 8192, peak_n = 0, peak_reps = 5, profile = 0;
+    int steps = 30, warmup = 5, peak_n = 0, peak_reps = 5, profile = 0;
+    int vocabs[MAX_VOCABS] = {8192}, nv = 1;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--steps"))
             steps = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--warmup"))
             warmup = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--vocab"))
-            vocab = atoi(argv[i + 1]);
+            nv = parse_vocabs(argv[i + 1], vocabs);
         else if (!strcmp(argv[i], "--schedule"))
             cfg.schedule = argv[i + 1];
         else if (!strcmp(argv[i], "--threads"))
@@ -241,19 +271,21 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench_train: %s needs a value\n", argv[argc - 1]);
         return 2;
     }
-    if (steps < (peak_n > 0 ? 0 : 1) || warmup < 0 || vocab < 1 || peak_n < 0 || peak_reps < 1) {
-        fprintf(stderr, "bench_train: bad value: --steps >= 1 (0 only with --sgemm-peak), "
-                        "--warmup >= 0, --vocab >= 1, --sgemm-peak >= 0, --sgemm-reps >= 1\n");
+    if (steps < (peak_n > 0 ? 0 : 1) || warmup < 0 || nv < 1 || peak_n < 0 || peak_reps < 1) {
+        fprintf(stderr,
+                "bench_train: bad value: --steps >= 1 (0 only with --sgemm-peak), "
+                "--warmup >= 0, --vocab V[,V...] (1 to %d values >= 1), --sgemm-peak >= 0, "
+                "--sgemm-reps >= 1\n",
+                MAX_VOCABS);
         return 2;
     }
     if (schedule_k(cfg.schedule, cfg.layers, cfg.seq, cfg.layer_k)) {
         fprintf(stderr, "bench_train: %s\n", tr_error());
         return 2;
     }
-    cfg.vocab = vocab;
     if (cfg.threads > 0) pl_set_num_threads(cfg.threads);
-    flop_count fc = model_flops(&cfg, vocab);
-    double train_flops = 3 * fc.fwd + fc.idx, eval_flops = fc.fwd + fc.idx;
+    run r[MAX_VOCABS];
+    memset(r, 0, sizeof r);
     double peak = 0;
     if (peak_n > 0) {
         peak = sgemm_peak(peak_n, peak_reps);
@@ -264,81 +296,106 @@ int main(int argc, char **argv) {
         }
         printf("sgemm peak: dnnl_sgemm %d x %d x %d, best of %d, threads %d: %.1f GFLOP/s\n",
                peak_n, peak_n, peak_n, peak_reps, pl_get_num_threads(), peak);
-        double gf, floor_s = gemm_floor(&cfg, vocab, peak_reps, &gf);
-        if (floor_s > 0)
-            printf("gemm floor: the step's projection products alone (vocab %d): %.2f ms for "
-                   "%.3f GFLOP, %.1f GFLOP/s (%.0f%% of peak)\n",
-                   vocab, floor_s * 1e3, gf * 1e-9, gf / floor_s * 1e-9,
-                   100 * gf / floor_s * 1e-9 / peak);
-        if (steps == 0) {
-            printf("result peak_gflops=%.2f\n", peak);
-            return 0;
+    }
+    int rc = 0;
+    for (int v = 0; v < nv; v++) {
+        r[v].vocab = vocabs[v];
+        r[v].fc = model_flops(&cfg, vocabs[v]);
+        r[v].s = 42;
+        if (peak_n > 0) {
+            cfg.vocab = vocabs[v];
+            double gf, floor_s = gemm_floor(&cfg, vocabs[v], peak_reps, &gf);
+            if (floor_s > 0) {
+                r[v].floor_ms = floor_s * 1e3;
+                printf("gemm floor: the step's projection products alone (vocab %d): %.2f ms for "
+                       "%.3f GFLOP, %.1f GFLOP/s (%.0f%% of peak)\n",
+                       vocabs[v], floor_s * 1e3, gf * 1e-9, gf / floor_s * 1e-9,
+                       100 * gf / floor_s * 1e-9 / peak);
+            }
         }
     }
-    tr_model *m = model_create(&cfg, vocab);
-    if (!m) {
-        fprintf(stderr, "bench_train: %s\n", tr_error());
-        return 1;
+    if (steps == 0) {
+        printf("result peak_gflops=%.2f\n", peak);
+        return 0;
+    }
+    for (int v = 0; v < nv && !rc; v++) {
+        cfg.vocab = vocabs[v];
+        r[v].t_step = malloc(sizeof(double) * steps);
+        r[v].t_eval = malloc(sizeof(double) * steps);
+        if (!(r[v].m = model_create(&cfg, vocabs[v])) || !r[v].t_step || !r[v].t_eval) rc = 1;
     }
     int B = cfg.batch, L = cfg.seq;
     int32_t *in = malloc(sizeof(int32_t) * B * L), *tg = malloc(sizeof(int32_t) * B * L);
-    double *t_step = malloc(sizeof(double) * steps), *t_eval = malloc(sizeof(double) * steps);
-    uint64_t s = 42;
-    int rc = 0;
-    double prof_ms = 0;
+    if (!in || !tg) rc = 1;
+    /* With several vocabularies the steps interleave (one of each in turn), so
+     * a change in the machine's load touches all of them alike. */
     for (int it = 0; it < warmup + steps && !rc; it++) {
-        for (int i = 0; i < B * L; i++) {
-            s = s * 6364136223846793005ull + 1442695040888963407ull;
-            in[i] = (int32_t)((s >> 33) % (uint64_t)vocab);
-            tg[i] = (int32_t)((s >> 13) % (uint64_t)vocab);
-        }
-        double loss, ls;
-        int64_t ok, n;
-        bool prof = profile && it >= warmup;
-        if (prof) pl_profile_start(model_ctx(m));
-        double t0 = now();
-        rc = model_train_step(m, in, tg, B, it, &loss);
-        double t1 = now();
-        if (prof) {
-            pl_profile_stop(model_ctx(m));
-            prof_ms += (t1 - t0) * 1e3;
-        }
-        rc = rc || model_eval(m, in, tg, B, &ls, &ok, &n);
-        double t2 = now();
-        if (it >= warmup) {
-            t_step[it - warmup] = (t1 - t0) * 1e3;
-            t_eval[it - warmup] = (t2 - t1) * 1e3;
+        for (int v = 0; v < nv && !rc; v++) {
+            run *x = &r[v];
+            for (int i = 0; i < B * L; i++) {
+                x->s = x->s * 6364136223846793005ull + 1442695040888963407ull;
+                in[i] = (int32_t)((x->s >> 33) % (uint64_t)x->vocab);
+                tg[i] = (int32_t)((x->s >> 13) % (uint64_t)x->vocab);
+            }
+            double loss, ls;
+            int64_t ok, n;
+            bool prof = profile && it >= warmup;
+            if (prof) pl_profile_start(model_ctx(x->m));
+            double t0 = now();
+            rc = model_train_step(x->m, in, tg, B, it, &loss);
+            double t1 = now();
+            if (prof) {
+                pl_profile_stop(model_ctx(x->m));
+                x->prof_ms += (t1 - t0) * 1e3;
+            }
+            rc = rc || model_eval(x->m, in, tg, B, &ls, &ok, &n);
+            double t2 = now();
+            if (it >= warmup) {
+                x->t_step[it - warmup] = (t1 - t0) * 1e3;
+                x->t_eval[it - warmup] = (t2 - t1) * 1e3;
+            }
         }
     }
     if (rc) {
-        fprintf(stderr, "bench_train: %s\n", tr_error());
+        fprintf(stderr, "bench_train: %s\n", tr_error()[0] ? tr_error() : "out of memory");
     } else {
-        qsort(t_step, steps, sizeof *t_step, cmp);
-        qsort(t_eval, steps, sizeof *t_eval, cmp);
-        double ms = t_step[steps / 2], ems = t_eval[steps / 2];
-        double tg_s = train_flops / (ms * 1e-3) * 1e-9, eg_s = eval_flops / (ems * 1e-3) * 1e-9;
-        printf("schedule %s, vocab %d, batch %d, seq %d, threads %d, %lld parameters\n",
-               cfg.schedule, vocab, B, L, pl_get_num_threads(), (long long)model_parameters(m));
-        printf("model FLOPs (matrix products): train step %.3f GFLOP (forward %.3f, backward "
-               "%.3f, indexer %.3f), eval batch %.3f GFLOP\n",
-               train_flops * 1e-9, fc.fwd * 1e-9, 2 * fc.fwd * 1e-9, fc.idx * 1e-9,
-               eval_flops * 1e-9);
-        printf("train step: median %.2f ms (min %.2f, max %.2f), %.0f tokens/s, %.1f GFLOP/s\n", ms,
-               t_step[0], t_step[steps - 1], B * L / (ms * 1e-3), tg_s);
-        printf("eval batch: median %.2f ms (min %.2f, max %.2f), %.1f GFLOP/s\n", ems, t_eval[0],
-               t_eval[steps - 1], eg_s);
-        if (peak > 0)
-            printf("share of sgemm peak: train step %.1f%%, eval batch %.1f%%\n", 100 * tg_s / peak,
-                   100 * eg_s / peak);
-        if (profile) print_profile(model_ctx(m), steps, prof_ms);
-        printf("result vocab=%d threads=%d train_ms=%.3f eval_ms=%.3f train_gflop=%.4f "
-               "eval_gflop=%.4f peak_gflops=%.2f\n",
-               vocab, pl_get_num_threads(), ms, ems, train_flops * 1e-9, eval_flops * 1e-9, peak);
+        for (int v = 0; v < nv; v++) {
+            run *x = &r[v];
+            double train_flops = 3 * x->fc.fwd + x->fc.idx, eval_flops = x->fc.fwd + x->fc.idx;
+            qsort(x->t_step, steps, sizeof *x->t_step, cmp);
+            qsort(x->t_eval, steps, sizeof *x->t_eval, cmp);
+            double ms = x->t_step[steps / 2], ems = x->t_eval[steps / 2];
+            double tg_s = train_flops / (ms * 1e-3) * 1e-9, eg_s = eval_flops / (ems * 1e-3) * 1e-9;
+            printf("schedule %s, vocab %d, batch %d, seq %d, threads %d, %lld parameters\n",
+                   cfg.schedule, x->vocab, B, L, pl_get_num_threads(),
+                   (long long)model_parameters(x->m));
+            printf("model FLOPs (matrix products): train step %.3f GFLOP (forward %.3f, backward "
+                   "%.3f, indexer %.3f), eval batch %.3f GFLOP\n",
+                   train_flops * 1e-9, x->fc.fwd * 1e-9, 2 * x->fc.fwd * 1e-9, x->fc.idx * 1e-9,
+                   eval_flops * 1e-9);
+            printf("train step: median %.2f ms (min %.2f, max %.2f), %.0f tokens/s, %.1f GFLOP/s\n",
+                   ms, x->t_step[0], x->t_step[steps - 1], B * L / (ms * 1e-3), tg_s);
+            printf("eval batch: median %.2f ms (min %.2f, max %.2f), %.1f GFLOP/s\n", ems,
+                   x->t_eval[0], x->t_eval[steps - 1], eg_s);
+            if (peak > 0)
+                printf("share of sgemm peak: train step %.1f%%, eval batch %.1f%%\n",
+                       100 * tg_s / peak, 100 * eg_s / peak);
+            if (x->floor_ms > 0)
+                printf("step / gemm floor: %.2f ms / %.2f ms = %.2fx\n", ms, x->floor_ms,
+                       ms / x->floor_ms);
+            if (profile) print_profile(model_ctx(x->m), steps, x->prof_ms);
+            printf("result vocab=%d threads=%d train_ms=%.3f eval_ms=%.3f train_gflop=%.4f "
+                   "eval_gflop=%.4f peak_gflops=%.2f\n",
+                   x->vocab, pl_get_num_threads(), ms, ems, train_flops * 1e-9, eval_flops * 1e-9,
+                   peak);
+        }
     }
     free(in);
     free(tg);
-    free(t_step);
-    free(t_eval);
-    model_free(m);
+    for (int v = 0; v < nv; v++) {
+        free(r[v].t_step);
+        free(r[v].t_eval);
+        model_free(r[v].m);
+    }
     return rc ? 1 : 0;
 }
