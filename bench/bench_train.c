@@ -238,6 +238,7 @@ static int parse_vocabs(const char *arg, int *v) {
 }
 
 int main(int argc, char **argv) {
+    tr_omp_wait_auto(argv); /* OMP_WAIT_POLICY unset: PASSIVE on a busy machine */
     tr_config cfg;
     cli_defaults(&cfg);
     int steps = 30, warmup = 5, peak_n = 0, peak_reps = 5, profile = 0;
