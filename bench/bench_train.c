@@ -3,20 +3,24 @@
  * the default configuration, on random tokens (speed does not depend on the
  * text), with the step's matrix-product FLOPs and GFLOP/s.
  *
- * Usage: bench_train [--steps N] [--warmup N] [--vocab V] [--schedule NAME]
+ * Usage: bench_train [--steps N] [--warmup N] [--vocab V[,V...]] [--schedule NAME]
  *                    [--threads N] [--indexer-loss W] [--sgemm-peak N] [--sgemm-reps R]
  *                    [--precision f32|bf16|both] [--profile 1]
+ *
+ * --precision: the matrix products in f32 (default) or bf16 (operands rounded
+ * to bfloat16, f32 sums: pl_set_matmul_precision; needs AVX512_BF16 or AMX).
+ * "both" builds each model twice and interleaves their steps (same tokens),
+ * so both are timed under the same machine load, and prints their ratio.
+ *
+ * --vocab 8192,49152 measures up to 4 vocabularies in one run, their steps
+ * interleaved (one of each in turn), so that the machine's load touches them
+ * alike; each gets its own results, and with --sgemm-peak its step / floor.
  *
  * --profile 1 times the measured training steps per op family with the
  * library's profile (pl_profile_start): ms per step in each family's forward
  * and backward, the optimiser, clipping and resets, and the part of the step
  * no family covers (the tape walk, the model's own code). Evaluation batches
  * are not profiled.
- *
- * --precision: the matrix products in f32 (default) or bf16 (operands rounded
- * to bfloat16, f32 sums: pl_set_matmul_precision; needs AVX512_BF16 or AMX).
- * "both" builds the model twice and alternates their steps (same tokens), so
- * both are timed under the same machine load, and prints their ratio.
  *
  * --sgemm-peak N (N > 0) first measures the machine's sgemm peak in this run:
  * the best of R (default 5) row-major N x N x N dnnl_sgemm products (oneDNN,
@@ -213,15 +217,43 @@ static double gemm_floor(const tr_config *c, int vocab, int reps, double *flops)
     return total;
 }
 
+#define MAX_VOCABS 4
+
+typedef struct {
+    int vocab;
+    const char *precision; /* "f32" or "bf16" */
+    tr_model *m;
+    flop_count fc;
+    double floor_ms; /* 0: not measured */
+    double *t_step, *t_eval, prof_ms;
+    uint64_t s; /* token stream */
+} run;
+
+/* "8192,49152" -> vocabs; the count, or -1. */
+static int parse_vocabs(const char *arg, int *v) {
+    int n = 0;
+    for (const char *p = arg; *p;) {
+        char *end;
+        long x = strtol(p, &end, 10);
+        if (end == p || x < 1 || x > (1 << 24) || n == MAX_VOCABS || (*end && *end != ','))
+            return -1;
+        v[n++] = (int)x;
+        p = *end ? end + 1 : end;
+    }
+    return n;
+}
+
 int main(int argc, char **argv) {
+    tr_omp_wait_auto(argv); /* OMP_WAIT_POLICY unset: PASSIVE on a busy machine */
     tr_config cfg;
     cli_defaults(&cfg);
-    tr_omp_wait_auto(argv); /* OMP_WAIT_POLICY unset: PASSIVE on a busy machine */
-    int steps = 30, warmup = 5, vocab = 8192, peak_n = 0, peak_reps = 5, profile = 0;
+    int steps = 30, warmup = 5, peak_n = 0, peak_reps = 5, profile = 0;
+    int vocabs[MAX_VOCABS] = {8192}, nv = 1;
     const char *prec = "f32";
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            printf("usage: bench_train [--steps N] [--warmup N] [--vocab V] [--schedule NAME]\n"
+            printf("usage: bench_train [--steps N] [--warmup N] [--vocab V[,V...]] "
+                   "[--schedule NAME]\n"
                    "                   [--threads N] [--indexer-loss W] [--sgemm-peak N] "
                    "[--sgemm-reps R]\n"
                    "                   [--precision f32|bf16|both] [--profile 1]\n"
@@ -234,7 +266,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--warmup"))
             warmup = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--vocab"))
-            vocab = atoi(argv[i + 1]);
+            nv = parse_vocabs(argv[i + 1], vocabs);
         else if (!strcmp(argv[i], "--schedule"))
             cfg.schedule = argv[i + 1];
         else if (!strcmp(argv[i], "--threads"))
@@ -245,10 +277,10 @@ int main(int argc, char **argv) {
             peak_n = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--sgemm-reps"))
             peak_reps = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--precision"))
-            prec = argv[i + 1];
         else if (!strcmp(argv[i], "--profile"))
             profile = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--precision"))
+            prec = argv[i + 1];
         else {
             fprintf(stderr, "bench_train: unknown flag %s (or a flag without its value)\n",
                     argv[i]);
@@ -259,9 +291,12 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench_train: %s needs a value\n", argv[argc - 1]);
         return 2;
     }
-    if (steps < (peak_n > 0 ? 0 : 1) || warmup < 0 || vocab < 1 || peak_n < 0 || peak_reps < 1) {
-        fprintf(stderr, "bench_train: bad value: --steps >= 1 (0 only with --sgemm-peak), "
-                        "--warmup >= 0, --vocab >= 1, --sgemm-peak >= 0, --sgemm-reps >= 1\n");
+    if (steps < (peak_n > 0 ? 0 : 1) || warmup < 0 || nv < 1 || peak_n < 0 || peak_reps < 1) {
+        fprintf(stderr,
+                "bench_train: bad value: --steps >= 1 (0 only with --sgemm-peak), "
+                "--warmup >= 0, --vocab V[,V...] (1 to %d values >= 1), --sgemm-peak >= 0, "
+                "--sgemm-reps >= 1\n",
+                MAX_VOCABS);
         return 2;
     }
     const bool both = !strcmp(prec, "both");
@@ -269,14 +304,16 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench_train: --precision %s: f32, bf16 or both\n", prec);
         return 2;
     }
+    /* runs: each vocabulary in each precision, r[v * np + p] */
+    const int np = both ? 2 : 1, nr = nv * np;
+    const char *pname[2] = {both ? "f32" : prec, "bf16"};
     if (schedule_k(cfg.schedule, cfg.layers, cfg.seq, cfg.layer_k)) {
         fprintf(stderr, "bench_train: %s\n", tr_error());
         return 2;
     }
-    cfg.vocab = vocab;
     if (cfg.threads > 0) pl_set_num_threads(cfg.threads);
-    flop_count fc = model_flops(&cfg, vocab);
-    double train_flops = 3 * fc.fwd + fc.idx, eval_flops = fc.fwd + fc.idx;
+    run r[2 * MAX_VOCABS];
+    memset(r, 0, sizeof r);
     double peak = 0;
     if (peak_n > 0) {
         peak = sgemm_peak(peak_n, peak_reps);
@@ -287,107 +324,116 @@ int main(int argc, char **argv) {
         }
         printf("sgemm peak: dnnl_sgemm %d x %d x %d, best of %d, threads %d: %.1f GFLOP/s\n",
                peak_n, peak_n, peak_n, peak_reps, pl_get_num_threads(), peak);
-        double gf, floor_s = gemm_floor(&cfg, vocab, peak_reps, &gf);
-        if (floor_s > 0)
-            printf("gemm floor: the step's projection products alone (vocab %d): %.2f ms for "
-                   "%.3f GFLOP, %.1f GFLOP/s (%.0f%% of peak)\n",
-                   vocab, floor_s * 1e3, gf * 1e-9, gf / floor_s * 1e-9,
-                   100 * gf / floor_s * 1e-9 / peak);
-        if (steps == 0) {
-            printf("result peak_gflops=%.2f\n", peak);
-            return 0;
+    }
+    int rc = 0;
+    for (int j = 0; j < nr; j++) {
+        r[j].vocab = vocabs[j / np];
+        r[j].precision = pname[j % np];
+        r[j].fc = model_flops(&cfg, r[j].vocab);
+        r[j].s = 42;
+    }
+    for (int v = 0; v < nv; v++) {
+        if (peak_n > 0) {
+            cfg.vocab = vocabs[v];
+            double gf, floor_s = gemm_floor(&cfg, vocabs[v], peak_reps, &gf);
+            if (floor_s > 0) {
+                for (int p = 0; p < np; p++) r[v * np + p].floor_ms = floor_s * 1e3;
+                printf("gemm floor: the step's projection products alone (vocab %d): %.2f ms for "
+                       "%.3f GFLOP, %.1f GFLOP/s (%.0f%% of peak)\n",
+                       vocabs[v], floor_s * 1e3, gf * 1e-9, gf / floor_s * 1e-9,
+                       100 * gf / floor_s * 1e-9 / peak);
+            }
         }
     }
-    /* One model per precision; with "both" their steps alternate. */
-    const int np = both ? 2 : 1;
-    const char *pname[2] = {both ? "f32" : prec, "bf16"};
-    tr_model *m[2] = {NULL, NULL};
-    for (int p = 0; p < np; p++) {
-        cfg.precision = pname[p];
-        if (!(m[p] = model_create(&cfg, vocab))) {
-            fprintf(stderr, "bench_train: %s\n", tr_error());
-            model_free(m[0]);
-            return 1;
-        }
+    if (steps == 0) {
+        printf("result peak_gflops=%.2f\n", peak);
+        return 0;
+    }
+    for (int j = 0; j < nr && !rc; j++) {
+        cfg.vocab = r[j].vocab;
+        cfg.precision = r[j].precision;
+        r[j].t_step = malloc(sizeof(double) * steps);
+        r[j].t_eval = malloc(sizeof(double) * steps);
+        if (!(r[j].m = model_create(&cfg, r[j].vocab)) || !r[j].t_step || !r[j].t_eval) rc = 1;
     }
     int B = cfg.batch, L = cfg.seq;
     int32_t *in = malloc(sizeof(int32_t) * B * L), *tg = malloc(sizeof(int32_t) * B * L);
-    double *t_step[2], *t_eval[2];
-    for (int p = 0; p < 2; p++) {
-        t_step[p] = malloc(sizeof(double) * steps);
-        t_eval[p] = malloc(sizeof(double) * steps);
-    }
-    uint64_t s = 42;
-    int rc = 0;
-    double prof_ms[2] = {0, 0};
+    if (!in || !tg) rc = 1;
+    /* With several vocabularies or precisions the steps interleave (one of each
+     * in turn), so a change in the machine's load touches all of them alike. */
     for (int it = 0; it < warmup + steps && !rc; it++) {
-        for (int i = 0; i < B * L; i++) {
-            s = s * 6364136223846793005ull + 1442695040888963407ull;
-            in[i] = (int32_t)((s >> 33) % (uint64_t)vocab);
-            tg[i] = (int32_t)((s >> 13) % (uint64_t)vocab);
-        }
-        for (int p = 0; p < np && !rc; p++) {
+        for (int j = 0; j < nr && !rc; j++) {
+            run *x = &r[j];
+            for (int i = 0; i < B * L; i++) {
+                x->s = x->s * 6364136223846793005ull + 1442695040888963407ull;
+                in[i] = (int32_t)((x->s >> 33) % (uint64_t)x->vocab);
+                tg[i] = (int32_t)((x->s >> 13) % (uint64_t)x->vocab);
+            }
             double loss, ls;
             int64_t ok, n;
             bool prof = profile && it >= warmup;
-            if (prof) pl_profile_start(model_ctx(m[p]));
+            if (prof) pl_profile_start(model_ctx(x->m));
             double t0 = now();
-            rc = model_train_step(m[p], in, tg, B, it, &loss);
+            rc = model_train_step(x->m, in, tg, B, it, &loss);
             double t1 = now();
             if (prof) {
-                pl_profile_stop(model_ctx(m[p]));
-                prof_ms[p] += (t1 - t0) * 1e3;
+                pl_profile_stop(model_ctx(x->m));
+                x->prof_ms += (t1 - t0) * 1e3;
             }
-            rc = rc || model_eval(m[p], in, tg, B, &ls, &ok, &n);
+            rc = rc || model_eval(x->m, in, tg, B, &ls, &ok, &n);
             double t2 = now();
             if (it >= warmup) {
-                t_step[p][it - warmup] = (t1 - t0) * 1e3;
-                t_eval[p][it - warmup] = (t2 - t1) * 1e3;
+                x->t_step[it - warmup] = (t1 - t0) * 1e3;
+                x->t_eval[it - warmup] = (t2 - t1) * 1e3;
             }
         }
     }
     if (rc) {
-        fprintf(stderr, "bench_train: %s\n", tr_error());
+        fprintf(stderr, "bench_train: %s\n", tr_error()[0] ? tr_error() : "out of memory");
     } else {
-        printf("schedule %s, vocab %d, batch %d, seq %d, threads %d, %lld parameters\n",
-               cfg.schedule, vocab, B, L, pl_get_num_threads(), (long long)model_parameters(m[0]));
-        printf("model FLOPs (matrix products): train step %.3f GFLOP (forward %.3f, backward "
-               "%.3f, indexer %.3f), eval batch %.3f GFLOP\n",
-               train_flops * 1e-9, fc.fwd * 1e-9, 2 * fc.fwd * 1e-9, fc.idx * 1e-9,
-               eval_flops * 1e-9);
-        double med[2] = {0, 0};
-        for (int p = 0; p < np; p++) {
-            double *ts = t_step[p], *te = t_eval[p];
-            qsort(ts, steps, sizeof *ts, cmp);
-            qsort(te, steps, sizeof *te, cmp);
-            double ms = ts[steps / 2], ems = te[steps / 2];
+        for (int j = 0; j < nr; j++) {
+            run *x = &r[j];
+            double train_flops = 3 * x->fc.fwd + x->fc.idx, eval_flops = x->fc.fwd + x->fc.idx;
+            qsort(x->t_step, steps, sizeof *x->t_step, cmp);
+            qsort(x->t_eval, steps, sizeof *x->t_eval, cmp);
+            double ms = x->t_step[steps / 2], ems = x->t_eval[steps / 2];
             double tg_s = train_flops / (ms * 1e-3) * 1e-9, eg_s = eval_flops / (ems * 1e-3) * 1e-9;
-            med[p] = ms;
-            printf("%s train step: median %.2f ms (min %.2f, max %.2f), %.0f tokens/s, %.1f "
-                   "GFLOP/s\n",
-                   pname[p], ms, ts[0], ts[steps - 1], B * L / (ms * 1e-3), tg_s);
-            printf("%s eval batch: median %.2f ms (min %.2f, max %.2f), %.1f GFLOP/s\n", pname[p],
-                   ems, te[0], te[steps - 1], eg_s);
+            printf("schedule %s, vocab %d, batch %d, seq %d, threads %d, %lld parameters, "
+                   "%s products\n",
+                   cfg.schedule, x->vocab, B, L, pl_get_num_threads(),
+                   (long long)model_parameters(x->m), x->precision);
+            printf("model FLOPs (matrix products): train step %.3f GFLOP (forward %.3f, backward "
+                   "%.3f, indexer %.3f), eval batch %.3f GFLOP\n",
+                   train_flops * 1e-9, x->fc.fwd * 1e-9, 2 * x->fc.fwd * 1e-9, x->fc.idx * 1e-9,
+                   eval_flops * 1e-9);
+            printf("train step: median %.2f ms (min %.2f, max %.2f), %.0f tokens/s, %.1f GFLOP/s\n",
+                   ms, x->t_step[0], x->t_step[steps - 1], B * L / (ms * 1e-3), tg_s);
+            printf("eval batch: median %.2f ms (min %.2f, max %.2f), %.1f GFLOP/s\n", ems,
+                   x->t_eval[0], x->t_eval[steps - 1], eg_s);
             if (peak > 0)
-                printf("%s share of sgemm peak: train step %.1f%%, eval batch %.1f%%\n", pname[p],
+                printf("share of sgemm peak: train step %.1f%%, eval batch %.1f%%\n",
                        100 * tg_s / peak, 100 * eg_s / peak);
-            if (profile) print_profile(model_ctx(m[p]), steps, prof_ms[p]);
+            if (x->floor_ms > 0)
+                printf("step / gemm floor: %.2f ms / %.2f ms = %.2fx\n", ms, x->floor_ms,
+                       ms / x->floor_ms);
+            if (profile) print_profile(model_ctx(x->m), steps, x->prof_ms);
             printf("result vocab=%d threads=%d precision=%s train_ms=%.3f eval_ms=%.3f "
                    "train_gflop=%.4f eval_gflop=%.4f peak_gflops=%.2f\n",
-                   vocab, pl_get_num_threads(), pname[p], ms, ems, train_flops * 1e-9,
+                   x->vocab, pl_get_num_threads(), x->precision, ms, ems, train_flops * 1e-9,
                    eval_flops * 1e-9, peak);
         }
-        if (both)
-            printf("bf16 vs f32 (alternating steps, same tokens): train step %.2f vs %.2f ms, "
-                   "%.2fx\n",
-                   med[1], med[0], med[0] / med[1]);
+        for (int v = 0; both && v < nv; v++) /* medians: the arrays are sorted */
+            printf("vocab %d: bf16 vs f32 (interleaved steps, same tokens): train step %.2f vs "
+                   "%.2f ms, %.2fx\n",
+                   vocabs[v], r[2 * v + 1].t_step[steps / 2], r[2 * v].t_step[steps / 2],
+                   r[2 * v].t_step[steps / 2] / r[2 * v + 1].t_step[steps / 2]);
     }
     free(in);
     free(tg);
-    for (int p = 0; p < 2; p++) {
-        free(t_step[p]);
-        free(t_eval[p]);
+    for (int j = 0; j < nr; j++) {
+        free(r[j].t_step);
+        free(r[j].t_eval);
+        model_free(r[j].m);
     }
-    for (int p = 0; p < np; p++) model_free(m[p]);
     return rc ? 1 : 0;
 }

@@ -6,31 +6,33 @@
  *   G[r,j] = (1/C) (softmax(z_r)_j - (1 - e)[j == t_r] - e/V)   (0 on ignored rows)
  *   dx = G W^T,  dW = x^T G   (both times the upstream gradient, a scalar)
  *
- * The logits are made in vocabulary chunks of about 1 MiB (z[:, v0 : v0 + c]
- * = x W[:, v0 : v0 + c], one product per chunk) and reduced while the chunk is
- * in cache: an online log-sum-exp per row (the running sum rescaled by
- * exp(m_old - m_new) when a chunk raises the max, as pl_cross_entropy does
- * over its blocks), the target's logit, the logits' sum (label smoothing) and
- * the argmax.
- *
- * Without gradients that is all: one product, O(N * chunk) memory.
+ * Without gradients the logits are made in vocabulary chunks of about 4 MiB
+ * (z[:, v0 : v0 + c] = x W[:, v0 : v0 + c], one product per chunk) and
+ * reduced while the chunk is in cache: an online log-sum-exp per row (the
+ * running sum rescaled by exp(m_old - m_new) when a chunk raises the max, as
+ * pl_cross_entropy does over its blocks), the target's logit, the logits' sum
+ * (label smoothing) and the argmax. One product, O(N * chunk) memory.
  *
  * With gradients, G needs each row's final lse, which only the last chunk
  * gives, and dW = x^T G sums over rows, so a row's logits must be kept until
  * its lse is known; recomputing them instead costs a fourth product of the
  * LM head's size (a third more FLOPs). So rows go in blocks whose logits
- * [R, V] fit a budget (pl__tuning.lce_block_bytes), and per block: pass A
- * as above, storing the chunks; pass B turns each chunk into G in place (in
- * cache) and runs dx_block += G_c W_c^T and dW[:, chunk] += x_block^T G_c.
- * dx and dW go to buffers of x's and W's size (the gradient is complete at the
- * end of the forward pass); backward adds upstream * buffer into the
- * gradients. Three products, as the unfused pl_linear + pl_cross_entropy,
- * all going through pl__sgemm. */
+ * [R, V] fit a budget (pl__tuning.lce_block_bytes, 64 MiB), and per block:
+ * pass A makes the logits (by default one product over the whole vocabulary)
+ * and, row by row while the row is in cache, its lse and then its gradient in
+ * place; pass B runs dx_block = G W^T and dW (+)= x_block^T G. (With smaller
+ * chunks, lce_chunk_cols, pass A reduces chunk by chunk and pass B makes G
+ * chunk by chunk before its two products.) dx and dW go to buffers of x's and
+ * W's size: the gradient is complete at the end of the forward pass, and
+ * backward adds upstream * buffer into the gradients. Three products, as the
+ * unfused pl_linear + pl_cross_entropy, all through pl__sgemm; the logits are
+ * read from memory once where unfused they and their separate gradient
+ * (zeroed first) went through it several times. */
 #include "internal.h"
 
 #include <math.h>
 
-#define LCE_CHUNK_BYTES (1 << 20)    /* logits per vocabulary chunk */
+#define LCE_CHUNK_BYTES (4 << 20)    /* logits per vocabulary chunk without gradients */
 #define LCE_BLOCK_DEFAULT (64 << 20) /* grad mode: logits kept per row block */
 
 typedef struct {
@@ -143,9 +145,13 @@ static pl_tensor *linear_cross_entropy_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor
         int64_t fit = budget / (V * (int64_t)sizeof(float));
         R = fit < 1 ? 1 : fit < N ? fit : N;
     }
-    int64_t chunk = pl__tuning.lce_chunk_cols > 0
-                        ? pl__tuning.lce_chunk_cols
-                        : (LCE_CHUNK_BYTES / (int64_t)sizeof(float)) / (R > 0 ? R : 1);
+    /* With gradients the block's logits are kept anyway: one chunk of the whole
+     * vocabulary, so that each pass is one product or one parallel region (a
+     * region or a product per 1 MiB chunk cost 1.5-2x the time on a busy 2-core
+     * machine, docs/benchmarks.md). */
+    int64_t chunk = pl__tuning.lce_chunk_cols > 0 ? pl__tuning.lce_chunk_cols
+                    : grad                        ? V
+                           : LCE_CHUNK_BYTES / (int64_t)sizeof(float) / (R > 0 ? R : 1);
     chunk = chunk < 16 ? 16 : (chunk + 15) / 16 * 16;
     if (chunk > V) chunk = V;
 
@@ -188,9 +194,17 @@ static pl_tensor *linear_cross_entropy_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor
                                  ld)) {
                 return NULL;
             }
-            PL_PARALLEL_FOR(
-                rb * cw, schedule(static), r, rb,
-                k_lce_row(z + r * ld, cw, v0, t[r0 + r], smooth, argmax != NULL, &st, r0 + r));
+            /* One chunk (the default with gradients): each row's gradient right after
+             * its log-sum-exp, while the row is still in cache. */
+            const bool fuse = grad && cw == V;
+            const float ce_v = inv_c * e / (float)V, c_t = inv_c * (1.0f - e);
+            PL_PARALLEL_FOR(rb * cw, schedule(static), r, rb, {
+                const int64_t q = r0 + r;
+                k_lce_row(z + r * ld, cw, v0, t[q], smooth, argmax != NULL, &st, q);
+                if (fuse)
+                    k_lce_grad_row(z + r * ld, cw, 0, t[q], st.m[q], logf((float)st.s[q]), inv_c,
+                                   ce_v, c_t);
+            });
         }
         for (int64_t r = r0; r < r0 + rb; r++) {
             if (t[r] < 0) continue;
@@ -204,11 +218,12 @@ static pl_tensor *linear_cross_entropy_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor
         for (int64_t v0 = 0; v0 < V; v0 += chunk) {
             const int64_t cw = V - v0 < chunk ? V - v0 : chunk;
             float *z = zbuf + v0;
-            PL_PARALLEL_FOR(rb * cw, schedule(static), r, rb, {
-                const int64_t q = r0 + r;
-                k_lce_grad_row(z + r * V, cw, v0, t[q], st.m[q], logf((float)st.s[q]), inv_c, ce_v,
-                               c_t);
-            });
+            if (cw < V) /* else done in pass A */
+                PL_PARALLEL_FOR(rb * cw, schedule(static), r, rb, {
+                    const int64_t q = r0 + r;
+                    k_lce_grad_row(z + r * V, cw, v0, t[q], st.m[q], logf((float)st.s[q]), inv_c,
+                                   ce_v, c_t);
+                });
             if (want_dx && pl__sgemm(ctx, false, true, rb, d, cw, 1.0f, z, V, wd + v0, V,
                                      v0 ? 1.0f : 0.0f, dx + r0 * d, d))
                 return NULL;
