@@ -28,15 +28,15 @@
  *
  * Backward, with dO the output gradient and Delta_t = dO_t . out_t:
  *   dp_j = keep_j/(1-p) * dO_t . v_{s_j},   g_j = p_j (dp_j - Delta_t) / sqrt(D)
- *   dq_t += sum_j g_j k_{s_j}                                (row pass)
- *   dk_s += sum_{(t,j): s_j = s} g_j q_t                    (key pass)
- *   dv_s += sum_{(t,j): s_j = s} p'_j dO_t
- * The row pass (the forward's tiles and blocks) stores g as G [B,L,K,H]
- * (backward scratch) and turns P into p'. dk and dv come from the index sets
- * transposed (pl__idx_by_key): a thread owns a tile of keys and walks the
- * queries that selected them in blocks (P and G of the next keys' entries
- * prefetched), so every thread writes only its own rows (no atomics) in a
- * fixed order (ascending t). Results do not depend on the number of threads. */
+ *   dq_t += sum_j g_j k_{s_j},  dk_{s_j} += g_j q_t,  dv_{s_j} += p'_j dO_t
+ * in one pass over the forward's tiles and key blocks: an entry's k and v rows
+ * are read for dp and dq, and its dk and dv rows updated, while the block is in
+ * cache. Two query rows may select one key, so the tiles are split into 4 fixed
+ * groups of consecutive rows (bwd_groups): a group's tiles run in order on one
+ * thread and add into the group's own dk, dv buffer (keys below the group's
+ * last row; group 0 adds into the gradients), and the buffers are then added
+ * in group order. No atomics, and the results do not depend on the number of
+ * threads. */
 #include "internal.h"
 
 #include <math.h>
@@ -46,8 +46,7 @@
 typedef struct {
     int64_t B, L, H, D, K, W; /* W: 32-bit keep words per (b,t,h) row */
     int64_t Kp, Kz;           /* K rounded up to 8; Kz = Kp + 16: a row's stride in scratch */
-    int64_t TQ, SK;           /* forward and dq: query rows per tile, keys per block */
-    int64_t KT, QB;           /* dk, dv: keys per tile, query rows per block */
+    int64_t TQ, SK;           /* query rows per tile, keys per block */
     float scale, keep_scale;
     uint32_t threshold; /* dropout: keep iff the random word >= threshold */
     uint64_t seed, offset;
@@ -58,9 +57,8 @@ typedef struct {
     uint32_t *keep; /* [B,L,H,W] keep bits; NULL without dropout */
     int isa;        /* the kernels' level (simd.h), the same for the backward */
     /* Recompute mode (P == NULL): the forward saves lse [B,L,H], each row's
-     * log-sum-exp of the scaled scores; the backward recomputes the scores and
-     * keeps delta [B,L,H] = dO . out for the key pass. */
-    float *lse, *delta;
+     * log-sum-exp of the scaled scores; the backward recomputes the scores. */
+    float *lse;
     int64_t qt0; /* decode (pl__sparse_attention_seqs): q, out and idx rows hold the queries
                     t >= qt0 of one sequence (row t - qt0); 0 otherwise */
 } sa_args;
@@ -96,7 +94,7 @@ static inline size_t work_bytes(const sa_args *a) {
     const size_t bytes = 8 * (2 * TQ + (size_t)a->K) +
                          4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H + H * Kz) +
                          4 * (TQ * Kz + L + 2 * D * UM + 2 * TQ * UM) + 128;
-    return (bytes + 63) & ~(size_t)63; /* the dk/dv cursors (int64) follow */
+    return (bytes + 63) & ~(size_t)63;
 }
 
 static inline sa_work work_carve(const sa_args *a, unsigned char *base) {
@@ -128,12 +126,8 @@ static inline sa_work work_carve(const sa_args *a, unsigned char *base) {
 PL_ISA_DECLARE(void, sa_fwd_tile,
                (const sa_args *a, int64_t b, int64_t t0, int64_t t1, const sa_work *w));
 PL_ISA_DECLARE(void, sa_bwd_tile,
-               (const sa_args *a, const float *dO, float *G, float *dq, int64_t b, int64_t t0,
-                int64_t t1, const sa_work *w));
-PL_ISA_DECLARE(void, sa_bwd_kv_tile,
-               (const sa_args *a, const float *dO, const float *G, float *dk, float *dv, int64_t b,
-                int64_t s0, int64_t s1, const int32_t *off, const int32_t *list, int64_t *cur,
-                const sa_work *w));
+               (const sa_args *a, const float *dO, float *dq, float *dkb, float *dvb, int64_t b,
+                int64_t t0, int64_t t1, const sa_work *w));
 
 #ifdef PL_ISA /* ---- the kernels ---- */
 
@@ -525,13 +519,50 @@ void PL_ISA_FN(sa_fwd_tile)(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
         fwd_tile_impl(a, b, t0, t1, w, 0);
 }
 
-/* Backward of the query rows [t0, t1) of batch b, with Delta_h = dO_h . out_h:
+/* dk[s_i, h] += g[h*ldw + i] x[h] and dv[s_i, h] += p[h*ldw + i] y[h] for every
+ * entry i < n and head h: the backward's scatter into the key rows the entries
+ * selected (x = q_t, y = dO_t, one query row). In entry order, so a key
+ * repeated in a row adds twice, in slot order. dk or dv may be NULL. */
+static PL_AI void scatter_heads(float *dk, float *dv, const float *g, const float *p, int64_t ldw,
+                                const float *x, const float *y, const int32_t *rows, int64_t HD,
+                                int64_t H, int64_t D, int64_t n, int ND) {
+    for (int64_t i = 0; i < n; i++) {
+        if (i + CH < n) { /* the rows CH entries ahead, for writing */
+            const int64_t o = (int64_t)rows[i + CH] * HD;
+            for (int64_t b = 0; b < 4 * HD; b += 64) {
+                if (dk) __builtin_prefetch((const char *)(dk + o) + b, 1);
+                if (dv) __builtin_prefetch((const char *)(dv + o) + b, 1);
+            }
+        }
+        float *rk = dk ? dk + (int64_t)rows[i] * HD : NULL,
+              *rv = dv ? dv + (int64_t)rows[i] * HD : NULL;
+        for (int64_t h = 0; h < H; h++) {
+            const float gi = g[h * ldw + i], pi = p[h * ldw + i];
+            if (ND) {
+                const pl_vf gv = pl_splat(gi), pv = pl_splat(pi);
+                for (int c = 0; c < ND; c++) {
+                    const int64_t o = h * D + PL_VW * c;
+                    if (rk) PL_ST(rk + o, PL_LD(rk + o) + gv * PL_LD(x + o));
+                    if (rv) PL_ST(rv + o, PL_LD(rv + o) + pv * PL_LD(y + o));
+                }
+            } else {
+                if (rk) pl__axpy(rk + h * D, gi, x + h * D, D);
+                if (rv) pl__axpy(rv + h * D, pi, y + h * D, D);
+            }
+        }
+    }
+}
+
+/* Backward of the query rows [t0, t1) of batch b in one pass, with
+ * Delta_h = dO_h . out_h:
  *   dp_j = keep_j/(1-p) dO_h . v_{s_j},   g_j = p_j (dp_j - Delta_h) / sqrt(D)
- * stored as G[b,t,j,h] (for the dk pass), and dq_h += sum_j g_j k_{s_j,h}; the
- * same key blocks as the forward, v and k of a block used together. Then P
- * becomes p' = p keep / (1 - dropout_p), what the dv pass wants. */
-static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
-                                int64_t t0, int64_t t1, const sa_work *w, int ND) {
+ *   dq_h += sum_j g_j k_{s_j,h},  dk_{s_j,h} += g_j q_h,  dv_{s_j,h} += p'_j dO_h
+ * walking the same key blocks as the forward (a block's k, v, dk and dv rows
+ * stay in cache while the tile's rows use them). dkb, dvb: batch b's key rows
+ * of the buffer this tile's group adds into (the caller orders the groups). */
+static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *dq, float *dkb,
+                                float *dvb, int64_t b, int64_t t0, int64_t t1, const sa_work *w,
+                                int ND) {
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kz = a->Kz;
     const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
     const float scale = a->scale, ks = a->keep_scale;
@@ -540,13 +571,10 @@ static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, flo
         const int64_t r = t - t0, row0 = (b * L + t) * H;
         w->n[r] = row_entries(a, b, t, w->sel + r * Kz, w->pos + r * Kz, w->tmp);
         w->cur[r] = 0;
-        for (int64_t h = 0; h < H; h++) {
+        for (int64_t h = 0; h < H; h++)
             w->delta[r * H + h] = pl__dot(dO + (row0 + h) * D, a->out + (row0 + h) * D, D);
-            if (a->delta) a->delta[row0 + h] = w->delta[r * H + h];
-        }
     }
-    for (int64_t s1 = 0, t = t1 - 1, c0 = 0, c = 0;
-         (G || (recompute && dq)) && next_block(a, w, t0, t1, &s1, &t, &c0, &c);) {
+    for (int64_t s1 = 0, t = t1 - 1, c0 = 0, c = 0; next_block(a, w, t0, t1, &s1, &t, &c0, &c);) {
         const int64_t r = t - t0, row0 = (b * L + t) * H;
         const int32_t *sel = w->sel + r * Kz + c0, *pos = w->pos + r * Kz + c0;
         const float *P = recompute ? NULL : a->P + (b * L + t) * K * H;
@@ -555,210 +583,139 @@ static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, flo
         if (recompute) /* p = e^(z scale - lse), z recomputed */
             dots_heads(a->q + row0 * D, kb, sel, HD, H, D, pl_rupw(c), ND, z, Kz);
         for (int64_t h = 0; h < H; h++) {
-            float *dph = dp + h * Kz, *gh = g + h * Kz;
+            float *dph = dp + h * Kz, *gh = g + h * Kz, *zh = z + h * Kz;
             const float delta = w->delta[r * H + h];
-            if (a->keep) {
-                const uint32_t *kr = a->keep + (row0 + h) * a->W;
-                for (int64_t i = 0; i < c; i++) dph[i] = keep_bit(kr, pos[i]) ? dph[i] * ks : 0.0f;
-            }
-            if (recompute) {
-                const float *zh = z + h * Kz;
+            if (recompute) { /* zh becomes p */
                 const pl_vf lv = pl_splat(a->lse[row0 + h]);
                 for (int64_t i = 0; i < c; i += PL_VW)
-                    PL_ST(gh + i,
-                          pl_vexp(PL_LD(zh + i) * scale - lv) * (PL_LD(dph + i) - delta) * scale);
+                    PL_ST(zh + i, pl_vexp(PL_LD(zh + i) * scale - lv));
             } else {
-                for (int64_t i = 0; i < c; i++)
-                    gh[i] = P[pos[i] * H + h] * (dph[i] - delta) * scale;
+                for (int64_t i = 0; i < c; i++) zh[i] = P[pos[i] * H + h];
             }
-        }
-        if (G) {
-            float *Gr = G + (b * L + t) * K * H;
-            for (int64_t i = 0; i < c; i++)
-                for (int64_t h = 0; h < H; h++) Gr[pos[i] * H + h] = g[h * Kz + i];
+            if (a->keep) { /* dp and p scaled by keep_j / (1 - dropout_p) */
+                const uint32_t *kr = a->keep + (row0 + h) * a->W;
+                for (int64_t i = 0; i < c; i++) {
+                    const bool kp = keep_bit(kr, pos[i]);
+                    gh[i] = zh[i] * ((kp ? dph[i] * ks : 0.0f) - delta) * scale;
+                    dph[i] = kp ? zh[i] * ks : 0.0f;
+                }
+            } else {
+                for (int64_t i = 0; i < c; i++) {
+                    gh[i] = zh[i] * (dph[i] - delta) * scale;
+                    dph[i] = zh[i];
+                }
+            }
         }
         if (dq) axpys_heads(dq + row0 * D, g, Kz, kb, sel, HD, H, D, c, ND);
-    }
-    if (!a->keep || recompute) return;
-    for (int64_t t = t0; t < t1; t++) {
-        const int64_t r = t - t0, row0 = (b * L + t) * H;
-        const int32_t *pos = w->pos + r * Kz;
-        float *P = a->P + (b * L + t) * K * H;
-        for (int64_t h = 0; h < H; h++) {
-            const uint32_t *kr = a->keep + (row0 + h) * a->W;
-            for (int64_t i = 0; i < w->n[r]; i++) {
-                const int64_t j = pos[i];
-                P[j * H + h] = keep_bit(kr, j) ? P[j * H + h] * ks : 0.0f;
-            }
-        }
+        if (dkb || dvb)
+            scatter_heads(dkb, dvb, g, dp, Kz, a->q + row0 * D, dO + row0 * D, sel, HD, H, D, c,
+                          ND);
     }
 }
 
-void PL_ISA_FN(sa_bwd_tile)(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
-                            int64_t t0, int64_t t1, const sa_work *w) {
+void PL_ISA_FN(sa_bwd_tile)(const sa_args *a, const float *dO, float *dq, float *dkb, float *dvb,
+                            int64_t b, int64_t t0, int64_t t1, const sa_work *w) {
     if (a->D == 32)
-        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, 32 / PL_VW);
+        bwd_tile_impl(a, dO, dq, dkb, dvb, b, t0, t1, w, 32 / PL_VW);
     else if (a->D % PL_VW == 0)
-        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, (int)(a->D / PL_VW));
+        bwd_tile_impl(a, dO, dq, dkb, dvb, b, t0, t1, w, (int)(a->D / PL_VW));
     else
-        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, 0);
-}
-
-/* dk and dv of key s from the entries e = t*K + j (of batch b) that selected it:
- *   dv_s,h += sum_e p'_e dO_t,h,   dk_s,h += sum_e g'_e q_t,h
- * with p' = P and g' = G as the row pass left them. rows: scratch for n int32
- * (the entries' t); cw, gw: n floats each. */
-static PL_AI void kv_key_impl(const sa_args *a, const float *dO, const float *G, float *dk,
-                              float *dv, int64_t b, int64_t s, const int32_t *list, int64_t n,
-                              int32_t *rows, float *cw, float *gw, int ND) {
-    const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D;
-    const double invK = 1.0 / (double)K;
-    for (int64_t e = 0; e < n; e++) { /* t = e / K without a division */
-        int64_t t = (int64_t)((double)list[e] * invK);
-        t -= t * K > list[e];
-        t += (t + 1) * K <= list[e];
-        rows[e] = (int32_t)t;
-    }
-    const bool recompute = a->P == NULL;
-    const float *Pb = recompute ? NULL : a->P + b * L * K * H, *Gb = G ? G + b * L * K * H : NULL;
-    if (recompute) /* rows padded to the vector width for dots */
-        for (int64_t e = n; e < pl_rupw(n); e++) rows[e] = rows[0];
-    for (int64_t h = 0; h < H; h++) {
-        const int64_t ko = ((b * L + s) * H + h) * D;
-        const float *qb = a->q + (b * L * H + h) * D, *dOb = dO + (b * L * H + h) * D;
-        if (recompute) { /* p', g of each entry from its scores, lse and delta */
-            if (ND) {
-                dots(a->k + ko, qb, rows, HD, pl_rupw(n), ND, cw);
-                dots(a->v + ko, dOb, rows, HD, pl_rupw(n), ND, gw);
-            } else {
-                dots_any(a->k + ko, qb, rows, HD, n, D, cw);
-                dots_any(a->v + ko, dOb, rows, HD, n, D, gw);
-            }
-            for (int64_t e = 0; e < n; e++) {
-                const int64_t row = (b * L + rows[e]) * H + h;
-                float p = pl__expf(cw[e] * a->scale - a->lse[row]), dp = gw[e];
-                if (a->keep) {
-                    const bool kp = keep_bit(a->keep + row * a->W, list[e] - (int64_t)rows[e] * K);
-                    dp = kp ? dp * a->keep_scale : 0.0f;
-                    cw[e] = kp ? p * a->keep_scale : 0.0f;
-                } else {
-                    cw[e] = p;
-                }
-                gw[e] = p * (dp - a->delta[row]) * a->scale;
-            }
-            if (dv) axpys_nd(dv + ko, cw, dOb, rows, HD, n, ND, D);
-            if (dk) axpys_nd(dk + ko, gw, qb, rows, HD, n, ND, D);
-            continue;
-        }
-        if (dv) {
-            for (int64_t e = 0; e < n; e++) cw[e] = Pb[(int64_t)list[e] * H + h];
-            axpys_nd(dv + ko, cw, dOb, rows, HD, n, ND, D);
-        }
-        if (dk) {
-            for (int64_t e = 0; e < n; e++) gw[e] = Gb[(int64_t)list[e] * H + h];
-            axpys_nd(dk + ko, gw, qb, rows, HD, n, ND, D);
-        }
-    }
-}
-
-static void sa_bwd_kv_key(const sa_args *a, const float *dO, const float *G, float *dk, float *dv,
-                          int64_t b, int64_t s, const int32_t *list, int64_t n, int32_t *rows,
-                          float *cw, float *gw) {
-    if (a->D == 32)
-        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, 32 / PL_VW);
-    else if (a->D % PL_VW == 0)
-        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, (int)(a->D / PL_VW));
-    else
-        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, 0);
-}
-
-#define KV_AHEAD 2 /* keys ahead whose P and G entries are prefetched */
-
-/* dk, dv of the keys [s0, s1) of batch b, walking the queries in blocks of QB
- * rows so that their q and dO rows are reused from cache. off: batch b's list
- * offsets; cur, end: 2 (s1 - s0) cursors. The entries of a key are summed in
- * ascending t whatever the blocks. */
-void PL_ISA_FN(sa_bwd_kv_tile)(const sa_args *a, const float *dO, const float *G, float *dk,
-                               float *dv, int64_t b, int64_t s0, int64_t s1, const int32_t *off,
-                               const int32_t *list, int64_t *cur, const sa_work *w) {
-    const int64_t L = a->L, K = a->K, H = a->H, nk = s1 - s0;
-    int64_t *end = cur + nk;
-    const float *Pb = a->P ? a->P + b * L * K * H : NULL, *Gb = G ? G + b * L * K * H : NULL;
-    for (int64_t s = s0; s < s1; s++) cur[s - s0] = off[s];
-    for (int64_t tq0 = s0; tq0 < L; tq0 += a->QB) {
-        const int64_t lim = (tq0 + a->QB < L ? tq0 + a->QB : L) * K; /* entries e < lim */
-        for (int64_t x = 0; x < nk; x++) {
-            int64_t e1 = cur[x];
-            while (e1 < off[s0 + x + 1] && list[e1] < lim) e1++;
-            end[x] = e1;
-        }
-        for (int64_t x = 0; x < nk + KV_AHEAD; x++) {
-            if (x < nk) /* prefetch key x's entries, KV_AHEAD keys before they are used */
-                for (int64_t e = cur[x]; Pb && e < end[x]; e++) {
-                    __builtin_prefetch(Pb + (int64_t)list[e] * H);
-                    if (Gb) __builtin_prefetch(Gb + (int64_t)list[e] * H);
-                }
-            const int64_t y = x - KV_AHEAD;
-            if (y < 0) continue;
-            for (int64_t c0 = cur[y]; c0 < end[y]; c0 += a->Kp) { /* <= Kp entries per call */
-                const int64_t c1 = c0 + a->Kp < end[y] ? c0 + a->Kp : end[y];
-                sa_bwd_kv_key(a, dO, G, dk, dv, b, s0 + y, list + c0, c1 - c0, w->sel, w->z, w->w);
-            }
-            cur[y] = end[y];
-        }
-    }
+        bwd_tile_impl(a, dO, dq, dkb, dvb, b, t0, t1, w, 0);
 }
 
 #else /* ---- the op (built once) ---- */
+
+/* The backward's query groups: NG_BWD fixed groups of consecutive tiles of a
+ * batch, of about equal work (sum of min(t + 1, K) over their rows). A group's
+ * tiles run in order on one thread and add into the group's own dk, dv buffer
+ * (group 0 into the gradients themselves); the others are then added in group
+ * order. So every sum has one order whatever the number of threads, and no
+ * two threads write one row. first[g]: the group's first tile; first[NG_BWD] = nq. */
+#define NG_BWD 4
+static void bwd_groups(int64_t L, int64_t K, int64_t TQ, int64_t first[NG_BWD + 1]) {
+    const int64_t nq = (L + TQ - 1) / TQ;
+    double total = 0.0;
+    for (int64_t t = 0; t < L; t++) total += (double)(t + 1 < K ? t + 1 : K);
+    double acc = 0.0;
+    int g = 1;
+    first[0] = 0;
+    for (int64_t i = 0; i < nq && g < NG_BWD; i++) {
+        while (g < NG_BWD && acc >= total * g / NG_BWD) first[g++] = i;
+        for (int64_t t = i * TQ; t < (i + 1) * TQ && t < L; t++)
+            acc += (double)(t + 1 < K ? t + 1 : K);
+    }
+    while (g < NG_BWD) first[g++] = nq;
+    first[NG_BWD] = nq;
+}
 
 static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
     sa_args args = *(const sa_args *)n->saved;
     const sa_args *a = &args;
     const float *dO = n->out->grad;
-    const int64_t B = a->B, L = a->L, K = a->K, H = a->H;
+    const int64_t B = a->B, L = a->L, HD = a->H * a->D, TQ = a->TQ;
     float *g[3];
     if (pl__grads(ctx, n, g)) return;
     float *dq = g[0], *dk = g[1], *dv = g[2];
-    const bool recompute = a->P == NULL;
     const int nt = omp_get_max_threads();
-    const size_t per = (work_bytes(a) + 16 * (size_t)a->KT + 63) & ~(size_t)63;
-    /* G, the transposed index sets and the per-thread memory are given back to
+    const size_t per = (work_bytes(a) + 63) & ~(size_t)63;
+    /* The per-thread memory and the groups' dk, dv buffers are given back to
      * the arena when this backward is done. */
     const pl_mark mark = pl_mark_get(ctx);
     unsigned char *buf = pl__scratch(ctx, per * (size_t)nt);
-    float *G = NULL;
     if (!buf) return;
-    if (recompute) { /* delta for the key pass instead of G */
-        if ((dk || dv) && !(args.delta = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * H))))
-            return;
-    } else if ((dq || dk) && !(G = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)))) {
-        return;
-    }
-    const int64_t TQ = a->TQ, nq = (L + TQ - 1) / TQ, nk = (L + a->KT - 1) / a->KT;
-    /* Dynamic loops go through PL_PARALLEL_FOR (an orphaned one would malloc
-     * when serial), so each task carves its thread's memory (pointer
-     * arithmetic only; the tiles do not depend on what it held before). */
-    const int64_t work = B * L * K * H * a->D;
-    if (dq || dk || (dv && (a->keep || recompute)))
+    const int64_t nq = (L + TQ - 1) / TQ, work = B * L * a->K * HD;
+    if (!dk && !dv) { /* dq alone: every tile on its own */
         PL_PARALLEL_FOR(work, schedule(dynamic, 1), r, B * nq,
-                        { /* largest tiles (late t) first */
+                        { /* largest tiles first */
                           sa_work w = work_carve(a, buf + per * (size_t)omp_get_thread_num());
                           const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ;
                           PL_ISA_PICK(sa_bwd_tile, a->isa)
-                          (a, dO, G, dq, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
+                          (a, dO, dq, NULL, NULL, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
                         });
-    int32_t *off, *list;
-    if ((dk || dv) && !pl__idx_by_key(ctx, a->idx, B, L, K, &off, &list))
-        PL_PARALLEL_FOR(work, schedule(dynamic, 1), r, B * nk,
-                        { /* early keys first */
-                          unsigned char *base = buf + per * (size_t)omp_get_thread_num();
-                          sa_work w = work_carve(a, base);
-                          int64_t *cur = (int64_t *)(base + work_bytes(a));
-                          const int64_t b = r / nk, s0 = (r % nk) * a->KT;
-                          PL_ISA_PICK(sa_bwd_kv_tile, a->isa)
-                          (a, dO, G, dk, dv, b, s0, s0 + a->KT < L ? s0 + a->KT : L,
-                           off + b * (L + 1), list, cur, &w);
-                        });
+        pl_mark_release(ctx, mark);
+        return;
+    }
+    int64_t first[NG_BWD + 1], end[NG_BWD];
+    bwd_groups(L, a->K, TQ, first);
+    /* Group g >= 1 adds into buffers of batch b's keys [0, end[g]): its rows' keys. */
+    float *gk[NG_BWD] = {dk}, *gv[NG_BWD] = {dv};
+    for (int gi = 0; gi < NG_BWD; gi++) {
+        end[gi] = first[gi + 1] * TQ < L ? first[gi + 1] * TQ : L;
+        if (gi == 0) continue;
+        const size_t bytes = sizeof(float) * (size_t)(B * end[gi] * HD);
+        if ((dk && !(gk[gi] = pl__scratch(ctx, bytes))) ||
+            (dv && !(gv[gi] = pl__scratch(ctx, bytes)))) {
+            pl_mark_release(ctx, mark);
+            return;
+        }
+    }
+    PL_PARALLEL_FOR(work, schedule(dynamic, 1), r, B * NG_BWD, {
+        /* the groups of late rows (most keys) first */
+        sa_work w = work_carve(a, buf + per * (size_t)omp_get_thread_num());
+        const int64_t b = r / NG_BWD, gi = NG_BWD - 1 - r % NG_BWD, ld = gi ? end[gi] : L;
+        float *dkb = gk[gi] ? gk[gi] + b * ld * HD : NULL,
+              *dvb = gv[gi] ? gv[gi] + b * ld * HD : NULL;
+        if (gi) { /* first touch by the thread that adds into it */
+            if (dkb) memset(dkb, 0, sizeof(float) * (size_t)(end[gi] * HD));
+            if (dvb) memset(dvb, 0, sizeof(float) * (size_t)(end[gi] * HD));
+        }
+        for (int64_t i = first[gi]; i < first[gi + 1]; i++) PL_ISA_PICK(sa_bwd_tile, a->isa)
+        (a, dO, dq, dkb, dvb, b, i * TQ, (i + 1) * TQ < L ? (i + 1) * TQ : L, &w);
+    });
+    /* dk += the groups' buffers, group by group, per block of 256 keys. */
+    const int64_t nb = (L + 255) / 256;
+    PL_PARALLEL_FOR(B * L * HD * 2, schedule(static), r, B * nb, {
+        const int64_t b = r / nb, s0 = (r % nb) * 256, s1 = s0 + 256 < L ? s0 + 256 : L;
+        for (int x = 0; x < 2; x++) {
+            float *dst = x ? dv : dk;
+            if (!dst) continue;
+            for (int gi = 1; gi < NG_BWD; gi++) {
+                const int64_t e = s1 < end[gi] ? s1 : end[gi];
+                const float *src = (x ? gv[gi] : gk[gi]) + b * end[gi] * HD;
+                for (int64_t j = s0 * HD; j < e * HD; j++) dst[b * L * HD + j] += src[j];
+            }
+        }
+    });
     pl_mark_release(ctx, mark);
 }
 
@@ -800,8 +757,6 @@ pl_status pl__sparse_attention_seqs(pl_ctx *ctx, const pl__sa_seq *seqs, int64_t
                          .Kz = ((K + 7) & ~(int64_t)7) + 16,
                          .TQ = TQ,
                          .SK = SK,
-                         .KT = 1,
-                         .QB = 1,
                          .scale = 1.0f / sqrtf((float)D),
                          .keep_scale = 1.0f,
                          .q = s->q,
@@ -855,7 +810,7 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     const bool record = pl__wants_grad(ctx, 3, in);
     /* Tiles: a key block's k or v rows (SK*H*D*4 bytes) within ~128 KB of L2;
      * TQ query rows share each block (their scratch, ~TQ*K*(8 + 8H) bytes, within
-     * ~5 MB). The dk, dv pass: KT keys per tile, QB query rows per block. */
+     * ~5 MB). */
     int64_t TQ, SK;
     sa_tiles(H, D, K, &TQ, &SK);
     const int64_t Kz = ((K + 7) & ~(int64_t)7) + 16;
@@ -869,8 +824,6 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
                  Kz,
                  TQ,
                  SK,
-                 SK / 2 > 0 ? SK / 2 : 1,
-                 SK / 4 > 0 ? SK / 4 : 1,
                  1.0f / sqrtf((float)D),
                  pl__drop_scale(dropout_p),
                  pl__drop_threshold(dropout_p),
@@ -884,7 +837,6 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
                  NULL,
                  NULL,
                  pl__isa(),
-                 NULL,
                  NULL,
                  0};
     const size_t pbytes = sizeof(float) * (size_t)(B * L * K * H);
