@@ -59,6 +59,14 @@ typedef struct {
     /* Recompute mode (P == NULL): the forward saves lse [B,L,H], each row's
      * log-sum-exp of the scaled scores; the backward recomputes the scores. */
     float *lse;
+    /* The key-block walk (SB > 0, see sb_rows): keys per superblock; rinfo
+     * [B*L]: a row's count of valid entries when they come first and ascending
+     * (top-k rows), else -1; rcur [B*L]: each row's cursor in its idx row;
+     * mrun, lrun [B,L,H]: the forward's running max and sum of exponentials;
+     * dl [B,L,H]: the backward's dO . out. */
+    int64_t SB;
+    int32_t *rinfo, *rcur;
+    float *mrun, *lrun, *dl;
     int64_t qt0; /* decode (pl__sparse_attention_seqs): q, out and idx rows hold the queries
                     t >= qt0 of one sequence (row t - qt0); 0 otherwise */
 } sa_args;
@@ -128,6 +136,12 @@ PL_ISA_DECLARE(void, sa_fwd_tile,
 PL_ISA_DECLARE(void, sa_bwd_tile,
                (const sa_args *a, const float *dO, float *dq, float *dkb, float *dvb, int64_t b,
                 int64_t t0, int64_t t1, const sa_work *w));
+/* The same by the key-block walk (SB > 0), for the rows [r0, r1) (whole tiles). */
+PL_ISA_DECLARE(void, sa_fwd_sb,
+               (const sa_args *a, int64_t b, int64_t r0, int64_t r1, const sa_work *w));
+PL_ISA_DECLARE(void, sa_bwd_sb,
+               (const sa_args *a, const float *dO, float *dq, float *dkb, float *dvb, int64_t b,
+                int64_t r0, int64_t r1, const sa_work *w));
 
 #ifdef PL_ISA /* ---- the kernels ---- */
 
@@ -292,14 +306,16 @@ static inline int64_t block_end(const sa_work *w, int64_t Kz, int64_t r, int64_t
 /* The walk of a tile's rows [t0, t1) by blocks of SK keys, so that a block's k and v rows
  * serve every query row of the tile together: block by block, each row t that can see the
  * block (t >= its first key) and selected keys in it, as *t with its entries c0 .. c0 + c - 1.
- * Start with *s1 = 0 (the end of the block before the first) and *t = t1 - 1. */
+ * Start with *s1 = the first key (the end of the block before the first) and *t = t1 - 1;
+ * the walk ends at key se (no entry of the rows is >= se). */
 static inline bool next_block(const sa_args *a, const sa_work *w, int64_t t0, int64_t t1,
-                              int64_t *s1, int64_t *t, int64_t *c0, int64_t *c) {
+                              int64_t se, int64_t *s1, int64_t *t, int64_t *c0, int64_t *c) {
+    const int64_t e = t1 < se ? t1 : se;
     for (;;) {
         if (++*t == t1) { /* on to the next block [s0, s1) */
             const int64_t s0 = *s1;
-            if (s0 >= t1) return false;
-            *s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
+            if (s0 >= e) return false;
+            *s1 = s0 + a->SK < e ? s0 + a->SK : e;
             *t = t0 > s0 ? t0 : s0;
         }
         *c = block_end(w, a->Kz, *t - t0, *s1, c0) - *c0;
@@ -432,10 +448,37 @@ static PL_AI void union_out(const sa_args *a, int64_t b, int64_t t0, int64_t nr,
         }
 }
 
+/* Scores z of the tile's rows at their entries with keys in [s0, se), gathered
+ * block by block, into w->z (row r, head h at (r*H + h)*Kz + entry). */
+static PL_AI void scores_walk(const sa_args *a, int64_t b, int64_t t0, int64_t t1, int64_t s0,
+                              int64_t se, const sa_work *w, int ND) {
+    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D, Kz = a->Kz;
+    const float *kb = a->k + b * L * HD;
+    for (int64_t s1 = s0, t = t1 - 1, c0 = 0, c = 0;
+         next_block(a, w, t0, t1, se, &s1, &t, &c0, &c);) {
+        const int64_t r = t - t0;
+        dots_heads(a->q + (b * L + t - a->qt0) * HD, kb, w->sel + r * Kz + c0, HD, H, D, pl_rupw(c),
+                   ND, w->z + r * H * Kz + c0, Kz);
+    }
+}
+
+/* out += sum of the weights pw (laid out as w->z) times the gathered v rows,
+ * entries with keys in [s0, se). */
+static PL_AI void out_walk(const sa_args *a, int64_t b, int64_t t0, int64_t t1, int64_t s0,
+                           int64_t se, const float *pw, const sa_work *w, int ND) {
+    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D, Kz = a->Kz;
+    const float *vb = a->v + b * L * HD;
+    for (int64_t s1 = s0, t = t1 - 1, c0 = 0, c = 0;
+         next_block(a, w, t0, t1, se, &s1, &t, &c0, &c);) {
+        const int64_t r = t - t0;
+        axpys_heads(a->out + (b * L + t - a->qt0) * HD, pw + r * H * Kz + c0, Kz, vb,
+                    w->sel + r * Kz + c0, HD, H, D, c, ND);
+    }
+}
+
 static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
                                 const sa_work *w, int ND) {
-    const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kz = a->Kz;
-    const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
+    const int64_t L = a->L, H = a->H, K = a->K, HD = H * a->D, Kz = a->Kz;
     for (int64_t t = t0; t < t1; t++) {
         const int64_t r = t - t0;
         int32_t *sel = w->sel + r * Kz, *pos = w->pos + r * Kz;
@@ -452,16 +495,10 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
     if (ND && mode != 1 &&
         (mode == 2 || tile_overlaps(a, b, t0, w->sel, w->n[0], w->uni, (int32_t *)w->kut, w->tmp)))
         nu = tile_union(a, nr, w);
-    if (nu >= 0) {
+    if (nu >= 0)
         union_scores(a, b, t0, nr, nu, w);
-    } else {
-        for (int64_t s1 = 0, t = t1 - 1, c0 = 0, c = 0;
-             next_block(a, w, t0, t1, &s1, &t, &c0, &c);) {
-            const int64_t r = t - t0;
-            dots_heads(a->q + (b * L + t - a->qt0) * HD, kb, w->sel + r * Kz + c0, HD, H, D,
-                       pl_rupw(c), ND, w->z + r * H * Kz + c0, Kz);
-        }
-    }
+    else
+        scores_walk(a, b, t0, t1, 0, L, w, ND);
     for (int64_t t = t0; t < t1; t++) {
         const int64_t r = t - t0, n = w->n[r], n8 = pl_rupw(n), row0 = (b * L + t) * H;
         const int32_t *pos = w->pos + r * Kz;
@@ -503,11 +540,7 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
         union_out(a, b, t0, nr, nu, pw, w);
         return;
     }
-    for (int64_t s1 = 0, t = t1 - 1, c0 = 0, c = 0; next_block(a, w, t0, t1, &s1, &t, &c0, &c);) {
-        const int64_t r = t - t0;
-        axpys_heads(a->out + (b * L + t - a->qt0) * HD, pw + r * H * Kz + c0, Kz, vb,
-                    w->sel + r * Kz + c0, HD, H, D, c, ND);
-    }
+    out_walk(a, b, t0, t1, 0, L, pw, w, ND);
 }
 
 void PL_ISA_FN(sa_fwd_tile)(const sa_args *a, int64_t b, int64_t t0, int64_t t1, const sa_work *w) {
@@ -517,6 +550,143 @@ void PL_ISA_FN(sa_fwd_tile)(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
         fwd_tile_impl(a, b, t0, t1, w, (int)(a->D / PL_VW));
     else
         fwd_tile_impl(a, b, t0, t1, w, 0);
+}
+
+/* ---- the key-block walk (SB > 0) ----
+ * Where k and v (and their gradients) outgrow the cache, a per-tile walk would
+ * fetch every selected row from DRAM once per tile. Instead a group of
+ * consecutive rows (bwd_groups) walks the keys in superblocks of SB keys: for
+ * each superblock, every tile of the group takes its rows' entries in it, so the
+ * superblock's rows are fetched once and then served from L2/L3 to all the
+ * group's queries; the query side (q, out, dq rows and a few numbers per row
+ * and head) is what is streamed. The forward makes two such passes: running
+ * max and sum of exponentials per row and head (then lse), then p = e^(z/sqrt(D)
+ * - lse) and out += p' v. A row's entries must be sorted by key for its cursor
+ * (top-k rows are: rinfo >= 0); another row is sorted again per superblock. */
+
+/* The entries of the tile's rows [t0, t1) with keys in [S0, S1) into w->sel,
+ * w->pos, w->n (cursors a->rcur advanced; w->cur reset). */
+static void sb_rows(const sa_args *a, int64_t b, int64_t t0, int64_t t1, int64_t S0, int64_t S1,
+                    const sa_work *w) {
+    const int64_t L = a->L, K = a->K, Kz = a->Kz;
+    for (int64_t t = t0; t < t1; t++) {
+        const int64_t r = t - t0, row = b * L + t, nv = a->rinfo[row];
+        int32_t *sel = w->sel + r * Kz, *pos = w->pos + r * Kz;
+        int64_t n = 0;
+        if (nv >= 0) { /* sorted: the next run of the row from its cursor */
+            const int32_t *ir = a->idx + row * K;
+            int64_t j = a->rcur[row];
+            for (; j < nv && ir[j] < S1; j++, n++) {
+                sel[n] = ir[j];
+                pos[n] = (int32_t)j;
+            }
+            a->rcur[row] = (int32_t)j;
+        } else { /* unsorted: sorted again, keys in [S0, S1) kept */
+            const int64_t m = row_entries(a, b, t, sel, pos, w->tmp);
+            for (int64_t i = 0; i < m; i++)
+                if (sel[i] >= S0 && sel[i] < S1) {
+                    sel[n] = sel[i];
+                    pos[n++] = pos[i];
+                }
+        }
+        for (int64_t i = n; i < n + 16; i++) sel[i] = n ? sel[0] : (int32_t)S0;
+        w->n[r] = n;
+        w->cur[r] = 0;
+    }
+}
+
+static PL_AI void fwd_sb_impl(const sa_args *a, int64_t b, int64_t r0, int64_t r1, const sa_work *w,
+                              int ND) {
+    const int64_t L = a->L, H = a->H, K = a->K, HD = H * a->D, Kz = a->Kz, TQ = a->TQ;
+    const float scale = a->scale;
+    for (int64_t t = r0; t < r1; t++) {
+        const int64_t row = b * L + t;
+        a->rcur[row] = 0;
+        for (int64_t h = 0; h < H; h++) {
+            a->mrun[row * H + h] = -INFINITY;
+            a->lrun[row * H + h] = 0.0f;
+        }
+        memset(a->out + row * HD, 0, sizeof(float) * (size_t)HD);
+        if (a->keep) { /* the row's valid slots, ascending */
+            const int32_t *ir = a->idx + row * K;
+            int64_t n = 0;
+            for (int64_t j = 0; j < K; j++)
+                if (ir[j] >= 0) w->pos[n++] = (int32_t)j;
+            if (n) row_keep(a, b, t, n, w->pos);
+        }
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        for (int64_t S0 = 0; S0 < r1; S0 += a->SB) {
+            const int64_t S1 = S0 + a->SB < L ? S0 + a->SB : L;
+            for (int64_t t0 = r0; t0 < r1; t0 += TQ) {
+                const int64_t t1 = t0 + TQ < r1 ? t0 + TQ : r1;
+                if (t1 <= S0) continue; /* rows before the superblock */
+                sb_rows(a, b, t0, t1, S0, S1, w);
+                scores_walk(a, b, t0, t1, S0, S1, w, ND);
+                for (int64_t t = t0; t < t1; t++) {
+                    const int64_t r = t - t0, n = w->n[r], n8 = pl_rupw(n), row0 = (b * L + t) * H;
+                    w->cur[r] = 0; /* out_walk walks the entries again */
+                    if (n == 0) continue;
+                    const int32_t *pos = w->pos + r * Kz;
+                    for (int64_t h = 0; h < H; h++) {
+                        float *z = w->z + (r * H + h) * Kz;
+                        for (int64_t i = n; i < n8; i++) z[i] = -INFINITY; /* padding: e = 0 */
+                        if (pass == 0) { /* m, l: running max and sum of e^((z - m) scale) */
+                            pl_vf mv = pl_splat(-INFINITY);
+                            for (int64_t i = 0; i < n8; i += PL_VW)
+                                mv = PL_SEL(PL_LD(z + i) > mv, PL_LD(z + i), mv);
+                            float *m = a->mrun + row0 + h, *l = a->lrun + row0 + h;
+                            const float mc = pl_vhmax(mv);
+                            if (mc > *m) {
+                                *l *= pl__expf((*m - mc) * scale);
+                                *m = mc;
+                            }
+                            const pl_vf ms = pl_splat(*m * scale);
+                            pl_vf sum = pl_splat(0.0f);
+                            for (int64_t i = 0; i < n8; i += PL_VW)
+                                sum += pl_vexp(PL_LD(z + i) * scale - ms);
+                            *l += pl_vhsum(sum);
+                            continue;
+                        }
+                        const pl_vf lv = pl_splat(a->lse[row0 + h]);
+                        for (int64_t i = 0; i < n8; i += PL_VW)
+                            PL_ST(z + i, pl_vexp(PL_LD(z + i) * scale - lv));
+                        if (a->keep) {
+                            const uint32_t *kr = a->keep + (row0 + h) * a->W;
+                            float *pw = w->w + (r * H + h) * Kz;
+                            for (int64_t i = 0; i < n; i++)
+                                pw[i] = keep_bit(kr, pos[i]) ? z[i] * a->keep_scale : 0.0f;
+                        }
+                    }
+                    if (pass && a->P) {
+                        float *P = a->P + (b * L + t) * K * H;
+                        const float *zr = w->z + r * H * Kz;
+                        for (int64_t i = 0; i < n; i++)
+                            for (int64_t h = 0; h < H; h++) P[pos[i] * H + h] = zr[h * Kz + i];
+                    }
+                }
+                if (pass) out_walk(a, b, t0, t1, S0, S1, a->keep ? w->w : w->z, w, ND);
+            }
+        }
+        if (pass) break;
+        for (int64_t t = r0; t < r1; t++) { /* lse = m scale + log l; cursors back to 0 */
+            const int64_t row = b * L + t;
+            a->rcur[row] = 0;
+            for (int64_t h = 0; h < H; h++) {
+                const float l = a->lrun[row * H + h];
+                a->lse[row * H + h] = l > 0.0f ? a->mrun[row * H + h] * scale + logf(l) : 0.0f;
+            }
+        }
+    }
+}
+
+void PL_ISA_FN(sa_fwd_sb)(const sa_args *a, int64_t b, int64_t r0, int64_t r1, const sa_work *w) {
+    if (a->D == 32)
+        fwd_sb_impl(a, b, r0, r1, w, 32 / PL_VW);
+    else if (a->D % PL_VW == 0)
+        fwd_sb_impl(a, b, r0, r1, w, (int)(a->D / PL_VW));
+    else
+        fwd_sb_impl(a, b, r0, r1, w, 0);
 }
 
 /* dk[s_i, h] += g[h*ldw + i] x[h] and dv[s_i, h] += p[h*ldw + i] y[h] for every
@@ -553,28 +723,17 @@ static PL_AI void scatter_heads(float *dk, float *dv, const float *g, const floa
     }
 }
 
-/* Backward of the query rows [t0, t1) of batch b in one pass, with
- * Delta_h = dO_h . out_h:
- *   dp_j = keep_j/(1-p) dO_h . v_{s_j},   g_j = p_j (dp_j - Delta_h) / sqrt(D)
- *   dq_h += sum_j g_j k_{s_j,h},  dk_{s_j,h} += g_j q_h,  dv_{s_j,h} += p'_j dO_h
- * walking the same key blocks as the forward (a block's k, v, dk and dv rows
- * stay in cache while the tile's rows use them). dkb, dvb: batch b's key rows
- * of the buffer this tile's group adds into (the caller orders the groups). */
-static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *dq, float *dkb,
-                                float *dvb, int64_t b, int64_t t0, int64_t t1, const sa_work *w,
-                                int ND) {
+/* The row pass of the tile's entries with keys in [s0, se); delta: Delta of
+ * tile row r, head h at [r*H + h]. */
+static PL_AI void bwd_walk(const sa_args *a, const float *dO, float *dq, float *dkb, float *dvb,
+                           int64_t b, int64_t t0, int64_t t1, int64_t s0, int64_t se,
+                           const float *dlt, const sa_work *w, int ND) {
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kz = a->Kz;
     const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
     const float scale = a->scale, ks = a->keep_scale;
     const bool recompute = a->P == NULL;
-    for (int64_t t = t0; t < t1; t++) {
-        const int64_t r = t - t0, row0 = (b * L + t) * H;
-        w->n[r] = row_entries(a, b, t, w->sel + r * Kz, w->pos + r * Kz, w->tmp);
-        w->cur[r] = 0;
-        for (int64_t h = 0; h < H; h++)
-            w->delta[r * H + h] = pl__dot(dO + (row0 + h) * D, a->out + (row0 + h) * D, D);
-    }
-    for (int64_t s1 = 0, t = t1 - 1, c0 = 0, c = 0; next_block(a, w, t0, t1, &s1, &t, &c0, &c);) {
+    for (int64_t s1 = s0, t = t1 - 1, c0 = 0, c = 0;
+         next_block(a, w, t0, t1, se, &s1, &t, &c0, &c);) {
         const int64_t r = t - t0, row0 = (b * L + t) * H;
         const int32_t *sel = w->sel + r * Kz + c0, *pos = w->pos + r * Kz + c0;
         const float *P = recompute ? NULL : a->P + (b * L + t) * K * H;
@@ -584,7 +743,7 @@ static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *dq, fl
             dots_heads(a->q + row0 * D, kb, sel, HD, H, D, pl_rupw(c), ND, z, Kz);
         for (int64_t h = 0; h < H; h++) {
             float *dph = dp + h * Kz, *gh = g + h * Kz, *zh = z + h * Kz;
-            const float delta = w->delta[r * H + h];
+            const float delta = dlt[r * H + h];
             if (recompute) { /* zh becomes p */
                 const pl_vf lv = pl_splat(a->lse[row0 + h]);
                 for (int64_t i = 0; i < c; i += PL_VW)
@@ -613,6 +772,27 @@ static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *dq, fl
     }
 }
 
+/* Backward of the query rows [t0, t1) of batch b in one pass, with
+ * Delta_h = dO_h . out_h:
+ *   dp_j = keep_j/(1-p) dO_h . v_{s_j},   g_j = p_j (dp_j - Delta_h) / sqrt(D)
+ *   dq_h += sum_j g_j k_{s_j,h},  dk_{s_j,h} += g_j q_h,  dv_{s_j,h} += p'_j dO_h
+ * walking the same key blocks as the forward (a block's k, v, dk and dv rows
+ * stay in cache while the tile's rows use them). dkb, dvb: batch b's key rows
+ * of the buffer this tile's group adds into (the caller orders the groups). */
+static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *dq, float *dkb,
+                                float *dvb, int64_t b, int64_t t0, int64_t t1, const sa_work *w,
+                                int ND) {
+    const int64_t L = a->L, H = a->H, D = a->D, Kz = a->Kz;
+    for (int64_t t = t0; t < t1; t++) {
+        const int64_t r = t - t0, row0 = (b * L + t) * H;
+        w->n[r] = row_entries(a, b, t, w->sel + r * Kz, w->pos + r * Kz, w->tmp);
+        w->cur[r] = 0;
+        for (int64_t h = 0; h < H; h++)
+            w->delta[r * H + h] = pl__dot(dO + (row0 + h) * D, a->out + (row0 + h) * D, D);
+    }
+    bwd_walk(a, dO, dq, dkb, dvb, b, t0, t1, 0, L, w->delta, w, ND);
+}
+
 void PL_ISA_FN(sa_bwd_tile)(const sa_args *a, const float *dO, float *dq, float *dkb, float *dvb,
                             int64_t b, int64_t t0, int64_t t1, const sa_work *w) {
     if (a->D == 32)
@@ -621,6 +801,38 @@ void PL_ISA_FN(sa_bwd_tile)(const sa_args *a, const float *dO, float *dq, float 
         bwd_tile_impl(a, dO, dq, dkb, dvb, b, t0, t1, w, (int)(a->D / PL_VW));
     else
         bwd_tile_impl(a, dO, dq, dkb, dvb, b, t0, t1, w, 0);
+}
+
+/* The backward of the rows [r0, r1) of batch b by the key-block walk (see
+ * sb_rows): superblock by superblock, the row pass of each tile of the rows. */
+static PL_AI void bwd_sb_impl(const sa_args *a, const float *dO, float *dq, float *dkb, float *dvb,
+                              int64_t b, int64_t r0, int64_t r1, const sa_work *w, int ND) {
+    const int64_t L = a->L, H = a->H, D = a->D, TQ = a->TQ;
+    for (int64_t t = r0; t < r1; t++) {
+        const int64_t row0 = (b * L + t) * H;
+        a->rcur[b * L + t] = 0;
+        for (int64_t h = 0; h < H; h++)
+            a->dl[row0 + h] = pl__dot(dO + (row0 + h) * D, a->out + (row0 + h) * D, D);
+    }
+    for (int64_t S0 = 0; S0 < r1; S0 += a->SB) {
+        const int64_t S1 = S0 + a->SB < L ? S0 + a->SB : L;
+        for (int64_t t0 = r0; t0 < r1; t0 += TQ) {
+            const int64_t t1 = t0 + TQ < r1 ? t0 + TQ : r1;
+            if (t1 <= S0) continue;
+            sb_rows(a, b, t0, t1, S0, S1, w);
+            bwd_walk(a, dO, dq, dkb, dvb, b, t0, t1, S0, S1, a->dl + (b * L + t0) * H, w, ND);
+        }
+    }
+}
+
+void PL_ISA_FN(sa_bwd_sb)(const sa_args *a, const float *dO, float *dq, float *dkb, float *dvb,
+                          int64_t b, int64_t r0, int64_t r1, const sa_work *w) {
+    if (a->D == 32)
+        bwd_sb_impl(a, dO, dq, dkb, dvb, b, r0, r1, w, 32 / PL_VW);
+    else if (a->D % PL_VW == 0)
+        bwd_sb_impl(a, dO, dq, dkb, dvb, b, r0, r1, w, (int)(a->D / PL_VW));
+    else
+        bwd_sb_impl(a, dO, dq, dkb, dvb, b, r0, r1, w, 0);
 }
 
 #else /* ---- the op (built once) ---- */
@@ -664,7 +876,12 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
     unsigned char *buf = pl__scratch(ctx, per * (size_t)nt);
     if (!buf) return;
     const int64_t nq = (L + TQ - 1) / TQ, work = B * L * a->K * HD;
-    if (!dk && !dv) { /* dq alone: every tile on its own */
+    if (a->SB && (!(args.rcur = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * L))) ||
+                  !(args.dl = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * a->H))))) {
+        pl_mark_release(ctx, mark);
+        return;
+    }
+    if (!dk && !dv && !a->SB) { /* dq alone: every tile on its own */
         PL_PARALLEL_FOR(work, schedule(dynamic, 1), r, B * nq,
                         { /* largest tiles first */
                           sa_work w = work_carve(a, buf + per * (size_t)omp_get_thread_num());
@@ -699,7 +916,10 @@ static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
             if (dkb) memset(dkb, 0, sizeof(float) * (size_t)(end[gi] * HD));
             if (dvb) memset(dvb, 0, sizeof(float) * (size_t)(end[gi] * HD));
         }
-        for (int64_t i = first[gi]; i < first[gi + 1]; i++) PL_ISA_PICK(sa_bwd_tile, a->isa)
+        const int64_t r0 = first[gi] * TQ, r1 = first[gi + 1] * TQ < L ? first[gi + 1] * TQ : L;
+        if (a->SB && r0 < r1) PL_ISA_PICK(sa_bwd_sb, a->isa)(a, dO, dq, dkb, dvb, b, r0, r1, &w);
+        for (int64_t i = first[gi]; !a->SB && i < first[gi + 1]; i++)
+            PL_ISA_PICK(sa_bwd_tile, a->isa)
         (a, dO, dq, dkb, dvb, b, i * TQ, (i + 1) * TQ < L ? (i + 1) * TQ : L, &w);
     });
     /* dk += the groups' buffers, group by group, per block of 256 keys. */
@@ -729,6 +949,35 @@ pl_sparse_save pl_set_sparse_attention_save(pl_ctx *ctx, pl_sparse_save mode) {
 }
 
 static int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
+
+/* Keys per superblock of the key-block walk, 0 for the tile walk: the walk where
+ * one batch's k and v (L*HD*8 bytes) exceed 16 MiB, half of this machine's L3
+ * (then k, v, dk and dv outgrow it), superblocks of 2048 keys (k, v, dk, dv
+ * rows of a superblock: 4 MiB at HD = 128). pl__tuning.sparse_sb: 1 never, 2
+ * always (tests), with pl__tuning.sparse_sb_keys keys. */
+static int64_t sa_superblock(int64_t L, int64_t HD, int64_t SK) {
+    const int64_t mode = pl__tuning.sparse_sb;
+    if (mode == 1 || (mode == 0 && L * HD * 8 <= ((int64_t)16 << 20))) return 0;
+    int64_t sb = pl__tuning.sparse_sb_keys > 0 ? pl__tuning.sparse_sb_keys : 2048;
+    return sb > SK ? sb : SK;
+}
+
+/* rinfo of every row: its count of valid entries when they come first and in
+ * ascending key order, else -1. */
+static void row_info(const sa_args *a) {
+    const int64_t K = a->K;
+    PL_PARALLEL_FOR(a->B * a->L * K, schedule(static), row, a->B * a->L, {
+        const int32_t *ir = a->idx + row * K;
+        int64_t n = 0;
+        bool ok = true;
+        for (int64_t j = 0; j < K; j++)
+            if (ir[j] >= 0) {
+                if (j != n || (n > 0 && ir[j] < ir[j - 1])) ok = false;
+                n++;
+            }
+        a->rinfo[row] = ok ? (int32_t)n : -1;
+    });
+}
 
 /* Tiles of the forward: query rows per tile and keys per block (see below). */
 static void sa_tiles(int64_t H, int64_t D, int64_t K, int64_t *TQ, int64_t *SK) {
@@ -838,6 +1087,12 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
                  NULL,
                  pl__isa(),
                  NULL,
+                 sa_superblock(L, H * D, SK),
+                 NULL,
+                 NULL,
+                 NULL,
+                 NULL,
+                 NULL,
                  0};
     const size_t pbytes = sizeof(float) * (size_t)(B * L * K * H);
     const bool lse_only =
@@ -856,12 +1111,36 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
     unsigned char *buf = pl__scratch(ctx, per * (size_t)nt);
     if (!buf) return NULL;
     const int64_t nq = (L + TQ - 1) / TQ;
-    /* Each task carves its thread's memory (see the backward). */
-    PL_PARALLEL_FOR(B * L * K * H * D, schedule(dynamic, 1), r, B * nq, {
-        sa_work w = work_carve(&a, buf + per * (size_t)omp_get_thread_num());
-        const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ; /* largest tiles (late t) first */
-        PL_ISA_PICK(sa_fwd_tile, a.isa)(&a, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
-    });
+    if (a.SB) { /* the key-block walk, by the backward's groups of rows */
+        if (!(a.rinfo = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * L)))) return NULL;
+        const pl_mark mk = pl_mark_get(ctx);
+        const size_t rb = sizeof(float) * (size_t)(B * L * H);
+        if (!(a.rcur = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * L))) ||
+            !(a.mrun = pl__scratch(ctx, rb)) || !(a.lrun = pl__scratch(ctx, rb)) ||
+            (!a.lse && !(a.lse = pl__scratch(ctx, rb))))
+            return NULL;
+        row_info(&a);
+        int64_t first[NG_BWD + 1];
+        bwd_groups(L, K, TQ, first);
+        PL_PARALLEL_FOR(B * L * K * H * D, schedule(dynamic, 1), r, B * NG_BWD, {
+            sa_work w = work_carve(&a, buf + per * (size_t)omp_get_thread_num());
+            const int64_t b = r / NG_BWD, gi = NG_BWD - 1 - r % NG_BWD, r0 = first[gi] * TQ,
+                          r1 = first[gi + 1] * TQ < L ? first[gi + 1] * TQ : L;
+            if (r0 < r1) PL_ISA_PICK(sa_fwd_sb, a.isa)(&a, b, r0, r1, &w);
+        });
+        /* lse was only scratch unless recorded; the running sums are done */
+        if (!(record && lse_only)) a.lse = NULL;
+        a.rcur = NULL;
+        a.mrun = a.lrun = NULL;
+        pl_mark_release(ctx, mk);
+    } else
+        /* Each task carves its thread's memory (see the backward). */
+        PL_PARALLEL_FOR(B * L * K * H * D, schedule(dynamic, 1), r, B * nq, {
+            sa_work w = work_carve(&a, buf + per * (size_t)omp_get_thread_num());
+            const int64_t b = r / nq,
+                          t0 = (nq - 1 - r % nq) * TQ; /* largest tiles (late t) first */
+            PL_ISA_PICK(sa_fwd_tile, a.isa)(&a, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
+        });
     if (dropout_p > 0.0f) rng->offset += (uint64_t)(B * H * L * ((K + 3) / 4));
     pl_node *nd;
     if (pl__record(ctx, "sparse_attention", sparse_attention_backward, out, 3, in, sizeof a, &nd))

@@ -40,13 +40,16 @@ static pl_tensor *rnd(uint64_t *s, int B, int L, int H, int D) {
 }
 
 /* Tile settings (query rows, keys per block): automatic, then small ones that
- * cut rows and key ranges into many pieces; and the forward's choice per tile
- * (automatic, masked micro-GEMM wherever it fits, gather). */
+ * cut rows and key ranges into many pieces; the forward's choice per tile
+ * (automatic, masked micro-GEMM wherever it fits, gather); and every third
+ * setting the key-block walk with superblocks of a few keys. */
 static const int64_t TILES[][2] = {{0, 0}, {3, 4}, {1, 1}, {5, 2}};
 static void set_tiles(int i) {
     pl__tuning.sparse_tile_q = TILES[i % 4][0];
     pl__tuning.sparse_tile_k = TILES[i % 4][1];
     pl__tuning.sparse_gemm = (i / 4) % 3 == 1 ? 2 : (i / 4) % 3 == 2 ? 1 : 0;
+    pl__tuning.sparse_sb = i % 3 == 1 ? 2 : 0;
+    pl__tuning.sparse_sb_keys = 3 + i % 5;
 }
 
 START_TEST(forward_matches_naive) {
@@ -495,9 +498,10 @@ START_TEST(backward_matches_reference) {
     set_save(_i);
     uint64_t s = 515 + (uint64_t)_i;
     const int Ds[] = {32, 5, 16, 64};
-    for (int rep = 0; rep < 8; rep++) {
+    for (int rep = 0; rep < 12; rep++) {
         set_tiles(rep % 4);
-        const int B = 1 + rep % 2, L = 40 + 13 * rep, H = 1 + rep % 3, D = Ds[rep % 4];
+        pl__tuning.sparse_sb = rep >= 8 || rep % 3 == 1 ? 2 : 0; /* the key-block walk */
+        const int B = 1 + rep % 2, L = 40 + 13 * (rep % 8), H = 1 + rep % 3, D = Ds[rep % 4];
         const int K = rep < 4 ? 9 : 24;
         const float p = rep % 3 == 1 ? 0.25f : 0.0f;
         pl_tensor *q = tu_param(ctx, "q", PL_DIMS(B, L, H, D), &s, -1, 1);
@@ -508,6 +512,19 @@ START_TEST(backward_matches_reference) {
         fill_idx(&s, id, B, L, K, true);
         for (int b = 0; b < B; b++) /* row 7: key 3 in two slots */
             for (int j = 0; j < 2; j++) id[((int64_t)b * L + 7) * K + K - 1 - j] = 3;
+        for (int64_t r = 0; rep % 2 && r < (int64_t)B * L; r++) { /* top-k layout: sorted, first */
+            int32_t *row = id + r * K;
+            int n = 0;
+            for (int j = 0; j < K; j++)
+                if (row[j] >= 0) row[n++] = row[j];
+            for (int j = n; j < K; j++) row[j] = -1;
+            for (int i = 1; i < n; i++)
+                for (int j = i; j > 0 && row[j] < row[j - 1]; j--) {
+                    const int32_t x = row[j];
+                    row[j] = row[j - 1];
+                    row[j - 1] = x;
+                }
+        }
         const int64_t n = q->numel;
         float *seed = malloc(sizeof(float) * (size_t)n), *res[2];
         tu_fill(seed, n, &s, -1, 1);
