@@ -768,6 +768,11 @@ PL_API pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI
  * selected key's row gathered once for all heads; rows need not be sorted
  * (top-k rows are, which is the fast case). Per-thread working memory
  * ~ TQ*K*(8 + 8H) bytes with TQ <= 64 query rows per tile (~2^17 / K).
+ * Where one batch's k and v exceed 16 MiB (L*H*D*8 bytes) and would be
+ * fetched from DRAM by every tile, 4 fixed groups of rows walk the keys in
+ * superblocks of 2048 instead (the key-block walk: a superblock's rows stay
+ * in L2/L3 while all the group's queries use them; the forward computes the
+ * scores twice, for the row maxima and sums, then for the output).
  * Dropout on the probabilities (scale 1/(1-p)), the counter scheme of
  * pl_attention with the K slots in place of the L keys: with WK = ceil(K/4),
  * element (b,h,t,j) takes word j % 4 of
