@@ -24,7 +24,10 @@
  * Usage: bench_plasa [--L 128,512,...] [--reps N] [--threads N] [--quick]
  *                    [--kdiv 8,4,2] [--ops substr,...] [--min]
  *        bench_plasa --compare [--L 8192,32768,65536] [--k 2048] [--reps N] [--threads N]
- *                    [--cpu] [--ops dense,PLASA]   (--ops: which optional rows to run)
+ *                    [--cpu] [--ops dense,PLASA,indexer] [--walk tile|sb|auto] [--save FILE]
+ *        (--ops: which optional rows to run; without "indexer" the random selection
+ *        is uniform; --walk: sparse attention's key walk, see ops/sparse_attention.c;
+ *        --save: append the table rows of docs/benchmarks.md to FILE)
  * (--quick: L up to 2048; --kdiv: k = L/m for each m; --ops: run only the rows
  * whose name contains one of the substrings, e.g. --ops "attention fwd+bwd";
  * --min: report the fastest repetition, not the median, for loaded machines).
@@ -219,7 +222,7 @@ static void bench_L(pl_ctx *ctx, int L, int max_reps, const int *kdiv, int nk) {
  * For each L (and k = --k, default 2048, or k = L/8 with --k 0), Gaussian
  * inputs (B = 1, H = 4, D = 32, indexer HI = 4 x dI = 64), one run, the
  * minimum of --reps repetitions (default 2), each row timed in turn:
- *   sgemm           dnnl_sgemm 1024^3, GFLOP/s of this run;
+ *   sgemm           dnnl_sgemm 2048^3, GFLOP/s of this run;
  *   gather          random 512-byte rows (one key's H*D floats) summed from
  *                   a buffer the size of k (L*H*D floats): GB/s, the bound of
  *                   a per-query gather;
@@ -242,10 +245,13 @@ static void bench_L(pl_ctx *ctx, int L, int max_reps, const int *kdiv, int nk) {
  * every time is process CPU time (all threads) instead of wall time: on a
  * machine loaded by other work, time spent preempted is then not counted. */
 static bool cmp_cpu; /* --cpu: process CPU time (all threads) instead of wall time */
+static FILE *save_f; /* --save FILE: the rows of the table in docs/benchmarks.md, appended */
 static double cmp_wall(void) { return cmp_cpu ? cpu_now() : now(); }
 
+/* 2048^3 (~0.2 s a product): process CPU time is accounted in scheduler ticks, so a
+ * short product can read fast on a loaded machine. */
 static double sgemm_gflops_now(void) {
-    const int64_t n = 1024;
+    const int64_t n = 2048;
     float *a = malloc(sizeof(float) * n * n), *b = malloc(sizeof(float) * n * n),
           *c = malloc(sizeof(float) * n * n);
     for (int64_t i = 0; i < n * n; i++) {
@@ -370,6 +376,33 @@ static void overlap_idx(int32_t *idx, int L, int k, uint64_t seed) {
     free(mark);
 }
 
+static int cmp_i32(const void *a, const void *b) {
+    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Uniform random selections (when the indexer rows are not run): row t takes
+ * min(k, t + 1) distinct keys <= t at random (Floyd's sampling), ascending. */
+static void uniform_idx(int32_t *idx, int L, int k, uint64_t seed) {
+    unsigned char *mark = calloc((size_t)L, 1);
+    uint64_t x = seed | 1;
+    for (int t = 0; t < L; t++) {
+        int32_t *row = idx + (int64_t)t * k;
+        const int n = t + 1 < k ? t + 1 : k;
+        for (int j = t + 1 - n, m = 0; j <= t; j++, m++) { /* Floyd: n of [0, t] */
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            int s = (int)(x % (uint64_t)(j + 1));
+            if (mark[s]) s = j;
+            mark[s] = 1;
+            row[m] = s;
+        }
+        for (int m = 0; m < n; m++) mark[row[m]] = 0;
+        qsort(row, (size_t)n, sizeof *row, cmp_i32);
+        for (int m = n; m < k; m++) row[m] = -1;
+    }
+    free(mark);
+}
+
 static void compare_L(pl_ctx *ctx, int L, int k, int reps, double sgf) {
     pl_rng rng;
     pl_rng_init(&rng, (uint64_t)L);
@@ -397,6 +430,7 @@ static void compare_L(pl_ctx *ctx, int L, int k, int reps, double sgf) {
     fflush(stdout);
     /* dense at each instruction set */
     double best_dense = 1e30;
+    char dcell[2][96] = {"not run", "not run"}; /* --save: the dense cells */
     const int cpu = pl__isa_cpu();
     const int isas[2] = {PL_ISA_AVX512, PL_ISA_AVX2};
     for (int x = 0; x < 2 && selected("dense"); x++) {
@@ -413,10 +447,18 @@ static void compare_L(pl_ctx *ctx, int L, int k, int reps, double sgf) {
                isas[x] == PL_ISA_AVX512 ? "dense fwd+bwd avx512" : "dense fwd+bwd avx2", d.ms, ns,
                gf, 100.0 * gf / sgf, d.mb);
         if (d.ms < best_dense) best_dense = d.ms;
+        snprintf(dcell[x], sizeof dcell[x], "%.0f ms, %.2f ns, %.0f %% of sgemm (%.0f MB)", d.ms,
+                 ns, 100.0 * gf / sgf, d.mb);
     }
     /* indexer top-k (f32), and its selection */
     timing ix = {1e30, 0};
-    for (int i = 0; i < reps; i++) {
+    int32_t *rand_idx = malloc(sizeof(int32_t) * (size_t)L * k);
+    const bool run_ix = selected("indexer");
+    if (!run_ix) {
+        uniform_idx(rand_idx, L, k, 0x2545f4914f6cdd1dull ^ (uint64_t)L);
+        printf("  (indexer rows not run: \"random\" is a uniform random selection)\n");
+    }
+    for (int i = 0; run_ix && i < reps; i++) {
         pl_step_reset(ctx);
         pl_arena_reset_peak(ctx);
         size_t base0 = pl_arena_get_stats(ctx).in_use;
@@ -431,11 +473,12 @@ static void compare_L(pl_ctx *ctx, int L, int k, int reps, double sgf) {
         ix.mb = (double)(pl_arena_get_stats(ctx).peak - base0) / 1048576.0;
     }
     const double ix_pairs = (double)L * (L + 1) / 2;
-    printf("  %-26s %10.1f ms %8.3f ns per causal (t, s) pair  %8.1f MB\n", "indexer top-k f32",
-           ix.ms, 1e6 * ix.ms / ix_pairs, ix.mb);
+    if (run_ix)
+        printf("  %-26s %10.1f ms %8.3f ns per causal (t, s) pair  %8.1f MB\n", "indexer top-k f32",
+               ix.ms, 1e6 * ix.ms / ix_pairs, ix.mb);
     /* The other precisions (the selection used below stays the f32 one). */
     double i8ms = -1;
-    if (pl_set_indexer_precision(ctx, PL_INDEXER_INT8) == PL_OK) {
+    if (run_ix && pl_set_indexer_precision(ctx, PL_INDEXER_INT8) == PL_OK) {
         pl_mark m8 = pl_mark_get(ctx);
         timing i8 = {1e30, 0};
         for (int i = 0; i < reps; i++) {
@@ -454,8 +497,7 @@ static void compare_L(pl_ctx *ctx, int L, int k, int reps, double sgf) {
         pl_mark_release(ctx, m8);
     }
     /* The random selection lives in the step arena: copy it out. */
-    int32_t *rand_idx = malloc(sizeof(int32_t) * (size_t)L * k);
-    memcpy(rand_idx, pl_i32(b.idx), sizeof(int32_t) * (size_t)L * k);
+    if (run_ix) memcpy(rand_idx, pl_i32(b.idx), sizeof(int32_t) * (size_t)L * k);
     pl_step_reset(ctx);
     pl_tensor *idx = pl_persistent_new(ctx, "cidx", PL_I32, PL_DIMS(1, L, k), false);
     if (!idx) {
@@ -477,10 +519,12 @@ static void compare_L(pl_ctx *ctx, int L, int k, int reps, double sgf) {
                "bound (256 B per pair and head): %.3f ns\n",
                sel ? "overlap" : "random", s.ms, 1e6 * s.ms / sp, s.mb, lse ? " (lse)" : "",
                256.0 / gbs);
-        double plasa;
+        if (!run_ix) continue;
+        double plasa, plasa_mb = 0;
         if (sel == 0 && selected("PLASA")) {
             timing w = time_stage(&b, st_plasa, true, reps);
             plasa = w.ms;
+            plasa_mb = w.mb;
             printf("  %-26s %10.1f ms  %8.1f MB\n", "PLASA (indexer + sparse)", w.ms, w.mb);
         } else {
             plasa = ix.ms + s.ms; /* for "random" when the PLASA row is not selected */
@@ -492,6 +536,24 @@ static void compare_L(pl_ctx *ctx, int L, int k, int reps, double sgf) {
             if (i8ms > 0) /* the int8 indexer in place of the f32 one */
                 printf("  dense / PLASA (%s, int8 indexer: PLASA - f32 row + int8 row): %.2f\n",
                        sel ? "overlap" : "random", best_dense / (plasa - ix.ms + i8ms));
+        }
+        if (save_f) { /* | L | k | threads | selection | dense AVX-512 | dense AVX2 | indexer f32
+                         | indexer int8 | sparse fwd+bwd | PLASA f32 | dense/PLASA f32 | int8 | */
+            char i8c[64] = "n/a", r8[32] = "n/a", rd[32] = "n/a", pm[32] = "";
+            if (i8ms > 0)
+                snprintf(i8c, sizeof i8c, "%.0f ms, %.2f ns", i8ms, 1e6 * i8ms / ix_pairs);
+            if (best_dense < 1e30) {
+                snprintf(rd, sizeof rd, "%.2f", best_dense / plasa);
+                if (i8ms > 0) snprintf(r8, sizeof r8, "%.2f", best_dense / (plasa - ix.ms + i8ms));
+            }
+            if (plasa_mb > 0) snprintf(pm, sizeof pm, " (%.0f MB)", plasa_mb);
+            fprintf(save_f,
+                    "| %d | %d | %d | %s | %s | %s | %.0f ms, %.2f ns (%.0f MB) | %s | %.0f ms, "
+                    "%.2f ns (%.0f MB%s) | %.0f ms%s | %s | %s |\n",
+                    L, k, pl_get_num_threads(), sel ? "overlap" : "random", dcell[0], dcell[1],
+                    ix.ms, 1e6 * ix.ms / ix_pairs, ix.mb, i8c, s.ms, 1e6 * s.ms / sp, s.mb,
+                    lse ? ", lse" : "", plasa, pm, rd, r8);
+            fflush(save_f);
         }
     }
     free(rand_idx);
@@ -510,6 +572,15 @@ int main(int argc, char **argv) {
             nL = 3;
         } else if (!strcmp(argv[i], "--compare")) {
             compare = 1;
+        } else if (!strcmp(argv[i], "--walk") && i + 1 < argc) {
+            /* sparse attention's key walk: tile, sb (the key-block walk) or auto */
+            ++i;
+            pl__tuning.sparse_sb = !strcmp(argv[i], "tile") ? 1 : !strcmp(argv[i], "sb") ? 2 : 0;
+        } else if (!strcmp(argv[i], "--save") && i + 1 < argc) {
+            if (!(save_f = fopen(argv[++i], "a"))) {
+                fprintf(stderr, "bench_plasa: cannot open %s\n", argv[i]);
+                return 2;
+            }
         } else if (!strcmp(argv[i], "--cpu")) {
             cmp_cpu = true;
         } else if (!strcmp(argv[i], "--k") && i + 1 < argc) {
@@ -551,7 +622,7 @@ int main(int argc, char **argv) {
         const int reps = max_reps == 9 ? 2 : max_reps;
         const double sgf = sgemm_gflops_now();
         printf("# bench_plasa --compare: B=1 H=%d D=%d HI=%d dI=%d threads=%d, min of %d reps; "
-               "kernels %s; %s time; dnnl_sgemm 1024^3: %.1f GFLOP/s\n",
+               "kernels %s; %s time; dnnl_sgemm 2048^3: %.1f GFLOP/s\n",
                H, D, HI, DI, pl_get_num_threads(), reps, pl__isa_name(pl__isa()),
                cmp_cpu ? "CPU" : "wall", sgf);
         for (int i = 0; i < nL; i++) {
@@ -560,6 +631,7 @@ int main(int argc, char **argv) {
         }
         free(seed_buf);
         pl_ctx_free(ctx);
+        if (save_f) fclose(save_f);
         return 0;
     }
     printf("# bench_plasa: B=1 d=%d H=%d D=%d HI=%d dI=%d threads=%d (%s of up to %d reps)\n", DM,

@@ -860,6 +860,11 @@ PL_API pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI
  * selected key's row gathered once for all heads; rows need not be sorted
  * (top-k rows are, which is the fast case). Per-thread working memory
  * ~ TQ*K*(8 + 8H) bytes with TQ <= 64 query rows per tile (~2^17 / K).
+ * Where one batch's k and v exceed 16 MiB (L*H*D*8 bytes) and would be
+ * fetched from DRAM by every tile, 4 fixed groups of rows walk the keys in
+ * superblocks of 2048 instead (the key-block walk: a superblock's rows stay
+ * in L2/L3 while all the group's queries use them; the forward computes the
+ * scores twice, for the row maxima and sums, then for the output).
  * Dropout on the probabilities (scale 1/(1-p)), the counter scheme of
  * pl_attention with the K slots in place of the L keys: with WK = ceil(K/4),
  * element (b,h,t,j) takes word j % 4 of
@@ -871,9 +876,11 @@ PL_API pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI
  * Saved for backward (when recorded), see pl_set_sparse_attention_save: the
  * probabilities, B*L*K*H floats, or only each row's log-sum-exp, B*L*H
  * floats; with dropout also the keep bits (B*L*H*K bits). Backward into q, k,
- * v; k and v gradients are gathered per key from the transposed index sets,
- * no atomics; temporary memory in backward B*L*K int32 plus, when the
- * probabilities were saved, B*L*K*H floats, given back on return. */
+ * v in one pass over the query tiles, no atomics: the tiles form 4 fixed
+ * groups of consecutive rows, each adding into its own k and v gradient
+ * buffers (keys before its last row; at most 2.25 times the size of k and v
+ * for rows of equal work), summed in group order, so results do not depend on
+ * the number of threads; the buffers are given back on return. */
 PL_API pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v,
                                       pl_tensor *idx, float dropout_p, pl_rng *rng);
 
@@ -881,11 +888,10 @@ PL_API pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, p
  *   PL_SPARSE_SAVE_AUTO (the default): the probabilities when they take at
  *     most PL_SPARSE_SAVE_AUTO_BYTES (B*L*K*H*4 bytes <= 256 MiB), else the
  *     log-sum-exp;
- *   PL_SPARSE_SAVE_PROBS: the probabilities P [B,L,K,H]; backward then takes
- *     as much again for the score gradients;
+ *   PL_SPARSE_SAVE_PROBS: the probabilities P [B,L,K,H];
  *   PL_SPARSE_SAVE_LSE: only the row log-sum-exp [B,L,H]; backward recomputes
- *     the scores (twice: once for dq, once for dk and dv), so the extra memory
- *     is O(B*H*L) plus the B*L*K int32 of transposed index sets.
+ *     the scores, so the extra memory is O(B*H*L) besides the copy of idx and
+ *     the backward's gradient buffers (see pl_sparse_attention).
  * The modes agree to float rounding. Returns the previous setting; an unknown
  * mode sets PL_ERR_ARG and changes nothing. */
 typedef enum {

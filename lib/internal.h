@@ -334,6 +334,9 @@ typedef struct {
      * between a gather per query and a masked micro-GEMM over the tile's union
      * of keys, 1 always gathers, 2 takes the micro-GEMM wherever it fits. */
     int64_t sparse_gemm;
+    /* Sparse attention's key-block walk (see sa_superblock): 0 automatic, 1
+     * never, 2 always; keys per superblock (0: automatic). */
+    int64_t sparse_sb, sparse_sb_keys;
     /* Top-k rows of n >= 1024: 0 automatic (a sampled pivot filters first), 1
      * never filter, 2 a pivot too high (the fallback). Same results in all. */
     int64_t topk_pivot_mode;

@@ -28,15 +28,15 @@
  *
  * Backward, with dO the output gradient and Delta_t = dO_t . out_t:
  *   dp_j = keep_j/(1-p) * dO_t . v_{s_j},   g_j = p_j (dp_j - Delta_t) / sqrt(D)
- *   dq_t += sum_j g_j k_{s_j}                                (row pass)
- *   dk_s += sum_{(t,j): s_j = s} g_j q_t                    (key pass)
- *   dv_s += sum_{(t,j): s_j = s} p'_j dO_t
- * The row pass (the forward's tiles and blocks) stores g as G [B,L,K,H]
- * (backward scratch) and turns P into p'. dk and dv come from the index sets
- * transposed (pl__idx_by_key): a thread owns a tile of keys and walks the
- * queries that selected them in blocks (P and G of the next keys' entries
- * prefetched), so every thread writes only its own rows (no atomics) in a
- * fixed order (ascending t). Results do not depend on the number of threads. */
+ *   dq_t += sum_j g_j k_{s_j},  dk_{s_j} += g_j q_t,  dv_{s_j} += p'_j dO_t
+ * in one pass over the forward's tiles and key blocks: an entry's k and v rows
+ * are read for dp and dq, and its dk and dv rows updated, while the block is in
+ * cache. Two query rows may select one key, so the tiles are split into 4 fixed
+ * groups of consecutive rows (bwd_groups): a group's tiles run in order on one
+ * thread and add into the group's own dk, dv buffer (keys below the group's
+ * last row; group 0 adds into the gradients), and the buffers are then added
+ * in group order. No atomics, and the results do not depend on the number of
+ * threads. */
 #include "internal.h"
 
 #include <math.h>
@@ -46,8 +46,7 @@
 typedef struct {
     int64_t B, L, H, D, K, W; /* W: 32-bit keep words per (b,t,h) row */
     int64_t Kp, Kz;           /* K rounded up to 8; Kz = Kp + 16: a row's stride in scratch */
-    int64_t TQ, SK;           /* forward and dq: query rows per tile, keys per block */
-    int64_t KT, QB;           /* dk, dv: keys per tile, query rows per block */
+    int64_t TQ, SK;           /* query rows per tile, keys per block */
     float scale, keep_scale;
     uint32_t threshold; /* dropout: keep iff the random word >= threshold */
     uint64_t seed, offset;
@@ -58,9 +57,16 @@ typedef struct {
     uint32_t *keep; /* [B,L,H,W] keep bits; NULL without dropout */
     int isa;        /* the kernels' level (simd.h), the same for the backward */
     /* Recompute mode (P == NULL): the forward saves lse [B,L,H], each row's
-     * log-sum-exp of the scaled scores; the backward recomputes the scores and
-     * keeps delta [B,L,H] = dO . out for the key pass. */
-    float *lse, *delta;
+     * log-sum-exp of the scaled scores; the backward recomputes the scores. */
+    float *lse;
+    /* The key-block walk (SB > 0, see sb_rows): keys per superblock; rinfo
+     * [B*L]: a row's count of valid entries when they come first and ascending
+     * (top-k rows), else -1; rcur [B*L]: each row's cursor in its idx row;
+     * mrun, lrun [B,L,H]: the forward's running max and sum of exponentials;
+     * dl [B,L,H]: the backward's dO . out. */
+    int64_t SB;
+    int32_t *rinfo, *rcur;
+    float *mrun, *lrun, *dl;
     int64_t qt0; /* decode (pl__sparse_attention_seqs): q, out and idx rows hold the queries
                     t >= qt0 of one sequence (row t - qt0); 0 otherwise */
 } sa_args;
@@ -96,7 +102,7 @@ static inline size_t work_bytes(const sa_args *a) {
     const size_t bytes = 8 * (2 * TQ + (size_t)a->K) +
                          4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H + H * Kz) +
                          4 * (TQ * Kz + L + 2 * D * UM + 2 * TQ * UM) + 128;
-    return (bytes + 63) & ~(size_t)63; /* the dk/dv cursors (int64) follow */
+    return (bytes + 63) & ~(size_t)63;
 }
 
 static inline sa_work work_carve(const sa_args *a, unsigned char *base) {
@@ -128,12 +134,14 @@ static inline sa_work work_carve(const sa_args *a, unsigned char *base) {
 PL_ISA_DECLARE(void, sa_fwd_tile,
                (const sa_args *a, int64_t b, int64_t t0, int64_t t1, const sa_work *w));
 PL_ISA_DECLARE(void, sa_bwd_tile,
-               (const sa_args *a, const float *dO, float *G, float *dq, int64_t b, int64_t t0,
-                int64_t t1, const sa_work *w));
-PL_ISA_DECLARE(void, sa_bwd_kv_tile,
-               (const sa_args *a, const float *dO, const float *G, float *dk, float *dv, int64_t b,
-                int64_t s0, int64_t s1, const int32_t *off, const int32_t *list, int64_t *cur,
-                const sa_work *w));
+               (const sa_args *a, const float *dO, float *dq, float *dkb, float *dvb, int64_t b,
+                int64_t t0, int64_t t1, const sa_work *w));
+/* The same by the key-block walk (SB > 0), for the rows [r0, r1) (whole tiles). */
+PL_ISA_DECLARE(void, sa_fwd_sb,
+               (const sa_args *a, int64_t b, int64_t r0, int64_t r1, const sa_work *w));
+PL_ISA_DECLARE(void, sa_bwd_sb,
+               (const sa_args *a, const float *dO, float *dq, float *dkb, float *dvb, int64_t b,
+                int64_t r0, int64_t r1, const sa_work *w));
 
 #ifdef PL_ISA /* ---- the kernels ---- */
 
@@ -298,14 +306,16 @@ static inline int64_t block_end(const sa_work *w, int64_t Kz, int64_t r, int64_t
 /* The walk of a tile's rows [t0, t1) by blocks of SK keys, so that a block's k and v rows
  * serve every query row of the tile together: block by block, each row t that can see the
  * block (t >= its first key) and selected keys in it, as *t with its entries c0 .. c0 + c - 1.
- * Start with *s1 = 0 (the end of the block before the first) and *t = t1 - 1. */
+ * Start with *s1 = the first key (the end of the block before the first) and *t = t1 - 1;
+ * the walk ends at key se (no entry of the rows is >= se). */
 static inline bool next_block(const sa_args *a, const sa_work *w, int64_t t0, int64_t t1,
-                              int64_t *s1, int64_t *t, int64_t *c0, int64_t *c) {
+                              int64_t se, int64_t *s1, int64_t *t, int64_t *c0, int64_t *c) {
+    const int64_t e = t1 < se ? t1 : se;
     for (;;) {
         if (++*t == t1) { /* on to the next block [s0, s1) */
             const int64_t s0 = *s1;
-            if (s0 >= t1) return false;
-            *s1 = s0 + a->SK < t1 ? s0 + a->SK : t1;
+            if (s0 >= e) return false;
+            *s1 = s0 + a->SK < e ? s0 + a->SK : e;
             *t = t0 > s0 ? t0 : s0;
         }
         *c = block_end(w, a->Kz, *t - t0, *s1, c0) - *c0;
@@ -438,10 +448,37 @@ static PL_AI void union_out(const sa_args *a, int64_t b, int64_t t0, int64_t nr,
         }
 }
 
+/* Scores z of the tile's rows at their entries with keys in [s0, se), gathered
+ * block by block, into w->z (row r, head h at (r*H + h)*Kz + entry). */
+static PL_AI void scores_walk(const sa_args *a, int64_t b, int64_t t0, int64_t t1, int64_t s0,
+                              int64_t se, const sa_work *w, int ND) {
+    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D, Kz = a->Kz;
+    const float *kb = a->k + b * L * HD;
+    for (int64_t s1 = s0, t = t1 - 1, c0 = 0, c = 0;
+         next_block(a, w, t0, t1, se, &s1, &t, &c0, &c);) {
+        const int64_t r = t - t0;
+        dots_heads(a->q + (b * L + t - a->qt0) * HD, kb, w->sel + r * Kz + c0, HD, H, D, pl_rupw(c),
+                   ND, w->z + r * H * Kz + c0, Kz);
+    }
+}
+
+/* out += sum of the weights pw (laid out as w->z) times the gathered v rows,
+ * entries with keys in [s0, se). */
+static PL_AI void out_walk(const sa_args *a, int64_t b, int64_t t0, int64_t t1, int64_t s0,
+                           int64_t se, const float *pw, const sa_work *w, int ND) {
+    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D, Kz = a->Kz;
+    const float *vb = a->v + b * L * HD;
+    for (int64_t s1 = s0, t = t1 - 1, c0 = 0, c = 0;
+         next_block(a, w, t0, t1, se, &s1, &t, &c0, &c);) {
+        const int64_t r = t - t0;
+        axpys_heads(a->out + (b * L + t - a->qt0) * HD, pw + r * H * Kz + c0, Kz, vb,
+                    w->sel + r * Kz + c0, HD, H, D, c, ND);
+    }
+}
+
 static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
                                 const sa_work *w, int ND) {
-    const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kz = a->Kz;
-    const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
+    const int64_t L = a->L, H = a->H, K = a->K, HD = H * a->D, Kz = a->Kz;
     for (int64_t t = t0; t < t1; t++) {
         const int64_t r = t - t0;
         int32_t *sel = w->sel + r * Kz, *pos = w->pos + r * Kz;
@@ -458,16 +495,10 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
     if (ND && mode != 1 &&
         (mode == 2 || tile_overlaps(a, b, t0, w->sel, w->n[0], w->uni, (int32_t *)w->kut, w->tmp)))
         nu = tile_union(a, nr, w);
-    if (nu >= 0) {
+    if (nu >= 0)
         union_scores(a, b, t0, nr, nu, w);
-    } else {
-        for (int64_t s1 = 0, t = t1 - 1, c0 = 0, c = 0;
-             next_block(a, w, t0, t1, &s1, &t, &c0, &c);) {
-            const int64_t r = t - t0;
-            dots_heads(a->q + (b * L + t - a->qt0) * HD, kb, w->sel + r * Kz + c0, HD, H, D,
-                       pl_rupw(c), ND, w->z + r * H * Kz + c0, Kz);
-        }
-    }
+    else
+        scores_walk(a, b, t0, t1, 0, L, w, ND);
     for (int64_t t = t0; t < t1; t++) {
         const int64_t r = t - t0, n = w->n[r], n8 = pl_rupw(n), row0 = (b * L + t) * H;
         const int32_t *pos = w->pos + r * Kz;
@@ -509,11 +540,7 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
         union_out(a, b, t0, nr, nu, pw, w);
         return;
     }
-    for (int64_t s1 = 0, t = t1 - 1, c0 = 0, c = 0; next_block(a, w, t0, t1, &s1, &t, &c0, &c);) {
-        const int64_t r = t - t0;
-        axpys_heads(a->out + (b * L + t - a->qt0) * HD, pw + r * H * Kz + c0, Kz, vb,
-                    w->sel + r * Kz + c0, HD, H, D, c, ND);
-    }
+    out_walk(a, b, t0, t1, 0, L, pw, w, ND);
 }
 
 void PL_ISA_FN(sa_fwd_tile)(const sa_args *a, int64_t b, int64_t t0, int64_t t1, const sa_work *w) {
@@ -525,28 +552,188 @@ void PL_ISA_FN(sa_fwd_tile)(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
         fwd_tile_impl(a, b, t0, t1, w, 0);
 }
 
-/* Backward of the query rows [t0, t1) of batch b, with Delta_h = dO_h . out_h:
- *   dp_j = keep_j/(1-p) dO_h . v_{s_j},   g_j = p_j (dp_j - Delta_h) / sqrt(D)
- * stored as G[b,t,j,h] (for the dk pass), and dq_h += sum_j g_j k_{s_j,h}; the
- * same key blocks as the forward, v and k of a block used together. Then P
- * becomes p' = p keep / (1 - dropout_p), what the dv pass wants. */
-static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
-                                int64_t t0, int64_t t1, const sa_work *w, int ND) {
+/* ---- the key-block walk (SB > 0) ----
+ * Where k and v (and their gradients) outgrow the cache, a per-tile walk would
+ * fetch every selected row from DRAM once per tile. Instead a group of
+ * consecutive rows (bwd_groups) walks the keys in superblocks of SB keys: for
+ * each superblock, every tile of the group takes its rows' entries in it, so the
+ * superblock's rows are fetched once and then served from L2/L3 to all the
+ * group's queries; the query side (q, out, dq rows and a few numbers per row
+ * and head) is what is streamed. The forward makes two such passes: running
+ * max and sum of exponentials per row and head (then lse), then p = e^(z/sqrt(D)
+ * - lse) and out += p' v. A row's entries must be sorted by key for its cursor
+ * (top-k rows are: rinfo >= 0); another row is sorted again per superblock. */
+
+/* The entries of the tile's rows [t0, t1) with keys in [S0, S1) into w->sel,
+ * w->pos, w->n (cursors a->rcur advanced; w->cur reset). */
+static void sb_rows(const sa_args *a, int64_t b, int64_t t0, int64_t t1, int64_t S0, int64_t S1,
+                    const sa_work *w) {
+    const int64_t L = a->L, K = a->K, Kz = a->Kz;
+    for (int64_t t = t0; t < t1; t++) {
+        const int64_t r = t - t0, row = b * L + t, nv = a->rinfo[row];
+        int32_t *sel = w->sel + r * Kz, *pos = w->pos + r * Kz;
+        int64_t n = 0;
+        if (nv >= 0) { /* sorted: the next run of the row from its cursor */
+            const int32_t *ir = a->idx + row * K;
+            int64_t j = a->rcur[row];
+            for (; j < nv && ir[j] < S1; j++, n++) {
+                sel[n] = ir[j];
+                pos[n] = (int32_t)j;
+            }
+            a->rcur[row] = (int32_t)j;
+        } else { /* unsorted: sorted again, keys in [S0, S1) kept */
+            const int64_t m = row_entries(a, b, t, sel, pos, w->tmp);
+            for (int64_t i = 0; i < m; i++)
+                if (sel[i] >= S0 && sel[i] < S1) {
+                    sel[n] = sel[i];
+                    pos[n++] = pos[i];
+                }
+        }
+        for (int64_t i = n; i < n + 16; i++) sel[i] = n ? sel[0] : (int32_t)S0;
+        w->n[r] = n;
+        w->cur[r] = 0;
+    }
+}
+
+static PL_AI void fwd_sb_impl(const sa_args *a, int64_t b, int64_t r0, int64_t r1, const sa_work *w,
+                              int ND) {
+    const int64_t L = a->L, H = a->H, K = a->K, HD = H * a->D, Kz = a->Kz, TQ = a->TQ;
+    const float scale = a->scale;
+    for (int64_t t = r0; t < r1; t++) {
+        const int64_t row = b * L + t;
+        a->rcur[row] = 0;
+        for (int64_t h = 0; h < H; h++) {
+            a->mrun[row * H + h] = -INFINITY;
+            a->lrun[row * H + h] = 0.0f;
+        }
+        memset(a->out + row * HD, 0, sizeof(float) * (size_t)HD);
+        if (a->keep) { /* the row's valid slots, ascending */
+            const int32_t *ir = a->idx + row * K;
+            int64_t n = 0;
+            for (int64_t j = 0; j < K; j++)
+                if (ir[j] >= 0) w->pos[n++] = (int32_t)j;
+            if (n) row_keep(a, b, t, n, w->pos);
+        }
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        for (int64_t S0 = 0; S0 < r1; S0 += a->SB) {
+            const int64_t S1 = S0 + a->SB < L ? S0 + a->SB : L;
+            for (int64_t t0 = r0; t0 < r1; t0 += TQ) {
+                const int64_t t1 = t0 + TQ < r1 ? t0 + TQ : r1;
+                if (t1 <= S0) continue; /* rows before the superblock */
+                sb_rows(a, b, t0, t1, S0, S1, w);
+                scores_walk(a, b, t0, t1, S0, S1, w, ND);
+                for (int64_t t = t0; t < t1; t++) {
+                    const int64_t r = t - t0, n = w->n[r], n8 = pl_rupw(n), row0 = (b * L + t) * H;
+                    w->cur[r] = 0; /* out_walk walks the entries again */
+                    if (n == 0) continue;
+                    const int32_t *pos = w->pos + r * Kz;
+                    for (int64_t h = 0; h < H; h++) {
+                        float *z = w->z + (r * H + h) * Kz;
+                        for (int64_t i = n; i < n8; i++) z[i] = -INFINITY; /* padding: e = 0 */
+                        if (pass == 0) { /* m, l: running max and sum of e^((z - m) scale) */
+                            pl_vf mv = pl_splat(-INFINITY);
+                            for (int64_t i = 0; i < n8; i += PL_VW)
+                                mv = PL_SEL(PL_LD(z + i) > mv, PL_LD(z + i), mv);
+                            float *m = a->mrun + row0 + h, *l = a->lrun + row0 + h;
+                            const float mc = pl_vhmax(mv);
+                            if (mc > *m) {
+                                *l *= pl__expf((*m - mc) * scale);
+                                *m = mc;
+                            }
+                            const pl_vf ms = pl_splat(*m * scale);
+                            pl_vf sum = pl_splat(0.0f);
+                            for (int64_t i = 0; i < n8; i += PL_VW)
+                                sum += pl_vexp(PL_LD(z + i) * scale - ms);
+                            *l += pl_vhsum(sum);
+                            continue;
+                        }
+                        const pl_vf lv = pl_splat(a->lse[row0 + h]);
+                        for (int64_t i = 0; i < n8; i += PL_VW)
+                            PL_ST(z + i, pl_vexp(PL_LD(z + i) * scale - lv));
+                        if (a->keep) {
+                            const uint32_t *kr = a->keep + (row0 + h) * a->W;
+                            float *pw = w->w + (r * H + h) * Kz;
+                            for (int64_t i = 0; i < n; i++)
+                                pw[i] = keep_bit(kr, pos[i]) ? z[i] * a->keep_scale : 0.0f;
+                        }
+                    }
+                    if (pass && a->P) {
+                        float *P = a->P + (b * L + t) * K * H;
+                        const float *zr = w->z + r * H * Kz;
+                        for (int64_t i = 0; i < n; i++)
+                            for (int64_t h = 0; h < H; h++) P[pos[i] * H + h] = zr[h * Kz + i];
+                    }
+                }
+                if (pass) out_walk(a, b, t0, t1, S0, S1, a->keep ? w->w : w->z, w, ND);
+            }
+        }
+        if (pass) break;
+        for (int64_t t = r0; t < r1; t++) { /* lse = m scale + log l; cursors back to 0 */
+            const int64_t row = b * L + t;
+            a->rcur[row] = 0;
+            for (int64_t h = 0; h < H; h++) {
+                const float l = a->lrun[row * H + h];
+                a->lse[row * H + h] = l > 0.0f ? a->mrun[row * H + h] * scale + logf(l) : 0.0f;
+            }
+        }
+    }
+}
+
+void PL_ISA_FN(sa_fwd_sb)(const sa_args *a, int64_t b, int64_t r0, int64_t r1, const sa_work *w) {
+    if (a->D == 32)
+        fwd_sb_impl(a, b, r0, r1, w, 32 / PL_VW);
+    else if (a->D % PL_VW == 0)
+        fwd_sb_impl(a, b, r0, r1, w, (int)(a->D / PL_VW));
+    else
+        fwd_sb_impl(a, b, r0, r1, w, 0);
+}
+
+/* dk[s_i, h] += g[h*ldw + i] x[h] and dv[s_i, h] += p[h*ldw + i] y[h] for every
+ * entry i < n and head h: the backward's scatter into the key rows the entries
+ * selected (x = q_t, y = dO_t, one query row). In entry order, so a key
+ * repeated in a row adds twice, in slot order. dk or dv may be NULL. */
+static PL_AI void scatter_heads(float *dk, float *dv, const float *g, const float *p, int64_t ldw,
+                                const float *x, const float *y, const int32_t *rows, int64_t HD,
+                                int64_t H, int64_t D, int64_t n, int ND) {
+    for (int64_t i = 0; i < n; i++) {
+        if (i + CH < n) { /* the rows CH entries ahead, for writing */
+            const int64_t o = (int64_t)rows[i + CH] * HD;
+            for (int64_t b = 0; b < 4 * HD; b += 64) {
+                if (dk) __builtin_prefetch((const char *)(dk + o) + b, 1);
+                if (dv) __builtin_prefetch((const char *)(dv + o) + b, 1);
+            }
+        }
+        float *rk = dk ? dk + (int64_t)rows[i] * HD : NULL,
+              *rv = dv ? dv + (int64_t)rows[i] * HD : NULL;
+        for (int64_t h = 0; h < H; h++) {
+            const float gi = g[h * ldw + i], pi = p[h * ldw + i];
+            if (ND) {
+                const pl_vf gv = pl_splat(gi), pv = pl_splat(pi);
+                for (int c = 0; c < ND; c++) {
+                    const int64_t o = h * D + PL_VW * c;
+                    if (rk) PL_ST(rk + o, PL_LD(rk + o) + gv * PL_LD(x + o));
+                    if (rv) PL_ST(rv + o, PL_LD(rv + o) + pv * PL_LD(y + o));
+                }
+            } else {
+                if (rk) pl__axpy(rk + h * D, gi, x + h * D, D);
+                if (rv) pl__axpy(rv + h * D, pi, y + h * D, D);
+            }
+        }
+    }
+}
+
+/* The row pass of the tile's entries with keys in [s0, se); delta: Delta of
+ * tile row r, head h at [r*H + h]. */
+static PL_AI void bwd_walk(const sa_args *a, const float *dO, float *dq, float *dkb, float *dvb,
+                           int64_t b, int64_t t0, int64_t t1, int64_t s0, int64_t se,
+                           const float *dlt, const sa_work *w, int ND) {
     const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D, Kz = a->Kz;
     const float *kb = a->k + b * L * HD, *vb = a->v + b * L * HD;
     const float scale = a->scale, ks = a->keep_scale;
     const bool recompute = a->P == NULL;
-    for (int64_t t = t0; t < t1; t++) {
-        const int64_t r = t - t0, row0 = (b * L + t) * H;
-        w->n[r] = row_entries(a, b, t, w->sel + r * Kz, w->pos + r * Kz, w->tmp);
-        w->cur[r] = 0;
-        for (int64_t h = 0; h < H; h++) {
-            w->delta[r * H + h] = pl__dot(dO + (row0 + h) * D, a->out + (row0 + h) * D, D);
-            if (a->delta) a->delta[row0 + h] = w->delta[r * H + h];
-        }
-    }
-    for (int64_t s1 = 0, t = t1 - 1, c0 = 0, c = 0;
-         (G || (recompute && dq)) && next_block(a, w, t0, t1, &s1, &t, &c0, &c);) {
+    for (int64_t s1 = s0, t = t1 - 1, c0 = 0, c = 0;
+         next_block(a, w, t0, t1, se, &s1, &t, &c0, &c);) {
         const int64_t r = t - t0, row0 = (b * L + t) * H;
         const int32_t *sel = w->sel + r * Kz + c0, *pos = w->pos + r * Kz + c0;
         const float *P = recompute ? NULL : a->P + (b * L + t) * K * H;
@@ -555,210 +742,200 @@ static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *G, flo
         if (recompute) /* p = e^(z scale - lse), z recomputed */
             dots_heads(a->q + row0 * D, kb, sel, HD, H, D, pl_rupw(c), ND, z, Kz);
         for (int64_t h = 0; h < H; h++) {
-            float *dph = dp + h * Kz, *gh = g + h * Kz;
-            const float delta = w->delta[r * H + h];
-            if (a->keep) {
-                const uint32_t *kr = a->keep + (row0 + h) * a->W;
-                for (int64_t i = 0; i < c; i++) dph[i] = keep_bit(kr, pos[i]) ? dph[i] * ks : 0.0f;
-            }
-            if (recompute) {
-                const float *zh = z + h * Kz;
+            float *dph = dp + h * Kz, *gh = g + h * Kz, *zh = z + h * Kz;
+            const float delta = dlt[r * H + h];
+            if (recompute) { /* zh becomes p */
                 const pl_vf lv = pl_splat(a->lse[row0 + h]);
                 for (int64_t i = 0; i < c; i += PL_VW)
-                    PL_ST(gh + i,
-                          pl_vexp(PL_LD(zh + i) * scale - lv) * (PL_LD(dph + i) - delta) * scale);
+                    PL_ST(zh + i, pl_vexp(PL_LD(zh + i) * scale - lv));
             } else {
-                for (int64_t i = 0; i < c; i++)
-                    gh[i] = P[pos[i] * H + h] * (dph[i] - delta) * scale;
+                for (int64_t i = 0; i < c; i++) zh[i] = P[pos[i] * H + h];
             }
-        }
-        if (G) {
-            float *Gr = G + (b * L + t) * K * H;
-            for (int64_t i = 0; i < c; i++)
-                for (int64_t h = 0; h < H; h++) Gr[pos[i] * H + h] = g[h * Kz + i];
+            if (a->keep) { /* dp and p scaled by keep_j / (1 - dropout_p) */
+                const uint32_t *kr = a->keep + (row0 + h) * a->W;
+                for (int64_t i = 0; i < c; i++) {
+                    const bool kp = keep_bit(kr, pos[i]);
+                    gh[i] = zh[i] * ((kp ? dph[i] * ks : 0.0f) - delta) * scale;
+                    dph[i] = kp ? zh[i] * ks : 0.0f;
+                }
+            } else {
+                for (int64_t i = 0; i < c; i++) {
+                    gh[i] = zh[i] * (dph[i] - delta) * scale;
+                    dph[i] = zh[i];
+                }
+            }
         }
         if (dq) axpys_heads(dq + row0 * D, g, Kz, kb, sel, HD, H, D, c, ND);
+        if (dkb || dvb)
+            scatter_heads(dkb, dvb, g, dp, Kz, a->q + row0 * D, dO + row0 * D, sel, HD, H, D, c,
+                          ND);
     }
-    if (!a->keep || recompute) return;
+}
+
+/* Backward of the query rows [t0, t1) of batch b in one pass, with
+ * Delta_h = dO_h . out_h:
+ *   dp_j = keep_j/(1-p) dO_h . v_{s_j},   g_j = p_j (dp_j - Delta_h) / sqrt(D)
+ *   dq_h += sum_j g_j k_{s_j,h},  dk_{s_j,h} += g_j q_h,  dv_{s_j,h} += p'_j dO_h
+ * walking the same key blocks as the forward (a block's k, v, dk and dv rows
+ * stay in cache while the tile's rows use them). dkb, dvb: batch b's key rows
+ * of the buffer this tile's group adds into (the caller orders the groups). */
+static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *dq, float *dkb,
+                                float *dvb, int64_t b, int64_t t0, int64_t t1, const sa_work *w,
+                                int ND) {
+    const int64_t L = a->L, H = a->H, D = a->D, Kz = a->Kz;
     for (int64_t t = t0; t < t1; t++) {
         const int64_t r = t - t0, row0 = (b * L + t) * H;
-        const int32_t *pos = w->pos + r * Kz;
-        float *P = a->P + (b * L + t) * K * H;
-        for (int64_t h = 0; h < H; h++) {
-            const uint32_t *kr = a->keep + (row0 + h) * a->W;
-            for (int64_t i = 0; i < w->n[r]; i++) {
-                const int64_t j = pos[i];
-                P[j * H + h] = keep_bit(kr, j) ? P[j * H + h] * ks : 0.0f;
-            }
-        }
+        w->n[r] = row_entries(a, b, t, w->sel + r * Kz, w->pos + r * Kz, w->tmp);
+        w->cur[r] = 0;
+        for (int64_t h = 0; h < H; h++)
+            w->delta[r * H + h] = pl__dot(dO + (row0 + h) * D, a->out + (row0 + h) * D, D);
     }
+    bwd_walk(a, dO, dq, dkb, dvb, b, t0, t1, 0, L, w->delta, w, ND);
 }
 
-void PL_ISA_FN(sa_bwd_tile)(const sa_args *a, const float *dO, float *G, float *dq, int64_t b,
-                            int64_t t0, int64_t t1, const sa_work *w) {
+void PL_ISA_FN(sa_bwd_tile)(const sa_args *a, const float *dO, float *dq, float *dkb, float *dvb,
+                            int64_t b, int64_t t0, int64_t t1, const sa_work *w) {
     if (a->D == 32)
-        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, 32 / PL_VW);
+        bwd_tile_impl(a, dO, dq, dkb, dvb, b, t0, t1, w, 32 / PL_VW);
     else if (a->D % PL_VW == 0)
-        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, (int)(a->D / PL_VW));
+        bwd_tile_impl(a, dO, dq, dkb, dvb, b, t0, t1, w, (int)(a->D / PL_VW));
     else
-        bwd_tile_impl(a, dO, G, dq, b, t0, t1, w, 0);
+        bwd_tile_impl(a, dO, dq, dkb, dvb, b, t0, t1, w, 0);
 }
 
-/* dk and dv of key s from the entries e = t*K + j (of batch b) that selected it:
- *   dv_s,h += sum_e p'_e dO_t,h,   dk_s,h += sum_e g'_e q_t,h
- * with p' = P and g' = G as the row pass left them. rows: scratch for n int32
- * (the entries' t); cw, gw: n floats each. */
-static PL_AI void kv_key_impl(const sa_args *a, const float *dO, const float *G, float *dk,
-                              float *dv, int64_t b, int64_t s, const int32_t *list, int64_t n,
-                              int32_t *rows, float *cw, float *gw, int ND) {
-    const int64_t L = a->L, H = a->H, D = a->D, K = a->K, HD = H * D;
-    const double invK = 1.0 / (double)K;
-    for (int64_t e = 0; e < n; e++) { /* t = e / K without a division */
-        int64_t t = (int64_t)((double)list[e] * invK);
-        t -= t * K > list[e];
-        t += (t + 1) * K <= list[e];
-        rows[e] = (int32_t)t;
+/* The backward of the rows [r0, r1) of batch b by the key-block walk (see
+ * sb_rows): superblock by superblock, the row pass of each tile of the rows. */
+static PL_AI void bwd_sb_impl(const sa_args *a, const float *dO, float *dq, float *dkb, float *dvb,
+                              int64_t b, int64_t r0, int64_t r1, const sa_work *w, int ND) {
+    const int64_t L = a->L, H = a->H, D = a->D, TQ = a->TQ;
+    for (int64_t t = r0; t < r1; t++) {
+        const int64_t row0 = (b * L + t) * H;
+        a->rcur[b * L + t] = 0;
+        for (int64_t h = 0; h < H; h++)
+            a->dl[row0 + h] = pl__dot(dO + (row0 + h) * D, a->out + (row0 + h) * D, D);
     }
-    const bool recompute = a->P == NULL;
-    const float *Pb = recompute ? NULL : a->P + b * L * K * H, *Gb = G ? G + b * L * K * H : NULL;
-    if (recompute) /* rows padded to the vector width for dots */
-        for (int64_t e = n; e < pl_rupw(n); e++) rows[e] = rows[0];
-    for (int64_t h = 0; h < H; h++) {
-        const int64_t ko = ((b * L + s) * H + h) * D;
-        const float *qb = a->q + (b * L * H + h) * D, *dOb = dO + (b * L * H + h) * D;
-        if (recompute) { /* p', g of each entry from its scores, lse and delta */
-            if (ND) {
-                dots(a->k + ko, qb, rows, HD, pl_rupw(n), ND, cw);
-                dots(a->v + ko, dOb, rows, HD, pl_rupw(n), ND, gw);
-            } else {
-                dots_any(a->k + ko, qb, rows, HD, n, D, cw);
-                dots_any(a->v + ko, dOb, rows, HD, n, D, gw);
-            }
-            for (int64_t e = 0; e < n; e++) {
-                const int64_t row = (b * L + rows[e]) * H + h;
-                float p = pl__expf(cw[e] * a->scale - a->lse[row]), dp = gw[e];
-                if (a->keep) {
-                    const bool kp = keep_bit(a->keep + row * a->W, list[e] - (int64_t)rows[e] * K);
-                    dp = kp ? dp * a->keep_scale : 0.0f;
-                    cw[e] = kp ? p * a->keep_scale : 0.0f;
-                } else {
-                    cw[e] = p;
-                }
-                gw[e] = p * (dp - a->delta[row]) * a->scale;
-            }
-            if (dv) axpys_nd(dv + ko, cw, dOb, rows, HD, n, ND, D);
-            if (dk) axpys_nd(dk + ko, gw, qb, rows, HD, n, ND, D);
-            continue;
-        }
-        if (dv) {
-            for (int64_t e = 0; e < n; e++) cw[e] = Pb[(int64_t)list[e] * H + h];
-            axpys_nd(dv + ko, cw, dOb, rows, HD, n, ND, D);
-        }
-        if (dk) {
-            for (int64_t e = 0; e < n; e++) gw[e] = Gb[(int64_t)list[e] * H + h];
-            axpys_nd(dk + ko, gw, qb, rows, HD, n, ND, D);
+    for (int64_t S0 = 0; S0 < r1; S0 += a->SB) {
+        const int64_t S1 = S0 + a->SB < L ? S0 + a->SB : L;
+        for (int64_t t0 = r0; t0 < r1; t0 += TQ) {
+            const int64_t t1 = t0 + TQ < r1 ? t0 + TQ : r1;
+            if (t1 <= S0) continue;
+            sb_rows(a, b, t0, t1, S0, S1, w);
+            bwd_walk(a, dO, dq, dkb, dvb, b, t0, t1, S0, S1, a->dl + (b * L + t0) * H, w, ND);
         }
     }
 }
 
-static void sa_bwd_kv_key(const sa_args *a, const float *dO, const float *G, float *dk, float *dv,
-                          int64_t b, int64_t s, const int32_t *list, int64_t n, int32_t *rows,
-                          float *cw, float *gw) {
+void PL_ISA_FN(sa_bwd_sb)(const sa_args *a, const float *dO, float *dq, float *dkb, float *dvb,
+                          int64_t b, int64_t r0, int64_t r1, const sa_work *w) {
     if (a->D == 32)
-        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, 32 / PL_VW);
+        bwd_sb_impl(a, dO, dq, dkb, dvb, b, r0, r1, w, 32 / PL_VW);
     else if (a->D % PL_VW == 0)
-        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, (int)(a->D / PL_VW));
+        bwd_sb_impl(a, dO, dq, dkb, dvb, b, r0, r1, w, (int)(a->D / PL_VW));
     else
-        kv_key_impl(a, dO, G, dk, dv, b, s, list, n, rows, cw, gw, 0);
-}
-
-#define KV_AHEAD 2 /* keys ahead whose P and G entries are prefetched */
-
-/* dk, dv of the keys [s0, s1) of batch b, walking the queries in blocks of QB
- * rows so that their q and dO rows are reused from cache. off: batch b's list
- * offsets; cur, end: 2 (s1 - s0) cursors. The entries of a key are summed in
- * ascending t whatever the blocks. */
-void PL_ISA_FN(sa_bwd_kv_tile)(const sa_args *a, const float *dO, const float *G, float *dk,
-                               float *dv, int64_t b, int64_t s0, int64_t s1, const int32_t *off,
-                               const int32_t *list, int64_t *cur, const sa_work *w) {
-    const int64_t L = a->L, K = a->K, H = a->H, nk = s1 - s0;
-    int64_t *end = cur + nk;
-    const float *Pb = a->P ? a->P + b * L * K * H : NULL, *Gb = G ? G + b * L * K * H : NULL;
-    for (int64_t s = s0; s < s1; s++) cur[s - s0] = off[s];
-    for (int64_t tq0 = s0; tq0 < L; tq0 += a->QB) {
-        const int64_t lim = (tq0 + a->QB < L ? tq0 + a->QB : L) * K; /* entries e < lim */
-        for (int64_t x = 0; x < nk; x++) {
-            int64_t e1 = cur[x];
-            while (e1 < off[s0 + x + 1] && list[e1] < lim) e1++;
-            end[x] = e1;
-        }
-        for (int64_t x = 0; x < nk + KV_AHEAD; x++) {
-            if (x < nk) /* prefetch key x's entries, KV_AHEAD keys before they are used */
-                for (int64_t e = cur[x]; Pb && e < end[x]; e++) {
-                    __builtin_prefetch(Pb + (int64_t)list[e] * H);
-                    if (Gb) __builtin_prefetch(Gb + (int64_t)list[e] * H);
-                }
-            const int64_t y = x - KV_AHEAD;
-            if (y < 0) continue;
-            for (int64_t c0 = cur[y]; c0 < end[y]; c0 += a->Kp) { /* <= Kp entries per call */
-                const int64_t c1 = c0 + a->Kp < end[y] ? c0 + a->Kp : end[y];
-                sa_bwd_kv_key(a, dO, G, dk, dv, b, s0 + y, list + c0, c1 - c0, w->sel, w->z, w->w);
-            }
-            cur[y] = end[y];
-        }
-    }
+        bwd_sb_impl(a, dO, dq, dkb, dvb, b, r0, r1, w, 0);
 }
 
 #else /* ---- the op (built once) ---- */
+
+/* The backward's query groups: NG_BWD fixed groups of consecutive tiles of a
+ * batch, of about equal work (sum of min(t + 1, K) over their rows). A group's
+ * tiles run in order on one thread and add into the group's own dk, dv buffer
+ * (group 0 into the gradients themselves); the others are then added in group
+ * order. So every sum has one order whatever the number of threads, and no
+ * two threads write one row. first[g]: the group's first tile; first[NG_BWD] = nq. */
+#define NG_BWD 4
+static void bwd_groups(int64_t L, int64_t K, int64_t TQ, int64_t first[NG_BWD + 1]) {
+    const int64_t nq = (L + TQ - 1) / TQ;
+    double total = 0.0;
+    for (int64_t t = 0; t < L; t++) total += (double)(t + 1 < K ? t + 1 : K);
+    double acc = 0.0;
+    int g = 1;
+    first[0] = 0;
+    for (int64_t i = 0; i < nq && g < NG_BWD; i++) {
+        while (g < NG_BWD && acc >= total * g / NG_BWD) first[g++] = i;
+        for (int64_t t = i * TQ; t < (i + 1) * TQ && t < L; t++)
+            acc += (double)(t + 1 < K ? t + 1 : K);
+    }
+    while (g < NG_BWD) first[g++] = nq;
+    first[NG_BWD] = nq;
+}
 
 static void sparse_attention_backward(pl_ctx *ctx, pl_node *n) {
     sa_args args = *(const sa_args *)n->saved;
     const sa_args *a = &args;
     const float *dO = n->out->grad;
-    const int64_t B = a->B, L = a->L, K = a->K, H = a->H;
+    const int64_t B = a->B, L = a->L, HD = a->H * a->D, TQ = a->TQ;
     float *g[3];
     if (pl__grads(ctx, n, g)) return;
     float *dq = g[0], *dk = g[1], *dv = g[2];
-    const bool recompute = a->P == NULL;
     const int nt = omp_get_max_threads();
-    const size_t per = (work_bytes(a) + 16 * (size_t)a->KT + 63) & ~(size_t)63;
-    /* G, the transposed index sets and the per-thread memory are given back to
+    const size_t per = (work_bytes(a) + 63) & ~(size_t)63;
+    /* The per-thread memory and the groups' dk, dv buffers are given back to
      * the arena when this backward is done. */
     const pl_mark mark = pl_mark_get(ctx);
     unsigned char *buf = pl__scratch(ctx, per * (size_t)nt);
-    float *G = NULL;
     if (!buf) return;
-    if (recompute) { /* delta for the key pass instead of G */
-        if ((dk || dv) && !(args.delta = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * H))))
-            return;
-    } else if ((dq || dk) && !(G = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * K * H)))) {
+    const int64_t nq = (L + TQ - 1) / TQ, work = B * L * a->K * HD;
+    if (a->SB && (!(args.rcur = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * L))) ||
+                  !(args.dl = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * a->H))))) {
+        pl_mark_release(ctx, mark);
         return;
     }
-    const int64_t TQ = a->TQ, nq = (L + TQ - 1) / TQ, nk = (L + a->KT - 1) / a->KT;
-    /* Dynamic loops go through PL_PARALLEL_FOR (an orphaned one would malloc
-     * when serial), so each task carves its thread's memory (pointer
-     * arithmetic only; the tiles do not depend on what it held before). */
-    const int64_t work = B * L * K * H * a->D;
-    if (dq || dk || (dv && (a->keep || recompute)))
+    if (!dk && !dv && !a->SB) { /* dq alone: every tile on its own */
         PL_PARALLEL_FOR(work, schedule(dynamic, 1), r, B * nq,
-                        { /* largest tiles (late t) first */
+                        { /* largest tiles first */
                           sa_work w = work_carve(a, buf + per * (size_t)omp_get_thread_num());
                           const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ;
                           PL_ISA_PICK(sa_bwd_tile, a->isa)
-                          (a, dO, G, dq, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
+                          (a, dO, dq, NULL, NULL, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
                         });
-    int32_t *off, *list;
-    if ((dk || dv) && !pl__idx_by_key(ctx, a->idx, B, L, K, &off, &list))
-        PL_PARALLEL_FOR(work, schedule(dynamic, 1), r, B * nk,
-                        { /* early keys first */
-                          unsigned char *base = buf + per * (size_t)omp_get_thread_num();
-                          sa_work w = work_carve(a, base);
-                          int64_t *cur = (int64_t *)(base + work_bytes(a));
-                          const int64_t b = r / nk, s0 = (r % nk) * a->KT;
-                          PL_ISA_PICK(sa_bwd_kv_tile, a->isa)
-                          (a, dO, G, dk, dv, b, s0, s0 + a->KT < L ? s0 + a->KT : L,
-                           off + b * (L + 1), list, cur, &w);
-                        });
+        pl_mark_release(ctx, mark);
+        return;
+    }
+    int64_t first[NG_BWD + 1], end[NG_BWD];
+    bwd_groups(L, a->K, TQ, first);
+    /* Group g >= 1 adds into buffers of batch b's keys [0, end[g]): its rows' keys. */
+    float *gk[NG_BWD] = {dk}, *gv[NG_BWD] = {dv};
+    for (int gi = 0; gi < NG_BWD; gi++) {
+        end[gi] = first[gi + 1] * TQ < L ? first[gi + 1] * TQ : L;
+        if (gi == 0) continue;
+        const size_t bytes = sizeof(float) * (size_t)(B * end[gi] * HD);
+        if ((dk && !(gk[gi] = pl__scratch(ctx, bytes))) ||
+            (dv && !(gv[gi] = pl__scratch(ctx, bytes)))) {
+            pl_mark_release(ctx, mark);
+            return;
+        }
+    }
+    PL_PARALLEL_FOR(work, schedule(dynamic, 1), r, B * NG_BWD, {
+        /* the groups of late rows (most keys) first */
+        sa_work w = work_carve(a, buf + per * (size_t)omp_get_thread_num());
+        const int64_t b = r / NG_BWD, gi = NG_BWD - 1 - r % NG_BWD, ld = gi ? end[gi] : L;
+        float *dkb = gk[gi] ? gk[gi] + b * ld * HD : NULL,
+              *dvb = gv[gi] ? gv[gi] + b * ld * HD : NULL;
+        if (gi) { /* first touch by the thread that adds into it */
+            if (dkb) memset(dkb, 0, sizeof(float) * (size_t)(end[gi] * HD));
+            if (dvb) memset(dvb, 0, sizeof(float) * (size_t)(end[gi] * HD));
+        }
+        const int64_t r0 = first[gi] * TQ, r1 = first[gi + 1] * TQ < L ? first[gi + 1] * TQ : L;
+        if (a->SB && r0 < r1) PL_ISA_PICK(sa_bwd_sb, a->isa)(a, dO, dq, dkb, dvb, b, r0, r1, &w);
+        for (int64_t i = first[gi]; !a->SB && i < first[gi + 1]; i++)
+            PL_ISA_PICK(sa_bwd_tile, a->isa)
+        (a, dO, dq, dkb, dvb, b, i * TQ, (i + 1) * TQ < L ? (i + 1) * TQ : L, &w);
+    });
+    /* dk += the groups' buffers, group by group, per block of 256 keys. */
+    const int64_t nb = (L + 255) / 256;
+    PL_PARALLEL_FOR(B * L * HD * 2, schedule(static), r, B * nb, {
+        const int64_t b = r / nb, s0 = (r % nb) * 256, s1 = s0 + 256 < L ? s0 + 256 : L;
+        for (int x = 0; x < 2; x++) {
+            float *dst = x ? dv : dk;
+            if (!dst) continue;
+            for (int gi = 1; gi < NG_BWD; gi++) {
+                const int64_t e = s1 < end[gi] ? s1 : end[gi];
+                const float *src = (x ? gv[gi] : gk[gi]) + b * end[gi] * HD;
+                for (int64_t j = s0 * HD; j < e * HD; j++) dst[b * L * HD + j] += src[j];
+            }
+        }
+    });
     pl_mark_release(ctx, mark);
 }
 
@@ -772,6 +949,35 @@ pl_sparse_save pl_set_sparse_attention_save(pl_ctx *ctx, pl_sparse_save mode) {
 }
 
 static int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
+
+/* Keys per superblock of the key-block walk, 0 for the tile walk: the walk where
+ * one batch's k and v (L*HD*8 bytes) exceed 16 MiB, half of this machine's L3
+ * (then k, v, dk and dv outgrow it), superblocks of 2048 keys (k, v, dk, dv
+ * rows of a superblock: 4 MiB at HD = 128). pl__tuning.sparse_sb: 1 never, 2
+ * always (tests), with pl__tuning.sparse_sb_keys keys. */
+static int64_t sa_superblock(int64_t L, int64_t HD, int64_t SK) {
+    const int64_t mode = pl__tuning.sparse_sb;
+    if (mode == 1 || (mode == 0 && L * HD * 8 <= ((int64_t)16 << 20))) return 0;
+    int64_t sb = pl__tuning.sparse_sb_keys > 0 ? pl__tuning.sparse_sb_keys : 2048;
+    return sb > SK ? sb : SK;
+}
+
+/* rinfo of every row: its count of valid entries when they come first and in
+ * ascending key order, else -1. */
+static void row_info(const sa_args *a) {
+    const int64_t K = a->K;
+    PL_PARALLEL_FOR(a->B * a->L * K, schedule(static), row, a->B * a->L, {
+        const int32_t *ir = a->idx + row * K;
+        int64_t n = 0;
+        bool ok = true;
+        for (int64_t j = 0; j < K; j++)
+            if (ir[j] >= 0) {
+                if (j != n || (n > 0 && ir[j] < ir[j - 1])) ok = false;
+                n++;
+            }
+        a->rinfo[row] = ok ? (int32_t)n : -1;
+    });
+}
 
 /* Tiles of the forward: query rows per tile and keys per block (see below). */
 static void sa_tiles(int64_t H, int64_t D, int64_t K, int64_t *TQ, int64_t *SK) {
@@ -800,8 +1006,6 @@ pl_status pl__sparse_attention_seqs(pl_ctx *ctx, const pl__sa_seq *seqs, int64_t
                          .Kz = ((K + 7) & ~(int64_t)7) + 16,
                          .TQ = TQ,
                          .SK = SK,
-                         .KT = 1,
-                         .QB = 1,
                          .scale = 1.0f / sqrtf((float)D),
                          .keep_scale = 1.0f,
                          .q = s->q,
@@ -855,7 +1059,7 @@ static pl_tensor *sparse_attention_impl(pl_ctx *ctx, pl_tensor *q, pl_tensor *k,
     const bool record = pl__wants_grad(ctx, 3, in);
     /* Tiles: a key block's k or v rows (SK*H*D*4 bytes) within ~128 KB of L2;
      * TQ query rows share each block (their scratch, ~TQ*K*(8 + 8H) bytes, within
-     * ~5 MB). The dk, dv pass: KT keys per tile, QB query rows per block. */
+     * ~5 MB). */
     int64_t TQ, SK;
     sa_tiles(H, D, K, &TQ, &SK);
     const int64_t Kz = ((K + 7) & ~(int64_t)7) + 16;
@@ -869,8 +1073,6 @@ static pl_tensor *sparse_attention_impl(pl_ctx *ctx, pl_tensor *q, pl_tensor *k,
                  Kz,
                  TQ,
                  SK,
-                 SK / 2 > 0 ? SK / 2 : 1,
-                 SK / 4 > 0 ? SK / 4 : 1,
                  1.0f / sqrtf((float)D),
                  pl__drop_scale(dropout_p),
                  pl__drop_threshold(dropout_p),
@@ -884,6 +1086,11 @@ static pl_tensor *sparse_attention_impl(pl_ctx *ctx, pl_tensor *q, pl_tensor *k,
                  NULL,
                  NULL,
                  pl__isa(),
+                 NULL,
+                 sa_superblock(L, H * D, SK),
+                 NULL,
+                 NULL,
+                 NULL,
                  NULL,
                  NULL,
                  0};
@@ -904,12 +1111,36 @@ static pl_tensor *sparse_attention_impl(pl_ctx *ctx, pl_tensor *q, pl_tensor *k,
     unsigned char *buf = pl__scratch(ctx, per * (size_t)nt);
     if (!buf) return NULL;
     const int64_t nq = (L + TQ - 1) / TQ;
-    /* Each task carves its thread's memory (see the backward). */
-    PL_PARALLEL_FOR(B * L * K * H * D, schedule(dynamic, 1), r, B * nq, {
-        sa_work w = work_carve(&a, buf + per * (size_t)omp_get_thread_num());
-        const int64_t b = r / nq, t0 = (nq - 1 - r % nq) * TQ; /* largest tiles (late t) first */
-        PL_ISA_PICK(sa_fwd_tile, a.isa)(&a, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
-    });
+    if (a.SB) { /* the key-block walk, by the backward's groups of rows */
+        if (!(a.rinfo = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * L)))) return NULL;
+        const pl_mark mk = pl_mark_get(ctx);
+        const size_t rb = sizeof(float) * (size_t)(B * L * H);
+        if (!(a.rcur = pl__scratch(ctx, sizeof(int32_t) * (size_t)(B * L))) ||
+            !(a.mrun = pl__scratch(ctx, rb)) || !(a.lrun = pl__scratch(ctx, rb)) ||
+            (!a.lse && !(a.lse = pl__scratch(ctx, rb))))
+            return NULL;
+        row_info(&a);
+        int64_t first[NG_BWD + 1];
+        bwd_groups(L, K, TQ, first);
+        PL_PARALLEL_FOR(B * L * K * H * D, schedule(dynamic, 1), r, B * NG_BWD, {
+            sa_work w = work_carve(&a, buf + per * (size_t)omp_get_thread_num());
+            const int64_t b = r / NG_BWD, gi = NG_BWD - 1 - r % NG_BWD, r0 = first[gi] * TQ,
+                          r1 = first[gi + 1] * TQ < L ? first[gi + 1] * TQ : L;
+            if (r0 < r1) PL_ISA_PICK(sa_fwd_sb, a.isa)(&a, b, r0, r1, &w);
+        });
+        /* lse was only scratch unless recorded; the running sums are done */
+        if (!(record && lse_only)) a.lse = NULL;
+        a.rcur = NULL;
+        a.mrun = a.lrun = NULL;
+        pl_mark_release(ctx, mk);
+    } else
+        /* Each task carves its thread's memory (see the backward). */
+        PL_PARALLEL_FOR(B * L * K * H * D, schedule(dynamic, 1), r, B * nq, {
+            sa_work w = work_carve(&a, buf + per * (size_t)omp_get_thread_num());
+            const int64_t b = r / nq,
+                          t0 = (nq - 1 - r % nq) * TQ; /* largest tiles (late t) first */
+            PL_ISA_PICK(sa_fwd_tile, a.isa)(&a, b, t0, t0 + TQ < L ? t0 + TQ : L, &w);
+        });
     if (dropout_p > 0.0f) rng->offset += (uint64_t)(B * H * L * ((K + 3) / 4));
     pl_node *nd;
     if (pl__record(ctx, "sparse_attention", sparse_attention_backward, out, 3, in, sizeof a, &nd))

@@ -137,7 +137,11 @@ static int first_leak(selector sel, bool library_attention, int k, int s, float 
 static const int S_LIST[] = {0, 1, L / 2, L - 1};
 static const int K_LIST[] = {1, 5, L / 2, L - 1, L, L + 3};
 
+/* _i = 1: sparse attention by its key-block walk (superblocks of 5 keys). */
 START_TEST(library_pipeline_is_causal) {
+    const pl_tuning keep = pl__tuning;
+    pl__tuning.sparse_sb = _i ? 2 : 1;
+    pl__tuning.sparse_sb_keys = 5;
     for (int si = 0; si < 4; si++)
         for (int ki = 0; ki < 6; ki++)
             for (int sel = SEL_FUSED; sel <= SEL_SCORES_TOPK; sel++)
@@ -148,6 +152,7 @@ START_TEST(library_pipeline_is_causal) {
                                   "selector %d, k=%d: changing token %d changed output t=%d", sel,
                                   K_LIST[ki], S_LIST[si], leak);
                 }
+    pl__tuning = keep;
 }
 END_TEST
 
@@ -183,7 +188,7 @@ int main(void) {
     TCase *tc;
     Suite *s = tu_suite("causality", TU_PARALLEL, &tc);
     tcase_add_checked_fixture(tc, make_params, NULL);
-    tcase_add_test(tc, library_pipeline_is_causal);
+    tcase_add_loop_test(tc, library_pipeline_is_causal, 0, 2);
     tcase_add_test(tc, naive_attention_with_causal_topk_is_causal);
     tcase_add_test(tc, check_detects_flawed_selection);
     return tu_run(s);

@@ -40,13 +40,16 @@ static pl_tensor *rnd(uint64_t *s, int B, int L, int H, int D) {
 }
 
 /* Tile settings (query rows, keys per block): automatic, then small ones that
- * cut rows and key ranges into many pieces; and the forward's choice per tile
- * (automatic, masked micro-GEMM wherever it fits, gather). */
+ * cut rows and key ranges into many pieces; the forward's choice per tile
+ * (automatic, masked micro-GEMM wherever it fits, gather); and every third
+ * setting the key-block walk with superblocks of a few keys. */
 static const int64_t TILES[][2] = {{0, 0}, {3, 4}, {1, 1}, {5, 2}};
 static void set_tiles(int i) {
     pl__tuning.sparse_tile_q = TILES[i % 4][0];
     pl__tuning.sparse_tile_k = TILES[i % 4][1];
     pl__tuning.sparse_gemm = (i / 4) % 3 == 1 ? 2 : (i / 4) % 3 == 2 ? 1 : 0;
+    pl__tuning.sparse_sb = i % 3 == 1 ? 2 : 0;
+    pl__tuning.sparse_sb_keys = 3 + i % 5;
 }
 
 START_TEST(forward_matches_naive) {
@@ -486,6 +489,84 @@ START_TEST(union_gemm_matches_gather) {
 }
 END_TEST
 
+/* The one-pass backward against the double reference: dq, dk, dv for random
+ * index sets (rows with a key twice, empty rows, unsorted rows), both save
+ * modes (_i), tile settings that split the rows into many groups, dropout,
+ * D a multiple of the vector width and not; 1 and 2 threads give the same
+ * bits. */
+START_TEST(backward_matches_reference) {
+    set_save(_i);
+    uint64_t s = 515 + (uint64_t)_i;
+    const int Ds[] = {32, 5, 16, 64};
+    for (int rep = 0; rep < 12; rep++) {
+        set_tiles(rep % 4);
+        pl__tuning.sparse_sb = rep >= 8 || rep % 3 == 1 ? 2 : 0; /* the key-block walk */
+        const int B = 1 + rep % 2, L = 40 + 13 * (rep % 8), H = 1 + rep % 3, D = Ds[rep % 4];
+        const int K = rep < 4 ? 9 : 24;
+        const float p = rep % 3 == 1 ? 0.25f : 0.0f;
+        pl_tensor *q = tu_param(ctx, "q", PL_DIMS(B, L, H, D), &s, -1, 1);
+        pl_tensor *k = tu_param(ctx, "k", PL_DIMS(B, L, H, D), &s, -1, 1);
+        pl_tensor *v = tu_param(ctx, "v", PL_DIMS(B, L, H, D), &s, -1, 1);
+        pl_tensor *idx = pl_persistent_new(ctx, "idx", PL_I32, PL_DIMS(B, L, K), false);
+        int32_t *id = pl_i32(idx);
+        fill_idx(&s, id, B, L, K, true);
+        for (int b = 0; b < B; b++) /* row 7: key 3 in two slots */
+            for (int j = 0; j < 2; j++) id[((int64_t)b * L + 7) * K + K - 1 - j] = 3;
+        for (int64_t r = 0; rep % 2 && r < (int64_t)B * L; r++) { /* top-k layout: sorted, first */
+            int32_t *row = id + r * K;
+            int n = 0;
+            for (int j = 0; j < K; j++)
+                if (row[j] >= 0) row[n++] = row[j];
+            for (int j = n; j < K; j++) row[j] = -1;
+            for (int i = 1; i < n; i++)
+                for (int j = i; j > 0 && row[j] < row[j - 1]; j--) {
+                    const int32_t x = row[j];
+                    row[j] = row[j - 1];
+                    row[j - 1] = x;
+                }
+        }
+        const int64_t n = q->numel;
+        float *seed = malloc(sizeof(float) * (size_t)n), *res[2];
+        tu_fill(seed, n, &s, -1, 1);
+        for (int run = 0; run < 2; run++) {
+            pl_set_num_threads(run + 1);
+            pl_zero_grad(ctx);
+            pl_rng rng;
+            pl_rng_init(&rng, 21);
+            pl_tensor *o = pl_sparse_attention(ctx, q, k, v, idx, p, &rng);
+            ck_assert_msg(o != NULL, "%s", pl_last_error());
+            ck_assert_int_eq(pl_backward_seed(ctx, o, seed), PL_OK);
+            if (run == 0) {
+                float *ref = malloc(sizeof(float) * (size_t)n * 4);
+                tu_attn ra = tu_attn_of(q, k, v, idx);
+                ra.p = p;
+                ra.seed = rng.seed;
+                ra.offset = 0;
+                ra.dO = seed;
+                tu_attention_ref(&ra, ref, NULL, ref + n, ref + 2 * n, ref + 3 * n);
+                tu_assert_close(pl_f32(o), ref, n, 1e-5, 1e-5);
+                tu_assert_close(q->grad, ref + n, n, 2e-5, 1e-4);
+                tu_assert_close(k->grad, ref + 2 * n, n, 2e-5, 1e-4);
+                tu_assert_close(v->grad, ref + 3 * n, n, 2e-5, 1e-4);
+                free(ref);
+            }
+            res[run] = out_and_grads(o, q, k, v, n);
+            pl_step_reset(ctx);
+        }
+        pl_set_num_threads(2);
+        ck_assert_msg(!memcmp(res[0], res[1], sizeof(float) * (size_t)n * 4),
+                      "1 and 2 threads differ (rep %d)", rep);
+        free(seed);
+        free(res[0]);
+        free(res[1]);
+        pl_tensor_free(q);
+        pl_tensor_free(k);
+        pl_tensor_free(v);
+        pl_tensor_free(idx);
+    }
+}
+END_TEST
+
 START_TEST(errors) {
     pl_tensor *q = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 4));
     pl_tensor *bad = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 3));
@@ -523,6 +604,7 @@ static void isa_cases(TCase *tc) {
     tcase_add_loop_test(tc, vector_paths, 0, 2);
     tcase_add_test(tc, recompute_matches_saved);
     tcase_add_test(tc, union_gemm_matches_gather);
+    tcase_add_loop_test(tc, backward_matches_reference, 0, 2);
     tcase_set_timeout(tc, 120);
 }
 
@@ -538,6 +620,7 @@ int main(void) {
     tcase_add_loop_test(tc, vector_paths, 0, 2);
     tcase_add_test(tc, recompute_matches_saved);
     tcase_add_test(tc, union_gemm_matches_gather);
+    tcase_add_loop_test(tc, backward_matches_reference, 0, 2);
     tcase_add_test(tc, errors);
     tu_isa_tcases(s, "sparse_attention", isa_cases);
     return tu_run(s);
