@@ -1,13 +1,16 @@
 /* Incremental decoding: the KV cache and attention of new positions against it.
  *
  * The cache is plain memory per layer: k and v [batch, capacity, H*D] and, for
- * PLASA layers, the indexer keys kI [batch, capacity, dI], plus one length per
- * (layer, sequence). Appending copies the new rows in place.
+ * PLASA layers, the indexer keys kI [batch, capacity rounded up to PL__KT_PAD,
+ * dI] stored transposed in blocks of PL__KT positions (lib/internal.h), plus
+ * one length per (layer, sequence). Appending copies the new rows in place.
  *
  * The attention ops reuse the training kernels rather than copies of them:
- *  - PLASA: the indexer products of the new queries against every cached kI are
- *    one oneDNN sgemm per sequence, summed over heads by the training kernel
- *    (pl__ix_row_scores), and selected by the training radix select
+ *  - PLASA: the indexer scores of each new query over every cached kI are one
+ *    pass of pl__ix_scores_kt (ops/indexer.c) over the transposed keys: vector
+ *    multiply-add chains over dI with no horizontal sums, each product in the
+ *    order of an sgemm's inner product, heads summed in the order of the
+ *    training kernel (pl__ix_row_scores); then the training radix select
  *    (pl__causal_topk_row): the rule of pl_indexer_topk, row by row;
  *  - sparse attention over the selected cached rows runs pl_sparse_attention's
  *    forward tile (pl__sparse_attention_seqs), with the query rows offset to
@@ -26,7 +29,8 @@ struct pl_kv_cache {
     int64_t cap, H, D;
     int *dI;        /* [n_layers] */
     float **k, **v; /* [n_layers] -> [batch * cap * H*D] */
-    float **kI;     /* [n_layers] -> [batch * cap * dI] or NULL */
+    float **kI;     /* [n_layers] -> [batch * capk * dI] (blocks of PL__KT) or NULL */
+    int64_t capk;   /* cap rounded up to PL__KT_PAD */
     int64_t *len;   /* [n_layers * batch] */
 };
 
@@ -74,6 +78,7 @@ pl_kv_cache *pl_kv_cache_new(const pl_kv_cache_config *cfg) {
     c->cap = cfg->capacity;
     c->H = cfg->heads;
     c->D = cfg->head_dim;
+    c->capk = (c->cap + PL__KT_PAD - 1) / PL__KT_PAD * PL__KT_PAD;
     const size_t nl = (size_t)cfg->n_layers;
     if (!(c->dI = pl__calloc(nl, sizeof *c->dI)) || !(c->k = pl__calloc(nl, sizeof *c->k)) ||
         !(c->v = pl__calloc(nl, sizeof *c->v)) || !(c->kI = pl__calloc(nl, sizeof *c->kI)) ||
@@ -84,8 +89,12 @@ pl_kv_cache *pl_kv_cache_new(const pl_kv_cache_config *cfg) {
         if (!(c->k[l] = pl__malloc(sizeof(float) * (size_t)(rows * HD))) ||
             !(c->v[l] = pl__malloc(sizeof(float) * (size_t)(rows * HD))))
             goto oom;
-        if (c->dI[l] && !(c->kI[l] = pl__malloc(sizeof(float) * (size_t)(rows * c->dI[l]))))
-            goto oom;
+        /* zeroed: the scores kernel reads whole blocks, past the length too */
+        const size_t nkI = (size_t)cfg->batch * (size_t)c->capk * (size_t)c->dI[l];
+        if (c->dI[l]) {
+            if (!(c->kI[l] = pl__malloc(sizeof(float) * nkI))) goto oom;
+            memset(c->kI[l], 0, sizeof(float) * nkI);
+        }
     }
     return c;
 oom:
@@ -183,9 +192,15 @@ pl_status pl_kv_cache_append(pl_kv_cache *c, int layer, int seq0, pl_tensor *k, 
         const int64_t row = (seq0 + b) * c->cap + len[b];
         memcpy(c->k[layer] + row * HD, pl_f32(k) + b * T * HD, sizeof(float) * (size_t)(T * HD));
         memcpy(c->v[layer] + row * HD, pl_f32(v) + b * T * HD, sizeof(float) * (size_t)(T * HD));
-        if (dI)
-            memcpy(c->kI[layer] + row * dI, pl_f32(kI) + b * T * dI,
-                   sizeof(float) * (size_t)(T * dI));
+        if (dI) { /* into the transposed blocks */
+            float *kt = c->kI[layer] + (seq0 + b) * c->capk * dI;
+            const float *src = pl_f32(kI) + b * T * dI;
+            for (int64_t i = 0; i < T; i++) {
+                const int64_t s = len[b] + i;
+                float *dst = kt + (s / PL__KT) * PL__KT * dI + s % PL__KT;
+                for (int64_t j = 0; j < dI; j++) dst[j * PL__KT] = src[i * dI + j];
+            }
+        }
         len[b] += T;
     }
     return PL_OK;
@@ -300,43 +315,28 @@ pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *c, int layer, 
     int64_t Lmax = 0;
     for (int64_t b = 0; b < nb; b++) Lmax = len[b] > Lmax ? len[b] : Lmax;
     pl_tensor *out = pl__new(ctx, PL_I32, PL_DIMS(nb, T, k));
-    const int nt = omp_get_max_threads();
-    /* Query rows in blocks of TB (as pl_indexer_topk): the products of a block
-     * hold at most ~2^20 floats, so a long prefill chunk does not need T*HI*len. */
-    int64_t TB =
-        pl__tuning.indexer_block_rows > 0 ? pl__tuning.indexer_block_rows : (1 << 20) / (HI * Lmax);
-    TB = TB < 1 ? 1 : TB > T ? T : TB;
-    float *D = out ? pl__scratch(ctx, sizeof(float) * (size_t)(TB * HI * Lmax)) : NULL;
-    float *rowbuf = D ? pl__scratch(ctx, sizeof(float) * (size_t)(Lmax * nt)) : NULL;
+    const int nt = omp_get_max_threads(), isa = pl__isa();
+    float *rowbuf = out ? pl__scratch(ctx, sizeof(float) * (size_t)(Lmax * nt)) : NULL;
     /* pl__causal_topk_row's scratch: 3 len per thread */
     uint32_t *keys = rowbuf ? pl__scratch(ctx, sizeof(uint32_t) * 3 * (size_t)(Lmax * nt)) : NULL;
     if (!keys) return NULL;
     int32_t *o = pl_i32(out);
-    const float *q = pl_f32(qI), *wd = pl_f32(w);
-    for (int64_t b = 0; b < nb; b++) {
-        const int64_t t0 = len[b] - T;
-        for (int64_t i0 = 0; i0 < T; i0 += TB) {
-            const int64_t i1 = i0 + TB < T ? i0 + TB : T, N = t0 + i1; /* keys of the block */
-            if (N > k) { /* rows t < k take every s <= t: no products needed */
-                const float *kc = c->kI[layer] + (seq0 + b) * c->cap * dI;
-                if (pl__sgemm(false, true, (i1 - i0) * HI, N, dI, 1.0f, q + (b * T + i0) * HI * dI,
-                              dI, kc, dI, 0.0f, D, N))
-                    return NULL;
-            }
-            PL_PARALLEL(i1 - i0 > 1 ? (i1 - i0) * HI * N : 0, default(shared), {
-                const size_t tid = (size_t)omp_get_thread_num();
-                float *row = rowbuf + tid * (size_t)Lmax;
-                uint32_t *kb = keys + tid * 3 * (size_t)Lmax;
-                _Pragma("omp for schedule(static)") for (int64_t i = i0; i < i1; i++) {
-                    const int64_t t = t0 + i;
-                    if (t + 1 > k)
-                        pl__ix_row_scores(row, D + (i - i0) * HI * N, N, wd + (b * T + i) * HI, HI,
-                                          t + 1);
-                    pl__causal_topk_row(row, t + 1, k, o + (b * T + i) * k, k, kb);
-                }
-            });
+    const float *q = pl_f32(qI), *wd = pl_f32(w), *kIl = c->kI[layer];
+    const int64_t capk = c->capk, rows = nb * T;
+    /* One task per new query row (b, i); a row's result does not depend on the
+     * others', so one token at a time and chunks of tokens give the same bits. */
+    PL_PARALLEL(rows > 1 ? rows * HI * dI * Lmax : 0, default(shared), {
+        const size_t tid = (size_t)omp_get_thread_num();
+        float *row = rowbuf + tid * (size_t)Lmax;
+        uint32_t *kb = keys + tid * 3 * (size_t)Lmax;
+        _Pragma("omp for schedule(dynamic, 1)") for (int64_t r = 0; r < rows; r++) {
+            const int64_t b = r / T, t = len[b] - T + r % T;
+            if (t + 1 > k) /* rows t < k take every s <= t: no scores needed */
+                PL_ISA_PICK(pl__ix_scores_kt, isa)
+                (row, q + r * HI * dI, wd + r * HI, kIl + (seq0 + b) * capk * dI, HI, dI, t + 1);
+            pl__causal_topk_row(row, t + 1, k, o + r * k, k, kb);
         }
-    }
+    });
     return out;
 }
 

@@ -442,6 +442,14 @@ START_TEST(errors) {
 }
 END_TEST
 
+/* The decode kernels at each lower instruction-set level the CPU runs. */
+static void isa_cases(TCase *tc) {
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, decode_matches_full_forward);
+    tcase_add_loop_test(tc, indexer_topk_cached_equals_training, 0, 2);
+    tcase_set_timeout(tc, 300);
+}
+
 int main(void) {
     Suite *s = suite_create("decode");
     TCase *tc = tcase_create("core");
@@ -452,5 +460,6 @@ int main(void) {
     tcase_add_test(tc, errors);
     tcase_set_timeout(tc, 300);
     suite_add_tcase(s, tc);
+    tu_isa_tcases(s, "decode", isa_cases);
     return tu_run(s);
 }
