@@ -206,6 +206,18 @@ PL_ISA_DECLARE(void, pl__ix_row_scores,
  * chain of multiply-adds over i = 0..dI-1 in order. Reads the keys up to n
  * rounded up to PL__KT_PAD (the cache allocates them). */
 enum { PL__KT = 16, PL__KT_PAD = 32 };
+/* (ops/indexer.c) The int8 rounding of PL_INDEXER_INT8: n rows of x [n, dI]
+ * to int8 in [-lim, lim], scale[r] = max|row r| / lim. */
+PL_ISA_DECLARE(void, pl__ix_quant_rows,
+               (const float *x, int64_t n, int64_t dI, float lim, int8_t *x8, float *scale));
+/* (ops/indexer.c) Decoding at PL_INDEXER_INT8 over the cache's int8 key blocks
+ * (layout at pl__ix_scores_kt8's definition): out[s] = sk[s] * sum_j wsq[j]
+ * max(q8_j . k8_s, 0), pl_indexer_topk's int8 scores bit for bit. q8 [HI, dI4]
+ * zero padded, qoff[j] = 64 * sum q8_j, vnni: use AVX512-VNNI (pl__cpu_vnni). */
+PL_ISA_DECLARE(void, pl__ix_scores_kt8,
+               (float *out, const int8_t *q8, const int32_t *qoff, const float *wsq,
+                const float *sk, const uint8_t *k8t, int64_t HI, int64_t dI4, int64_t n, int vnni,
+                int32_t *dots));
 PL_ISA_DECLARE(void, pl__ix_scores_kt,
                (float *out, const float *q, const float *w, const float *kt, int64_t HI, int64_t dI,
                 int64_t n));

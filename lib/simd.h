@@ -34,6 +34,8 @@ int pl__isa_cpu(void);
 /* Caps the level at `level` (PL_ISA_*), or removes the cap (0). Returns the
  * level kernels will use. Not thread-safe: tests call it between ops. */
 int pl__isa_force(int level);
+/* Whether the AVX-512 kernels may use AVX512-VNNI (CPU has it, level avx512). */
+int pl__cpu_vnni(void);
 /* "avx512", "avx2" or "baseline". */
 const char *pl__isa_name(int level);
 /* Lanes of pl_vf at a level (16, 8, 4). */

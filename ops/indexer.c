@@ -53,8 +53,6 @@ typedef struct {
     int32_t *C;      /* one block of int32 products */
 } ix_q8;
 
-PL_ISA_DECLARE(void, ix_quant_rows,
-               (const float *x, int64_t n, int64_t dI, float lim, int8_t *x8, float *scale));
 PL_ISA_DECLARE(void, ix_row_scores_i8,
                (float *out, const int32_t *C, int64_t ld, const float *w, const float *sq,
                 const float *sk, int64_t HI, int64_t n));
@@ -75,10 +73,13 @@ PL_ISA_DECLARE(void, ixg_bwd_row,
                 int64_t K, int64_t HI, int64_t dI, float *X, float *dq, float *dw, float *dkp));
 
 #ifdef PL_ISA /* ---- the kernels (built per instruction set) ---- */
+#if PL_VW == 16
+#include <immintrin.h>
+#endif
 
 /* Rounds n rows of x [n, dI] to int8 in [-lim, lim], scale max|row| / lim. */
-void PL_ISA_FN(ix_quant_rows)(const float *x, int64_t n, int64_t dI, float lim, int8_t *x8,
-                              float *scale) {
+void PL_ISA_FN(pl__ix_quant_rows)(const float *x, int64_t n, int64_t dI, float lim, int8_t *x8,
+                                  float *scale) {
     for (int64_t r = 0; r < n; r++) {
         const float *xr = x + r * dI;
         float m = 0.0f;
@@ -381,6 +382,84 @@ void PL_ISA_FN(pl__ix_scores_kt)(float *out, const float *q, const float *w, con
     }
 }
 
+/* ---- decoding at PL_INDEXER_INT8 ----
+ * The cache keeps each indexer key's int8 image k8 (pl__ix_quant_rows, lim 63,
+ * as pl_indexer_topk quantises kI) offset by +64 into [1, 127], in blocks of
+ * PL__KT positions: 4 components of 16 keys per 64 bytes (component i of key s
+ * at k8t[(s / 16) * 16 * dI4 + (i / 4) * 64 + (s % 16) * 4 + i % 4], dI4 = dI
+ * rounded up to 4, padding 64 = the value 0). The dots are exact integers,
+ * sum_i (k8 + 64) q8 - 64 sum_i q8, so the scores are pl_indexer_topk's int8
+ * scores bit for bit. With AVX512-VNNI one vpdpbusd takes 16 keys x 4
+ * components; otherwise the same integers by plain multiplies. */
+static void kt8_dots_plain(const int8_t *q8, const int32_t *qoff, const uint8_t *blk, int64_t HI,
+                           int64_t dI4, int32_t *dots) {
+    for (int64_t h = 0; h < HI; h++)
+        for (int l = 0; l < PL__KT; l++) {
+            int32_t acc = 0;
+            for (int64_t g = 0; g < dI4 / 4; g++)
+                for (int j = 0; j < 4; j++)
+                    acc += (int32_t)blk[g * 64 + l * 4 + j] * (int32_t)q8[h * dI4 + 4 * g + j];
+            dots[h * PL__KT + l] = acc - qoff[h];
+        }
+}
+
+#if PL_VW == 16
+__attribute__((target("avx512vnni"))) static void kt8_dots_vnni(const int8_t *q8,
+                                                                const int32_t *qoff,
+                                                                const uint8_t *blk, int64_t HI,
+                                                                int64_t dI4, int32_t *dots) {
+    for (int64_t h = 0; h < HI; h++) {
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+        const int8_t *qh = q8 + h * dI4;
+        int64_t g = 0;
+        for (; g + 2 <= dI4 / 4; g += 2) { /* two chains */
+            int32_t w0, w1;
+            memcpy(&w0, qh + 4 * g, 4);
+            memcpy(&w1, qh + 4 * g + 4, 4);
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(blk + g * 64), _mm512_set1_epi32(w0));
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(blk + g * 64 + 64),
+                                     _mm512_set1_epi32(w1));
+        }
+        if (g < dI4 / 4) {
+            int32_t w0;
+            memcpy(&w0, qh + 4 * g, 4);
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(blk + g * 64), _mm512_set1_epi32(w0));
+        }
+        const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(a0, a1), _mm512_set1_epi32(qoff[h]));
+        _mm512_storeu_si512(dots + h * PL__KT, d);
+    }
+}
+#endif
+
+/* out[s] = sk[s] * sum_j wsq[j] max(dot_j(s), 0) for s < n (wsq[j] = w[j] sq[j];
+ * the order of ix_row_scores_i8). dots: scratch of HI*PL__KT int32. */
+void PL_ISA_FN(pl__ix_scores_kt8)(float *out, const int8_t *q8, const int32_t *qoff,
+                                  const float *wsq, const float *sk, const uint8_t *k8t, int64_t HI,
+                                  int64_t dI4, int64_t n, int vnni, int32_t *dots) {
+    for (int64_t s0 = 0; s0 < n; s0 += PL__KT) {
+        const uint8_t *blk = k8t + (s0 / PL__KT) * PL__KT * dI4;
+#if PL_VW == 16
+        if (vnni)
+            kt8_dots_vnni(q8, qoff, blk, HI, dI4, dots);
+        else
+#endif
+            kt8_dots_plain(q8, qoff, blk, HI, dI4, dots);
+        float o[PL__KT];
+        for (int v = 0; v < PL__KT / PL_VW; v++) { /* PL_VW keys at a time */
+            pl_vi d;
+            memcpy(&d, dots + v * PL_VW, sizeof d);
+            pl_vf acc = pl_splat(wsq[0]) * __builtin_convertvector(d & (d > 0), pl_vf);
+            for (int64_t j = 1; j < HI; j++) {
+                memcpy(&d, dots + j * PL__KT + v * PL_VW, sizeof d);
+                acc += pl_splat(wsq[j]) * __builtin_convertvector(d & (d > 0), pl_vf);
+            }
+            PL_ST(o + v * PL_VW, acc);
+        }
+        const int64_t m = n - s0 < PL__KT ? n - s0 : PL__KT;
+        for (int64_t l = 0; l < m; l++) out[s0 + l] = o[l] * sk[s0 + l];
+    }
+}
+
 #else /* ---- the ops (built once) ---- */
 
 pl_status pl_set_indexer_precision(pl_ctx *ctx, pl_indexer_precision p) {
@@ -413,11 +492,13 @@ static pl_status ix_quantise(pl_ctx *ctx, const ix_dims *d, const float *q, cons
     const int64_t chunk = 256;
     PL_PARALLEL_FOR(nq * dI, schedule(static), c, (nq + chunk - 1) / chunk, {
         const int64_t r0 = c * chunk, n = nq - r0 < chunk ? nq - r0 : chunk;
-        PL_ISA_PICK(ix_quant_rows, d->isa)(q + r0 * dI, n, dI, 127.0f, z->q8 + r0 * dI, z->sq + r0);
+        PL_ISA_PICK(pl__ix_quant_rows, d->isa)
+        (q + r0 * dI, n, dI, 127.0f, z->q8 + r0 * dI, z->sq + r0);
     });
     PL_PARALLEL_FOR(nk * dI, schedule(static), c, (nk + chunk - 1) / chunk, {
         const int64_t r0 = c * chunk, n = nk - r0 < chunk ? nk - r0 : chunk;
-        PL_ISA_PICK(ix_quant_rows, d->isa)(k + r0 * dI, n, dI, 63.0f, z->k8 + r0 * dI, z->sk + r0);
+        PL_ISA_PICK(pl__ix_quant_rows, d->isa)
+        (k + r0 * dI, n, dI, 63.0f, z->k8 + r0 * dI, z->sk + r0);
     });
     return PL_OK;
 }
