@@ -1,9 +1,9 @@
 #define _POSIX_C_SOURCE 200809L
 #include "util.h"
+#include "plasa.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <stdatomic.h>
 #include <unistd.h>
 #include <math.h>
 #include <stdbool.h>
@@ -158,42 +158,39 @@ int tr_read_file(const char *path, tr_buf *out) {
     return -1;
 }
 
+/* pl_file_write_atomic: concurrent runs writing one cache file each rename a
+ * complete file, and temporaries of killed runs are removed. */
 int tr_write_file(const char *path, const void *data, size_t n) {
-    /* A temporary name of this process and call alone ("<path>.tmp-PID-N",
-     * created exclusively), renamed into place: runs that write the same
-     * cache file at the same time each rename a complete file, and a reader
-     * sees the old file or a complete new one. */
-    static atomic_uint counter;
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 48);
-    if (!tmp) return tr_fail("out of memory");
-    int fd = -1;
-    for (int tries = 0; tries < 100 && fd < 0; tries++) {
-        snprintf(tmp, plen + 48, "%s.tmp-%ld-%u", path, (long)getpid(),
-                 atomic_fetch_add(&counter, 1u));
-        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-        if (fd < 0 && errno != EEXIST) break;
-    }
-    FILE *f = fd < 0 ? NULL : fdopen(fd, "wb");
-    if (!f) {
-        tr_fail("cannot create %s: %s", tmp, strerror(errno));
-        if (fd >= 0) {
-            close(fd);
-            remove(tmp);
-        }
-        free(tmp);
-        return -1;
-    }
-    int ok = fwrite(data, 1, n, f) == n;
-    ok = (fclose(f) == 0) && ok;
-    if (!ok || rename(tmp, path) != 0) {
-        tr_fail("cannot write %s: %s", path, strerror(errno));
-        remove(tmp);
-        free(tmp);
-        return -1;
-    }
-    free(tmp);
-    return 0;
+    return pl_file_write_atomic(path, data, n) ? tr_fail("%s", pl_last_error()) : 0;
+}
+
+/* Jiffies of all CPUs: total and idle (idle + iowait), from /proc/stat. */
+static bool cpu_jiffies(unsigned long long *total, unsigned long long *idle) {
+    FILE *f = fopen("/proc/stat", "r");
+    if (!f) return false;
+    unsigned long long v[8] = {0};
+    int n = fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3],
+                   &v[4], &v[5], &v[6], &v[7]);
+    fclose(f);
+    if (n < 5) return false;
+    *total = 0;
+    for (int i = 0; i < 8; i++) *total += v[i];
+    *idle = v[3] + v[4];
+    return true;
+}
+
+void tr_omp_wait_auto(char **argv) {
+    const char *off = getenv("PLASA_OMP_WAIT_AUTO");
+    if (getenv("OMP_WAIT_POLICY") || (off && strcmp(off, "0") == 0)) return;
+    unsigned long long t0, i0, t1, i1;
+    if (!cpu_jiffies(&t0, &i0)) return;
+    nanosleep(&(struct timespec){0, 50 * 1000 * 1000}, NULL);
+    if (!cpu_jiffies(&t1, &i1) || t1 <= t0) return;
+    double busy = 1.0 - (double)(i1 - i0) / (double)(t1 - t0); /* others: we slept */
+    if (busy <= 0.25) return;
+    if (setenv("OMP_WAIT_POLICY", "PASSIVE", 1) != 0) return;
+    execv("/proc/self/exe", argv); /* returns only on failure: run on as we are */
+    unsetenv("OMP_WAIT_POLICY");
 }
 
 int tr_file_exists(const char *path) {
