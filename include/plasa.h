@@ -989,12 +989,17 @@ PL_API pl_tensor *pl_attention_cached(pl_ctx *ctx, const pl_kv_cache *cache, int
  * positions s <= t with the largest indexer scores
  *   I[t,s] = sum_j w[i,j] * ReLU(qI[i,j,:] . kI[b,s,:])
  * (ties to the smaller s, NaN as -inf, ascending s, then -1 up to k): exactly
- * the rule of pl_indexer_topk, row t, in float32 precision (a context set to
- * PL_INDEXER_INT8 is refused with PL_ERR_STATE). The cache keeps the indexer
- * keys transposed in blocks of 16 positions; each product is a chain of
- * multiply-adds over dI in order (as an sgemm's inner product) and the sum over
- * heads is the training kernel's, so the scores, and so the selection, are
- * those of pl_indexer_topk (tests/test_decode.c). Rows are independent (one
+ * the rule of pl_indexer_topk, row t, at the context's indexer precision.
+ * float32 (default): the cache keeps the indexer keys transposed in blocks of
+ * 16 positions; each product is a chain of multiply-adds over dI in order (as
+ * an sgemm's inner product) and the sum over heads is the training kernel's,
+ * so the scores, and so the selection, are those of pl_indexer_topk
+ * (tests/test_decode.c; with pl_set_matmul_precision BF16 the training
+ * products round to bf16 and this equality no longer holds). PL_INDEXER_INT8:
+ * the cache also keeps each key's int8 image (taken at append, as
+ * pl_indexer_topk rounds kI); the query rows are rounded the same way and the
+ * exact integer products (AVX512-VNNI where the CPU has it) give
+ * pl_indexer_topk's int8 scores bit for bit, reading a quarter of the bytes. Rows are independent (one
  * token at a time or a chunk of them give the same bits) and run in parallel
  * when there are several. Cost O(T_new * len * HI * dI) plus an O(len) radix
  * select per row; reads only the indexer keys (dI floats per position). */
