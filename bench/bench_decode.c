@@ -18,8 +18,11 @@
  *    full context; per-token ms: the median of the 64 tokens before each
  *    context of --ctx, as the context grows.
  *
+ *    --indexer int8 runs the layer part's PLASA indexer at PL_INDEXER_INT8 (the
+ *    cache's int8 key images; AVX512-VNNI where the CPU has it).
+ *
  * Usage: bench_decode [--threads N] [--ctx 512,...] [--k N] [--reps N] [--long L]
- *                     [--skip-layer] [--skip-model]
+ *                     [--indexer f32|int8] [--skip-layer] [--skip-model]
  * Threads: --threads (0: OpenMP's default). Prints markdown tables; the load
  * average is printed first (the machine may be shared). */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
@@ -66,12 +69,16 @@ static int parse_list(const char *s, int *out, int max) {
 
 /* ---- 1. one layer ---- */
 
+static pl_indexer_precision layer_prec = PL_INDEXER_F32;
+
 static void layer_bench(const int *ctxs, int nc, int k, int reps) {
-    printf("\n### One attention layer, one new token (H=%d, D=%d, HI=%d, dI=%d, k=%d)\n\n", H, D,
-           HI, DI, k);
+    printf(
+        "\n### One attention layer, one new token (H=%d, D=%d, HI=%d, dI=%d, k=%d, indexer %s)\n\n",
+        H, D, HI, DI, k, layer_prec == PL_INDEXER_INT8 ? "int8" : "f32");
     printf("| context | dense us (median / min) | PLASA us (median / min) | of which indexer+top-k "
            "| sparse attention | dense / PLASA |\n|---:|---:|---:|---:|---:|---:|\n");
     pl_ctx *ctx = pl_ctx_new(NULL);
+    if (!ctx || pl_set_indexer_precision(ctx, layer_prec)) die("context");
     pl_rng rng;
     pl_rng_init(&rng, 1);
     for (int ci = 0; ci < nc; ci++) {
@@ -229,6 +236,8 @@ int main(int argc, char **argv) {
             reps = atoi(v);
         else if (!strcmp(a, "--long"))
             L = atoi(v);
+        else if (!strcmp(a, "--indexer") && (!strcmp(v, "f32") || !strcmp(v, "int8")))
+            layer_prec = !strcmp(v, "int8") ? PL_INDEXER_INT8 : PL_INDEXER_F32;
         else if (!strcmp(a, "--ctx")) {
             if ((nc = parse_list(v, ctxs, MAXC)) < 1) {
                 fprintf(stderr, "bench_decode: --ctx wants a list like 512,1024\n");

@@ -998,15 +998,13 @@ PL_API pl_status pl_indexer_entropy(pl_ctx *ctx, const pl_tensor *scores, float 
  *
  * Grad-free: the ops record nothing and their results never require grad (an
  * input that requires grad is read as a constant). Their results and scratch
- * are step tensors of ctx (the arena): the outputs, the indexer products of a
- * block of query rows (at most ~2^20 floats, or one row's HI*len), the index
+ * are step tensors of ctx (the arena): the outputs, one score row per thread, the index
  * rows of a block of dense queries (at most ~2^22 int32, or one row's len) and
  * the sparse kernel's tiles; all bounded by the capacity, so once a step at the
  * longest context has run (the arena has grown to it) decoding makes no heap
  * allocation (tests/test_memory.c). Results do not depend on the number of
- * threads. Parallelism: over sequences and blocks of new queries (and
- * oneDNN's threads in the indexer's products), so one token of one sequence
- * runs the attention on one thread. Not thread-safe per cache: one step at a
+ * threads. Parallelism: over sequences and new queries, so one token of one
+ * sequence runs the attention on one thread. Not thread-safe per cache: one step at a
  * time. */
 typedef struct pl_kv_cache pl_kv_cache;
 
@@ -1054,11 +1052,20 @@ PL_API pl_tensor *pl_attention_cached(pl_ctx *ctx, const pl_kv_cache *cache, int
  * positions s <= t with the largest indexer scores
  *   I[t,s] = sum_j w[i,j] * ReLU(qI[i,j,:] . kI[b,s,:])
  * (ties to the smaller s, NaN as -inf, ascending s, then -1 up to k): exactly
- * the rule of pl_indexer_topk, row t, in float32 precision (a context set to
- * PL_INDEXER_INT8 is refused with PL_ERR_STATE). The products are one sgemm
- * per block of rows of a sequence (M = rows*HI, N = t+1, K = dI) and the sum
- * over heads is the training kernel's. Cost O(T_new * len * HI * dI) plus an O(len) radix select
- * per row; reads only the indexer keys (dI floats per position). */
+ * the rule of pl_indexer_topk, row t, at the context's indexer precision.
+ * float32 (default): the cache keeps the indexer keys transposed in blocks of
+ * 16 positions; each product is a chain of multiply-adds over dI in order (as
+ * an sgemm's inner product) and the sum over heads is the training kernel's,
+ * so the scores, and so the selection, are those of pl_indexer_topk
+ * (tests/test_decode.c; with pl_set_matmul_precision BF16 the training
+ * products round to bf16 and this equality no longer holds). PL_INDEXER_INT8:
+ * the cache also keeps each key's int8 image (taken at append, as
+ * pl_indexer_topk rounds kI); the query rows are rounded the same way and the
+ * exact integer products (AVX512-VNNI where the CPU has it) give
+ * pl_indexer_topk's int8 scores bit for bit, reading a quarter of the bytes. Rows are independent (one
+ * token at a time or a chunk of them give the same bits) and run in parallel
+ * when there are several. Cost O(T_new * len * HI * dI) plus an O(len) radix
+ * select per row; reads only the indexer keys (dI floats per position). */
 PL_API pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *cache, int layer, int seq0,
                                          pl_tensor *qI, pl_tensor *w, int k);
 

@@ -262,8 +262,30 @@ pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, 
  * ReLU(D[j*ld + s]) for s < n, heads summed in order j = 0..HI-1 (ops/indexer.c;
  * pl_indexer_topk and the decode path share it, so their scores agree bit for bit
  * when the products do). */
-void pl__ix_row_scores(float *out, const float *D, int64_t ld, const float *w, int64_t HI,
-                       int64_t n);
+PL_ISA_DECLARE(void, pl__ix_row_scores,
+               (float *out, const float *D, int64_t ld, const float *w, int64_t HI, int64_t n));
+/* Decoding (ops/indexer.c, used by ops/kv_cache.c): the same scores of one query
+ * row (heads q [HI, dI], weights w [HI]) over n cached indexer keys kept
+ * transposed in blocks of PL__KT positions (component i of key s at
+ * kt[(s / PL__KT) * PL__KT * dI + i * PL__KT + s % PL__KT]); each product a
+ * chain of multiply-adds over i = 0..dI-1 in order. Reads the keys up to n
+ * rounded up to PL__KT_PAD (the cache allocates them). */
+enum { PL__KT = 16, PL__KT_PAD = 32 };
+/* (ops/indexer.c) The int8 rounding of PL_INDEXER_INT8: n rows of x [n, dI]
+ * to int8 in [-lim, lim], scale[r] = max|row r| / lim. */
+PL_ISA_DECLARE(void, pl__ix_quant_rows,
+               (const float *x, int64_t n, int64_t dI, float lim, int8_t *x8, float *scale));
+/* (ops/indexer.c) Decoding at PL_INDEXER_INT8 over the cache's int8 key blocks
+ * (layout at pl__ix_scores_kt8's definition): out[s] = sk[s] * sum_j wsq[j]
+ * max(q8_j . k8_s, 0), pl_indexer_topk's int8 scores bit for bit. q8 [HI, dI4]
+ * zero padded, qoff[j] = 64 * sum q8_j, vnni: use AVX512-VNNI (pl__cpu_vnni). */
+PL_ISA_DECLARE(void, pl__ix_scores_kt8,
+               (float *out, const int8_t *q8, const int32_t *qoff, const float *wsq,
+                const float *sk, const uint8_t *k8t, int64_t HI, int64_t dI4, int64_t n, int vnni,
+                int32_t *dots));
+PL_ISA_DECLARE(void, pl__ix_scores_kt,
+               (float *out, const float *q, const float *w, const float *kt, int64_t HI, int64_t dI,
+                int64_t n));
 /* Sparse attention forward for decoding (ops/sparse_attention.c, used by
  * ops/kv_cache.c): per sequence, the queries t in [t0, t1) at q + (t-t0)*H*D,
  * index rows at idx + (t-t0)*K (entries in [-1, t], as pl__check_causal_idx

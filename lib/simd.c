@@ -56,3 +56,13 @@ int pl__isa_force(int level) {
 const char *pl__isa_name(int level) {
     return level >= PL_ISA_AVX512 ? "avx512" : level >= PL_ISA_AVX2 ? "avx2" : "baseline";
 }
+
+int pl__cpu_vnni(void) {
+#if defined(__x86_64__) && !defined(PL_NO_ISA_CLONES)
+    if (pl__isa() < PL_ISA_AVX512) return 0;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") ? 1 : 0;
+#else
+    return 0;
+#endif
+}

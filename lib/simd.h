@@ -21,6 +21,9 @@
 #define PLASA_SIMD_H
 
 #include <stdint.h>
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 /* ---- run-time choice (lib/simd.c) ---- */
 enum { PL_ISA_BASELINE = 1, PL_ISA_AVX2 = 3, PL_ISA_AVX512 = 4 };
@@ -31,6 +34,8 @@ int pl__isa_cpu(void);
 /* Caps the level at `level` (PL_ISA_*), or removes the cap (0). Returns the
  * level kernels will use. Not thread-safe: tests call it between ops. */
 int pl__isa_force(int level);
+/* Whether the AVX-512 kernels may use AVX512-VNNI (CPU has it, level avx512). */
+int pl__cpu_vnni(void);
 /* "avx512", "avx2" or "baseline". */
 const char *pl__isa_name(int level);
 /* Lanes of pl_vf at a level (16, 8, 4). */
@@ -90,6 +95,22 @@ static PL_AI pl_vf pl_iota(void) {
     for (int i = 0; i < PL_VW; i++) v[i] = (float)i;
     return v;
 }
+/* max(x, 0) lane by lane, NaN in NaN out (as pl__relu). */
+static PL_AI pl_vf pl_vrelu(pl_vf x) { return PL_SEL(x <= pl_splat(0.0f), pl_splat(0.0f), x); }
+/* a*b + c: one fused multiply-add where the level has FMA (x86-64-v3, v4), else
+ * a multiply and an add. Kernels built with -ffp-contract=off (ops/indexer.c)
+ * use it where an sgemm's inner product would use an FMA. */
+#if defined(__FMA__) && PL_VW == 16
+static PL_AI pl_vf pl_vfma(pl_vf a, pl_vf b, pl_vf c) {
+    return (pl_vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+}
+#elif defined(__FMA__) && PL_VW == 8
+static PL_AI pl_vf pl_vfma(pl_vf a, pl_vf b, pl_vf c) {
+    return (pl_vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+}
+#else
+static PL_AI pl_vf pl_vfma(pl_vf a, pl_vf b, pl_vf c) { return a * b + c; }
+#endif
 /* x rounded up to a multiple of PL_VW. */
 static inline int64_t pl_rupw(int64_t x) { return (x + PL_VW - 1) & ~(int64_t)(PL_VW - 1); }
 

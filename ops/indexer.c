@@ -24,7 +24,18 @@
  *
  * Precision (pl_set_indexer_precision): with int8 the rows of qI and kI are
  * quantised once per call and each block's products are an exact int32 gemm
- * (oneDNN), scaled back per row and key inside the score sum. */
+ * (oneDNN), scaled back per row and key inside the score sum.
+ *
+ * Kernels: this file is one of PLASA_ISA_SOURCES (CMakeLists.txt): the section
+ * under PL_ISA is built per instruction set (AVX-512, AVX2, baseline) on
+ * lib/simd.h, the ops section once; each op takes its level once (pl__isa(),
+ * saved for backward). The file is built with -ffp-contract=off: the
+ * elementwise kernels (score rows, their backward, int8 scaling) give the same
+ * bits on every path. The dot products (ixg_dots, the decode kernel, dq) use
+ * explicit FMAs (pl_vfma) where the level has them, as an sgemm does, and
+ * ixg_dots sums its PL_VW lanes by the one tree: there the paths differ in the
+ * last bits. Every path is tested against the references of
+ * tests/test_indexer.c (tu_isa_tcases forces each level the CPU has). */
 #include "internal.h"
 
 #include <math.h>
@@ -32,6 +43,7 @@
 
 typedef struct {
     int64_t B, L, HI, dI, T; /* T: query rows per block */
+    int isa;                 /* the kernels' level (simd.h), the same for the backward */
 } ix_dims;
 
 /* int8 images of qI and kI (PL_INDEXER_INT8): per row scale s, value = s * q8. */
@@ -41,24 +53,33 @@ typedef struct {
     int32_t *C;      /* one block of int32 products */
 } ix_q8;
 
-pl_status pl_set_indexer_precision(pl_ctx *ctx, pl_indexer_precision p) {
-    if (!ctx) return pl__err(PL_ERR_ARG, "pl_set_indexer_precision: ctx is NULL");
-    if (p != PL_INDEXER_F32 && p != PL_INDEXER_INT8)
-        return pl__err(PL_ERR_ARG,
-                       "pl_set_indexer_precision: unknown precision %d (PL_INDEXER_F32 or "
-                       "PL_INDEXER_INT8)",
-                       (int)p);
-    ctx->indexer_precision = p;
-    return PL_OK;
-}
+PL_ISA_DECLARE(void, ix_row_scores_i8,
+               (float *out, const int32_t *C, int64_t ld, const float *w, const float *sq,
+                const float *sk, int64_t HI, int64_t n));
+PL_ISA_DECLARE(void, ix_row_backward,
+               (float *D, int64_t ld, const float *g, const float *w, int64_t HI, int64_t n,
+                float *dw));
+PL_ISA_DECLARE(void, ixb_fwd_row,
+               (const float *Dt, int64_t ld, const float *w, int64_t HI, const int32_t *ir,
+                int64_t K, float *out));
+PL_ISA_DECLARE(void, ixg_dots,
+               (const float *q, const float *kb, const int32_t *ir, int64_t K, int64_t HI,
+                int64_t dI, float *X));
+PL_ISA_DECLARE(void, ixg_scores,
+               (const float *X, const float *w, const int32_t *ir, int64_t K, int64_t HI,
+                float *out));
+PL_ISA_DECLARE(void, ixg_bwd_row,
+               (const float *q, const float *kb, const float *w, const int32_t *ir, const float *g,
+                int64_t K, int64_t HI, int64_t dI, float *X, float *dq, float *dw, float *dkp));
 
-pl_indexer_precision pl_get_indexer_precision(const pl_ctx *ctx) {
-    return ctx ? ctx->indexer_precision : PL_INDEXER_F32;
-}
+#ifdef PL_ISA /* ---- the kernels (built per instruction set) ---- */
+#if PL_VW == 16
+#include <immintrin.h>
+#endif
 
 /* Rounds n rows of x [n, dI] to int8 in [-lim, lim], scale max|row| / lim. */
-PL_KERNEL static void quant_rows(const float *x, int64_t n, int64_t dI, float lim, int8_t *x8,
-                                 float *scale) {
+void PL_ISA_FN(pl__ix_quant_rows)(const float *x, int64_t n, int64_t dI, float lim, int8_t *x8,
+                                  float *scale) {
     for (int64_t r = 0; r < n; r++) {
         const float *xr = x + r * dI;
         float m = 0.0f;
@@ -78,6 +99,384 @@ PL_KERNEL static void quant_rows(const float *x, int64_t n, int64_t dI, float li
     }
 }
 
+/* int8: out[s] = sk[s] * sum_j (w[j] sq[j]) max(C[j*ld + s], 0) for s < n. */
+void PL_ISA_FN(ix_row_scores_i8)(float *out, const int32_t *C, int64_t ld, const float *w,
+                                 const float *sq, const float *sk, int64_t HI, int64_t n) {
+    const float w0 = w[0] * sq[0];
+    for (int64_t s = 0; s < n; s++) out[s] = w0 * (float)(C[s] > 0 ? C[s] : 0);
+    for (int64_t j = 1; j < HI; j++) {
+        const float wj = w[j] * sq[j];
+        const int32_t *Cj = C + j * ld;
+        for (int64_t s = 0; s < n; s++) out[s] += wj * (float)(Cj[s] > 0 ? Cj[s] : 0);
+    }
+    for (int64_t s = 0; s < n; s++) out[s] *= sk[s];
+}
+
+/* out[s] = sum_j w[j] ReLU(D[j*ld + s]) for s < n, PL_VW keys at a time, heads
+ * in order (also the decode path's prefill products, ops/kv_cache.c). */
+void PL_ISA_FN(pl__ix_row_scores)(float *out, const float *D, int64_t ld, const float *w,
+                                  int64_t HI, int64_t n) {
+    int64_t s = 0;
+    for (; s + PL_VW <= n; s += PL_VW) {
+        pl_vf acc = pl_splat(w[0]) * pl_vrelu(PL_LD(D + s));
+        for (int64_t j = 1; j < HI; j++) acc += pl_splat(w[j]) * pl_vrelu(PL_LD(D + j * ld + s));
+        PL_ST(out + s, acc);
+    }
+    for (; s < n; s++) {
+        float acc = w[0] * pl__relu(D[s]);
+        for (int64_t j = 1; j < HI; j++) acc += w[j] * pl__relu(D[j * ld + s]);
+        out[s] = acc;
+    }
+}
+
+/* Turns the dots of row t into dDots in place (zero for s > t) and adds dw for
+ * every head into dw (may be NULL). */
+void PL_ISA_FN(ix_row_backward)(float *D, int64_t ld, const float *g, const float *w, int64_t HI,
+                                int64_t n, float *dw) {
+    for (int64_t j = 0; j < HI; j++) {
+        float *Dj = D + j * ld;
+        const float wj = w[j];
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* sum_s g[s] ReLU(D[s]) */
+        int64_t s = 0;
+        for (; s + 8 <= n; s += 8)
+            for (int l = 0; l < 8; l++) {
+                float x = Dj[s + l];
+                acc[l] += g[s + l] * pl__relu(x);
+            }
+        float sum =
+            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (; s < n; s++) sum += g[s] * pl__relu(Dj[s]);
+        if (dw) dw[j] += sum;
+        for (s = 0; s < n; s++) Dj[s] = Dj[s] > 0.0f ? g[s] * wj : 0.0f;
+        for (; s < ld; s++) Dj[s] = 0.0f;
+    }
+}
+
+/* Blocked: row t's selected scores from its rows of the block products Dt
+ * (head h at Dt + h*ld), summed over heads in the order of ix_row_scores. */
+void PL_ISA_FN(ixb_fwd_row)(const float *Dt, int64_t ld, const float *w, int64_t HI,
+                            const int32_t *ir, int64_t K, float *out) {
+    for (int64_t j = 0; j < K; j++) {
+        const int64_t s = ir[j];
+        if (s < 0) {
+            out[j] = -INFINITY;
+            continue;
+        }
+        float acc = w[0] * pl__relu(Dt[s]);
+        for (int64_t h = 1; h < HI; h++) {
+            const float x = Dt[h * ld + s];
+            acc += w[h] * pl__relu(x);
+        }
+        out[j] = acc;
+    }
+}
+
+static inline void ix_prefetch(const float *row, int64_t n) {
+    for (int64_t o = 0; o < n * (int64_t)sizeof(float); o += 64)
+        __builtin_prefetch((const char *)row + o);
+}
+
+/* X[h*K + j] = q_h . k_{ir[j]} for the valid entries j of row ir (q: the
+ * row's HI query heads, kb: its batch's keys). Four heads at a time, PL_VW
+ * lanes each, then the lanes summed by the one tree (pl_vhsum). */
+void PL_ISA_FN(ixg_dots)(const float *q, const float *kb, const int32_t *ir, int64_t K, int64_t HI,
+                         int64_t dI, float *X) {
+    const int64_t dv = dI & ~(int64_t)(PL_VW - 1);
+    for (int64_t j = 0; j < K; j++) {
+        if (j + 8 < K && ir[j + 8] >= 0) ix_prefetch(kb + (int64_t)ir[j + 8] * dI, dI);
+        if (ir[j] < 0) continue;
+        const float *ks = kb + (int64_t)ir[j] * dI;
+        int64_t h = 0;
+        for (; h + 4 <= HI; h += 4) {
+            const float *q0 = q + h * dI, *q1 = q0 + dI, *q2 = q1 + dI, *q3 = q2 + dI;
+            pl_vf a0 = pl_splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t i = 0; i < dv; i += PL_VW) {
+                const pl_vf kv = PL_LD(ks + i);
+                a0 = pl_vfma(PL_LD(q0 + i), kv, a0);
+                a1 = pl_vfma(PL_LD(q1 + i), kv, a1);
+                a2 = pl_vfma(PL_LD(q2 + i), kv, a2);
+                a3 = pl_vfma(PL_LD(q3 + i), kv, a3);
+            }
+            float x[4] = {pl_vhsum(a0), pl_vhsum(a1), pl_vhsum(a2), pl_vhsum(a3)};
+            for (int64_t i = dv; i < dI; i++) {
+                x[0] += q0[i] * ks[i];
+                x[1] += q1[i] * ks[i];
+                x[2] += q2[i] * ks[i];
+                x[3] += q3[i] * ks[i];
+            }
+            for (int g = 0; g < 4; g++) X[(h + g) * K + j] = x[g];
+        }
+        for (; h < HI; h++) {
+            const float *qh = q + h * dI;
+            pl_vf a = pl_splat(0.0f);
+            for (int64_t i = 0; i < dv; i += PL_VW) a = pl_vfma(PL_LD(qh + i), PL_LD(ks + i), a);
+            float x = pl_vhsum(a);
+            for (int64_t i = dv; i < dI; i++) x += qh[i] * ks[i];
+            X[h * K + j] = x;
+        }
+    }
+}
+
+/* Row scores from its dots: out[j] = sum_h w[h] ReLU(X[h*K + j]) (-inf at padding). */
+void PL_ISA_FN(ixg_scores)(const float *X, const float *w, const int32_t *ir, int64_t K, int64_t HI,
+                           float *out) {
+    for (int64_t j = 0; j < K; j++) {
+        const float x = X[j];
+        out[j] = w[0] * pl__relu(x);
+    }
+    for (int64_t h = 1; h < HI; h++)
+        for (int64_t j = 0; j < K; j++) {
+            const float x = X[h * K + j];
+            out[j] += w[h] * pl__relu(x);
+        }
+    for (int64_t j = 0; j < K; j++)
+        if (ir[j] < 0) out[j] = -INFINITY;
+}
+
+/* Backward of row (b,t) from its dots X (turned into the dDots in place):
+ * dw[h] += sum_j g[j] ReLU(X), dq_h += sum_j dDots k_s, dkp_s += sum_h dDots q_h. */
+void PL_ISA_FN(ixg_bwd_row)(const float *q, const float *kb, const float *w, const int32_t *ir,
+                            const float *g, int64_t K, int64_t HI, int64_t dI, float *X, float *dq,
+                            float *dw, float *dkp) {
+    for (int64_t h = 0; h < HI; h++) {
+        float *Xh = X + h * K, acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        const float wh = w[h];
+        int64_t j = 0;
+        for (; j + 8 <= K; j += 8)
+            for (int l = 0; l < 8; l++) {
+                const bool on = ir[j + l] >= 0;
+                const float x = Xh[j + l];
+                acc[l] += on ? g[j + l] * pl__relu(x) : 0.0f;
+                Xh[j + l] = on && x > 0.0f ? g[j + l] * wh : 0.0f;
+            }
+        float sum =
+            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (; j < K; j++) {
+            const bool on = ir[j] >= 0;
+            const float x = Xh[j];
+            sum += on ? g[j] * pl__relu(x) : 0.0f;
+            Xh[j] = on && x > 0.0f ? g[j] * wh : 0.0f;
+        }
+        if (dw) dw[h] += sum;
+    }
+    const int64_t d8 = dI & ~(int64_t)(PL_VW - 1);
+    /* dq: per PL_VW columns of dI, four heads' sums over the keys in registers */
+    if (dq) {
+        int64_t h = 0;
+        for (; h + 4 <= HI; h += 4) {
+            const float *C0 = X + h * K, *C1 = C0 + K, *C2 = C1 + K, *C3 = C2 + K;
+            float *d0 = dq + h * dI, *d1 = d0 + dI, *d2 = d1 + dI, *d3 = d2 + dI;
+            for (int64_t i = 0; i < d8; i += PL_VW) {
+                pl_vf a0 = pl_splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t j = 0; j < K; j++) {
+                    if (ir[j] < 0) continue;
+                    const pl_vf kv = PL_LD(kb + (int64_t)ir[j] * dI + i);
+                    a0 = pl_vfma(pl_splat(C0[j]), kv, a0);
+                    a1 = pl_vfma(pl_splat(C1[j]), kv, a1);
+                    a2 = pl_vfma(pl_splat(C2[j]), kv, a2);
+                    a3 = pl_vfma(pl_splat(C3[j]), kv, a3);
+                }
+                PL_ST(d0 + i, PL_LD(d0 + i) + a0);
+                PL_ST(d1 + i, PL_LD(d1 + i) + a1);
+                PL_ST(d2 + i, PL_LD(d2 + i) + a2);
+                PL_ST(d3 + i, PL_LD(d3 + i) + a3);
+            }
+            for (int64_t i = d8; i < dI; i++)
+                for (int64_t j = 0; j < K; j++) {
+                    if (ir[j] < 0) continue;
+                    const float kv = kb[(int64_t)ir[j] * dI + i];
+                    d0[i] += C0[j] * kv;
+                    d1[i] += C1[j] * kv;
+                    d2[i] += C2[j] * kv;
+                    d3[i] += C3[j] * kv;
+                }
+        }
+        for (; h < HI; h++)
+            for (int64_t j = 0; j < K; j++)
+                if (ir[j] >= 0 && X[h * K + j] != 0.0f)
+                    pl__axpy(dq + h * dI, X[h * K + j], kb + (int64_t)ir[j] * dI, dI);
+    }
+    if (!dkp) return;
+    /* dk rows: one read-modify-write of each selected key's row */
+    for (int64_t j = 0; j < K; j++) {
+        if (j + 8 < K && ir[j + 8] >= 0) ix_prefetch(dkp + (int64_t)ir[j + 8] * dI, dI);
+        if (ir[j] < 0) continue;
+        float *dks = dkp + (int64_t)ir[j] * dI;
+        int64_t h = 0;
+        for (; h + 4 <= HI; h += 4) {
+            const float c0 = X[h * K + j], c1 = X[(h + 1) * K + j], c2 = X[(h + 2) * K + j],
+                        c3 = X[(h + 3) * K + j];
+            if (c0 == 0.0f && c1 == 0.0f && c2 == 0.0f && c3 == 0.0f) continue;
+            const float *q0 = q + h * dI, *q1 = q0 + dI, *q2 = q1 + dI, *q3 = q2 + dI;
+            int64_t i = 0;
+            for (; i < d8; i += PL_VW)
+                PL_ST(dks + i, PL_LD(dks + i) + (((c0 * PL_LD(q0 + i) + c1 * PL_LD(q1 + i)) +
+                                                  c2 * PL_LD(q2 + i)) +
+                                                 c3 * PL_LD(q3 + i)));
+            for (; i < dI; i++) dks[i] += ((c0 * q0[i] + c1 * q1[i]) + c2 * q2[i]) + c3 * q3[i];
+        }
+        for (; h < HI; h++)
+            if (X[h * K + j] != 0.0f) pl__axpy(dks, X[h * K + j], q + h * dI, dI);
+    }
+}
+
+/* ---- decoding: scores over the cache's indexer keys ----
+ * The cache keeps kI transposed in blocks of PL__KT positions: component i of
+ * key s at kt[(s / PL__KT) * PL__KT * dI + i * PL__KT + s % PL__KT] (ops/kv_cache.c).
+ * 2*PL_VW keys at a time, four heads at a time: each dot is a chain of
+ * (fused, pl_vfma) multiply-adds over i = 0..dI-1 in eight independent
+ * accumulators, with no horizontal sums (the order of an sgemm's inner product,
+ * so the scores match pl_indexer_topk's); heads are then added in order as in
+ * pl__ix_row_scores. */
+static PL_AI const float *kt_at(const float *kt, int64_t dI, int64_t s) {
+    return kt + (s / PL__KT) * PL__KT * dI + s % PL__KT;
+}
+
+static PL_AI void kt_heads(int G, const float *q, const float *w, const float *p0, const float *p1,
+                           int64_t dI, bool first, pl_vf *o0, pl_vf *o1) {
+    pl_vf a[4][2];
+    for (int g = 0; g < G; g++) a[g][0] = a[g][1] = pl_splat(0.0f);
+    for (int64_t i = 0; i < dI; i++) {
+        const pl_vf k0 = PL_LD(p0 + i * PL__KT), k1 = PL_LD(p1 + i * PL__KT);
+        for (int g = 0; g < G; g++) {
+            const pl_vf qg = pl_splat(q[g * dI + i]);
+            a[g][0] = pl_vfma(qg, k0, a[g][0]);
+            a[g][1] = pl_vfma(qg, k1, a[g][1]);
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const pl_vf wg = pl_splat(w[g]);
+        if (first && g == 0) {
+            *o0 = wg * pl_vrelu(a[0][0]);
+            *o1 = wg * pl_vrelu(a[0][1]);
+        } else {
+            *o0 += wg * pl_vrelu(a[g][0]);
+            *o1 += wg * pl_vrelu(a[g][1]);
+        }
+    }
+}
+
+void PL_ISA_FN(pl__ix_scores_kt)(float *out, const float *q, const float *w, const float *kt,
+                                 int64_t HI, int64_t dI, int64_t n) {
+    for (int64_t s0 = 0; s0 < n; s0 += 2 * PL_VW) {
+        const float *p0 = kt_at(kt, dI, s0), *p1 = kt_at(kt, dI, s0 + PL_VW);
+        pl_vf o0 = pl_splat(0.0f), o1 = o0;
+        for (int64_t h = 0; h < HI; h += 4) {
+            const float *qh = q + h * dI, *wh = w + h;
+            switch (HI - h < 4 ? HI - h : 4) {
+            case 1: kt_heads(1, qh, wh, p0, p1, dI, h == 0, &o0, &o1); break;
+            case 2: kt_heads(2, qh, wh, p0, p1, dI, h == 0, &o0, &o1); break;
+            case 3: kt_heads(3, qh, wh, p0, p1, dI, h == 0, &o0, &o1); break;
+            default: kt_heads(4, qh, wh, p0, p1, dI, h == 0, &o0, &o1); break;
+            }
+        }
+        if (s0 + 2 * PL_VW <= n) {
+            PL_ST(out + s0, o0);
+            PL_ST(out + s0 + PL_VW, o1);
+        } else {
+            float tmp[2 * PL_VW];
+            PL_ST(tmp, o0);
+            PL_ST(tmp + PL_VW, o1);
+            memcpy(out + s0, tmp, sizeof(float) * (size_t)(n - s0));
+        }
+    }
+}
+
+/* ---- decoding at PL_INDEXER_INT8 ----
+ * The cache keeps each indexer key's int8 image k8 (pl__ix_quant_rows, lim 63,
+ * as pl_indexer_topk quantises kI) offset by +64 into [1, 127], in blocks of
+ * PL__KT positions: 4 components of 16 keys per 64 bytes (component i of key s
+ * at k8t[(s / 16) * 16 * dI4 + (i / 4) * 64 + (s % 16) * 4 + i % 4], dI4 = dI
+ * rounded up to 4, padding 64 = the value 0). The dots are exact integers,
+ * sum_i (k8 + 64) q8 - 64 sum_i q8, so the scores are pl_indexer_topk's int8
+ * scores bit for bit. With AVX512-VNNI one vpdpbusd takes 16 keys x 4
+ * components; otherwise the same integers by plain multiplies. */
+static void kt8_dots_plain(const int8_t *q8, const int32_t *qoff, const uint8_t *blk, int64_t HI,
+                           int64_t dI4, int32_t *dots) {
+    for (int64_t h = 0; h < HI; h++)
+        for (int l = 0; l < PL__KT; l++) {
+            int32_t acc = 0;
+            for (int64_t g = 0; g < dI4 / 4; g++)
+                for (int j = 0; j < 4; j++)
+                    acc += (int32_t)blk[g * 64 + l * 4 + j] * (int32_t)q8[h * dI4 + 4 * g + j];
+            dots[h * PL__KT + l] = acc - qoff[h];
+        }
+}
+
+#if PL_VW == 16
+__attribute__((target("avx512vnni"))) static void kt8_dots_vnni(const int8_t *q8,
+                                                                const int32_t *qoff,
+                                                                const uint8_t *blk, int64_t HI,
+                                                                int64_t dI4, int32_t *dots) {
+    for (int64_t h = 0; h < HI; h++) {
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+        const int8_t *qh = q8 + h * dI4;
+        int64_t g = 0;
+        for (; g + 2 <= dI4 / 4; g += 2) { /* two chains */
+            int32_t w0, w1;
+            memcpy(&w0, qh + 4 * g, 4);
+            memcpy(&w1, qh + 4 * g + 4, 4);
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(blk + g * 64), _mm512_set1_epi32(w0));
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(blk + g * 64 + 64),
+                                     _mm512_set1_epi32(w1));
+        }
+        if (g < dI4 / 4) {
+            int32_t w0;
+            memcpy(&w0, qh + 4 * g, 4);
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(blk + g * 64), _mm512_set1_epi32(w0));
+        }
+        const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(a0, a1), _mm512_set1_epi32(qoff[h]));
+        _mm512_storeu_si512(dots + h * PL__KT, d);
+    }
+}
+#endif
+
+/* out[s] = sk[s] * sum_j wsq[j] max(dot_j(s), 0) for s < n (wsq[j] = w[j] sq[j];
+ * the order of ix_row_scores_i8). dots: scratch of HI*PL__KT int32. */
+void PL_ISA_FN(pl__ix_scores_kt8)(float *out, const int8_t *q8, const int32_t *qoff,
+                                  const float *wsq, const float *sk, const uint8_t *k8t, int64_t HI,
+                                  int64_t dI4, int64_t n, int vnni, int32_t *dots) {
+    for (int64_t s0 = 0; s0 < n; s0 += PL__KT) {
+        const uint8_t *blk = k8t + (s0 / PL__KT) * PL__KT * dI4;
+#if PL_VW == 16
+        if (vnni)
+            kt8_dots_vnni(q8, qoff, blk, HI, dI4, dots);
+        else
+#endif
+            kt8_dots_plain(q8, qoff, blk, HI, dI4, dots);
+        float o[PL__KT];
+        for (int v = 0; v < PL__KT / PL_VW; v++) { /* PL_VW keys at a time */
+            pl_vi d;
+            memcpy(&d, dots + v * PL_VW, sizeof d);
+            pl_vf acc = pl_splat(wsq[0]) * __builtin_convertvector(d & (d > 0), pl_vf);
+            for (int64_t j = 1; j < HI; j++) {
+                memcpy(&d, dots + j * PL__KT + v * PL_VW, sizeof d);
+                acc += pl_splat(wsq[j]) * __builtin_convertvector(d & (d > 0), pl_vf);
+            }
+            PL_ST(o + v * PL_VW, acc);
+        }
+        const int64_t m = n - s0 < PL__KT ? n - s0 : PL__KT;
+        for (int64_t l = 0; l < m; l++) out[s0 + l] = o[l] * sk[s0 + l];
+    }
+}
+
+#else /* ---- the ops (built once) ---- */
+
+pl_status pl_set_indexer_precision(pl_ctx *ctx, pl_indexer_precision p) {
+    if (!ctx) return pl__err(PL_ERR_ARG, "pl_set_indexer_precision: ctx is NULL");
+    if (p != PL_INDEXER_F32 && p != PL_INDEXER_INT8)
+        return pl__err(PL_ERR_ARG,
+                       "pl_set_indexer_precision: unknown precision %d (PL_INDEXER_F32 or "
+                       "PL_INDEXER_INT8)",
+                       (int)p);
+    ctx->indexer_precision = p;
+    return PL_OK;
+}
+
+pl_indexer_precision pl_get_indexer_precision(const pl_ctx *ctx) {
+    return ctx ? ctx->indexer_precision : PL_INDEXER_F32;
+}
+
 /* The int8 images for a call, or all NULL for float32. */
 static pl_status ix_quantise(pl_ctx *ctx, const ix_dims *d, const float *q, const float *k,
                              ix_q8 *z) {
@@ -93,11 +492,13 @@ static pl_status ix_quantise(pl_ctx *ctx, const ix_dims *d, const float *q, cons
     const int64_t chunk = 256;
     PL_PARALLEL_FOR(nq * dI, schedule(static), c, (nq + chunk - 1) / chunk, {
         const int64_t r0 = c * chunk, n = nq - r0 < chunk ? nq - r0 : chunk;
-        quant_rows(q + r0 * dI, n, dI, 127.0f, z->q8 + r0 * dI, z->sq + r0);
+        PL_ISA_PICK(pl__ix_quant_rows, d->isa)
+        (q + r0 * dI, n, dI, 127.0f, z->q8 + r0 * dI, z->sq + r0);
     });
     PL_PARALLEL_FOR(nk * dI, schedule(static), c, (nk + chunk - 1) / chunk, {
         const int64_t r0 = c * chunk, n = nk - r0 < chunk ? nk - r0 : chunk;
-        quant_rows(k + r0 * dI, n, dI, 63.0f, z->k8 + r0 * dI, z->sk + r0);
+        PL_ISA_PICK(pl__ix_quant_rows, d->isa)
+        (k + r0 * dI, n, dI, 63.0f, z->k8 + r0 * dI, z->sk + r0);
     });
     return PL_OK;
 }
@@ -136,6 +537,7 @@ static pl_status ix_shapes(pl_ctx *ctx, const char *fn, const pl_tensor *qI, con
                        pl_shape_str(w, sw, sizeof sw));
     if (d->L > INT32_MAX) return pl__err(PL_ERR_SHAPE, "%s: L exceeds int32", fn);
     d->T = block_rows(d->L, d->HI);
+    d->isa = pl__isa();
     return PL_OK;
 }
 
@@ -157,62 +559,15 @@ static pl_status ix_block(pl_ctx *ctx, const ix_dims *d, const float *q, const f
                        z->k8 + b * L * dI, dI, z->C, t1);
 }
 
-/* int8: out[s] = sk[s] * sum_j (w[j] sq[j]) max(C[j*ld + s], 0) for s < n. */
-PL_KERNEL static void ix_row_scores_i8(float *out, const int32_t *C, int64_t ld, const float *w,
-                                       const float *sq, const float *sk, int64_t HI, int64_t n) {
-    const float w0 = w[0] * sq[0];
-    for (int64_t s = 0; s < n; s++) out[s] = w0 * (float)(C[s] > 0 ? C[s] : 0);
-    for (int64_t j = 1; j < HI; j++) {
-        const float wj = w[j] * sq[j];
-        const int32_t *Cj = C + j * ld;
-        for (int64_t s = 0; s < n; s++) out[s] += wj * (float)(Cj[s] > 0 ? Cj[s] : 0);
-    }
-    for (int64_t s = 0; s < n; s++) out[s] *= sk[s];
-}
-
-/* out[s] = sum_j w[j] ReLU(D[j*ld + s]) for s < n (also the decode path, ops/kv_cache.c). */
-PL_KERNEL void pl__ix_row_scores(float *out, const float *D, int64_t ld, const float *w, int64_t HI,
-                                 int64_t n) {
-    const float w0 = w[0];
-    for (int64_t s = 0; s < n; s++) out[s] = w0 * pl__relu(D[s]);
-    for (int64_t j = 1; j < HI; j++) {
-        const float wj = w[j], *Dj = D + j * ld;
-        for (int64_t s = 0; s < n; s++) out[s] += wj * pl__relu(Dj[s]);
-    }
-}
-
 /* Row t (i-th of the block starting at t0) of the scores in the call's precision. */
 static void ix_row(const ix_dims *d, const ix_q8 *z, const float *D, const float *w, int64_t b,
                    int64_t t0, int64_t t, int64_t t1, float *out) {
     const int64_t HI = d->HI, i = t - t0;
-    if (z->q8)
-        ix_row_scores_i8(out, z->C + i * HI * t1, t1, w + (b * d->L + t) * HI,
-                         z->sq + (b * d->L + t) * HI, z->sk + b * d->L, HI, t + 1);
-    else
-        pl__ix_row_scores(out, D + i * HI * t1, t1, w + (b * d->L + t) * HI, HI, t + 1);
-}
-
-/* Turns the dots of row t into dDots in place (zero for s > t) and adds dw for
- * every head into dw (may be NULL). */
-PL_KERNEL static void ix_row_backward(float *D, int64_t ld, const float *g, const float *w,
-                                      int64_t HI, int64_t n, float *dw) {
-    for (int64_t j = 0; j < HI; j++) {
-        float *Dj = D + j * ld;
-        const float wj = w[j];
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* sum_s g[s] ReLU(D[s]) */
-        int64_t s = 0;
-        for (; s + 8 <= n; s += 8)
-            for (int l = 0; l < 8; l++) {
-                float x = Dj[s + l];
-                acc[l] += g[s + l] * pl__relu(x);
-            }
-        float sum =
-            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        for (; s < n; s++) sum += g[s] * pl__relu(Dj[s]);
-        if (dw) dw[j] += sum;
-        for (s = 0; s < n; s++) Dj[s] = Dj[s] > 0.0f ? g[s] * wj : 0.0f;
-        for (; s < ld; s++) Dj[s] = 0.0f;
-    }
+    if (z->q8) PL_ISA_PICK(ix_row_scores_i8, d->isa)
+    (out, z->C + i * HI * t1, t1, w + (b * d->L + t) * HI, z->sq + (b * d->L + t) * HI,
+     z->sk + b * d->L, HI, t + 1);
+    else PL_ISA_PICK(pl__ix_row_scores, d->isa)(out, D + i * HI * t1, t1, w + (b * d->L + t) * HI,
+                                                HI, t + 1);
 }
 
 static void indexer_backward(pl_ctx *ctx, pl_node *n) {
@@ -231,8 +586,9 @@ static void indexer_backward(pl_ctx *ctx, pl_node *n) {
             if (ix_block_dots(ctx, d, q, k, b, t0, t1, D)) return;
             PL_PARALLEL_FOR(M * t1, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
-                ix_row_backward(D + i * HI * t1, t1, g + (b * L + t) * L, wd + (b * L + t) * HI, HI,
-                                t + 1, dw ? dw + (b * L + t) * HI : NULL);
+                PL_ISA_PICK(ix_row_backward, d->isa)
+                (D + i * HI * t1, t1, g + (b * L + t) * L, wd + (b * L + t) * HI, HI, t + 1,
+                 dw ? dw + (b * L + t) * HI : NULL);
             });
             if (dq && pl__sgemm(ctx, false, false, M, dI, t1, 1.0f, D, t1, k + b * L * dI, dI, 1.0f,
                                 dq + (b * L + t0) * HI * dI, dI))
@@ -381,25 +737,6 @@ static bool at_blocked(int64_t L, int64_t K) {
     return K * 3 >= L;
 }
 
-/* Blocked: row t's selected scores from its rows of the block products Dt
- * (head h at Dt + h*ld), summed over heads in the order of ix_row_scores. */
-PL_KERNEL static void ixb_fwd_row(const float *Dt, int64_t ld, const float *w, int64_t HI,
-                                  const int32_t *ir, int64_t K, float *out) {
-    for (int64_t j = 0; j < K; j++) {
-        const int64_t s = ir[j];
-        if (s < 0) {
-            out[j] = -INFINITY;
-            continue;
-        }
-        float acc = w[0] * pl__relu(Dt[s]);
-        for (int64_t h = 1; h < HI; h++) {
-            const float x = Dt[h * ld + s];
-            acc += w[h] * pl__relu(x);
-        }
-        out[j] = acc;
-    }
-}
-
 static pl_status ixb_forward(pl_ctx *ctx, const ix_dims *d, const float *q, const float *k,
                              const float *w, const int32_t *idx, int64_t K, float *out, float *D) {
     const int64_t B = d->B, L = d->L, HI = d->HI, T = d->T;
@@ -410,93 +747,12 @@ static pl_status ixb_forward(pl_ctx *ctx, const ix_dims *d, const float *q, cons
             if (st) return st;
             PL_PARALLEL_FOR((t1 - t0) * K * HI, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
-                ixb_fwd_row(D + i * HI * t1, t1, w + (b * L + t) * HI, HI, idx + (b * L + t) * K, K,
-                            out + (b * L + t) * K);
+                PL_ISA_PICK(ixb_fwd_row, d->isa)
+                (D + i * HI * t1, t1, w + (b * L + t) * HI, HI, idx + (b * L + t) * K, K,
+                 out + (b * L + t) * K);
             });
         }
     return PL_OK;
-}
-
-/* Eight floats (GCC vector extensions; two SSE registers on the baseline
- * clone), unaligned loads and stores through ix_v8u. */
-typedef float ix_v8 __attribute__((vector_size(32)));
-typedef float ix_v8u __attribute__((vector_size(32), aligned(4)));
-typedef int32_t ix_v8i __attribute__((vector_size(32)));
-#define IX_LD(p) (*(const ix_v8u *)(p))
-#define IX_ST(p, x) (*(ix_v8u *)(p) = (x))
-
-/* The four sums of the lanes of a[0..3], into out[0..3] (a transposing tree;
- * by pointer: vector arguments would change the ABI between clones). */
-static inline __attribute__((always_inline)) void ix_hsum4(const ix_v8 *a, float *out) {
-#ifdef __clang__ /* gcc and clang name the two-vector shuffle differently */
-#define IX_SHUF(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
-#else
-#define IX_SHUF(x, y, ...) __builtin_shuffle(x, y, (ix_v8i){__VA_ARGS__})
-#endif
-    const ix_v8 s01 = IX_SHUF(a[0], a[1], 0, 8, 2, 10, 4, 12, 6, 14) +
-                      IX_SHUF(a[0], a[1], 1, 9, 3, 11, 5, 13, 7, 15);
-    const ix_v8 s23 = IX_SHUF(a[2], a[3], 0, 8, 2, 10, 4, 12, 6, 14) +
-                      IX_SHUF(a[2], a[3], 1, 9, 3, 11, 5, 13, 7, 15);
-    const ix_v8 t =
-        IX_SHUF(s01, s23, 0, 1, 8, 9, 4, 5, 12, 13) + IX_SHUF(s01, s23, 2, 3, 10, 11, 6, 7, 14, 15);
-#undef IX_SHUF
-    for (int g = 0; g < 4; g++) out[g] = t[g] + t[g + 4];
-}
-
-static inline void ix_prefetch(const float *row, int64_t n) {
-    for (int64_t o = 0; o < n * (int64_t)sizeof(float); o += 64)
-        __builtin_prefetch((const char *)row + o);
-}
-
-/* X[h*K + j] = q_h . k_{ir[j]} for the valid entries j of row ir (q: the
- * row's HI query heads, kb: its batch's keys). Four heads at a time, eight
- * lanes each, in a fixed order. */
-PL_KERNEL static void ixg_dots(const float *q, const float *kb, const int32_t *ir, int64_t K,
-                               int64_t HI, int64_t dI, float *X) {
-    const int64_t d8 = dI & ~(int64_t)7;
-    for (int64_t j = 0; j < K; j++) {
-        if (j + 8 < K && ir[j + 8] >= 0) ix_prefetch(kb + (int64_t)ir[j + 8] * dI, dI);
-        if (ir[j] < 0) continue;
-        const float *ks = kb + (int64_t)ir[j] * dI;
-        int64_t h = 0;
-        for (; h + 4 <= HI; h += 4) {
-            const float *q0 = q + h * dI, *q1 = q0 + dI, *q2 = q1 + dI, *q3 = q2 + dI;
-            ix_v8 a[4] = {{0}, {0}, {0}, {0}};
-            for (int64_t i = 0; i < d8; i += 8) {
-                const ix_v8 kv = IX_LD(ks + i);
-                a[0] += IX_LD(q0 + i) * kv;
-                a[1] += IX_LD(q1 + i) * kv;
-                a[2] += IX_LD(q2 + i) * kv;
-                a[3] += IX_LD(q3 + i) * kv;
-            }
-            float x[4];
-            ix_hsum4(a, x);
-            for (int64_t i = d8; i < dI; i++) {
-                x[0] += q0[i] * ks[i];
-                x[1] += q1[i] * ks[i];
-                x[2] += q2[i] * ks[i];
-                x[3] += q3[i] * ks[i];
-            }
-            for (int g = 0; g < 4; g++) X[(h + g) * K + j] = x[g];
-        }
-        for (; h < HI; h++) X[h * K + j] = pl__dot(q + h * dI, ks, dI);
-    }
-}
-
-/* Row scores from its dots: out[j] = sum_h w[h] ReLU(X[h*K + j]) (-inf at padding). */
-PL_KERNEL static void ixg_scores(const float *X, const float *w, const int32_t *ir, int64_t K,
-                                 int64_t HI, float *out) {
-    for (int64_t j = 0; j < K; j++) {
-        const float x = X[j];
-        out[j] = w[0] * pl__relu(x);
-    }
-    for (int64_t h = 1; h < HI; h++)
-        for (int64_t j = 0; j < K; j++) {
-            const float x = X[h * K + j];
-            out[j] += w[h] * pl__relu(x);
-        }
-    for (int64_t j = 0; j < K; j++)
-        if (ir[j] < 0) out[j] = -INFINITY;
 }
 
 /* Per-thread room for one row's dots. */
@@ -511,97 +767,11 @@ static pl_status ixg_forward(pl_ctx *ctx, const ix_dims *d, int64_t K, const flo
     if (!Xb) return PL_ERR_NOMEM;
     PL_PARALLEL_FOR(B * L * K * HI * dI, schedule(static, 16), r, B * L, {
         float *X = Xb + (size_t)omp_get_thread_num() * (size_t)(HI * K);
-        ixg_dots(q + r * HI * dI, k + (r / L) * L * dI, idx + r * K, K, HI, dI, X);
-        ixg_scores(X, w + r * HI, idx + r * K, K, HI, out + r * K);
+        PL_ISA_PICK(ixg_dots, d->isa)
+        (q + r * HI * dI, k + (r / L) * L * dI, idx + r * K, K, HI, dI, X);
+        PL_ISA_PICK(ixg_scores, d->isa)(X, w + r * HI, idx + r * K, K, HI, out + r * K);
     });
     return PL_OK;
-}
-
-/* Backward of row (b,t) from its dots X (turned into the dDots in place):
- * dw[h] += sum_j g[j] ReLU(X), dq_h += sum_j dDots k_s, dkp_s += sum_h dDots q_h. */
-PL_KERNEL static void ixg_bwd_row(const float *q, const float *kb, const float *w,
-                                  const int32_t *ir, const float *g, int64_t K, int64_t HI,
-                                  int64_t dI, float *X, float *dq, float *dw, float *dkp) {
-    for (int64_t h = 0; h < HI; h++) {
-        float *Xh = X + h * K, acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        const float wh = w[h];
-        int64_t j = 0;
-        for (; j + 8 <= K; j += 8)
-            for (int l = 0; l < 8; l++) {
-                const bool on = ir[j + l] >= 0;
-                const float x = Xh[j + l];
-                acc[l] += on ? g[j + l] * pl__relu(x) : 0.0f;
-                Xh[j + l] = on && x > 0.0f ? g[j + l] * wh : 0.0f;
-            }
-        float sum =
-            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        for (; j < K; j++) {
-            const bool on = ir[j] >= 0;
-            const float x = Xh[j];
-            sum += on ? g[j] * pl__relu(x) : 0.0f;
-            Xh[j] = on && x > 0.0f ? g[j] * wh : 0.0f;
-        }
-        if (dw) dw[h] += sum;
-    }
-    const int64_t d8 = dI & ~(int64_t)7;
-    /* dq: per 16 columns of dI, four heads' sums over the keys in registers */
-    if (dq) {
-        int64_t h = 0;
-        for (; h + 4 <= HI; h += 4) {
-            const float *C0 = X + h * K, *C1 = C0 + K, *C2 = C1 + K, *C3 = C2 + K;
-            float *d0 = dq + h * dI, *d1 = d0 + dI, *d2 = d1 + dI, *d3 = d2 + dI;
-            for (int64_t i = 0; i < d8; i += 8) {
-                ix_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-                for (int64_t j = 0; j < K; j++) {
-                    if (ir[j] < 0) continue;
-                    const ix_v8 kv = IX_LD(kb + (int64_t)ir[j] * dI + i);
-                    a0 += C0[j] * kv;
-                    a1 += C1[j] * kv;
-                    a2 += C2[j] * kv;
-                    a3 += C3[j] * kv;
-                }
-                IX_ST(d0 + i, IX_LD(d0 + i) + a0);
-                IX_ST(d1 + i, IX_LD(d1 + i) + a1);
-                IX_ST(d2 + i, IX_LD(d2 + i) + a2);
-                IX_ST(d3 + i, IX_LD(d3 + i) + a3);
-            }
-            for (int64_t i = d8; i < dI; i++)
-                for (int64_t j = 0; j < K; j++) {
-                    if (ir[j] < 0) continue;
-                    const float kv = kb[(int64_t)ir[j] * dI + i];
-                    d0[i] += C0[j] * kv;
-                    d1[i] += C1[j] * kv;
-                    d2[i] += C2[j] * kv;
-                    d3[i] += C3[j] * kv;
-                }
-        }
-        for (; h < HI; h++)
-            for (int64_t j = 0; j < K; j++)
-                if (ir[j] >= 0 && X[h * K + j] != 0.0f)
-                    pl__axpy(dq + h * dI, X[h * K + j], kb + (int64_t)ir[j] * dI, dI);
-    }
-    if (!dkp) return;
-    /* dk rows: one read-modify-write of each selected key's row */
-    for (int64_t j = 0; j < K; j++) {
-        if (j + 8 < K && ir[j + 8] >= 0) ix_prefetch(dkp + (int64_t)ir[j + 8] * dI, dI);
-        if (ir[j] < 0) continue;
-        float *dks = dkp + (int64_t)ir[j] * dI;
-        int64_t h = 0;
-        for (; h + 4 <= HI; h += 4) {
-            const float c0 = X[h * K + j], c1 = X[(h + 1) * K + j], c2 = X[(h + 2) * K + j],
-                        c3 = X[(h + 3) * K + j];
-            if (c0 == 0.0f && c1 == 0.0f && c2 == 0.0f && c3 == 0.0f) continue;
-            const float *q0 = q + h * dI, *q1 = q0 + dI, *q2 = q1 + dI, *q3 = q2 + dI;
-            int64_t i = 0;
-            for (; i < d8; i += 8)
-                IX_ST(dks + i, IX_LD(dks + i) + (((c0 * IX_LD(q0 + i) + c1 * IX_LD(q1 + i)) +
-                                                  c2 * IX_LD(q2 + i)) +
-                                                 c3 * IX_LD(q3 + i)));
-            for (; i < dI; i++) dks[i] += ((c0 * q0[i] + c1 * q1[i]) + c2 * q2[i]) + c3 * q3[i];
-        }
-        for (; h < HI; h++)
-            if (X[h * K + j] != 0.0f) pl__axpy(dks, X[h * K + j], q + h * dI, dI);
-    }
 }
 
 /* Row ranges with their own dk buffer: a function of the shapes only. */
@@ -636,10 +806,11 @@ static void indexer_at_backward(pl_ctx *ctx, pl_node *n) {
         float *X = Xb + (size_t)omp_get_thread_num() * (size_t)(HI * K);
         for (int64_t r = r0; r < r1; r++) {
             const float *kb = k + (r / L) * L * dI;
-            ixg_dots(q + r * HI * dI, kb, idx + r * K, K, HI, dI, X);
-            ixg_bwd_row(q + r * HI * dI, kb, wd + r * HI, idx + r * K, g + r * K, K, HI, dI, X,
-                        dq ? dq + r * HI * dI : NULL, dw ? dw + r * HI : NULL,
-                        dkp ? dkp + (r / L) * L * dI : NULL);
+            PL_ISA_PICK(ixg_dots, d->isa)(q + r * HI * dI, kb, idx + r * K, K, HI, dI, X);
+            PL_ISA_PICK(ixg_bwd_row, d->isa)
+            (q + r * HI * dI, kb, wd + r * HI, idx + r * K, g + r * K, K, HI, dI, X,
+             dq ? dq + r * HI * dI : NULL, dw ? dw + r * HI : NULL,
+             dkp ? dkp + (r / L) * L * dI : NULL);
         }
     });
     if (!dk) return;
@@ -694,3 +865,4 @@ pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_te
     pl__prof_end(ctx, "indexer_scores_at", t0, false);
     return y;
 }
+#endif

@@ -1,13 +1,16 @@
 /* Incremental decoding: the KV cache and attention of new positions against it.
  *
  * The cache is plain memory per layer: k and v [batch, capacity, H*D] and, for
- * PLASA layers, the indexer keys kI [batch, capacity, dI], plus one length per
- * (layer, sequence). Appending copies the new rows in place.
+ * PLASA layers, the indexer keys kI [batch, capacity rounded up to PL__KT_PAD,
+ * dI] stored transposed in blocks of PL__KT positions (lib/internal.h), plus
+ * one length per (layer, sequence). Appending copies the new rows in place.
  *
  * The attention ops reuse the training kernels rather than copies of them:
- *  - PLASA: the indexer products of the new queries against every cached kI are
- *    one oneDNN sgemm per sequence, summed over heads by the training kernel
- *    (pl__ix_row_scores), and selected by the training radix select
+ *  - PLASA: the indexer scores of each new query over every cached kI are one
+ *    pass of pl__ix_scores_kt (ops/indexer.c) over the transposed keys: vector
+ *    multiply-add chains over dI with no horizontal sums, each product in the
+ *    order of an sgemm's inner product, heads summed in the order of the
+ *    training kernel (pl__ix_row_scores); then the training radix select
  *    (pl__causal_topk_row): the rule of pl_indexer_topk, row by row;
  *  - sparse attention over the selected cached rows runs pl_sparse_attention's
  *    forward tile (pl__sparse_attention_seqs), with the query rows offset to
@@ -26,7 +29,10 @@ struct pl_kv_cache {
     int64_t cap, H, D;
     int *dI;        /* [n_layers] */
     float **k, **v; /* [n_layers] -> [batch * cap * H*D] */
-    float **kI;     /* [n_layers] -> [batch * cap * dI] or NULL */
+    float **kI;     /* [n_layers] -> [batch * capk * dI] (blocks of PL__KT) or NULL */
+    int64_t capk;   /* cap rounded up to PL__KT_PAD */
+    uint8_t **k8;   /* [n_layers] -> [batch * capk * dI4] int8 images + 64 (PL__KT blocks) */
+    float **sk;     /* [n_layers] -> [batch * capk] their scales */
     int64_t *len;   /* [n_layers * batch] */
 };
 
@@ -36,10 +42,14 @@ void pl_kv_cache_free(pl_kv_cache *c) {
         pl__free(c->k[l]);
         pl__free(c->v[l]);
         pl__free(c->kI[l]);
+        pl__free(c->k8[l]);
+        pl__free(c->sk[l]);
     }
     pl__free(c->k);
     pl__free(c->v);
     pl__free(c->kI);
+    pl__free(c->k8);
+    pl__free(c->sk);
     pl__free(c->dI);
     pl__free(c->len);
     pl__free(c);
@@ -74,9 +84,11 @@ pl_kv_cache *pl_kv_cache_new(const pl_kv_cache_config *cfg) {
     c->cap = cfg->capacity;
     c->H = cfg->heads;
     c->D = cfg->head_dim;
+    c->capk = (c->cap + PL__KT_PAD - 1) / PL__KT_PAD * PL__KT_PAD;
     const size_t nl = (size_t)cfg->n_layers;
     if (!(c->dI = pl__calloc(nl, sizeof *c->dI)) || !(c->k = pl__calloc(nl, sizeof *c->k)) ||
         !(c->v = pl__calloc(nl, sizeof *c->v)) || !(c->kI = pl__calloc(nl, sizeof *c->kI)) ||
+        !(c->k8 = pl__calloc(nl, sizeof *c->k8)) || !(c->sk = pl__calloc(nl, sizeof *c->sk)) ||
         !(c->len = pl__calloc(nl * (size_t)cfg->batch, sizeof *c->len)))
         goto oom;
     for (int l = 0; l < c->n_layers; l++) {
@@ -84,8 +96,16 @@ pl_kv_cache *pl_kv_cache_new(const pl_kv_cache_config *cfg) {
         if (!(c->k[l] = pl__malloc(sizeof(float) * (size_t)(rows * HD))) ||
             !(c->v[l] = pl__malloc(sizeof(float) * (size_t)(rows * HD))))
             goto oom;
-        if (c->dI[l] && !(c->kI[l] = pl__malloc(sizeof(float) * (size_t)(rows * c->dI[l]))))
-            goto oom;
+        /* zeroed: the scores kernel reads whole blocks, past the length too */
+        const size_t nkI = (size_t)cfg->batch * (size_t)c->capk * (size_t)c->dI[l];
+        if (c->dI[l]) {
+            const size_t nk8 = (size_t)cfg->batch * (size_t)c->capk * (size_t)((c->dI[l] + 3) & ~3);
+            if (!(c->kI[l] = pl__malloc(sizeof(float) * nkI)) || !(c->k8[l] = pl__malloc(nk8)) ||
+                !(c->sk[l] = pl__calloc((size_t)cfg->batch * (size_t)c->capk, sizeof(float))))
+                goto oom;
+            memset(c->kI[l], 0, sizeof(float) * nkI);
+            memset(c->k8[l], 64, nk8); /* the value 0 */
+        }
     }
     return c;
 oom:
@@ -179,15 +199,33 @@ pl_status pl_kv_cache_append(pl_kv_cache *c, int layer, int seq0, pl_tensor *k, 
                 "%lld more do not fit (reset it or make a larger cache)",
                 fn, (long long)(seq0 + b), layer, (long long)len[b], (long long)c->cap,
                 (long long)T);
+    const pl_mark mark = pl_mark_get(ctx);
+    int8_t *q8 = dI ? pl__scratch(ctx, (size_t)dI) : NULL; /* one key's int8 image */
+    if (dI && !q8) return pl_last_status();
+    const int isa = pl__isa();
+    const int64_t dI4 = (dI + 3) & ~(int64_t)3;
     for (int64_t b = 0; b < nb; b++) {
         const int64_t row = (seq0 + b) * c->cap + len[b];
         memcpy(c->k[layer] + row * HD, pl_f32(k) + b * T * HD, sizeof(float) * (size_t)(T * HD));
         memcpy(c->v[layer] + row * HD, pl_f32(v) + b * T * HD, sizeof(float) * (size_t)(T * HD));
-        if (dI)
-            memcpy(c->kI[layer] + row * dI, pl_f32(kI) + b * T * dI,
-                   sizeof(float) * (size_t)(T * dI));
+        if (dI) { /* into the transposed blocks */
+            float *kt = c->kI[layer] + (seq0 + b) * c->capk * dI;
+            const float *src = pl_f32(kI) + b * T * dI;
+            for (int64_t i = 0; i < T; i++) {
+                const int64_t s = len[b] + i;
+                float *dst = kt + (s / PL__KT) * PL__KT * dI + s % PL__KT;
+                for (int64_t j = 0; j < dI; j++) dst[j * PL__KT] = src[i * dI + j];
+                /* the int8 image (PL_INDEXER_INT8), as pl_indexer_topk rounds kI */
+                PL_ISA_PICK(pl__ix_quant_rows, isa)
+                (src + i * dI, 1, dI, 63.0f, q8, c->sk[layer] + (seq0 + b) * c->capk + s);
+                uint8_t *d8 = c->k8[layer] + (seq0 + b) * c->capk * dI4 +
+                              (s / PL__KT) * PL__KT * dI4 + (s % PL__KT) * 4;
+                for (int64_t j = 0; j < dI; j++) d8[(j / 4) * 64 + j % 4] = (uint8_t)(q8[j] + 64);
+            }
+        }
         len[b] += T;
     }
+    pl_mark_release(ctx, mark);
     return PL_OK;
 }
 
@@ -289,54 +327,60 @@ pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *c, int layer, 
                        (long long)dI),
                NULL;
     if (k < 1) return pl__err(PL_ERR_ARG, "%s: k = %d must be >= 1", fn, k), NULL;
-    if (ctx->indexer_precision != PL_INDEXER_F32)
-        return pl__err(PL_ERR_STATE,
-                       "%s: the context's indexer precision is int8; decoding computes the "
-                       "float32 scores only (pl_set_indexer_precision(ctx, PL_INDEXER_F32))",
-                       fn),
-               NULL;
     if (query_span(fn, c, layer, seq0, nb, T)) return NULL;
     const int64_t *len = c->len + (int64_t)layer * c->batch + seq0;
     int64_t Lmax = 0;
     for (int64_t b = 0; b < nb; b++) Lmax = len[b] > Lmax ? len[b] : Lmax;
     pl_tensor *out = pl__new(ctx, PL_I32, PL_DIMS(nb, T, k));
-    const int nt = omp_get_max_threads();
-    /* Query rows in blocks of TB (as pl_indexer_topk): the products of a block
-     * hold at most ~2^20 floats, so a long prefill chunk does not need T*HI*len. */
-    int64_t TB =
-        pl__tuning.indexer_block_rows > 0 ? pl__tuning.indexer_block_rows : (1 << 20) / (HI * Lmax);
-    TB = TB < 1 ? 1 : TB > T ? T : TB;
-    float *D = out ? pl__scratch(ctx, sizeof(float) * (size_t)(TB * HI * Lmax)) : NULL;
-    float *rowbuf = D ? pl__scratch(ctx, sizeof(float) * (size_t)(Lmax * nt)) : NULL;
-    /* pl__causal_topk_row's scratch: 3 len per thread */
+    const int nt = omp_get_max_threads(), isa = pl__isa();
+    const bool i8 = ctx->indexer_precision == PL_INDEXER_INT8;
+    const int vnni = i8 ? pl__cpu_vnni() : 0;
+    const int64_t dI4 = (dI + 3) & ~(int64_t)3;
+    /* per thread: a score row, pl__causal_topk_row's 3 len, and for int8 the
+     * query's image: dots [HI, PL__KT], qoff [HI], sq, wsq [HI], q8 [HI, dI4] */
+    const size_t per8 = (sizeof(int32_t) * (size_t)(HI * PL__KT + HI) +
+                         sizeof(float) * (size_t)(2 * HI) + (size_t)(HI * dI4) + 63) &
+                        ~(size_t)63;
+    float *rowbuf = out ? pl__scratch(ctx, sizeof(float) * (size_t)(Lmax * nt)) : NULL;
     uint32_t *keys = rowbuf ? pl__scratch(ctx, sizeof(uint32_t) * 3 * (size_t)(Lmax * nt)) : NULL;
-    if (!keys) return NULL;
+    char *ws8 = keys && i8 ? pl__scratch(ctx, per8 * (size_t)nt) : NULL;
+    if (!keys || (i8 && !ws8)) return NULL;
     int32_t *o = pl_i32(out);
-    const float *q = pl_f32(qI), *wd = pl_f32(w);
-    for (int64_t b = 0; b < nb; b++) {
-        const int64_t t0 = len[b] - T;
-        for (int64_t i0 = 0; i0 < T; i0 += TB) {
-            const int64_t i1 = i0 + TB < T ? i0 + TB : T, N = t0 + i1; /* keys of the block */
-            if (N > k) { /* rows t < k take every s <= t: no products needed */
-                const float *kc = c->kI[layer] + (seq0 + b) * c->cap * dI;
-                if (pl__sgemm(ctx, false, true, (i1 - i0) * HI, N, dI, 1.0f,
-                              q + (b * T + i0) * HI * dI, dI, kc, dI, 0.0f, D, N))
-                    return NULL;
-            }
-            PL_PARALLEL(i1 - i0 > 1 ? (i1 - i0) * HI * N : 0, default(shared), {
-                const size_t tid = (size_t)omp_get_thread_num();
-                float *row = rowbuf + tid * (size_t)Lmax;
-                uint32_t *kb = keys + tid * 3 * (size_t)Lmax;
-                _Pragma("omp for schedule(static)") for (int64_t i = i0; i < i1; i++) {
-                    const int64_t t = t0 + i;
-                    if (t + 1 > k)
-                        pl__ix_row_scores(row, D + (i - i0) * HI * N, N, wd + (b * T + i) * HI, HI,
-                                          t + 1);
-                    pl__causal_topk_row(row, t + 1, k, o + (b * T + i) * k, k, kb);
+    const float *q = pl_f32(qI), *wd = pl_f32(w), *kIl = c->kI[layer];
+    const int64_t capk = c->capk, rows = nb * T;
+    /* One task per new query row (b, i); a row's result does not depend on the
+     * others', so one token at a time and chunks of tokens give the same bits. */
+    PL_PARALLEL(rows > 1 ? rows * HI * dI * Lmax : 0, default(shared), {
+        const size_t tid = (size_t)omp_get_thread_num();
+        float *row = rowbuf + tid * (size_t)Lmax;
+        uint32_t *kb = keys + tid * 3 * (size_t)Lmax;
+        _Pragma("omp for schedule(static)") for (int64_t r = 0; r < rows; r++) {
+            const int64_t b = r / T, t = len[b] - T + r % T;
+            if (t + 1 > k && !i8) /* rows t < k take every s <= t: no scores needed */
+                PL_ISA_PICK(pl__ix_scores_kt, isa)
+            (row, q + r * HI * dI, wd + r * HI, kIl + (seq0 + b) * capk * dI, HI, dI, t + 1);
+            if (t + 1 > k && i8) { /* as pl_indexer_topk at PL_INDEXER_INT8 */
+                int32_t *dots = (int32_t *)(ws8 + tid * per8), *qoff = dots + HI * PL__KT;
+                float *sq = (float *)(qoff + HI), *wsq = sq + HI;
+                int8_t *q8 = (int8_t *)(wsq + HI);
+                PL_ISA_PICK(pl__ix_quant_rows, isa)(q + r * HI * dI, HI, dI, 127.0f, q8, sq);
+                for (int64_t h = HI - 1; h >= 0; h--) { /* rows padded to dI4, from the last */
+                    memmove(q8 + h * dI4, q8 + h * dI, (size_t)dI);
+                    memset(q8 + h * dI4 + dI, 0, (size_t)(dI4 - dI));
                 }
-            });
+                for (int64_t h = 0; h < HI; h++) {
+                    int32_t sum = 0;
+                    for (int64_t i = 0; i < dI; i++) sum += q8[h * dI4 + i];
+                    qoff[h] = 64 * sum;
+                    wsq[h] = wd[r * HI + h] * sq[h];
+                }
+                PL_ISA_PICK(pl__ix_scores_kt8, isa)
+                (row, q8, qoff, wsq, c->sk[layer] + (seq0 + b) * capk,
+                 c->k8[layer] + (seq0 + b) * capk * dI4, HI, dI4, t + 1, vnni, dots);
+            }
+            pl__causal_topk_row(row, t + 1, k, o + r * k, k, kb);
         }
-    }
+    });
     return out;
 }
 

@@ -15,12 +15,16 @@
  * Causality to the last bit: how many rows an expert gets depends on every
  * token, later ones included, and oneDNN computes the last (M mod 6) rows of
  * an M-row product with another kernel (another summation order). So the
- * forward products go through MOE_CHUNK-row chunks, each copied into a
- * zero-padded aligned buffer: every sgemm has the same shape, and a row's
- * result depends only on its values and its place in its chunk, which only
- * earlier tokens decide. Otherwise changing a later token changed earlier
- * outputs in the last bits (the model-level causality test in
- * tests/test_trainer.c saw it in about 1 probe of 5 at batch 1).
+ * forward products go through chunks of C = min(MOE_CHUNK, N) rows, each
+ * copied into a zero-padded aligned buffer: every sgemm of a call has the same
+ * shape, and a row's result depends only on its values, its place in its chunk
+ * (which only earlier tokens decide) and C (which only the call's shape
+ * decides). Otherwise changing a later token changed earlier outputs in the
+ * last bits (the model-level causality test in tests/test_trainer.c saw it in
+ * about 1 probe of 5 at batch 1). No expert gets more than N rows, so C = N
+ * loses nothing when N < MOE_CHUNK: a one-token decoding step runs 1-row
+ * products instead of 64-row ones (and every call with N >= MOE_CHUNK, e.g.
+ * any training step, keeps the same chunks and so the same bits as before).
  *
  * Backward (dy = dL/dy, h = silu(g) * u, o_e = expert e's output row):
  *   dw_e = dy . o_e                      (the choice S is not differentiable)
@@ -51,14 +55,17 @@ typedef struct {
 
 static inline float silu_f(float v) { return v / (1.0f + pl__expf(-v)); }
 
+/* The chunk rows of a call with N token rows (see the top of the file). */
+static int64_t moe_chunk(int64_t N) { return N < MOE_CHUNK ? (N > 0 ? N : 1) : MOE_CHUNK; }
+
 /* For every expert e, its gathered rows in[off[e]..off[e+1]) [., n] times
  * W1[e] [n, p] into out1 (and times W2[e] into out2 when W2 is not NULL), in
- * MOE_CHUNK-row chunks copied into the zero-padded buffer ca (outputs through
- * c1, c2): the same sgemm shape for every chunk (see the top of the file). */
+ * C-row chunks copied into the zero-padded buffer ca (outputs through c1, c2):
+ * the same sgemm shape for every chunk (see the top of the file). */
 static pl_status expert_products(pl_ctx *ctx, const int64_t *off, int64_t E, const float *in,
                                  int64_t n, int64_t p, const float *W1, float *out1,
-                                 const float *W2, float *out2, float *ca, float *c1, float *c2) {
-    const int64_t C = MOE_CHUNK;
+                                 const float *W2, float *out2, float *ca, float *c1, float *c2,
+                                 int64_t C) {
     for (int64_t e = 0; e < E; e++)
         for (int64_t o = off[e]; o < off[e + 1]; o += C) {
             int64_t m = off[e + 1] - o < C ? off[e + 1] - o : C;
@@ -318,16 +325,17 @@ static pl_tensor *moe_ex_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl
     PL_PARALLEL_FOR(R * d, schedule(static), r, R,
                     memcpy(sv->xg + r * d, xd + tok[r] * d, (size_t)d * 4));
     /* chunk buffers (see the top of the file): input, and two outputs */
-    const int64_t C = MOE_CHUNK, wmax = d > F ? d : F;
+    const int64_t C = moe_chunk(N), wmax = d > F ? d : F;
     float *ca = pl__scratch(ctx, (size_t)(C * wmax) * 4);
     float *c1 = pl__scratch(ctx, (size_t)(C * wmax) * 4);
     float *c2 = pl__scratch(ctx, (size_t)(C * F) * 4);
     if (!ca || !c1 || !c2) return NULL;
     if (expert_products(ctx, off, E, sv->xg, d, F, pl_f32(w_gate), sv->g, pl_f32(w_up), sv->u, ca,
-                        c1, c2))
+                        c1, c2, C))
         return NULL;
     PL_PARALLEL_FOR(R * F, schedule(static), i, R * F, sv->h[i] = silu_f(sv->g[i]) * sv->u[i]);
-    if (expert_products(ctx, off, E, sv->h, F, d, pl_f32(w_down), sv->y, NULL, NULL, ca, c1, c2))
+    if (expert_products(ctx, off, E, sv->h, F, d, pl_f32(w_down), sv->y, NULL, NULL, ca, c1, c2,
+                        C))
         return NULL;
 
     /* Each token sums w_e * o_e over its experts in increasing expert order

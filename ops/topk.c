@@ -8,11 +8,27 @@
  * the smaller s, which the output pass gets for free because it walks s upwards; the same walk
  * writes the selected indices in ascending order, which keeps the later gathers of keys and values
  * moving forward through memory. Not differentiable: the output is an integer tensor without
- * history. */
+ * history.
+ *
+ * Per instruction set (this file is one of PLASA_ISA_SOURCES): the filter and
+ * output passes compress with AVX-512 (vpcompressd) where the CPU has it, and
+ * run branch-free scalar loops otherwise. The k-th largest of the kept keys
+ * comes from one histogram of 2^11 buckets over their range (then the radix
+ * select on the one bucket that holds it). The selection is exact, so every
+ * path gives the same indices (tests/test_topk.c runs each). */
 #include "internal.h"
 
 #include <math.h>
 #include <omp.h>
+
+PL_ISA_DECLARE(void, topk_row,
+               (const float *row, int64_t n, int64_t k, int32_t *out, int64_t width,
+                uint32_t *scratch));
+
+#ifdef PL_ISA /* ---- the kernels (built per instruction set) ---- */
+#if PL_VW == 16
+#include <immintrin.h>
+#endif
 
 /* Monotone map float -> uint32 (a < b  <=>  key(a) < key(b)). NaN is mapped as
  * -inf and -0 as +0, so they tie with those (and the tie goes to smaller s).
@@ -80,14 +96,116 @@ static uint32_t sampled_pivot(const float *row, int64_t n, int64_t k, uint32_t *
     return kth_largest(smp, SAMPLES, r, &need, smp + SAMPLES);
 }
 
+/* The k-th largest of keys[0..c) (1 <= k <= c) and in *need how many keys
+ * equal to it are among the k largest: one histogram of at most 2^11 buckets
+ * over [min, max] of the keys, then (when a bucket holds several key values)
+ * the radix select on the keys of the bucket that holds the k-th. tmp: c. */
+static uint32_t kth_by_range(const uint32_t *keys, int64_t c, int64_t k, int64_t *need,
+                             uint32_t *tmp) {
+    enum { NB = 2048 };
+    uint32_t lo = keys[0], hi = keys[0];
+    for (int64_t i = 1; i < c; i++) {
+        lo = keys[i] < lo ? keys[i] : lo;
+        hi = keys[i] > hi ? keys[i] : hi;
+    }
+    if (lo == hi) {
+        *need = k;
+        return hi;
+    }
+    const uint32_t range = hi - lo;
+    const int bits = 32 - __builtin_clz(range);
+    const int shift = bits > 11 ? bits - 11 : 0;
+    int32_t hist[NB];
+    const int64_t nb = (int64_t)(range >> shift) + 1;
+    memset(hist, 0, sizeof(int32_t) * (size_t)nb);
+    for (int64_t i = 0; i < c; i++) hist[(keys[i] - lo) >> shift]++;
+    int64_t b = nb - 1;
+    for (; b > 0 && hist[b] < k; b--) k -= hist[b];
+    if (shift == 0) { /* one key value per bucket */
+        *need = k;
+        return lo + (uint32_t)b;
+    }
+    int64_t m = 0; /* the keys of bucket b */
+    for (int64_t i = 0; i < c; i++) {
+        tmp[m] = keys[i];
+        m += (int64_t)((keys[i] - lo) >> shift) == b;
+    }
+    return kth_largest(tmp, m, k, need, tmp); /* in place: it compacts downwards */
+}
+
+/* Keeps the s with row[s] >= pf (NaN never): their keys into ck, s into ci,
+ * in ascending s. Returns how many. */
+static int64_t filter(const float *row, int64_t n, float pf, uint32_t *ck, uint32_t *ci) {
+    int64_t c = 0, s = 0;
+#if PL_VW == 16
+    const __m512 p = _mm512_set1_ps(pf);
+    const __m512i sign = _mm512_set1_epi32(INT32_MIN), ones = _mm512_set1_epi32(-1);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; s + 16 <= n; s += 16) {
+        const __m512 v = _mm512_loadu_ps(row + s);
+        const __mmask16 m = _mm512_cmp_ps_mask(v, p, _CMP_GE_OQ);
+        if (!m) continue;
+        /* order_key (the kept values are not NaN): -0 -> +0, then ~u for
+         * negatives and u | sign for the rest */
+        __m512i u = _mm512_castps_si512(v);
+        u = _mm512_mask_mov_epi32(u, _mm512_cmpeq_epi32_mask(u, sign), _mm512_setzero_si512());
+        const __mmask16 neg = _mm512_test_epi32_mask(u, sign);
+        u = _mm512_mask_xor_epi32(_mm512_or_si512(u, sign), neg, u, ones);
+        const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32((int)s));
+        _mm512_storeu_si512(ck + c, _mm512_maskz_compress_epi32(m, u));
+        _mm512_storeu_si512(ci + c, _mm512_maskz_compress_epi32(m, idx));
+        c += __builtin_popcount(m);
+    }
+#endif
+    const int64_t c0 = c;
+    for (; s < n; s++) { /* branch-free compress of s */
+        ci[c] = (uint32_t)s;
+        c += row[s] >= pf;
+    }
+    for (int64_t i = c0; i < c; i++) ck[i] = order_key(row[ci[i]]);
+    return c;
+}
+
+/* Writes into out the ci[i] with ck[i] > thr and the first `need` with
+ * ck[i] == thr, in order; returns how many. */
+static int64_t emit(const uint32_t *ck, const uint32_t *ci, int64_t c, uint32_t thr, int64_t need,
+                    int32_t *out) {
+    int64_t m = 0, i = 0;
+#if PL_VW == 16
+    const __m512i t = _mm512_set1_epi32((int)thr);
+    for (; i + 16 <= c; i += 16) {
+        const __m512i key = _mm512_loadu_si512(ck + i);
+        __mmask16 take = _mm512_cmpgt_epu32_mask(key, t);
+        __mmask16 eq = need > 0 ? _mm512_cmpeq_epu32_mask(key, t) : 0;
+        while (eq && need > 0) { /* ties: the smallest s first */
+            take |= eq & (__mmask16)-eq;
+            eq &= (__mmask16)(eq - 1);
+            need--;
+        }
+        _mm512_storeu_si512(out + m, _mm512_maskz_compress_epi32(take, _mm512_loadu_si512(ci + i)));
+        m += __builtin_popcount(take);
+    }
+#endif
+    for (; i < c; i++) {
+        const uint32_t key = ck[i];
+        if (key > thr) {
+            out[m++] = (int32_t)ci[i];
+        } else if (key == thr && need > 0) {
+            out[m++] = (int32_t)ci[i];
+            need--;
+        }
+    }
+    return m;
+}
+
 /* Top-k selection of one row (see internal.h). For long rows a filter pass
- * first keeps only the keys at or above a sampled pivot (a branch-free
- * compress, in ascending s); the exact radix select then runs on those few.
- * If fewer than k keys reach the pivot (unlucky sample), the whole row is
- * selected the plain way. Both give the same result: the k-th largest key
- * and every key above it are among the kept ones. */
-PL_KERNEL void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32_t *out,
-                                   int64_t width, uint32_t *scratch) {
+ * first keeps only the keys at or above a sampled pivot (a compress, in
+ * ascending s); the exact select then runs on those few. If fewer than k keys
+ * reach the pivot (unlucky sample), the whole row is selected the plain way.
+ * Both give the same result: the k-th largest key and every key above it are
+ * among the kept ones. scratch: 3n (ck, ci, then room for the output). */
+void PL_ISA_FN(topk_row)(const float *row, int64_t n, int64_t k, int32_t *out, int64_t width,
+                         uint32_t *scratch) {
     int64_t m = 0;
     if (k >= n) { /* every candidate is selected: nothing to compare */
         for (; m < n; m++) out[m] = (int32_t)m;
@@ -103,13 +221,7 @@ PL_KERNEL void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32
         const uint32_t pu = (p & 0x80000000u) ? (p & 0x7fffffffu) : ~p;
         float pf;
         memcpy(&pf, &pu, sizeof pf);
-        if (pf > -INFINITY) {
-            for (int64_t s = 0; s < n; s++) { /* branch-free compress of s */
-                ci[c] = (uint32_t)s;
-                c += row[s] >= pf;
-            }
-            for (int64_t i = 0; i < c; i++) ck[i] = order_key(row[ci[i]]);
-        }
+        if (pf > -INFINITY) c = filter(row, n, pf, ck, ci);
     }
     if (c < k) { /* no pivot, or it kept too few: every key */
         for (int64_t s = 0; s < n; s++) {
@@ -119,18 +231,19 @@ PL_KERNEL void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32
         c = n;
     }
     int64_t need;
-    const uint32_t thr = kth_largest(ck, c, k, &need, tmp);
-    /* Every key above thr and the first `need` (smallest s) equal to it. */
-    for (int64_t i = 0; i < c; i++) {
-        const uint32_t key = ck[i];
-        if (key > thr) {
-            out[m++] = (int32_t)ci[i];
-        } else if (key == thr && need > 0) {
-            out[m++] = (int32_t)ci[i];
-            need--;
-        }
-    }
+    const uint32_t thr = kth_by_range(ck, c, k, &need, tmp);
+    /* Every key above thr and the first `need` (smallest s) equal to it; the
+     * vector stores write whole vectors, so through tmp (c >= k entries). */
+    m = emit(ck, ci, c, thr, need, (int32_t *)tmp);
+    memcpy(out, tmp, sizeof(int32_t) * (size_t)m);
     for (; m < width; m++) out[m] = -1;
+}
+
+#else /* ---- the ops (built once) ---- */
+
+void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32_t *out, int64_t width,
+                         uint32_t *scratch) {
+    PL_ISA_PICK(topk_row, pl__isa())(row, n, k, out, width, scratch);
 }
 
 pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k) {
@@ -158,3 +271,5 @@ pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k) {
     });
     return out;
 }
+
+#endif

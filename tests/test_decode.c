@@ -288,21 +288,25 @@ static void fill_q(float *x, int64_t n, uint64_t *s) {
     for (int64_t i = 0; i < n; i++) x[i] = (float)tu_randint(s, -2, 2) * 0.25f;
 }
 
+/* _i = 0, 1: float32; 2, 3: the same at PL_INDEXER_INT8 (the cache's int8 key
+ * images, pl_indexer_topk's int8 scores bit for bit; dI = 10 pads to 12). */
 START_TEST(indexer_topk_cached_equals_training) {
-    const int B = 2, L = 150, hi = 3, di = 8, k = _i ? 16 : 40;
+    const bool i8 = _i >= 2;
+    const int B = 2, L = 150, hi = 3, di = i8 ? 10 : 8, k = _i % 2 ? 16 : 40;
     uint64_t s = 7 + (uint64_t)_i;
+    ck_assert_int_eq(pl_set_indexer_precision(ctx, i8 ? PL_INDEXER_INT8 : PL_INDEXER_F32), PL_OK);
     pl_tensor *qI = pl_empty(ctx, PL_F32, PL_DIMS(B, L, hi * di));
     pl_tensor *kI = pl_empty(ctx, PL_F32, PL_DIMS(B, L, di));
     pl_tensor *w = pl_empty(ctx, PL_F32, PL_DIMS(B, L, hi));
     fill_q(pl_f32(qI), qI->numel, &s);
     fill_q(pl_f32(kI), kI->numel, &s);
     for (int64_t i = 0; i < w->numel; i++) pl_f32(w)[i] = (float)tu_randint(&s, 1, 3) * 0.5f;
-    if (_i == 0) /* also unquantised values (rounding in the products) */
+    if (_i % 2 == 0) /* also unquantised values (rounding in the products) */
         tu_fill(pl_f32(qI), qI->numel, &s, -1, 1);
     pl_tensor *ref = pl_indexer_topk(ctx, qI, kI, w, k);
     ck_assert_ptr_nonnull(ref);
     const pl_tuning keep = pl__tuning;
-    if (_i == 1) pl__tuning.indexer_block_rows = 3; /* block edges inside prefill chunks */
+    if (_i % 2) pl__tuning.indexer_block_rows = 3; /* block edges inside prefill chunks */
     int32_t *want = malloc(sizeof(int32_t) * (size_t)ref->numel);
     memcpy(want, pl_i32(ref), sizeof(int32_t) * (size_t)ref->numel);
     const int dims[1] = {di};
@@ -333,6 +337,7 @@ START_TEST(indexer_topk_cached_equals_training) {
     pl__tuning = keep;
     pl_kv_cache_free(c);
     free(want);
+    pl_set_indexer_precision(ctx, PL_INDEXER_F32);
 }
 END_TEST
 
@@ -442,15 +447,24 @@ START_TEST(errors) {
 }
 END_TEST
 
+/* The decode kernels at each lower instruction-set level the CPU runs. */
+static void isa_cases(TCase *tc) {
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, decode_matches_full_forward);
+    tcase_add_loop_test(tc, indexer_topk_cached_equals_training, 0, 4);
+    tcase_set_timeout(tc, 300);
+}
+
 int main(void) {
     Suite *s = suite_create("decode");
     TCase *tc = tcase_create("core");
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, decode_matches_full_forward);
-    tcase_add_loop_test(tc, indexer_topk_cached_equals_training, 0, 2);
+    tcase_add_loop_test(tc, indexer_topk_cached_equals_training, 0, 4);
     tcase_add_loop_test(tc, attention_cached_equals_training, 0, 2);
     tcase_add_test(tc, errors);
     tcase_set_timeout(tc, 300);
     suite_add_tcase(s, tc);
+    tu_isa_tcases(s, "decode", isa_cases);
     return tu_run(s);
 }

@@ -562,6 +562,52 @@ START_TEST(errors) {
 }
 END_TEST
 
+/* The decode kernel (ops/indexer.c, pl__ix_scores_kt) on keys in the cache's
+ * transposed blocks, at the level under test, against naive_score: every
+ * remainder of the 2*PL_VW-key groups and the head groups of four. */
+START_TEST(decode_scores_kernel) {
+    uint64_t s = 99;
+    for (int rep = 0; rep < 12; rep++) {
+        const int HI = tu_randint(&s, 1, 9), dI = tu_randint(&s, 1, 70), n = tu_randint(&s, 1, 200);
+        const int np = (n + PL__KT_PAD - 1) / PL__KT_PAD * PL__KT_PAD;
+        float *q = malloc(sizeof(float) * (size_t)(n * HI * dI)),
+              *k = malloc(sizeof(float) * (size_t)(n * dI)),
+              *w = malloc(sizeof(float) * (size_t)(n * HI)),
+              *kt = calloc((size_t)(np * dI), sizeof(float)),
+              *out = malloc(sizeof(float) * (size_t)n);
+        tu_fill(q, n * HI * dI, &s, -1, 1);
+        tu_fill(k, n * dI, &s, -1, 1);
+        tu_fill(w, n * HI, &s, -1, 1);
+        for (int p = 0; p < n; p++)
+            for (int i = 0; i < dI; i++)
+                kt[(p / PL__KT) * PL__KT * dI + i * PL__KT + p % PL__KT] = k[p * dI + i];
+        const int t = n - 1; /* query row t over keys 0..t */
+        PL_ISA_PICK(pl__ix_scores_kt, pl__isa())
+        (out, q + (size_t)t * HI * dI, w + (size_t)t * HI, kt, HI, dI, n);
+        for (int p = 0; p < n; p++) {
+            const double want = naive_score(q, k, w, n, HI, dI, 0, t, p);
+            ck_assert_msg(fabs(out[p] - want) <= 1e-5 * (1 + fabs(want)),
+                          "rep %d (HI %d, dI %d, n %d) key %d: %g vs %g", rep, HI, dI, n, p, out[p],
+                          want);
+        }
+        free(q), free(k), free(w), free(kt), free(out);
+    }
+}
+END_TEST
+
+/* The kernels at each lower instruction-set level the CPU runs. */
+static void isa_cases(TCase *tc) {
+    tcase_add_checked_fixture(tc, tu_setup_parallel, tu_teardown);
+    tcase_add_loop_test(tc, scores_match_naive, 0, 2);
+    tcase_add_loop_test(tc, fused_topk_equals_topk_of_scores, 0, 2);
+    tcase_add_test(tc, scores_at_matches_dense);
+    tcase_add_test(tc, at_backward_matches_dense_backward);
+    tcase_add_loop_test(tc, topk_scores_fused, 0, 2);
+    tcase_add_test(tc, int8_scores_match_reference);
+    tcase_add_test(tc, decode_scores_kernel);
+    tcase_set_timeout(tc, 120);
+}
+
 int main(void) {
     TCase *tc;
     Suite *s = tu_suite("indexer", TU_PARALLEL, &tc);
@@ -574,6 +620,8 @@ int main(void) {
     tcase_add_test(tc, at_backward_matches_dense_backward);
     tcase_add_loop_test(tc, topk_scores_fused, 0, 2);
     tcase_add_test(tc, int8_scores_match_reference);
+    tcase_add_test(tc, decode_scores_kernel);
     tcase_add_test(tc, errors);
+    tu_isa_tcases(s, "indexer", isa_cases);
     return tu_run(s);
 }

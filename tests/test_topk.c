@@ -169,6 +169,14 @@ START_TEST(errors) {
 }
 END_TEST
 
+/* The selection at each lower instruction-set level the CPU runs. */
+static void isa_cases(TCase *tc) {
+    tcase_add_checked_fixture(tc, tu_setup_parallel, tu_teardown);
+    tcase_add_loop_test(tc, matches_naive_sort, 0, 3);
+    tcase_add_loop_test(tc, long_rows_pivot_filter, 0, 2);
+    tcase_add_test(tc, ties_go_to_smaller_s_and_future_is_ignored);
+}
+
 int main(void) {
     TCase *tc;
     Suite *s = tu_suite("topk", TU_PARALLEL, &tc);
@@ -176,5 +184,6 @@ int main(void) {
     tcase_add_loop_test(tc, long_rows_pivot_filter, 0, 2);
     tcase_add_test(tc, ties_go_to_smaller_s_and_future_is_ignored);
     tcase_add_test(tc, errors);
+    tu_isa_tcases(s, "topk", isa_cases);
     return tu_run(s);
 }
