@@ -403,8 +403,14 @@ PL_API pl_tensor *pl_slice(pl_ctx *ctx, pl_tensor *x, int dim, int64_t start, in
  * negative dim counts from the end. */
 PL_API pl_tensor *pl_concat(pl_ctx *ctx, pl_tensor *const *xs, int n, int dim);
 
-/* C = op(A) op(B) on the last two dims (oneDNN sgemm). Leading dims are
- * batch dims: equal in both, or absent in B (B shared over the batch). */
+/* C = op(A) op(B) on the last two dims (oneDNN sgemm); op transposes the
+ * last two dims when trans_a / trans_b. The dims before them are batch dims
+ * and broadcast as in torch.matmul (NumPy rules: aligned at the last batch
+ * dim, sizes equal or 1): A [2, 1, M, K] x B [3, K, N] -> C [2, 3, M, N]; a
+ * 2-D operand is one matrix for the whole batch, on either side. An operand
+ * broadcast along a batch dim gets the sum of the gradients of the products
+ * that used it (summed in batch order: deterministic). Both operands need
+ * >= 2 dims (no 1-D vector forms). */
 PL_API pl_tensor *pl_matmul(pl_ctx *ctx, pl_tensor *a, pl_tensor *b, bool trans_a, bool trans_b);
 /* y = x W (+ bias): x [..., in], W [in, out], bias [out] or NULL. */
 PL_API pl_tensor *pl_linear(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *bias);
