@@ -644,6 +644,13 @@ PL_API pl_status pl_safetensors_save_ex(const char *path, const pl_tensor *const
                                         const char *const *meta_keys,
                                         const char *const *meta_values, int n_meta, unsigned flags);
 
+/* Writes n bytes to path as the checkpoint saves do (above): a temporary file
+ * beside it, synced and renamed over path, so a reader sees the old file or
+ * the complete new one, concurrent writers each leave a complete file, and a
+ * failure leaves the old file untouched. Temporary files of earlier writes to
+ * path whose process is gone (killed mid-write) are removed first. */
+PL_API pl_status pl_file_write_atomic(const char *path, const void *data, size_t n);
+
 /* A tensor's dtype in the file. */
 typedef enum { PL_ST_F32 = 0, PL_ST_I32 = 1, PL_ST_F16 = 2, PL_ST_BF16 = 3 } pl_st_dtype;
 

@@ -6,6 +6,7 @@
 #include "simd.h"
 
 #include <stdarg.h>
+#include <stdio.h>
 #include <string.h>
 
 #define PL_TENSOR_MAGIC 0x504c5453u /* "PLTS" */
@@ -199,6 +200,19 @@ static inline int64_t pl__numel(int ndim, const int64_t *shape) {
 static inline float pl__relu(float x) { return !(x <= 0.0f) ? x : 0.0f; }
 
 /* ---- the one exp (pl__expf) and the SIMD layer: simd.h ---- */
+
+/* ---- crash-safe whole-file writes (lib/atomic_file.c) ---- */
+/* begin: removes temporaries of dead writers of path, creates this write's
+ * own temporary beside it; commit: flush, fsync, rename over path, fsync the
+ * directory. write_err is the errno of a failed write into f (0: none); on any
+ * failure commit removes the temporary and leaves path untouched. Messages
+ * read "fn: 'path': problem". */
+typedef struct {
+    char *tmp; /* "<path>.tmp-PID-N" */
+    FILE *f;
+} pl__atomic_file;
+pl_status pl__atomic_begin(const char *fn, const char *path, pl__atomic_file *af);
+pl_status pl__atomic_commit(const char *fn, const char *path, pl__atomic_file *af, int write_err);
 
 /* ---- safetensors (lib/safetensors.c) ---- */
 /* Parses a whole safetensors file held in memory, with the checks of

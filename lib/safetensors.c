@@ -10,14 +10,9 @@
 #include "internal.h"
 
 #include <cjson/cJSON.h>
-#include <dirent.h>
-#include <limits.h>
-#include <signal.h>
-#include <time.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -800,8 +795,6 @@ static void sb_json_str(sbuf *b, const char *s) {
     sb_put(b, "\"", 1);
 }
 
-static atomic_uint tmp_counter;
-
 /* Writes len bytes of 32-bit words as little endian. */
 static bool write_le32(FILE *f, const void *data, size_t bytes) {
     if (host_is_le()) return fwrite(data, 1, bytes, f) == bytes;
@@ -833,64 +826,6 @@ static bool write_bf16(FILE *f, const float *x, size_t n) {
         n -= k;
     }
     return true;
-}
-
-/* fsync the directory holding path, so that the rename is durable. */
-static int sync_dir(const char *path) {
-    char dir[PATH_MAX];
-    const char *slash = strrchr(path, '/');
-    size_t l = !slash ? 1 : slash == path ? 1 : (size_t)(slash - path);
-    if (l >= sizeof dir) return 0; /* cannot name it: nothing to sync */
-    memcpy(dir, !slash ? "." : path, l);
-    dir[l] = 0;
-    int err = 0, fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return errno;
-    /* Some file systems cannot sync a directory; nothing more can be done. */
-    if (fsync(fd) != 0 && errno != EINVAL && errno != ENOTSUP) err = errno;
-    close(fd);
-    return err;
-}
-
-/* A save killed before its rename leaves its "<path>.tmp-PID-N" behind. The
- * next save to path removes such files: only names of exactly that pattern
- * for this path, and only when process PID is gone (not this process, kill(PID, 0)
- * says no such process) or the file was last written over a day ago; a live
- * saver's file (another process, or another thread of this one) is left
- * alone. Best effort: nothing here changes the save's outcome or the error
- * state. (Processes in another PID namespace sharing the folder look dead:
- * their in-progress save would then fail at its rename, never corrupt.) */
-static void remove_stale_temps(const char *path) {
-    char dir[PATH_MAX];
-    const char *slash = strrchr(path, '/'), *base = slash ? slash + 1 : path;
-    size_t dl = slash ? (size_t)(slash - path) : 1, bl = strlen(base);
-    if (dl + 1 >= sizeof dir || !bl) return;
-    if (slash)
-        memcpy(dir, path, dl);
-    else
-        dir[0] = '.';
-    dir[dl ? dl : 1] = 0;
-    if (slash == path) dir[0] = '/', dir[1] = 0;
-    DIR *d = opendir(dir);
-    if (!d) return;
-    const long self = (long)getpid();
-    const time_t now = time(NULL);
-    for (struct dirent *e; (e = readdir(d));) {
-        const char *nm = e->d_name;
-        if (strncmp(nm, base, bl) != 0 || strncmp(nm + bl, ".tmp-", 5) != 0) continue;
-        const char *p = nm + bl + 5, *q = p;
-        long pid = 0;
-        while (*q >= '0' && *q <= '9' && q - p < 9) pid = pid * 10 + (*q++ - '0');
-        if (q == p || *q != '-' || !q[1]) continue;
-        const char *r = q + 1;
-        while (*r >= '0' && *r <= '9') r++;
-        if (*r || r - q - 1 > 10) continue;
-        struct stat sb;
-        if (fstatat(dirfd(d), nm, &sb, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(sb.st_mode)) continue;
-        bool dead = pid > 0 && pid != self && kill((pid_t)pid, 0) != 0 && errno == ESRCH;
-        bool old = now - sb.st_mtime > 24 * 3600;
-        if (dead || old) unlinkat(dirfd(d), nm, 0);
-    }
-    closedir(d);
 }
 
 /* Validated arguments -> header -> temporary file -> rename over path. */
@@ -985,80 +920,21 @@ static pl_status save_impl(const char *fn, const char *path, const pl_tensor *co
         return pl__err(PL_ERR_NOMEM, "%s: '%s': out of memory building the header", fn, path);
     }
 
-    /* Temporary file beside the target (same file system, so rename is
-     * atomic); created exclusively with the usual 0666 & ~umask mode. */
-    remove_stale_temps(path);
-    size_t tl = strlen(path) + 48;
-    char *tmp = pl__malloc(tl);
-    if (!tmp) {
+    pl__atomic_file af;
+    if (pl__atomic_begin(fn, path, &af)) {
         pl__free(h.p);
         return pl_last_status();
     }
-    int fd = -1;
-    for (int tries = 0; tries < 100 && fd < 0; tries++) {
-        snprintf(tmp, tl, "%s.tmp-%ld-%u", path, (long)getpid(),
-                 atomic_fetch_add(&tmp_counter, 1u));
-        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-        if (fd < 0 && errno != EEXIST) break;
-    }
-    if (fd < 0) {
-        pl_status s = fail(fn, path, PL_ERR_IO, "cannot create a temporary file beside it: %s",
-                           strerror(errno));
-        pl__free(tmp);
-        pl__free(h.p);
-        return s;
-    }
-    const char *stage = "writing";
-    int err = 0;
-    FILE *f = fdopen(fd, "wb");
-    if (!f) {
-        err = errno;
-        close(fd);
-        goto failed;
-    }
     unsigned char len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)h.n >> (8 * i));
-    bool ok = fwrite(len8, 1, 8, f) == 8 && fwrite(h.p, 1, h.n, f) == h.n;
+    bool ok = fwrite(len8, 1, 8, af.f) == 8 && fwrite(h.p, 1, h.n, af.f) == h.n;
     for (int i = 0; ok && i < n; i++)
         ok = bf16 && tensors[i]->dtype == PL_F32
-                 ? write_bf16(f, tensors[i]->data, (size_t)tensors[i]->numel)
-                 : write_le32(f, tensors[i]->data, (size_t)tensors[i]->numel * 4);
-    if (!ok || fflush(f) != 0) {
-        err = errno;
-        goto failed;
-    }
-    stage = "syncing";
-    if (fsync(fileno(f)) != 0) {
-        err = errno;
-        goto failed;
-    }
-    stage = "closing";
-    int rc = fclose(f);
-    f = NULL;
-    if (rc != 0) {
-        err = errno;
-        goto failed;
-    }
-    stage = "renaming the temporary file over it";
-    if (rename(tmp, path) != 0) {
-        err = errno;
-        goto failed;
-    }
-    pl__free(tmp);
+                 ? write_bf16(af.f, tensors[i]->data, (size_t)tensors[i]->numel)
+                 : write_le32(af.f, tensors[i]->data, (size_t)tensors[i]->numel * 4);
+    int write_err = ok ? 0 : errno ? errno : EIO;
     pl__free(h.p);
-    if ((err = sync_dir(path)))
-        return fail(fn, path, PL_ERR_IO,
-                    "the file was written, but syncing its directory failed: %s (it may not "
-                    "survive a crash)",
-                    strerror(err));
-    return PL_OK;
-failed:
-    if (f) fclose(f);
-    unlink(tmp);
-    pl__free(tmp);
-    pl__free(h.p);
-    return fail(fn, path, PL_ERR_IO, "%s failed: %s; any previous file is unchanged", stage,
-                strerror(err ? err : EIO));
+    return pl__atomic_commit(fn, path, &af, write_err);
 }
 
 pl_status pl_safetensors_save(const char *path, const pl_tensor *const *tensors,

@@ -23,5 +23,7 @@ add_test(NAME test_install
                  -DLIBDIR=${CMAKE_INSTALL_LIBDIR} -DC_COMPILER=${CMAKE_C_COMPILER}
                  "-DC_FLAGS=${PLASA_CONSUMER_FLAGS}" -DPKG_CONFIG=${PKG_CONFIG_EXECUTABLE}
                  -DLDD=${PLASA_LDD} -DTRAIN=${PLASA_INSTALL_TRAIN}
+                 -DTINY_GPT_DIR=${PROJECT_SOURCE_DIR}/examples/tiny-gpt
+                 -DTEXT=${PROJECT_SOURCE_DIR}/README.md
                  -P ${CMAKE_CURRENT_SOURCE_DIR}/install/run.cmake)
 set_tests_properties(test_install PROPERTIES TIMEOUT 300)

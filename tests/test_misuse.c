@@ -5,6 +5,7 @@
  * op, long failure chains, optimiser hyperparameters, and an allocation
  * failure at every allocation of a run over every op and save/load. */
 #define _GNU_SOURCE /* utimensat, AT_FDCWD */
+#include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <sys/mman.h>
@@ -580,6 +581,49 @@ START_TEST(stale_checkpoint_temps_removed) {
 }
 END_TEST
 
+/* pl_file_write_atomic: whole content or nothing, temporaries of dead
+ * writers removed, failures named and harmless to the old file. */
+START_TEST(atomic_file_write) {
+    tu_mk_tmp();
+    const char *path = tu_tmp_path("cache.bin");
+    pid_t dead = fork();
+    if (dead == 0) _exit(0);
+    waitpid(dead, NULL, 0);
+    char p_dead[512];
+    snprintf(p_dead, sizeof p_dead, "%s.tmp-%ld-0", path, (long)dead);
+    tu_write_bytes(p_dead, "partial", 7);
+    ck_assert_int_eq(pl_file_write_atomic(path, "hello", 5), PL_OK);
+    ck_assert(!exists(p_dead));
+    char buf[16] = {0};
+    FILE *f = fopen(path, "rb");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(fread(buf, 1, sizeof buf, f), 5);
+    fclose(f);
+    ck_assert_str_eq(buf, "hello");
+    ck_assert_int_eq(pl_file_write_atomic(path, "", 0), PL_OK); /* empty file */
+    struct stat sb;
+    ck_assert_int_eq(stat(path, &sb), 0);
+    ck_assert_int_eq(sb.st_size, 0);
+
+    ck_assert_int_eq(pl_file_write_atomic(NULL, "x", 1), PL_ERR_ARG);
+    tu_assert_error(PL_ERR_ARG, "pl_file_write_atomic: path is NULL or empty");
+    ck_assert_int_eq(pl_file_write_atomic(path, NULL, 1), PL_ERR_ARG);
+    tu_assert_error(PL_ERR_ARG, "data is NULL");
+    ck_assert_int_eq(pl_file_write_atomic(tu_tmp_path("no/such/dir/f"), "x", 1), PL_ERR_IO);
+    tu_assert_error(PL_ERR_IO, "cannot create a temporary file beside it");
+    /* A directory in the way: the rename fails, the temporary is removed. */
+    ck_assert_int_eq(mkdir(tu_tmp_path("adir"), 0755), 0);
+    ck_assert_int_eq(pl_file_write_atomic(tu_tmp_path("adir"), "x", 1), PL_ERR_IO);
+    tu_assert_error(PL_ERR_IO, "renaming the temporary file over it failed");
+    DIR *d = opendir(tu_tmpdir);
+    int temps = 0;
+    for (struct dirent *e; (e = readdir(d));) temps += strstr(e->d_name, ".tmp-") != NULL;
+    closedir(d);
+    ck_assert_int_eq(temps, 0);
+    tu_rm_tmp();
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("misuse");
     TCase *tc = tcase_create("core");
@@ -595,6 +639,7 @@ int main(void) {
     tcase_add_test(tc, nan_reaches_every_result);
     tcase_add_test(tc, allocation_failure_every_op_and_checkpoint);
     tcase_add_test(tc, stale_checkpoint_temps_removed);
+    tcase_add_test(tc, atomic_file_write);
     tcase_set_timeout(tc, 300);
     suite_add_tcase(s, tc);
     return tu_run(s);

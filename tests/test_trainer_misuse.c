@@ -15,6 +15,7 @@
 #include "internal.h"
 #include "testutil.h"
 #include "trainer_run.h"
+#include "data.h"
 #include "util.h"
 
 #define SMALL                                                                                      \
@@ -39,6 +40,31 @@ static void write_corpus(const char *path, int docs) {
     }
     tu_write_bytes(path, b.data, b.len);
     tr_buf_free(&b);
+}
+
+/* A small stand-in for the Brown corpus in dir/BROWN_PACKAGE (form C: word/tag
+ * tokens, one sentence a line), so that plasa-train writes its cache files
+ * (text, tokenizer, token files) under dir/plasa-train. */
+static void write_fake_brown(const char *dir) {
+    static const char *noun[] = {"cat", "dog", "man", "child", "bird", "tree", "river", "city"};
+    static const char *verb[] = {"saw", "liked", "found", "watched", "followed", "helped"};
+    char sub[600], path[700];
+    snprintf(sub, sizeof sub, "%.300s/%s", dir, BROWN_PACKAGE);
+    ck_assert_int_eq(tr_mkdirs(sub), 0);
+    uint64_t s = 11;
+    for (int d = 0; d < 24; d++) {
+        tr_buf b = {0};
+        for (int i = 0; i < 30; i++) {
+            char line[160];
+            snprintf(line, sizeof line, "\tThe/at %s/nn %s/vbd the/at %s/nn ./.\n",
+                     noun[tu_randint(&s, 0, 7)], verb[tu_randint(&s, 0, 5)],
+                     noun[tu_randint(&s, 0, 7)]);
+            tr_buf_append(&b, line, strlen(line));
+        }
+        snprintf(path, sizeof path, "%s/c%c%02d", sub, d < 12 ? 'a' : 'b', d % 12 + 1);
+        tu_write_bytes(path, b.data, b.len);
+        tr_buf_free(&b);
+    }
 }
 
 /* Runs the trainer with the space-separated words of a printf line ("@name":
@@ -270,29 +296,35 @@ END_TEST
 
 /* ---- one cache folder, runs at the same time ---- */
 
-static int count_temps(const char *dir) {
+/* Files under dir (and its subfolders) whose name has ".tmp" (temps) or not. */
+static int count_files(const char *dir, bool temps) {
     DIR *d = opendir(dir);
-    if (!d) return 0;
+    ck_assert_msg(d != NULL, "cannot open %s", dir);
     int n = 0;
-    for (struct dirent *e; (e = readdir(d));) n += strstr(e->d_name, ".tmp") != NULL;
+    for (struct dirent *e; (e = readdir(d));) {
+        if (e->d_name[0] == '.') continue;
+        char sub[1024];
+        snprintf(sub, sizeof sub, "%.700s/%.255s", dir, e->d_name);
+        struct stat sb;
+        ck_assert_int_eq(lstat(sub, &sb), 0);
+        if (S_ISDIR(sb.st_mode))
+            n += count_files(sub, temps);
+        else
+            n += (strstr(e->d_name, ".tmp") != NULL) == temps;
+    }
     closedir(d);
     return n;
 }
+static int count_temps(const char *dir) { return count_files(dir, true); }
 
 START_TEST(concurrent_runs_share_a_cache) {
     tu_mk_tmp();
-    write_corpus(tu_tmp_path("corpus.txt"), 200);
     for (int rep = 0; rep < 5; rep++) {
-        char cache[300];
-        snprintf(cache, sizeof cache, "%.200s/cache%d", tu_tmpdir, rep);
-        const char *args[] = {"--data",
-                              tu_tmp_path("corpus.txt"),
-                              "--prepare-only",
-                              "--data-dir",
-                              cache,
-                              "--vocab",
-                              "300",
-                              NULL};
+        char dir[300], cache[400];
+        snprintf(dir, sizeof dir, "%.200s/data%d", tu_tmpdir, rep);
+        snprintf(cache, sizeof cache, "%s/plasa-train", dir);
+        write_fake_brown(dir);
+        const char *args[] = {"--prepare-only", "--data-dir", dir, "--vocab", "300", NULL};
         int null = open("/dev/null", O_WRONLY);
         pid_t pid[3];
         fflush(NULL);
@@ -316,6 +348,7 @@ START_TEST(concurrent_runs_share_a_cache) {
         }
         close(null);
         ck_assert_int_eq(count_temps(cache), 0);
+        ck_assert_int_ge(count_files(cache, false), 4); /* text, tokenizer, token files */
         /* A later run finds the complete files and uses them. */
         tr_buf out = {0};
         int st = tu_run_program(PLASA_TRAIN_BIN, args, &out);
@@ -349,6 +382,55 @@ START_TEST(killed_save_temps_removed) {
 }
 END_TEST
 
+/* ---- temporary files of a killed cache write ---- */
+
+/* A run killed while writing its cache files leaves "<file>.tmp-PID-N"; the
+ * next run that writes the file removes them. */
+START_TEST(killed_cache_write_temps_removed) {
+    tu_mk_tmp();
+    char dir[300], cache[400];
+    snprintf(dir, sizeof dir, "%.200s/data", tu_tmpdir);
+    write_fake_brown(dir);
+    const char *args[] = {"--prepare-only", "--data-dir", dir, "--vocab", "300", NULL};
+    tr_buf out = {0};
+    ck_assert_msg(tu_run_program(PLASA_TRAIN_BIN, args, &out) == 0, "%s", out.data);
+    /* The cache folder: the one subfolder plasa-train made under dir/plasa-train. */
+    snprintf(cache, sizeof cache, "%s/plasa-train", dir);
+    DIR *top = opendir(cache);
+    ck_assert_ptr_nonnull(top);
+    for (struct dirent *e; (e = readdir(top));)
+        if (e->d_name[0] != '.')
+            snprintf(cache, sizeof cache, "%s/plasa-train/%.60s", dir, e->d_name);
+    closedir(top);
+    pid_t dead = fork();
+    if (dead == 0) _exit(0);
+    waitpid(dead, NULL, 0);
+    /* Every cache file as if its writer had been killed: gone, temporaries left. */
+    DIR *d = opendir(cache);
+    ck_assert_ptr_nonnull(d);
+    char names[16][600];
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d)) && n < 16;)
+        if (e->d_name[0] != '.')
+            snprintf(names[n++], sizeof names[0], "%.300s/%.255s", cache, e->d_name);
+    closedir(d);
+    ck_assert_int_ge(n, 2);
+    for (int i = 0; i < n; i++) {
+        char t[700];
+        snprintf(t, sizeof t, "%.600s.tmp-%ld-%d", names[i], (long)dead, i);
+        ck_assert_int_eq(remove(names[i]), 0);
+        tu_write_bytes(t, "partial", 7);
+    }
+    ck_assert_int_eq(count_temps(cache), n);
+    tr_buf_free(&out);
+    ck_assert_msg(tu_run_program(PLASA_TRAIN_BIN, args, &out) == 0, "%s", out.data);
+    ck_assert_int_eq(count_temps(cache), 0);
+    for (int i = 0; i < n; i++) ck_assert_msg(access(names[i], F_OK) == 0, "%s", names[i]);
+    tr_buf_free(&out);
+    tu_rm_tmp();
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("trainer_misuse");
     TCase *tc = tcase_create("trainer_misuse");
@@ -358,6 +440,7 @@ int main(void) {
     tcase_add_test(tc, stdout_failures_and_json);
     tcase_add_test(tc, concurrent_runs_share_a_cache);
     tcase_add_test(tc, killed_save_temps_removed);
+    tcase_add_test(tc, killed_cache_write_temps_removed);
     tcase_set_timeout(tc, 600);
     suite_add_tcase(s, tc);
     return tu_run(s);

@@ -1,9 +1,9 @@
 #define _POSIX_C_SOURCE 200809L
 #include "util.h"
+#include "plasa.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <stdatomic.h>
 #include <unistd.h>
 #include <math.h>
 #include <stdbool.h>
@@ -158,42 +158,10 @@ int tr_read_file(const char *path, tr_buf *out) {
     return -1;
 }
 
+/* pl_file_write_atomic: concurrent runs writing one cache file each rename a
+ * complete file, and temporaries of killed runs are removed. */
 int tr_write_file(const char *path, const void *data, size_t n) {
-    /* A temporary name of this process and call alone ("<path>.tmp-PID-N",
-     * created exclusively), renamed into place: runs that write the same
-     * cache file at the same time each rename a complete file, and a reader
-     * sees the old file or a complete new one. */
-    static atomic_uint counter;
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 48);
-    if (!tmp) return tr_fail("out of memory");
-    int fd = -1;
-    for (int tries = 0; tries < 100 && fd < 0; tries++) {
-        snprintf(tmp, plen + 48, "%s.tmp-%ld-%u", path, (long)getpid(),
-                 atomic_fetch_add(&counter, 1u));
-        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-        if (fd < 0 && errno != EEXIST) break;
-    }
-    FILE *f = fd < 0 ? NULL : fdopen(fd, "wb");
-    if (!f) {
-        tr_fail("cannot create %s: %s", tmp, strerror(errno));
-        if (fd >= 0) {
-            close(fd);
-            remove(tmp);
-        }
-        free(tmp);
-        return -1;
-    }
-    int ok = fwrite(data, 1, n, f) == n;
-    ok = (fclose(f) == 0) && ok;
-    if (!ok || rename(tmp, path) != 0) {
-        tr_fail("cannot write %s: %s", path, strerror(errno));
-        remove(tmp);
-        free(tmp);
-        return -1;
-    }
-    free(tmp);
-    return 0;
+    return pl_file_write_atomic(path, data, n) ? tr_fail("%s", pl_last_error()) : 0;
 }
 
 int tr_file_exists(const char *path) {
