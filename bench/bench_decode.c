@@ -32,6 +32,7 @@
 
 #include "cli.h"
 #include "model.h"
+#include "util.h"
 
 enum { H = 4, D = 32, HI = 4, DI = 64, MAXC = 32 };
 
@@ -201,6 +202,7 @@ static void model_bench(const int *ctxs, int nc, int L) {
 }
 
 int main(int argc, char **argv) {
+    tr_omp_wait_auto(argv); /* OMP_WAIT_POLICY unset: PASSIVE on a busy machine */
     int ctxs[MAXC] = {512, 1024, 2048, 4096, 8192}, nc = 5, k = 2048, reps = 41, L = 8192,
         threads = 0;
     bool do_layer = true, do_model = true;

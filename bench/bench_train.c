@@ -173,6 +173,7 @@ static double gemm_floor(const tr_config *c, int vocab, int reps, double *flops)
 }
 
 int main(int argc, char **argv) {
+    tr_omp_wait_auto(argv); /* OMP_WAIT_POLICY unset: PASSIVE on a busy machine */
     tr_config cfg;
     cli_defaults(&cfg);
     int steps = 30, warmup = 5, vocab = 8192, peak_n = 0, peak_reps = 5;

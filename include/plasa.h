@@ -415,6 +415,34 @@ PL_API pl_tensor *pl_matmul(pl_ctx *ctx, pl_tensor *a, pl_tensor *b, bool trans_
 /* y = x W (+ bias): x [..., in], W [in, out], bias [out] or NULL. */
 PL_API pl_tensor *pl_linear(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *bias);
 
+/* Precision of the context's matrix products: every product of every op
+ * (pl_matmul, pl_linear, the MoE experts and router, the indexer's products;
+ * forward and backward) goes through one entry that follows this setting.
+ *  - PL_PRECISION_F32 (the default): float32 operands and results (oneDNN
+ *    sgemm), as before.
+ *  - PL_PRECISION_BF16: each operand is rounded to bfloat16 (round to nearest
+ *    even; 8 bits of mantissa, float32's range), the products of the rounded
+ *    operands are summed in float32 and the result is float32 (added into
+ *    gradients as before). Relative error per dot product is about 2^-8 of
+ *    sum |a_k b_k| (the operand rounding), not of |sum a_k b_k|. Runs on
+ *    oneDNN's bf16 matmul primitives, created once per shape and kept in the
+ *    context (the 64 most recently used shapes); the bf16 copies of the
+ *    operands live in a workspace the context keeps, so a warm step allocates
+ *    nothing more.
+ * Parameters, gradients and optimiser state stay float32 in either mode: only
+ * the operands of the products are rounded, on the fly.
+ * Setting PL_PRECISION_BF16 where bf16 is not native (pl_bf16_native false)
+ * returns PL_ERR_BACKEND with the reason, and the context stays at float32. An
+ * unknown value is PL_ERR_ARG. */
+typedef enum { PL_PRECISION_F32 = 0, PL_PRECISION_BF16 = 1 } pl_precision;
+PL_API pl_status pl_set_matmul_precision(pl_ctx *ctx, pl_precision p);
+PL_API pl_precision pl_get_matmul_precision(const pl_ctx *ctx); /* F32 for NULL */
+/* True when bfloat16 products are native here: oneDNN runs with AVX512_BF16
+ * or AMX (the CPU has it and ONEDNN_MAX_CPU_ISA does not exclude it) and
+ * creates a bf16 matmul primitive. Decided once per process. why (may be NULL)
+ * gets a static sentence saying what was found. */
+PL_API bool pl_bf16_native(const char **why);
+
 /* ids (PL_I32, any shape, at most PL_MAX_DIMS - 1 dims) -> [ids.shape..., dim]
  * rows of table [vocab, dim]. An id outside [0, vocab) is PL_ERR_ARG (the
  * message names the id, its flat position and the vocab size). The table's

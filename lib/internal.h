@@ -88,6 +88,8 @@ struct pl_ctx {
     int n_persist, cap_persist;
     int sparse_save;                        /* pl_sparse_save (pl_set_sparse_attention_save) */
     pl_indexer_precision indexer_precision; /* pl_set_indexer_precision */
+    pl_precision matmul_precision;          /* pl_set_matmul_precision */
+    struct pl__gemm_cache *gemm;            /* bf16 primitives and workspace (lib/backend_dnnl.c) */
 };
 
 /* Checks that t is a live tensor of this context with the given dtype.
@@ -176,14 +178,28 @@ static inline int64_t pl__bcast_at(const pl_bcast *p, int j, int64_t i) {
 }
 
 /* ---- numerics ---- */
-/* C = alpha*op(A)op(B) + beta*C, row-major, via oneDNN. */
-pl_status pl__sgemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
-                    int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
+/* C = alpha*op(A)op(B) + beta*C, row-major, via oneDNN: the one entry of
+ * every matrix product. With ctx's matmul precision BF16 (pl_set_matmul_precision)
+ * A and B are rounded to bfloat16 and the products summed in float32 (oneDNN
+ * bf16 matmul primitives cached in ctx, or the emulation below); otherwise,
+ * or with ctx NULL, dnnl_sgemm in float32. Never call it inside an OpenMP region. */
+pl_status pl__sgemm(pl_ctx *ctx, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                    const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                    int64_t ldc);
 /* C = A B^T in int32 from int8 A [M, K] and B [N, K], row-major, via oneDNN
  * (VNNI where the CPU has it). Exact while no pair sum of the AVX2 kernel
  * (u8 * s8, A shifted by 128) saturates: |B| <= 63 keeps it exact everywhere. */
 pl_status pl__gemm_s8(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t lda,
                       const int8_t *B, int64_t ldb, int32_t *C, int64_t ldc);
+/* Frees ctx's bf16 primitives, engine and workspace (pl_ctx_free). */
+void pl__gemm_cache_free(pl_ctx *ctx);
+/* Counters of ctx's bf16 products, for tests: primitives created, products
+ * run on a cached one, entries held now, products that fell back to the
+ * emulation because oneDNN had no primitive for the shape. */
+typedef struct {
+    int64_t created, hits, cached, fallbacks;
+} pl__gemm_stats;
+pl__gemm_stats pl__gemm_get_stats(const pl_ctx *ctx);
 /* The ISA oneDNN runs with (ONEDNN_MAX_CPU_ISA limits it), for test messages. */
 const char *pl__dnnl_isa(void);
 /* Philox uniform in [0,1) from a 32-bit word (24 bits of mantissa). */
@@ -323,6 +339,12 @@ typedef struct {
     int64_t topk_pivot_mode;
     /* pl_attention_cached: query rows per block of index rows (0: automatic). */
     int64_t decode_block_rows;
+    /* Test only: with matmul precision BF16, products round their operands to
+     * bfloat16 with pl__bf16_round and multiply in float32 (dnnl_sgemm), on any
+     * CPU, instead of oneDNN's bf16 primitives; pl_set_matmul_precision accepts
+     * BF16 while it is set. The same numbers up to the order of the float32
+     * sums (a product of two bf16 values is exact in float32). */
+    bool bf16_emulate;
 } pl_tuning;
 extern pl_tuning pl__tuning;
 

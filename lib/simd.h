@@ -139,6 +139,29 @@ static PL_AI pl_vf pl_vexp(pl_vf x) {
     return PL_SEL(under, pl_splat(0.0f), (pl_vf)((pl_vi)p + e));
 }
 
+/* ---- bfloat16: the upper half of a float's bits ----
+ * pl__bf16_bits: x rounded to bfloat16, round to nearest even, as the bits of
+ * the upper half (what VCVTNEPS2BF16 and oneDNN's reorders give). Overflow
+ * rounds to infinity; a NaN stays a (quiet) NaN of the same sign instead of
+ * rounding into infinity. Branch free, so loops over it vectorise.
+ * pl__bf16_round: the same value as a float (lower 16 bits zero). */
+static inline uint32_t pl__bf16_rne32(float x) {
+    union {
+        float f;
+        uint32_t u;
+    } v = {x};
+    const uint32_t r = v.u + 0x7fffu + ((v.u >> 16) & 1u);
+    return (v.u & 0x7fffffffu) > 0x7f800000u ? (v.u | 0x00400000u) & 0xffff0000u : r & 0xffff0000u;
+}
+static inline uint16_t pl__bf16_bits(float x) { return (uint16_t)(pl__bf16_rne32(x) >> 16); }
+static inline float pl__bf16_round(float x) {
+    union {
+        uint32_t u;
+        float f;
+    } v = {pl__bf16_rne32(x)};
+    return v.f;
+}
+
 /* ---- horizontal sums: one tree ----
  * pl_vhsum: the lanes of v added by halving (lane i + lane i + w/2, ...).
  * pl_vhsum_t: the PL_VW sums of a[0 .. PL_VW) as one vector (lane i = the sum

@@ -141,6 +141,7 @@ void pl_ctx_free(pl_ctx *ctx) {
     pl__free(ctx->persist);
     pl__free(ctx->params);
     pl__arena_free(&ctx->arena);
+    pl__gemm_cache_free(ctx);
     rings_set(ctx, NULL);
     munmap(ctx->hdr_base, ctx->hdr_size);
     pl__free(ctx);

@@ -140,18 +140,18 @@ static pl_status ix_shapes(pl_ctx *ctx, const char *fn, const pl_tensor *qI, con
 }
 
 /* Dots of block [t0, t1) of batch b into D [(t1-t0)*HI, t1]. */
-static pl_status ix_block_dots(const ix_dims *d, const float *q, const float *k, int64_t b,
-                               int64_t t0, int64_t t1, float *D) {
+static pl_status ix_block_dots(pl_ctx *ctx, const ix_dims *d, const float *q, const float *k,
+                               int64_t b, int64_t t0, int64_t t1, float *D) {
     const int64_t HI = d->HI, dI = d->dI, L = d->L;
-    return pl__sgemm(false, true, (t1 - t0) * HI, t1, dI, 1.0f, q + (b * L + t0) * HI * dI, dI,
+    return pl__sgemm(ctx, false, true, (t1 - t0) * HI, t1, dI, 1.0f, q + (b * L + t0) * HI * dI, dI,
                      k + b * L * dI, dI, 0.0f, D, t1);
 }
 
 /* The same in the call's precision: float dots into D, or (int8) int32 dots
  * into z->C. */
-static pl_status ix_block(const ix_dims *d, const float *q, const float *k, const ix_q8 *z,
-                          int64_t b, int64_t t0, int64_t t1, float *D) {
-    if (!z->q8) return ix_block_dots(d, q, k, b, t0, t1, D);
+static pl_status ix_block(pl_ctx *ctx, const ix_dims *d, const float *q, const float *k,
+                          const ix_q8 *z, int64_t b, int64_t t0, int64_t t1, float *D) {
+    if (!z->q8) return ix_block_dots(ctx, d, q, k, b, t0, t1, D);
     const int64_t HI = d->HI, dI = d->dI, L = d->L;
     return pl__gemm_s8((t1 - t0) * HI, t1, dI, z->q8 + (b * L + t0) * HI * dI, dI,
                        z->k8 + b * L * dI, dI, z->C, t1);
@@ -228,17 +228,17 @@ static void indexer_backward(pl_ctx *ctx, pl_node *n) {
     for (int64_t b = 0; b < B; b++)
         for (int64_t t0 = 0; t0 < L; t0 += T) {
             const int64_t t1 = t0 + T < L ? t0 + T : L, M = (t1 - t0) * HI;
-            if (ix_block_dots(d, q, k, b, t0, t1, D)) return;
+            if (ix_block_dots(ctx, d, q, k, b, t0, t1, D)) return;
             PL_PARALLEL_FOR(M * t1, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
                 ix_row_backward(D + i * HI * t1, t1, g + (b * L + t) * L, wd + (b * L + t) * HI, HI,
                                 t + 1, dw ? dw + (b * L + t) * HI : NULL);
             });
-            if (dq && pl__sgemm(false, false, M, dI, t1, 1.0f, D, t1, k + b * L * dI, dI, 1.0f,
+            if (dq && pl__sgemm(ctx, false, false, M, dI, t1, 1.0f, D, t1, k + b * L * dI, dI, 1.0f,
                                 dq + (b * L + t0) * HI * dI, dI))
                 return;
-            if (dk && pl__sgemm(true, false, t1, dI, M, 1.0f, D, t1, q + (b * L + t0) * HI * dI, dI,
-                                1.0f, dk + b * L * dI, dI))
+            if (dk && pl__sgemm(ctx, true, false, t1, dI, M, 1.0f, D, t1,
+                                q + (b * L + t0) * HI * dI, dI, 1.0f, dk + b * L * dI, dI))
                 return;
         }
 }
@@ -258,7 +258,7 @@ pl_tensor *pl_indexer_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tenso
     for (int64_t b = 0; b < B; b++)
         for (int64_t t0 = 0; t0 < L; t0 += T) {
             const int64_t t1 = t0 + T < L ? t0 + T : L;
-            if (ix_block(&d, q, k, &z, b, t0, t1, D)) return NULL;
+            if (ix_block(ctx, &d, q, k, &z, b, t0, t1, D)) return NULL;
             PL_PARALLEL_FOR((t1 - t0) * HI * t1, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
                 float *row = o + (b * L + t) * L;
@@ -310,7 +310,7 @@ static pl_tensor *ix_topk(pl_ctx *ctx, const char *fn, pl_tensor *qI, pl_tensor 
             for (int64_t t0 = 0; t0 < L; t0 += T) {
                 const int64_t t1 = t0 + T < L ? t0 + T : L;
                 if (t1 <= tfirst) continue;
-                if (ix_block(&d, q, kd, &z, b, t0, t1, D)) return NULL;
+                if (ix_block(ctx, &d, q, kd, &z, b, t0, t1, D)) return NULL;
                 const int64_t ts = t0 > tfirst ? t0 : tfirst;
                 PL_PARALLEL((t1 - ts) * HI * t1, default(shared), {
                     const size_t tid = (size_t)omp_get_thread_num();
@@ -392,13 +392,13 @@ PL_KERNEL static void ixb_fwd_row(const float *Dt, int64_t ld, const float *w, i
     }
 }
 
-static pl_status ixb_forward(const ix_dims *d, const float *q, const float *k, const float *w,
-                             const int32_t *idx, int64_t K, float *out, float *D) {
+static pl_status ixb_forward(pl_ctx *ctx, const ix_dims *d, const float *q, const float *k,
+                             const float *w, const int32_t *idx, int64_t K, float *out, float *D) {
     const int64_t B = d->B, L = d->L, HI = d->HI, T = d->T;
     for (int64_t b = 0; b < B; b++)
         for (int64_t t0 = 0; t0 < L; t0 += T) {
             const int64_t t1 = t0 + T < L ? t0 + T : L;
-            pl_status st = ix_block_dots(d, q, k, b, t0, t1, D);
+            pl_status st = ix_block_dots(ctx, d, q, k, b, t0, t1, D);
             if (st) return st;
             PL_PARALLEL_FOR((t1 - t0) * K * HI, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
@@ -672,7 +672,7 @@ pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_te
     float *o = pl_f32(out);
     if (at_blocked(L, K)) {
         float *D = pl__scratch(ctx, sizeof(float) * (size_t)(d.T * HI * L));
-        if (!D || ixb_forward(&d, q, k, wd, id, K, o, D)) return NULL;
+        if (!D || ixb_forward(ctx, &d, q, k, wd, id, K, o, D)) return NULL;
     } else if (ixg_forward(ctx, &d, K, q, k, wd, id, o)) {
         return NULL;
     }

@@ -319,8 +319,8 @@ pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *c, int layer, 
             const int64_t i1 = i0 + TB < T ? i0 + TB : T, N = t0 + i1; /* keys of the block */
             if (N > k) { /* rows t < k take every s <= t: no products needed */
                 const float *kc = c->kI[layer] + (seq0 + b) * c->cap * dI;
-                if (pl__sgemm(false, true, (i1 - i0) * HI, N, dI, 1.0f, q + (b * T + i0) * HI * dI,
-                              dI, kc, dI, 0.0f, D, N))
+                if (pl__sgemm(ctx, false, true, (i1 - i0) * HI, N, dI, 1.0f,
+                              q + (b * T + i0) * HI * dI, dI, kc, dI, 0.0f, D, N))
                     return NULL;
             }
             PL_PARALLEL(i1 - i0 > 1 ? (i1 - i0) * HI * N : 0, default(shared), {

@@ -65,14 +65,15 @@ static inline int64_t mm_b(const mm_dims *d, int64_t i) {
 }
 
 /* out (+)= op(A) op(B) over the batch. */
-static pl_status mm_run(const mm_dims *d, const float *A, const float *B, float *C, float beta) {
+static pl_status mm_run(pl_ctx *ctx, const mm_dims *d, const float *A, const float *B, float *C,
+                        float beta) {
     int64_t lda = d->ta ? d->M : d->K, ldb = d->tb ? d->K : d->N;
     if (d->fold)
-        return pl__sgemm(false, d->tb, d->batch * d->M, d->N, d->K, 1.0f, A, lda, B, ldb, beta, C,
-                         d->N);
+        return pl__sgemm(ctx, false, d->tb, d->batch * d->M, d->N, d->K, 1.0f, A, lda, B, ldb, beta,
+                         C, d->N);
     int64_t sc = d->M * d->N;
     for (int64_t i = 0; i < d->batch; i++) {
-        pl_status s = pl__sgemm(d->ta, d->tb, d->M, d->N, d->K, 1.0f, A + mm_a(d, i), lda,
+        pl_status s = pl__sgemm(ctx, d->ta, d->tb, d->M, d->N, d->K, 1.0f, A + mm_a(d, i), lda,
                                 B + mm_b(d, i), ldb, beta, C + i * sc, d->N);
         if (s) return s;
     }
@@ -81,22 +82,22 @@ static pl_status mm_run(const mm_dims *d, const float *A, const float *B, float 
 
 /* Adds the gradients of C = op(A) op(B) into dA and dB (each skipped when
  * NULL); a broadcast operand's gradient sums its products in ascending i. */
-static void mm_backward_into(const mm_dims *d, const float *A, const float *B, const float *dC,
-                             float *dA, float *dB) {
+static void mm_backward_into(pl_ctx *ctx, const mm_dims *d, const float *A, const float *B,
+                             const float *dC, float *dA, float *dB) {
     int64_t M = d->M, N = d->N, K = d->K;
     int64_t lda = d->ta ? M : K, ldb = d->tb ? K : N;
     if (dA) {
         if (d->fold) { /* batch folded into M */
-            if (pl__sgemm(false, !d->tb, d->batch * M, K, N, 1.0f, dC, N, B, ldb, 1.0f, dA, K))
+            if (pl__sgemm(ctx, false, !d->tb, d->batch * M, K, N, 1.0f, dC, N, B, ldb, 1.0f, dA, K))
                 return;
         } else {
             for (int64_t i = 0; i < d->batch; i++) {
                 const float *Bi = B + mm_b(d, i), *dCi = dC + i * M * N;
                 float *dAi = dA + mm_a(d, i);
-                pl_status s =
-                    d->ta
-                        ? pl__sgemm(d->tb, true, K, M, N, 1.0f, Bi, ldb, dCi, N, 1.0f, dAi, lda)
-                        : pl__sgemm(false, !d->tb, M, K, N, 1.0f, dCi, N, Bi, ldb, 1.0f, dAi, lda);
+                pl_status s = d->ta ? pl__sgemm(ctx, d->tb, true, K, M, N, 1.0f, Bi, ldb, dCi, N,
+                                                1.0f, dAi, lda)
+                                    : pl__sgemm(ctx, false, !d->tb, M, K, N, 1.0f, dCi, N, Bi, ldb,
+                                                1.0f, dAi, lda);
                 if (s) return;
             }
         }
@@ -105,17 +106,18 @@ static void mm_backward_into(const mm_dims *d, const float *A, const float *B, c
         if (d->fold) { /* sum over the batch is one product */
             int64_t R = d->batch * M;
             if (d->tb)
-                pl__sgemm(true, false, N, K, R, 1.0f, dC, N, A, K, 1.0f, dB, K);
+                pl__sgemm(ctx, true, false, N, K, R, 1.0f, dC, N, A, K, 1.0f, dB, K);
             else
-                pl__sgemm(true, false, K, N, R, 1.0f, A, K, dC, N, 1.0f, dB, N);
+                pl__sgemm(ctx, true, false, K, N, R, 1.0f, A, K, dC, N, 1.0f, dB, N);
             return;
         }
         for (int64_t i = 0; i < d->batch; i++) {
             const float *Ai = A + mm_a(d, i), *dCi = dC + i * M * N;
             float *dBi = dB + mm_b(d, i);
             pl_status s =
-                d->tb ? pl__sgemm(true, d->ta, N, K, M, 1.0f, dCi, N, Ai, lda, 1.0f, dBi, ldb)
-                      : pl__sgemm(!d->ta, false, K, N, M, 1.0f, Ai, lda, dCi, N, 1.0f, dBi, ldb);
+                d->tb
+                    ? pl__sgemm(ctx, true, d->ta, N, K, M, 1.0f, dCi, N, Ai, lda, 1.0f, dBi, ldb)
+                    : pl__sgemm(ctx, !d->ta, false, K, N, M, 1.0f, Ai, lda, dCi, N, 1.0f, dBi, ldb);
             if (s) return;
         }
     }
@@ -124,7 +126,7 @@ static void mm_backward_into(const mm_dims *d, const float *A, const float *B, c
 static void matmul_backward(pl_ctx *ctx, pl_node *n) {
     float *g[2];
     if (pl__grads(ctx, n, g)) return;
-    mm_backward_into(n->saved, pl_f32(n->in[0]), pl_f32(n->in[1]), n->out->grad, g[0], g[1]);
+    mm_backward_into(ctx, n->saved, pl_f32(n->in[0]), pl_f32(n->in[1]), n->out->grad, g[0], g[1]);
 }
 
 static pl_tensor *matmul_impl(pl_ctx *ctx, const char *fn, pl_tensor *a, pl_tensor *b, bool ta,
@@ -141,7 +143,7 @@ static pl_tensor *matmul_impl(pl_ctx *ctx, const char *fn, pl_tensor *a, pl_tens
     if (!c) return NULL;
     if (d.K == 0)
         memset(c->data, 0, (size_t)c->numel * 4);
-    else if (mm_run(&d, pl_f32(a), pl_f32(b), pl_f32(c), 0.0f))
+    else if (mm_run(ctx, &d, pl_f32(a), pl_f32(b), pl_f32(c), 0.0f))
         return NULL;
     *out_dims = d;
     return c;
@@ -164,7 +166,7 @@ static void linear_backward(pl_ctx *ctx, pl_node *n) {
     if (pl__grads(ctx, n, g)) return;
     const mm_dims *d = n->saved;
     const float *dy = n->out->grad;
-    mm_backward_into(d, pl_f32(n->in[0]), pl_f32(n->in[1]), dy, g[0], g[1]);
+    mm_backward_into(ctx, d, pl_f32(n->in[0]), pl_f32(n->in[1]), dy, g[0], g[1]);
     float *db = n->n_in > 2 ? g[2] : NULL;
     if (db) {
         int64_t rows = d->batch * d->M, cols = d->N;
@@ -202,7 +204,8 @@ pl_tensor *pl_linear(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *bias) {
         for (int64_t r = 0; r < d.M; r++) memcpy(yd + r * d.N, bd, (size_t)d.N * 4);
         beta = 1.0f;
     }
-    if (pl__sgemm(false, false, d.M, d.N, d.K, 1.0f, pl_f32(x), d.K, pl_f32(w), d.N, beta, yd, d.N))
+    if (pl__sgemm(ctx, false, false, d.M, d.N, d.K, 1.0f, pl_f32(x), d.K, pl_f32(w), d.N, beta, yd,
+                  d.N))
         return NULL;
     pl_tensor *in[3] = {x, w, bias};
     pl_node *n;

@@ -55,9 +55,9 @@ static inline float silu_f(float v) { return v / (1.0f + pl__expf(-v)); }
  * W1[e] [n, p] into out1 (and times W2[e] into out2 when W2 is not NULL), in
  * MOE_CHUNK-row chunks copied into the zero-padded buffer ca (outputs through
  * c1, c2): the same sgemm shape for every chunk (see the top of the file). */
-static pl_status expert_products(const int64_t *off, int64_t E, const float *in, int64_t n,
-                                 int64_t p, const float *W1, float *out1, const float *W2,
-                                 float *out2, float *ca, float *c1, float *c2) {
+static pl_status expert_products(pl_ctx *ctx, const int64_t *off, int64_t E, const float *in,
+                                 int64_t n, int64_t p, const float *W1, float *out1,
+                                 const float *W2, float *out2, float *ca, float *c1, float *c2) {
     const int64_t C = MOE_CHUNK;
     for (int64_t e = 0; e < E; e++)
         for (int64_t o = off[e]; o < off[e + 1]; o += C) {
@@ -65,9 +65,10 @@ static pl_status expert_products(const int64_t *off, int64_t E, const float *in,
             memcpy(ca, in + o * n, (size_t)(m * n) * 4);
             memset(ca + m * n, 0, (size_t)((C - m) * n) * 4);
             pl_status s =
-                pl__sgemm(false, false, C, p, n, 1.0f, ca, n, W1 + e * n * p, p, 0.0f, c1, p);
+                pl__sgemm(ctx, false, false, C, p, n, 1.0f, ca, n, W1 + e * n * p, p, 0.0f, c1, p);
             if (!s && W2)
-                s = pl__sgemm(false, false, C, p, n, 1.0f, ca, n, W2 + e * n * p, p, 0.0f, c2, p);
+                s = pl__sgemm(ctx, false, false, C, p, n, 1.0f, ca, n, W2 + e * n * p, p, 0.0f, c2,
+                              p);
             if (s) return s;
             memcpy(out1 + o * p, c1, (size_t)(m * p) * 4);
             if (W2) memcpy(out2 + o * p, c2, (size_t)(m * p) * 4);
@@ -77,9 +78,9 @@ static pl_status expert_products(const int64_t *off, int64_t E, const float *in,
 
 /* Router logits, softmax and top-k for every token. probs [N, E], sel and
  * wts [N, k] must be allocated by the caller. */
-static pl_status route(const float *x, const float *rw, int64_t N, int64_t d, int64_t E, int64_t k,
-                       float *probs, int32_t *sel, float *wts) {
-    pl_status s = pl__sgemm(false, false, N, E, d, 1.0f, x, d, rw, E, 0.0f, probs, E);
+static pl_status route(pl_ctx *ctx, const float *x, const float *rw, int64_t N, int64_t d,
+                       int64_t E, int64_t k, float *probs, int32_t *sel, float *wts) {
+    pl_status s = pl__sgemm(ctx, false, false, N, E, d, 1.0f, x, d, rw, E, 0.0f, probs, E);
     if (s) return s;
     PL_PARALLEL_FOR(N * E, schedule(static), t, N, {
         float *p = probs + t * E;
@@ -190,10 +191,10 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
             int64_t o = sv->off[e], ne = sv->off[e + 1] - o;
             if (ne == 0) continue;
             const float *De = pl_f32(n->in[4]) + e * F * d;
-            if (dh &&
-                pl__sgemm(false, true, ne, F, d, 1.0f, dyg + o * d, d, De, d, 0.0f, dh + o * F, F))
+            if (dh && pl__sgemm(ctx, false, true, ne, F, d, 1.0f, dyg + o * d, d, De, d, 0.0f,
+                                dh + o * F, F))
                 return;
-            if (dWd && pl__sgemm(true, false, F, d, ne, 1.0f, sv->h + o * F, F, dyg + o * d, d,
+            if (dWd && pl__sgemm(ctx, true, false, F, d, ne, 1.0f, sv->h + o * F, F, dyg + o * d, d,
                                  1.0f, dWd + e * F * d, d))
                 return;
         }
@@ -212,16 +213,16 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
                 int64_t o = sv->off[e], ne = sv->off[e + 1] - o;
                 if (ne == 0) continue;
                 const float *xe = sv->xg + o * d, *dge = dh + o * F, *due = du + o * F;
-                if (dWg &&
-                    pl__sgemm(true, false, d, F, ne, 1.0f, xe, d, dge, F, 1.0f, dWg + e * d * F, F))
+                if (dWg && pl__sgemm(ctx, true, false, d, F, ne, 1.0f, xe, d, dge, F, 1.0f,
+                                     dWg + e * d * F, F))
                     return;
-                if (dWu &&
-                    pl__sgemm(true, false, d, F, ne, 1.0f, xe, d, due, F, 1.0f, dWu + e * d * F, F))
+                if (dWu && pl__sgemm(ctx, true, false, d, F, ne, 1.0f, xe, d, due, F, 1.0f,
+                                     dWu + e * d * F, F))
                     return;
-                if (dxg && (pl__sgemm(false, true, ne, d, F, 1.0f, dge, F, pl_f32(wg) + e * d * F,
-                                      F, 0.0f, dxg + o * d, d) ||
-                            pl__sgemm(false, true, ne, d, F, 1.0f, due, F, pl_f32(wu) + e * d * F,
-                                      F, 1.0f, dxg + o * d, d)))
+                if (dxg && (pl__sgemm(ctx, false, true, ne, d, F, 1.0f, dge, F,
+                                      pl_f32(wg) + e * d * F, F, 0.0f, dxg + o * d, d) ||
+                            pl__sgemm(ctx, false, true, ne, d, F, 1.0f, due, F,
+                                      pl_f32(wu) + e * d * F, F, 1.0f, dxg + o * d, d)))
                     return;
             }
             if (dxg) {
@@ -259,10 +260,12 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
             for (int64_t e = 0; e < E; e++) dlt[e] = p[e] * (dlt[e] - pdp);
         });
         if (need_r) {
-            if (pl__sgemm(true, false, d, E, N, 1.0f, pl_f32(x), d, dl, E, 1.0f, dR, E)) return;
+            if (pl__sgemm(ctx, true, false, d, E, N, 1.0f, pl_f32(x), d, dl, E, 1.0f, dR, E))
+                return;
         }
         if (need_x) {
-            if (pl__sgemm(false, true, N, d, E, 1.0f, dl, E, pl_f32(rw), E, 1.0f, dx, d)) return;
+            if (pl__sgemm(ctx, false, true, N, d, E, 1.0f, dl, E, pl_f32(rw), E, 1.0f, dx, d))
+                return;
         }
     }
 }
@@ -293,7 +296,7 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
         !sv->u || !sv->h || !sv->y || !out)
         return NULL;
     const float *xd = pl_f32(x);
-    if (route(xd, pl_f32(router_w), N, d, E, k, sv->probs, sv->sel, sv->wts)) return NULL;
+    if (route(ctx, xd, pl_f32(router_w), N, d, E, k, sv->probs, sv->sel, sv->wts)) return NULL;
 
     /* Counting sort of (token, slot) pairs by expert. */
     int64_t *off = sv->off;
@@ -319,11 +322,11 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
     float *c1 = pl__scratch(ctx, (size_t)(C * wmax) * 4);
     float *c2 = pl__scratch(ctx, (size_t)(C * F) * 4);
     if (!ca || !c1 || !c2) return NULL;
-    if (expert_products(off, E, sv->xg, d, F, pl_f32(w_gate), sv->g, pl_f32(w_up), sv->u, ca, c1,
-                        c2))
+    if (expert_products(ctx, off, E, sv->xg, d, F, pl_f32(w_gate), sv->g, pl_f32(w_up), sv->u, ca,
+                        c1, c2))
         return NULL;
     PL_PARALLEL_FOR(R * F, schedule(static), i, R * F, sv->h[i] = silu_f(sv->g[i]) * sv->u[i]);
-    if (expert_products(off, E, sv->h, F, d, pl_f32(w_down), sv->y, NULL, NULL, ca, c1, c2))
+    if (expert_products(ctx, off, E, sv->h, F, d, pl_f32(w_down), sv->y, NULL, NULL, ca, c1, c2))
         return NULL;
 
     /* Each token sums w_e * o_e over its experts in increasing expert order
@@ -375,7 +378,7 @@ pl_status pl_moe_route(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, int top_k
     pl_tensor *wt = pl__new(ctx, PL_F32, x->ndim, shape);
     float *probs = pl__scratch(ctx, (size_t)(N * E) * 4);
     if (!ex || !wt || !probs) return pl_last_status();
-    s = route(pl_f32(x), pl_f32(router_w), N, d, E, k, probs, pl_i32(ex), pl_f32(wt));
+    s = route(ctx, pl_f32(x), pl_f32(router_w), N, d, E, k, probs, pl_i32(ex), pl_f32(wt));
     if (s) return s;
     if (experts) *experts = ex;
     if (weights) *weights = wt;

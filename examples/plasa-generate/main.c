@@ -107,6 +107,7 @@ static int parse(int argc, char **argv, gen_args *a) {
 }
 
 int main(int argc, char **argv) {
+    tr_omp_wait_auto(argv); /* OMP_WAIT_POLICY unset: PASSIVE on a busy machine */
     gen_args a;
     int rc = parse(argc, argv, &a);
     if (rc == 1) return 0;

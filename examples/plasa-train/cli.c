@@ -153,6 +153,11 @@ void cli_usage(FILE *f) {
     }
     fprintf(f, "  %-24s %s\n", "--help", "print this and exit");
     fprintf(f, "\nschedules: %s\n", pl_schedule_names());
+    fprintf(f, "\nOMP_WAIT_POLICY: unset, plasa-train chooses at start: libgomp's default\n"
+               "(threads spin between kernels) on a quiet machine, where it is faster, and\n"
+               "PASSIVE (threads sleep) when other processes keep the CPUs busy, where spinning\n"
+               "threads lose their cores and a step can take seconds. Set it to choose\n"
+               "yourself; PLASA_OMP_WAIT_AUTO=0 keeps libgomp's default always.\n");
 }
 
 static int parse_value(tr_config *c, const flagdef *f, const char *v) {

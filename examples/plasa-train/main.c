@@ -36,6 +36,7 @@ static int close_stdout(int rc) {
 }
 
 int main(int argc, char **argv) {
+    tr_omp_wait_auto(argv); /* OMP_WAIT_POLICY unset: PASSIVE on a busy machine */
     /* A closed stdout would lose the result, and the next file opened would
      * take its descriptor (and receive the JSON). */
     if (fcntl(STDOUT_FILENO, F_GETFD) == -1)

@@ -164,6 +164,35 @@ int tr_write_file(const char *path, const void *data, size_t n) {
     return pl_file_write_atomic(path, data, n) ? tr_fail("%s", pl_last_error()) : 0;
 }
 
+/* Jiffies of all CPUs: total and idle (idle + iowait), from /proc/stat. */
+static bool cpu_jiffies(unsigned long long *total, unsigned long long *idle) {
+    FILE *f = fopen("/proc/stat", "r");
+    if (!f) return false;
+    unsigned long long v[8] = {0};
+    int n = fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3],
+                   &v[4], &v[5], &v[6], &v[7]);
+    fclose(f);
+    if (n < 5) return false;
+    *total = 0;
+    for (int i = 0; i < 8; i++) *total += v[i];
+    *idle = v[3] + v[4];
+    return true;
+}
+
+void tr_omp_wait_auto(char **argv) {
+    const char *off = getenv("PLASA_OMP_WAIT_AUTO");
+    if (getenv("OMP_WAIT_POLICY") || (off && strcmp(off, "0") == 0)) return;
+    unsigned long long t0, i0, t1, i1;
+    if (!cpu_jiffies(&t0, &i0)) return;
+    nanosleep(&(struct timespec){0, 50 * 1000 * 1000}, NULL);
+    if (!cpu_jiffies(&t1, &i1) || t1 <= t0) return;
+    double busy = 1.0 - (double)(i1 - i0) / (double)(t1 - t0); /* others: we slept */
+    if (busy <= 0.25) return;
+    if (setenv("OMP_WAIT_POLICY", "PASSIVE", 1) != 0) return;
+    execv("/proc/self/exe", argv); /* returns only on failure: run on as we are */
+    unsetenv("OMP_WAIT_POLICY");
+}
+
 int tr_file_exists(const char *path) {
     struct stat st;
     return stat(path, &st) == 0 && S_ISREG(st.st_mode);

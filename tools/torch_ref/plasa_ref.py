@@ -294,7 +294,8 @@ def moe(x, p, pre, cfg: Config, aux=None):
         if tok.numel() == 0:
             continue
         ye = swiglu(flat[tok], gate[e], up[e], down[e])
-        out = out.index_add(0, tok, ye * tw[tok, slot][:, None])
+        # .to(out.dtype): a no-op in float32; under bf16 autocast ye is bf16
+        out = out.index_add(0, tok, (ye * tw[tok, slot][:, None]).to(out.dtype))
     return out.reshape(B, L, d)
 
 

@@ -12,6 +12,7 @@ count), then the tokens as uint16. Window schedules and everything else: README.
 """
 
 import argparse
+import contextlib
 import ctypes
 import json
 import math
@@ -167,7 +168,10 @@ def bench(args):
     evaluation batches; the median (and min) of the per-step times. Besides the table, one
     machine-readable line per row: "result vocab=V threads=N train_ms=.. eval_ms=.." (medians;
     bench/compare_torch.sh reads these)."""
-    print(f"# torch {torch.__version__}")
+    ac = (torch.autocast("cpu", dtype=torch.bfloat16) if args.bench_autocast == "bf16"
+          else contextlib.nullcontext())
+    print(f"# torch {torch.__version__}, autocast {args.bench_autocast}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     print(f"# model: benchmark config, schedule {args.schedule}, batch {args.batch}, seq {args.seq}, "
           f"dropout {args.dropout}; median of {args.bench_steps} timed steps after 2 warm-up steps")
     print(f"{'vocab':>6} {'threads':>7} {'train ms/step':>14} {'(min)':>7} {'tok/s':>8} "
@@ -184,14 +188,16 @@ def bench(args):
             seq = torch.randint(0, V, (args.batch, args.seq + 1), generator=g, dtype=torch.int32)
             inp, tgt = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
             for _ in range(2):
-                R.train_step(params, opt, cfg, inp, tgt, args.dropout)
+                with ac:
+                    R.train_step(params, opt, cfg, inp, tgt, args.dropout)
             tr = []
             for _ in range(args.bench_steps):
                 t0 = time.perf_counter()
-                R.train_step(params, opt, cfg, inp, tgt, args.dropout)
+                with ac:
+                    R.train_step(params, opt, cfg, inp, tgt, args.dropout)
                 tr.append(time.perf_counter() - t0)
             ev = []
-            with torch.no_grad():
+            with torch.no_grad(), ac:
                 for _ in range(2):
                     R.loss_fn(R.forward(params, cfg, inp), tgt).item()
                 for _ in range(args.bench_steps):
@@ -205,7 +211,7 @@ def bench(args):
                   f"{args.batch * args.seq / trm:>8.0f} {evm * 1e3:>14.1f} {min(ev) * 1e3:>7.1f} "
                   f"{R.param_count(params):>9}", flush=True)
             results.append(f"result vocab={V} threads={nt} train_ms={trm * 1e3:.3f} "
-                           f"eval_ms={evm * 1e3:.3f}")
+                           f"eval_ms={evm * 1e3:.3f} autocast={args.bench_autocast}")
     print(f"# BLAS: {blas_name()}")
     for r in results:
         print(r)
@@ -304,6 +310,8 @@ def main():
     ap.add_argument("--bench", action="store_true", help="time training steps and eval batches")
     ap.add_argument("--bench-vocab", default="8192,49152")
     ap.add_argument("--bench-steps", type=int, default=10)
+    ap.add_argument("--bench-autocast", choices=("none", "bf16"), default="none",
+                    help="run --bench steps under torch.autocast('cpu', bfloat16)")
     args = ap.parse_args()
     if args.bench:
         bench(args)
