@@ -431,8 +431,14 @@ PL_API pl_tensor *pl_slice(pl_ctx *ctx, pl_tensor *x, int dim, int64_t start, in
  * negative dim counts from the end. */
 PL_API pl_tensor *pl_concat(pl_ctx *ctx, pl_tensor *const *xs, int n, int dim);
 
-/* C = op(A) op(B) on the last two dims (oneDNN sgemm). Leading dims are
- * batch dims: equal in both, or absent in B (B shared over the batch). */
+/* C = op(A) op(B) on the last two dims (oneDNN sgemm); op transposes the
+ * last two dims when trans_a / trans_b. The dims before them are batch dims
+ * and broadcast as in torch.matmul (NumPy rules: aligned at the last batch
+ * dim, sizes equal or 1): A [2, 1, M, K] x B [3, K, N] -> C [2, 3, M, N]; a
+ * 2-D operand is one matrix for the whole batch, on either side. An operand
+ * broadcast along a batch dim gets the sum of the gradients of the products
+ * that used it (summed in batch order: deterministic). Both operands need
+ * >= 2 dims (no 1-D vector forms). */
 PL_API pl_tensor *pl_matmul(pl_ctx *ctx, pl_tensor *a, pl_tensor *b, bool trans_a, bool trans_b);
 /* y = x W (+ bias): x [..., in], W [in, out], bias [out] or NULL. */
 PL_API pl_tensor *pl_linear(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *bias);
@@ -693,7 +699,10 @@ PL_API pl_status pl_init_embedding(pl_tensor *table, pl_rng *rng);
  *   {"__metadata__": {"key": "value", ...},
  *    "name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}, ...}
  * then the tensors' bytes (little endian); offsets count from the start of
- * that data section. libplasa reads and writes dtypes F32 and I32.
+ * that data section. libplasa reads dtypes F32, I32, F16 and BF16 (the two
+ * 16-bit ones become float32, converted exactly: every F16 value, subnormals,
+ * infinities and NaN included, and every BF16 value is a float32) and writes
+ * F32, I32 and, on request, BF16.
  *
  * Writes are atomic: the file is written to a temporary file beside it,
  * synced, and renamed over the target, so a failure at any point leaves any
@@ -709,6 +718,17 @@ PL_API pl_status pl_safetensors_save(const char *path, const pl_tensor *const *t
                                      const char *const *names, int n, const char *const *meta_keys,
                                      const char *const *meta_values, int n_meta);
 
+/* The same with flags: PL_SAVE_BF16 writes every float32 tensor as BF16,
+ * rounded to nearest even (a NaN stays a NaN; values past the largest finite
+ * BF16 become inf), int32 tensors unchanged. Half the bytes; what is lost is
+ * the low 16 bits of each float, so it is for weights to ship, not for
+ * resuming training (optimiser moments lose precision too). */
+#define PL_SAVE_BF16 1u
+PL_API pl_status pl_safetensors_save_ex(const char *path, const pl_tensor *const *tensors,
+                                        const char *const *names, int n,
+                                        const char *const *meta_keys,
+                                        const char *const *meta_values, int n_meta, unsigned flags);
+
 /* Writes n bytes to path as the checkpoint saves do (above): a temporary file
  * beside it, synced and renamed over path, so a reader sees the old file or
  * the complete new one, concurrent writers each leave a complete file, and a
@@ -716,7 +736,11 @@ PL_API pl_status pl_safetensors_save(const char *path, const pl_tensor *const *t
  * path whose process is gone (killed mid-write) are removed first. */
 PL_API pl_status pl_file_write_atomic(const char *path, const void *data, size_t n);
 
-/* A loaded file: every tensor's data is in memory, converted to host order. */
+/* A tensor's dtype in the file. */
+typedef enum { PL_ST_F32 = 0, PL_ST_I32 = 1, PL_ST_F16 = 2, PL_ST_BF16 = 3 } pl_st_dtype;
+
+/* A loaded file: every tensor's data is in memory, converted to host order
+ * (and F16/BF16 to float32). */
 typedef struct pl_safetensors pl_safetensors;
 typedef struct {
     const char *name;
@@ -724,8 +748,9 @@ typedef struct {
     int ndim; /* 0 for a scalar (shape []); dims may be 0 */
     int64_t shape[PL_MAX_DIMS];
     int64_t numel;
-    const void *data;    /* numel values (float or int32_t), 16-byte aligned */
-    uint64_t begin, end; /* data_offsets as written in the file */
+    const void *data;       /* numel values (float or int32_t), 16-byte aligned */
+    uint64_t begin, end;    /* data_offsets as written in the file */
+    pl_st_dtype file_dtype; /* as stored: F16/BF16 entries have dtype PL_F32 */
 } pl_safetensors_entry;
 
 /* NULL (and the message) if the file cannot be read or is malformed. */
@@ -752,6 +777,10 @@ PL_API pl_status pl_safetensors_meta_u64(const pl_safetensors *st, const char *k
  * tensors with the same name are an error. */
 PL_API pl_status pl_checkpoint_save(pl_ctx *ctx, const char *path, const char *const *meta_keys,
                                     const char *const *meta_values, int n_meta);
+/* The same with the flags of pl_safetensors_save_ex (PL_SAVE_BF16). A BF16
+ * checkpoint restores into float32 tensors like any other. */
+PL_API pl_status pl_checkpoint_save_ex(pl_ctx *ctx, const char *path, const char *const *meta_keys,
+                                       const char *const *meta_values, int n_meta, unsigned flags);
 
 /* Flags for restoring. By default the named persistent tensors of the
  * context and the tensors of the file must correspond one to one. */

@@ -166,6 +166,41 @@ float *pl__grad(pl_ctx *ctx, pl_tensor *t);
 double pl__prof_begin(pl_ctx *ctx);
 void pl__prof_end(pl_ctx *ctx, const char *family, double t0, bool bwd);
 
+/* ---- broadcasting (lib/tensor.c): the one shape logic of NumPy rules ---- */
+/* The plan of a broadcast of nx <= 3 operands into their common shape
+ * (elementwise ops; pl_matmul's batch dims). After dropping size-1 dims of
+ * the output and merging neighbouring dims in which the same operands have
+ * the dim (the others broadcast), the output is a short list of dims; operand
+ * j's offset at the start of each row of the innermost merged dim is a sum of
+ * index*stride, and along that row its stride is 1 (it has the dim) or 0. */
+typedef struct {
+    int nd, nx;
+    int64_t dim[PL_MAX_DIMS];    /* merged dims of the output, outermost first */
+    int64_t str[3][PL_MAX_DIMS]; /* operand j's stride along each merged dim (0: broadcast) */
+    int64_t inner, rows, numel;  /* innermost merged dim; numel / inner; output numel */
+    int64_t in[3];               /* operand j's stride along the innermost dim: 1 or 0 */
+    int ndim;                    /* the output's shape */
+    int64_t shape[PL_MAX_DIMS];
+} pl_bcast;
+/* The common shape of nx shapes (ndim[j] dims each, shape[j]) by NumPy rules:
+ * aligned at their last dim, in each dim the sizes equal or one of them 1.
+ * PL_OK, or PL_ERR_SHAPE WITHOUT a message (the caller names its operands):
+ * operands bad[0] < bad[1] disagree. */
+pl_status pl__bcast(pl_bcast *p, int nx, const int *ndim, const int64_t *const *shape, int bad[2]);
+/* Operand j's offset at the start of row r (of the innermost merged dim). */
+static inline int64_t pl__bcast_row(const pl_bcast *p, int j, int64_t r) {
+    int64_t o = 0;
+    for (int i = p->nd - 2; i >= 0 && r > 0; i--) {
+        o += (r % p->dim[i]) * p->str[j][i];
+        r /= p->dim[i];
+    }
+    return o;
+}
+/* Operand j's offset at output element i. */
+static inline int64_t pl__bcast_at(const pl_bcast *p, int j, int64_t i) {
+    return pl__bcast_row(p, j, i / p->inner) + i % p->inner * p->in[j];
+}
+
 /* ---- numerics ---- */
 /* C = alpha*op(A)op(B) + beta*C, row-major, via oneDNN: the one entry of
  * every matrix product. With ctx's matmul precision BF16 (pl_set_matmul_precision)

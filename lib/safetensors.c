@@ -70,6 +70,46 @@ static void swap32(void *p, size_t n) {
 }
 
 static const char *dtype_tag(pl_dtype dt) { return dt == PL_F32 ? "F32" : "I32"; }
+static const char *st_dtype_tag(pl_st_dtype dt) {
+    return dt == PL_ST_F16 ? "F16" : dt == PL_ST_BF16 ? "BF16" : dt == PL_ST_I32 ? "I32" : "F32";
+}
+/* Bytes per element in the file. */
+static uint64_t st_size(pl_st_dtype dt) { return dt == PL_ST_F16 || dt == PL_ST_BF16 ? 2 : 4; }
+
+/* IEEE binary16 -> binary32 bits, exact: sign s, exponent e (bias 15), mantissa m.
+ *   e = 31: inf (m = 0) or NaN (payload m kept in the top mantissa bits);
+ *   0 < e < 31: (1 + m/2^10) 2^(e-15)  -> exponent e - 15 + 127, mantissa m << 13;
+ *   e = 0: m 2^-24, normalised: with m's top bit at p, 1.f 2^(p-24), the
+ *          shift sh = 10 - p brings it to bit 10 and the exponent is 113 - sh. */
+static uint32_t f16_bits_to_f32(uint32_t h) {
+    uint32_t s = (h & 0x8000u) << 16, e = h >> 10 & 0x1fu, m = h & 0x3ffu;
+    if (e == 31) return s | 0x7f800000u | m << 13;
+    if (e) return s | (e + 112) << 23 | m << 13;
+    if (!m) return s;
+    uint32_t sh = 0;
+    while (!(m & 0x400u)) m <<= 1, sh++;
+    return s | (113 - sh) << 23 | (m & 0x3ffu) << 13;
+}
+
+/* binary32 -> bfloat16, rounding to nearest even (carry into the exponent
+ * gives the next binade, or inf past the largest finite value); a NaN stays a
+ * NaN (quiet bit set, sign kept), never rounds into inf. */
+static uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(u >> 16 | 0x40u);
+    u += 0x7fffu + (u >> 16 & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* n elements of 2 bytes (little endian) at in -> float32 at out. */
+static void half_to_f32(pl_st_dtype dt, const unsigned char *in, float *out, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t h = (uint32_t)in[2 * i] | (uint32_t)in[2 * i + 1] << 8;
+        uint32_t u = dt == PL_ST_F16 ? f16_bits_to_f32(h) : h << 16; /* bf16: the top half */
+        memcpy(out + i, &u, 4);
+    }
+}
 
 /* Length of the UTF-8 sequence at s[0..n), or 0 if it is not valid UTF-8
  * (overlong forms, surrogates and code points above U+10FFFF are not). */
@@ -191,9 +231,8 @@ static bool json_uint(const cJSON *j, uint64_t *out) {
 }
 
 /* Safetensors dtypes that libplasa does not hold, for a clearer message. */
-static const char *const other_dtypes[] = {"BOOL", "U8",  "I8",  "F8_E5M2", "F8_E4M3",
-                                           "I16",  "U16", "F16", "BF16",    "U32",
-                                           "F64",  "I64", "U64"};
+static const char *const other_dtypes[] = {"BOOL", "U8",  "I8",  "F8_E5M2", "F8_E4M3", "I16",
+                                           "U16",  "U32", "F64", "I64",     "U64"};
 
 static int cmp_entry_name(const void *a, const void *b) {
     const pl_safetensors_entry *x = *(pl_safetensors_entry *const *)a,
@@ -249,20 +288,27 @@ static bool parse_entry(const char *fn, const char *label, const cJSON *j, uint6
         fail(fn, label, PL_ERR_FORMAT, "tensor '%s' has no string \"dtype\"", nm);
         return false;
     }
+    /* F16 and BF16 load as float32. */
     if (!strcmp(dt->valuestring, "F32"))
-        e->dtype = PL_F32;
+        e->file_dtype = PL_ST_F32;
     else if (!strcmp(dt->valuestring, "I32"))
-        e->dtype = PL_I32;
+        e->file_dtype = PL_ST_I32;
+    else if (!strcmp(dt->valuestring, "F16"))
+        e->file_dtype = PL_ST_F16;
+    else if (!strcmp(dt->valuestring, "BF16"))
+        e->file_dtype = PL_ST_BF16;
     else {
         bool known = false;
         for (size_t i = 0; i < sizeof other_dtypes / sizeof *other_dtypes; i++)
             known |= !strcmp(dt->valuestring, other_dtypes[i]);
         fail(fn, label, PL_ERR_FORMAT,
-             known ? "tensor '%s' has dtype '%.40s'; libplasa reads only F32 and I32"
+             known ? "tensor '%s' has dtype '%.40s'; libplasa reads only F32, F16, BF16 and I32"
                    : "tensor '%s' has unknown dtype '%.40s'",
              nm, dt->valuestring);
         return false;
     }
+    e->dtype = e->file_dtype == PL_ST_I32 ? PL_I32 : PL_F32;
+    const uint64_t es = st_size(e->file_dtype);
     if (!cJSON_IsArray(sh)) {
         fail(fn, label, PL_ERR_FORMAT, "tensor '%s' has no \"shape\" array", nm);
         return false;
@@ -303,27 +349,27 @@ static bool parse_entry(const char *fn, const char *label, const cJSON *j, uint6
              (unsigned long long)data_size);
         return false;
     }
-    /* numel * 4 must equal the span; the span bounds numel, so no overflow. */
+    /* numel * es must equal the span; the span bounds numel, so no overflow. */
     uint64_t span = be[1] - be[0], numel = 1;
     for (int i = 0; i < nd; i++)
         if (dims[i] == 0) numel = 0;
     for (int i = 0; i < nd && numel; i++) {
-        if (numel > (span / 4) / dims[i]) {
+        if (numel > (span / es) / dims[i]) {
             fail(fn, label, PL_ERR_FORMAT,
                  "tensor '%s': shape %s of %s needs more than the %llu bytes that "
                  "data_offsets [%llu, %llu] hold",
-                 nm, dims_str(dims, nd, buf, sizeof buf), dtype_tag(e->dtype),
+                 nm, dims_str(dims, nd, buf, sizeof buf), st_dtype_tag(e->file_dtype),
                  (unsigned long long)span, (unsigned long long)be[0], (unsigned long long)be[1]);
             return false;
         }
         numel *= dims[i];
     }
-    if (numel * 4 != span) {
+    if (numel * es != span) {
         fail(fn, label, PL_ERR_FORMAT,
              "tensor '%s': shape %s of %s needs %llu bytes but data_offsets [%llu, %llu] hold "
              "%llu",
-             nm, dims_str(dims, nd, buf, sizeof buf), dtype_tag(e->dtype),
-             (unsigned long long)(numel * 4), (unsigned long long)be[0], (unsigned long long)be[1],
+             nm, dims_str(dims, nd, buf, sizeof buf), st_dtype_tag(e->file_dtype),
+             (unsigned long long)(numel * es), (unsigned long long)be[0], (unsigned long long)be[1],
              (unsigned long long)span);
         return false;
     }
@@ -357,6 +403,7 @@ static pl_safetensors *parse_header(const char *fn, const char *label, const cha
     pl_safetensors *st = NULL;
     pl_safetensors_entry **tmp = NULL;
     const char **keys_sorted = NULL;
+    unsigned char *half = NULL;
     /* The reference writer pads the header with spaces. */
     for (const char *p = end; p < json + len; p++)
         if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r') {
@@ -506,27 +553,47 @@ static pl_safetensors *parse_header(const char *fn, const char *label, const cha
         (unsigned char *)(((uintptr_t)st->data + ST_ALIGN - 1) & ~(uintptr_t)(ST_ALIGN - 1));
     size_t o = 0;
     bool le = host_is_le();
+    /* A 16-bit tensor read from a file goes through one buffer, then is
+     * widened into its float32 place. */
+    size_t half_max = 0;
+    for (int i = 0; i < st->n; i++)
+        if (st_size(st->e[i].file_dtype) == 2 && (size_t)st->e[i].numel * 2 > half_max)
+            half_max = (size_t)st->e[i].numel * 2;
+    if (half_max && !src->mem && !(half = pl__malloc(half_max))) {
+        fail(fn, label, PL_ERR_NOMEM, "out of memory for %zu bytes of 16-bit tensor data",
+             half_max);
+        goto bad;
+    }
     for (int i = 0; i < st->n; i++) {
         pl_safetensors_entry *e = &st->e[i];
-        size_t bytes = (size_t)e->numel * 4;
+        size_t bytes = (size_t)e->numel * 4, fbytes = (size_t)(e->end - e->begin);
+        bool wide = st_size(e->file_dtype) == 2;
         e->data = base + o;
         if (!bytes) continue;
+        unsigned char *dst = wide ? half : base + o;
+        const unsigned char *from = dst; /* the file's bytes of the tensor */
         if (src->mem) {
-            memcpy(base + o, src->mem + e->begin, bytes);
+            from = src->mem + e->begin;
+            if (!wide) memcpy(dst, from, fbytes);
         } else if (fseeko(src->f, (off_t)(src->base + e->begin), SEEK_SET) != 0 ||
-                   fread(base + o, 1, bytes, src->f) != bytes) {
+                   fread(dst, 1, fbytes, src->f) != fbytes) {
             fail(fn, label, PL_ERR_IO, "reading tensor '%s' failed (file changed while read?)",
                  e->name);
             goto bad;
         }
-        if (!le) swap32(base + o, (size_t)e->numel);
+        if (wide)
+            half_to_f32(e->file_dtype, from, (float *)(base + o), (size_t)e->numel);
+        else if (!le)
+            swap32(base + o, (size_t)e->numel);
         o += round_up(bytes);
     }
+    pl__free(half);
     pl__free(tmp);
     pl__free(keys_sorted);
     cJSON_Delete(root);
     return st;
 bad:
+    pl__free(half);
     pl__free(tmp);
     pl__free(keys_sorted);
     pl_safetensors_close(st);
@@ -744,11 +811,32 @@ static bool write_le32(FILE *f, const void *data, size_t bytes) {
     return true;
 }
 
+/* Writes n floats as bfloat16, little endian (f32_to_bf16). */
+static bool write_bf16(FILE *f, const float *x, size_t n) {
+    unsigned char chunk[4096];
+    while (n) {
+        size_t k = n < sizeof chunk / 2 ? n : sizeof chunk / 2;
+        for (size_t i = 0; i < k; i++) {
+            uint16_t b = f32_to_bf16(x[i]);
+            chunk[2 * i] = (unsigned char)(b & 0xffu);
+            chunk[2 * i + 1] = (unsigned char)(b >> 8);
+        }
+        if (fwrite(chunk, 1, 2 * k, f) != 2 * k) return false;
+        x += k;
+        n -= k;
+    }
+    return true;
+}
+
 /* Validated arguments -> header -> temporary file -> rename over path. */
 static pl_status save_impl(const char *fn, const char *path, const pl_tensor *const *tensors,
                            const char *const *names, int n, const char *const *mk,
-                           const char *const *mv, int n_meta) {
+                           const char *const *mv, int n_meta, unsigned flags) {
     if (!path || !*path) return pl__err(PL_ERR_ARG, "%s: path is NULL or empty", fn);
+    if (flags & ~PL_SAVE_BF16)
+        return pl__err(PL_ERR_ARG, "%s: unknown flags 0x%x (known: PL_SAVE_BF16)", fn,
+                       flags & ~PL_SAVE_BF16);
+    const bool bf16 = flags & PL_SAVE_BF16;
     if (n < 0 || n_meta < 0)
         return pl__err(PL_ERR_ARG, "%s: negative count (n = %d, n_meta = %d)", fn, n, n_meta);
     if (n > 0 && !tensors) return pl__err(PL_ERR_ARG, "%s: tensors is NULL", fn);
@@ -810,7 +898,8 @@ static pl_status save_impl(const char *fn, const char *path, const pl_tensor *co
         if (i || n_meta) sb_puts(&h, ",");
         sb_json_str(&h, names ? names[i] : t->name);
         sb_puts(&h, ":{\"dtype\":\"");
-        sb_puts(&h, dtype_tag(t->dtype));
+        const bool narrow = bf16 && t->dtype == PL_F32; /* float32 tensors only */
+        sb_puts(&h, narrow ? "BF16" : dtype_tag(t->dtype));
         sb_puts(&h, "\",\"shape\":[");
         for (int d = 0; d < t->ndim; d++) {
             if (d) sb_puts(&h, ",");
@@ -819,7 +908,7 @@ static pl_status save_impl(const char *fn, const char *path, const pl_tensor *co
         sb_puts(&h, "],\"data_offsets\":[");
         sb_u64(&h, off);
         sb_puts(&h, ",");
-        off += (uint64_t)t->numel * 4;
+        off += (uint64_t)t->numel * (narrow ? 2 : 4);
         sb_u64(&h, off);
         sb_puts(&h, "]}");
     }
@@ -840,7 +929,9 @@ static pl_status save_impl(const char *fn, const char *path, const pl_tensor *co
     for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)h.n >> (8 * i));
     bool ok = fwrite(len8, 1, 8, af.f) == 8 && fwrite(h.p, 1, h.n, af.f) == h.n;
     for (int i = 0; ok && i < n; i++)
-        ok = write_le32(af.f, tensors[i]->data, (size_t)tensors[i]->numel * 4);
+        ok = bf16 && tensors[i]->dtype == PL_F32
+                 ? write_bf16(af.f, tensors[i]->data, (size_t)tensors[i]->numel)
+                 : write_le32(af.f, tensors[i]->data, (size_t)tensors[i]->numel * 4);
     int write_err = ok ? 0 : errno ? errno : EIO;
     pl__free(h.p);
     return pl__atomic_commit(fn, path, &af, write_err);
@@ -849,25 +940,43 @@ static pl_status save_impl(const char *fn, const char *path, const pl_tensor *co
 pl_status pl_safetensors_save(const char *path, const pl_tensor *const *tensors,
                               const char *const *names, int n, const char *const *meta_keys,
                               const char *const *meta_values, int n_meta) {
-    return save_impl("pl_safetensors_save", path, tensors, names, n, meta_keys, meta_values,
-                     n_meta);
+    return save_impl("pl_safetensors_save", path, tensors, names, n, meta_keys, meta_values, n_meta,
+                     0);
+}
+
+pl_status pl_safetensors_save_ex(const char *path, const pl_tensor *const *tensors,
+                                 const char *const *names, int n, const char *const *meta_keys,
+                                 const char *const *meta_values, int n_meta, unsigned flags) {
+    return save_impl("pl_safetensors_save_ex", path, tensors, names, n, meta_keys, meta_values,
+                     n_meta, flags);
 }
 
 /* ------------------------------------------------------------------------ */
 /* Context checkpoints                                                       */
 
-pl_status pl_checkpoint_save(pl_ctx *ctx, const char *path, const char *const *meta_keys,
-                             const char *const *meta_values, int n_meta) {
-    const char *fn = "pl_checkpoint_save";
+static pl_status checkpoint_save(const char *fn, pl_ctx *ctx, const char *path,
+                                 const char *const *meta_keys, const char *const *meta_values,
+                                 int n_meta, unsigned flags) {
     if (!ctx) return pl__err(PL_ERR_ARG, "%s: ctx is NULL", fn);
     const pl_tensor **ts = pl__malloc(((size_t)ctx->n_persist + 1) * sizeof *ts);
     if (!ts) return pl_last_status();
     int n = 0;
     for (int i = 0; i < ctx->n_persist; i++)
         if (ctx->persist[i]->name) ts[n++] = ctx->persist[i];
-    pl_status s = save_impl(fn, path, ts, NULL, n, meta_keys, meta_values, n_meta);
+    pl_status s = save_impl(fn, path, ts, NULL, n, meta_keys, meta_values, n_meta, flags);
     pl__free(ts);
     return s;
+}
+
+pl_status pl_checkpoint_save(pl_ctx *ctx, const char *path, const char *const *meta_keys,
+                             const char *const *meta_values, int n_meta) {
+    return checkpoint_save("pl_checkpoint_save", ctx, path, meta_keys, meta_values, n_meta, 0);
+}
+
+pl_status pl_checkpoint_save_ex(pl_ctx *ctx, const char *path, const char *const *meta_keys,
+                                const char *const *meta_values, int n_meta, unsigned flags) {
+    return checkpoint_save("pl_checkpoint_save_ex", ctx, path, meta_keys, meta_values, n_meta,
+                           flags);
 }
 
 static int cmp_tensor_name(const void *a, const void *b) {
@@ -913,7 +1022,7 @@ static pl_status restore_impl(const char *fn, pl_ctx *ctx, const pl_safetensors 
         }
         if (e->dtype != ts[i]->dtype) {
             s = fail(fn, label, PL_ERR_DTYPE, "tensor '%s' is %s in the file but %s in the context",
-                     e->name, dtype_tag(e->dtype), dtype_tag(ts[i]->dtype));
+                     e->name, st_dtype_tag(e->file_dtype), dtype_tag(ts[i]->dtype));
             break;
         }
         bool same = e->ndim == ts[i]->ndim;

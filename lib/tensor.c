@@ -603,3 +603,64 @@ pl_status pl_fill(pl_tensor *t, float value) {
     for (int64_t i = 0; i < t->numel; i++) d[i] = value;
     return PL_OK;
 }
+
+/* ---- broadcasting ---- */
+
+pl_status pl__bcast(pl_bcast *p, int nx, const int *ndim, const int64_t *const *shape, int bad[2]) {
+    int nd = 0;
+    for (int j = 0; j < nx; j++) nd = ndim[j] > nd ? ndim[j] : nd;
+    p->ndim = nd;
+    p->nx = nx;
+    for (int i = 0; i < nd; i++) {
+        int64_t s = 1;
+        for (int j = 0; j < nx; j++) {
+            int d = i - (nd - ndim[j]);
+            int64_t sj = d >= 0 ? shape[j][d] : 1;
+            if (sj != 1 && s != 1 && sj != s) {
+                int k = 0;
+                while (k < j) { /* the earlier operand that fixed s */
+                    int dk = i - (nd - ndim[k]);
+                    if (dk >= 0 && shape[k][dk] == s) break;
+                    k++;
+                }
+                bad[0] = k;
+                bad[1] = j;
+                return PL_ERR_SHAPE;
+            }
+            if (sj != 1) s = sj;
+        }
+        p->shape[i] = s;
+    }
+    int m = 0, kind[PL_MAX_DIMS]; /* bit j: operand j has the dim */
+    for (int i = 0; i < nd; i++) {
+        if (p->shape[i] == 1) continue;
+        int k = 0;
+        for (int j = 0; j < nx; j++) {
+            int d = i - (nd - ndim[j]);
+            if (d >= 0 && shape[j][d] == p->shape[i]) k |= 1 << j;
+        }
+        if (m > 0 && kind[m - 1] == k) {
+            p->dim[m - 1] *= p->shape[i];
+        } else {
+            kind[m] = k;
+            p->dim[m++] = p->shape[i];
+        }
+    }
+    if (m == 0) { /* one element */
+        kind[0] = (1 << nx) - 1;
+        p->dim[m++] = 1;
+    }
+    for (int j = 0; j < nx; j++) {
+        int64_t st = 1;
+        for (int i = m - 1; i >= 0; i--) {
+            p->str[j][i] = kind[i] >> j & 1 ? st : 0;
+            if (kind[i] >> j & 1) st *= p->dim[i];
+        }
+        p->in[j] = p->str[j][m - 1];
+    }
+    p->nd = m;
+    p->inner = p->dim[m - 1];
+    p->numel = pl__numel(nd, p->shape);
+    p->rows = p->numel / p->inner;
+    return PL_OK;
+}

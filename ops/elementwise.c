@@ -3,7 +3,7 @@
  * silu, exp, log, sqrt, rsqrt, pow, abs, neg, tanh, gelu, clamp); forward and
  * backward side by side.
  *
- * Broadcasting (bc_plan): the operands broadcast into their common shape.
+ * Broadcasting (pl__bcast, lib/tensor.c): the operands broadcast into their common shape.
  * After dropping size-1 dims and merging neighbouring dims in which the same
  * operands have the dim, the output is a short list of dims; each operand's
  * offset for a row of the innermost merged dim is a sum of index*stride, and
@@ -206,96 +206,20 @@ PL_KERNEL static void k_gelu_tanh_bw(float *restrict o, const float *restrict x,
 
 /* ---- broadcasting ---- */
 
-/* The plan of a broadcast of nx operands (2, or 3 for where) into their common
- * shape. After dropping size-1 dims of the output and merging neighbouring
- * dims in which the same operands have the dim (the others broadcast), the
- * output is a short list of dims; operand j's offset at the start of each row
- * of the innermost merged dim is a sum of index*stride, and along that row its
- * stride is 1 (it has the dim) or 0 (it is constant). */
-typedef struct {
-    int nd, nx;
-    int64_t dim[PL_MAX_DIMS];    /* merged dims of the output, outermost first */
-    int64_t str[3][PL_MAX_DIMS]; /* operand j's stride along each merged dim (0: broadcast) */
-    int64_t inner, rows, numel;  /* innermost merged dim; numel / inner; output numel */
-    int64_t in[3];               /* operand j's stride along the innermost dim: 1 or 0 */
-    int ndim;                    /* the output's shape */
-    int64_t shape[PL_MAX_DIMS];
-} bc_plan;
-
-/* The common shape of x[0..nx) by NumPy rules (shapes aligned at their last
- * dim; in each dim the sizes are equal or one of them is 1), or an error that
- * names the shapes. */
+/* The plan of the broadcast (pl__bcast), or an error naming the two
+ * operands that disagree. */
 static pl_status bc_make(const char *fn, int nx, pl_tensor *const *x, const char *const *names,
-                         bc_plan *p) {
-    int nd = 0;
-    for (int j = 0; j < nx; j++) nd = x[j]->ndim > nd ? x[j]->ndim : nd;
-    p->ndim = nd;
-    p->nx = nx;
-    for (int i = 0; i < nd; i++) {
-        int64_t s = 1;
-        for (int j = 0; j < nx; j++) {
-            int d = i - (nd - x[j]->ndim);
-            int64_t sj = d >= 0 ? x[j]->shape[d] : 1;
-            if (sj != 1 && s != 1 && sj != s) {
-                char s0[96], s1[96];
-                int k = 0;
-                while (k < j) { /* the earlier operand that fixed s */
-                    int dk = i - (nd - x[k]->ndim);
-                    if (dk >= 0 && x[k]->shape[dk] == s) break;
-                    k++;
-                }
-                return pl__err(PL_ERR_SHAPE,
-                               "%s: %s %s and %s %s do not broadcast (NumPy rules: shapes "
-                               "aligned at the last dim, sizes equal or 1 in each dim)",
-                               fn, names[k], pl_shape_str(x[k], s0, sizeof s0), names[j],
-                               pl_shape_str(x[j], s1, sizeof s1));
-            }
-            if (sj != 1) s = sj;
-        }
-        p->shape[i] = s;
-    }
-    int m = 0, kind[PL_MAX_DIMS]; /* bit j: operand j has the dim */
-    for (int i = 0; i < nd; i++) {
-        if (p->shape[i] == 1) continue;
-        int k = 0;
-        for (int j = 0; j < nx; j++) {
-            int d = i - (nd - x[j]->ndim);
-            if (d >= 0 && x[j]->shape[d] == p->shape[i]) k |= 1 << j;
-        }
-        if (m > 0 && kind[m - 1] == k) {
-            p->dim[m - 1] *= p->shape[i];
-        } else {
-            kind[m] = k;
-            p->dim[m++] = p->shape[i];
-        }
-    }
-    if (m == 0) { /* one element */
-        kind[0] = (1 << nx) - 1;
-        p->dim[m++] = 1;
-    }
-    for (int j = 0; j < nx; j++) {
-        int64_t st = 1;
-        for (int i = m - 1; i >= 0; i--) {
-            p->str[j][i] = kind[i] >> j & 1 ? st : 0;
-            if (kind[i] >> j & 1) st *= p->dim[i];
-        }
-        p->in[j] = p->str[j][m - 1];
-    }
-    p->nd = m;
-    p->inner = p->dim[m - 1];
-    p->numel = pl__numel(nd, p->shape);
-    p->rows = p->numel / p->inner;
-    return PL_OK;
-}
-
-/* Operand j's offset at the start of row r (of the innermost merged dim). */
-static inline int64_t bc_row_off(const bc_plan *p, int j, int64_t r) {
-    int64_t o = 0;
-    for (int i = p->nd - 2; i >= 0 && r > 0; i--) {
-        o += (r % p->dim[i]) * p->str[j][i];
-        r /= p->dim[i];
-    }
-    return o;
+                         pl_bcast *p) {
+    int nd[3], bad[2];
+    const int64_t *sh[3];
+    for (int j = 0; j < nx; j++) nd[j] = x[j]->ndim, sh[j] = x[j]->shape;
+    if (!pl__bcast(p, nx, nd, sh, bad)) return PL_OK;
+    char s0[96], s1[96];
+    return pl__err(PL_ERR_SHAPE,
+                   "%s: %s %s and %s %s do not broadcast (NumPy rules: shapes aligned at the last "
+                   "dim, sizes equal or 1 in each dim)",
+                   fn, names[bad[0]], pl_shape_str(x[bad[0]], s0, sizeof s0), names[bad[1]],
+                   pl_shape_str(x[bad[1]], s1, sizeof s1));
 }
 
 /* Work is cut into tasks of about CHUNK elements: a piece of one long row,
@@ -304,7 +228,7 @@ typedef struct {
     int64_t rpt, cpr, jlen, ntasks;
 } bc_tasks;
 
-static bc_tasks bc_split(const bc_plan *p) {
+static bc_tasks bc_split(const pl_bcast *p) {
     bc_tasks t;
     if (p->inner >= CHUNK) {
         t.rpt = 1;
@@ -329,7 +253,7 @@ static bc_tasks bc_split(const bc_plan *p) {
         for (int64_t row = r0_; row < r1_; row++) {                                                \
             int64_t off[3], oo = row * (p)->inner + j0_;                                           \
             for (int j_ = 0; j_ < (p)->nx; j_++)                                                   \
-                off[j_] = bc_row_off((p), j_, row) + j0_ * (p)->in[j_];                            \
+                off[j_] = pl__bcast_row((p), j_, row) + j0_ * (p)->in[j_];                         \
             BODY;                                                                                  \
         }                                                                                          \
     } while (0)
@@ -419,7 +343,7 @@ PL_KERNEL static void k_local(int op, int j, float *restrict t, const float *res
     }
 }
 
-static bc_args bc_at(const bc_plan *p, pl_tensor *const *in, const int64_t *off) {
+static bc_args bc_at(const pl_bcast *p, pl_tensor *const *in, const int64_t *off) {
     bc_args x = {
         pl_f32(in[0]) + off[0], pl_f32(in[1]) + off[1], NULL, p->in[0], p->in[1], 0, false};
     if (p->nx == 3) {
@@ -431,7 +355,7 @@ static bc_args bc_at(const bc_plan *p, pl_tensor *const *in, const int64_t *off)
     return x;
 }
 
-static void bc_forward(int op, const bc_plan *p, pl_tensor *const *in, float *o) {
+static void bc_forward(int op, const pl_bcast *p, pl_tensor *const *in, float *o) {
     bc_tasks tk = bc_split(p);
     PL_PARALLEL_FOR(2 * p->numel, schedule(static), t, tk.ntasks, BC_TASK(p, tk, t, {
                         bc_args x = bc_at(p, in, off);
@@ -440,7 +364,7 @@ static void bc_forward(int op, const bc_plan *p, pl_tensor *const *in, float *o)
 }
 
 /* tl (output layout) = the part of dy that goes to operand j. */
-static void bc_local(int op, int j, const bc_plan *p, pl_tensor *const *in, const float *g,
+static void bc_local(int op, int j, const pl_bcast *p, pl_tensor *const *in, const float *g,
                      float *tl) {
     bc_tasks tk = bc_split(p);
     PL_PARALLEL_FOR(2 * p->numel, schedule(static), t, tk.ntasks, BC_TASK(p, tk, t, {
@@ -466,7 +390,7 @@ PL_KERNEL static void k_reduce(double *restrict part, const float *restrict g, i
  * broadcast along, into its nx elements. Each thread sums its share of the
  * tasks into its own double buffer (one per possible thread; unused ones stay
  * 0); the buffers are then added in thread order. */
-static void bc_reduce(pl_ctx *ctx, const bc_plan *p, int j, const float *g, float sign, float *dx,
+static void bc_reduce(pl_ctx *ctx, const pl_bcast *p, int j, const float *g, float sign, float *dx,
                       int64_t nx) {
     bc_tasks tk = bc_split(p);
     const int T = omp_get_max_threads();
@@ -489,7 +413,7 @@ static void bc_reduce(pl_ctx *ctx, const bc_plan *p, int j, const float *g, floa
 
 static void binary_backward(pl_ctx *ctx, pl_node *n) {
     int op = (int)n->iarg[0];
-    const bc_plan *p = n->saved;
+    const pl_bcast *p = n->saved;
     const float *g = n->out->grad;
     float *d[3];
     if (pl__grads(ctx, n, d)) return;
@@ -520,7 +444,7 @@ static pl_tensor *broadcast_op(pl_ctx *ctx, const char *fn, const char *opname, 
     if (nx == 3 &&
         (pl__check_any(fn, "mask", in[2], -1) || pl__check(ctx, fn, "mask", in[2], in[2]->dtype)))
         return NULL;
-    bc_plan p;
+    pl_bcast p;
     if (bc_make(fn, nx, in, names, &p)) return NULL;
     pl_tensor *y = pl__new(ctx, PL_F32, p.ndim, p.shape);
     if (!y) return NULL;
@@ -529,7 +453,7 @@ static pl_tensor *broadcast_op(pl_ctx *ctx, const char *fn, const char *opname, 
     /* where's mask is an input too (its gradient, 0, is left as it is) */
     if (pl__record(ctx, opname, binary_backward, y, nx, in, sizeof p, &n)) return NULL;
     if (n) {
-        *(bc_plan *)n->saved = p;
+        *(pl_bcast *)n->saved = p;
         n->iarg[0] = op;
     }
     return y;

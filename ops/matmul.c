@@ -5,12 +5,23 @@
  *   dA = op(B) dC^T          (A transposed)
  *   dB = op(A)^T dC          (B not transposed)
  *   dB = dC^T op(A)          (B transposed)
- * Every product accumulates straight into the gradient (beta = 1). */
+ * Every product accumulates straight into the gradient (beta = 1).
+ *
+ * The dims before the last two are batch dims and broadcast as torch.matmul
+ * does (NumPy rules, pl__bcast): C_i = op(A_a(i)) op(B_b(i)) for each batch
+ * element i of the common shape, a(i), b(i) the operands' matrices there. An
+ * operand broadcast along a batch dim receives the sum of the gradients of
+ * the products that used it, accumulated in ascending i (one sgemm after
+ * another with beta = 1), so the result does not depend on threads. */
 #include "internal.h"
 
 typedef struct {
-    int64_t batch, M, N, K;
-    bool ta, tb, shared_b; /* shared_b: B is 2-D and used by every batch */
+    int64_t batch, M, N, K; /* batch: number of output matrices */
+    bool ta, tb;
+    /* B is one matrix for the whole batch and A is not transposed: the
+     * batch folds into M (one large product). */
+    bool fold;
+    pl_bcast bc; /* the batch dims: operand 0 is A, 1 is B */
 } mm_dims;
 
 static pl_status mm_shapes(const char *fn, const pl_tensor *a, const pl_tensor *b, bool ta, bool tb,
@@ -32,50 +43,57 @@ static pl_status mm_shapes(const char *fn, const pl_tensor *a, const pl_tensor *
                        pl_shape_str(a, sa, sizeof sa), ta ? "^T" : "",
                        pl_shape_str(b, sb, sizeof sb), tb ? "^T" : "", (long long)d->K,
                        (long long)kb);
-    d->batch = 1;
-    for (int i = 0; i < a->ndim - 2; i++) d->batch *= a->shape[i];
-    d->shared_b = b->ndim == 2;
-    if (!d->shared_b) {
-        bool ok = b->ndim == a->ndim;
-        for (int i = 0; ok && i < a->ndim - 2; i++) ok = a->shape[i] == b->shape[i];
-        if (!ok)
-            return pl__err(PL_ERR_SHAPE, "%s: batch dims must be equal (or B 2-D): %s and %s", fn,
-                           pl_shape_str(a, sa, sizeof sa), pl_shape_str(b, sb, sizeof sb));
-    }
+    int nd[2] = {a->ndim - 2, b->ndim - 2}, bad[2];
+    const int64_t *sh[2] = {a->shape, b->shape};
+    if (pl__bcast(&d->bc, 2, nd, sh, bad))
+        return pl__err(PL_ERR_SHAPE,
+                       "%s: batch dims (all but the last two) of a %s and b %s do not broadcast "
+                       "(aligned at the last batch dim, sizes equal or 1 in each)",
+                       fn, pl_shape_str(a, sa, sizeof sa), pl_shape_str(b, sb, sizeof sb));
+    d->batch = d->bc.numel;
+    /* B one matrix (batch 1): then A is never broadcast (C has A's batch shape). */
+    d->fold = !ta && pl__numel(nd[1], b->shape) == 1;
     return PL_OK;
 }
 
-/* out (+)= op(A) op(B) over the batch. With B shared and A not transposed the
- * batch folds into M: one large product instead of many small ones. */
+/* Offsets of A's and B's matrices for output matrix i. */
+static inline int64_t mm_a(const mm_dims *d, int64_t i) {
+    return pl__bcast_at(&d->bc, 0, i) * d->M * d->K;
+}
+static inline int64_t mm_b(const mm_dims *d, int64_t i) {
+    return pl__bcast_at(&d->bc, 1, i) * d->K * d->N;
+}
+
+/* out (+)= op(A) op(B) over the batch. */
 static pl_status mm_run(pl_ctx *ctx, const mm_dims *d, const float *A, const float *B, float *C,
                         float beta) {
     int64_t lda = d->ta ? d->M : d->K, ldb = d->tb ? d->K : d->N;
-    if (d->shared_b && !d->ta)
+    if (d->fold)
         return pl__sgemm(ctx, false, d->tb, d->batch * d->M, d->N, d->K, 1.0f, A, lda, B, ldb, beta,
                          C, d->N);
-    int64_t sa = d->M * d->K, sb = d->shared_b ? 0 : d->K * d->N, sc = d->M * d->N;
+    int64_t sc = d->M * d->N;
     for (int64_t i = 0; i < d->batch; i++) {
-        pl_status s = pl__sgemm(ctx, d->ta, d->tb, d->M, d->N, d->K, 1.0f, A + i * sa, lda,
-                                B + i * sb, ldb, beta, C + i * sc, d->N);
+        pl_status s = pl__sgemm(ctx, d->ta, d->tb, d->M, d->N, d->K, 1.0f, A + mm_a(d, i), lda,
+                                B + mm_b(d, i), ldb, beta, C + i * sc, d->N);
         if (s) return s;
     }
     return PL_OK;
 }
 
-/* Adds the gradients of C = op(A) op(B) into dA and dB (each skipped when NULL). */
+/* Adds the gradients of C = op(A) op(B) into dA and dB (each skipped when
+ * NULL); a broadcast operand's gradient sums its products in ascending i. */
 static void mm_backward_into(pl_ctx *ctx, const mm_dims *d, const float *A, const float *B,
                              const float *dC, float *dA, float *dB) {
     int64_t M = d->M, N = d->N, K = d->K;
     int64_t lda = d->ta ? M : K, ldb = d->tb ? K : N;
     if (dA) {
-        if (d->shared_b && !d->ta) { /* batch folded into M */
+        if (d->fold) { /* batch folded into M */
             if (pl__sgemm(ctx, false, !d->tb, d->batch * M, K, N, 1.0f, dC, N, B, ldb, 1.0f, dA, K))
                 return;
         } else {
-            int64_t sb = d->shared_b ? 0 : K * N;
             for (int64_t i = 0; i < d->batch; i++) {
-                const float *Bi = B + i * sb, *dCi = dC + i * M * N;
-                float *dAi = dA + i * M * K;
+                const float *Bi = B + mm_b(d, i), *dCi = dC + i * M * N;
+                float *dAi = dA + mm_a(d, i);
                 pl_status s = d->ta ? pl__sgemm(ctx, d->tb, true, K, M, N, 1.0f, Bi, ldb, dCi, N,
                                                 1.0f, dAi, lda)
                                     : pl__sgemm(ctx, false, !d->tb, M, K, N, 1.0f, dCi, N, Bi, ldb,
@@ -85,7 +103,7 @@ static void mm_backward_into(pl_ctx *ctx, const mm_dims *d, const float *A, cons
         }
     }
     if (dB) {
-        if (d->shared_b && !d->ta) { /* sum over the batch is one product */
+        if (d->fold) { /* sum over the batch is one product */
             int64_t R = d->batch * M;
             if (d->tb)
                 pl__sgemm(ctx, true, false, N, K, R, 1.0f, dC, N, A, K, 1.0f, dB, K);
@@ -93,10 +111,9 @@ static void mm_backward_into(pl_ctx *ctx, const mm_dims *d, const float *A, cons
                 pl__sgemm(ctx, true, false, K, N, R, 1.0f, A, K, dC, N, 1.0f, dB, N);
             return;
         }
-        int64_t sb = d->shared_b ? 0 : K * N;
         for (int64_t i = 0; i < d->batch; i++) {
-            const float *Ai = A + i * M * K, *dCi = dC + i * M * N;
-            float *dBi = dB + i * sb;
+            const float *Ai = A + mm_a(d, i), *dCi = dC + i * M * N;
+            float *dBi = dB + mm_b(d, i);
             pl_status s =
                 d->tb
                     ? pl__sgemm(ctx, true, d->ta, N, K, M, 1.0f, dCi, N, Ai, lda, 1.0f, dBi, ldb)
@@ -118,10 +135,11 @@ static pl_tensor *matmul_impl(pl_ctx *ctx, const char *fn, pl_tensor *a, pl_tens
     mm_dims d = {0};
     if (mm_shapes(fn, a, b, ta, tb, &d)) return NULL;
     int64_t shape[PL_MAX_DIMS];
-    for (int i = 0; i < a->ndim - 2; i++) shape[i] = a->shape[i];
-    shape[a->ndim - 2] = d.M;
-    shape[a->ndim - 1] = d.N;
-    pl_tensor *c = pl__new(ctx, PL_F32, a->ndim, shape);
+    int nb = d.bc.ndim; /* the common batch shape, then M, N */
+    for (int i = 0; i < nb; i++) shape[i] = d.bc.shape[i];
+    shape[nb] = d.M;
+    shape[nb + 1] = d.N;
+    pl_tensor *c = pl__new(ctx, PL_F32, nb + 2, shape);
     if (!c) return NULL;
     if (d.K == 0)
         memset(c->data, 0, (size_t)c->numel * 4);
@@ -179,9 +197,8 @@ static pl_tensor *linear_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor
                                 (long long)w->shape[1]);
     }
     /* View x as [rows, in] so the whole batch is one product. */
-    mm_dims d = {x->numel / w->shape[0], 1, w->shape[1], w->shape[0], false, false, true};
-    d.M = d.batch;
-    d.batch = 1;
+    mm_dims d = {
+        .batch = 1, .M = x->numel / w->shape[0], .N = w->shape[1], .K = w->shape[0], .fold = true};
     int64_t shape[PL_MAX_DIMS];
     for (int i = 0; i < x->ndim - 1; i++) shape[i] = x->shape[i];
     shape[x->ndim - 1] = d.N;

@@ -28,6 +28,8 @@ add_test(NAME test_install
                  "-DC_FLAGS=${PLASA_CONSUMER_FLAGS}" -DPKG_CONFIG=${PKG_CONFIG_EXECUTABLE}
                  -DLDD=${PLASA_LDD} -DTRAIN=${PLASA_INSTALL_TRAIN}
                  -DMPIRUN=${PLASA_INSTALL_MPIRUN}
+                 -DTINY_GPT_DIR=${PROJECT_SOURCE_DIR}/examples/tiny-gpt
+                 -DTEXT=${PROJECT_SOURCE_DIR}/README.md
                  -P ${CMAKE_CURRENT_SOURCE_DIR}/install/run.cmake)
 set_tests_properties(test_install PROPERTIES TIMEOUT 300 ENVIRONMENT
   "OMP_NUM_THREADS=1;LSAN_OPTIONS=suppressions=${CMAKE_CURRENT_SOURCE_DIR}/mpi/lsan.supp:print_suppressions=0:fast_unwind_on_malloc=0")

@@ -10,6 +10,7 @@
  * byte comparison assumes a little-endian host. */
 #include "internal.h"
 
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +18,21 @@
 #include "fuzz_check.h"
 
 static pl_ctx *ctx;
+
+/* The float32 a 16-bit element of the file must load as, decoded by
+ * definition (not by the loader's bit shuffling). */
+static bool half_ok(pl_st_dtype dt, const uint8_t *p, float got) {
+    unsigned h = p[0] | (unsigned)p[1] << 8, s = h >> 15;
+    unsigned e = dt == PL_ST_F16 ? h >> 10 & 31 : h >> 7 & 255;
+    unsigned m = dt == PL_ST_F16 ? h & 1023 : h & 127, top = dt == PL_ST_F16 ? 31 : 255;
+    int mb = dt == PL_ST_F16 ? 10 : 7, bias = dt == PL_ST_F16 ? 15 : 127;
+    if (e == top && m) return isnan(got) && (bool)signbit(got) == (bool)s;
+    double v = e == top ? INFINITY
+               : e      ? ldexp((double)((1u << mb) + m), (int)e - bias - mb)
+                        : ldexp((double)m, 1 - bias - mb);
+    float want = (float)(s ? -v : v);
+    return memcmp(&want, &got, 4) == 0;
+}
 
 static void setup_ctx(void) {
     ctx = pl_ctx_new(NULL);
@@ -46,6 +62,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         const pl_safetensors_entry *e = pl_safetensors_at(st, i);
         CHECK(e && e->name && pl_safetensors_get(st, e->name) == e); /* names unique */
         CHECK(e->dtype == PL_F32 || e->dtype == PL_I32);
+        bool half = e->file_dtype == PL_ST_F16 || e->file_dtype == PL_ST_BF16;
+        CHECK(half || e->file_dtype == (e->dtype == PL_F32 ? PL_ST_F32 : PL_ST_I32));
+        CHECK(!half || e->dtype == PL_F32);
+        uint64_t es = half ? 2 : 4;
         CHECK(e->ndim >= 0 && e->ndim <= PL_MAX_DIMS);
         int64_t numel = 1;
         for (int d = 0; d < e->ndim; d++) {
@@ -54,10 +74,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         }
         CHECK(numel == e->numel);
         CHECK(e->begin <= e->end && e->end <= data_size);
-        CHECK(e->end - e->begin == (uint64_t)e->numel * 4);
+        CHECK(e->end - e->begin == (uint64_t)e->numel * es);
         CHECK(e->data && (uintptr_t)e->data % 16 == 0);
         /* Same bytes as in the input (little-endian host). */
-        CHECK(!memcmp(e->data, data + 8 + hl + e->begin, (size_t)e->numel * 4));
+        if (!half)
+            CHECK(!memcmp(e->data, data + 8 + hl + e->begin, (size_t)e->numel * 4));
+        else
+            for (int64_t k = 0; k < e->numel; k++)
+                CHECK(half_ok(e->file_dtype, data + 8 + hl + e->begin + 2 * k,
+                              ((const float *)e->data)[k]));
         for (int j = 0; j < i && j < 64; j++) { /* no overlaps (spot check) */
             const pl_safetensors_entry *f = pl_safetensors_at(st, j);
             CHECK(!e->numel || !f->numel || e->end <= f->begin || f->end <= e->begin);

@@ -7,12 +7,14 @@
 #      libplasa.so is installed beside it;
 # and runs every binary; each computes a tiny matmul + backward and checks it.
 # ldd shows that the shared consumers load the installed libplasa.so and the
-# static ones no libplasa.so at all. With -DTRAIN=ON the build has plasa-train:
-# it must be installed in bin/ and run (--help) from there. With -DMPIRUN=...
-# the build has plasa_mpi: consumer_mpi.c is built with pkg-config plasa-mpi
-# and run on 2 ranks.
+# static ones no libplasa.so at all. With -DTINY_GPT_DIR=... examples/tiny-gpt
+# is built against the installed library (pkg-config) and run. With -DTRAIN=ON
+# the build has plasa-train: it must be installed in bin/ and run (--help) from there.
+# With -DMPIRUN=... the build has plasa_mpi: consumer_mpi.c is built with
+# pkg-config plasa-mpi and run on 2 ranks.
 # cmake -DBUILD_DIR=... -DSRC_DIR=... -DWORK_DIR=... -DLIBDIR=... -DC_COMPILER=...
-#       [-DC_FLAGS="..."] -DPKG_CONFIG=... -DLDD=... [-DTRAIN=ON] -P run.cmake
+#       [-DC_FLAGS="..."] -DPKG_CONFIG=... -DLDD=... [-DTRAIN=ON]
+#       [-DTINY_GPT_DIR=... -DTEXT=...] -P run.cmake
 cmake_minimum_required(VERSION 3.18)
 foreach(v BUILD_DIR SRC_DIR WORK_DIR LIBDIR C_COMPILER PKG_CONFIG LDD)
   if(NOT DEFINED ${v} OR "${${v}}" STREQUAL "")
@@ -126,7 +128,27 @@ run("cc with pkg-config --static" ${C_COMPILER} ${c_flags} ${WORK_DIR}/src/consu
 check_consumer("pkg-config --static plasa-static" ${WORK_DIR}/consumer_pc_static)
 check_links("pkg-config --static plasa-static" ${WORK_DIR}/consumer_pc_static STATIC)
 
-# 4. plasa-train, installed in bin/.
+# 4. examples/tiny-gpt, public API only, built against the installed library
+#    with the command its README gives, then trained for 3 steps and sampled.
+if(TINY_GPT_DIR)
+  file(GLOB tg_src ${TINY_GPT_DIR}/*.c)
+  set(ENV{PKG_CONFIG_PATH} ${libdir}/pkgconfig)
+  run("pkg-config --cflags --libs plasa" ${PKG_CONFIG} --cflags --libs plasa)
+  separate_arguments(pc UNIX_COMMAND "${run_out}")
+  run("cc tiny-gpt" ${C_COMPILER} ${c_flags} -O2 ${tg_src} -o ${WORK_DIR}/tiny-gpt ${pc} -lm)
+  set(ENV{LD_LIBRARY_PATH} "${libdir}:${keep_ld}")
+  run("tiny-gpt train" ${WORK_DIR}/tiny-gpt train ${TEXT} ${WORK_DIR}/tg.st --steps 3 --seq 16
+      --dim 16 --layers 1 --heads 2)
+  if(NOT run_out MATCHES "step 3 loss [0-9.]+\nsaved ")
+    message(FATAL_ERROR "installed tiny-gpt train printed:\n${run_out}")
+  endif()
+  run("tiny-gpt sample" ${WORK_DIR}/tiny-gpt sample ${WORK_DIR}/tg.st --prompt "A" --tokens 8)
+  check_links("tiny-gpt" ${WORK_DIR}/tiny-gpt SHARED)
+  set(ENV{LD_LIBRARY_PATH} "${keep_ld}")
+  message(STATUS "tiny-gpt: built against the installed libplasa, trained, sampled")
+endif()
+
+# 5. plasa-train, installed in bin/.
 if(TRAIN)
   set(train ${prefix}/bin/plasa-train)
   if(NOT EXISTS ${train})
