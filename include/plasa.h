@@ -495,19 +495,20 @@ PL_API pl_tensor *pl_cross_entropy_smooth(pl_ctx *ctx, pl_tensor *logits, pl_ten
 /* Fused LM head and loss: pl_cross_entropy_smooth(pl_linear(x, W, NULL),
  * targets, smoothing) (equal to float rounding) for x [..., d], W [d, V],
  * targets with x's leading shape (same ignored targets and errors), result
- * [1]. The logits are made and reduced in vocabulary chunks of about 1 MiB
- * (one product each); argmax, when not NULL, receives for each of the
- * x->numel / d rows the index of its largest logit (the first one), so an
- * evaluation gets its accuracy from the same pass.
- *   Without gradients (pl_set_grad_enabled false, or nothing requiring one):
- * one product, and O(rows * chunk) memory: the [rows, V] logits never exist.
- *   With gradients, the gradients are completed in this forward pass (three
- * products in all, as unfused; backward only adds upstream * them into x's
- * and W's gradients): the step keeps buffers of x's and W's size and, since
- * a row's softmax needs all its logits, the logits of one block of rows at a
- * time, at most 64 MiB (a [256, 49152] batch is one block; larger ones are
- * split into blocks of rows, each reading W twice). The [rows, V] gradient
- * never exists. */
+ * [1]. argmax, when not NULL, receives for each of the x->numel / d rows the
+ * index of its largest logit (the first one), so an evaluation gets its
+ * accuracy from the same pass.
+ *   Without gradients (pl_set_grad_enabled false, or nothing requiring one)
+ * the logits are made and reduced in vocabulary chunks of about 4 MiB (one
+ * product each): O(rows * chunk) memory, the [rows, V] logits never exist.
+ *   With gradients the gradients are completed in this forward pass, in three
+ * products as unfused (backward only adds upstream * them into x's and W's
+ * gradients). Memory: buffers of x's and W's size, which the gradients need
+ * anyway, and, since a row's softmax needs all of its logits before its
+ * gradient can enter dW = x^T G, the logits of one block of rows at a time,
+ * at most 64 MiB (a [256, 49152] batch is one block; larger batches are split
+ * into blocks of rows, each reading W twice), turned into their gradient in
+ * place: no separate [rows, V] gradient ever exists. */
 PL_API pl_tensor *pl_linear_cross_entropy(pl_ctx *ctx, pl_tensor *x, pl_tensor *w,
                                           pl_tensor *targets, float smoothing, int32_t *argmax);
 

@@ -147,8 +147,8 @@ static pl_tensor *linear_cross_entropy_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor
     }
     /* With gradients the block's logits are kept anyway: one chunk of the whole
      * vocabulary, so that each pass is one product or one parallel region (a
-     * region or a product per 1 MiB chunk cost 1.5-2x the time on a busy 2-core
-     * machine, docs/benchmarks.md). */
+     * product and a region per small chunk are each a synchronisation point,
+     * costly on a busy machine). */
     int64_t chunk = pl__tuning.lce_chunk_cols > 0 ? pl__tuning.lce_chunk_cols
                     : grad                        ? V
                            : LCE_CHUNK_BYTES / (int64_t)sizeof(float) / (R > 0 ? R : 1);
