@@ -24,7 +24,13 @@
  * that both see the same machine state; a sample repeats the operation until
  * it lasts at least --min-ms. Threads: OpenMP's default (OMP_NUM_THREADS).
  *
- * Usage: bench_matmul [--reps N] [--min-ms T] [--quick]   (--quick: 3 reps, 5 ms) */
+ * --precision bf16: the op columns run in the context's bf16 precision
+ * (pl_set_matmul_precision: operands rounded to bf16, including that rounding
+ * pass, oneDNN bf16 matmul, f32 sums) while the raw columns stay f32
+ * dnnl_sgemm, so "overhd" is then bf16's time against f32's (negative: faster).
+ *
+ * Usage: bench_matmul [--reps N] [--min-ms T] [--quick] [--precision f32|bf16]
+ *        (--quick: 3 reps, 5 ms) */
 #define _POSIX_C_SOURCE 200809L
 #include <dnnl.h>
 #include <omp.h>
@@ -162,6 +168,7 @@ static const char *isa_name(dnnl_cpu_isa_t isa) {
 int main(int argc, char **argv) {
     int reps = 11;
     double min_ms = 20;
+    bool bf16 = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--reps") && i + 1 < argc)
             reps = atoi(argv[++i]);
@@ -169,8 +176,12 @@ int main(int argc, char **argv) {
             min_ms = atof(argv[++i]);
         else if (!strcmp(argv[i], "--quick"))
             reps = 3, min_ms = 5;
+        else if (!strcmp(argv[i], "--precision") && i + 1 < argc &&
+                 (!strcmp(argv[i + 1], "f32") || !strcmp(argv[i + 1], "bf16")))
+            bf16 = !strcmp(argv[++i], "bf16");
         else {
-            fprintf(stderr, "usage: %s [--reps N] [--min-ms T] [--quick]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--reps N] [--min-ms T] [--quick] [--precision f32|bf16]\n",
+                    argv[0]);
             return 2;
         }
     }
@@ -184,6 +195,8 @@ int main(int argc, char **argv) {
     printf("# logical CPUs online %ld, OpenMP threads %d; median of %d samples, >= %.0f ms each\n",
            sysconf(_SC_NPROCESSORS_ONLN), omp_get_max_threads(), reps, min_ms);
     printf("# GFLOP/s; fwd = 2MNK flops, bwd = 4MNK (dx and dW); overhead = raw/op - 1\n");
+    if (bf16)
+        printf("# op columns in bf16 (pl_set_matmul_precision, rounding included), raw in f32\n");
     printf("%-20s %9s %9s %8s %9s %9s %8s %11s\n", "shape (M,K->N)", "raw fwd", "op fwd", "overhd",
            "raw bwd", "op bwd", "overhd", "bwd_seed*");
 
@@ -195,6 +208,8 @@ int main(int argc, char **argv) {
         int64_t K = shapes[s][0], N = shapes[s][1];
         bench b = {0};
         b.ctx = pl_ctx_new(NULL);
+        if (!b.ctx || (bf16 && pl_set_matmul_precision(b.ctx, PL_PRECISION_BF16)))
+            die("bf16 precision");
         b.M = M, b.K = K, b.N = N;
         b.x = pl_param_new(b.ctx, "x", PL_DIMS(M, K));
         b.w = pl_param_new(b.ctx, "w", PL_DIMS(K, N));

@@ -5,6 +5,18 @@
  *
  * Usage: bench_train [--steps N] [--warmup N] [--vocab V] [--schedule NAME]
  *                    [--threads N] [--indexer-loss W] [--sgemm-peak N] [--sgemm-reps R]
+ *                    [--precision f32|bf16|both] [--profile 1]
+ *
+ * --profile 1 times the measured training steps per op family with the
+ * library's profile (pl_profile_start): ms per step in each family's forward
+ * and backward, the optimiser, clipping and resets, and the part of the step
+ * no family covers (the tape walk, the model's own code). Evaluation batches
+ * are not profiled.
+ *
+ * --precision: the matrix products in f32 (default) or bf16 (operands rounded
+ * to bfloat16, f32 sums: pl_set_matmul_precision; needs AVX512_BF16 or AMX).
+ * "both" builds the model twice and alternates their steps (same tokens), so
+ * both are timed under the same machine load, and prints their ratio.
  *
  * --sgemm-peak N (N > 0) first measures the machine's sgemm peak in this run:
  * the best of R (default 5) row-major N x N x N dnnl_sgemm products (oneDNN,
@@ -50,6 +62,35 @@ static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int cmp_prof(const void *a, const void *b) {
+    const pl_profile_entry *x = a, *y = b;
+    double tx = x->fwd_ms + x->bwd_ms, ty = y->fwd_ms + y->bwd_ms;
+    return (tx < ty) - (tx > ty);
+}
+
+/* The profile of `steps` training steps that took step_ms in all. */
+static void print_profile(pl_ctx *ctx, int steps, double step_ms) {
+    pl_profile_entry e[64];
+    int n = pl_profile_read(ctx, e, 64);
+    if (n < 0) return;
+    n = n < 64 ? n : 64;
+    qsort(e, (size_t)n, sizeof *e, cmp_prof);
+    double f = 0, b = 0, per = 1.0 / steps;
+    printf("profile: ms per training step by op family (mean of %d steps)\n", steps);
+    printf("  %-22s %9s %9s %9s %6s\n", "family", "forward", "backward", "total", "share");
+    for (int i = 0; i < n; i++) {
+        double t = (e[i].fwd_ms + e[i].bwd_ms) * per;
+        printf("  %-22s %9.3f %9.3f %9.3f %5.1f%%\n", e[i].family, e[i].fwd_ms * per,
+               e[i].bwd_ms * per, t, 100 * t / (step_ms * per));
+        f += e[i].fwd_ms * per, b += e[i].bwd_ms * per;
+    }
+    double rest = step_ms * per - f - b;
+    printf("  %-22s %9.3f %9.3f %9.3f %5.1f%%\n", "(all families)", f, b, f + b,
+           100 * (f + b) / (step_ms * per));
+    printf("  %-22s %29.3f %5.1f%%\n", "(not in a family)", rest, 100 * rest / (step_ms * per));
+    printf("  %-22s %29.3f\n", "step (mean)", step_ms * per);
 }
 
 static int cmp(const void *a, const void *b) {
@@ -173,10 +214,20 @@ static double gemm_floor(const tr_config *c, int vocab, int reps, double *flops)
 }
 
 int main(int argc, char **argv) {
-    tr_omp_wait_auto(argv); /* OMP_WAIT_POLICY unset: PASSIVE on a busy machine */
     tr_config cfg;
     cli_defaults(&cfg);
-    int steps = 30, warmup = 5, vocab = 8192, peak_n = 0, peak_reps = 5;
+    tr_omp_wait_auto(argv); /* OMP_WAIT_POLICY unset: PASSIVE on a busy machine */
+    int steps = 30, warmup = 5, vocab = 8192, peak_n = 0, peak_reps = 5, profile = 0;
+    const char *prec = "f32";
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            printf("usage: bench_train [--steps N] [--warmup N] [--vocab V] [--schedule NAME]\n"
+                   "                   [--threads N] [--indexer-loss W] [--sgemm-peak N] "
+                   "[--sgemm-reps R]\n"
+                   "                   [--precision f32|bf16|both] [--profile 1]\n"
+                   "(the top of bench/bench_train.c explains each)\n");
+            return 0;
+        }
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--steps"))
             steps = atoi(argv[i + 1]);
@@ -194,6 +245,10 @@ int main(int argc, char **argv) {
             peak_n = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--sgemm-reps"))
             peak_reps = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--precision"))
+            prec = argv[i + 1];
+        else if (!strcmp(argv[i], "--profile"))
+            profile = atoi(argv[i + 1]);
         else {
             fprintf(stderr, "bench_train: unknown flag %s (or a flag without its value)\n",
                     argv[i]);
@@ -207,6 +262,11 @@ int main(int argc, char **argv) {
     if (steps < (peak_n > 0 ? 0 : 1) || warmup < 0 || vocab < 1 || peak_n < 0 || peak_reps < 1) {
         fprintf(stderr, "bench_train: bad value: --steps >= 1 (0 only with --sgemm-peak), "
                         "--warmup >= 0, --vocab >= 1, --sgemm-peak >= 0, --sgemm-reps >= 1\n");
+        return 2;
+    }
+    const bool both = !strcmp(prec, "both");
+    if (!both && strcmp(prec, "f32") && strcmp(prec, "bf16")) {
+        fprintf(stderr, "bench_train: --precision %s: f32, bf16 or both\n", prec);
         return 2;
     }
     if (schedule_k(cfg.schedule, cfg.layers, cfg.seq, cfg.layer_k)) {
@@ -238,62 +298,96 @@ int main(int argc, char **argv) {
             return 0;
         }
     }
-    tr_model *m = model_create(&cfg, vocab);
-    if (!m) {
-        fprintf(stderr, "bench_train: %s\n", tr_error());
-        return 1;
+    /* One model per precision; with "both" their steps alternate. */
+    const int np = both ? 2 : 1;
+    const char *pname[2] = {both ? "f32" : prec, "bf16"};
+    tr_model *m[2] = {NULL, NULL};
+    for (int p = 0; p < np; p++) {
+        cfg.precision = pname[p];
+        if (!(m[p] = model_create(&cfg, vocab))) {
+            fprintf(stderr, "bench_train: %s\n", tr_error());
+            model_free(m[0]);
+            return 1;
+        }
     }
     int B = cfg.batch, L = cfg.seq;
     int32_t *in = malloc(sizeof(int32_t) * B * L), *tg = malloc(sizeof(int32_t) * B * L);
-    double *t_step = malloc(sizeof(double) * steps), *t_eval = malloc(sizeof(double) * steps);
+    double *t_step[2], *t_eval[2];
+    for (int p = 0; p < 2; p++) {
+        t_step[p] = malloc(sizeof(double) * steps);
+        t_eval[p] = malloc(sizeof(double) * steps);
+    }
     uint64_t s = 42;
     int rc = 0;
+    double prof_ms[2] = {0, 0};
     for (int it = 0; it < warmup + steps && !rc; it++) {
         for (int i = 0; i < B * L; i++) {
             s = s * 6364136223846793005ull + 1442695040888963407ull;
             in[i] = (int32_t)((s >> 33) % (uint64_t)vocab);
             tg[i] = (int32_t)((s >> 13) % (uint64_t)vocab);
         }
-        double loss, ls;
-        int64_t ok, n;
-        double t0 = now();
-        rc = model_train_step(m, in, tg, B, it, &loss);
-        double t1 = now();
-        rc = rc || model_eval(m, in, tg, B, &ls, &ok, &n);
-        double t2 = now();
-        if (it >= warmup) {
-            t_step[it - warmup] = (t1 - t0) * 1e3;
-            t_eval[it - warmup] = (t2 - t1) * 1e3;
+        for (int p = 0; p < np && !rc; p++) {
+            double loss, ls;
+            int64_t ok, n;
+            bool prof = profile && it >= warmup;
+            if (prof) pl_profile_start(model_ctx(m[p]));
+            double t0 = now();
+            rc = model_train_step(m[p], in, tg, B, it, &loss);
+            double t1 = now();
+            if (prof) {
+                pl_profile_stop(model_ctx(m[p]));
+                prof_ms[p] += (t1 - t0) * 1e3;
+            }
+            rc = rc || model_eval(m[p], in, tg, B, &ls, &ok, &n);
+            double t2 = now();
+            if (it >= warmup) {
+                t_step[p][it - warmup] = (t1 - t0) * 1e3;
+                t_eval[p][it - warmup] = (t2 - t1) * 1e3;
+            }
         }
     }
     if (rc) {
         fprintf(stderr, "bench_train: %s\n", tr_error());
     } else {
-        qsort(t_step, steps, sizeof *t_step, cmp);
-        qsort(t_eval, steps, sizeof *t_eval, cmp);
-        double ms = t_step[steps / 2], ems = t_eval[steps / 2];
-        double tg_s = train_flops / (ms * 1e-3) * 1e-9, eg_s = eval_flops / (ems * 1e-3) * 1e-9;
         printf("schedule %s, vocab %d, batch %d, seq %d, threads %d, %lld parameters\n",
-               cfg.schedule, vocab, B, L, pl_get_num_threads(), (long long)model_parameters(m));
+               cfg.schedule, vocab, B, L, pl_get_num_threads(), (long long)model_parameters(m[0]));
         printf("model FLOPs (matrix products): train step %.3f GFLOP (forward %.3f, backward "
                "%.3f, indexer %.3f), eval batch %.3f GFLOP\n",
                train_flops * 1e-9, fc.fwd * 1e-9, 2 * fc.fwd * 1e-9, fc.idx * 1e-9,
                eval_flops * 1e-9);
-        printf("train step: median %.2f ms (min %.2f, max %.2f), %.0f tokens/s, %.1f GFLOP/s\n", ms,
-               t_step[0], t_step[steps - 1], B * L / (ms * 1e-3), tg_s);
-        printf("eval batch: median %.2f ms (min %.2f, max %.2f), %.1f GFLOP/s\n", ems, t_eval[0],
-               t_eval[steps - 1], eg_s);
-        if (peak > 0)
-            printf("share of sgemm peak: train step %.1f%%, eval batch %.1f%%\n", 100 * tg_s / peak,
-                   100 * eg_s / peak);
-        printf("result vocab=%d threads=%d train_ms=%.3f eval_ms=%.3f train_gflop=%.4f "
-               "eval_gflop=%.4f peak_gflops=%.2f\n",
-               vocab, pl_get_num_threads(), ms, ems, train_flops * 1e-9, eval_flops * 1e-9, peak);
+        double med[2] = {0, 0};
+        for (int p = 0; p < np; p++) {
+            double *ts = t_step[p], *te = t_eval[p];
+            qsort(ts, steps, sizeof *ts, cmp);
+            qsort(te, steps, sizeof *te, cmp);
+            double ms = ts[steps / 2], ems = te[steps / 2];
+            double tg_s = train_flops / (ms * 1e-3) * 1e-9, eg_s = eval_flops / (ems * 1e-3) * 1e-9;
+            med[p] = ms;
+            printf("%s train step: median %.2f ms (min %.2f, max %.2f), %.0f tokens/s, %.1f "
+                   "GFLOP/s\n",
+                   pname[p], ms, ts[0], ts[steps - 1], B * L / (ms * 1e-3), tg_s);
+            printf("%s eval batch: median %.2f ms (min %.2f, max %.2f), %.1f GFLOP/s\n", pname[p],
+                   ems, te[0], te[steps - 1], eg_s);
+            if (peak > 0)
+                printf("%s share of sgemm peak: train step %.1f%%, eval batch %.1f%%\n", pname[p],
+                       100 * tg_s / peak, 100 * eg_s / peak);
+            if (profile) print_profile(model_ctx(m[p]), steps, prof_ms[p]);
+            printf("result vocab=%d threads=%d precision=%s train_ms=%.3f eval_ms=%.3f "
+                   "train_gflop=%.4f eval_gflop=%.4f peak_gflops=%.2f\n",
+                   vocab, pl_get_num_threads(), pname[p], ms, ems, train_flops * 1e-9,
+                   eval_flops * 1e-9, peak);
+        }
+        if (both)
+            printf("bf16 vs f32 (alternating steps, same tokens): train step %.2f vs %.2f ms, "
+                   "%.2fx\n",
+                   med[1], med[0], med[0] / med[1]);
     }
     free(in);
     free(tg);
-    free(t_step);
-    free(t_eval);
-    model_free(m);
+    for (int p = 0; p < 2; p++) {
+        free(t_step[p]);
+        free(t_eval[p]);
+    }
+    for (int p = 0; p < np; p++) model_free(m[p]);
     return rc ? 1 : 0;
 }

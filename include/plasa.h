@@ -68,6 +68,7 @@ typedef enum {
     PL_ERR_IO,      /* file system error */
     PL_ERR_FORMAT,  /* malformed file */
     PL_ERR_BACKEND, /* oneDNN reported an error */
+    PL_ERR_COMM,    /* MPI reported an error (plasa_mpi, include/plasa_mpi.h) */
 } pl_status;
 
 /* Message of the last failure on this thread ("" if none). */
@@ -75,6 +76,10 @@ PL_API const char *pl_last_error(void);
 /* Status code of the last failure on this thread (PL_OK if none). */
 PL_API pl_status pl_last_status(void);
 PL_API void pl_clear_error(void);
+/* Records a failure as the library's own functions do (for companion
+ * libraries such as plasa_mpi, and embedders): message printf-style, kept
+ * as pl_last_error(); returns s. */
+PL_API pl_status pl_set_error(pl_status s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 PL_API const char *pl_status_name(pl_status s);
 
 /* ------------------------------------------------------------------------ */
@@ -196,6 +201,9 @@ PL_API void pl_tensor_free(pl_tensor *t);
 PL_API int pl_param_count(const pl_ctx *ctx);
 PL_API pl_tensor *pl_param_at(const pl_ctx *ctx, int i);
 PL_API pl_tensor *pl_param_find(const pl_ctx *ctx, const char *name);
+/* Any persistent tensor (parameter, optimiser state, ...) by name; NULL (no
+ * error set) if there is none. */
+PL_API pl_tensor *pl_persistent_find(const pl_ctx *ctx, const char *name);
 PL_API int64_t pl_param_numel(const pl_ctx *ctx); /* sum over parameters */
 
 static inline float *pl_f32(const pl_tensor *t) { return (float *)t->data; }
@@ -242,6 +250,26 @@ PL_API pl_status pl_backward(pl_ctx *ctx, pl_tensor *loss);
 /* Same, from any tensor with an explicit seed gradient (out->numel floats). */
 PL_API pl_status pl_backward_seed(pl_ctx *ctx, pl_tensor *out, const float *seed);
 PL_API void pl_zero_grad(pl_ctx *ctx);
+/* Profile of the step per op family (cheap when off: one branch per op).
+ * pl_profile_start starts timing (pl_profile_stop pauses it, pl_profile_reset
+ * empties the table; a context starts empty and off); while it runs, every
+ * public op adds its wall time to its family's forward time (an op
+ * called inside another counts toward the outer one), each tape node's
+ * backward adds to its family's backward time, and pl_zero_grad,
+ * pl_step_reset, pl_clip_grad_norm and pl_adamw_step count as families of
+ * their own. Families are named as the ops ("linear", "rmsnorm", "add",
+ * "sparse_attention", ...). pl_profile_read copies up to max entries, in the
+ * order the families first ran, and returns how many there are (-1 on
+ * error). Times are in milliseconds; family names are static strings. */
+typedef struct {
+    const char *family;
+    double fwd_ms, bwd_ms;
+    int64_t fwd_calls, bwd_calls;
+} pl_profile_entry;
+PL_API pl_status pl_profile_start(pl_ctx *ctx);
+PL_API pl_status pl_profile_stop(pl_ctx *ctx);
+PL_API pl_status pl_profile_reset(pl_ctx *ctx);
+PL_API int pl_profile_read(const pl_ctx *ctx, pl_profile_entry *out, int max);
 /* Same data, no history: gradients stop here. */
 PL_API pl_tensor *pl_detach(pl_ctx *ctx, pl_tensor *x);
 
@@ -458,6 +486,24 @@ PL_API pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *ta
  * pl_cross_entropy; e = 0 is pl_cross_entropy. */
 PL_API pl_tensor *pl_cross_entropy_smooth(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets,
                                           float smoothing);
+/* Fused LM head and loss: pl_cross_entropy_smooth(pl_linear(x, W, NULL),
+ * targets, smoothing) (equal to float rounding) for x [..., d], W [d, V],
+ * targets with x's leading shape (same ignored targets and errors), result
+ * [1]. The logits are made and reduced in vocabulary chunks of about 1 MiB
+ * (one product each); argmax, when not NULL, receives for each of the
+ * x->numel / d rows the index of its largest logit (the first one), so an
+ * evaluation gets its accuracy from the same pass.
+ *   Without gradients (pl_set_grad_enabled false, or nothing requiring one):
+ * one product, and O(rows * chunk) memory: the [rows, V] logits never exist.
+ *   With gradients, the gradients are completed in this forward pass (three
+ * products in all, as unfused; backward only adds upstream * them into x's
+ * and W's gradients): the step keeps buffers of x's and W's size and, since
+ * a row's softmax needs all its logits, the logits of one block of rows at a
+ * time, at most 64 MiB (a [256, 49152] batch is one block; larger ones are
+ * split into blocks of rows, each reading W twice). The [rows, V] gradient
+ * never exists. */
+PL_API pl_tensor *pl_linear_cross_entropy(pl_ctx *ctx, pl_tensor *x, pl_tensor *w,
+                                          pl_tensor *targets, float smoothing, int32_t *argmax);
 
 /* ------------------------------------------------------------------------ */
 /* Transformer ops (ops/rmsnorm.c, ops/rope.c, ops/swiglu.c, ops/dropout.c,  */
@@ -587,6 +633,17 @@ PL_API pl_status pl_adamw_set_step(pl_adamw *opt, int64_t step);
 /* For schedules: the lr used from the next step on. */
 PL_API pl_status pl_adamw_set_lr(pl_adamw *opt, double lr);
 PL_API void pl_adamw_free(pl_adamw *opt);
+/* The configuration in use (lr as last set). NULL opt: the defaults. */
+PL_API pl_adamw_config pl_adamw_get_config(const pl_adamw *opt);
+/* The element update of pl_adamw_step, step t (1-based), on n elements of
+ * any flat range: p, m and v updated in place from the gradient g. The same
+ * code and float operations as pl_adamw_step, which applies it to each
+ * parameter in turn, so updating a parameter range by range (e.g. one shard
+ * per process, plasa_mpi's ZeRO-1) gives bit-identical results. Runs on
+ * OpenMP threads when n is large. PL_ERR_ARG on a bad cfg, t < 1 or NULL
+ * arrays (n > 0). */
+PL_API pl_status pl_adamw_update(const pl_adamw_config *cfg, int64_t t, float *p, const float *g,
+                                 float *m, float *v, int64_t n);
 
 /* torch.optim.SGD (maximize off):
  *   d = g + wd*p                            (coupled weight decay)

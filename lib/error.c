@@ -39,6 +39,15 @@ pl_status pl__err(pl_status s, const char *fmt, ...) {
     return s;
 }
 
+pl_status pl_set_error(pl_status s, const char *fmt, ...) {
+    char buf[4 * sizeof err_msg];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    return pl__err(s, "%s", buf);
+}
+
 const char *pl_last_error(void) { return err_msg; }
 pl_status pl_last_status(void) { return err_status; }
 void pl_clear_error(void) {
@@ -57,6 +66,7 @@ const char *pl_status_name(pl_status s) {
     case PL_ERR_IO: return "i/o error";
     case PL_ERR_FORMAT: return "malformed file";
     case PL_ERR_BACKEND: return "backend error";
+    case PL_ERR_COMM: return "communication error";
     }
     return "unknown status";
 }

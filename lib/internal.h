@@ -69,8 +69,24 @@ struct pl_node {
     float farg[4];   /* op-specific floats */
 };
 
+/* Per-op-family profile (lib/profile.c): time in the outermost public op
+ * (forward) and in each tape node's backward, keyed by family name. */
+#define PL__PROF_SLOTS 64
+typedef struct {
+    const char *name; /* a string literal (static storage) */
+    double fwd, bwd;  /* seconds */
+    int64_t nf, nb;   /* calls */
+} pl__prof_slot;
+typedef struct {
+    bool on;
+    int depth; /* public ops nested in the one being timed are not timed again */
+    int n;
+    pl__prof_slot slot[PL__PROF_SLOTS];
+} pl__profile;
+
 struct pl_ctx {
     pl_arena arena;
+    pl__profile prof;
     /* Step tensor headers: a ring of fixed-size slots in address space
      * reserved once (lib/tensor.c), so that a header address is handed out
      * again only after the whole ring; [hdr_prev, hdr_start) holds the last
@@ -142,6 +158,14 @@ pl_status pl__grads(pl_ctx *ctx, const pl_node *n, float **g);
 /* The gradient buffer of t, allocated zeroed on first use. NULL on OOM. */
 float *pl__grad(pl_ctx *ctx, pl_tensor *t);
 
+/* ---- profile (lib/profile.c) ---- */
+/* Around the body of a public op or any timed part of the step:
+ *     double t0 = pl__prof_begin(ctx);  ...  pl__prof_end(ctx, "family", t0, false);
+ * Only a branch when the profile is off; an op inside a timed one counts toward
+ * the outer (depth). family must have static storage. bwd: a backward. */
+double pl__prof_begin(pl_ctx *ctx);
+void pl__prof_end(pl_ctx *ctx, const char *family, double t0, bool bwd);
+
 /* ---- numerics ---- */
 /* C = alpha*op(A)op(B) + beta*C, row-major, via oneDNN: the one entry of
  * every matrix product. With ctx's matmul precision BF16 (pl_set_matmul_precision)
@@ -181,6 +205,17 @@ static inline int64_t pl__numel(int ndim, const int64_t *shape) {
 static inline float pl__relu(float x) { return !(x <= 0.0f) ? x : 0.0f; }
 
 /* ---- the one exp (pl__expf) and the SIMD layer: simd.h ---- */
+
+/* ---- cross-entropy (ops/softmax.c; pl_cross_entropy, pl_cross_entropy_smooth,
+ * pl_linear_cross_entropy) ---- */
+/* Checks targets (int32) against the rows of lead, the logits or the input
+ * whose all-but-last dims they must match (a 1-D lead: one target), with every
+ * target < V; *count = the targets >= 0 (the counted rows). lead_name names
+ * lead in the message. PL_OK or the error. */
+pl_status pl__ce_targets(const char *fn, const char *lead_name, const pl_tensor *lead,
+                         const pl_tensor *targets, int64_t V, int64_t *count);
+/* Checks a label-smoothing weight: in [0, 1]. */
+pl_status pl__ce_smoothing(const char *fn, float smoothing);
 
 /* ---- crash-safe whole-file writes (lib/atomic_file.c) ---- */
 /* begin: removes temporaries of dead writers of path, creates this write's
@@ -307,6 +342,10 @@ typedef struct {
     int64_t topk_pivot_mode;
     /* pl_attention_cached: query rows per block of index rows (0: automatic). */
     int64_t decode_block_rows;
+    /* pl_linear_cross_entropy: with gradients, bytes of logits kept per block of
+     * rows (0: automatic, 64 MiB); vocabulary columns per chunk (0: automatic,
+     * about 1 MiB of logits). */
+    int64_t lce_block_bytes, lce_chunk_cols;
     /* Test only: with matmul precision BF16, products round their operands to
      * bfloat16 with pl__bf16_round and multiply in float32 (dnnl_sgemm), on any
      * CPU, instead of oneDNN's bf16 primitives; pl_set_matmul_precision accepts

@@ -41,17 +41,11 @@ struct pl_sgd {
 
 /* ---- state tensors ---- */
 
-static pl_tensor *find_persistent(pl_ctx *ctx, const char *name) {
-    for (int i = 0; i < ctx->n_persist; i++)
-        if (ctx->persist[i]->name && !strcmp(ctx->persist[i]->name, name)) return ctx->persist[i];
-    return NULL;
-}
-
 /* The persistent tensor `name` of this dtype and shape: the existing one, or
  * a new zeroed one. */
 static pl_tensor *find_or_create(pl_ctx *ctx, const char *fn, const char *name, pl_dtype dt,
                                  int ndim, const int64_t *shape) {
-    pl_tensor *t = find_persistent(ctx, name);
+    pl_tensor *t = pl_persistent_find(ctx, name);
     if (!t) return pl_persistent_new(ctx, name, dt, ndim, shape, false);
     bool ok = t->dtype == dt && !t->requires_grad && t->ndim == ndim;
     for (int i = 0; ok && i < ndim; i++) ok = t->shape[i] == shape[i];
@@ -251,30 +245,72 @@ PL_KERNEL static void adamw_kernel(float *restrict p, const float *restrict g, f
     }
 }
 
+/* The float constants of step t (1-based): hyperparameter arithmetic in
+ * double, rounded once, as PyTorch does. */
+typedef struct {
+    float decay, w1, b2, c2, bc2_sqrt, eps, neg_step;
+    bool do_decay;
+} adamw_consts;
+
+static adamw_consts adamw_make_consts(const pl_adamw_config *c, int64_t t) {
+    const double bc1 = 1.0 - pow(c->beta1, (double)t), bc2 = 1.0 - pow(c->beta2, (double)t);
+    return (adamw_consts){.decay = (float)(1.0 - c->lr * c->weight_decay),
+                          .do_decay = c->weight_decay != 0,
+                          .w1 = (float)(1.0 - c->beta1),
+                          .b2 = (float)c->beta2,
+                          .c2 = (float)(1.0 - c->beta2),
+                          .bc2_sqrt = (float)sqrt(bc2),
+                          .eps = (float)c->eps,
+                          .neg_step = (float)-(c->lr / bc1)};
+}
+
+static inline void adamw_range(const adamw_consts *k, float *p, const float *g, float *m, float *v,
+                               int64_t n) {
+    adamw_kernel(p, g, m, v, n, k->decay, k->do_decay, k->w1, k->b2, k->c2, k->bc2_sqrt, k->eps,
+                 k->neg_step);
+}
+
 pl_status pl_adamw_step(pl_adamw *opt) {
     int64_t t = 0;
     pl_status s = opt_begin_step(opt ? &opt->st : NULL, "pl_adamw_step", &t);
     if (s) return s;
     opt_state *o = &opt->st;
-    const pl_adamw_config *c = &opt->cfg;
-    const double bc1 = 1.0 - pow(c->beta1, (double)t), bc2 = 1.0 - pow(c->beta2, (double)t);
-    const float decay = (float)(1.0 - c->lr * c->weight_decay);
-    const bool do_decay = c->weight_decay != 0;
-    const float w1 = (float)(1.0 - c->beta1), b2 = (float)c->beta2, c2 = (float)(1.0 - c->beta2);
-    const float bc2_sqrt = (float)sqrt(bc2), eps = (float)c->eps;
-    const float neg_step = (float)-(c->lr / bc1);
+    const adamw_consts k = adamw_make_consts(&opt->cfg, t);
+    double t0 = pl__prof_begin(o->ctx);
     int64_t total = 0;
     for (int i = 0; i < o->n_slots; i++) total += o->slots[i].param->numel;
     /* work: a few multiply-adds per parameter */
     PL_PARALLEL(4 * total, default(shared), {
         for (int i = 0; i < o->n_slots; i++) {
             opt_slot *sl = &o->slots[i];
-            adamw_kernel(pl_f32(sl->param), sl->param->grad, pl_f32(sl->s[0]), pl_f32(sl->s[1]),
-                         sl->param->numel, decay, do_decay, w1, b2, c2, bc2_sqrt, eps, neg_step);
+            adamw_range(&k, pl_f32(sl->param), sl->param->grad, pl_f32(sl->s[0]), pl_f32(sl->s[1]),
+                        sl->param->numel);
         }
     });
     pl_i32(o->step)[0] = (int32_t)t;
+    pl__prof_end(o->ctx, "adamw", t0, false);
     return PL_OK;
+}
+
+pl_status pl_adamw_update(const pl_adamw_config *cfg, int64_t t, float *p, const float *g, float *m,
+                          float *v, int64_t n) {
+    static const char *fn = "pl_adamw_update";
+    if (!cfg) return pl__err(PL_ERR_ARG, "%s: cfg is NULL", fn);
+    pl_status s = check_adamw(fn, cfg);
+    if (s) return s;
+    if (t < 1 || t > INT32_MAX)
+        return pl__err(PL_ERR_ARG, "%s: step t = %lld is outside [1, %d]", fn, (long long)t,
+                       INT32_MAX);
+    if (n < 0) return pl__err(PL_ERR_ARG, "%s: n = %lld is negative", fn, (long long)n);
+    if (n > 0 && (!p || !g || !m || !v))
+        return pl__err(PL_ERR_ARG, "%s: p, g, m and v must not be NULL", fn);
+    const adamw_consts k = adamw_make_consts(cfg, t);
+    PL_PARALLEL(4 * n, default(shared), { adamw_range(&k, p, g, m, v, n); });
+    return PL_OK;
+}
+
+pl_adamw_config pl_adamw_get_config(const pl_adamw *opt) {
+    return opt ? opt->cfg : pl_adamw_default_config();
 }
 
 /* ---- SGD ---- */
@@ -371,6 +407,7 @@ double pl_clip_grad_norm(pl_ctx *ctx, double max_norm, pl_status *status) {
     if (!(max_norm >= 0))
         return *status = pl__err(PL_ERR_ARG, "%s: max_norm = %g must be >= 0", fn, max_norm), -1.0;
     *status = PL_OK;
+    double t0 = pl__prof_begin(ctx);
     const int n = ctx->n_params;
     int64_t total = 0;
     for (int i = 0; i < n; i++) total += ctx->params[i]->numel;
@@ -396,6 +433,7 @@ double pl_clip_grad_norm(pl_ctx *ctx, double max_norm, pl_status *status) {
             }
         });
     }
+    pl__prof_end(ctx, "clip_grad_norm", t0, false);
     return norm;
 }
 

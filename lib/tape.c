@@ -88,7 +88,9 @@ static pl_status run_backward(pl_ctx *ctx, pl_tensor *out, const float *seed, co
     for (pl_node *n = ctx->tape; n; n = n->prev) {
         if (!n->out->grad) continue;
         pl_clear_error();
+        double t0 = pl__prof_begin(ctx);
         n->backward(ctx, n);
+        pl__prof_end(ctx, n->op, t0, true);
         if (pl_last_status() != PL_OK) {
             ctx->tape_consumed = true;
             return pl__err(pl_last_status(), "%s: backward of %s failed: %s", fn, n->op,
@@ -118,8 +120,10 @@ pl_status pl_backward_seed(pl_ctx *ctx, pl_tensor *out, const float *seed) {
 
 void pl_zero_grad(pl_ctx *ctx) {
     if (!ctx) pl__err(PL_ERR_ARG, "pl_zero_grad: ctx is NULL");
+    double t0 = pl__prof_begin(ctx);
     for (int i = 0; ctx && i < ctx->n_params; i++)
         memset(ctx->params[i]->grad, 0, (size_t)ctx->params[i]->numel * sizeof(float));
+    pl__prof_end(ctx, "zero_grad", t0, false);
 }
 
 pl_tensor *pl_detach(pl_ctx *ctx, pl_tensor *x) {

@@ -163,6 +163,7 @@ void pl_step_reset(pl_ctx *ctx) {
         pl__err(PL_ERR_ARG, "pl_step_reset: ctx is NULL");
         return;
     }
+    double t0 = pl__prof_begin(ctx);
     ctx->epoch++;
     pl__arena_reset(&ctx->arena);
     hdr_release(ctx, ctx->hdr_start);
@@ -170,6 +171,7 @@ void pl_step_reset(pl_ctx *ctx) {
     ctx->hdr_start = ctx->hdr_cur;
     ctx->tape = NULL;
     ctx->tape_consumed = false;
+    pl__prof_end(ctx, "step_reset", t0, false);
 }
 
 pl_arena_stats pl_arena_get_stats(const pl_ctx *ctx) {
@@ -521,6 +523,14 @@ pl_tensor *pl_param_at(const pl_ctx *ctx, int i) {
     return ctx->params[i];
 }
 /* Not finding the name is an answer, not an error. */
+pl_tensor *pl_persistent_find(const pl_ctx *ctx, const char *name) {
+    if (!ctx || !name)
+        return pl__err_null(PL_ERR_ARG, "pl_persistent_find: %s is NULL", ctx ? "name" : "ctx");
+    for (int i = 0; i < ctx->n_persist; i++)
+        if (ctx->persist[i]->name && !strcmp(ctx->persist[i]->name, name)) return ctx->persist[i];
+    return NULL;
+}
+
 pl_tensor *pl_param_find(const pl_ctx *ctx, const char *name) {
     if (!ctx || !name)
         return pl__err_null(PL_ERR_ARG, "pl_param_find: %s is NULL", ctx ? "name" : "ctx");

@@ -458,8 +458,8 @@ static void attention_backward(pl_ctx *ctx, pl_node *n) {
     pl_mark_release(ctx, mark);
 }
 
-pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v, float dropout_p,
-                        pl_rng *rng) {
+static pl_tensor *attention_impl(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v,
+                                 float dropout_p, pl_rng *rng) {
     static const char *fn = "pl_attention";
     if (pl__check(ctx, fn, "q", q, PL_F32) || pl__check(ctx, fn, "k", k, PL_F32) ||
         pl__check(ctx, fn, "v", v, PL_F32))
@@ -531,6 +531,14 @@ pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v, f
     if (pl__record(ctx, "attention", attention_backward, out, 3, in, sizeof a, &n)) return NULL;
     if (n) *(att *)n->saved = a;
     return out;
+}
+
+pl_tensor *pl_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v, float dropout_p,
+                        pl_rng *rng) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = attention_impl(ctx, q, k, v, dropout_p, rng);
+    pl__prof_end(ctx, "attention", t0, false);
+    return y;
 }
 
 #endif

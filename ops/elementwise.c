@@ -535,10 +535,18 @@ static pl_tensor *broadcast_op(pl_ctx *ctx, const char *fn, const char *opname, 
     return y;
 }
 
-static pl_tensor *binary(pl_ctx *ctx, const char *fn, const char *opname, int op, pl_tensor *a,
-                         pl_tensor *b) {
+static pl_tensor *binary_impl(pl_ctx *ctx, const char *fn, const char *opname, int op, pl_tensor *a,
+                              pl_tensor *b) {
     pl_tensor *in[2] = {a, b};
     return broadcast_op(ctx, fn, opname, op, 2, in);
+}
+
+static pl_tensor *binary(pl_ctx *ctx, const char *fn, const char *opname, int op, pl_tensor *a,
+                         pl_tensor *b) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = binary_impl(ctx, fn, opname, op, a, b);
+    pl__prof_end(ctx, opname, t0, false);
+    return y;
 }
 
 pl_tensor *pl_add(pl_ctx *ctx, pl_tensor *a, pl_tensor *b) {
@@ -580,8 +588,8 @@ static void unary_backward(pl_ctx *ctx, pl_node *n) {
     run_flat(u->bw, dx, n->out->grad, aux, n->farg[0], x->numel);
 }
 
-static pl_tensor *unary(pl_ctx *ctx, const char *fn, const char *opname, pl_tensor *x, float s,
-                        flat_fn fw, const unary_bw *bw) {
+static pl_tensor *unary_impl(pl_ctx *ctx, const char *fn, const char *opname, pl_tensor *x, float s,
+                             flat_fn fw, const unary_bw *bw) {
     if (pl__check(ctx, fn, "x", x, PL_F32)) return NULL;
     pl_tensor *y = pl__new(ctx, PL_F32, x->ndim, x->shape);
     if (!y) return NULL;
@@ -592,6 +600,14 @@ static pl_tensor *unary(pl_ctx *ctx, const char *fn, const char *opname, pl_tens
         n->saved = (void *)bw; /* static table below: lives as long as the library */
         n->farg[0] = s;
     }
+    return y;
+}
+
+static pl_tensor *unary(pl_ctx *ctx, const char *fn, const char *opname, pl_tensor *x, float s,
+                        flat_fn fw, const unary_bw *bw) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = unary_impl(ctx, fn, opname, x, s, fw, bw);
+    pl__prof_end(ctx, opname, t0, false);
     return y;
 }
 

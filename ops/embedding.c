@@ -30,7 +30,7 @@ static void embedding_backward(pl_ctx *ctx, pl_node *n) {
     });
 }
 
-pl_tensor *pl_embedding(pl_ctx *ctx, pl_tensor *table, pl_tensor *ids) {
+static pl_tensor *embedding_impl(pl_ctx *ctx, pl_tensor *table, pl_tensor *ids) {
     static const char *fn = "pl_embedding";
     if (pl__check(ctx, fn, "table", table, PL_F32) || pl__check(ctx, fn, "ids", ids, PL_I32))
         return NULL;
@@ -68,5 +68,12 @@ pl_tensor *pl_embedding(pl_ctx *ctx, pl_tensor *table, pl_tensor *ids) {
         if (N) memcpy(n->saved, id, (size_t)N * sizeof *id);
         n->iarg[0] = N;
     }
+    return y;
+}
+
+pl_tensor *pl_embedding(pl_ctx *ctx, pl_tensor *table, pl_tensor *ids) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = embedding_impl(ctx, table, ids);
+    pl__prof_end(ctx, "embedding", t0, false);
     return y;
 }

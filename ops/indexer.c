@@ -331,8 +331,16 @@ static pl_tensor *ix_topk(pl_ctx *ctx, const char *fn, pl_tensor *qI, pl_tensor 
     return out;
 }
 
-pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w, int k) {
+static pl_tensor *indexer_topk_impl(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w,
+                                    int k) {
     return ix_topk(ctx, "pl_indexer_topk", qI, kI, w, k, NULL);
+}
+
+pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w, int k) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = indexer_topk_impl(ctx, qI, kI, w, k);
+    pl__prof_end(ctx, "indexer_topk", t0, false);
+    return y;
 }
 
 pl_tensor *pl_indexer_topk_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w, int k,
@@ -658,8 +666,8 @@ static pl_tensor *ix_record_at(pl_ctx *ctx, pl_tensor *out, pl_tensor *qI, pl_te
     return out;
 }
 
-pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w,
-                                pl_tensor *idx) {
+static pl_tensor *indexer_scores_at_impl(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w,
+                                         pl_tensor *idx) {
     static const char *fn = "pl_indexer_scores_at";
     ix_dims d;
     if (ix_shapes(ctx, fn, qI, kI, w, &d)) return NULL;
@@ -677,4 +685,12 @@ pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_te
         return NULL;
     }
     return ix_record_at(ctx, out, qI, kI, w, &d, K, idx);
+}
+
+pl_tensor *pl_indexer_scores_at(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w,
+                                pl_tensor *idx) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = indexer_scores_at_impl(ctx, qI, kI, w, idx);
+    pl__prof_end(ctx, "indexer_scores_at", t0, false);
+    return y;
 }

@@ -141,8 +141,8 @@ static void kl_backward(pl_ctx *ctx, pl_node *n) {
     PL_PARALLEL_FOR(sv->n, schedule(static), i, sv->n, ds[i] += gout * sv->g[i]);
 }
 
-pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *idx,
-                              pl_tensor *scores) {
+static pl_tensor *indexer_kl_loss_impl(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *idx,
+                                       pl_tensor *scores) {
     static const char *fn = "pl_indexer_kl_loss";
     if (pl__check(ctx, fn, "q", q, PL_F32) || pl__check(ctx, fn, "k", k, PL_F32) ||
         pl__check(ctx, fn, "scores", scores, PL_F32))
@@ -193,4 +193,12 @@ pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor
         *(kl_saved *)nd->saved = (kl_saved){g, rows * K};
     }
     return loss;
+}
+
+pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *idx,
+                              pl_tensor *scores) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = indexer_kl_loss_impl(ctx, q, k, idx, scores);
+    pl__prof_end(ctx, "indexer_kl_loss", t0, false);
+    return y;
 }

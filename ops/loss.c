@@ -34,15 +34,13 @@ pl_tensor *pl_bce_with_logits(pl_ctx *ctx, pl_tensor *logits, pl_tensor *target)
 }
 
 /* (1 - e) cross_entropy + e * mean over the counted rows of -mean_j log p_j. */
-pl_tensor *pl_cross_entropy_smooth(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets,
-                                   float smoothing) {
+static pl_tensor *cross_entropy_smooth_impl(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets,
+                                            float smoothing) {
     static const char *fn = "pl_cross_entropy_smooth";
     if (pl__check(ctx, fn, "logits", logits, PL_F32) ||
         pl__check(ctx, fn, "targets", targets, PL_I32))
         return NULL;
-    if (!(smoothing >= 0 && smoothing <= 1))
-        return pl__err_null(PL_ERR_ARG, "%s: smoothing (%g) must be in [0, 1]", fn,
-                            (double)smoothing);
+    if (pl__ce_smoothing(fn, smoothing)) return NULL;
     pl_tensor *ce = pl_cross_entropy(ctx, logits, targets); /* checks the shapes and targets */
     if (!ce || smoothing == 0) return ce;
     pl_tensor *m = pl__new(ctx, PL_F32, targets->ndim, targets->shape);
@@ -58,4 +56,12 @@ pl_tensor *pl_cross_entropy_smooth(pl_ctx *ctx, pl_tensor *logits, pl_tensor *ta
     pl_tensor *mu = pl_sum(ctx, pl_mul(ctx, u, pl_reshape(ctx, m, u->ndim, u->shape)));
     return pl_add(ctx, pl_scale(ctx, ce, 1.0f - smoothing),
                   pl_scale(ctx, mu, -smoothing / (float)count));
+}
+
+pl_tensor *pl_cross_entropy_smooth(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets,
+                                   float smoothing) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = cross_entropy_smooth_impl(ctx, logits, targets, smoothing);
+    pl__prof_end(ctx, "cross_entropy_smooth", t0, false);
+    return y;
 }

@@ -131,7 +131,7 @@ static pl_tensor *matmul_impl(pl_ctx *ctx, const char *fn, pl_tensor *a, pl_tens
     return c;
 }
 
-pl_tensor *pl_matmul(pl_ctx *ctx, pl_tensor *a, pl_tensor *b, bool trans_a, bool trans_b) {
+static pl_tensor *matmul_op(pl_ctx *ctx, pl_tensor *a, pl_tensor *b, bool trans_a, bool trans_b) {
     mm_dims d = {0};
     pl_tensor *c = matmul_impl(ctx, "pl_matmul", a, b, trans_a, trans_b, &d);
     if (!c) return NULL;
@@ -140,6 +140,13 @@ pl_tensor *pl_matmul(pl_ctx *ctx, pl_tensor *a, pl_tensor *b, bool trans_a, bool
     if (pl__record(ctx, "matmul", matmul_backward, c, 2, in, sizeof d, &n)) return NULL;
     if (n) *(mm_dims *)n->saved = d;
     return c;
+}
+
+pl_tensor *pl_matmul(pl_ctx *ctx, pl_tensor *a, pl_tensor *b, bool trans_a, bool trans_b) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = matmul_op(ctx, a, b, trans_a, trans_b);
+    pl__prof_end(ctx, "matmul", t0, false);
+    return y;
 }
 
 /* y = x W + bias; backward adds d bias = column sums of dy. */
@@ -157,7 +164,7 @@ static void linear_backward(pl_ctx *ctx, pl_node *n) {
     }
 }
 
-pl_tensor *pl_linear(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *bias) {
+static pl_tensor *linear_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *bias) {
     static const char *fn = "pl_linear";
     if (pl__check(ctx, fn, "x", x, PL_F32) || pl__check(ctx, fn, "w", w, PL_F32)) return NULL;
     char sx[96], sw[96];
@@ -194,5 +201,12 @@ pl_tensor *pl_linear(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *bias) {
     pl_node *n;
     if (pl__record(ctx, "linear", linear_backward, y, bias ? 3 : 2, in, sizeof d, &n)) return NULL;
     if (n) *(mm_dims *)n->saved = d;
+    return y;
+}
+
+pl_tensor *pl_linear(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, pl_tensor *bias) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = linear_impl(ctx, x, w, bias);
+    pl__prof_end(ctx, "linear", t0, false);
     return y;
 }

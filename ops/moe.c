@@ -270,8 +270,9 @@ static void moe_backward(pl_ctx *ctx, pl_node *n) {
     }
 }
 
-pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *w_gate,
-                     pl_tensor *w_up, pl_tensor *w_down, int top_k, int64_t *expert_counts) {
+static pl_tensor *moe_ex_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *w_gate,
+                              pl_tensor *w_up, pl_tensor *w_down, int top_k,
+                              int64_t *expert_counts) {
     static const char *fn = "pl_moe";
     int64_t d = 0, E = 0, F = 0;
     if (moe_check(ctx, fn, x, router_w, w_gate, w_up, w_down, true, top_k, &d, &E, &F)) return NULL;
@@ -354,6 +355,14 @@ pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *
     if (pl__record(ctx, "moe", moe_backward, out, 5, in, 0, &nd)) return NULL;
     if (nd) nd->saved = sv; /* filled by the forward */
     return out;
+}
+
+pl_tensor *pl_moe_ex(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *w_gate,
+                     pl_tensor *w_up, pl_tensor *w_down, int top_k, int64_t *expert_counts) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = moe_ex_impl(ctx, x, router_w, w_gate, w_up, w_down, top_k, expert_counts);
+    pl__prof_end(ctx, "moe", t0, false);
+    return y;
 }
 
 pl_tensor *pl_moe(pl_ctx *ctx, pl_tensor *x, pl_tensor *router_w, pl_tensor *w_gate,

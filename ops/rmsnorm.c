@@ -59,7 +59,7 @@ static void rmsnorm_backward(pl_ctx *ctx, pl_node *n) {
             for (int64_t j = 0; j < d; j++) dw[j] += part[c * d + j];
 }
 
-pl_tensor *pl_rmsnorm(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, float eps) {
+static pl_tensor *rmsnorm_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, float eps) {
     static const char *fn = "pl_rmsnorm";
     if (pl__check(ctx, fn, "x", x, PL_F32) || pl__check(ctx, fn, "w", w, PL_F32)) return NULL;
     char sx[96], sw[96];
@@ -81,5 +81,12 @@ pl_tensor *pl_rmsnorm(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, float eps) {
     pl_node *n;
     if (pl__record(ctx, "rmsnorm", rmsnorm_backward, y, 2, in, 0, &n)) return NULL;
     if (n) n->saved = rstd; /* filled by the forward */
+    return y;
+}
+
+pl_tensor *pl_rmsnorm(pl_ctx *ctx, pl_tensor *x, pl_tensor *w, float eps) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = rmsnorm_impl(ctx, x, w, eps);
+    pl__prof_end(ctx, "rmsnorm", t0, false);
     return y;
 }

@@ -47,7 +47,7 @@ static void rope_backward(pl_ctx *ctx, pl_node *n) {
     rope_apply(n->saved, n->out->grad, dx, -1.0f, true);
 }
 
-pl_tensor *pl_rope(pl_ctx *ctx, pl_tensor *x, float base, int64_t pos_offset) {
+static pl_tensor *rope_impl(pl_ctx *ctx, pl_tensor *x, float base, int64_t pos_offset) {
     static const char *fn = "pl_rope";
     if (pl__check(ctx, fn, "x", x, PL_F32)) return NULL;
     char sx[96];
@@ -58,8 +58,8 @@ pl_tensor *pl_rope(pl_ctx *ctx, pl_tensor *x, float base, int64_t pos_offset) {
         return pl__err_null(PL_ERR_ARG, "%s: base must be finite and > 0, got %g", fn,
                             (double)base);
     if (pos_offset < 0 || pos_offset > INT64_MAX - x->shape[1])
-        return pl__err_null(PL_ERR_ARG, "%s: pos_offset must be in [0, 2^63 - 1 - L], got %lld",
-                            fn, (long long)pos_offset);
+        return pl__err_null(PL_ERR_ARG, "%s: pos_offset must be in [0, 2^63 - 1 - L], got %lld", fn,
+                            (long long)pos_offset);
     rope_saved *s = pl__scratch(ctx, sizeof *s);
     pl_tensor *y = s ? pl__new(ctx, PL_F32, 4, x->shape) : NULL;
     if (!y) return NULL;
@@ -82,5 +82,12 @@ pl_tensor *pl_rope(pl_ctx *ctx, pl_tensor *x, float base, int64_t pos_offset) {
     pl_node *n;
     if (pl__record(ctx, "rope", rope_backward, y, 1, &x, 0, &n)) return NULL;
     if (n) n->saved = s; /* filled by the forward */
+    return y;
+}
+
+pl_tensor *pl_rope(pl_ctx *ctx, pl_tensor *x, float base, int64_t pos_offset) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = rope_impl(ctx, x, base, pos_offset);
+    pl__prof_end(ctx, "rope", t0, false);
     return y;
 }

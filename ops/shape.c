@@ -39,7 +39,7 @@ static void reshape_backward(pl_ctx *ctx, pl_node *n) {
     });
 }
 
-pl_tensor *pl_reshape(pl_ctx *ctx, pl_tensor *x, int ndim, const int64_t *shape) {
+static pl_tensor *reshape_impl(pl_ctx *ctx, pl_tensor *x, int ndim, const int64_t *shape) {
     static const char *fn = "pl_reshape";
     if (pl__check(ctx, fn, "x", x, x ? x->dtype : PL_F32)) return NULL;
     if (ndim < 1 || ndim > PL_MAX_DIMS)
@@ -81,6 +81,13 @@ pl_tensor *pl_reshape(pl_ctx *ctx, pl_tensor *x, int ndim, const int64_t *shape)
     pl_tensor *y = pl__view(ctx, x, ndim, sh);
     if (!y) return NULL;
     if (pl__record(ctx, "reshape", reshape_backward, y, 1, &x, 0, NULL)) return NULL;
+    return y;
+}
+
+pl_tensor *pl_reshape(pl_ctx *ctx, pl_tensor *x, int ndim, const int64_t *shape) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = reshape_impl(ctx, x, ndim, shape);
+    pl__prof_end(ctx, "reshape", t0, false);
     return y;
 }
 
@@ -201,7 +208,7 @@ static void slice_backward(pl_ctx *ctx, pl_node *n) {
     block_move(dx, x->shape[dim], start, n->out->grad, len, 0, len, outer, inner, true);
 }
 
-pl_tensor *pl_slice(pl_ctx *ctx, pl_tensor *x, int dim, int64_t start, int64_t len) {
+static pl_tensor *slice_impl(pl_ctx *ctx, pl_tensor *x, int dim, int64_t start, int64_t len) {
     static const char *fn = "pl_slice";
     if (pl__check(ctx, fn, "x", x, x ? x->dtype : PL_F32)) return NULL;
     char sx[96];
@@ -233,6 +240,13 @@ pl_tensor *pl_slice(pl_ctx *ctx, pl_tensor *x, int dim, int64_t start, int64_t l
     return y;
 }
 
+pl_tensor *pl_slice(pl_ctx *ctx, pl_tensor *x, int dim, int64_t start, int64_t len) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = slice_impl(ctx, x, dim, start, len);
+    pl__prof_end(ctx, "slice", t0, false);
+    return y;
+}
+
 /* iarg[0]: the dim. */
 static void concat_backward(pl_ctx *ctx, pl_node *n) {
     float **dx = pl__scratch(ctx, (size_t)n->n_in * sizeof *dx);
@@ -248,7 +262,7 @@ static void concat_backward(pl_ctx *ctx, pl_node *n) {
     }
 }
 
-pl_tensor *pl_concat(pl_ctx *ctx, pl_tensor *const *xs, int n, int dim) {
+static pl_tensor *concat_impl(pl_ctx *ctx, pl_tensor *const *xs, int n, int dim) {
     static const char *fn = "pl_concat";
     if (!ctx) return pl__err_null(PL_ERR_ARG, "%s: ctx is NULL", fn);
     if (!xs || n < 1) return pl__err_null(PL_ERR_ARG, "%s: need at least one tensor", fn);
@@ -287,5 +301,12 @@ pl_tensor *pl_concat(pl_ctx *ctx, pl_tensor *const *xs, int n, int dim) {
     pl_node *node;
     if (pl__record(ctx, "concat", concat_backward, y, n, xs, 0, &node)) return NULL;
     if (node) node->iarg[0] = dim;
+    return y;
+}
+
+pl_tensor *pl_concat(pl_ctx *ctx, pl_tensor *const *xs, int n, int dim) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = concat_impl(ctx, xs, n, dim);
+    pl__prof_end(ctx, "concat", t0, false);
     return y;
 }

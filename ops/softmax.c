@@ -116,31 +116,44 @@ static void ce_backward(pl_ctx *ctx, pl_node *n) {
     });
 }
 
-pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets) {
+pl_status pl__ce_targets(const char *fn, const char *lead_name, const pl_tensor *lead,
+                         const pl_tensor *targets, int64_t V, int64_t *count) {
+    bool ok = lead->ndim == 1 ? targets->numel == 1 : targets->ndim == lead->ndim - 1;
+    for (int i = 0; ok && i < lead->ndim - 1; i++) ok = targets->shape[i] == lead->shape[i];
+    char sl[96], st[96];
+    if (!ok)
+        return pl__err(PL_ERR_SHAPE,
+                       "%s: targets %s must have the leading shape of %s %s (all dims but the "
+                       "last)",
+                       fn, pl_shape_str(targets, st, sizeof st), lead_name,
+                       pl_shape_str(lead, sl, sizeof sl));
+    const int32_t *t = pl_i32(targets);
+    *count = 0;
+    for (int64_t r = 0; r < targets->numel; r++) {
+        if (t[r] >= V)
+            return pl__err(PL_ERR_ARG,
+                           "%s: target %d at row %lld is >= the number of classes V = %lld "
+                           "(targets < 0 are ignored)",
+                           fn, (int)t[r], (long long)r, (long long)V);
+        *count += t[r] >= 0;
+    }
+    return PL_OK;
+}
+
+pl_status pl__ce_smoothing(const char *fn, float smoothing) {
+    if (!(smoothing >= 0 && smoothing <= 1))
+        return pl__err(PL_ERR_ARG, "%s: smoothing (%g) must be in [0, 1]", fn, (double)smoothing);
+    return PL_OK;
+}
+
+static pl_tensor *cross_entropy_impl(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets) {
     static const char *fn = "pl_cross_entropy";
     if (pl__check(ctx, fn, "logits", logits, PL_F32) ||
         pl__check(ctx, fn, "targets", targets, PL_I32))
         return NULL;
-    int64_t V = logits->shape[logits->ndim - 1], rows = logits->numel / V;
-    bool ok = logits->ndim == 1 ? targets->numel == 1 : targets->ndim == logits->ndim - 1;
-    for (int i = 0; ok && i < logits->ndim - 1; i++) ok = targets->shape[i] == logits->shape[i];
-    char sl[96], st[96];
-    if (!ok)
-        return pl__err_null(PL_ERR_SHAPE,
-                            "%s: targets %s must have the leading shape of logits %s (all dims "
-                            "but the last)",
-                            fn, pl_shape_str(targets, st, sizeof st),
-                            pl_shape_str(logits, sl, sizeof sl));
+    int64_t V = logits->shape[logits->ndim - 1], rows = logits->numel / V, count;
+    if (pl__ce_targets(fn, "logits", logits, targets, V, &count)) return NULL;
     const int32_t *t = pl_i32(targets);
-    int64_t count = 0;
-    for (int64_t r = 0; r < rows; r++) {
-        if (t[r] >= V)
-            return pl__err_null(PL_ERR_ARG,
-                                "%s: target %d at row %lld is >= the number of classes V = %lld "
-                                "(targets < 0 are ignored)",
-                                fn, (int)t[r], (long long)r, (long long)V);
-        count += t[r] >= 0;
-    }
     float *lse = pl__scratch(ctx, (size_t)rows * 2 * sizeof(float));
     pl_tensor *y = lse ? pl__new(ctx, PL_F32, PL_DIMS(1)) : NULL;
     if (!y) return NULL;
@@ -163,6 +176,13 @@ pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets) 
         memcpy(sv->tgt, t, (size_t)rows * sizeof *t);
         n->iarg[0] = count;
     }
+    return y;
+}
+
+pl_tensor *pl_cross_entropy(pl_ctx *ctx, pl_tensor *logits, pl_tensor *targets) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = cross_entropy_impl(ctx, logits, targets);
+    pl__prof_end(ctx, "cross_entropy", t0, false);
     return y;
 }
 

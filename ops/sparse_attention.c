@@ -1034,8 +1034,8 @@ pl_status pl__sparse_attention_seqs(pl_ctx *ctx, const pl__sa_seq *seqs, int64_t
     return PL_OK;
 }
 
-pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v,
-                               pl_tensor *idx, float dropout_p, pl_rng *rng) {
+static pl_tensor *sparse_attention_impl(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v,
+                                        pl_tensor *idx, float dropout_p, pl_rng *rng) {
     static const char *fn = "pl_sparse_attention";
     if (pl__check(ctx, fn, "q", q, PL_F32) || pl__check(ctx, fn, "k", k, PL_F32) ||
         pl__check(ctx, fn, "v", v, PL_F32))
@@ -1147,6 +1147,14 @@ pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tenso
         return NULL;
     if (nd) *(sa_args *)nd->saved = a;
     return out;
+}
+
+pl_tensor *pl_sparse_attention(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor *v,
+                               pl_tensor *idx, float dropout_p, pl_rng *rng) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = sparse_attention_impl(ctx, q, k, v, idx, dropout_p, rng);
+    pl__prof_end(ctx, "sparse_attention", t0, false);
+    return y;
 }
 
 #endif

@@ -32,7 +32,7 @@ static void swiglu_backward(pl_ctx *ctx, pl_node *n) {
     });
 }
 
-pl_tensor *pl_swiglu(pl_ctx *ctx, pl_tensor *a, pl_tensor *b) {
+static pl_tensor *swiglu_impl(pl_ctx *ctx, pl_tensor *a, pl_tensor *b) {
     static const char *fn = "pl_swiglu";
     if (pl__check(ctx, fn, "a", a, PL_F32) || pl__check(ctx, fn, "b", b, PL_F32)) return NULL;
     char sa[96], sb[96];
@@ -51,5 +51,12 @@ pl_tensor *pl_swiglu(pl_ctx *ctx, pl_tensor *a, pl_tensor *b) {
     });
     pl_tensor *in[2] = {a, b};
     if (pl__record(ctx, "swiglu", swiglu_backward, y, 2, in, 0, NULL)) return NULL;
+    return y;
+}
+
+pl_tensor *pl_swiglu(pl_ctx *ctx, pl_tensor *a, pl_tensor *b) {
+    double t0 = pl__prof_begin(ctx);
+    pl_tensor *y = swiglu_impl(ctx, a, b);
+    pl__prof_end(ctx, "swiglu", t0, false);
     return y;
 }

@@ -12,6 +12,10 @@ set(PLASA_INSTALL_TRAIN OFF)
 if(TARGET plasa-train)
   set(PLASA_INSTALL_TRAIN ON)
 endif()
+set(PLASA_INSTALL_MPIRUN "")
+if(PLASA_HAVE_MPI AND MPIEXEC_EXECUTABLE)
+  set(PLASA_INSTALL_MPIRUN ${MPIEXEC_EXECUTABLE})
+endif()
 set(PLASA_CONSUMER_FLAGS "")
 if(PLASA_SANITIZE)
   set(PLASA_CONSUMER_FLAGS "-fsanitize=address,undefined -fno-omit-frame-pointer")
@@ -23,5 +27,7 @@ add_test(NAME test_install
                  -DLIBDIR=${CMAKE_INSTALL_LIBDIR} -DC_COMPILER=${CMAKE_C_COMPILER}
                  "-DC_FLAGS=${PLASA_CONSUMER_FLAGS}" -DPKG_CONFIG=${PKG_CONFIG_EXECUTABLE}
                  -DLDD=${PLASA_LDD} -DTRAIN=${PLASA_INSTALL_TRAIN}
+                 -DMPIRUN=${PLASA_INSTALL_MPIRUN}
                  -P ${CMAKE_CURRENT_SOURCE_DIR}/install/run.cmake)
-set_tests_properties(test_install PROPERTIES TIMEOUT 300)
+set_tests_properties(test_install PROPERTIES TIMEOUT 300 ENVIRONMENT
+  "OMP_NUM_THREADS=1;LSAN_OPTIONS=suppressions=${CMAKE_CURRENT_SOURCE_DIR}/mpi/lsan.supp:print_suppressions=0:fast_unwind_on_malloc=0")

@@ -51,8 +51,8 @@ START_TEST(errors_and_status_names) {
     ck_assert_int_eq(pl_last_status(), PL_OK);
     const char *names[] = {"ok",          "bad argument",   "shape mismatch",
                            "wrong dtype", "out of memory",  "invalid state",
-                           "i/o error",   "malformed file", "backend error"};
-    for (int s = PL_OK; s <= PL_ERR_BACKEND; s++)
+                           "i/o error",   "malformed file", "backend error", "communication error"};
+    for (int s = PL_OK; s <= PL_ERR_COMM; s++)
         ck_assert_str_eq(pl_status_name((pl_status)s), names[s]);
     ck_assert_str_eq(pl_status_name((pl_status)99), "unknown status");
     ck_assert_str_eq(pl_status_name((pl_status)-1), "unknown status");

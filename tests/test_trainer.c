@@ -560,6 +560,9 @@ START_TEST(binary_bad_input_with_model) {
         {"--data @corpus.txt --vocab 300 --dim 64 --init @good.ckpt", "[32] in the file but [64]"},
         {"--data @corpus.txt --vocab 300 --steps 2 --resume @good.ckpt", "leaves nothing to do"},
         {"--data @corpus.txt --vocab 300 --save-every 5", "--save-every needs --checkpoint"},
+        {"--precision fp16", "--precision: unknown precision 'fp16' (f32 or bf16)"},
+        {"--data @corpus.txt --vocab 300 --precision bf16 --resume @good.ckpt",
+         "--precision bf16 conflicts with"},
         /* a diverging run stops with a message, not NaN results */
         {"--data @corpus.txt --vocab 300 --lr 1e6 --clip 0 --steps 50", "training loss is"},
     };
@@ -695,6 +698,48 @@ START_TEST(indexer_loss_trains_the_indexer) {
 }
 END_TEST
 
+/* --precision bf16: trains where bf16 is native (refused with the reason
+ * elsewhere), is stored in the checkpoint and kept by --resume. */
+START_TEST(bf16_precision_flag) {
+    tu_mk_tmp();
+    write_corpus(tu_tmp_path("corpus.txt"), 60, 5);
+    const char *corpus = tu_tmp_path("corpus.txt"), *ck = tu_tmp_path("bf16.ckpt");
+    tr_buf out = {0};
+    const char *why;
+    if (!pl_bf16_native(&why)) {
+        int st =
+            run(&out, SMALL "--threads 1 --data %s --vocab 300 --steps 2 --precision bf16", corpus);
+        ck_assert_msg(st == 1 && strstr(out.data, "--precision bf16: ") &&
+                          strstr(out.data, "not native here"),
+                      "exit %d: %s", st, out.data);
+        printf("SKIPPED: trainer: --precision bf16 run (%s)\n", why);
+    } else {
+        RUN_OK(&out,
+               SMALL "--threads 1 --data %s --vocab 300 --steps 4 --eval-every 0 --precision bf16 "
+                     "--checkpoint %s",
+               corpus, ck);
+        ck_assert_msg(strstr(out.data, "\"precision\": \"bf16\""), "%s", out.data);
+        pl_safetensors *st = pl_safetensors_open(ck);
+        ck_assert_ptr_nonnull(st);
+        ck_assert_str_eq(pl_safetensors_meta(st, "train.precision"), "bf16");
+        pl_safetensors_close(st);
+        /* resumed without the flag: still bf16 */
+        RUN_OK(&out, SMALL "--threads 1 --data %s --vocab 300 --steps 6 --eval-every 0 --resume %s",
+               corpus, ck);
+        ck_assert_msg(strstr(out.data, "\"precision\": \"bf16\""), "%s", out.data);
+        int rc = run(&out,
+                     SMALL "--threads 1 --data %s --vocab 300 --steps 8 --precision f32 "
+                           "--resume %s",
+                     corpus, ck);
+        ck_assert_msg(rc == 1 && strstr(out.data, "--precision f32 conflicts with") &&
+                          strstr(out.data, "which trained in bf16"),
+                      "exit %d: %s", rc, out.data);
+    }
+    tr_buf_free(&out);
+    tu_rm_tmp();
+}
+END_TEST
+
 /* One case per test, so CK_RUN_CASE=<name> runs one of them. */
 static Suite *suite(void) {
     Suite *s = suite_create("trainer");
@@ -710,6 +755,7 @@ static Suite *suite(void) {
         {"binary_bad_input_with_model", binary_bad_input_with_model},
         {"dense_schedule_runs", dense_schedule_runs},
         {"indexer_loss_trains_the_indexer", indexer_loss_trains_the_indexer},
+        {"bf16_precision_flag", bf16_precision_flag},
     };
     for (size_t i = 0; i < sizeof tests / sizeof *tests; i++) {
         TCase *tc = tcase_create(tests[i].name);

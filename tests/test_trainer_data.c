@@ -707,6 +707,11 @@ int model_read_config(const char *path, tr_config *cfg, int *vocab, char **token
     *tokenizer = NULL;
     return tr_file_exists(path) ? 0 : tr_fail("cannot open %s", path);
 }
+/* The data-parallel seam (dist.c links it in MPI builds; the stand-in runs in one process). */
+pl_adamw_config model_adamw_config(const tr_config *cfg) { return pl_adamw_default_config(); }
+pl_adamw *model_optimizer(tr_model *m) { return NULL; }
+void model_set_update(tr_model *m, model_update_fn fn, void *user) {}
+void model_set_row_offset(tr_model *m, int64_t row0) {}
 int model_decode_start(tr_model *m, int64_t capacity) { return tr_fail("stand-in: no decoding"); }
 int64_t model_decode_len(const tr_model *m) { return 0; }
 struct pl_ctx *model_ctx(tr_model *m) { return NULL; }

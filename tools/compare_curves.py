@@ -26,6 +26,16 @@ dropout 0, then the two per-step training losses side by side.
 The loss of step s is the batch's mean cross-entropy at the start of step s (before
 its update), 1-based as in plasa-train's CSV (train_ref's CSV is 0-based).
 Python is used only in tools/; the build and tests never need it.
+
+--bf16 compares libplasa with itself instead (no PyTorch needed): plasa-train twice on
+the Brown corpus (its own cache; the benchmark configuration, dropout included),
+same seed and init, --precision f32 and --precision bf16, both at once with
+--threads each, evaluating every --eval-every steps. Writes docs/curve_bf16.csv
+(step, the two training losses, their relative difference, the validation losses
+where evaluated) and docs/curve_bf16.svg; exit status 1 if the final validation
+losses (whole validation split) differ by more than --tolerance (default 1 %):
+
+  /usr/bin/python3 tools/compare_curves.py --bf16 --steps 1000 --threads 1
 """
 
 import argparse
@@ -99,7 +109,10 @@ def esc(s):
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def write_svg(path, steps, c, t, rel, rel64, title, subtitle, tol):
+def write_svg(path, steps, c, t, rel, rel64, title, subtitle, tol,
+              names=("PyTorch reference (train_ref.py)", "libplasa (plasa-train)"),
+              diff_label="|libplasa - torch| / torch",
+              diff_name="vs PyTorch reference (clip_grad_norm_, float32 norms)", dots=None):
     W, H = 900, 790
     ml, mr = 90, 30
     top = (75, 400)  # y range of the loss panel
@@ -147,8 +160,13 @@ def write_svg(path, steps, c, t, rel, rel64, title, subtitle, tol):
         out.append(f'<polyline fill="none" stroke="{color}" stroke-width="{width}" {dash}points="{pts}"/>')
     lx, ly = ml + pw - 330, top[0] + 12
     out.append(f'<rect x="{lx}" y="{ly}" width="320" height="56" fill="white" fill-opacity="0.9" stroke="#999"/>')
-    for i, (name, color, width) in enumerate((("PyTorch reference (train_ref.py)", "#e6550d", 4),
-                                             ("libplasa (plasa-train)", "#08519c", 1.5))):
+    if dots:  # validation points: (steps, values of t, values of c)
+        for vals, color in ((dots[1], "#e6550d"), (dots[2], "#08519c")):
+            for s_, v in zip(dots[0], vals):
+                out.append(f'<circle cx="{px(s_):.1f}" cy="{py(v):.1f}" r="4" fill="{color}" '
+                           'stroke="black" stroke-width="0.8"/>')
+    for i, (name, color, width) in enumerate(((names[0], "#e6550d", 4),
+                                             (names[1], "#08519c", 1.5))):
         y = ly + 20 + 22 * i
         out.append(f'<line x1="{lx + 10}" y1="{y - 4}" x2="{lx + 40}" y2="{y - 4}" stroke="{color}" '
                    f'stroke-width="{width}"/><text x="{lx + 48}" y="{y}" font-size="13">{esc(name)}</text>')
@@ -160,12 +178,12 @@ def write_svg(path, steps, c, t, rel, rel64, title, subtitle, tol):
     lo2 = math.floor(min(lv + lv64 + [-7]))
     hi2 = math.ceil(max(max(lv), math.log10(tol) + 0.5))
     py2 = frame(bot[0], bot[1], lo2, hi2, list(range(lo2, hi2 + 1)),
-                "|libplasa - torch| / torch", lambda v: f"1e{v:d}")
+                diff_label, lambda v: f"1e{v:d}")
     out.append(f'<line x1="{ml}" y1="{py2(math.log10(tol)):.1f}" x2="{ml + pw}" '
                f'y2="{py2(math.log10(tol)):.1f}" stroke="#d62728" stroke-dasharray="6 4"/>')
     out.append(f'<text x="{ml + pw - 6}" y="{py2(math.log10(tol)) - 6:.1f}" font-size="12" '
                f'text-anchor="end" fill="#d62728">tolerance {tol:g}</text>')
-    series = [(lv, "#333", "vs PyTorch reference (clip_grad_norm_, float32 norms)")]
+    series = [(lv, "#333", diff_name)]
     if lv64:
         series.append((lv64, "#31a354", "vs PyTorch reference --clip-f64 (norm in float64)"))
     for i, (vals, color, name) in enumerate(series):
@@ -188,6 +206,83 @@ def write_svg(path, steps, c, t, rel, rel64, title, subtitle, tol):
 # --------------------------------------------------------------------------- main
 
 
+def read_c_rows(path):
+    """plasa-train CSV rows: {step: (train_loss, val_loss or None)}."""
+    with open(path) as f:
+        return {int(r["step"]): (float(r["train_loss"]),
+                                 float(r["val_loss"]) if r["val_loss"] else None)
+                for r in csv.DictReader(f)}
+
+
+def bf16_main(args):
+    """plasa-train --precision f32 vs bf16: same seed, init and batches."""
+    work = args.work or tempfile.mkdtemp(prefix="compare_curves.")
+    os.makedirs(work, exist_ok=True)
+    csv_out = args.csv if args.csv_given else os.path.join(ROOT, "docs", "curve_bf16.csv")
+    svg_out = args.svg if args.svg_given else os.path.join(ROOT, "docs", "curve_bf16.svg")
+    runs = {}
+    for p in ("f32", "bf16"):
+        runs[p] = (os.path.join(work, f"{p}.csv"), os.path.join(work, f"{p}.json"))
+    if not args.reuse:
+        # the corpus cache first, so the two runs do not both build it
+        run([args.plasa_train, "--prepare-only", "--data-dir", args.data_dir],
+            stdout=subprocess.DEVNULL)
+        procs = []
+        for p in ("f32", "bf16"):
+            cmd = [args.plasa_train, "--data-dir", args.data_dir, "--steps", str(args.steps),
+                   "--seed", str(args.seed), "--threads", str(args.threads),
+                   "--eval-every", str(args.eval_every), "--precision", p,
+                   "--csv", runs[p][0], "--json", runs[p][1]]
+            log("$ " + " ".join(cmd))
+            procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.DEVNULL)))
+        t0 = time.time()
+        for cmd, pr in procs:
+            if pr.wait():
+                sys.exit(f"compare_curves: command failed with status {pr.returncode}: "
+                         f"{' '.join(cmd)}")
+        log(f"  (both runs: {time.time() - t0:.0f} s)")
+    a, b = read_c_rows(runs["f32"][0]), read_c_rows(runs["bf16"][0])
+    steps = sorted(set(a) & set(b))
+    if len(steps) != args.steps:
+        sys.exit(f"compare_curves: {len(steps)} common steps, expected {args.steps}")
+    fl, bl = [a[s][0] for s in steps], [b[s][0] for s in steps]
+    rel = [abs(x - y) / abs(x) for x, y in zip(fl, bl)]
+    with open(csv_out, "w") as f:
+        f.write("step,f32_train_loss,bf16_train_loss,rel_diff,f32_val_loss,bf16_val_loss\n")
+        for i, s in enumerate(steps):
+            fv, bv = a[s][1], b[s][1]
+            f.write(f"{s},{fl[i]:.6f},{bl[i]:.6f},{rel[i]:.3e},"
+                    f"{'' if fv is None else f'{fv:.6f}'},{'' if bv is None else f'{bv:.6f}'}\n")
+    with open(runs["f32"][1]) as f:
+        fj = json.load(f)
+    with open(runs["bf16"][1]) as f:
+        bj = json.load(f)
+    vs = [s for s in steps if a[s][1] is not None and b[s][1] is not None]
+    vrel = abs(bj["val_loss"] - fj["val_loss"]) / fj["val_loss"]
+    title = "libplasa: bf16 products vs f32, training loss (dots: validation loss)"
+    subtitle = (f"plasa-train, Brown, V {fj.get('config', {}).get('vocab', '?')}, "
+                f"seed {args.seed}, {args.threads} thread(s): final val {fj['val_loss']:.4f} f32, "
+                f"{bj['val_loss']:.4f} bf16 ({vrel:.1e})")
+    write_svg(svg_out, steps, bl, fl, rel, [], title, subtitle, args.tolerance,
+              names=("f32 (--precision f32)", "bf16 (--precision bf16)"),
+              diff_label="|bf16 - f32| / f32", diff_name="training loss, bf16 vs f32",
+              dots=(vs, [a[s][1] for s in vs], [b[s][1] for s in vs]))
+    imax = max(range(len(rel)), key=lambda i: rel[i])
+    print(f"runs: {runs['f32'][0]}, {runs['bf16'][0]}")
+    print(f"training loss: max relative difference {rel[imax]:.3e} at step {steps[imax]}, "
+          f"mean {sum(rel) / len(rel):.3e}; step {steps[-1]}: f32 {fl[-1]:.6f}, bf16 {bl[-1]:.6f}")
+    print(f"final validation loss (whole split): f32 {fj['val_loss']:.6f}, bf16 "
+          f"{bj['val_loss']:.6f} (rel {vrel:.2e}); accuracy {fj['accuracy']:.6f} vs "
+          f"{bj['accuracy']:.6f}")
+    print(f"training tokens/s: f32 {fj['tokens_per_second']:.0f}, bf16 "
+          f"{bj['tokens_per_second']:.0f} (two runs at once, {args.threads} thread(s) each; "
+          "indicative)")
+    print(f"wrote {csv_out} and {svg_out}; run files in {work}")
+    ok = vrel <= args.tolerance
+    print(f"{'PASS' if ok else 'FAIL'}: final validation loss within {args.tolerance:g}")
+    return 0 if ok else 1
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
@@ -205,10 +300,19 @@ def main():
     ap.add_argument("--no-clip64", action="store_true", help="skip the --clip-f64 reference run")
     ap.add_argument("--reuse", action="store_true",
                     help="take the runs' CSV/JSON files from --work instead of training again")
+    ap.add_argument("--bf16", action="store_true",
+                    help="plasa-train --precision f32 vs bf16 instead (no PyTorch needed)")
+    ap.add_argument("--eval-every", type=int, default=100, help="with --bf16")
     args = ap.parse_args()
+    args.csv_given = "--csv" in " ".join(sys.argv)
+    args.svg_given = "--svg" in " ".join(sys.argv)
     if not os.access(args.plasa_train, os.X_OK):
         sys.exit(f"compare_curves: {args.plasa_train} not found: build it first "
                  "(cmake -S . -B build && cmake --build build -j2 --target plasa-train)")
+    if args.reuse and not args.work:
+        ap.error("--reuse needs --work DIR")
+    if args.bf16:
+        return bf16_main(args)
     import plasa_ref as R  # noqa: E402  (needs torch: imported after the cheap checks)
 
     # torch's OpenMP threads spin-wait against OpenBLAS's pthreads otherwise (10x slower

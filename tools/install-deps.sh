@@ -7,9 +7,13 @@
 # find_package(OpenCL), so configure fails without the OpenCL headers and
 # libOpenCL.so. libdnnl-dev only recommends it, and we install without
 # recommends. Why we keep oneDNN's CMake package: docs/dependencies.md.
+#
+# libopenmpi-dev openmpi-bin: only for the optional plasa_mpi library, the
+# MPI path of plasa-train and the tests that run them under mpirun
+# (docs/distributed.md). The core library never links MPI.
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config libdnnl-dev ocl-icd-opencl-dev check libcjson-dev
-      valgrind clang "$@")
+      valgrind clang libopenmpi-dev openmpi-bin "$@")
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -132,6 +132,7 @@ int main(int argc, char **argv) {
         goto done;
     }
     if (model_read_config(a.checkpoint, &cfg, &vocab, &text)) goto done;
+    cfg.precision = "f32"; /* generation in f32, whatever the training's precision */
     if (!text) {
         tr_fail("%s holds no tokenizer (the model was trained on token files): plasa-generate "
                 "cannot encode a prompt for it",

@@ -31,6 +31,9 @@ static const flagdef flags[] = {
     {"weight-decay", T_DBL, OFF(weight_decay), 0, 1e9, "X", "AdamW decoupled weight decay"},
     {"clip", T_DBL, OFF(clip), 0, 1e30, "X", "clip the global gradient L2 norm (0: off)"},
     {"dropout", T_DBL, OFF(dropout), 0, 0.999999, "P", "dropout on attention probabilities"},
+    {"precision", T_STR, OFF(precision), 0, 0, "f32|bf16",
+     "matrix products: f32, or bf16 operands with f32 sums (CPUs with AVX512_BF16 or AMX; "
+     "weights, gradients and AdamW state stay f32)"},
     {"indexer-loss", T_DBL, OFF(indexer_loss), 0, 1e9, "W",
      "weight of the indexer's training loss (0: indexer not trained)"},
     {"schedule", T_STR, OFF(schedule), 0, 0, "NAME",
@@ -83,6 +86,10 @@ static const flagdef flags[] = {
     {"sample-every", T_I64, OFF(sample_every), 0, BIG, "N",
      "print a short generated sample every N steps (0: never)"},
     {"init", T_STR, OFF(init), 0, 0, "FILE", "initialise the parameters from a checkpoint"},
+    {"zero", T_SWITCH, OFF(zero), 0, 0, NULL,
+     "under mpirun: shard the AdamW state over the ranks (ZeRO-1)"},
+    {"check-replicas", T_SWITCH, OFF(check_replicas), 0, 0, NULL,
+     "under mpirun: after every step, fail unless all ranks hold bit-identical parameters"},
 };
 #define NFLAGS (sizeof flags / sizeof *flags)
 _Static_assert(NFLAGS <= 64, "tr_config.given has 64 bits");
@@ -98,6 +105,7 @@ void cli_defaults(tr_config *c) {
     c->clip = 1.0;
     c->dropout = 0.1;
     c->indexer_loss = 0.0;
+    c->precision = "f32";
     c->schedule = "progressive";
     c->layers = 4;
     c->dim = 128;
@@ -236,6 +244,8 @@ int cli_parse(int argc, char **argv, tr_config *c) {
         if (parse_value(c, f, v)) return -1;
         if (f->off == OFF(vocab)) c->vocab_given = true;
     }
+    if (strcmp(c->precision, "f32") != 0 && strcmp(c->precision, "bf16") != 0)
+        return tr_fail("--precision: unknown precision '%s' (f32 or bf16)", c->precision);
     if (!schedule_known(c->schedule))
         return tr_fail("--schedule: unknown schedule '%s' (one of %s)", c->schedule,
                        pl_schedule_names());

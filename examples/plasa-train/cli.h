@@ -19,6 +19,7 @@ typedef struct {
     uint64_t seed;
     int threads; /* 0: OpenMP's default */
     double lr, weight_decay, clip, dropout, indexer_loss;
+    const char *precision; /* "f32" or "bf16": pl_set_matmul_precision */
     /* sparsity */
     const char *schedule;
     const char *k_list;          /* --k as given, or NULL */
@@ -34,6 +35,8 @@ typedef struct {
     /* evaluation, output, checkpoints */
     int64_t eval_every, eval_max_tokens, log_every, save_every, sample_every;
     const char *json, *csv, *plot, *checkpoint, *resume, *init;
+    /* data-parallel training under mpirun (dist.h) */
+    bool zero, check_replicas;
     uint64_t given; /* bit i: the i-th flag of --help appeared on the command line */
 } tr_config;
 

@@ -16,14 +16,17 @@
 
 #include "cli.h"
 #include "data.h"
+#include "dist.h"
 #include "plasa.h"
 #include "train.h"
 #include "util.h"
 
-static int fail(const char *what) {
-    fprintf(stderr, "plasa-train: error: %s\n", what);
-    return 1;
+/* Under mpirun dist_fail ends every rank here (docs/distributed.md). */
+static int fail_rc(const char *what, int rc) {
+    dist_fail(what, rc);
+    return rc;
 }
+static int fail(const char *what) { return fail_rc(what, 1); }
 
 /* The result goes to stdout: a write that failed there (full disk, closed
  * pipe, /dev/full) is an error, not a successful run. */
@@ -41,13 +44,11 @@ int main(int argc, char **argv) {
      * take its descriptor (and receive the JSON). */
     if (fcntl(STDOUT_FILENO, F_GETFD) == -1)
         return fail("stdout is closed: nowhere to write the result");
+    dist_init(&argc, &argv);
     tr_config cfg;
     int rc = cli_parse(argc, argv, &cfg);
-    if (rc == 1) return close_stdout(0);
-    if (rc) {
-        fprintf(stderr, "plasa-train: error: %s\n", tr_error());
-        return 2;
-    }
+    if (rc == 1) return dist_finish(close_stdout(0));
+    if (rc || dist_check_config(&cfg)) return fail_rc(tr_error(), 2);
     /* files that must exist: fail before any long preparation */
     const char *must[] = {cfg.resume, cfg.init};
     for (int i = 0; i < 2; i++)
@@ -59,19 +60,21 @@ int main(int argc, char **argv) {
     if (tr_resume_config(&cfg)) return fail(tr_error());
 
     tr_data data;
+    dist_serial_begin(); /* rank 0 prepares (and caches) the data first */
     if (data_prepare(&cfg, &data)) {
         data_free(&data);
         return fail(tr_error());
     }
+    dist_serial_end();
     if (cfg.prepare_only) {
         tr_buf out = {0};
         rc = data_stats_json(&data, &out);
         if (!rc) fputs(out.data, stdout);
         tr_buf_free(&out);
         data_free(&data);
-        return close_stdout(rc ? fail(tr_error()) : 0);
+        return dist_finish(close_stdout(rc ? fail(tr_error()) : 0));
     }
     rc = tr_train(&cfg, &data);
     data_free(&data);
-    return close_stdout(rc ? fail(tr_error()) : 0);
+    return dist_finish(close_stdout(rc ? fail(tr_error()) : 0));
 }

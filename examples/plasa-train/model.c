@@ -39,7 +39,10 @@ struct tr_model {
     char *tokenizer;    /* file text of the BPE tokenizer, saved in checkpoints; or NULL */
     pl_kv_cache *cache; /* decoding (model_decode_start) */
     pl_ctx *ctx;
-    pl_adamw *opt;
+    pl_adamw *opt; /* NULL when an update hook owns the optimiser (--zero) */
+    model_update_fn update;
+    void *update_user;
+    int64_t row0; /* global index of this process's first batch row (dropout) */
     pl_tensor *tok_emb, *final_norm, *lm_head;
     layer layers[CLI_MAX_LAYERS];
 };
@@ -104,6 +107,25 @@ static int init_params(tr_model *m) {
     return 0;
 }
 
+pl_adamw_config model_adamw_config(const tr_config *cfg) {
+    pl_adamw_config oc = pl_adamw_default_config();
+    oc.lr = cfg->lr;
+    oc.beta1 = 0.9;
+    oc.beta2 = 0.95;
+    oc.eps = 1e-8;
+    oc.weight_decay = cfg->weight_decay;
+    return oc;
+}
+
+void model_set_update(tr_model *m, model_update_fn fn, void *user) {
+    m->update = fn;
+    m->update_user = user;
+}
+
+void model_set_row_offset(tr_model *m, int64_t row0) { m->row0 = row0; }
+
+pl_adamw *model_optimizer(tr_model *m) { return m->opt; }
+
 tr_model *model_create(const tr_config *cfg, int vocab) {
     if (cfg->layers < 1 || cfg->layers > CLI_MAX_LAYERS || cfg->dim % cfg->heads ||
         (cfg->dim / cfg->heads) % 2) {
@@ -127,17 +149,21 @@ tr_model *model_create(const tr_config *cfg, int vocab) {
         free(m);
         return NULL;
     }
+    /* --precision bf16: every product of the model in bf16 (the parameters,
+     * gradients and AdamW state stay f32); refused where it is not native. */
+    if (cfg->precision && strcmp(cfg->precision, "bf16") == 0 &&
+        pl_set_matmul_precision(m->ctx, PL_PRECISION_BF16)) {
+        tr_fail("--precision bf16: %s", pl_last_error());
+        pl_ctx_free(m->ctx);
+        free(m);
+        return NULL;
+    }
     if (init_params(m)) {
         model_free(m);
         return NULL;
     }
-    pl_adamw_config oc = pl_adamw_default_config();
-    oc.lr = cfg->lr;
-    oc.beta1 = 0.9;
-    oc.beta2 = 0.95;
-    oc.eps = 1e-8;
-    oc.weight_decay = cfg->weight_decay;
-    if (!(m->opt = pl_adamw_new(m->ctx, &oc))) {
+    pl_adamw_config oc = model_adamw_config(cfg);
+    if (!cfg->zero && !(m->opt = pl_adamw_new(m->ctx, &oc))) {
         fail("optimiser");
         model_free(m);
         return NULL;
@@ -201,8 +227,13 @@ static pl_tensor *attention(tr_model *m, int li, pl_tensor *x, float p_drop, int
     pl_tensor *v = pl_reshape(ctx, pl_slice(ctx, qkv, 2, 2 * d, d), PL_DIMS(B, L, H, D));
     q = pl_rope(ctx, q, ROPE_BASE, 0);
     k = pl_rope(ctx, k, ROPE_BASE, 0);
+    /* Dropout counters of row b are those of global row row0 + b, so a batch
+     * split over processes draws the masks of the whole batch: the ops
+     * advance the counter by H*L*ceil(K/4) per row (K = L dense, k sparse). */
+    const int64_t K = l->k >= L ? L : l->k;
     pl_rng rng = {m->cfg.seed ^ 0x6a09e667f3bcc908ull,
-                  ((uint64_t)step * (uint64_t)m->cfg.layers + (uint64_t)li) << 36};
+                  (((uint64_t)step * (uint64_t)m->cfg.layers + (uint64_t)li) << 36) +
+                      (uint64_t)(m->row0 * H * L * ((K + 3) / 4))};
     pl_tensor *a;
     if (l->k >= L) {
         a = pl_attention(ctx, q, k, v, p_drop, p_drop > 0 ? &rng : NULL);
@@ -235,8 +266,9 @@ static pl_tensor *ffn(tr_model *m, const layer *l, pl_tensor *x) {
     return pl_linear(ctx, pl_swiglu(ctx, g, u), l->down, NULL);
 }
 
-/* Logits [B, L, V] for ids [B, L] (L = cfg->seq); decode: ids [1, L] are the
- * next L positions of the KV cache's sequence (any L >= 1). */
+/* The LM head's input RMSNorm(h) [B, L, d] for ids [B, L] (L = cfg->seq);
+ * decode: ids [1, L] are the next L positions of the KV cache's sequence (any
+ * L >= 1). The logits are this times lm_head. */
 static pl_tensor *forward_ids(tr_model *m, const int32_t *inputs, int batch, int64_t L, bool decode,
                               bool train, int64_t step, pl_tensor **aux) {
     pl_ctx *ctx = m->ctx;
@@ -251,9 +283,13 @@ static pl_tensor *forward_ids(tr_model *m, const int32_t *inputs, int batch, int
                    decode ? attention_decode(m, i, x) : attention(m, i, x, p_drop, step, aux));
         h = pl_add(ctx, h, ffn(m, l, pl_rmsnorm(ctx, h, l->ffn_norm, NORM_EPS)));
     }
-    return pl_linear(ctx, pl_rmsnorm(ctx, h, m->final_norm, NORM_EPS), m->lm_head, NULL);
+    return pl_rmsnorm(ctx, h, m->final_norm, NORM_EPS);
 }
 
+/* The LM head's input for a batch of cfg->seq positions; the training step and
+ * the evaluation apply the head and the loss in one op, chunk by chunk over
+ * the vocabulary (pl_linear_cross_entropy), so the logits of the whole batch
+ * are never made. */
 static pl_tensor *forward(tr_model *m, const int32_t *inputs, int batch, bool train, int64_t step,
                           pl_tensor **aux) {
     return forward_ids(m, inputs, batch, m->cfg.seq, false, train, step, aux);
@@ -281,7 +317,8 @@ pl_tensor *model_decode(tr_model *m, const int32_t *ids, int n) {
     if (!m->cache) return fail("decoding before model_decode_start"), NULL;
     pl_ctx *ctx = m->ctx;
     bool was = pl_set_grad_enabled(ctx, false);
-    pl_tensor *lg = forward_ids(m, ids, 1, n, true, false, 0, NULL);
+    pl_tensor *lg =
+        pl_linear(ctx, forward_ids(m, ids, 1, n, true, false, 0, NULL), m->lm_head, NULL);
     pl_set_grad_enabled(ctx, was);
     if (!lg) return fail("decoding"), NULL;
     return lg;
@@ -290,7 +327,8 @@ pl_tensor *model_decode(tr_model *m, const int32_t *ids, int n) {
 pl_ctx *model_ctx(tr_model *m) { return m->ctx; }
 
 pl_tensor *model_logits(tr_model *m, const int32_t *inputs, int batch, int train, int64_t step) {
-    pl_tensor *lg = forward(m, inputs, batch, train, step, NULL);
+    pl_tensor *lg =
+        pl_linear(m->ctx, forward(m, inputs, batch, train, step, NULL), m->lm_head, NULL);
     if (!lg) fail("forward");
     return lg;
 }
@@ -300,9 +338,9 @@ int model_train_step(tr_model *m, const int32_t *inputs, const int32_t *targets,
     pl_ctx *ctx = m->ctx;
     int rc = 0;
     pl_tensor *aux = NULL;
-    pl_tensor *logits = forward(m, inputs, batch, true, step, &aux);
+    pl_tensor *hid = forward(m, inputs, batch, true, step, &aux);
     pl_tensor *tg = pl_from_data(ctx, PL_I32, PL_DIMS(batch, m->cfg.seq), targets);
-    pl_tensor *ce = pl_cross_entropy(ctx, logits, tg);
+    pl_tensor *ce = pl_linear_cross_entropy(ctx, hid, m->lm_head, tg, 0.0f, NULL);
     pl_tensor *total = ce;
     if (ce && aux) total = pl_add(ctx, ce, pl_scale(ctx, aux, (float)m->cfg.indexer_loss));
     if (!total || pl_backward(ctx, total)) {
@@ -310,6 +348,10 @@ int model_train_step(tr_model *m, const int32_t *inputs, const int32_t *targets,
         goto done;
     }
     *loss = pl_f32(ce)[0];
+    if (m->update) {
+        rc = m->update(m->update_user, m->cfg.clip);
+        goto done;
+    }
     pl_status st = PL_OK;
     if (m->cfg.clip > 0) pl_clip_grad_norm(ctx, m->cfg.clip, &st);
     if (st || pl_adamw_step(m->opt)) rc = fail("optimiser step");
@@ -323,27 +365,23 @@ int model_eval(tr_model *m, const int32_t *inputs, const int32_t *targets, int b
                double *loss_sum, int64_t *correct, int64_t *count) {
     pl_ctx *ctx = m->ctx;
     bool was = pl_set_grad_enabled(ctx, false);
-    pl_tensor *logits = forward(m, inputs, batch, false, 0, NULL);
+    int64_t rows = (int64_t)batch * m->cfg.seq;
+    pl_tensor *hid = forward(m, inputs, batch, false, 0, NULL);
     pl_tensor *tg = pl_from_data(ctx, PL_I32, PL_DIMS(batch, m->cfg.seq), targets);
-    /* The library's fused cross-entropy gives the mean over counted targets. */
-    pl_tensor *ce = pl_cross_entropy(ctx, logits, tg);
+    pl_tensor *am = pl_empty(ctx, PL_I32, PL_DIMS(rows));
+    /* The mean over counted targets and each row's argmax (first maximum) from
+     * one pass over the vocabulary chunks. */
+    pl_tensor *ce = am ? pl_linear_cross_entropy(ctx, hid, m->lm_head, tg, 0.0f, pl_i32(am)) : NULL;
     pl_set_grad_enabled(ctx, was);
     if (!ce) {
         pl_step_reset(ctx);
         return fail("evaluation");
     }
-    int64_t rows = (int64_t)batch * m->cfg.seq, V = m->vocab;
-    const float *lg = pl_f32(logits);
+    const int32_t *best = pl_i32(am);
     int64_t ok = 0, n = 0;
-    /* Serial: about 1 ms per batch, and a parallel region run on one thread
-     * would make libgomp allocate. */
     for (int64_t r = 0; r < rows; r++) {
         if (targets[r] < 0) continue;
-        const float *row = lg + r * V;
-        int64_t best = 0; /* argmax, first maximum */
-        for (int64_t j = 1; j < V; j++)
-            if (row[j] > row[best]) best = j;
-        ok += best == targets[r];
+        ok += best[r] == targets[r];
         n++;
     }
     *loss_sum = (double)pl_f32(ce)[0] * (double)n;
@@ -365,8 +403,8 @@ const char *model_tokenizer(const tr_model *m) { return m->tokenizer; }
 /* The shape of the model in checkpoint metadata: "model.<field>" = decimal. */
 #define SHAPE_FIELDS(X)                                                                            \
     X(layers)                                                                                      \
-    X(dim) X(heads) X(ffn) X(experts) X(expert_ffn) X(top_experts) X(indexer_heads) X(indexer_dim) \
-        X(seq)
+    X(dim)                                                                                         \
+    X(heads) X(ffn) X(experts) X(expert_ffn) X(top_experts) X(indexer_heads) X(indexer_dim) X(seq)
 
 int model_save(const tr_model *m, const char *path, int64_t steps_done) {
     const tr_config *c = &m->cfg;
@@ -386,6 +424,10 @@ int model_save(const tr_model *m, const char *path, int64_t steps_done) {
     for (int i = 0, o = 0; i < c->layers; i++)
         o += snprintf(ks + o, sizeof ks - (size_t)o, "%s%d", i ? "," : "", m->layers[i].k);
     keys[n] = "model.layer_k", v[n++] = ks;
+    /* The precision the run trained in (not part of the model: --init and
+     * plasa-generate ignore it; --resume continues in it). */
+    keys[n] = "train.precision",
+    v[n++] = pl_get_matmul_precision(m->ctx) == PL_PRECISION_BF16 ? "bf16" : "f32";
     if (m->tokenizer) keys[n] = "tokenizer", v[n++] = m->tokenizer;
     if (pl_checkpoint_save(m->ctx, path, keys, v, n)) return fail("saving a checkpoint");
     return 0;
@@ -430,6 +472,13 @@ int model_read_config(const char *path, tr_config *cfg, int *vocab, char **token
         cfg->layer_k[i] = (int)k;
         ks = *end ? end + 1 : end;
     }
+    /* Checkpoints from before --precision trained in f32. */
+    const char *prec = pl_safetensors_meta(st, "train.precision");
+    if (prec && strcmp(prec, "f32") != 0 && strcmp(prec, "bf16") != 0) {
+        tr_fail("%s: metadata train.precision is '%s', not f32 or bf16", path, prec);
+        goto done;
+    }
+    cfg->precision = prec && strcmp(prec, "bf16") == 0 ? "bf16" : "f32";
     const char *tok = pl_safetensors_meta(st, "tokenizer");
     *tokenizer = NULL;
     if (tok && !(*tokenizer = strdup(tok))) {
@@ -454,9 +503,11 @@ int model_load(tr_model *m, const char *path, int64_t *steps_done) {
         rc = tr_fail("%s: no steps_done metadata: not a plasa-train checkpoint", path);
     else if (tr_parse_int(steps, strlen(steps), 0, INT32_MAX, &n, what))
         rc = -1;
-    else if (pl_checkpoint_restore(m->ctx, st, 0))
+    /* Without an optimiser (--zero) its state becomes plain tensors that the
+     * update hook takes its shard of. */
+    else if (pl_checkpoint_restore(m->ctx, st, m->opt ? 0 : PL_CKPT_CREATE_EXTRA))
         rc = fail("loading a checkpoint");
-    else if (pl_adamw_get_step(m->opt) < 0 || pl_adamw_get_step(m->opt) > n)
+    else if (m->opt && (pl_adamw_get_step(m->opt) < 0 || pl_adamw_get_step(m->opt) > n))
         rc = tr_fail("%s: adamw.step = %lld is outside [0, steps_done = %lld]", path,
                      (long long)pl_adamw_get_step(m->opt), (long long)n);
     pl_safetensors_close(st);

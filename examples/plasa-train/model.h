@@ -19,6 +19,7 @@
 #include <stdint.h>
 
 #include "cli.h"
+#include "plasa.h"
 
 typedef struct tr_model tr_model;
 
@@ -30,6 +31,21 @@ typedef struct tr_model tr_model;
  * NULL on error. */
 tr_model *model_create(const tr_config *cfg, int vocab);
 void model_free(tr_model *m);
+
+/* The AdamW settings of the model's optimiser (lr, betas 0.9/0.95, eps,
+ * weight_decay from cfg). With cfg->zero the model makes no optimiser: the
+ * update hook (below) owns one (dist.c, ZeRO-1). */
+pl_adamw_config model_adamw_config(const tr_config *cfg);
+pl_adamw *model_optimizer(tr_model *m); /* NULL with cfg->zero */
+
+/* Data-parallel training (dist.c): when set, model_train_step calls
+ * fn(user, clip) after backward in place of its own clipping and AdamW step
+ * (gradient reduction, global-norm clipping, update); nonzero fails the step.
+ * row0: the global index of this process's first batch row, so that dropout
+ * draws the masks the whole batch would in one process. */
+typedef int (*model_update_fn)(void *user, double clip);
+void model_set_update(tr_model *m, model_update_fn fn, void *user);
+void model_set_row_offset(tr_model *m, int64_t row0);
 
 /* Number of trainable scalars. */
 int64_t model_parameters(const tr_model *m);
@@ -65,8 +81,9 @@ int model_save(const tr_model *m, const char *path, int64_t steps_done);
  * and, when set here, the tokenizer's file text ("tokenizer"). */
 int model_set_tokenizer(tr_model *m, const char *text); /* copied; NULL: none */
 const char *model_tokenizer(const tr_model *m);
-/* Reads a checkpoint's configuration into cfg (shape fields, seq, layer_k;
- * the rest untouched), *vocab, and *tokenizer (malloc'd text, NULL if the
+/* Reads a checkpoint's configuration into cfg (shape fields, seq, layer_k,
+ * and precision: metadata "train.precision", "f32" when absent; the rest
+ * untouched), *vocab, and *tokenizer (malloc'd text, NULL if the
  * checkpoint has none). A checkpoint without configuration is an error. */
 int model_read_config(const char *path, tr_config *cfg, int *vocab, char **tokenizer);
 int model_load(tr_model *m, const char *path, int64_t *steps_done);

@@ -327,6 +327,12 @@ int report_json(tr_buf *out, const report_final *r, const tr_config *cfg) {
     jnum(out, "parameters", (double)r->parameters, false);
     jnum(out, "steps", (double)r->steps, false);
     if (r->interrupted) tr_buf_append(out, ", \"interrupted\": true", 21);
+    if (r->ranks > 1) {
+        jnum(out, "ranks", (double)r->ranks, false);
+        jnum(out, "comm_seconds", r->comm_seconds, false);
+        jnum(out, "comm_share", r->comm_share, false);
+        jnum(out, "comm_bytes_per_step", r->comm_bytes_per_step, false);
+    }
     jnum(out, "vocab", (double)r->vocab, false);
     jnum(out, "train_tokens", (double)r->train_tokens, false);
     jnum(out, "val_predicted_tokens", (double)r->val_tokens, false);

@@ -55,6 +55,11 @@ typedef struct {
     const int *layer_k;
     const char *data_source;
     bool interrupted; /* stopped by a signal: "interrupted": true, steps = steps done */
+    /* Under mpirun (ranks > 1 only): "ranks", "comm_seconds" (rank 0's time
+     * inside MPI during training steps), "comm_share" (of the training time)
+     * and "comm_bytes_per_step" (bytes rank 0 sent per step). */
+    int ranks;
+    double comm_seconds, comm_share, comm_bytes_per_step;
 } report_final;
 
 /* The final result: score = 1/perplexity, perplexity = exp(val_loss),

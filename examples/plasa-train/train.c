@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "batches.h"
+#include "dist.h"
 #include "plasa.h"
 #include "report.h"
 #include "tokenizer.h"
@@ -52,6 +53,11 @@ int tr_resume_config(tr_config *cfg) {
                            ck.layer_k[i]);
         cfg->layer_k[i] = ck.layer_k[i];
     }
+    if (cli_given(cfg, "precision") && strcmp(cfg->precision, ck.precision) != 0)
+        return tr_fail("--precision %s conflicts with %s, which trained in %s (leave the flag "
+                       "out: --resume continues in the checkpoint's precision)",
+                       cfg->precision, cfg->resume, ck.precision);
+    cfg->precision = ck.precision;
     cfg->vocab_given = true;
     return 0;
 }
@@ -117,7 +123,9 @@ int tr_evaluate(tr_model *m, const tr_config *cfg, const uint16_t *tok, int64_t 
     double loss = 0;
     int64_t correct = 0, count = 0, npred;
     int rows, rc = 0;
-    while ((rows = batch_eval_next(&it, tok, B, in, tg, &npred)) > 0) {
+    /* Under mpirun rank r evaluates batches r, r+P, ...; the sums are added below. */
+    for (int64_t batch = 0; (rows = batch_eval_next(&it, tok, B, in, tg, &npred)) > 0; batch++) {
+        if (batch % dist_size() != dist_rank()) continue;
         double ls;
         int64_t c, k;
         if (model_eval(m, in, tg, rows, &ls, &c, &k)) {
@@ -133,6 +141,11 @@ int tr_evaluate(tr_model *m, const tr_config *cfg, const uint16_t *tok, int64_t 
     }
     free(in), free(tg);
     if (rc) return -1;
+    if (dist_size() > 1) {
+        double sums[3] = {loss, (double)correct, (double)count};
+        if (dist_sum(sums, 3)) return -1;
+        loss = sums[0], correct = (int64_t)sums[1], count = (int64_t)sums[2];
+    }
     if (count == 0) return tr_fail("evaluation on an empty split");
     out->loss = loss / (double)count;
     out->accuracy = (double)correct / (double)count;
@@ -142,6 +155,11 @@ int tr_evaluate(tr_model *m, const tr_config *cfg, const uint16_t *tok, int64_t 
 
 static volatile sig_atomic_t stop_signal;
 static void on_stop_signal(int sig) { stop_signal = sig; }
+
+/* Whether to stop before the next step: under mpirun only when the ranks
+ * agreed (a signal seen by any rank, summed with the step's loss), so that
+ * every rank stops after the same step. */
+static bool stopping(bool agreed) { return dist_size() > 1 ? agreed : stop_signal != 0; }
 
 int tr_train(const tr_config *cfg, const tr_data *data) {
     double t_start = tr_now();
@@ -173,6 +191,11 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
         goto done;
     }
     if (data->tokenizer_text && model_set_tokenizer(m, data->tokenizer_text)) goto done;
+    if (dist_attach(m, cfg)) goto done;
+    const bool root = dist_rank() == 0;
+    /* This rank's rows of every global batch of B (all of them in one process). */
+    const int Bl = B / dist_size();
+    const int64_t row0 = (int64_t)dist_rank() * Bl * L;
     if (cfg->resume) { /* the checkpoint's tokenizer: the same as the data's, or kept */
         tr_config ck = *cfg;
         int vocab;
@@ -197,7 +220,7 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
     progress bar;
     progress_init(&bar, stderr, first, cfg->steps, cfg->log_every);
     /* The CSV is written as training goes, flushed at every log line. */
-    if (cfg->csv && (!(csv = fopen(cfg->csv, "w")) || report_csv_begin(csv))) {
+    if (root && cfg->csv && (!(csv = fopen(cfg->csv, "w")) || report_csv_begin(csv))) {
         tr_fail("%s: cannot write the CSV", cfg->csv);
         goto done;
     }
@@ -215,10 +238,25 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
     double train_time = 0, tail_loss = 0, last_val = NAN, last_acc = NAN;
     int64_t tail_n = 0, tokens_done = 0, step = first;
     int64_t tail_from = cfg->steps - (cfg->steps < 50 ? cfg->steps : 50);
-    for (; step < cfg->steps && !stop_signal; step++) {
+    bool agreed_stop = false;
+    double comm_s0 = 0, comm_s = 0;
+    int64_t comm_b0 = 0, comm_b = 0;
+    for (; step < cfg->steps && !stopping(agreed_stop); step++) {
         batch_random(data->train, data->ntrain, L, B, cfg->seed, (uint64_t)step, in, tg);
         double t0 = tr_now(), loss;
-        if (model_train_step(m, in, tg, B, step, &loss)) goto done;
+        dist_stats(&comm_s0, &comm_b0);
+        if (model_train_step(m, in + row0, tg + row0, Bl, step, &loss)) goto done;
+        if (dist_size() > 1) { /* the mean over every rank's tokens; a signal anywhere */
+            double sums[3] = {loss * Bl * L, (double)Bl * L, stop_signal != 0};
+            if (dist_sum(sums, 3)) goto done;
+            loss = sums[0] / sums[1];
+            agreed_stop = sums[2] > 0;
+            double cs;
+            int64_t cb;
+            dist_stats(&cs, &cb);
+            comm_s += cs - comm_s0, comm_b += cb - comm_b0;
+        }
+        if (cfg->check_replicas && dist_check_replicas(m, step + 1)) goto done;
         if (!isfinite(loss)) {
             tr_fail("the training loss is %g at step %lld", loss, (long long)step + 1);
             goto done;
@@ -244,11 +282,11 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
         if (csv && (report_csv_row(csv, r) || (flush && fflush(csv)))) goto done;
         progress_step(&bar, step + 1, loss, (double)tokens_done / train_time);
         if (!isnan(r->val_loss)) progress_eval(&bar, step + 1, r->val_loss, r->val_accuracy);
-        if (cfg->sample_every && (step + 1) % cfg->sample_every == 0 &&
+        if (root && cfg->sample_every && (step + 1) % cfg->sample_every == 0 &&
             print_sample(m, cfg, data, step + 1))
             goto done;
         if (!last && cfg->save_every && (step + 1) % cfg->save_every == 0 &&
-            model_save(m, cfg->checkpoint, step + 1))
+            dist_save(m, cfg->checkpoint, step + 1))
             goto done;
     }
     progress_done(&bar);
@@ -264,7 +302,7 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
             rows[nrows - 1].val_accuracy = ev.accuracy;
         }
     }
-    if (cfg->checkpoint && model_save(m, cfg->checkpoint, step)) goto done;
+    if (cfg->checkpoint && dist_save(m, cfg->checkpoint, step)) goto done;
     int layer_k[CLI_MAX_LAYERS];
     int layers = model_layers(m);
     if (layers > CLI_MAX_LAYERS) layers = CLI_MAX_LAYERS;
@@ -284,7 +322,17 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
         .layer_k = layer_k,
         .data_source = data->source,
         .interrupted = interrupted,
+        .ranks = dist_size(),
+        .comm_seconds = comm_s,
+        .comm_share = train_time > 0 ? comm_s / train_time : NAN,
+        .comm_bytes_per_step = step > first ? (double)comm_b / (double)(step - first) : NAN,
     };
+    /* An interruption is agreed by all ranks: they end together (dist.h). */
+    if (interrupted) dist_fail_is_collective();
+    if (!root) { /* rank 0 alone reports and writes the files */
+        rc = interrupted ? tr_fail("interrupted") : 0;
+        goto done;
+    }
     if (report_json(&json, &fin, cfg)) goto done;
     fputs(json.data, stdout);
     fflush(stdout);
@@ -311,6 +359,7 @@ int tr_train(const tr_config *cfg, const tr_data *data) {
     }
     rc = 0;
 done:
+    dist_detach();
     if (handlers) {
         sigaction(SIGINT, &old_int, NULL);
         sigaction(SIGTERM, &old_term, NULL);

@@ -8,7 +8,9 @@
 # and runs every binary; each computes a tiny matmul + backward and checks it.
 # ldd shows that the shared consumers load the installed libplasa.so and the
 # static ones no libplasa.so at all. With -DTRAIN=ON the build has plasa-train:
-# it must be installed in bin/ and run (--help) from there.
+# it must be installed in bin/ and run (--help) from there. With -DMPIRUN=...
+# the build has plasa_mpi: consumer_mpi.c is built with pkg-config plasa-mpi
+# and run on 2 ranks.
 # cmake -DBUILD_DIR=... -DSRC_DIR=... -DWORK_DIR=... -DLIBDIR=... -DC_COMPILER=...
 #       [-DC_FLAGS="..."] -DPKG_CONFIG=... -DLDD=... [-DTRAIN=ON] -P run.cmake
 cmake_minimum_required(VERSION 3.18)
@@ -135,4 +137,35 @@ if(TRAIN)
     message(FATAL_ERROR "bin/plasa-train --help printed no --steps:\n${run_out}")
   endif()
   check_links("bin/plasa-train" ${train} STATIC)
+endif()
+
+# 5. plasa_mpi: header, libraries, plasa-mpi.pc; a consumer on 2 ranks.
+if(MPIRUN)
+  foreach(f include/plasa_mpi.h ${LIBDIR}/libplasa_mpi.a ${LIBDIR}/pkgconfig/plasa-mpi.pc)
+    if(NOT EXISTS ${prefix}/${f})
+      message(FATAL_ERROR "not installed: ${f}")
+    endif()
+  endforeach()
+  set(ENV{PKG_CONFIG_PATH} ${libdir}/pkgconfig)
+  run("pkg-config --cflags --libs plasa-mpi" ${PKG_CONFIG} --cflags --libs plasa-mpi)
+  separate_arguments(pc UNIX_COMMAND "${run_out}")
+  if(NOT "-lplasa_mpi" IN_LIST pc OR NOT "-lmpi" IN_LIST pc OR NOT "-lplasa" IN_LIST pc)
+    message(FATAL_ERROR "plasa-mpi.pc should give -lplasa_mpi, -lplasa and MPI: ${run_out}")
+  endif()
+  configure_file(${SRC_DIR}/consumer_mpi.c ${WORK_DIR}/src/consumer_mpi.c COPYONLY)
+  run("cc with pkg-config plasa-mpi" ${C_COMPILER} ${c_flags} ${WORK_DIR}/src/consumer_mpi.c
+      -o ${WORK_DIR}/consumer_mpi ${pc} -lm)
+  set(ENV{LD_LIBRARY_PATH} "${libdir}:${keep_ld}")
+  run("consumer_mpi on 2 ranks" ${MPIRUN} --oversubscribe --allow-run-as-root -np 2
+      ${WORK_DIR}/consumer_mpi)
+  if(NOT run_out MATCHES "consumer_mpi: 2 ranks, mean gradient 0.5: ok")
+    message(FATAL_ERROR "consumer_mpi: unexpected output: ${run_out}")
+  endif()
+  message(STATUS "pkg-config plasa-mpi: ${run_out}")
+  check_links("pkg-config plasa-mpi" ${WORK_DIR}/consumer_mpi SHARED)
+  run("ldd consumer_mpi" ${LDD} ${WORK_DIR}/consumer_mpi)
+  if(NOT run_out MATCHES "libplasa_mpi\\.so[^\n]*=> ${libdir}/libplasa_mpi\\.so")
+    message(FATAL_ERROR "consumer_mpi should load ${libdir}/libplasa_mpi.so:\n${run_out}")
+  endif()
+  set(ENV{LD_LIBRARY_PATH} "${keep_ld}")
 endif()
