@@ -1,6 +1,7 @@
 /* Per-op-family profile of a step (pl_profile_start / stop / read): wall time
  * of the outermost public op for the forward, and of each tape node's backward
  * for the backward, summed per family name. Off, it costs one branch per op. */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include "internal.h"
 
 #include <time.h>
