@@ -288,11 +288,6 @@ void pl__causal_topk_row(const float *row, int64_t n, int64_t k, int32_t *out, i
  * entry -1 (padding) or in [0, t] for its row t. */
 pl_status pl__check_causal_idx(pl_ctx *ctx, const char *fn, const pl_tensor *idx, int64_t B,
                                int64_t L);
-/* (ops/indexset.c) The index sets transposed: for batch b and key s, the entries t*K + j with
- * idx[b, t, j] == s are list[off[b*(L+1) + s] .. off[b*(L+1) + s + 1]), ascending.
- * Arena memory; returns PL_OK or the error. Needs L*K < 2^31. */
-pl_status pl__idx_by_key(pl_ctx *ctx, const int32_t *idx, int64_t B, int64_t L, int64_t K,
-                         int32_t **off, int32_t **list);
 /* Indexer score row from the products of one query row: out[s] = sum_j w[j]
  * ReLU(D[j*ld + s]) for s < n, heads summed in order j = 0..HI-1 (ops/indexer.c;
  * pl_indexer_topk and the decode path share it, so their scores agree bit for bit
