@@ -128,6 +128,12 @@ static inline int64_t pl_rupw(int64_t x) { return (x + PL_VW - 1) & ~(int64_t)(P
         n = t - 12582912.0f;                                                                       \
         __typeof__(xc) r_ = xc - n * 0.693359375f;                                                 \
         r_ = r_ - n * -2.12194440e-4f;                                                             \
+        PL__EXP_POLY(r_, p);                                                                       \
+    } while (0)
+/* p = e^r for |r| <= ln2/2 (Cephes' degree-7 polynomial): the one polynomial,
+ * shared by the e^x reduction above and the 2^y one of pl_vexp2. */
+#define PL__EXP_POLY(r_, p)                                                                        \
+    do {                                                                                           \
         p = r_ * 1.9875691500e-4f + 1.3981999507e-3f;                                              \
         p = p * r_ + 8.3334519073e-3f;                                                             \
         p = p * r_ + 4.1665795894e-2f;                                                             \
@@ -158,6 +164,35 @@ static PL_AI pl_vf pl_vexp(pl_vf x) {
     PL__EXP_CORE(x, t, n, p);
     const pl_vi e = ((pl_vi)t - (pl_vi)pl_splat(12582912.0f)) << 23; /* n * 2^23 */
     return PL_SEL(under, pl_splat(0.0f), (pl_vf)((pl_vi)p + e));
+}
+
+/* 2^y, the same exp for arguments already in base 2 (kernels that fold
+ * log2(e) into a scale they apply anyway, e.g. attention's 1/sqrt(D)):
+ * y = n + f with n = round(y), |f| <= 1/2 exact, 2^f = e^(f ln2) by the one
+ * polynomial (f ln2 rounds to ~1e-8 absolute, so ~2 ulp as pl_vexp).
+ * y < -126 (and -inf) gives 0; y > 127 gives 2^127. */
+static PL_AI pl_vf pl_vexp2(pl_vf y) {
+    const pl_vi under = y < pl_splat(-126.0f);
+    y = PL_SEL(under, pl_splat(-126.0f), y);
+    y = PL_SEL(y > pl_splat(127.0f), pl_splat(127.0f), y);
+    const pl_vf t = y + 12582912.0f, n = t - 12582912.0f, r = (y - n) * 0.693147180559945f;
+    pl_vf p;
+    PL__EXP_POLY(r, p);
+    const pl_vi e = (pl_vi)t << 23; /* n * 2^23: t's low mantissa bits hold n mod 2^9 */
+    return PL_SEL(under, pl_splat(0.0f), (pl_vf)((pl_vi)p + e));
+}
+
+/* Whether any lane of a comparison result m is set. */
+static PL_AI int pl_vany(pl_vi m) {
+#if PL_VW == 16 && defined(__AVX512F__)
+    return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0;
+#elif PL_VW == 8 && defined(__AVX2__)
+    return !_mm256_testz_si256((__m256i)m, (__m256i)m);
+#else
+    int any = 0;
+    for (int i = 0; i < PL_VW; i++) any |= m[i];
+    return any != 0;
+#endif
 }
 
 /* ---- bfloat16: the upper half of a float's bits ----

@@ -6,11 +6,12 @@
  *
  * Forward, per (b, h, block of BLK queries): loop over the key blocks up to
  * the diagonal with an online softmax (running max m and sum l per row), so
- * only a BLK x BLK tile of scores ever exists. The row's log-sum-exp
- * lse = m + log(l) is saved for backward with the output.
+ * only a few rows of scores ever exist (see "forward" below). The row's
+ * log-sum-exp, in base 2 (lse = m + log2(l) of the scores times log2(e)), is
+ * saved for backward with the output.
  *
  * Backward (FA-2): D_t = sum_d dO[t,d] O[t,d]; each tile recomputes
- * P = exp(S - lse), and with dP = (dO V^T) o Z, dS = P o (dP - D):
+ * P = 2^(S log2(e) - lse), and with dP = (dO V^T) o Z, dS = P o (dP - D):
  *   dV += (P o Z)^T dO,   dK += c dS^T Q,   dQ += c dS K.
  * Tiles are computed transposed (keys as rows), so dV and dK take the tile
  * as is and dQ reads it with swapped strides. Two schedules give the same
@@ -49,7 +50,7 @@ static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 typedef struct {
     const float *q, *k, *v; /* [B, L, H, D] */
     float *o;               /* forward output */
-    float *lse;             /* [B*H][Lp] log-sum-exp of the scaled scores, 0 past L */
+    float *lse;             /* [B*H][Lp] log-sum-exp (base 2) of the scaled scores, 0 past L */
     int64_t B, L, H, D, Dp, nblk, Lp,
         rs;      /* Dp: D rounded up to the vector width; Lp = nblk*BLK; rs = H*D */
     float scale; /* 1/sqrt(D) */
@@ -132,9 +133,9 @@ static PL_AI uint64_t drop_ctr(const att *a, int64_t bh, int64_t t, int64_t s) {
 /* Forward: S[r][c] *= Z for queries t0 + r (r < nr), keys s0 + c (c < nc).
  * A row's keys are consecutive counters: 32 elements per pl__philox8. */
 static PL_AI void drop_rows(const att *a, int64_t bh, int64_t t0, int64_t nr, int64_t s0,
-                            int64_t nc, float *S) {
+                            int64_t nc, float *S, int64_t lds) {
     for (int64_t r = 0; r < nr; r++) {
-        float *sr = S + r * BLK;
+        float *sr = S + r * lds;
         for (int64_t g = 0; g < nc; g += 32) {
             uint32_t w[32];
             pl__philox8(a->seed, drop_ctr(a, bh, t0 + r, s0 + g), 1, false, w);
@@ -168,74 +169,130 @@ static PL_AI void drop_cols(const att *a, int64_t bh, int64_t t0, int64_t nrp, i
 
 /* ---- forward ---- */
 
+/* The forward walks key chunks of CK = 4 vectors (64 keys with AVX-512, 32
+ * with AVX2, 16 at baseline) and, per chunk, panels of 6 query rows: the
+ * scores of RS rows at a time (RS x 4 accumulators: 24 of the 32 zmm, 12 of
+ * the 16 ymm) stay in registers through the softmax step, which writes
+ * P [6 x CK]; then O [6 x Dp] += P V_chunk. Scores are in base 2: the packed
+ * queries carry c log2(e), so P = 2^(s - m) (pl_vexp2) with no scaling.
+ * The running maximum m of a row is raised only when a score exceeds it by
+ * more than LAZY (then O and l are rescaled by 2^(m_old - m_new)): P stays
+ * <= 2^LAZY, and the exact result O / l, lse = m + log2(l) is unchanged. The
+ * row sum l is kept as a vector and reduced once at the end. */
+#define CK (4 * PL_VW)
+#define RS (PL_VW == 16 ? 6 : 3)
+#define LAZY 8.0f
+
+
+/* Scores of rows r0 .. r0 + R - 1 (block-local) with the chunk's keys (KT
+ * columns c0 ..), softmax step, P rows written at P + (r0 - p0) * CK. diag:
+ * key c0 + c is masked when it is after the row's query. */
+static PL_AI void fwd_scores(int R, int64_t D, const float *Qs, const float *KTc, float *S) {
+    pl_vf acc[6][4];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < 4; v++) acc[r][v] = pl_splat(0.0f);
+    for (int64_t d = 0; d < D; d++) {
+        pl_vf kv[4];
+        for (int v = 0; v < 4; v++) kv[v] = PL_LD(KTc + d * BLK + v * PL_VW);
+        for (int r = 0; r < R; r++) {
+            const float q = Qs[r * D + d];
+            for (int v = 0; v < 4; v++) acc[r][v] += q * kv[v];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < 4; v++) PL_ST(S + r * CK + v * PL_VW, acc[r][v]);
+}
+
+static PL_AI void fwd_rows(int R, const att *a, const float *Qs, const float *KTc, int64_t r0,
+                           int64_t c0, bool diag, float *P, float *O, float *lv, float *m) {
+    const int64_t Dp = a->Dp;
+    fwd_scores(R, a->D, Qs + r0 * a->D, KTc, P);
+    const pl_vf ninf = pl_splat(-INFINITY);
+    for (int r = 0; r < R; r++) {
+        float *pr = P + r * CK;
+        pl_vf x[4];
+        for (int v = 0; v < 4; v++) x[v] = PL_LD(pr + v * PL_VW);
+        if (diag) {
+            const pl_vf key = pl_iota() + (float)(c0 - (r0 + r));
+            for (int v = 0; v < 4; v++)
+                x[v] = PL_SEL(key + (float)(v * PL_VW) > 0.0f, ninf, x[v]);
+        }
+        pl_vf mx = x[0];
+        for (int v = 1; v < 4; v++) mx = PL_SEL(x[v] > mx, x[v], mx);
+        float *mr = m + r0 + r, *lr = lv + (r0 + r) * PL_VW;
+        if (pl_vany((pl_vi)(mx > pl_splat(*mr + LAZY)))) { /* raise m: rare past the start */
+            const float mn = pl_vhmax(mx), alpha = pl_vexp2(pl_splat(*mr - mn))[0];
+            *mr = mn;
+            PL_ST(lr, PL_LD(lr) * alpha);
+            for (int64_t d = 0; d < Dp; d += PL_VW)
+                PL_ST(O + (r0 + r) * Dp + d, PL_LD(O + (r0 + r) * Dp + d) * alpha);
+        }
+        const pl_vf mv = pl_splat(*mr);
+        pl_vf sum = PL_LD(lr);
+        for (int v = 0; v < 4; v++) {
+            const pl_vf e = pl_vexp2(x[v] - mv);
+            sum += e;
+            PL_ST(pr + v * PL_VW, e);
+        }
+        PL_ST(lr, sum);
+    }
+}
+
 /* Query block i of head bh. */
 void PL_ISA_FN(fwd_task)(const att *a, int64_t bh, int64_t i, float *ws) {
     const int64_t L = a->L, D = a->D, Dp = a->Dp, rs = a->rs, H = a->H;
     const int64_t b = bh / H, h = bh % H;
     const float *qb = a->q + (b * L * H + h) * D, *KT = a->KT + bh * a->nblk * D * BLK,
                 *Vb = a->Vp + bh * a->Lp * Dp;
-    float *S = ws, *O = S + BLK * BLK, *m = O + BLK * Dp, *l = m + BLK, *al = l + BLK;
+    float *Qs = ws, *P = Qs + BLK * D, *O = P + 6 * CK, *lv = O + BLK * Dp, *m = lv + BLK * PL_VW;
     const int64_t t0 = i * BLK, nr = imin(BLK, L - t0);
-    const float scale = a->scale;
-    const pl_vf iota = pl_iota(), ninf = pl_splat(-INFINITY);
-    for (int64_t r = 0; r < BLK; r++) { /* rows past nr too: step 2 reads them */
+    const float c2 = a->scale * 1.44269504088896341f; /* scores in base 2 */
+    for (int64_t r = 0; r < nr; r++) {
         m[r] = -INFINITY;
-        l[r] = 0.0f;
-        al[r] = 0.0f;
+        PL_ST(lv + r * PL_VW, pl_splat(0.0f));
         for (int64_t d = 0; d < Dp; d += PL_VW) PL_ST(O + r * Dp + d, pl_splat(0.0f));
+        for (int64_t d = 0; d < D; d++) Qs[r * D + d] = qb[(t0 + r) * rs + d] * c2;
     }
     for (int64_t j = 0; j <= i; j++) {
-        const int64_t s0 = j * BLK, nc = imin(BLK, L - s0), ncp = pl_rupw(nc);
-        const bool diag = j == i;
-        pl_gemm(nr, ncp, D, qb + t0 * rs, rs, 1, KT + j * D * BLK, BLK, S, BLK, false);
-        /* Online softmax, a step at a time over all rows (rows are independent,
-         * so the steps overlap). On the diagonal block keys c > r are masked
-         * (that includes the padding past L, which only the diagonal block has).
-         * 1: each row's largest score of the block (scaled after the max: the
-         * scale is positive, so the max commutes with it exactly). */
-        for (int64_t r = 0; r < nr; r++) {
-            const float *sr = S + r * BLK;
-            pl_vf mx = ninf;
-            for (int64_t c = 0; c < ncp; c += PL_VW) {
-                pl_vf x = PL_LD(sr + c);
-                if (diag) x = PL_SEL(iota + (float)c > (float)r, ninf, x);
-                mx = PL_SEL(x > mx, x, mx);
+        const int64_t s0 = j * BLK;
+        const bool dg = j == i;
+        for (int64_t c0 = 0; c0 < BLK && s0 + c0 < L; c0 += CK) {
+            const float *KTc = KT + j * D * BLK + c0;
+            for (int64_t p0 = 0; p0 < nr; p0 += 6) {
+                const int64_t R = imin(6, nr - p0);
+                if (dg && c0 > p0 + R - 1) continue; /* the chunk is after every row's query */
+                const bool diag = dg && c0 + CK - 1 > p0;
+                for (int64_t r0 = p0; r0 < p0 + R; r0 += RS) {
+                    const int64_t n = imin(RS, p0 + R - r0);
+                    float *Pr = P + (r0 - p0) * CK;
+#if PL_VW == 16
+                    switch (n) {
+                    case 6: fwd_rows(6, a, Qs, KTc, r0, c0, diag, Pr, O, lv, m); break;
+                    case 5: fwd_rows(5, a, Qs, KTc, r0, c0, diag, Pr, O, lv, m); break;
+                    case 4: fwd_rows(4, a, Qs, KTc, r0, c0, diag, Pr, O, lv, m); break;
+                    case 3: fwd_rows(3, a, Qs, KTc, r0, c0, diag, Pr, O, lv, m); break;
+                    case 2: fwd_rows(2, a, Qs, KTc, r0, c0, diag, Pr, O, lv, m); break;
+                    default: fwd_rows(1, a, Qs, KTc, r0, c0, diag, Pr, O, lv, m); break;
+                    }
+#else
+                    switch (n) {
+                    case 3: fwd_rows(3, a, Qs, KTc, r0, c0, diag, Pr, O, lv, m); break;
+                    case 2: fwd_rows(2, a, Qs, KTc, r0, c0, diag, Pr, O, lv, m); break;
+                    default: fwd_rows(1, a, Qs, KTc, r0, c0, diag, Pr, O, lv, m); break;
+                    }
+#endif
+                }
+                const int64_t nc = imin(CK, L - s0 - c0);
+                if (a->p > 0.0f) drop_rows(a, bh, t0 + p0, R, s0 + c0, nc, P, CK);
+                pl_gemm(R, Dp, nc, P, CK, 1, Vb + (s0 + c0) * Dp, Dp, O + p0 * Dp, Dp, true);
             }
-            al[r] = pl_vhmax(mx) * scale;
         }
-        /* 2: the running maxima and the factors alpha = e^(m_old - m_new) of
-         * all rows, a vector at a time (alpha = 0 on the first block). */
-        for (int64_t r = 0; r < nr; r += PL_VW) {
-            const pl_vf mo = PL_LD(m + r), mb = PL_LD(al + r), mn = PL_SEL(mb > mo, mb, mo);
-            PL_ST(m + r, mn);
-            PL_ST(al + r, pl_vexp(mo - mn));
-        }
-        /* 3: P = e^(S scale - m), the row sums, and O rescaled by alpha. */
-        for (int64_t r = 0; r < nr; r++) {
-            float *sr = S + r * BLK;
-            const pl_vf mv = pl_splat(m[r]);
-            pl_vf sum = pl_splat(0.0f);
-            for (int64_t c = 0; c < ncp; c += PL_VW) {
-                pl_vf x = PL_LD(sr + c) * scale - mv;
-                if (diag) x = PL_SEL(iota + (float)c > (float)r, ninf, x);
-                const pl_vf e = pl_vexp(x);
-                sum += e;
-                PL_ST(sr + c, e);
-            }
-            const float alpha = al[r];
-            l[r] = l[r] * alpha + pl_vhsum(sum);
-            if (alpha != 1.0f)
-                for (int64_t d = 0; d < Dp; d += PL_VW)
-                    PL_ST(O + r * Dp + d, PL_LD(O + r * Dp + d) * alpha);
-        }
-        if (a->p > 0.0f) drop_rows(a, bh, t0, nr, s0, nc, S);
-        pl_gemm(nr, Dp, nc, S, BLK, 1, Vb + s0 * Dp, Dp, O, Dp, true);
     }
     float *ob = a->o + (b * L * H + h) * D;
     for (int64_t r = 0; r < nr; r++) {
-        float inv = 1.0f / l[r];
+        const float l = pl_vhsum(PL_LD(lv + r * PL_VW)), inv = 1.0f / l;
         for (int64_t d = 0; d < D; d++) ob[(t0 + r) * rs + d] = O[r * Dp + d] * inv;
-        a->lse[bh * a->Lp + t0 + r] = m[r] + logf(l[r]);
+        a->lse[bh * a->Lp + t0 + r] = m[r] + log2f(l); /* base 2 */
     }
 }
 
@@ -276,10 +333,11 @@ PL_SAME_CODE static void bwd_tile(const att *a, int64_t bh, int64_t i, int64_t j
     const bool drop = a->p > 0.0f, edge = i == j || nr < BLK;
     if (drop) drop_cols(a, bh, t0, nrp, s0, nc, w->ZT);
     const pl_vf iota = pl_iota();
+    const float c2 = a->scale * 1.44269504088896341f;
     for (int64_t c = 0; c < nc; c++) {
         float *st = w->ST + c * BLK, *dp = w->dPT + c * BLK, *z = w->ZT + c * BLK;
         for (int64_t r = 0; r < nrp; r += PL_VW) {
-            pl_vf P = pl_vexp(PL_LD(st + r) * a->scale - PL_LD(lseb + r));
+            pl_vf P = pl_vexp2(PL_LD(st + r) * c2 - PL_LD(lseb + r)); /* lse in base 2 */
             if (edge) { /* valid: t0 + r >= s0 + c and r < nr */
                 pl_vf rv = iota + (float)r;
                 pl_vi ok = (rv + (float)(t0 - s0) >= (float)c) & (rv < (float)nr);
@@ -395,7 +453,11 @@ void PL_ISA_FN(dvec_rows)(const att *a, const float *o, float *dvec, int64_t b) 
 #else /* ---- the ops (built once) ---- */
 
 /* Floats of per-thread scratch. */
-static int64_t fwd_scratch(const att *a) { return BLK * BLK + BLK * a->Dp + 3 * BLK; }
+/* Forward: Qs [BLK][D], P [6][CK], O [BLK][Dp], l [BLK][PL_VW], m [BLK], at
+ * the widest PL_VW (16). */
+static int64_t fwd_scratch(const att *a) {
+    return BLK * a->D + 6 * 64 + BLK * a->Dp + BLK * 16 + BLK;
+}
 static int64_t bwd_scratch(const att *a, bool whole) {
     return 3 * BLK * BLK + 2 * BLK * a->Dp + (whole ? a->nblk : 1) * BLK * a->Dp;
 }
