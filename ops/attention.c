@@ -183,7 +183,6 @@ static PL_AI void drop_cols(const att *a, int64_t bh, int64_t t0, int64_t nrp, i
 #define RS (PL_VW == 16 ? 6 : 3)
 #define LAZY 8.0f
 
-
 /* Scores of rows r0 .. r0 + R - 1 (block-local) with the chunk's keys (KT
  * columns c0 ..), softmax step, P rows written at P + (r0 - p0) * CK. diag:
  * key c0 + c is masked when it is after the row's query. */
@@ -214,8 +213,7 @@ static PL_AI void fwd_rows(int R, const att *a, const float *Qs, const float *KT
         for (int v = 0; v < 4; v++) x[v] = PL_LD(pr + v * PL_VW);
         if (diag) {
             const pl_vf key = pl_iota() + (float)(c0 - (r0 + r));
-            for (int v = 0; v < 4; v++)
-                x[v] = PL_SEL(key + (float)(v * PL_VW) > 0.0f, ninf, x[v]);
+            for (int v = 0; v < 4; v++) x[v] = PL_SEL(key + (float)(v * PL_VW) > 0.0f, ninf, x[v]);
         }
         pl_vf mx = x[0];
         for (int v = 1; v < 4; v++) mx = PL_SEL(x[v] > mx, x[v], mx);

@@ -44,12 +44,18 @@ END_TEST
 
 /* Forward and backward (grads through pl_backward_seed) against the naive
  * double version, dropout on or off. */
-static void check_fwd_bwd(shp sh, float p, uint64_t *s) {
+/* amp scales q; ramp scales key t by 1 + ramp t (scores growing along the
+ * keys: the running maximum is raised again and again). */
+static void check_fwd_bwd_x(shp sh, float p, uint64_t *s, float amp, float ramp) {
     int64_t dims[4] = {sh.B, sh.L, sh.H, sh.D};
     pl_tensor *q = tu_param(ctx, "q", 4, dims, s, -2, 2),
               *k = tu_param(ctx, "k", 4, dims, s, -2, 2),
               *v = tu_param(ctx, "v", 4, dims, s, -1, 1);
     int64_t n = q->numel;
+    for (int64_t i = 0; i < n; i++) {
+        pl_f32(q)[i] *= amp;
+        pl_f32(k)[i] *= 1.0f + ramp * (float)((i / (sh.H * sh.D)) % sh.L);
+    }
     float *dO = malloc(sizeof(float) * (size_t)n), *ref = malloc(sizeof(float) * (size_t)n * 4);
     tu_fill(dO, n, s, -1, 1);
     pl_rng rng = {4242, 17};
@@ -82,6 +88,25 @@ static void check_fwd_bwd(shp sh, float p, uint64_t *s) {
     pl_tensor_free(v);
     pl_step_reset(ctx);
 }
+
+static void check_fwd_bwd(shp sh, float p, uint64_t *s) { check_fwd_bwd_x(sh, p, s, 1.0f, 0.0f); }
+
+/* Lengths at and around the forward's key chunks (16, 32, 64 keys per ISA)
+ * and 6-row panels, with peaked scores (large q: softmax weights down to
+ * e^-100 and below, which underflow to 0) and with scores rising along the
+ * keys (the lazily raised row maximum, and the rescaling of O and l). */
+START_TEST(peaked_and_rising_scores) {
+    uint64_t s = 4000 + (uint64_t)_i;
+    static const int64_t Ls[] = {5, 16, 31, 32, 33, 47, 97, 127, 191, 200};
+    for (int rep = 0; rep < 10; rep++) {
+        shp sh = {1 + rep % 2, Ls[rep], 1 + rep % 3, rep % 3 ? 32 : 16};
+        if (_i == 0)
+            check_fwd_bwd_x(sh, 0.0f, &s, 8.0f, 0.0f);
+        else /* keys up to 6x larger at the end: scores to ~30, well conditioned in float */
+            check_fwd_bwd_x(sh, rep % 2 ? 0.1f : 0.0f, &s, 1.0f, 5.0f / (float)sh.L);
+    }
+}
+END_TEST
 
 START_TEST(backward_matches_naive) {
     uint64_t s = 2000 + (uint64_t)_i;
@@ -281,6 +306,7 @@ static void isa_cases(TCase *tc) {
     tcase_add_loop_test(tc, forward_matches_naive, 0, 3);
     tcase_add_loop_test(tc, backward_matches_naive, 0, 3);
     tcase_add_loop_test(tc, dropout_matches_naive, 0, 2);
+    tcase_add_loop_test(tc, peaked_and_rising_scores, 0, 2);
     tcase_add_test(tc, thread_count_and_schedule_independent);
     tcase_add_test(tc, causality);
     tcase_set_timeout(tc, 120);
@@ -292,6 +318,7 @@ int main(void) {
     tcase_add_loop_test(tc, forward_matches_naive, 0, 3);
     tcase_add_loop_test(tc, backward_matches_naive, 0, 3);
     tcase_add_loop_test(tc, dropout_matches_naive, 0, 2);
+    tcase_add_loop_test(tc, peaked_and_rising_scores, 0, 2);
     tcase_add_test(tc, gradients);
     tcase_add_test(tc, thread_count_and_schedule_independent);
     tcase_add_test(tc, causality);
