@@ -361,6 +361,87 @@ PL_SAME_CODE static void dq_accum(const float *dST, int64_t nr, int64_t nc, int6
     pl_gemm(nr, Dp, nc, dST, 1, BLK, Kj, Dp, dQa, Dp, true);
 }
 
+/* Two products sharing their shape, in one pass (each B row and A column
+ * loaded once per step for both): C1 += A1 B1 and C2 += A2 B2, [R x PL_VW*NV]
+ * tiles of C, A by rows of stride lda, B and C row-major with stride ldb.
+ * R <= 6, NV <= 2: with AVX-512 24 accumulators of the 32 registers; the
+ * narrower levels use R <= 3 (12 of 16). */
+static PL_AI void gemm2_tile(int R, int NV, int64_t K, const float *A1, const float *A2,
+                             int64_t lda, const float *B1, const float *B2, int64_t ldb, float *C1,
+                             float *C2) {
+    pl_vf c1[6][2], c2[6][2];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) {
+            c1[r][v] = PL_LD(C1 + r * ldb + PL_VW * v);
+            c2[r][v] = PL_LD(C2 + r * ldb + PL_VW * v);
+        }
+    for (int64_t k = 0; k < K; k++) {
+        pl_vf b1[2], b2[2];
+        for (int v = 0; v < NV; v++) {
+            b1[v] = PL_LD(B1 + k * ldb + PL_VW * v);
+            b2[v] = PL_LD(B2 + k * ldb + PL_VW * v);
+        }
+        for (int r = 0; r < R; r++) {
+            const float x1 = A1[r * lda + k], x2 = A2[r * lda + k];
+            for (int v = 0; v < NV; v++) {
+                c1[r][v] += x1 * b1[v];
+                c2[r][v] += x2 * b2[v];
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) {
+            PL_ST(C1 + r * ldb + PL_VW * v, c1[r][v]);
+            PL_ST(C2 + r * ldb + PL_VW * v, c2[r][v]);
+        }
+}
+
+#define G2R (PL_VW == 16 ? 6 : 3) /* rows of a gemm2 tile */
+
+/* C1 [M x N] += A1 B1, C2 += A2 B2 (N a multiple of PL_VW; K the inner size). */
+static PL_AI void gemm2(int64_t M, int64_t N, int64_t K, const float *A1, const float *A2,
+                        int64_t lda, const float *B1, const float *B2, int64_t ldb, float *C1,
+                        float *C2) {
+    for (int64_t m = 0; m < M; m += G2R) {
+        const int64_t R = imin(G2R, M - m);
+        for (int64_t n = 0; n < N; n += 2 * PL_VW) {
+            const int NV = n + 2 * PL_VW <= N ? 2 : 1;
+            const float *a1 = A1 + m * lda, *a2 = A2 + m * lda;
+            float *c1 = C1 + m * ldb + n, *c2 = C2 + m * ldb + n;
+#define G2(RR)                                                                                     \
+    (NV == 2 ? gemm2_tile(RR, 2, K, a1, a2, lda, B1 + n, B2 + n, ldb, c1, c2)                      \
+             : gemm2_tile(RR, 1, K, a1, a2, lda, B1 + n, B2 + n, ldb, c1, c2))
+            if (R == G2R) G2(G2R);
+#if PL_VW == 16
+            else if (R >= 4) {
+                G2(4);
+                if (R > 4) {
+                    const int64_t m2 = m + 4;
+                    for (int64_t x = m2; x < m + R; x++) {
+                        const float *e1 = A1 + x * lda, *e2 = A2 + x * lda;
+                        float *f1 = C1 + x * ldb + n, *f2 = C2 + x * ldb + n;
+                        if (NV == 2)
+                            gemm2_tile(1, 2, K, e1, e2, lda, B1 + n, B2 + n, ldb, f1, f2);
+                        else
+                            gemm2_tile(1, 1, K, e1, e2, lda, B1 + n, B2 + n, ldb, f1, f2);
+                    }
+                }
+            }
+#endif
+            else
+                for (int64_t x = m; x < m + R; x++) {
+                    const float *e1 = A1 + x * lda, *e2 = A2 + x * lda;
+                    float *f1 = C1 + x * ldb + n, *f2 = C2 + x * ldb + n;
+                    if (NV == 2)
+                        gemm2_tile(1, 2, K, e1, e2, lda, B1 + n, B2 + n, ldb, f1, f2);
+                    else
+                        gemm2_tile(1, 1, K, e1, e2, lda, B1 + n, B2 + n, ldb, f1, f2);
+                }
+#undef G2
+        }
+    }
+}
+
 /* dK_j and dV_j of key block j over the query blocks i >= j; with_dq also
  * adds dS K_j into the dQ rows of every block i (w->dQa, [nblk*BLK x Dp]).
  * This, bwd_tile, dq_accum and write_dq hold all the backward arithmetic and
@@ -379,10 +460,8 @@ PL_SAME_CODE static void key_block(const att *a, int64_t bh, int64_t j, bwd_ws *
     for (int64_t i = j; i < a->nblk; i++) {
         const int64_t t0 = i * BLK, nr = imin(BLK, L - t0);
         bwd_tile(a, bh, i, j, w, want_kv);
-        if (want_kv) {
-            pl_gemm(nc, Dp, nr, w->ST, BLK, 1, dOb + t0 * Dp, Dp, w->dVa, Dp, true); /* PZ^T dO */
-            pl_gemm(nc, Dp, nr, w->dPT, BLK, 1, Qb + t0 * Dp, Dp, w->dKa, Dp, true); /* dS^T Q */
-        }
+        if (want_kv) /* dV += (P o Z)^T dO, dK += dS^T Q */
+            gemm2(nc, Dp, nr, w->ST, w->dPT, BLK, dOb + t0 * Dp, Qb + t0 * Dp, Dp, w->dVa, w->dKa);
         if (with_dq) dq_accum(w->dPT, nr, nc, Dp, Kb + s0 * Dp, w->dQa + t0 * Dp);
     }
     if (!want_kv) return;
