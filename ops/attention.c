@@ -202,10 +202,24 @@ static PL_AI void fwd_scores(int R, int64_t D, const float *Qs, const float *KTc
         for (int v = 0; v < 4; v++) PL_ST(S + r * CK + v * PL_VW, acc[r][v]);
 }
 
+/* Not inlined: in the caller the exp's constants would take registers that
+ * the 24 accumulators need (they were spilled). */
+__attribute__((noinline)) static void fwd_scores_n(int R, int64_t D, const float *Qs,
+                                                   const float *KTc, float *S) {
+    switch (R) {
+    case 6: fwd_scores(6, D, Qs, KTc, S); break;
+    case 5: fwd_scores(5, D, Qs, KTc, S); break;
+    case 4: fwd_scores(4, D, Qs, KTc, S); break;
+    case 3: fwd_scores(3, D, Qs, KTc, S); break;
+    case 2: fwd_scores(2, D, Qs, KTc, S); break;
+    default: fwd_scores(1, D, Qs, KTc, S); break;
+    }
+}
+
 static PL_AI void fwd_rows(int R, const att *a, const float *Qs, const float *KTc, int64_t r0,
                            int64_t c0, bool diag, float *P, float *O, float *lv, float *m) {
     const int64_t Dp = a->Dp;
-    fwd_scores(R, a->D, Qs + r0 * a->D, KTc, P);
+    fwd_scores_n(R, a->D, Qs + r0 * a->D, KTc, P);
     const pl_vf ninf = pl_splat(-INFINITY);
     for (int r = 0; r < R; r++) {
         float *pr = P + r * CK;
