@@ -21,21 +21,23 @@
  * products). Every value is summed in a fixed order, so results do not
  * depend on the thread count.
  *
- * Tile products use a register-blocked kernel of 6 rows x 2 vectors written
- * with the SIMD layer (lib/simd.h): this file's kernel section is compiled per
- * instruction-set level (AVX-512, AVX2, baseline) and chosen at run time, once
- * per forward and saved for the backward; no oneDNN call happens inside the
- * parallel regions. The operands are first copied once into tile-friendly
- * layouts (K^T blocks and V for the forward; Q^T, dO^T blocks, Q, dO and K
- * for the backward), O(L) work instead of O(L^2 / BLK) strided gathers.
+ * Tile products are register-blocked kernels written with the SIMD layer
+ * (lib/simd.h): the forward's scores 6 rows x 4 vectors, dK and dV fused 6
+ * rows x 2 vectors of each, the rest pl_gemm's 6 x 2. This file's kernel
+ * section is compiled per instruction-set level (AVX-512, AVX2, baseline)
+ * and chosen at run time, once per forward and saved for the backward; no
+ * oneDNN call happens inside the parallel regions. The operands are first
+ * copied once into tile-friendly layouts (K^T blocks and V for the forward;
+ * Q^T, dO^T blocks, Q, dO and K for the backward), O(L) work instead of
+ * O(L^2 / BLK) strided gathers.
  * Memory, all linear in L: the saved lse [B, H, L]; during a call, those
  * copies, D [B, H, L] and per-thread tiles (plus one [L, D] dQ buffer per
  * thread in the per-(b, h) schedule), given back to the arena on return.
  *
  * Dropout: element (b, h, t, s) uses word s % 4 of Philox counter offset +
  * ((b*H + h)*L + t)*W + s/4, W = ceil(L/4) (see plasa.h); the forward draws a
- * query row's keys 32 at a time, the backward 8 queries x 4 keys at a time,
- * both with pl__philox8. */
+ * query row's keys up to 32 at a time (a chunk: 16, 32 or 64 keys), the
+ * backward 8 queries x 4 keys at a time, both with pl__philox8. */
 #include "internal.h"
 
 #include <math.h>
