@@ -191,11 +191,17 @@ static double gemm_floor(const tr_config *c, int vocab, int reps, double *flops)
         for (int j = 0; j < 3; j++)
             if (s[j] > big) big = s[j];
     }
-    float *A = calloc(big, sizeof(float)), *Bm = calloc(big, sizeof(float));
-    float *C = calloc(big, sizeof(float));
+    float *A = malloc(big * sizeof(float)), *Bm = malloc(big * sizeof(float));
+    float *C = malloc(big * sizeof(float));
     double total = -1;
     *flops = 0;
     if (A && Bm && C) {
+        /* Operands written with nonzero values: calloc'd memory that is only
+         * read maps every page to the kernel's one zero page, which stays in
+         * L1, so a product reading it (the LM head's 25 MB W at V = 49152)
+         * would never touch memory and the floor would be unreachably low. */
+        for (size_t i = 0; i < big; i++)
+            A[i] = (float)(i % 7) * 0.1f, Bm[i] = (float)(i % 5) * 0.1f, C[i] = 0;
         total = 0;
         for (int i = 0; i < ng && total >= 0; i++) {
             if (!g[i].count || !g[i].m) continue;
