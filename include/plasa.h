@@ -651,6 +651,15 @@ PL_API pl_adamw_config pl_adamw_get_config(const pl_adamw *opt);
  * arrays (n > 0). */
 PL_API pl_status pl_adamw_update(const pl_adamw_config *cfg, int64_t t, float *p, const float *g,
                                  float *m, float *v, int64_t n);
+/* The end of a training step in one pass over the parameters: the same
+ * numbers as pl_clip_grad_norm(ctx, max_norm) (max_norm = INFINITY: no
+ * clipping), then pl_adamw_step(opt), then pl_zero_grad(ctx), bit for bit,
+ * where those read and write every gradient three more times. A first pass
+ * takes the gradients' L2 norm (returned in *grad_norm, which may be NULL);
+ * the second scales each gradient block by the clipping coefficient, updates
+ * p, m and v, and zeroes the block. PL_ERR_ARG on a NULL opt or max_norm < 0
+ * or NaN. Profile family "adamw_clip_zero". */
+PL_API pl_status pl_adamw_step_clip(pl_adamw *opt, double max_norm, double *grad_norm);
 
 /* torch.optim.SGD (maximize off):
  *   d = g + wd*p                            (coupled weight decay)
