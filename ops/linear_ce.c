@@ -95,6 +95,51 @@ PL_KERNEL static void k_lce_row(const float *restrict z, int64_t n, int64_t v0, 
     }
 }
 
+/* The whole row (one chunk) in place, reduced and turned into its gradient
+ * with one exp per logit: the max, the target's logit, the sum and the
+ * argmax first, then z -> exp(z - m) (summed into s), then
+ * z -> c exp(z - m) / s - e/V, and - c (1 - e) at the target; c = 1/C, 0
+ * on an ignored row. (k_lce_row + k_lce_grad_row take a second exp of each
+ * logit for the same gradient.) */
+PL_KERNEL static void k_lce_row_grad(float *restrict z, int64_t n, int32_t t, bool smooth,
+                                     bool amax, lce_rows *st, int64_t r, float c, float ce_v,
+                                     float c_t) {
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < n; i++) m = z[i] > m ? z[i] : m;
+    st->m[r] = m;
+    if (t >= 0 && t < n) st->zt[r] = z[t];
+    if (smooth) {
+        float zs = 0;
+#pragma omp simd reduction(+ : zs)
+        for (int64_t i = 0; i < n; i++) zs += z[i];
+        st->zsum[r] = zs;
+    }
+    if (amax) {
+        float b = z[0];
+        int64_t bi = 0;
+        for (int64_t i = 1; i < n; i++)
+            if (z[i] > b) b = z[i], bi = i;
+        st->best[r] = b, st->besti[r] = (int32_t)bi;
+    }
+    float s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) {
+        float e = pl__expf(z[i] - m);
+        z[i] = e;
+        s += e;
+    }
+    st->s[r] = s;
+    if (t < 0) {
+        memset(z, 0, (size_t)n * sizeof *z);
+        return;
+    }
+    const float k = c / s;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) z[i] = z[i] * k - ce_v;
+    z[t] -= c_t;
+}
+
 /* The chunk of one row in place: z -> c (exp((z - m) - ls) - e/V), then
  * - c (1 - e) at the target; c = 1/C, 0 on an ignored row. */
 PL_KERNEL static void k_lce_grad_row(float *restrict z, int64_t n, int64_t v0, int32_t t, float m,
@@ -224,10 +269,11 @@ static pl_tensor *linear_cross_entropy_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor
             const float ce_v = inv_c * e / (float)V, c_t = inv_c * (1.0f - e);
             PL_PARALLEL_FOR(rb * cw, schedule(static), r, rb, {
                 const int64_t q = r0 + r;
-                k_lce_row(z + r * ld, cw, v0, t[q], smooth, argmax != NULL, &st, q);
                 if (fuse)
-                    k_lce_grad_row(z + r * ld, cw, 0, t[q], st.m[q], logf((float)st.s[q]), inv_c,
+                    k_lce_row_grad(z + r * ld, cw, t[q], smooth, argmax != NULL, &st, q, inv_c,
                                    ce_v, c_t);
+                else
+                    k_lce_row(z + r * ld, cw, v0, t[q], smooth, argmax != NULL, &st, q);
             });
         }
         for (int64_t r = r0; r < r0 + rb; r++) {
