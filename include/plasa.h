@@ -501,14 +501,15 @@ PL_API pl_tensor *pl_cross_entropy_smooth(pl_ctx *ctx, pl_tensor *logits, pl_ten
  *   Without gradients (pl_set_grad_enabled false, or nothing requiring one)
  * the logits are made and reduced in vocabulary chunks of about 4 MiB (one
  * product each): O(rows * chunk) memory, the [rows, V] logits never exist.
- *   With gradients the gradients are completed in this forward pass, in three
- * products as unfused (backward only adds upstream * them into x's and W's
- * gradients). Memory: buffers of x's and W's size, which the gradients need
- * anyway, and, since a row's softmax needs all of its logits before its
- * gradient can enter dW = x^T G, the logits of one block of rows at a time,
- * at most 64 MiB (a [256, 49152] batch is one block; larger batches are split
- * into blocks of rows, each reading W twice), turned into their gradient in
- * place: no separate [rows, V] gradient ever exists. */
+ *   With gradients: three products, as unfused. Since a row's softmax needs
+ * all of its logits before its gradient can enter dW = x^T G, the logits of
+ * one block of rows at a time, at most 64 MiB, are kept and turned into
+ * their gradient G in place: no separate [rows, V] gradient ever exists.
+ * When all rows fit one block (a [256, 49152] batch does), forward makes G
+ * and backward multiplies it straight into x's and W's gradients (G W^T and
+ * x^T G, scaled by the upstream gradient). Larger batches are split into
+ * blocks of rows, each reading W twice, and their gradients are completed in
+ * forward into buffers of x's and W's size (backward adds upstream * them). */
 PL_API pl_tensor *pl_linear_cross_entropy(pl_ctx *ctx, pl_tensor *x, pl_tensor *w,
                                           pl_tensor *targets, float smoothing, int32_t *argmax);
 
@@ -651,6 +652,15 @@ PL_API pl_adamw_config pl_adamw_get_config(const pl_adamw *opt);
  * arrays (n > 0). */
 PL_API pl_status pl_adamw_update(const pl_adamw_config *cfg, int64_t t, float *p, const float *g,
                                  float *m, float *v, int64_t n);
+/* The end of a training step in one pass over the parameters: the same
+ * numbers as pl_clip_grad_norm(ctx, max_norm) (max_norm = INFINITY: no
+ * clipping), then pl_adamw_step(opt), then pl_zero_grad(ctx), bit for bit,
+ * where those read and write every gradient three more times. A first pass
+ * takes the gradients' L2 norm (returned in *grad_norm, which may be NULL);
+ * the second scales each gradient block by the clipping coefficient, updates
+ * p, m and v, and zeroes the block. PL_ERR_ARG on a NULL opt or max_norm < 0
+ * or NaN. Profile family "adamw_clip_zero". */
+PL_API pl_status pl_adamw_step_clip(pl_adamw *opt, double max_norm, double *grad_norm);
 
 /* torch.optim.SGD (maximize off):
  *   d = g + wd*p                            (coupled weight decay)

@@ -292,6 +292,100 @@ pl_status pl_adamw_step(pl_adamw *opt) {
     return PL_OK;
 }
 
+/* The fused step's element pass, by blocks small enough to stay in L1: the
+ * block's gradient scaled in place by cf (clipping; a loop of its own, so
+ * the product is rounded to float exactly as pl_clip_grad_norm rounds it),
+ * then AdamW with the very kernel of pl_adamw_step (run on this thread:
+ * an orphaned omp for inside our own worksharing loop is not allowed, so the
+ * same inline update), then the gradient zeroed (pl_zero_grad). */
+#define ADAMW_FUSED_BLOCK 1024
+static inline void adamw_elems(const adamw_consts *k, float *restrict p, const float *restrict g,
+                               float *restrict m, float *restrict v, int64_t n) {
+    const float decay = k->decay, w1 = k->w1, b2 = k->b2, c2 = k->c2, bc2_sqrt = k->bc2_sqrt,
+                eps = k->eps, neg_step = k->neg_step;
+    const bool do_decay = k->do_decay;
+    for (int64_t i = 0; i < n; i++) {
+        float pi = p[i], gi = g[i];
+        if (do_decay) pi = pi * decay;
+        float mi = lerp_f(m[i], gi, w1);
+        float vi = v[i] * b2;
+        vi = vi + c2 * gi * gi;
+        float denom = sqrtf(vi) / bc2_sqrt + eps;
+        p[i] = pi + neg_step * mi / denom;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+PL_KERNEL static void adamw_fused_kernel(const adamw_consts *k, float *restrict p,
+                                         float *restrict g, float *restrict m, float *restrict v,
+                                         int64_t n, bool scale, float cf) {
+    const int64_t nb = (n + ADAMW_FUSED_BLOCK - 1) / ADAMW_FUSED_BLOCK;
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t o = b * ADAMW_FUSED_BLOCK;
+        const int64_t e = n - o < ADAMW_FUSED_BLOCK ? n - o : ADAMW_FUSED_BLOCK;
+        float *gb = g + o;
+        if (scale)
+            for (int64_t j = 0; j < e; j++) gb[j] *= cf;
+        adamw_elems(k, p + o, gb, m + o, v + o, e);
+        memset(gb, 0, (size_t)e * sizeof *gb);
+    }
+}
+
+/* Sum of the squares of every parameter gradient, in double: per block of
+ * 1024 a vectorised sum (omp simd), then the blocks' sums. */
+static double grad_sq_sum(pl_ctx *ctx) {
+    const int n = ctx->n_params;
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) total += ctx->params[i]->numel;
+    double sum = 0;
+    PL_PARALLEL(4 * total, reduction(+ : sum), {
+        for (int i = 0; i < n; i++) {
+            const float *g = ctx->params[i]->grad;
+            const int64_t m = ctx->params[i]->numel, nb = (m + 1023) / 1024;
+            _Pragma("omp for schedule(static) nowait") for (int64_t b = 0; b < nb; b++) {
+                const int64_t o = b * 1024, e = m - o < 1024 ? m : o + 1024;
+                double s = 0;
+                _Pragma("omp simd reduction(+ : s)") for (int64_t j = o; j < e; j++) s +=
+                    (double)g[j] * g[j];
+                sum += s;
+            }
+        }
+    });
+    return sum;
+}
+
+pl_status pl_adamw_step_clip(pl_adamw *opt, double max_norm, double *grad_norm) {
+    static const char *fn = "pl_adamw_step_clip";
+    if (!(max_norm >= 0))
+        return pl__err(PL_ERR_ARG, "%s: max_norm = %g must be >= 0", fn, max_norm);
+    int64_t t = 0;
+    pl_status s = opt_begin_step(opt ? &opt->st : NULL, fn, &t);
+    if (s) return s;
+    opt_state *o = &opt->st;
+    pl_ctx *ctx = o->ctx;
+    double t0 = pl__prof_begin(ctx);
+    /* pl_clip_grad_norm's coefficient, from the same sum */
+    const double norm = sqrt(grad_sq_sum(ctx)), coef = max_norm / (norm + 1e-6);
+    const bool scale = isfinite(norm) && coef < 1.0;
+    const float cf = (float)coef;
+    if (grad_norm) *grad_norm = norm;
+    const adamw_consts k = adamw_make_consts(&opt->cfg, t);
+    int64_t total = 0;
+    for (int i = 0; i < o->n_slots; i++) total += o->slots[i].param->numel;
+    PL_PARALLEL(4 * total, default(shared), {
+        for (int i = 0; i < o->n_slots; i++) {
+            opt_slot *sl = &o->slots[i];
+            adamw_fused_kernel(&k, pl_f32(sl->param), sl->param->grad, pl_f32(sl->s[0]),
+                               pl_f32(sl->s[1]), sl->param->numel, scale, cf);
+        }
+    });
+    pl_i32(o->step)[0] = (int32_t)t;
+    pl__prof_end(ctx, "adamw_clip_zero", t0, false);
+    return PL_OK;
+}
+
 pl_status pl_adamw_update(const pl_adamw_config *cfg, int64_t t, float *p, const float *g, float *m,
                           float *v, int64_t n) {
     static const char *fn = "pl_adamw_update";
@@ -411,16 +505,7 @@ double pl_clip_grad_norm(pl_ctx *ctx, double max_norm, pl_status *status) {
     const int n = ctx->n_params;
     int64_t total = 0;
     for (int i = 0; i < n; i++) total += ctx->params[i]->numel;
-    double sum = 0;
-    PL_PARALLEL(4 * total, reduction(+ : sum), {
-        for (int i = 0; i < n; i++) {
-            const float *g = ctx->params[i]->grad;
-            const int64_t m = ctx->params[i]->numel;
-            _Pragma("omp for schedule(static) nowait")
-            for (int64_t j = 0; j < m; j++) sum += (double)g[j] * g[j];
-        }
-    });
-    const double norm = sqrt(sum);
+    const double norm = sqrt(grad_sq_sum(ctx));
     const double coef = max_norm / (norm + 1e-6);
     if (isfinite(norm) && coef < 1.0) {
         const float cf = (float)coef;

@@ -22,9 +22,14 @@
  * and, row by row while the row is in cache, its lse and then its gradient in
  * place; pass B runs dx_block = G W^T and dW (+)= x_block^T G. (With smaller
  * chunks, lce_chunk_cols, pass A reduces chunk by chunk and pass B makes G
- * chunk by chunk before its two products.) dx and dW go to buffers of x's and
- * W's size: the gradient is complete at the end of the forward pass, and
- * backward adds upstream * buffer into the gradients. Three products, as the
+ * chunk by chunk before its two products.) With one block and one chunk (the
+ * default whenever the logits fit the budget, e.g. [256, 49152]) pass B waits
+ * for backward: G stays in its scratch buffer until then, and backward runs
+ * the two products straight into x's and W's gradients (alpha = the upstream
+ * gradient, beta = 1), with no buffers of x's and W's size and no pass adding
+ * them. Otherwise dx and dW go to such buffers in forward (the gradient is
+ * complete at its end) and backward adds upstream * buffer into the
+ * gradients. Three products, as the
  * unfused pl_linear + pl_cross_entropy, all through pl__sgemm; the logits are
  * read from memory once where unfused they and their separate gradient
  * (zeroed first) went through it several times. */
@@ -38,6 +43,11 @@
 typedef struct {
     float *dx, *dw; /* the gradients for an upstream gradient of 1 (NULL: not needed) */
     int64_t count;  /* counted rows */
+    /* Deferred products (one block, one chunk): G [N, V] made in forward, and
+     * backward runs dx += up G W^T and dW += up x^T G into the gradients. */
+    const float *G;
+    int64_t N, d, V;
+    bool want_dx, want_dw;
 } lce_saved;
 
 /* Running per-row state over the chunks. */
@@ -85,6 +95,51 @@ PL_KERNEL static void k_lce_row(const float *restrict z, int64_t n, int64_t v0, 
     }
 }
 
+/* The whole row (one chunk) in place, reduced and turned into its gradient
+ * with one exp per logit: the max, the target's logit, the sum and the
+ * argmax first, then z -> exp(z - m) (summed into s), then
+ * z -> c exp(z - m) / s - e/V, and - c (1 - e) at the target; c = 1/C, 0
+ * on an ignored row. (k_lce_row + k_lce_grad_row take a second exp of each
+ * logit for the same gradient.) */
+PL_KERNEL static void k_lce_row_grad(float *restrict z, int64_t n, int32_t t, bool smooth,
+                                     bool amax, lce_rows *st, int64_t r, float c, float ce_v,
+                                     float c_t) {
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < n; i++) m = z[i] > m ? z[i] : m;
+    st->m[r] = m;
+    if (t >= 0 && t < n) st->zt[r] = z[t];
+    if (smooth) {
+        float zs = 0;
+#pragma omp simd reduction(+ : zs)
+        for (int64_t i = 0; i < n; i++) zs += z[i];
+        st->zsum[r] = zs;
+    }
+    if (amax) {
+        float b = z[0];
+        int64_t bi = 0;
+        for (int64_t i = 1; i < n; i++)
+            if (z[i] > b) b = z[i], bi = i;
+        st->best[r] = b, st->besti[r] = (int32_t)bi;
+    }
+    float s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) {
+        float e = pl__expf(z[i] - m);
+        z[i] = e;
+        s += e;
+    }
+    st->s[r] = s;
+    if (t < 0) {
+        memset(z, 0, (size_t)n * sizeof *z);
+        return;
+    }
+    const float k = c / s;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) z[i] = z[i] * k - ce_v;
+    z[t] -= c_t;
+}
+
 /* The chunk of one row in place: z -> c (exp((z - m) - ls) - e/V), then
  * - c (1 - e) at the target; c = 1/C, 0 on an ignored row. */
 PL_KERNEL static void k_lce_grad_row(float *restrict z, int64_t n, int64_t v0, int32_t t, float m,
@@ -104,6 +159,16 @@ static void lce_backward(pl_ctx *ctx, pl_node *n) {
     float *g[3];
     if (pl__grads(ctx, n, g)) return;
     const float up = n->out->grad[0];
+    if (sv->G) {
+        const float *xd = pl_f32(n->in[0]), *wd = pl_f32(n->in[1]);
+        const int64_t N = sv->N, d = sv->d, V = sv->V;
+        if (sv->want_dx && g[0] &&
+            pl__sgemm(ctx, false, true, N, d, V, up, sv->G, V, wd, V, 1.0f, g[0], d))
+            return;
+        if (sv->want_dw && g[1])
+            pl__sgemm(ctx, true, false, d, V, N, up, xd, d, sv->G, V, 1.0f, g[1], V);
+        return;
+    }
     const float *src[2] = {sv->dx, sv->dw};
     for (int k = 0; k < 2; k++) {
         if (!g[k] || !src[k]) continue;
@@ -166,10 +231,14 @@ static pl_tensor *linear_cross_entropy_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor
     st.zsum = pl__scratch(ctx, (size_t)N * sizeof(double) + 1);
     st.best = pl__scratch(ctx, (size_t)N * sizeof(float) + 1);
     st.besti = pl__scratch(ctx, (size_t)N * sizeof(int32_t) + 1);
-    float *dx = want_dx ? pl__scratch(ctx, (size_t)x->numel * sizeof(float) + 1) : NULL;
-    float *dw = want_dw ? pl__scratch(ctx, (size_t)w->numel * sizeof(float) + 1) : NULL;
+    /* One block of rows and one chunk (the default whenever the logits fit
+     * the budget): G stays in zbuf and backward multiplies it straight into
+     * the gradients, so no dx / dW buffers and no pass adding them. */
+    const bool defer = grad && R == N && chunk == V;
+    float *dx = want_dx && !defer ? pl__scratch(ctx, (size_t)x->numel * sizeof(float) + 1) : NULL;
+    float *dw = want_dw && !defer ? pl__scratch(ctx, (size_t)w->numel * sizeof(float) + 1) : NULL;
     if ((nz && !zbuf) || !st.m || !st.s || !st.zt || !st.zsum || !st.best || !st.besti ||
-        (want_dx && !dx) || (want_dw && !dw))
+        (want_dx && !defer && !dx) || (want_dw && !defer && !dw))
         return NULL;
     for (int64_t r = 0; r < N; r++) {
         st.m[r] = -INFINITY, st.s[r] = 0, st.zt[r] = 0, st.zsum[r] = 0;
@@ -200,10 +269,11 @@ static pl_tensor *linear_cross_entropy_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor
             const float ce_v = inv_c * e / (float)V, c_t = inv_c * (1.0f - e);
             PL_PARALLEL_FOR(rb * cw, schedule(static), r, rb, {
                 const int64_t q = r0 + r;
-                k_lce_row(z + r * ld, cw, v0, t[q], smooth, argmax != NULL, &st, q);
                 if (fuse)
-                    k_lce_grad_row(z + r * ld, cw, 0, t[q], st.m[q], logf((float)st.s[q]), inv_c,
+                    k_lce_row_grad(z + r * ld, cw, t[q], smooth, argmax != NULL, &st, q, inv_c,
                                    ce_v, c_t);
+                else
+                    k_lce_row(z + r * ld, cw, v0, t[q], smooth, argmax != NULL, &st, q);
             });
         }
         for (int64_t r = r0; r < r0 + rb; r++) {
@@ -212,7 +282,7 @@ static pl_tensor *linear_cross_entropy_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor
             double ce = lse - st.zt[r];
             loss += smooth ? (1.0 - e) * ce + e * (lse - st.zsum[r] / (double)V) : ce;
         }
-        if (!grad) continue;
+        if (!grad || defer) continue;
         /* pass B: G in place, chunk by chunk, and its two products */
         const float ce_v = inv_c * e / (float)V, c_t = inv_c * (1.0f - e);
         for (int64_t v0 = 0; v0 < V; v0 += chunk) {
@@ -240,6 +310,8 @@ static pl_tensor *linear_cross_entropy_impl(pl_ctx *ctx, pl_tensor *x, pl_tensor
     if (n) {
         lce_saved *sv = n->saved;
         sv->dx = dx, sv->dw = dw, sv->count = grad ? count : 0;
+        sv->G = defer ? zbuf : NULL;
+        sv->N = N, sv->d = d, sv->V = V, sv->want_dx = want_dx, sv->want_dw = want_dw;
     }
     return y;
 }

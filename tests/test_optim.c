@@ -369,6 +369,65 @@ START_TEST(clip_grad_norm) {
 }
 END_TEST
 
+/* pl_adamw_step_clip against pl_clip_grad_norm + pl_adamw_step + pl_zero_grad
+ * on a twin context: bit-identical parameters, moments and norms, zeroed
+ * gradients, with clipping active, inactive (max above the norm) and off
+ * (INFINITY), over parameters of several sizes (block tails, threads). */
+START_TEST(adamw_step_clip_matches_unfused) {
+    const int64_t sizes[3] = {3 * 1024 + 17, 5, 2048};
+    pl_ctx *c[2] = {ctx, pl_ctx_new(NULL)};
+    ck_assert_ptr_nonnull(c[1]);
+    pl_tensor *p[2][3];
+    for (int k = 0; k < 2; k++)
+        for (int j = 0; j < 3; j++) {
+            char nm[8];
+            snprintf(nm, sizeof nm, "p%d", j);
+            p[k][j] = pl_param_new(c[k], nm, PL_DIMS(sizes[j]));
+            uint64_t s = 7 + (uint64_t)j;
+            tu_fill(pl_f32(p[k][j]), sizes[j], &s, -1, 1);
+        }
+    pl_adamw_config cfg = pl_adamw_default_config();
+    cfg.lr = 1e-2, cfg.beta2 = 0.95, cfg.weight_decay = 0.1;
+    pl_adamw *o[2] = {pl_adamw_new(c[0], &cfg), pl_adamw_new(c[1], &cfg)};
+    ck_assert(o[0] && o[1]);
+    const double maxes[5] = {1.0, 1e6, INFINITY, 0.5, 0.0};
+    for (int t = 0; t < 5; t++) {
+        for (int k = 0; k < 2; k++)
+            for (int j = 0; j < 3; j++)
+                for (int64_t i = 0; i < sizes[j]; i++)
+                    p[k][j]->grad[i] = grad_at((int)i + 100 * j, t + 1) * (t == 1 ? 1e-3f : 1.0f);
+        pl_status st = PL_ERR_STATE;
+        double n0 = pl_clip_grad_norm(c[0], maxes[t], &st), n1 = -1;
+        ck_assert_int_eq(st, PL_OK);
+        ck_assert_int_eq(pl_adamw_step(o[0]), PL_OK);
+        pl_zero_grad(c[0]);
+        ck_assert_int_eq(pl_adamw_step_clip(o[1], maxes[t], &n1), PL_OK);
+        ck_assert_msg(n0 == n1, "step %d: norm %.17g vs %.17g", t, n0, n1);
+        ck_assert_int_eq(pl_adamw_get_step(o[1]), t + 1);
+        for (int j = 0; j < 3; j++) {
+            const size_t b = (size_t)sizes[j] * sizeof(float);
+            ck_assert_msg(!memcmp(pl_f32(p[0][j]), pl_f32(p[1][j]), b), "step %d p%d", t, j);
+            for (int64_t i = 0; i < sizes[j]; i++) ck_assert(p[1][j]->grad[i] == 0.0f);
+            for (int q = 0; q < 2; q++) {
+                char nm[32];
+                snprintf(nm, sizeof nm, "adamw.%s.p%d", q ? "v" : "m", j);
+                ck_assert(!memcmp(pl_f32(find_state(c[0], nm)), pl_f32(find_state(c[1], nm)), b));
+            }
+        }
+    }
+    /* Errors: nothing changes. */
+    ck_assert_int_eq(pl_adamw_step_clip(o[1], -1.0, NULL), PL_ERR_ARG);
+    tu_assert_error(PL_ERR_ARG, "max_norm");
+    ck_assert_int_eq(pl_adamw_step_clip(o[1], NAN, NULL), PL_ERR_ARG);
+    ck_assert_int_eq(pl_adamw_step_clip(NULL, 1.0, NULL), PL_ERR_ARG);
+    tu_assert_error(PL_ERR_ARG, "pl_adamw_step_clip");
+    ck_assert_int_eq(pl_adamw_get_step(o[1]), 5);
+    pl_adamw_free(o[0]);
+    pl_adamw_free(o[1]);
+    pl_ctx_free(c[1]);
+}
+END_TEST
+
 START_TEST(steady_state_no_heap) {
     pl_tensor *ps[3] = {pl_param_new(ctx, "w1", PL_DIMS(128, 512)),
                         pl_param_new(ctx, "w2", PL_DIMS(512)), pl_param_new(ctx, NULL, PL_DIMS(7))};
@@ -527,6 +586,7 @@ int main(void) {
     tcase_add_test(tc, adamw_late_and_unnamed_params);
     tcase_add_test(tc, sgd_matches_hand_trajectory);
     tcase_add_test(tc, clip_grad_norm);
+    tcase_add_test(tc, adamw_step_clip_matches_unfused);
     tcase_add_test(tc, steady_state_no_heap);
     tcase_add_test(tc, init_linear_bounds_and_stats);
     tcase_add_test(tc, init_embedding_stats);

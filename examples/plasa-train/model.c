@@ -352,9 +352,13 @@ int model_train_step(tr_model *m, const int32_t *inputs, const int32_t *targets,
         rc = m->update(m->update_user, m->cfg.clip);
         goto done;
     }
-    pl_status st = PL_OK;
-    if (m->cfg.clip > 0) pl_clip_grad_norm(ctx, m->cfg.clip, &st);
-    if (st || pl_adamw_step(m->opt)) rc = fail("optimiser step");
+    /* Clipping, AdamW and zeroing the gradients in one pass over the parameters. */
+    if (pl_adamw_step_clip(m->opt, m->cfg.clip > 0 ? m->cfg.clip : INFINITY, NULL)) {
+        rc = fail("optimiser step");
+        goto done;
+    }
+    pl_step_reset(ctx);
+    return 0;
 done:
     pl_zero_grad(ctx);
     pl_step_reset(ctx);
