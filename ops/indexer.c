@@ -33,8 +33,8 @@
  * elementwise kernels (score rows, their backward, int8 scaling) give the same
  * bits on every path. The dot products (ixg_dots, the decode kernel, dq) use
  * explicit FMAs (pl_vfma) where the level has them, as an sgemm does, and
- * ixg_dots sums its PL_VW lanes by the one tree: there the paths differ in the
- * last bits. Every path is tested against the references of
+ * the gathered dots (ixg_chunk_dots) sum their PL_VW lanes by the one
+ * transposing tree: there the paths differ in the last bits. Every path is tested against the references of
  * tests/test_indexer.c (tu_isa_tcases forces each level the CPU has). */
 #include "internal.h"
 
@@ -62,15 +62,12 @@ PL_ISA_DECLARE(void, ix_row_backward,
 PL_ISA_DECLARE(void, ixb_fwd_row,
                (const float *Dt, int64_t ld, const float *w, int64_t HI, const int32_t *ir,
                 int64_t K, float *out));
-PL_ISA_DECLARE(void, ixg_dots,
-               (const float *q, const float *kb, const int32_t *ir, int64_t K, int64_t HI,
-                int64_t dI, float *X));
-PL_ISA_DECLARE(void, ixg_scores,
-               (const float *X, const float *w, const int32_t *ir, int64_t K, int64_t HI,
-                float *out));
+PL_ISA_DECLARE(void, ixg_fwd_row,
+               (const float *q, const float *kb, const float *w, const int32_t *ir, int64_t K,
+                int64_t HI, int64_t dI, float *Xc, float *out));
 PL_ISA_DECLARE(void, ixg_bwd_row,
                (const float *q, const float *kb, const float *w, const int32_t *ir, const float *g,
-                int64_t K, int64_t HI, int64_t dI, float *X, float *dq, float *dw, float *dkp));
+                int64_t K, int64_t HI, int64_t dI, float *Xc, float *dq, float *dw, float *dkp));
 
 #ifdef PL_ISA /* ---- the kernels (built per instruction set) ---- */
 #if PL_VW == 16
@@ -176,148 +173,186 @@ static inline void ix_prefetch(const float *row, int64_t n) {
         __builtin_prefetch((const char *)row + o);
 }
 
-/* X[h*K + j] = q_h . k_{ir[j]} for the valid entries j of row ir (q: the
- * row's HI query heads, kb: its batch's keys). Four heads at a time, PL_VW
- * lanes each, then the lanes summed by the one tree (pl_vhsum). */
-void PL_ISA_FN(ixg_dots)(const float *q, const float *kb, const int32_t *ir, int64_t K, int64_t HI,
-                         int64_t dI, float *X) {
+/* One chunk of PL_VW entries j0 .. j0+PL_VW of a row's index set: the
+ * selected key rows (padding and entries past K point at key 0, a valid row
+ * whose results are masked), the mask of valid lanes, and g (0 past K). */
+typedef struct {
+    const float *kp[PL_VW];
+    int32_t ir[PL_VW]; /* -1: padding or past K */
+} ixg_chunk;
+
+static inline void ix_prefetchw(const float *row, int64_t n) {
+    for (int64_t o = 0; o < n * (int64_t)sizeof(float); o += 64)
+        __builtin_prefetch((const char *)row + o, 1);
+}
+
+/* Loads chunk j0 into c and prefetches the next chunk's key rows (and with
+ * dkp, its dk rows for writing). Returns the chunk's entries (<= PL_VW). */
+static PL_AI int64_t ixg_chunk_load(ixg_chunk *c, const float *kb, const int32_t *ir, int64_t j0,
+                                    int64_t K, int64_t dI, const float *dkp) {
+    const int64_t n = K - j0 < PL_VW ? K - j0 : PL_VW;
+    for (int l = 0; l < PL_VW; l++) {
+        const int32_t s = l < n ? ir[j0 + l] : -1;
+        c->ir[l] = s;
+        c->kp[l] = kb + (s >= 0 ? (int64_t)s : 0) * dI;
+    }
+    for (int64_t l = j0 + PL_VW; l < K && l < j0 + 2 * PL_VW; l++)
+        if (ir[l] >= 0) {
+            ix_prefetch(kb + (int64_t)ir[l] * dI, dI);
+            if (dkp) ix_prefetchw(dkp + (int64_t)ir[l] * dI, dI);
+        }
+    return n;
+}
+
+static PL_AI pl_vi ixg_on(const ixg_chunk *c) {
+    pl_vi v;
+    memcpy(&v, c->ir, sizeof v);
+    return v >= 0;
+}
+
+/* Xc[h*PL_VW + l] = q_h . k_{ir[j0+l]} for the chunk's lanes: per head, one
+ * accumulator per lane over dI (fused multiply-adds in order of i, PL_VW
+ * columns at a time), the lanes' sums by the one transposing tree
+ * (pl_vhsum_t), then the dI % PL_VW last columns in order. The forward and the
+ * backward call it alike: the same dots, bit for bit. */
+static PL_AI void ixg_chunk_dots(const ixg_chunk *c, const float *q, int64_t HI, int64_t dI,
+                                 float *Xc) {
     const int64_t dv = dI & ~(int64_t)(PL_VW - 1);
-    for (int64_t j = 0; j < K; j++) {
-        if (j + 8 < K && ir[j + 8] >= 0) ix_prefetch(kb + (int64_t)ir[j + 8] * dI, dI);
-        if (ir[j] < 0) continue;
-        const float *ks = kb + (int64_t)ir[j] * dI;
-        int64_t h = 0;
-        for (; h + 4 <= HI; h += 4) {
-            const float *q0 = q + h * dI, *q1 = q0 + dI, *q2 = q1 + dI, *q3 = q2 + dI;
-            pl_vf a0 = pl_splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t i = 0; i < dv; i += PL_VW) {
-                const pl_vf kv = PL_LD(ks + i);
-                a0 = pl_vfma(PL_LD(q0 + i), kv, a0);
-                a1 = pl_vfma(PL_LD(q1 + i), kv, a1);
-                a2 = pl_vfma(PL_LD(q2 + i), kv, a2);
-                a3 = pl_vfma(PL_LD(q3 + i), kv, a3);
-            }
-            float x[4] = {pl_vhsum(a0), pl_vhsum(a1), pl_vhsum(a2), pl_vhsum(a3)};
-            for (int64_t i = dv; i < dI; i++) {
-                x[0] += q0[i] * ks[i];
-                x[1] += q1[i] * ks[i];
-                x[2] += q2[i] * ks[i];
-                x[3] += q3[i] * ks[i];
-            }
-            for (int g = 0; g < 4; g++) X[(h + g) * K + j] = x[g];
-        }
-        for (; h < HI; h++) {
-            const float *qh = q + h * dI;
-            pl_vf a = pl_splat(0.0f);
-            for (int64_t i = 0; i < dv; i += PL_VW) a = pl_vfma(PL_LD(qh + i), PL_LD(ks + i), a);
-            float x = pl_vhsum(a);
-            for (int64_t i = dv; i < dI; i++) x += qh[i] * ks[i];
-            X[h * K + j] = x;
-        }
-    }
-}
-
-/* Row scores from its dots: out[j] = sum_h w[h] ReLU(X[h*K + j]) (-inf at padding). */
-void PL_ISA_FN(ixg_scores)(const float *X, const float *w, const int32_t *ir, int64_t K, int64_t HI,
-                           float *out) {
-    for (int64_t j = 0; j < K; j++) {
-        const float x = X[j];
-        out[j] = w[0] * pl__relu(x);
-    }
-    for (int64_t h = 1; h < HI; h++)
-        for (int64_t j = 0; j < K; j++) {
-            const float x = X[h * K + j];
-            out[j] += w[h] * pl__relu(x);
-        }
-    for (int64_t j = 0; j < K; j++)
-        if (ir[j] < 0) out[j] = -INFINITY;
-}
-
-/* Backward of row (b,t) from its dots X (turned into the dDots in place):
- * dw[h] += sum_j g[j] ReLU(X), dq_h += sum_j dDots k_s, dkp_s += sum_h dDots q_h. */
-void PL_ISA_FN(ixg_bwd_row)(const float *q, const float *kb, const float *w, const int32_t *ir,
-                            const float *g, int64_t K, int64_t HI, int64_t dI, float *X, float *dq,
-                            float *dw, float *dkp) {
     for (int64_t h = 0; h < HI; h++) {
-        float *Xh = X + h * K, acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        const float wh = w[h];
-        int64_t j = 0;
-        for (; j + 8 <= K; j += 8)
-            for (int l = 0; l < 8; l++) {
-                const bool on = ir[j + l] >= 0;
-                const float x = Xh[j + l];
-                acc[l] += on ? g[j + l] * pl__relu(x) : 0.0f;
-                Xh[j + l] = on && x > 0.0f ? g[j + l] * wh : 0.0f;
-            }
-        float sum =
-            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        for (; j < K; j++) {
-            const bool on = ir[j] >= 0;
-            const float x = Xh[j];
-            sum += on ? g[j] * pl__relu(x) : 0.0f;
-            Xh[j] = on && x > 0.0f ? g[j] * wh : 0.0f;
+        const float *qh = q + h * dI;
+        pl_vf a[PL_VW];
+        for (int l = 0; l < PL_VW; l++) a[l] = pl_splat(0.0f);
+        for (int64_t i = 0; i < dv; i += PL_VW) {
+            const pl_vf qv = PL_LD(qh + i);
+            for (int l = 0; l < PL_VW; l++) a[l] = pl_vfma(qv, PL_LD(c->kp[l] + i), a[l]);
         }
-        if (dw) dw[h] += sum;
+        float *x = Xc + h * PL_VW;
+        PL_ST(x, pl_vhsum_t(a));
+        for (int64_t i = dv; i < dI; i++)
+            for (int l = 0; l < PL_VW; l++) x[l] += qh[i] * c->kp[l][i];
     }
-    const int64_t d8 = dI & ~(int64_t)(PL_VW - 1);
-    /* dq: per PL_VW columns of dI, four heads' sums over the keys in registers */
-    if (dq) {
-        int64_t h = 0;
-        for (; h + 4 <= HI; h += 4) {
-            const float *C0 = X + h * K, *C1 = C0 + K, *C2 = C1 + K, *C3 = C2 + K;
-            float *d0 = dq + h * dI, *d1 = d0 + dI, *d2 = d1 + dI, *d3 = d2 + dI;
-            for (int64_t i = 0; i < d8; i += PL_VW) {
-                pl_vf a0 = pl_splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
-                for (int64_t j = 0; j < K; j++) {
-                    if (ir[j] < 0) continue;
-                    const pl_vf kv = PL_LD(kb + (int64_t)ir[j] * dI + i);
-                    a0 = pl_vfma(pl_splat(C0[j]), kv, a0);
-                    a1 = pl_vfma(pl_splat(C1[j]), kv, a1);
-                    a2 = pl_vfma(pl_splat(C2[j]), kv, a2);
-                    a3 = pl_vfma(pl_splat(C3[j]), kv, a3);
+}
+
+/* Gathered forward of row (b,t): out[j] = sum_h w[h] ReLU(q_h . k_{ir[j]})
+ * (heads added in order, -inf at padding). Xc: room for HI*PL_VW floats. */
+void PL_ISA_FN(ixg_fwd_row)(const float *q, const float *kb, const float *w, const int32_t *ir,
+                            int64_t K, int64_t HI, int64_t dI, float *Xc, float *out) {
+    ixg_chunk c;
+    for (int64_t j0 = 0; j0 < K; j0 += PL_VW) {
+        const int64_t n = ixg_chunk_load(&c, kb, ir, j0, K, dI, NULL);
+        ixg_chunk_dots(&c, q, HI, dI, Xc);
+        pl_vf acc = pl_splat(w[0]) * pl_vrelu(PL_LD(Xc));
+        for (int64_t h = 1; h < HI; h++) acc += pl_splat(w[h]) * pl_vrelu(PL_LD(Xc + h * PL_VW));
+        acc = PL_SEL(ixg_on(&c), acc, pl_splat(-INFINITY));
+        if (n == PL_VW) {
+            PL_ST(out + j0, acc);
+        } else {
+            float tmp[PL_VW];
+            PL_ST(tmp, acc);
+            memcpy(out + j0, tmp, sizeof(float) * (size_t)n);
+        }
+    }
+}
+
+/* Backward of row (b,t), one pass over its index set, PL_VW entries at a
+ * time: the chunk's dots (as the forward's), then with
+ *   dDots[h,j] = g[j] w[h] [dots > 0]          (0 at padding)
+ *   dw[h]  += sum_j g[j] ReLU(dots[h,j])       (per lane, then the one tree)
+ *   dq_h   += sum_j dDots[h,j] k_{ir[j]}       (j in order)
+ *   dkp_s  += sum_h dDots[h,j] q_h             (heads in fours, in order)
+ * while the chunk's key rows are in L1. Scratch Xc: 2*HI*PL_VW floats. */
+void PL_ISA_FN(ixg_bwd_row)(const float *q, const float *kb, const float *w, const int32_t *ir,
+                            const float *g, int64_t K, int64_t HI, int64_t dI, float *Xc, float *dq,
+                            float *dw, float *dkp) {
+    float *dwv = Xc + HI * PL_VW; /* per head, per lane: sum g ReLU(dots) */
+    for (int64_t h = 0; h < HI; h++) PL_ST(dwv + h * PL_VW, pl_splat(0.0f));
+    const int64_t dv = dI & ~(int64_t)(PL_VW - 1);
+    ixg_chunk c;
+    for (int64_t j0 = 0; j0 < K; j0 += PL_VW) {
+        const int64_t n = ixg_chunk_load(&c, kb, ir, j0, K, dI, dkp);
+        ixg_chunk_dots(&c, q, HI, dI, Xc);
+        float gt[PL_VW] = {0};
+        memcpy(gt, g + j0, sizeof(float) * (size_t)n);
+        const pl_vf gv = PL_LD(gt);
+        const pl_vi on = ixg_on(&c);
+        for (int64_t h = 0; h < HI; h++) {
+            const pl_vf x = PL_LD(Xc + h * PL_VW);
+            PL_ST(dwv + h * PL_VW,
+                  PL_LD(dwv + h * PL_VW) + PL_SEL(on, gv * pl_vrelu(x), pl_splat(0.0f)));
+            PL_ST(Xc + h * PL_VW,
+                  PL_SEL(on & (x > pl_splat(0.0f)), gv * pl_splat(w[h]), pl_splat(0.0f)));
+        }
+        /* dq: four heads' PL_VW columns in registers over the chunk's keys */
+        if (dq) {
+            int64_t h = 0;
+            for (; h + 4 <= HI; h += 4) {
+                const float *C0 = Xc + h * PL_VW, *C1 = C0 + PL_VW, *C2 = C1 + PL_VW,
+                            *C3 = C2 + PL_VW;
+                float *d0 = dq + h * dI, *d1 = d0 + dI, *d2 = d1 + dI, *d3 = d2 + dI;
+                for (int64_t i = 0; i < dv; i += PL_VW) {
+                    pl_vf a0 = PL_LD(d0 + i), a1 = PL_LD(d1 + i), a2 = PL_LD(d2 + i),
+                          a3 = PL_LD(d3 + i);
+                    for (int l = 0; l < n; l++) {
+                        if (c.ir[l] < 0) continue;
+                        const pl_vf kv = PL_LD(c.kp[l] + i);
+                        a0 = pl_vfma(pl_splat(C0[l]), kv, a0);
+                        a1 = pl_vfma(pl_splat(C1[l]), kv, a1);
+                        a2 = pl_vfma(pl_splat(C2[l]), kv, a2);
+                        a3 = pl_vfma(pl_splat(C3[l]), kv, a3);
+                    }
+                    PL_ST(d0 + i, a0);
+                    PL_ST(d1 + i, a1);
+                    PL_ST(d2 + i, a2);
+                    PL_ST(d3 + i, a3);
                 }
-                PL_ST(d0 + i, PL_LD(d0 + i) + a0);
-                PL_ST(d1 + i, PL_LD(d1 + i) + a1);
-                PL_ST(d2 + i, PL_LD(d2 + i) + a2);
-                PL_ST(d3 + i, PL_LD(d3 + i) + a3);
+                for (int64_t i = dv; i < dI; i++)
+                    for (int l = 0; l < n; l++) {
+                        if (c.ir[l] < 0) continue;
+                        const float kv = c.kp[l][i];
+                        d0[i] += C0[l] * kv;
+                        d1[i] += C1[l] * kv;
+                        d2[i] += C2[l] * kv;
+                        d3[i] += C3[l] * kv;
+                    }
             }
-            for (int64_t i = d8; i < dI; i++)
-                for (int64_t j = 0; j < K; j++) {
-                    if (ir[j] < 0) continue;
-                    const float kv = kb[(int64_t)ir[j] * dI + i];
-                    d0[i] += C0[j] * kv;
-                    d1[i] += C1[j] * kv;
-                    d2[i] += C2[j] * kv;
-                    d3[i] += C3[j] * kv;
+            for (; h < HI; h++) {
+                const float *Ch = Xc + h * PL_VW;
+                float *dh = dq + h * dI;
+                for (int64_t i = 0; i < dv; i += PL_VW) {
+                    pl_vf a = PL_LD(dh + i);
+                    for (int l = 0; l < n; l++)
+                        if (c.ir[l] >= 0) a = pl_vfma(pl_splat(Ch[l]), PL_LD(c.kp[l] + i), a);
+                    PL_ST(dh + i, a);
                 }
+                for (int64_t i = dv; i < dI; i++)
+                    for (int l = 0; l < n; l++)
+                        if (c.ir[l] >= 0) dh[i] += Ch[l] * c.kp[l][i];
+            }
         }
-        for (; h < HI; h++)
-            for (int64_t j = 0; j < K; j++)
-                if (ir[j] >= 0 && X[h * K + j] != 0.0f)
-                    pl__axpy(dq + h * dI, X[h * K + j], kb + (int64_t)ir[j] * dI, dI);
-    }
-    if (!dkp) return;
-    /* dk rows: one read-modify-write of each selected key's row */
-    for (int64_t j = 0; j < K; j++) {
-        if (j + 8 < K && ir[j + 8] >= 0) ix_prefetch(dkp + (int64_t)ir[j + 8] * dI, dI);
-        if (ir[j] < 0) continue;
-        float *dks = dkp + (int64_t)ir[j] * dI;
-        int64_t h = 0;
-        for (; h + 4 <= HI; h += 4) {
-            const float c0 = X[h * K + j], c1 = X[(h + 1) * K + j], c2 = X[(h + 2) * K + j],
-                        c3 = X[(h + 3) * K + j];
-            if (c0 == 0.0f && c1 == 0.0f && c2 == 0.0f && c3 == 0.0f) continue;
-            const float *q0 = q + h * dI, *q1 = q0 + dI, *q2 = q1 + dI, *q3 = q2 + dI;
-            int64_t i = 0;
-            for (; i < d8; i += PL_VW)
-                PL_ST(dks + i, PL_LD(dks + i) + (((c0 * PL_LD(q0 + i) + c1 * PL_LD(q1 + i)) +
-                                                  c2 * PL_LD(q2 + i)) +
-                                                 c3 * PL_LD(q3 + i)));
-            for (; i < dI; i++) dks[i] += ((c0 * q0[i] + c1 * q1[i]) + c2 * q2[i]) + c3 * q3[i];
+        if (!dkp) continue;
+        /* dk rows: one read-modify-write of each selected key's row */
+        for (int l = 0; l < n; l++) {
+            if (c.ir[l] < 0) continue;
+            float *dks = dkp + (int64_t)c.ir[l] * dI;
+            int64_t h = 0;
+            for (; h + 4 <= HI; h += 4) {
+                const float c0 = Xc[h * PL_VW + l], c1 = Xc[(h + 1) * PL_VW + l],
+                            c2 = Xc[(h + 2) * PL_VW + l], c3 = Xc[(h + 3) * PL_VW + l];
+                if (c0 == 0.0f && c1 == 0.0f && c2 == 0.0f && c3 == 0.0f) continue;
+                const float *q0 = q + h * dI, *q1 = q0 + dI, *q2 = q1 + dI, *q3 = q2 + dI;
+                int64_t i = 0;
+                for (; i < dv; i += PL_VW)
+                    PL_ST(dks + i, PL_LD(dks + i) + (((c0 * PL_LD(q0 + i) + c1 * PL_LD(q1 + i)) +
+                                                      c2 * PL_LD(q2 + i)) +
+                                                     c3 * PL_LD(q3 + i)));
+                for (; i < dI; i++) dks[i] += ((c0 * q0[i] + c1 * q1[i]) + c2 * q2[i]) + c3 * q3[i];
+            }
+            for (; h < HI; h++)
+                if (Xc[h * PL_VW + l] != 0.0f) pl__axpy(dks, Xc[h * PL_VW + l], q + h * dI, dI);
         }
-        for (; h < HI; h++)
-            if (X[h * K + j] != 0.0f) pl__axpy(dks, X[h * K + j], q + h * dI, dI);
     }
+    if (dw)
+        for (int64_t h = 0; h < HI; h++) dw[h] += pl_vhsum(PL_LD(dwv + h * PL_VW));
 }
 
 /* ---- decoding: scores over the cache's indexer keys ----
@@ -720,10 +755,12 @@ pl_tensor *pl_indexer_topk_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_
  * only the selected entries read (bit-identical to pl_indexer_scores); with
  * few, each selected score is a gather of HI dot products of length dI.
  * Backward (both, and pl_indexer_topk_scores) is one pass over the rows that
- * recomputes the HI dots of each selected entry; dq and dw of a row belong to
- * its task, dk is summed into one buffer per row range (the ranges depend on
- * the shapes only, not on the threads) and the buffers are added in order
- * afterwards: no races, and the same bits for any number of threads. */
+ * recomputes the HI dots of each selected entry, PL_VW entries at a time, and
+ * uses them while the keys are in L1 (ixg_bwd_row); dq and dw of a row belong
+ * to its task, dk is summed per row range (range 0 into dk, the others into
+ * one buffer each; the ranges depend on the shapes only, not on the threads)
+ * and the buffers are added in order afterwards: no races, and the same bits
+ * for any number of threads. */
 
 typedef struct {
     ix_dims d;
@@ -755,30 +792,33 @@ static pl_status ixb_forward(pl_ctx *ctx, const ix_dims *d, const float *q, cons
     return PL_OK;
 }
 
-/* Per-thread room for one row's dots. */
-static float *ixg_rowbuf(pl_ctx *ctx, const ix_dims *d, int64_t K) {
-    return pl__scratch(ctx, sizeof(float) * (size_t)(d->HI * K) * (size_t)omp_get_max_threads());
+/* Per-thread room for one chunk's dots and the dw sums (2 HI chunks of at
+ * most 16 lanes, lib/simd.h), cache-line aligned. */
+static int64_t ixg_room(const ix_dims *d) { return (2 * d->HI * 16 + 15) & ~(int64_t)15; }
+
+static float *ixg_rowbuf(pl_ctx *ctx, const ix_dims *d) {
+    return pl__scratch(ctx, sizeof(float) * (size_t)ixg_room(d) * (size_t)omp_get_max_threads());
 }
 
 static pl_status ixg_forward(pl_ctx *ctx, const ix_dims *d, int64_t K, const float *q,
                              const float *k, const float *w, const int32_t *idx, float *out) {
     const int64_t B = d->B, L = d->L, HI = d->HI, dI = d->dI;
-    float *Xb = ixg_rowbuf(ctx, d, K);
+    float *Xb = ixg_rowbuf(ctx, d);
     if (!Xb) return PL_ERR_NOMEM;
     PL_PARALLEL_FOR(B * L * K * HI * dI, schedule(static, 16), r, B * L, {
-        float *X = Xb + (size_t)omp_get_thread_num() * (size_t)(HI * K);
-        PL_ISA_PICK(ixg_dots, d->isa)
-        (q + r * HI * dI, k + (r / L) * L * dI, idx + r * K, K, HI, dI, X);
-        PL_ISA_PICK(ixg_scores, d->isa)(X, w + r * HI, idx + r * K, K, HI, out + r * K);
+        float *X = Xb + (size_t)omp_get_thread_num() * (size_t)ixg_room(d);
+        PL_ISA_PICK(ixg_fwd_row, d->isa)
+        (q + r * HI * dI, k + (r / L) * L * dI, w + r * HI, idx + r * K, K, HI, dI, X, out + r * K);
     });
     return PL_OK;
 }
 
-/* Row ranges with their own dk buffer: a function of the shapes only. */
+/* Row ranges with their own dk buffer: a function of the shapes only (range
+ * 0 adds into dk itself, ranges 1.. into buffers zeroed by their task). */
 static int64_t dk_parts(const ix_dims *d) {
     const int64_t bytes = d->B * d->L * d->dI * (int64_t)sizeof(float);
     int64_t p = ((int64_t)64 << 20) / (bytes > 0 ? bytes : 1);
-    p = p < 8 ? p : 8;
+    p = p < 4 ? p : 4;
     p = p > 2 ? p : 2; /* at least two tasks, at the cost of a second buffer */
     p = p < d->B * d->L ? p : d->B * d->L;
     return p > 1 ? p : 1;
@@ -795,29 +835,30 @@ static void indexer_at_backward(pl_ctx *ctx, pl_node *n) {
     const float *q = pl_f32(qI), *k = pl_f32(kI), *wd = pl_f32(w), *g = n->out->grad;
     const int32_t *idx = sv->idx;
     const int64_t P = dk ? dk_parts(d) : 1, nk = B * L * dI;
-    float *part = dk ? pl__scratch(ctx, sizeof(float) * (size_t)(P * nk)) : NULL;
-    float *Xb = ixg_rowbuf(ctx, d, K);
-    if ((dk && !part) || !Xb) return;
-    if (dk) memset(part, 0, sizeof(float) * (size_t)(P * nk));
-    /* Task p: rows [p*rows/P, (p+1)*rows/P), dk into part p. */
+    float *part = dk && P > 1 ? pl__scratch(ctx, sizeof(float) * (size_t)((P - 1) * nk)) : NULL;
+    float *Xb = ixg_rowbuf(ctx, d);
+    if ((dk && P > 1 && !part) || !Xb) return;
+    /* Task p: rows [p*rows/P, (p+1)*rows/P), dk into dk (p = 0) or part p-1:
+     * dk = (dk + rows of range 0) + part 0 + part 1 ..., the same order at
+     * any number of threads. */
     PL_PARALLEL_FOR(rows * K * HI * dI, schedule(dynamic, 1), p, P, {
         const int64_t r0 = p * rows / P, r1 = (p + 1) * rows / P;
-        float *dkp = dk ? part + p * nk : NULL;
-        float *X = Xb + (size_t)omp_get_thread_num() * (size_t)(HI * K);
+        float *dkp = !dk ? NULL : p == 0 ? dk : part + (p - 1) * nk;
+        if (dkp && p > 0) memset(dkp, 0, sizeof(float) * (size_t)nk);
+        float *X = Xb + (size_t)omp_get_thread_num() * (size_t)ixg_room(d);
         for (int64_t r = r0; r < r1; r++) {
             const float *kb = k + (r / L) * L * dI;
-            PL_ISA_PICK(ixg_dots, d->isa)(q + r * HI * dI, kb, idx + r * K, K, HI, dI, X);
             PL_ISA_PICK(ixg_bwd_row, d->isa)
             (q + r * HI * dI, kb, wd + r * HI, idx + r * K, g + r * K, K, HI, dI, X,
              dq ? dq + r * HI * dI : NULL, dw ? dw + r * HI : NULL,
              dkp ? dkp + (r / L) * L * dI : NULL);
         }
     });
-    if (!dk) return;
+    if (!dk || P < 2) return;
     PL_PARALLEL_FOR(nk * P, schedule(static), i, nk, {
-        float acc = part[i];
-        for (int64_t p = 1; p < P; p++) acc += part[p * nk + i];
-        dk[i] += acc;
+        float acc = dk[i];
+        for (int64_t p = 0; p < P - 1; p++) acc += part[p * nk + i];
+        dk[i] = acc;
     });
 }
 

@@ -307,6 +307,43 @@ START_TEST(backward_serial_equals_parallel) {
 }
 END_TEST
 
+/* The gathered scores_at, forward and backward, gives the same bits with 1
+ * and 2 threads (rows in parallel, dk summed per fixed row range); K and dI
+ * not multiples of the vector width, HI with a remainder after four. */
+START_TEST(at_threads_1_equals_2) {
+    uint64_t s = 91;
+    const int B = 2, L = 70, HI = 5, dI = 37, K = 29;
+    pl_tensor *in[3] = {tu_param(ctx, "qI", PL_DIMS(B, L, HI, dI), &s, -1, 1),
+                        tu_param(ctx, "kI", PL_DIMS(B, L, dI), &s, -1, 1),
+                        tu_param(ctx, "w", PL_DIMS(B, L, HI), &s, -1, 1)};
+    pl_tensor *idx = pl_persistent_new(ctx, "idx", PL_I32, PL_DIMS(B, L, K), false);
+    pl_tensor *tmp = random_idx(&s, B, L, K, true, false);
+    memcpy(pl_i32(idx), pl_i32(tmp), sizeof(int32_t) * (size_t)idx->numel);
+    float *seed = malloc(sizeof(float) * (size_t)B * L * K);
+    tu_fill(seed, (int64_t)B * L * K, &s, -1, 1);
+    const int64_t no = (int64_t)B * L * K, n = no + in[0]->numel + in[1]->numel + in[2]->numel;
+    float *res[2];
+    pl__tuning.indexer_at_mode = 1;
+    pl__tuning.par_min = 0;
+    for (int run = 0; run < 2; run++) {
+        pl_set_num_threads(run + 1);
+        pl_step_reset(ctx);
+        pl_zero_grad(ctx);
+        pl_tensor *y = pl_indexer_scores_at(ctx, in[0], in[1], in[2], idx);
+        ck_assert_msg(y && pl_backward_seed(ctx, y, seed) == PL_OK, "%s", pl_last_error());
+        float *r = res[run] = malloc(sizeof(float) * (size_t)n);
+        memcpy(r, pl_f32(y), sizeof(float) * (size_t)no);
+        for (int i = 0, off = (int)no; i < 3; off += (int)in[i]->numel, i++)
+            memcpy(r + off, in[i]->grad, sizeof(float) * (size_t)in[i]->numel);
+    }
+    pl_set_num_threads(2);
+    ck_assert_msg(!memcmp(res[0], res[1], sizeof(float) * (size_t)n), "1 and 2 threads differ");
+    free(res[0]);
+    free(res[1]);
+    free(seed);
+}
+END_TEST
+
 /* Gradients of the row-pass backward (pl_indexer_scores_at and
  * pl_indexer_topk_scores) against the dense op's independent backward,
  * seeded with the same gradient scattered to the selected keys; shapes
@@ -617,6 +654,7 @@ int main(void) {
     tcase_add_test(tc, scores_at_matches_dense);
     tcase_add_test(tc, scores_at_gradients);
     tcase_add_test(tc, backward_serial_equals_parallel);
+    tcase_add_test(tc, at_threads_1_equals_2);
     tcase_add_test(tc, at_backward_matches_dense_backward);
     tcase_add_loop_test(tc, topk_scores_fused, 0, 2);
     tcase_add_test(tc, int8_scores_match_reference);
