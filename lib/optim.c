@@ -227,24 +227,6 @@ static inline float lerp_f(float start, float end, float w) {
     return fabsf(w) < 0.5f ? start + w * (end - start) : end - (end - start) * (1.0f - w);
 }
 
-PL_KERNEL static void adamw_kernel(float *restrict p, const float *restrict g, float *restrict m,
-                                   float *restrict v, int64_t n, float decay, bool do_decay,
-                                   float w1, float b2, float c2, float bc2_sqrt, float eps,
-                                   float neg_step) {
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < n; i++) {
-        float pi = p[i], gi = g[i];
-        if (do_decay) pi = pi * decay;
-        float mi = lerp_f(m[i], gi, w1);
-        float vi = v[i] * b2;
-        vi = vi + c2 * gi * gi;
-        float denom = sqrtf(vi) / bc2_sqrt + eps;
-        p[i] = pi + neg_step * mi / denom;
-        m[i] = mi;
-        v[i] = vi;
-    }
-}
-
 /* The float constants of step t (1-based): hyperparameter arithmetic in
  * double, rounded once, as PyTorch does. */
 typedef struct {
@@ -264,41 +246,10 @@ static adamw_consts adamw_make_consts(const pl_adamw_config *c, int64_t t) {
                           .neg_step = (float)-(c->lr / bc1)};
 }
 
-static inline void adamw_range(const adamw_consts *k, float *p, const float *g, float *m, float *v,
-                               int64_t n) {
-    adamw_kernel(p, g, m, v, n, k->decay, k->do_decay, k->w1, k->b2, k->c2, k->bc2_sqrt, k->eps,
-                 k->neg_step);
-}
+#define ADAMW_BLOCK 1024 /* elements per work item of the AdamW passes */
 
-pl_status pl_adamw_step(pl_adamw *opt) {
-    int64_t t = 0;
-    pl_status s = opt_begin_step(opt ? &opt->st : NULL, "pl_adamw_step", &t);
-    if (s) return s;
-    opt_state *o = &opt->st;
-    const adamw_consts k = adamw_make_consts(&opt->cfg, t);
-    double t0 = pl__prof_begin(o->ctx);
-    int64_t total = 0;
-    for (int i = 0; i < o->n_slots; i++) total += o->slots[i].param->numel;
-    /* work: a few multiply-adds per parameter */
-    PL_PARALLEL(4 * total, default(shared), {
-        for (int i = 0; i < o->n_slots; i++) {
-            opt_slot *sl = &o->slots[i];
-            adamw_range(&k, pl_f32(sl->param), sl->param->grad, pl_f32(sl->s[0]), pl_f32(sl->s[1]),
-                        sl->param->numel);
-        }
-    });
-    pl_i32(o->step)[0] = (int32_t)t;
-    pl__prof_end(o->ctx, "adamw", t0, false);
-    return PL_OK;
-}
-
-/* The fused step's element pass, by blocks small enough to stay in L1: the
- * block's gradient scaled in place by cf (clipping; a loop of its own, so
- * the product is rounded to float exactly as pl_clip_grad_norm rounds it),
- * then AdamW with the very kernel of pl_adamw_step (run on this thread:
- * an orphaned omp for inside our own worksharing loop is not allowed, so the
- * same inline update), then the gradient zeroed (pl_zero_grad). */
-#define ADAMW_FUSED_BLOCK 1024
+/* AdamW on n elements with step constants k: the one copy of its arithmetic
+ * (PyTorch's order of operations, in float). */
 static inline void adamw_elems(const adamw_consts *k, float *restrict p, const float *restrict g,
                                float *restrict m, float *restrict v, int64_t n) {
     const float decay = k->decay, w1 = k->w1, b2 = k->b2, c2 = k->c2, bc2_sqrt = k->bc2_sqrt,
@@ -317,14 +268,52 @@ static inline void adamw_elems(const adamw_consts *k, float *restrict p, const f
     }
 }
 
+PL_KERNEL static void adamw_kernel(const adamw_consts *k, float *restrict p,
+                                   const float *restrict g, float *restrict m, float *restrict v,
+                                   int64_t n) {
+    const int64_t nb = (n + ADAMW_BLOCK - 1) / ADAMW_BLOCK;
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t o = b * ADAMW_BLOCK, e = n - o < ADAMW_BLOCK ? n - o : ADAMW_BLOCK;
+        adamw_elems(k, p + o, g + o, m + o, v + o, e);
+    }
+}
+
+pl_status pl_adamw_step(pl_adamw *opt) {
+    int64_t t = 0;
+    pl_status s = opt_begin_step(opt ? &opt->st : NULL, "pl_adamw_step", &t);
+    if (s) return s;
+    opt_state *o = &opt->st;
+    const adamw_consts k = adamw_make_consts(&opt->cfg, t);
+    double t0 = pl__prof_begin(o->ctx);
+    int64_t total = 0;
+    for (int i = 0; i < o->n_slots; i++) total += o->slots[i].param->numel;
+    /* work: a few multiply-adds per parameter */
+    PL_PARALLEL(4 * total, default(shared), {
+        for (int i = 0; i < o->n_slots; i++) {
+            opt_slot *sl = &o->slots[i];
+            adamw_kernel(&k, pl_f32(sl->param), sl->param->grad, pl_f32(sl->s[0]), pl_f32(sl->s[1]),
+                         sl->param->numel);
+        }
+    });
+    pl_i32(o->step)[0] = (int32_t)t;
+    pl__prof_end(o->ctx, "adamw", t0, false);
+    return PL_OK;
+}
+
+/* The fused step's element pass, by blocks small enough to stay in L1: the
+ * block's gradient scaled in place by cf (clipping; a loop of its own, so
+ * the product is rounded to float exactly as pl_clip_grad_norm rounds it),
+ * then AdamW (adamw_elems, as pl_adamw_step), then the gradient zeroed
+ * (pl_zero_grad). */
 PL_KERNEL static void adamw_fused_kernel(const adamw_consts *k, float *restrict p,
                                          float *restrict g, float *restrict m, float *restrict v,
                                          int64_t n, bool scale, float cf) {
-    const int64_t nb = (n + ADAMW_FUSED_BLOCK - 1) / ADAMW_FUSED_BLOCK;
+    const int64_t nb = (n + ADAMW_BLOCK - 1) / ADAMW_BLOCK;
 #pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < nb; b++) {
-        const int64_t o = b * ADAMW_FUSED_BLOCK;
-        const int64_t e = n - o < ADAMW_FUSED_BLOCK ? n - o : ADAMW_FUSED_BLOCK;
+        const int64_t o = b * ADAMW_BLOCK;
+        const int64_t e = n - o < ADAMW_BLOCK ? n - o : ADAMW_BLOCK;
         float *gb = g + o;
         if (scale)
             for (int64_t j = 0; j < e; j++) gb[j] *= cf;
@@ -399,7 +388,7 @@ pl_status pl_adamw_update(const pl_adamw_config *cfg, int64_t t, float *p, const
     if (n > 0 && (!p || !g || !m || !v))
         return pl__err(PL_ERR_ARG, "%s: p, g, m and v must not be NULL", fn);
     const adamw_consts k = adamw_make_consts(cfg, t);
-    PL_PARALLEL(4 * n, default(shared), { adamw_range(&k, p, g, m, v, n); });
+    PL_PARALLEL(4 * n, default(shared), { adamw_kernel(&k, p, g, m, v, n); });
     return PL_OK;
 }
 
