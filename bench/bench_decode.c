@@ -83,7 +83,8 @@ static void layer_bench(const int *ctxs, int nc, int k, int reps) {
         "\n### One attention layer, one new token (H=%d, D=%d, HI=%d, dI=%d, k=%d, indexer %s)\n\n",
         H, D, HI, DI, k, layer_prec == PL_INDEXER_INT8 ? "int8" : "f32");
     printf("| context | dense us (median / min) | PLASA us (median / min) | of which indexer+top-k "
-           "| sparse attention | dense / PLASA |\n|---:|---:|---:|---:|---:|---:|\n");
+           "(median / min) | sparse attention (median / min) | dense / PLASA (medians) "
+           "|\n|---:|---:|---:|---:|---:|---:|\n");
     pl_ctx *ctx = pl_ctx_new(NULL);
     if (!ctx || pl_set_indexer_precision(ctx, layer_prec)) die("context");
     pl_rng rng;
@@ -137,8 +138,8 @@ static void layer_bench(const int *ctxs, int nc, int k, int reps) {
             md[i] = td[i * reps + reps / 2];
             mn[i] = td[i * reps];
         }
-        printf("| %d | %.1f / %.1f | %.1f / %.1f | %.1f | %.1f | %.2f |\n", c, md[0], mn[0], md[1],
-               mn[1], md[2], md[3], md[0] / md[1]);
+        printf("| %d | %.1f / %.1f | %.1f / %.1f | %.1f / %.1f | %.1f / %.1f | %.2f |\n", c, md[0],
+               mn[0], md[1], mn[1], md[2], mn[2], md[3], mn[3], md[0] / md[1]);
         fflush(stdout);
         free(td);
         pl_kv_cache_free(kv);

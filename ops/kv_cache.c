@@ -580,6 +580,8 @@ pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *c, int layer, 
             work += n > k ? n * HI * dI : 0;
         }
         first[ng] = tasks;
+        /* static schedules: below the threshold these loops run orphaned, where a
+         * dynamic one would make libgomp malloc a work share (tests/test_memory.c) */
         PL_PARALLEL(work, default(shared), {
             const size_t tid = (size_t)omp_get_thread_num();
             if (i8) {
@@ -603,7 +605,7 @@ pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *c, int layer, 
                     }
                 }
             }
-            _Pragma("omp for schedule(dynamic, 1)") for (int64_t tk = 0; tk < tasks; tk++) {
+            _Pragma("omp for schedule(static, 1)") for (int64_t tk = 0; tk < tasks; tk++) {
                 int64_t lo = 0, hi = ng; /* the row: first[lo] <= tk < first[lo + 1] */
                 while (hi - lo > 1) {
                     const int64_t mid = (lo + hi) / 2;
@@ -629,7 +631,7 @@ pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *c, int layer, 
                      dots8 + tid * (size_t)(HI * PL__KT));
                 }
             }
-            _Pragma("omp for schedule(dynamic, 1)") for (int64_t i = 0; i < ng; i++) {
+            _Pragma("omp for schedule(static, 1)") for (int64_t i = 0; i < ng; i++) {
                 const int64_t r = g0 + i, n = len[r / T] - T + r % T + 1;
                 pl__causal_topk_row(sc + i * Lmax, n, k, o + r * k, k,
                                     keys + tid * 3 * (size_t)Lmax);
