@@ -1038,14 +1038,17 @@ PL_API pl_status pl_indexer_entropy(pl_ctx *ctx, const pl_tensor *scores, float 
  *
  * Grad-free: the ops record nothing and their results never require grad (an
  * input that requires grad is read as a constant). Their results and scratch
- * are step tensors of ctx (the arena): the outputs, one score row per thread, the index
- * rows of a block of dense queries (at most ~2^22 int32, or one row's len) and
- * the sparse kernel's tiles; all bounded by the capacity, so once a step at the
- * longest context has run (the arena has grown to it) decoding makes no heap
- * allocation (tests/test_memory.c). Results do not depend on the number of
- * threads. Parallelism: over sequences and new queries, so one token of one
- * sequence runs the attention on one thread. Not thread-safe per cache: one step at a
- * time. */
+ * are step tensors of ctx (the arena): the outputs, the score rows (at most ~2^20
+ * floats, or one row's len), the index rows of a block of dense queries (at
+ * most ~2^22 int32, or one row's len), per-chunk partial results and the sparse
+ * kernel's tiles; all bounded by the capacity, so once a step at the longest
+ * context has run (the arena has grown to it) decoding makes no heap allocation
+ * (tests/test_memory.c). Results do not depend on the number of threads.
+ * Parallelism: over sequences, new queries and fixed chunks of each query's
+ * keys (the indexer's scores in chunks of 1024 keys; attention in chunks of
+ * 256 keys whose softmax statistics are combined in chunk order), so one token
+ * of one sequence runs on every thread. Not thread-safe per cache: one step at
+ * a time. */
 typedef struct pl_kv_cache pl_kv_cache;
 
 typedef struct {
@@ -1081,7 +1084,9 @@ PL_API pl_status pl_kv_cache_append(pl_kv_cache *cache, int layer, int seq0, pl_
  * q [nb, T_new, H, D] (or [nb, T_new, H*D]) -> [nb, T_new, H, D], with query i
  * of sequence b at t = len_b - T_new + i:
  *   out[b,i,h,:] = sum_{s<=t} softmax_s(q[b,i,h,:] . k[b,s,h,:] / sqrt(D)) v[b,s,h,:]
- * Cost O(nb * T_new * len * H * D): every cached row is read. It is
+ * Cost O(nb * T_new * len * H * D): every cached row is read. Up to 4 new
+ * queries per sequence (decoding): chunks of 256 keys, each key's k and v rows
+ * read once for all heads, chunks combined in order; more (a prefill chunk):
  * pl_sparse_attention's kernel with every s <= t selected. */
 PL_API pl_tensor *pl_attention_cached(pl_ctx *ctx, const pl_kv_cache *cache, int layer, int seq0,
                                       pl_tensor *q);
@@ -1102,9 +1107,10 @@ PL_API pl_tensor *pl_attention_cached(pl_ctx *ctx, const pl_kv_cache *cache, int
  * the cache also keeps each key's int8 image (taken at append, as
  * pl_indexer_topk rounds kI); the query rows are rounded the same way and the
  * exact integer products (AVX512-VNNI where the CPU has it) give
- * pl_indexer_topk's int8 scores bit for bit, reading a quarter of the bytes. Rows are independent (one
- * token at a time or a chunk of them give the same bits) and run in parallel
- * when there are several. Cost O(T_new * len * HI * dI) plus an O(len) radix
+ * pl_indexer_topk's int8 scores bit for bit, reading a quarter of the bytes.
+ * Rows are independent (one token at a time or a chunk of them give the same
+ * bits); a row's scores run in parallel in chunks of keys, its selection then
+ * in parallel with the other rows'. Cost O(T_new * len * HI * dI) plus an O(len) radix
  * select per row; reads only the indexer keys (dI floats per position). */
 PL_API pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *cache, int layer, int seq0,
                                          pl_tensor *qI, pl_tensor *w, int k);
@@ -1112,9 +1118,11 @@ PL_API pl_tensor *pl_indexer_topk_cached(pl_ctx *ctx, const pl_kv_cache *cache, 
 /* Sparse attention of the T_new newest positions over cached keys: q as in
  * pl_attention_cached, idx PL_I32 [nb, T_new, K] with entries in [-1, t] for
  * row i (t as above; a later position is PL_ERR_ARG), e.g. from
- * pl_indexer_topk_cached. out[b,i,h,:] as pl_sparse_attention computes it
- * (same kernel) over the selected cached rows: O(nb * T_new * K * H * D), only
- * the selected rows of k and v are read. */
+ * pl_indexer_topk_cached. out[b,i,h,:] as pl_sparse_attention computes it over
+ * the selected cached rows (to float rounding; the decode kernel of
+ * pl_attention_cached for up to 4 new queries per sequence, else the same
+ * kernel as pl_sparse_attention): O(nb * T_new * K * H * D), only the selected
+ * rows of k and v are read. */
 PL_API pl_tensor *pl_sparse_attention_cached(pl_ctx *ctx, const pl_kv_cache *cache, int layer,
                                              int seq0, pl_tensor *q, pl_tensor *idx);
 

@@ -394,6 +394,8 @@ typedef struct {
     int64_t topk_pivot_mode;
     /* pl_attention_cached: query rows per block of index rows (0: automatic). */
     int64_t decode_block_rows;
+    /* pl_indexer_topk_cached: keys per scoring task, a multiple of 32 (0: 1024). */
+    int64_t decode_index_keys;
     /* pl_linear_cross_entropy: with gradients, bytes of logits kept per block of
      * rows (0: automatic, 64 MiB); vocabulary columns per chunk (0: automatic,
      * about 1 MiB of logits). */
