@@ -10,17 +10,25 @@
  *                       (blocked like the others, or gathered when few keys are
  *                       selected; see below).
  *
- * Blocking: query rows [t0, t1) of batch b form one product
+ * Forward (pl_indexer_scores, pl_indexer_topk): fused register-tiled kernels
+ * (ix_rows_f32, below): kI packed once per call into panels of 16 keys, then
+ * per group of query rows every head's dot products stay in registers, and
+ * the ReLU and weighted head sum write each score row once, straight into the
+ * row the top-k reads. Extra memory O(B*L*dI + threads * rows * L).
+ * Backward and the blocked scores_at take query rows [t0, t1) of batch b as
  *   Dots[(t-t0)*HI + j, s] = qI[b,t,j,:] . kI[b,s,:],   s < t1
- * (oneDNN sgemm, M = (t1-t0)*HI, N = t1, K = dI; the causal triangle is only
- * wasted inside the diagonal block). A block holds at most ~2^20 floats, so the
- * extra memory is O(L * block) and never the [B,L,HI,L] tensor. Backward
- * recomputes each block's products instead of saving them:
+ * by the same kernel (ix_dots_f32: the same bits as the forward's scores; the
+ * causal triangle is only wasted inside the diagonal block). A block holds at
+ * most ~2^20 floats, so the extra memory is O(L * block) and never the
+ * [B,L,HI,L] tensor. Backward recomputes each block's products instead of
+ * saving them:
  *   dw[t,j]   = sum_{s<=t} dI[t,s] ReLU(Dots[t,j,s])
  *   dDots     = dI[t,s] w[t,j] [Dots > 0]           (ReLU subgradient 0 at 0)
  *   dqI_block = dDots kI[0:t1],   dkI[0:t1] += dDots^T qI_block   (two sgemms)
- * The block partition depends only on (L, HI), so pl_indexer_topk sees exactly
- * the scores pl_indexer_scores returns (bit for bit).
+ * Every product is one chain of multiply-adds over the dI components in order
+ * (fused where the level has FMA), the order of the decode kernel
+ * pl__ix_scores_kt: pl_indexer_topk sees exactly the scores pl_indexer_scores
+ * returns, and decoding the same scores, bit for bit, at every level.
  *
  * Precision (pl_set_indexer_precision): with int8 the rows of qI and kI are
  * quantised once per call and each block's products are an exact int32 gemm
@@ -31,7 +39,7 @@
  * lib/simd.h, the ops section once; each op takes its level once (pl__isa(),
  * saved for backward). The file is built with -ffp-contract=off: the
  * elementwise kernels (score rows, their backward, int8 scaling) give the same
- * bits on every path. The dot products (ixg_dots, the decode kernel, dq) use
+ * bits on every path. The dot products (ixg_dots, the fused and decode kernels, dq) use
  * explicit FMAs (pl_vfma) where the level has them, as an sgemm does, and
  * ixg_dots sums its PL_VW lanes by the one tree: there the paths differ in the
  * last bits. Every path is tested against the references of
@@ -56,6 +64,13 @@ typedef struct {
 PL_ISA_DECLARE(void, ix_row_scores_i8,
                (float *out, const int32_t *C, int64_t ld, const float *w, const float *sq,
                 const float *sk, int64_t HI, int64_t n));
+PL_ISA_DECLARE(void, pl__ix_pack_f32, (const float *k, int64_t n, int64_t dI, float *kt));
+PL_ISA_DECLARE(void, ix_rows_f32,
+               (const float *q, const float *w, int64_t R, int64_t HI, int64_t dI, const float *kt,
+                int64_t n, float *out, int64_t ldo, float *D));
+PL_ISA_DECLARE(void, ix_dots_f32,
+               (const float *q, int64_t M, int64_t dI, const float *kt, int64_t n, float *D,
+                int64_t ld, float *T));
 PL_ISA_DECLARE(void, ix_row_backward,
                (float *D, int64_t ld, const float *g, const float *w, int64_t HI, int64_t n,
                 float *dw));
@@ -320,6 +335,130 @@ void PL_ISA_FN(ixg_bwd_row)(const float *q, const float *kb, const float *w, con
     }
 }
 
+/* ---- fused full-sequence scores (pl_indexer_scores, pl_indexer_topk) ----
+ * Keys are packed once per call into panels of PL__KT positions, the cache's
+ * layouts (ops/kv_cache.c), zero padded to a multiple of PL__KT_PAD:
+ *  - f32:  component i of key s at kt[(s/16)*16*dI + i*16 + s%16];
+ *  - int8: k8 + 64 (in [1, 127]), 4 components of 16 keys per 64 bytes
+ *          (pl__ix_scores_kt8), dI4 = dI rounded up to 4;
+ *  - bf16: 2 components of 16 keys per 64 bytes, component i of key s at
+ *          kb[(s/16)*16*dI2 + (i/2)*32 + (s%16)*2 + i%2], dI2 = dI rounded up to 2.
+ * A register tile of MR query heads (rows t, heads j flattened: m = row*HI + j)
+ * x 2*PL_VW keys keeps every dot in a register for its whole chain over the
+ * components; the dots of a group of query rows over one chunk of keys go to a
+ * small L1 tile, and the epilogue writes each row's scores
+ *   out[s] = sum_j w[j] ReLU(dot_j(s))   (heads in order, as pl__ix_row_scores)
+ * once, into the row that feeds the top-k. No [rows*HI, L] product buffer.
+ * Each f32 dot is one chain of pl_vfma over i = 0..dI-1 from 0: the order of
+ * the decode kernel pl__ix_scores_kt, so decoding gives the same bits. */
+#if PL_VW == 16
+enum { IXF_MR = 12 };
+#else
+enum { IXF_MR = 6 };
+#endif
+enum { IXF_NC = 2 * PL_VW }; /* keys per tile */
+
+/* Component 0 of key s in the f32 panels (the cache's kt_at). */
+static PL_AI const float *ixf_at(const float *kt, int64_t dI, int64_t s) {
+    return kt + (s / PL__KT) * PL__KT * dI + s % PL__KT;
+}
+
+/* D[m*IXF_NC + c] = q_m . k_{s0+c}, m < MR (q rows at q + m*dI), p0/p1: the
+ * keys' components at their panels (PL_VW keys each). */
+static PL_AI void ixf_tile(int MR, const float *q, int64_t dI, const float *p0, const float *p1,
+                           float *D) {
+    pl_vf a[IXF_MR][2];
+    for (int m = 0; m < MR; m++) a[m][0] = a[m][1] = pl_splat(0.0f);
+    for (int64_t i = 0; i < dI; i++) {
+        const pl_vf k0 = PL_LD(p0 + i * PL__KT), k1 = PL_LD(p1 + i * PL__KT);
+        for (int m = 0; m < MR; m++) {
+            const pl_vf qm = pl_splat(q[m * dI + i]);
+            a[m][0] = pl_vfma(qm, k0, a[m][0]);
+            a[m][1] = pl_vfma(qm, k1, a[m][1]);
+        }
+    }
+    for (int m = 0; m < MR; m++) {
+        PL_ST(D + m * IXF_NC, a[m][0]);
+        PL_ST(D + m * IXF_NC + PL_VW, a[m][1]);
+    }
+}
+
+/* The dots of M query heads q [M, dI] with the IXF_NC keys from s0 into
+ * D [M, IXF_NC]. */
+static void ixf_chunk(const float *q, int64_t M, int64_t dI, const float *kt, int64_t s0,
+                      float *D) {
+    const float *p0 = ixf_at(kt, dI, s0), *p1 = ixf_at(kt, dI, s0 + PL_VW);
+    int64_t m = 0;
+    for (; m + IXF_MR <= M; m += IXF_MR) ixf_tile(IXF_MR, q + m * dI, dI, p0, p1, D + m * IXF_NC);
+    switch (M - m) {
+    case 0: break;
+#if PL_VW == 16
+    case 11: ixf_tile(11, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 10: ixf_tile(10, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 9: ixf_tile(9, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 8: ixf_tile(8, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 7: ixf_tile(7, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 6: ixf_tile(6, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+#endif
+    case 5: ixf_tile(5, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 4: ixf_tile(4, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 3: ixf_tile(3, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 2: ixf_tile(2, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    default: ixf_tile(1, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    }
+}
+
+/* out[r*ldo + c] = sum_j w[r*HI + j] ReLU(D[(r*HI + j)*IXF_NC + c]) for R rows,
+ * c < IXF_NC: the vector form of pl__ix_row_scores (heads in order). */
+static PL_AI void ix_epilogue(const float *D, const float *w, int64_t R, int64_t HI, float *out,
+                              int64_t ldo) {
+    for (int64_t r = 0; r < R; r++)
+        for (int v = 0; v < IXF_NC / PL_VW; v++) {
+            const float *Dr = D + r * HI * IXF_NC + v * PL_VW;
+            pl_vf acc = pl_splat(w[r * HI]) * pl_vrelu(PL_LD(Dr));
+            for (int64_t j = 1; j < HI; j++)
+                acc += pl_splat(w[r * HI + j]) * pl_vrelu(PL_LD(Dr + j * IXF_NC));
+            PL_ST(out + r * ldo + v * PL_VW, acc);
+        }
+}
+
+/* Packs n keys k [n, dI] into the f32 panels kt (n rounded up to PL__KT_PAD,
+ * zero padded). */
+void PL_ISA_FN(pl__ix_pack_f32)(const float *k, int64_t n, int64_t dI, float *kt) {
+    const int64_t np = (n + PL__KT_PAD - 1) / PL__KT_PAD * PL__KT_PAD;
+    for (int64_t p = 0; p < np; p += PL__KT) {
+        float *o = kt + p * dI;
+        for (int64_t i = 0; i < dI; i++)
+            for (int l = 0; l < PL__KT; l++)
+                o[i * PL__KT + l] = p + l < n ? k[(p + l) * dI + i] : 0.0f;
+    }
+}
+
+/* Scores of R consecutive query rows (heads q [R*HI, dI], weights w [R*HI])
+ * over keys [0, n) of the panels kt into out (row r at out + r*ldo, n rounded
+ * up to IXF_NC written). D: scratch of R*HI*IXF_NC floats. */
+void PL_ISA_FN(ix_rows_f32)(const float *q, const float *w, int64_t R, int64_t HI, int64_t dI,
+                            const float *kt, int64_t n, float *out, int64_t ldo, float *D) {
+    for (int64_t s0 = 0; s0 < n; s0 += IXF_NC) {
+        ixf_chunk(q, R * HI, dI, kt, s0, D);
+        ix_epilogue(D, w, R, HI, out + s0, ldo);
+    }
+}
+
+/* The dots of M query heads q [M, dI] with keys [0, n) into D [M, ld] (the
+ * columns s < n), the same bits as ix_rows_f32's: the products of
+ * pl_indexer_scores for its backward and the blocked pl_indexer_scores_at.
+ * T: scratch of M*IXF_NC floats. */
+void PL_ISA_FN(ix_dots_f32)(const float *q, int64_t M, int64_t dI, const float *kt, int64_t n,
+                            float *D, int64_t ld, float *T) {
+    for (int64_t s0 = 0; s0 < n; s0 += IXF_NC) {
+        ixf_chunk(q, M, dI, kt, s0, T);
+        const int64_t c = n - s0 < IXF_NC ? n - s0 : IXF_NC;
+        for (int64_t m = 0; m < M; m++)
+            memcpy(D + m * ld + s0, T + m * IXF_NC, sizeof(float) * (size_t)c);
+    }
+}
+
 /* ---- decoding: scores over the cache's indexer keys ----
  * The cache keeps kI transposed in blocks of PL__KT positions: component i of
  * key s at kt[(s / PL__KT) * PL__KT * dI + i * PL__KT + s % PL__KT] (ops/kv_cache.c).
@@ -541,33 +680,89 @@ static pl_status ix_shapes(pl_ctx *ctx, const char *fn, const pl_tensor *qI, con
     return PL_OK;
 }
 
-/* Dots of block [t0, t1) of batch b into D [(t1-t0)*HI, t1]. */
-static pl_status ix_block_dots(pl_ctx *ctx, const ix_dims *d, const float *q, const float *k,
+/* Keys padded to the panels' multiple. */
+static int64_t ix_lpad(int64_t L) { return (L + PL__KT_PAD - 1) / PL__KT_PAD * PL__KT_PAD; }
+
+/* kI [B, L, dI] packed into the f32 panels of ix_rows_f32, batch b at
+ * kt + b*ix_lpad(L)*dI. */
+static float *ix_pack_keys(pl_ctx *ctx, const ix_dims *d, const float *k) {
+    const int64_t Lp = ix_lpad(d->L), dI = d->dI, np = Lp / PL__KT_PAD;
+    float *kt = pl__scratch(ctx, sizeof(float) * (size_t)(d->B * Lp * dI));
+    if (!kt) return NULL;
+    PL_PARALLEL_FOR(d->B * Lp * dI, schedule(static), c, d->B * np, {
+        const int64_t b = c / np, p0 = (c % np) * PL__KT_PAD;
+        const int64_t n = d->L - p0 < PL__KT_PAD ? d->L - p0 : PL__KT_PAD;
+        PL_ISA_PICK(pl__ix_pack_f32, d->isa)
+        (k + (b * d->L + p0) * dI, n, dI, kt + (b * Lp + p0) * dI);
+    });
+    return kt;
+}
+
+/* Dots of block [t0, t1) of batch b into D [(t1-t0)*HI, t1] from the packed
+ * keys kt (ix_pack_keys): the products ix_topk and pl_indexer_scores compare,
+ * bit for bit (the same kernel). */
+enum { IX_DOTS_M = 48 }; /* query heads per task */
+static pl_status ix_block_dots(pl_ctx *ctx, const ix_dims *d, const float *q, const float *kt,
                                int64_t b, int64_t t0, int64_t t1, float *D) {
-    const int64_t HI = d->HI, dI = d->dI, L = d->L;
-    return pl__sgemm(ctx, false, true, (t1 - t0) * HI, t1, dI, 1.0f, q + (b * L + t0) * HI * dI, dI,
-                     k + b * L * dI, dI, 0.0f, D, t1);
+    (void)ctx;
+    const int64_t HI = d->HI, dI = d->dI, L = d->L, M = (t1 - t0) * HI;
+    const float *qb = q + (b * L + t0) * HI * dI, *ktb = kt + b * ix_lpad(L) * dI;
+    PL_PARALLEL_FOR(M * t1 * dI, schedule(static), c, (M + IX_DOTS_M - 1) / IX_DOTS_M, {
+        const int64_t m0 = c * IX_DOTS_M, m = M - m0 < IX_DOTS_M ? M - m0 : IX_DOTS_M;
+        float T[IX_DOTS_M * 32]; /* IX_DOTS_M x 2 PL_VW */
+        PL_ISA_PICK(ix_dots_f32, d->isa)(qb + m0 * dI, m, dI, ktb, t1, D + m0 * t1, t1, T);
+    });
+    return PL_OK;
 }
 
 /* The same in the call's precision: float dots into D, or (int8) int32 dots
  * into z->C. */
-static pl_status ix_block(pl_ctx *ctx, const ix_dims *d, const float *q, const float *k,
-                          const ix_q8 *z, int64_t b, int64_t t0, int64_t t1, float *D) {
-    if (!z->q8) return ix_block_dots(ctx, d, q, k, b, t0, t1, D);
+static pl_status ix_block(const ix_dims *d, const ix_q8 *z, int64_t b, int64_t t0, int64_t t1) {
     const int64_t HI = d->HI, dI = d->dI, L = d->L;
     return pl__gemm_s8((t1 - t0) * HI, t1, dI, z->q8 + (b * L + t0) * HI * dI, dI,
                        z->k8 + b * L * dI, dI, z->C, t1);
 }
 
-/* Row t (i-th of the block starting at t0) of the scores in the call's precision. */
-static void ix_row(const ix_dims *d, const ix_q8 *z, const float *D, const float *w, int64_t b,
-                   int64_t t0, int64_t t, int64_t t1, float *out) {
+/* int8: row t (i-th of the block starting at t0) of the scores from z->C. */
+static void ix_row_i8(const ix_dims *d, const ix_q8 *z, const float *w, int64_t b, int64_t t0,
+                      int64_t t, int64_t t1, float *out) {
     const int64_t HI = d->HI, i = t - t0;
-    if (z->q8) PL_ISA_PICK(ix_row_scores_i8, d->isa)
+    PL_ISA_PICK(ix_row_scores_i8, d->isa)
     (out, z->C + i * HI * t1, t1, w + (b * d->L + t) * HI, z->sq + (b * d->L + t) * HI,
      z->sk + b * d->L, HI, t + 1);
-    else PL_ISA_PICK(pl__ix_row_scores, d->isa)(out, D + i * HI * t1, t1, w + (b * d->L + t) * HI,
-                                                HI, t + 1);
+}
+
+/* The fused scores (f32): query rows per task, enough heads for one register
+ * tile of the kernels (12 query heads). */
+static int64_t ix_group_rows(int64_t HI) { return HI < 12 ? 12 / HI : 1; }
+
+/* Per-thread room of the fused scores: R rows of Lp scores and the L1 tile. */
+typedef struct {
+    float *rows, *tile;
+    int64_t R, Lp, ld_tile;
+} ix_rowbuf;
+
+static pl_status ix_rowbuf_new(pl_ctx *ctx, const ix_dims *d, ix_rowbuf *rb) {
+    const size_t nt = (size_t)omp_get_max_threads();
+    rb->R = ix_group_rows(d->HI);
+    rb->Lp = ix_lpad(d->L);
+    rb->ld_tile = rb->R * d->HI * 32; /* R*HI query heads x 2 PL_VW keys */
+    rb->rows = pl__scratch(ctx, sizeof(float) * (size_t)(rb->R * rb->Lp) * nt);
+    rb->tile = pl__scratch(ctx, sizeof(float) * (size_t)rb->ld_tile * nt);
+    return rb->rows && rb->tile ? PL_OK : PL_ERR_NOMEM;
+}
+
+/* Scores of the r rows [t, t+r) of batch b over keys [0, t+r) into the
+ * thread's rows (row i at rows + i*Lp). Returns the rows. */
+static float *ix_group(const ix_dims *d, const ix_rowbuf *rb, const float *q, const float *kt,
+                       const float *w, int64_t b, int64_t t, int64_t r) {
+    const size_t tid = (size_t)omp_get_thread_num();
+    const int64_t L = d->L, HI = d->HI, dI = d->dI;
+    float *rows = rb->rows + tid * (size_t)(rb->R * rb->Lp);
+    PL_ISA_PICK(ix_rows_f32, d->isa)
+    (q + (b * L + t) * HI * dI, w + (b * L + t) * HI, r, HI, dI, kt + b * rb->Lp * dI, t + r, rows,
+     rb->Lp, rb->tile + tid * (size_t)rb->ld_tile);
+    return rows;
 }
 
 static void indexer_backward(pl_ctx *ctx, pl_node *n) {
@@ -578,12 +773,13 @@ static void indexer_backward(pl_ctx *ctx, pl_node *n) {
     if (pl__grads(ctx, n, gi)) return;
     float *dq = gi[0], *dk = gi[1], *dw = gi[2];
     float *D = pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * L));
-    if (!D) return;
     const float *q = pl_f32(qI), *k = pl_f32(kI), *wd = pl_f32(w), *g = n->out->grad;
+    const float *kt = D ? ix_pack_keys(ctx, d, k) : NULL;
+    if (!kt) return;
     for (int64_t b = 0; b < B; b++)
         for (int64_t t0 = 0; t0 < L; t0 += T) {
             const int64_t t1 = t0 + T < L ? t0 + T : L, M = (t1 - t0) * HI;
-            if (ix_block_dots(ctx, d, q, k, b, t0, t1, D)) return;
+            if (ix_block_dots(ctx, d, q, kt, b, t0, t1, D)) return;
             PL_PARALLEL_FOR(M * t1, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
                 PL_ISA_PICK(ix_row_backward, d->isa)
@@ -605,23 +801,38 @@ pl_tensor *pl_indexer_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tenso
     if (ix_shapes(ctx, fn, qI, kI, w, &d)) return NULL;
     const int64_t B = d.B, L = d.L, HI = d.HI, T = d.T;
     pl_tensor *out = pl__new(ctx, PL_F32, PL_DIMS(B, L, L));
-    float *D = out ? pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * L)) : NULL;
-    if (!D) return NULL;
+    if (!out) return NULL;
     const float *q = pl_f32(qI), *k = pl_f32(kI), *wd = pl_f32(w);
     ix_q8 z;
     if (ix_quantise(ctx, &d, q, k, &z)) return NULL;
     float *o = pl_f32(out);
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t t0 = 0; t0 < L; t0 += T) {
-            const int64_t t1 = t0 + T < L ? t0 + T : L;
-            if (ix_block(ctx, &d, q, k, &z, b, t0, t1, D)) return NULL;
-            PL_PARALLEL_FOR((t1 - t0) * HI * t1, schedule(static), i, t1 - t0, {
-                const int64_t t = t0 + i;
-                float *row = o + (b * L + t) * L;
-                ix_row(&d, &z, D, wd, b, t0, t, t1, row);
-                for (int64_t s = t + 1; s < L; s++) row[s] = -INFINITY;
-            });
-        }
+    if (z.q8) {
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t t0 = 0; t0 < L; t0 += T) {
+                const int64_t t1 = t0 + T < L ? t0 + T : L;
+                if (ix_block(&d, &z, b, t0, t1)) return NULL;
+                PL_PARALLEL_FOR((t1 - t0) * HI * t1, schedule(static), i, t1 - t0, {
+                    const int64_t t = t0 + i;
+                    float *row = o + (b * L + t) * L;
+                    ix_row_i8(&d, &z, wd, b, t0, t, t1, row);
+                    for (int64_t s = t + 1; s < L; s++) row[s] = -INFINITY;
+                });
+            }
+    } else {
+        ix_rowbuf rb;
+        const float *kt = ix_pack_keys(ctx, &d, k);
+        if (!kt || ix_rowbuf_new(ctx, &d, &rb)) return NULL;
+        const int64_t R = rb.R, G = (L + R - 1) / R;
+        PL_PARALLEL_FOR(B * L * L * HI * d.dI / 2, schedule(dynamic, 1), c, B * G, {
+            const int64_t b = c / G, t = (G - 1 - c % G) * R, r = L - t < R ? L - t : R;
+            const float *rows = ix_group(&d, &rb, q, kt, wd, b, t, r);
+            for (int64_t i = 0; i < r; i++) {
+                float *row = o + (b * L + t + i) * L;
+                memcpy(row, rows + i * rb.Lp, sizeof(float) * (size_t)(t + i + 1));
+                for (int64_t s = t + i + 1; s < L; s++) row[s] = -INFINITY;
+            }
+        });
+    }
     pl_tensor *in[3] = {qI, kI, w};
     pl_node *nd;
     if (pl__record(ctx, "indexer_scores", indexer_backward, out, 3, in, sizeof d, &nd)) return NULL;
@@ -656,32 +867,48 @@ static pl_tensor *ix_topk(pl_ctx *ctx, const char *fn, pl_tensor *qI, pl_tensor 
         int64_t b = r / tfirst, t = r % tfirst;
         pl__causal_topk_row(NULL, t + 1, k, o + (b * L + t) * k, k, NULL);
     });
-    if (tfirst < L) {
+    if (tfirst < L && z.q8) {
         const int nt = omp_get_max_threads();
-        float *D = pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * L));
         float *rowbuf = pl__scratch(ctx, sizeof(float) * (size_t)L * (size_t)nt);
         uint32_t *keys = pl__scratch(ctx, sizeof(uint32_t) * 3 * (size_t)L * (size_t)nt);
-        if (!D || !rowbuf || !keys) return NULL;
+        if (!rowbuf || !keys) return NULL;
         for (int64_t b = 0; b < B; b++)
             for (int64_t t0 = 0; t0 < L; t0 += T) {
                 const int64_t t1 = t0 + T < L ? t0 + T : L;
                 if (t1 <= tfirst) continue;
-                if (ix_block(ctx, &d, q, kd, &z, b, t0, t1, D)) return NULL;
+                if (ix_block(&d, &z, b, t0, t1)) return NULL;
                 const int64_t ts = t0 > tfirst ? t0 : tfirst;
                 PL_PARALLEL((t1 - ts) * HI * t1, default(shared), {
                     const size_t tid = (size_t)omp_get_thread_num();
                     float *row = rowbuf + tid * (size_t)L;
                     uint32_t *kb = keys + tid * 3 * (size_t)L;
                     _Pragma("omp for schedule(static)") for (int64_t t = ts; t < t1; t++) {
-                        int32_t *ot = o + (b * L + t) * k;
-                        ix_row(&d, &z, D, wd, b, t0, t, t1, row);
-                        pl__causal_topk_row(row, t + 1, k, ot, k, kb);
-                        if (rsc)
-                            for (int64_t j = 0; j < k; j++)
-                                rsc[(b * L + t) * k + j] = ot[j] >= 0 ? row[ot[j]] : -INFINITY;
+                        ix_row_i8(&d, &z, wd, b, t0, t, t1, row);
+                        pl__causal_topk_row(row, t + 1, k, o + (b * L + t) * k, k, kb);
                     }
                 });
             }
+    } else if (tfirst < L) {
+        /* Groups of rows from tfirst, the longest first (dynamic schedule). */
+        const int nt = omp_get_max_threads();
+        uint32_t *keys = pl__scratch(ctx, sizeof(uint32_t) * 3 * (size_t)L * (size_t)nt);
+        const float *kt = keys ? ix_pack_keys(ctx, &d, kd) : NULL;
+        ix_rowbuf rb;
+        if (!kt || ix_rowbuf_new(ctx, &d, &rb)) return NULL;
+        const int64_t R = rb.R, G = (L - tfirst + R - 1) / R;
+        PL_PARALLEL_FOR(B * (L - tfirst) * L * HI * d.dI / 2, schedule(dynamic, 1), c, B * G, {
+            const int64_t b = c / G, t = tfirst + (G - 1 - c % G) * R, r = L - t < R ? L - t : R;
+            const float *rows = ix_group(&d, &rb, q, kt, wd, b, t, r);
+            uint32_t *kb = keys + (size_t)omp_get_thread_num() * 3 * (size_t)L;
+            for (int64_t i = 0; i < r; i++) {
+                const float *row = rows + i * rb.Lp;
+                int32_t *ot = o + (b * L + t + i) * k;
+                pl__causal_topk_row(row, t + i + 1, k, ot, k, kb);
+                if (rsc)
+                    for (int64_t j = 0; j < k; j++)
+                        rsc[(b * L + t + i) * k + j] = ot[j] >= 0 ? row[ot[j]] : -INFINITY;
+            }
+        });
     }
     if (sc && !rsc && ixg_forward(ctx, &d, k, q, kd, wd, o, sc)) return NULL;
     return out;
@@ -740,10 +967,12 @@ static bool at_blocked(int64_t L, int64_t K) {
 static pl_status ixb_forward(pl_ctx *ctx, const ix_dims *d, const float *q, const float *k,
                              const float *w, const int32_t *idx, int64_t K, float *out, float *D) {
     const int64_t B = d->B, L = d->L, HI = d->HI, T = d->T;
+    const float *kt = ix_pack_keys(ctx, d, k);
+    if (!kt) return PL_ERR_NOMEM;
     for (int64_t b = 0; b < B; b++)
         for (int64_t t0 = 0; t0 < L; t0 += T) {
             const int64_t t1 = t0 + T < L ? t0 + T : L;
-            pl_status st = ix_block_dots(ctx, d, q, k, b, t0, t1, D);
+            pl_status st = ix_block_dots(ctx, d, q, kt, b, t0, t1, D);
             if (st) return st;
             PL_PARALLEL_FOR((t1 - t0) * K * HI, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
