@@ -19,7 +19,8 @@
  * (a tie); mean over rows and worst row.
  *
  * Usage: bench_indexer [--Lk 8192:1024,32768:2048] [--reps N] [--threads N]
- *                      [--no-dense]
+ *                      [--no-dense] [--no-train]
+ * (--no-train: only dense, the indexer top-k rows and the agreement)
  * Times on a shared machine are only indicative: compare within one run. */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <plasa.h>
@@ -141,6 +142,8 @@ static pl_tensor *input(pl_ctx *ctx, const char *name, int L, int ndim, const in
     return t;
 }
 
+static bool train_rows = true; /* --no-train: only dense, the top-k rows and the agreement */
+
 static void bench_Lk(pl_ctx *ctx, int L, int k, bool dense) {
     pl_rng rng;
     pl_rng_init(&rng, (uint64_t)L * 31 + (uint64_t)k);
@@ -160,7 +163,7 @@ static void bench_Lk(pl_ctx *ctx, int L, int k, bool dense) {
     static const struct {
         pl_indexer_precision p;
         const char *name;
-    } precs[] = {{PL_INDEXER_F32, "f32"}, {PL_INDEXER_INT8, "int8"}};
+    } precs[] = {{PL_INDEXER_F32, "f32"}, {PL_INDEXER_BF16, "bf16"}, {PL_INDEXER_INT8, "int8"}};
     enum { NP = sizeof precs / sizeof precs[0] };
     int32_t *sel[NP];
     float *selsc[NP];
@@ -189,6 +192,13 @@ static void bench_Lk(pl_ctx *ctx, int L, int k, bool dense) {
             b.sc = sc;
         }
     }
+    for (int i = 1; i < NP && !train_rows; i++) {
+        double mean, worst;
+        agreement(&b, sel[0], selsc[0], sel[i], selsc[i], &mean, &worst);
+        printf("%6d %5d  top-k agreement %-4s with f32: mean %.4f, worst row %.4f\n", L, k,
+               precs[i].name, mean, worst);
+    }
+    if (!train_rows) goto done;
     t_sparse = time_stage(&b, st_sparse, true, &c_sparse);
     print_row(&b, "sparse attention fwd+bwd", t_sparse, c_sparse, t_dense, c_dense, "dense");
     t = time_stage(&b, st_at_kl, true, &c);
@@ -209,6 +219,7 @@ static void bench_Lk(pl_ctx *ctx, int L, int k, bool dense) {
         printf("%6d %5d  top-k agreement %-4s with f32: mean %.4f, worst row %.4f\n", L, k,
                precs[i].name, mean, worst);
     }
+done:
     for (int i = 0; i < NP; i++) {
         free(sel[i]);
         free(selsc[i]);
@@ -236,9 +247,12 @@ int main(int argc, char **argv) {
             threads = atoi(argv[++i]);
         } else if (!strcmp(argv[i], "--no-dense")) {
             dense = false;
+        } else if (!strcmp(argv[i], "--no-train")) {
+            train_rows = false;
         } else {
             fprintf(stderr,
-                    "usage: %s [--Lk 8192:1024,32768:2048] [--reps N] [--threads N] [--no-dense]\n",
+                    "usage: %s [--Lk 8192:1024,32768:2048] [--reps N] [--threads N] [--no-dense] "
+                    "[--no-train]\n",
                     argv[0]);
             return 2;
         }

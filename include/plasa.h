@@ -828,10 +828,11 @@ PL_API pl_status pl_checkpoint_load(pl_ctx *ctx, const char *path, unsigned flag
  * kI [B, L, dI] (one key shared by the heads), w [B, L, HI]; no 1/sqrt scaling.
  * Usually qI = x Wq_I, kI = x Wk_I, w = x Ww_I with pl_linear. Returns [B, L, L].
  * Differentiable in qI, kI, w (ReLU subgradient 0 at 0; no gradient flows
- * through the -INFINITY entries). Fused: the products q.k are computed in
- * blocks of query rows by sgemm and recomputed in backward, so the extra
- * memory is O(L * block), never [B, L, HI, L]. The result itself is L x L:
- * at long L prefer pl_indexer_topk + pl_indexer_scores_at. */
+ * through the -INFINITY entries). Fused: the products q.k of a few query rows
+ * stay in registers and each score row is written once (kI packed once per
+ * call, O(B * L * dI)); backward recomputes them in blocks of query rows, so
+ * the extra memory is O(L * block), never [B, L, HI, L]. The result itself is
+ * L x L: at long L prefer pl_indexer_topk + pl_indexer_scores_at. */
 PL_API pl_tensor *pl_indexer_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w);
 
 /* Causal top-k of index scores [B, L, L] (only s <= t is read) -> PL_I32
@@ -844,8 +845,9 @@ PL_API pl_tensor *pl_indexer_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, p
 PL_API pl_tensor *pl_causal_topk(pl_ctx *ctx, pl_tensor *scores, int k);
 
 /* Fused indexer + top-k: equals pl_causal_topk(pl_indexer_scores(qI, kI, w), k)
- * exactly (the same scores, bit for bit) without materialising [B, L, L]: one
- * block of score rows exists at a time (extra memory O(L * block + threads * L)).
+ * exactly (the same scores, bit for bit) without materialising [B, L, L]: each
+ * thread holds the score rows of a few queries at a time (extra memory
+ * O(B * L * dI + threads * L)).
  * Rows t < k need no scores at all. Not differentiable (no tape entry). */
 PL_API pl_tensor *pl_indexer_topk(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tensor *w, int k);
 
@@ -864,14 +866,27 @@ PL_API pl_tensor *pl_indexer_topk_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *
  * pl_indexer_topk_scores (the selection) and pl_indexer_scores (the values;
  * its backward stays the f32 function's gradient), a context setting:
  *  - PL_INDEXER_F32 (default): float32, the exact results documented above;
+ *    each product q.k one chain of multiply-adds over the dI components in
+ *    order (fused where the CPU has FMA), heads summed in order j = 0..HI-1;
+ *  - PL_INDEXER_BF16: qI and kI rounded to bfloat16 (to nearest even;
+ *    subnormals to zero), each product a chain over the pairs of components
+ *    (i = 2p, 2p+1), adding the odd one's product first, every sum rounded
+ *    to float32: what VDPBF16PS computes where the CPU has AVX512_BF16, the
+ *    same chain in float multiply-adds elsewhere (equal bits but where a
+ *    partial sum is subnormal, which VDPBF16PS flushes to zero); the scores
+ *    then as f32's. Decoding (pl_indexer_topk_cached) has no bf16 path and
+ *    scores in float32 at this setting;
  *  - PL_INDEXER_INT8: qI rows (each (b, t, head)) rounded to int8 with scale
  *    max|row| / 127, kI rows to [-63, 63] with scale max|row| / 63, exact
- *    int32 products (oneDNN: AVX512-VNNI or AVX2, the same bits), then
- *    I[t,s] = sk[s] * sum_j (w[t,j] sq[t,j]) max(dot_j, 0) (sum in order of j).
+ *    int32 products (AVX512-VNNI, AVX2 vpmaddubsw or plain integers, the same
+ *    bits), then I[t,s] = sk[s] * sum_j (w[t,j] sq[t,j]) max(dot_j, 0) (sum in
+ *    order of j); pl_indexer_topk_cached gives the same scores.
  *    Non-finite inputs give NaN scores (ranked lowest).
- * pl_indexer_scores_at and the loss are always float32. The top-k sets agree
- * with float32's to within the figures in docs/benchmarks.md. */
-typedef enum { PL_INDEXER_F32 = 0, PL_INDEXER_INT8 = 2 } pl_indexer_precision;
+ * All three run fused register-tiled kernels (no [rows*HI, L] product
+ * buffer). pl_indexer_scores_at and the loss are always float32. The top-k
+ * sets agree with float32's to within the figures in docs/benchmarks.md
+ * ("Indexer precision": bench_indexer). */
+typedef enum { PL_INDEXER_F32 = 0, PL_INDEXER_BF16 = 1, PL_INDEXER_INT8 = 2 } pl_indexer_precision;
 PL_API pl_status pl_set_indexer_precision(pl_ctx *ctx, pl_indexer_precision p);
 PL_API pl_indexer_precision pl_get_indexer_precision(const pl_ctx *ctx);
 

@@ -406,6 +406,9 @@ typedef struct {
      * BF16 while it is set. The same numbers up to the order of the float32
      * sums (a product of two bf16 values is exact in float32). */
     bool bf16_emulate;
+    /* Test only: the fused indexer kernels (ops/indexer.c) run without
+     * AVX512-VNNI (int8) and AVX512_BF16 (bf16) even where the CPU has them. */
+    bool indexer_no_ext;
 } pl_tuning;
 extern pl_tuning pl__tuning;
 

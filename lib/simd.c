@@ -66,3 +66,13 @@ int pl__cpu_vnni(void) {
     return 0;
 #endif
 }
+
+int pl__cpu_bf16(void) {
+#if defined(__x86_64__) && !defined(PL_NO_ISA_CLONES)
+    if (pl__isa() < PL_ISA_AVX512) return 0;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+#else
+    return 0;
+#endif
+}

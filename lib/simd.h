@@ -36,6 +36,8 @@ int pl__isa_cpu(void);
 int pl__isa_force(int level);
 /* Whether the AVX-512 kernels may use AVX512-VNNI (CPU has it, level avx512). */
 int pl__cpu_vnni(void);
+/* Whether the AVX-512 kernels may use AVX512_BF16 (CPU has it, level avx512). */
+int pl__cpu_bf16(void);
 /* "avx512", "avx2" or "baseline". */
 const char *pl__isa_name(int level);
 /* Lanes of pl_vf at a level (16, 8, 4). */

@@ -10,17 +10,25 @@
  *                       (blocked like the others, or gathered when few keys are
  *                       selected; see below).
  *
- * Blocking: query rows [t0, t1) of batch b form one product
+ * Forward (pl_indexer_scores, pl_indexer_topk): fused register-tiled kernels
+ * (ix_rows_f32, below): kI packed once per call into panels of 16 keys, then
+ * per group of query rows every head's dot products stay in registers, and
+ * the ReLU and weighted head sum write each score row once, straight into the
+ * row the top-k reads. Extra memory O(B*L*dI + threads * rows * L).
+ * Backward and the blocked scores_at take query rows [t0, t1) of batch b as
  *   Dots[(t-t0)*HI + j, s] = qI[b,t,j,:] . kI[b,s,:],   s < t1
- * (oneDNN sgemm, M = (t1-t0)*HI, N = t1, K = dI; the causal triangle is only
- * wasted inside the diagonal block). A block holds at most ~2^20 floats, so the
- * extra memory is O(L * block) and never the [B,L,HI,L] tensor. Backward
- * recomputes each block's products instead of saving them:
+ * by the same kernel (ix_dots_f32: the same bits as the forward's scores; the
+ * causal triangle is only wasted inside the diagonal block). A block holds at
+ * most ~2^20 floats, so the extra memory is O(L * block) and never the
+ * [B,L,HI,L] tensor. Backward recomputes each block's products instead of
+ * saving them:
  *   dw[t,j]   = sum_{s<=t} dI[t,s] ReLU(Dots[t,j,s])
  *   dDots     = dI[t,s] w[t,j] [Dots > 0]           (ReLU subgradient 0 at 0)
  *   dqI_block = dDots kI[0:t1],   dkI[0:t1] += dDots^T qI_block   (two sgemms)
- * The block partition depends only on (L, HI), so pl_indexer_topk sees exactly
- * the scores pl_indexer_scores returns (bit for bit).
+ * Every product is one chain of multiply-adds over the dI components in order
+ * (fused where the level has FMA), the order of the decode kernel
+ * pl__ix_scores_kt: pl_indexer_topk sees exactly the scores pl_indexer_scores
+ * returns, and decoding the same scores, bit for bit, at every level.
  *
  * Precision (pl_set_indexer_precision): with int8 the rows of qI and kI are
  * quantised once per call and each block's products are an exact int32 gemm
@@ -31,7 +39,7 @@
  * lib/simd.h, the ops section once; each op takes its level once (pl__isa(),
  * saved for backward). The file is built with -ffp-contract=off: the
  * elementwise kernels (score rows, their backward, int8 scaling) give the same
- * bits on every path. The dot products (ixg_dots, the decode kernel, dq) use
+ * bits on every path. The dot products (ixg_dots, the fused and decode kernels, dq) use
  * explicit FMAs (pl_vfma) where the level has them, as an sgemm does, and
  * the gathered dots (ixg_chunk_dots) sum their PL_VW lanes by the one
  * transposing tree: there the paths differ in the last bits. Every path is tested against the references of
@@ -46,16 +54,36 @@ typedef struct {
     int isa;                 /* the kernels' level (simd.h), the same for the backward */
 } ix_dims;
 
-/* int8 images of qI and kI (PL_INDEXER_INT8): per row scale s, value = s * q8. */
+/* The packed operands of a fused score call, in its precision (ix_prepare). */
 typedef struct {
-    int8_t *q8, *k8; /* [B*L*HI, dI], [B*L, dI] */
-    float *sq, *sk;  /* [B*L*HI], [B*L] */
-    int32_t *C;      /* one block of int32 products */
-} ix_q8;
+    pl_indexer_precision prec;
+    const float *kt;   /* f32: kI in panels (ix_pack_keys) */
+    int8_t *q8;        /* int8: qI rows [B*L*HI, dI4] (zero padded) */
+    int32_t *qoff;     /* int8: 64 * sum of each q8 row */
+    float *sq, *sk;    /* int8: scales of qI rows [B*L*HI], kI rows [B*Lp] */
+    uint8_t *k8t;      /* int8: offset kI panels, batch b at b*Lp*dI4 */
+    uint32_t *qp, *kb; /* bf16: qI pairs [B*L*HI, dI2], kI panels (b at b*Lp*dI2) */
+    int64_t dIp;       /* dI4 (int8), dI2 (bf16), dI */
+    int hw;            /* int8: AVX512-VNNI; bf16: AVX512_BF16 */
+} ix_prep;
 
-PL_ISA_DECLARE(void, ix_row_scores_i8,
-               (float *out, const int32_t *C, int64_t ld, const float *w, const float *sq,
-                const float *sk, int64_t HI, int64_t n));
+PL_ISA_DECLARE(void, pl__ix_pack_i8, (const int8_t *k8, int64_t n, int64_t dI, uint8_t *k8t));
+PL_ISA_DECLARE(void, ix_rows_i8,
+               (const int8_t *q8, const int32_t *qoff, const float *sq, const float *w, int64_t R,
+                int64_t HI, int64_t dI4, const uint8_t *k8t, const float *sk, int64_t n, int vnni,
+                float *out, int64_t ldo, int32_t *D));
+PL_ISA_DECLARE(void, pl__ix_bf16_rows, (const float *x, int64_t n, int64_t dI, uint32_t *xp));
+PL_ISA_DECLARE(void, pl__ix_pack_bf16, (const uint32_t *kp, int64_t n, int64_t dI2, uint32_t *kb));
+PL_ISA_DECLARE(void, ix_rows_bf16,
+               (const uint32_t *qp, const float *w, int64_t R, int64_t HI, int64_t dI2,
+                const uint32_t *kb, int64_t n, int hw, float *out, int64_t ldo, float *D));
+PL_ISA_DECLARE(void, pl__ix_pack_f32, (const float *k, int64_t n, int64_t dI, float *kt));
+PL_ISA_DECLARE(void, ix_rows_f32,
+               (const float *q, const float *w, int64_t R, int64_t HI, int64_t dI, const float *kt,
+                int64_t n, float *out, int64_t ldo, float *D));
+PL_ISA_DECLARE(void, ix_dots_f32,
+               (const float *q, int64_t M, int64_t dI, const float *kt, int64_t n, float *D,
+                int64_t ld, float *T));
 PL_ISA_DECLARE(void, ix_row_backward,
                (float *D, int64_t ld, const float *g, const float *w, int64_t HI, int64_t n,
                 float *dw));
@@ -94,19 +122,6 @@ void PL_ISA_FN(pl__ix_quant_rows)(const float *x, int64_t n, int64_t dI, float l
             x8[r * dI + i] = (int8_t)lrintf(v);
         }
     }
-}
-
-/* int8: out[s] = sk[s] * sum_j (w[j] sq[j]) max(C[j*ld + s], 0) for s < n. */
-void PL_ISA_FN(ix_row_scores_i8)(float *out, const int32_t *C, int64_t ld, const float *w,
-                                 const float *sq, const float *sk, int64_t HI, int64_t n) {
-    const float w0 = w[0] * sq[0];
-    for (int64_t s = 0; s < n; s++) out[s] = w0 * (float)(C[s] > 0 ? C[s] : 0);
-    for (int64_t j = 1; j < HI; j++) {
-        const float wj = w[j] * sq[j];
-        const int32_t *Cj = C + j * ld;
-        for (int64_t s = 0; s < n; s++) out[s] += wj * (float)(Cj[s] > 0 ? Cj[s] : 0);
-    }
-    for (int64_t s = 0; s < n; s++) out[s] *= sk[s];
 }
 
 /* out[s] = sum_j w[j] ReLU(D[j*ld + s]) for s < n, PL_VW keys at a time, heads
@@ -355,6 +370,410 @@ void PL_ISA_FN(ixg_bwd_row)(const float *q, const float *kb, const float *w, con
         for (int64_t h = 0; h < HI; h++) dw[h] += pl_vhsum(PL_LD(dwv + h * PL_VW));
 }
 
+/* ---- fused full-sequence scores (pl_indexer_scores, pl_indexer_topk) ----
+ * Keys are packed once per call into panels of PL__KT positions, the cache's
+ * layouts (ops/kv_cache.c), zero padded to a multiple of PL__KT_PAD:
+ *  - f32:  component i of key s at kt[(s/16)*16*dI + i*16 + s%16];
+ *  - int8: k8 + 64 (in [1, 127]), 4 components of 16 keys per 64 bytes
+ *          (pl__ix_scores_kt8), dI4 = dI rounded up to 4;
+ *  - bf16: 2 components of 16 keys per 64 bytes, component i of key s at
+ *          kb[(s/16)*16*dI2 + (i/2)*32 + (s%16)*2 + i%2], dI2 = dI rounded up to 2.
+ * A register tile of MR query heads (rows t, heads j flattened: m = row*HI + j)
+ * x 2*PL_VW keys keeps every dot in a register for its whole chain over the
+ * components; the dots of a group of query rows over one chunk of keys go to a
+ * small L1 tile, and the epilogue writes each row's scores
+ *   out[s] = sum_j w[j] ReLU(dot_j(s))   (heads in order, as pl__ix_row_scores)
+ * once, into the row that feeds the top-k. No [rows*HI, L] product buffer.
+ * Each f32 dot is one chain of pl_vfma over i = 0..dI-1 from 0: the order of
+ * the decode kernel pl__ix_scores_kt, so decoding gives the same bits. */
+#if PL_VW == 16
+enum { IXF_MR = 12 };
+#else
+enum { IXF_MR = 6 };
+#endif
+enum { IXF_NC = 2 * PL_VW }; /* keys per tile */
+
+/* Component 0 of key s in the f32 panels (the cache's kt_at). */
+static PL_AI const float *ixf_at(const float *kt, int64_t dI, int64_t s) {
+    return kt + (s / PL__KT) * PL__KT * dI + s % PL__KT;
+}
+
+/* D[m*IXF_NC + c] = q_m . k_{s0+c}, m < MR (q rows at q + m*dI), p0/p1: the
+ * keys' components at their panels (PL_VW keys each). */
+static PL_AI void ixf_tile(int MR, const float *q, int64_t dI, const float *p0, const float *p1,
+                           float *D) {
+    pl_vf a[IXF_MR][2];
+    for (int m = 0; m < MR; m++) a[m][0] = a[m][1] = pl_splat(0.0f);
+    for (int64_t i = 0; i < dI; i++) {
+        const pl_vf k0 = PL_LD(p0 + i * PL__KT), k1 = PL_LD(p1 + i * PL__KT);
+        for (int m = 0; m < MR; m++) {
+            const pl_vf qm = pl_splat(q[m * dI + i]);
+            a[m][0] = pl_vfma(qm, k0, a[m][0]);
+            a[m][1] = pl_vfma(qm, k1, a[m][1]);
+        }
+    }
+    for (int m = 0; m < MR; m++) {
+        PL_ST(D + m * IXF_NC, a[m][0]);
+        PL_ST(D + m * IXF_NC + PL_VW, a[m][1]);
+    }
+}
+
+/* The dots of M query heads q [M, dI] with the IXF_NC keys from s0 into
+ * D [M, IXF_NC]. */
+static void ixf_chunk(const float *q, int64_t M, int64_t dI, const float *kt, int64_t s0,
+                      float *D) {
+    const float *p0 = ixf_at(kt, dI, s0), *p1 = ixf_at(kt, dI, s0 + PL_VW);
+    int64_t m = 0;
+    for (; m + IXF_MR <= M; m += IXF_MR) ixf_tile(IXF_MR, q + m * dI, dI, p0, p1, D + m * IXF_NC);
+    switch (M - m) {
+    case 0: break;
+#if PL_VW == 16
+    case 11: ixf_tile(11, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 10: ixf_tile(10, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 9: ixf_tile(9, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 8: ixf_tile(8, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 7: ixf_tile(7, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 6: ixf_tile(6, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+#endif
+    case 5: ixf_tile(5, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 4: ixf_tile(4, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 3: ixf_tile(3, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    case 2: ixf_tile(2, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    default: ixf_tile(1, q + m * dI, dI, p0, p1, D + m * IXF_NC); break;
+    }
+}
+
+/* out[r*ldo + c] = sum_j w[r*HI + j] ReLU(D[(r*HI + j)*IXF_NC + c]) for R rows,
+ * c < IXF_NC: the vector form of pl__ix_row_scores (heads in order). */
+static PL_AI void ix_epilogue(const float *D, const float *w, int64_t R, int64_t HI, float *out,
+                              int64_t ldo) {
+    for (int64_t r = 0; r < R; r++)
+        for (int v = 0; v < IXF_NC / PL_VW; v++) {
+            const float *Dr = D + r * HI * IXF_NC + v * PL_VW;
+            pl_vf acc = pl_splat(w[r * HI]) * pl_vrelu(PL_LD(Dr));
+            for (int64_t j = 1; j < HI; j++)
+                acc += pl_splat(w[r * HI + j]) * pl_vrelu(PL_LD(Dr + j * IXF_NC));
+            PL_ST(out + r * ldo + v * PL_VW, acc);
+        }
+}
+
+/* Packs n keys k [n, dI] into the f32 panels kt (n rounded up to PL__KT_PAD,
+ * zero padded). */
+void PL_ISA_FN(pl__ix_pack_f32)(const float *k, int64_t n, int64_t dI, float *kt) {
+    const int64_t np = (n + PL__KT_PAD - 1) / PL__KT_PAD * PL__KT_PAD;
+    for (int64_t p = 0; p < np; p += PL__KT) {
+        float *o = kt + p * dI;
+        for (int64_t i = 0; i < dI; i++)
+            for (int l = 0; l < PL__KT; l++)
+                o[i * PL__KT + l] = p + l < n ? k[(p + l) * dI + i] : 0.0f;
+    }
+}
+
+/* Scores of R consecutive query rows (heads q [R*HI, dI], weights w [R*HI])
+ * over keys [0, n) of the panels kt into out (row r at out + r*ldo, n rounded
+ * up to IXF_NC written). D: scratch of R*HI*IXF_NC floats. */
+void PL_ISA_FN(ix_rows_f32)(const float *q, const float *w, int64_t R, int64_t HI, int64_t dI,
+                            const float *kt, int64_t n, float *out, int64_t ldo, float *D) {
+    for (int64_t s0 = 0; s0 < n; s0 += IXF_NC) {
+        ixf_chunk(q, R * HI, dI, kt, s0, D);
+        ix_epilogue(D, w, R, HI, out + s0, ldo);
+    }
+}
+
+/* The dots of M query heads q [M, dI] with keys [0, n) into D [M, ld] (the
+ * columns s < n), the same bits as ix_rows_f32's: the products of
+ * pl_indexer_scores for its backward and the blocked pl_indexer_scores_at.
+ * T: scratch of M*IXF_NC floats. */
+void PL_ISA_FN(ix_dots_f32)(const float *q, int64_t M, int64_t dI, const float *kt, int64_t n,
+                            float *D, int64_t ld, float *T) {
+    for (int64_t s0 = 0; s0 < n; s0 += IXF_NC) {
+        ixf_chunk(q, M, dI, kt, s0, T);
+        const int64_t c = n - s0 < IXF_NC ? n - s0 : IXF_NC;
+        for (int64_t m = 0; m < M; m++)
+            memcpy(D + m * ld + s0, T + m * IXF_NC, sizeof(float) * (size_t)c);
+    }
+}
+
+/* ---- fused scores at PL_INDEXER_INT8 ----
+ * Dots q8_m . k8_s exact in int32: sum over groups of 4 components of the
+ * offset keys (k8 + 64, unsigned) times q8, minus qoff_m = 64 sum q8_m (as
+ * pl__ix_scores_kt8). AVX512-VNNI: one vpdpbusd per 16 keys x 4 components;
+ * AVX2 (and AVX-512 without VNNI): vpmaddubsw + vpmaddwd (no saturation: two
+ * products of at most 127 * 127); baseline: plain integer loops. Then
+ *   out[s] = sk[s] * sum_j (w[j] sq[j]) max(dot_j(s), 0)
+ * in the order of ix_row_scores_i8: the same bits on every path. */
+enum { IX8_NC = 32 }; /* keys per chunk: two panels of PL__KT */
+
+#if PL_VW == 16
+#define IX_VNNI __attribute__((target("avx512vnni")))
+static IX_VNNI PL_AI void ix8_tile_vnni(int MR, const int8_t *q8, const int32_t *qoff, int64_t dI4,
+                                        const uint8_t *b0, const uint8_t *b1, int32_t *D) {
+    __m512i a[12][2];
+    for (int m = 0; m < MR; m++) a[m][0] = a[m][1] = _mm512_setzero_si512();
+    for (int64_t g = 0; g < dI4 / 4; g++) {
+        const __m512i k0 = _mm512_loadu_si512(b0 + g * 64), k1 = _mm512_loadu_si512(b1 + g * 64);
+        for (int m = 0; m < MR; m++) {
+            int32_t wq;
+            memcpy(&wq, q8 + m * dI4 + 4 * g, 4);
+            const __m512i qm = _mm512_set1_epi32(wq);
+            a[m][0] = _mm512_dpbusd_epi32(a[m][0], k0, qm);
+            a[m][1] = _mm512_dpbusd_epi32(a[m][1], k1, qm);
+        }
+    }
+    for (int m = 0; m < MR; m++) {
+        const __m512i o = _mm512_set1_epi32(qoff[m]);
+        _mm512_storeu_si512(D + m * IX8_NC, _mm512_sub_epi32(a[m][0], o));
+        _mm512_storeu_si512(D + m * IX8_NC + 16, _mm512_sub_epi32(a[m][1], o));
+    }
+}
+static IX_VNNI void ix8_chunk_vnni(const int8_t *q8, const int32_t *qoff, int64_t M, int64_t dI4,
+                                   const uint8_t *b0, int32_t *D) {
+    const uint8_t *b1 = b0 + PL__KT * dI4;
+    int64_t m = 0;
+    for (; m + 12 <= M; m += 12)
+        ix8_tile_vnni(12, q8 + m * dI4, qoff + m, dI4, b0, b1, D + m * IX8_NC);
+    for (; m + 4 <= M; m += 4)
+        ix8_tile_vnni(4, q8 + m * dI4, qoff + m, dI4, b0, b1, D + m * IX8_NC);
+    for (; m < M; m++) ix8_tile_vnni(1, q8 + m * dI4, qoff + m, dI4, b0, b1, D + m * IX8_NC);
+}
+#endif
+
+#if defined(__AVX2__)
+/* One panel (16 keys, two ymm of 8 keys x 4 components) for MR query heads. */
+static PL_AI void ix8_tile_avx2(int MR, const int8_t *q8, const int32_t *qoff, int64_t dI4,
+                                const uint8_t *b, int32_t *D) {
+    __m256i a[4][2];
+    const __m256i one = _mm256_set1_epi16(1);
+    for (int m = 0; m < MR; m++) a[m][0] = a[m][1] = _mm256_setzero_si256();
+    for (int64_t g = 0; g < dI4 / 4; g++) {
+        const __m256i k0 = _mm256_loadu_si256((const __m256i *)(b + g * 64));
+        const __m256i k1 = _mm256_loadu_si256((const __m256i *)(b + g * 64 + 32));
+        for (int m = 0; m < MR; m++) {
+            int32_t wq;
+            memcpy(&wq, q8 + m * dI4 + 4 * g, 4);
+            const __m256i qm = _mm256_set1_epi32(wq);
+            a[m][0] =
+                _mm256_add_epi32(a[m][0], _mm256_madd_epi16(_mm256_maddubs_epi16(k0, qm), one));
+            a[m][1] =
+                _mm256_add_epi32(a[m][1], _mm256_madd_epi16(_mm256_maddubs_epi16(k1, qm), one));
+        }
+    }
+    for (int m = 0; m < MR; m++) {
+        const __m256i o = _mm256_set1_epi32(qoff[m]);
+        _mm256_storeu_si256((__m256i *)(D + m * IX8_NC), _mm256_sub_epi32(a[m][0], o));
+        _mm256_storeu_si256((__m256i *)(D + m * IX8_NC + 8), _mm256_sub_epi32(a[m][1], o));
+    }
+}
+#endif
+
+/* D[m*IX8_NC + c] = q8_m . k8_{s0+c} for the IX8_NC keys of the two panels
+ * from b0 (M query heads q8 [M, dI4]). */
+static void ix8_chunk(const int8_t *q8, const int32_t *qoff, int64_t M, int64_t dI4,
+                      const uint8_t *b0, int vnni, int32_t *D) {
+#if PL_VW == 16
+    if (vnni) {
+        ix8_chunk_vnni(q8, qoff, M, dI4, b0, D);
+        return;
+    }
+#endif
+    (void)vnni;
+#if defined(__AVX2__)
+    for (int p = 0; p < 2; p++) {
+        const uint8_t *b = b0 + p * PL__KT * dI4;
+        int32_t *Dp = D + p * PL__KT;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4)
+            ix8_tile_avx2(4, q8 + m * dI4, qoff + m, dI4, b, Dp + m * IX8_NC);
+        for (; m < M; m++) ix8_tile_avx2(1, q8 + m * dI4, qoff + m, dI4, b, Dp + m * IX8_NC);
+    }
+#else
+    for (int64_t m = 0; m < M; m++)
+        for (int c = 0; c < IX8_NC; c++) {
+            const uint8_t *b = b0 + (c / PL__KT) * PL__KT * dI4 + (c % PL__KT) * 4;
+            int32_t acc = 0;
+            for (int64_t g = 0; g < dI4 / 4; g++)
+                for (int j = 0; j < 4; j++)
+                    acc += (int32_t)b[g * 64 + j] * (int32_t)q8[m * dI4 + 4 * g + j];
+            D[m * IX8_NC + c] = acc - qoff[m];
+        }
+#endif
+}
+
+/* Packs n int8 key rows k8 [n, dI] into the offset panels (n rounded up to
+ * PL__KT_PAD; padding components and keys hold 64, the value 0). */
+void PL_ISA_FN(pl__ix_pack_i8)(const int8_t *k8, int64_t n, int64_t dI, uint8_t *k8t) {
+    const int64_t dI4 = (dI + 3) & ~(int64_t)3, np = (n + PL__KT_PAD - 1) / PL__KT_PAD * PL__KT_PAD;
+    for (int64_t p = 0; p < np; p += PL__KT) {
+        uint8_t *o = k8t + p * dI4;
+        for (int64_t g = 0; g < dI4 / 4; g++)
+            for (int l = 0; l < PL__KT; l++)
+                for (int j = 0; j < 4; j++) {
+                    const int64_t i = 4 * g + j;
+                    o[g * 64 + l * 4 + j] =
+                        (uint8_t)(p + l < n && i < dI ? k8[(p + l) * dI + i] + 64 : 64);
+                }
+    }
+}
+
+/* The int8 scores of R consecutive query rows (q8 [R*HI, dI4] zero padded,
+ * qoff, sq [R*HI], weights w [R*HI]) over keys [0, n) of the panels k8t
+ * (scales sk, padded to the panels' length) into out (row r at out + r*ldo,
+ * n rounded up to IX8_NC written). D: scratch of R*HI*IX8_NC int32. */
+void PL_ISA_FN(ix_rows_i8)(const int8_t *q8, const int32_t *qoff, const float *sq, const float *w,
+                           int64_t R, int64_t HI, int64_t dI4, const uint8_t *k8t, const float *sk,
+                           int64_t n, int vnni, float *out, int64_t ldo, int32_t *D) {
+    for (int64_t s0 = 0; s0 < n; s0 += IX8_NC) {
+        ix8_chunk(q8, qoff, R * HI, dI4, k8t + s0 * dI4, vnni, D);
+        for (int64_t r = 0; r < R; r++)
+            for (int v = 0; v < IX8_NC / PL_VW; v++) {
+                const int32_t *Dr = D + r * HI * IX8_NC + v * PL_VW;
+                pl_vi d;
+                memcpy(&d, Dr, sizeof d);
+                pl_vf acc =
+                    pl_splat(w[r * HI] * sq[r * HI]) * __builtin_convertvector(d & (d > 0), pl_vf);
+                for (int64_t j = 1; j < HI; j++) {
+                    memcpy(&d, Dr + j * IX8_NC, sizeof d);
+                    acc += pl_splat(w[r * HI + j] * sq[r * HI + j]) *
+                           __builtin_convertvector(d & (d > 0), pl_vf);
+                }
+                PL_ST(out + r * ldo + s0 + v * PL_VW, acc * PL_LD(sk + s0 + v * PL_VW));
+            }
+    }
+}
+
+/* ---- fused scores at PL_INDEXER_BF16 ----
+ * qI and kI rounded to bfloat16 (pl__bf16_bits; subnormals to signed zero).
+ * Each dot is a chain over the pairs of components p = 0, 1, ...:
+ *   acc = acc + q[2p+1] k[2p+1];  acc = acc + q[2p] k[2p]
+ * every product exact in float32 and every sum rounded (to nearest even):
+ * what VDPBF16PS computes (AVX512_BF16, measured against this form on Zen 5),
+ * except that it also flushes subnormal partial sums to zero. Without
+ * AVX512_BF16 the same chain runs with float multiply-adds (an FMA of an
+ * exact product rounds as the add alone). The scores then as f32's
+ * (ix_epilogue). Keys in panels of 16 x 2 components (64 bytes). */
+#if PL_VW == 16
+#define IX_BF16 __attribute__((target("avx512bf16")))
+static IX_BF16 PL_AI void ixb16_tile_hw(int MR, const uint32_t *qp, int64_t dI2, const uint32_t *b0,
+                                        const uint32_t *b1, float *D) {
+    __m512 a[12][2];
+    for (int m = 0; m < MR; m++) a[m][0] = a[m][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < dI2; p++) {
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(b0 + p * 16);
+        const __m512bh k1 = (__m512bh)_mm512_loadu_si512(b1 + p * 16);
+        for (int m = 0; m < MR; m++) {
+            const __m512bh qm = (__m512bh)_mm512_set1_epi32((int32_t)qp[m * dI2 + p]);
+            a[m][0] = _mm512_dpbf16_ps(a[m][0], k0, qm);
+            a[m][1] = _mm512_dpbf16_ps(a[m][1], k1, qm);
+        }
+    }
+    for (int m = 0; m < MR; m++) {
+        _mm512_storeu_ps(D + m * IXF_NC, a[m][0]);
+        _mm512_storeu_ps(D + m * IXF_NC + 16, a[m][1]);
+    }
+}
+static IX_BF16 void ixb16_chunk_hw(const uint32_t *qp, int64_t M, int64_t dI2, const uint32_t *b0,
+                                   float *D) {
+    const uint32_t *b1 = b0 + PL__KT * dI2;
+    int64_t m = 0;
+    for (; m + 12 <= M; m += 12) ixb16_tile_hw(12, qp + m * dI2, dI2, b0, b1, D + m * IXF_NC);
+    for (; m + 4 <= M; m += 4) ixb16_tile_hw(4, qp + m * dI2, dI2, b0, b1, D + m * IXF_NC);
+    for (; m < M; m++) ixb16_tile_hw(1, qp + m * dI2, dI2, b0, b1, D + m * IXF_NC);
+}
+#endif
+
+/* The same chain with float multiply-adds: PL_VW keys per vector, the pair
+ * (even low, odd high half) of each key in one 32-bit lane. */
+static PL_AI void ixb16_tile_emu(int MR, const uint32_t *qp, int64_t dI2, const uint32_t *kb,
+                                 float *D) {
+    pl_vf a[IXF_MR][2];
+    for (int m = 0; m < MR; m++) a[m][0] = a[m][1] = pl_splat(0.0f);
+    const uint32_t *kb1 = kb + (PL_VW == 16 ? PL__KT * dI2 : PL_VW);
+    const int64_t step = PL__KT; /* 32-bit words per pair of components in a panel */
+    for (int64_t p = 0; p < dI2; p++) {
+        const pl_vu w0 = PL_LDU(kb + p * step), w1 = PL_LDU(kb1 + p * step);
+        const pl_vf e0 = (pl_vf)(w0 << 16), o0 = (pl_vf)(w0 & 0xffff0000u);
+        const pl_vf e1 = (pl_vf)(w1 << 16), o1 = (pl_vf)(w1 & 0xffff0000u);
+        for (int m = 0; m < MR; m++) {
+            const uint32_t qw = qp[m * dI2 + p];
+            union {
+                uint32_t u;
+                float f;
+            } qe = {qw << 16}, qo = {qw & 0xffff0000u};
+            const pl_vf ve = pl_splat(qe.f), vo = pl_splat(qo.f);
+            a[m][0] = pl_vfma(ve, e0, pl_vfma(vo, o0, a[m][0]));
+            a[m][1] = pl_vfma(ve, e1, pl_vfma(vo, o1, a[m][1]));
+        }
+    }
+    for (int m = 0; m < MR; m++) {
+        PL_ST(D + m * IXF_NC, a[m][0]);
+        PL_ST(D + m * IXF_NC + PL_VW, a[m][1]);
+    }
+}
+
+/* D[m*IXF_NC + c] = the bf16 dot of query head m with key s0 + c, for the
+ * IXF_NC keys from s0 (a multiple of IXF_NC) of the panels kb. */
+static void ixb16_chunk(const uint32_t *qp, int64_t M, int64_t dI2, const uint32_t *kb, int64_t s0,
+                        int hw, float *D) {
+#if PL_VW == 16
+    if (hw) {
+        ixb16_chunk_hw(qp, M, dI2, kb + s0 * dI2, D);
+        return;
+    }
+#endif
+    (void)hw;
+    for (int64_t c = 0; c < IXF_NC; c += 2 * PL_VW) { /* IXF_NC = 2 PL_VW: once */
+        const uint32_t *k0 = kb + ((s0 + c) / PL__KT) * PL__KT * dI2 + (s0 + c) % PL__KT;
+        int64_t m = 0;
+        for (; m + IXF_MR <= M; m += IXF_MR)
+            ixb16_tile_emu(IXF_MR, qp + m * dI2, dI2, k0, D + m * IXF_NC);
+        for (; m + 2 <= M; m += 2) ixb16_tile_emu(2, qp + m * dI2, dI2, k0, D + m * IXF_NC);
+        for (; m < M; m++) ixb16_tile_emu(1, qp + m * dI2, dI2, k0, D + m * IXF_NC);
+    }
+}
+
+/* x rounded to bfloat16 bits, a subnormal to a zero of its sign. */
+static inline uint16_t ixb16_bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0) u &= 0x80000000u;
+    float y;
+    memcpy(&y, &u, 4);
+    return pl__bf16_bits(y);
+}
+
+/* Rounds n rows x [n, dI] to bf16 pairs xp [n, dI2] (zero padded). */
+void PL_ISA_FN(pl__ix_bf16_rows)(const float *x, int64_t n, int64_t dI, uint32_t *xp) {
+    const int64_t dI2 = (dI + 1) / 2;
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t p = 0; p < dI2; p++) {
+            const uint32_t lo = ixb16_bits(x[r * dI + 2 * p]);
+            const uint32_t hi = 2 * p + 1 < dI ? ixb16_bits(x[r * dI + 2 * p + 1]) : 0u;
+            xp[r * dI2 + p] = lo | hi << 16;
+        }
+}
+
+/* Packs n bf16 key rows kp [n, dI2] into panels of 16 keys x dI2 pairs
+ * (pair p of key s at kb[(s/16)*16*dI2 + p*16 + s%16]; n rounded up to
+ * PL__KT_PAD, zero padded). */
+void PL_ISA_FN(pl__ix_pack_bf16)(const uint32_t *kp, int64_t n, int64_t dI2, uint32_t *kb) {
+    const int64_t np = (n + PL__KT_PAD - 1) / PL__KT_PAD * PL__KT_PAD;
+    for (int64_t p = 0; p < np; p += PL__KT)
+        for (int64_t i = 0; i < dI2; i++)
+            for (int l = 0; l < PL__KT; l++)
+                kb[p * dI2 + i * PL__KT + l] = p + l < n ? kp[(p + l) * dI2 + i] : 0u;
+}
+
+/* The bf16 scores of R consecutive query rows (qp [R*HI, dI2]) over keys
+ * [0, n) of the panels kb into out (as ix_rows_f32). */
+void PL_ISA_FN(ix_rows_bf16)(const uint32_t *qp, const float *w, int64_t R, int64_t HI, int64_t dI2,
+                             const uint32_t *kb, int64_t n, int hw, float *out, int64_t ldo,
+                             float *D) {
+    for (int64_t s0 = 0; s0 < n; s0 += IXF_NC) {
+        ixb16_chunk(qp, R * HI, dI2, kb, s0, hw, D);
+        ix_epilogue(D, w, R, HI, out + s0, ldo);
+    }
+}
+
 /* ---- decoding: scores over the cache's indexer keys ----
  * The cache keeps kI transposed in blocks of PL__KT positions: component i of
  * key s at kt[(s / PL__KT) * PL__KT * dI + i * PL__KT + s % PL__KT] (ops/kv_cache.c).
@@ -499,10 +918,10 @@ void PL_ISA_FN(pl__ix_scores_kt8)(float *out, const int8_t *q8, const int32_t *q
 
 pl_status pl_set_indexer_precision(pl_ctx *ctx, pl_indexer_precision p) {
     if (!ctx) return pl__err(PL_ERR_ARG, "pl_set_indexer_precision: ctx is NULL");
-    if (p != PL_INDEXER_F32 && p != PL_INDEXER_INT8)
+    if (p != PL_INDEXER_F32 && p != PL_INDEXER_BF16 && p != PL_INDEXER_INT8)
         return pl__err(PL_ERR_ARG,
-                       "pl_set_indexer_precision: unknown precision %d (PL_INDEXER_F32 or "
-                       "PL_INDEXER_INT8)",
+                       "pl_set_indexer_precision: unknown precision %d (PL_INDEXER_F32, "
+                       "PL_INDEXER_BF16 or PL_INDEXER_INT8)",
                        (int)p);
     ctx->indexer_precision = p;
     return PL_OK;
@@ -510,32 +929,6 @@ pl_status pl_set_indexer_precision(pl_ctx *ctx, pl_indexer_precision p) {
 
 pl_indexer_precision pl_get_indexer_precision(const pl_ctx *ctx) {
     return ctx ? ctx->indexer_precision : PL_INDEXER_F32;
-}
-
-/* The int8 images for a call, or all NULL for float32. */
-static pl_status ix_quantise(pl_ctx *ctx, const ix_dims *d, const float *q, const float *k,
-                             ix_q8 *z) {
-    memset(z, 0, sizeof *z);
-    if (ctx->indexer_precision != PL_INDEXER_INT8) return PL_OK;
-    const int64_t nq = d->B * d->L * d->HI, nk = d->B * d->L, dI = d->dI;
-    z->q8 = pl__scratch(ctx, (size_t)(nq * dI));
-    z->k8 = pl__scratch(ctx, (size_t)(nk * dI));
-    z->sq = pl__scratch(ctx, sizeof(float) * (size_t)nq);
-    z->sk = pl__scratch(ctx, sizeof(float) * (size_t)nk);
-    z->C = pl__scratch(ctx, sizeof(int32_t) * (size_t)(d->T * d->HI * d->L));
-    if (!z->q8 || !z->k8 || !z->sq || !z->sk || !z->C) return PL_ERR_NOMEM;
-    const int64_t chunk = 256;
-    PL_PARALLEL_FOR(nq * dI, schedule(static), c, (nq + chunk - 1) / chunk, {
-        const int64_t r0 = c * chunk, n = nq - r0 < chunk ? nq - r0 : chunk;
-        PL_ISA_PICK(pl__ix_quant_rows, d->isa)
-        (q + r0 * dI, n, dI, 127.0f, z->q8 + r0 * dI, z->sq + r0);
-    });
-    PL_PARALLEL_FOR(nk * dI, schedule(static), c, (nk + chunk - 1) / chunk, {
-        const int64_t r0 = c * chunk, n = nk - r0 < chunk ? nk - r0 : chunk;
-        PL_ISA_PICK(pl__ix_quant_rows, d->isa)
-        (k + r0 * dI, n, dI, 63.0f, z->k8 + r0 * dI, z->sk + r0);
-    });
-    return PL_OK;
 }
 
 static int64_t block_rows(int64_t L, int64_t HI) {
@@ -576,33 +969,153 @@ static pl_status ix_shapes(pl_ctx *ctx, const char *fn, const pl_tensor *qI, con
     return PL_OK;
 }
 
-/* Dots of block [t0, t1) of batch b into D [(t1-t0)*HI, t1]. */
-static pl_status ix_block_dots(pl_ctx *ctx, const ix_dims *d, const float *q, const float *k,
+/* Keys padded to the panels' multiple. */
+static int64_t ix_lpad(int64_t L) { return (L + PL__KT_PAD - 1) / PL__KT_PAD * PL__KT_PAD; }
+
+/* kI [B, L, dI] packed into the f32 panels of ix_rows_f32, batch b at
+ * kt + b*ix_lpad(L)*dI. */
+static float *ix_pack_keys(pl_ctx *ctx, const ix_dims *d, const float *k) {
+    const int64_t Lp = ix_lpad(d->L), dI = d->dI, np = Lp / PL__KT_PAD;
+    float *kt = pl__scratch(ctx, sizeof(float) * (size_t)(d->B * Lp * dI));
+    if (!kt) return NULL;
+    PL_PARALLEL_FOR(d->B * Lp * dI, schedule(static), c, d->B * np, {
+        const int64_t b = c / np, p0 = (c % np) * PL__KT_PAD;
+        const int64_t n = d->L - p0 < PL__KT_PAD ? d->L - p0 : PL__KT_PAD;
+        PL_ISA_PICK(pl__ix_pack_f32, d->isa)
+        (k + (b * d->L + p0) * dI, n, dI, kt + (b * Lp + p0) * dI);
+    });
+    return kt;
+}
+
+/* Dots of block [t0, t1) of batch b into D [(t1-t0)*HI, t1] from the packed
+ * keys kt (ix_pack_keys): the products ix_topk and pl_indexer_scores compare,
+ * bit for bit (the same kernel). */
+enum { IX_DOTS_M = 48 }; /* query heads per task */
+static pl_status ix_block_dots(pl_ctx *ctx, const ix_dims *d, const float *q, const float *kt,
                                int64_t b, int64_t t0, int64_t t1, float *D) {
-    const int64_t HI = d->HI, dI = d->dI, L = d->L;
-    return pl__sgemm(ctx, false, true, (t1 - t0) * HI, t1, dI, 1.0f, q + (b * L + t0) * HI * dI, dI,
-                     k + b * L * dI, dI, 0.0f, D, t1);
+    (void)ctx;
+    const int64_t HI = d->HI, dI = d->dI, L = d->L, M = (t1 - t0) * HI;
+    const float *qb = q + (b * L + t0) * HI * dI, *ktb = kt + b * ix_lpad(L) * dI;
+    PL_PARALLEL_FOR(M * t1 * dI, schedule(static), c, (M + IX_DOTS_M - 1) / IX_DOTS_M, {
+        const int64_t m0 = c * IX_DOTS_M, m = M - m0 < IX_DOTS_M ? M - m0 : IX_DOTS_M;
+        float T[IX_DOTS_M * 32]; /* IX_DOTS_M x 2 PL_VW */
+        PL_ISA_PICK(ix_dots_f32, d->isa)(qb + m0 * dI, m, dI, ktb, t1, D + m0 * t1, t1, T);
+    });
+    return PL_OK;
 }
 
-/* The same in the call's precision: float dots into D, or (int8) int32 dots
- * into z->C. */
-static pl_status ix_block(pl_ctx *ctx, const ix_dims *d, const float *q, const float *k,
-                          const ix_q8 *z, int64_t b, int64_t t0, int64_t t1, float *D) {
-    if (!z->q8) return ix_block_dots(ctx, d, q, k, b, t0, t1, D);
-    const int64_t HI = d->HI, dI = d->dI, L = d->L;
-    return pl__gemm_s8((t1 - t0) * HI, t1, dI, z->q8 + (b * L + t0) * HI * dI, dI,
-                       z->k8 + b * L * dI, dI, z->C, t1);
+/* The packed operands for the call's precision (ctx->indexer_precision). */
+static pl_status ix_prepare(pl_ctx *ctx, const ix_dims *d, const float *q, const float *k,
+                            ix_prep *p) {
+    memset(p, 0, sizeof *p);
+    p->prec = ctx->indexer_precision;
+    const int64_t B = d->B, L = d->L, HI = d->HI, dI = d->dI, Lp = ix_lpad(L), np = Lp / PL__KT_PAD;
+    const int64_t nq = B * L * HI, nk = B * L, chunk = 256, isa = d->isa;
+    if (p->prec == PL_INDEXER_INT8) {
+        const int64_t dI4 = (dI + 3) & ~(int64_t)3;
+        int8_t *q8 = pl__scratch(ctx, (size_t)(nq * dI)), *k8 = pl__scratch(ctx, (size_t)(nk * dI));
+        p->q8 = pl__scratch(ctx, (size_t)(nq * dI4));
+        p->qoff = pl__scratch(ctx, sizeof(int32_t) * (size_t)nq);
+        p->sq = pl__scratch(ctx, sizeof(float) * (size_t)nq);
+        p->sk = pl__scratch(ctx, sizeof(float) * (size_t)(B * Lp));
+        p->k8t = pl__scratch(ctx, (size_t)(B * Lp * dI4));
+        if (!q8 || !k8 || !p->q8 || !p->qoff || !p->sq || !p->sk || !p->k8t) return PL_ERR_NOMEM;
+        p->dIp = dI4;
+        p->hw = pl__cpu_vnni() && !pl__tuning.indexer_no_ext;
+        int8_t *q8p = p->q8;
+        int32_t *qoff = p->qoff;
+        float *sq = p->sq, *sk = p->sk;
+        PL_PARALLEL_FOR(nq * dI, schedule(static), c, (nq + chunk - 1) / chunk, {
+            const int64_t r0 = c * chunk, n = nq - r0 < chunk ? nq - r0 : chunk;
+            PL_ISA_PICK(pl__ix_quant_rows, isa)(q + r0 * dI, n, dI, 127.0f, q8 + r0 * dI, sq + r0);
+            for (int64_t r = r0; r < r0 + n; r++) { /* rows padded to dI4, and qoff */
+                int32_t sum = 0;
+                for (int64_t i = 0; i < dI4; i++) {
+                    const int8_t v = i < dI ? q8[r * dI + i] : 0;
+                    q8p[r * dI4 + i] = v;
+                    sum += v;
+                }
+                qoff[r] = 64 * sum;
+            }
+        });
+        PL_PARALLEL_FOR(nk * dI, schedule(static), c, B * np, {
+            const int64_t b = c / np, p0 = (c % np) * PL__KT_PAD;
+            const int64_t n = L - p0 < PL__KT_PAD ? (L - p0 > 0 ? L - p0 : 0) : PL__KT_PAD;
+            float *skb = sk + b * Lp + p0;
+            for (int64_t i = 0; i < PL__KT_PAD; i++) skb[i] = 0.0f;
+            if (n > 0) PL_ISA_PICK(pl__ix_quant_rows, isa)
+            (k + (b * L + p0) * dI, n, dI, 63.0f, k8 + (b * L + p0) * dI, skb);
+            PL_ISA_PICK(pl__ix_pack_i8, isa)
+            (k8 + (b * L + p0) * dI, n, dI, p->k8t + (b * Lp + p0) * dI4);
+        });
+        return PL_OK;
+    }
+    if (p->prec == PL_INDEXER_BF16) {
+        const int64_t dI2 = (dI + 1) / 2;
+        uint32_t *kp = pl__scratch(ctx, sizeof(uint32_t) * (size_t)(nk * dI2));
+        p->qp = pl__scratch(ctx, sizeof(uint32_t) * (size_t)(nq * dI2));
+        p->kb = pl__scratch(ctx, sizeof(uint32_t) * (size_t)(B * Lp * dI2));
+        if (!kp || !p->qp || !p->kb) return PL_ERR_NOMEM;
+        p->dIp = dI2;
+        p->hw = pl__cpu_bf16() && !pl__tuning.indexer_no_ext;
+        uint32_t *qp = p->qp, *kb = p->kb;
+        PL_PARALLEL_FOR(nq * dI, schedule(static), c, (nq + chunk - 1) / chunk, {
+            const int64_t r0 = c * chunk, n = nq - r0 < chunk ? nq - r0 : chunk;
+            PL_ISA_PICK(pl__ix_bf16_rows, isa)(q + r0 * dI, n, dI, qp + r0 * dI2);
+        });
+        PL_PARALLEL_FOR(nk * dI, schedule(static), c, B * np, {
+            const int64_t b = c / np, p0 = (c % np) * PL__KT_PAD;
+            const int64_t n = L - p0 < PL__KT_PAD ? L - p0 : PL__KT_PAD;
+            PL_ISA_PICK(pl__ix_bf16_rows, isa)
+            (k + (b * L + p0) * dI, n, dI, kp + (b * L + p0) * dI2);
+            PL_ISA_PICK(pl__ix_pack_bf16, isa)
+            (kp + (b * L + p0) * dI2, n, dI2, kb + (b * Lp + p0) * dI2);
+        });
+        return PL_OK;
+    }
+    p->prec = PL_INDEXER_F32;
+    p->dIp = dI;
+    p->kt = ix_pack_keys(ctx, d, k);
+    return p->kt ? PL_OK : PL_ERR_NOMEM;
 }
 
-/* Row t (i-th of the block starting at t0) of the scores in the call's precision. */
-static void ix_row(const ix_dims *d, const ix_q8 *z, const float *D, const float *w, int64_t b,
-                   int64_t t0, int64_t t, int64_t t1, float *out) {
-    const int64_t HI = d->HI, i = t - t0;
-    if (z->q8) PL_ISA_PICK(ix_row_scores_i8, d->isa)
-    (out, z->C + i * HI * t1, t1, w + (b * d->L + t) * HI, z->sq + (b * d->L + t) * HI,
-     z->sk + b * d->L, HI, t + 1);
-    else PL_ISA_PICK(pl__ix_row_scores, d->isa)(out, D + i * HI * t1, t1, w + (b * d->L + t) * HI,
-                                                HI, t + 1);
+/* The fused scores: query rows per task, enough heads for one register tile
+ * of the kernels (12 query heads). */
+static int64_t ix_group_rows(int64_t HI) { return HI < 12 ? 12 / HI : 1; }
+
+/* Per-thread room of the fused scores: R rows of Lp scores and the L1 tile. */
+typedef struct {
+    float *rows, *tile;
+    int64_t R, Lp, ld_tile;
+} ix_rowbuf;
+
+static pl_status ix_rowbuf_new(pl_ctx *ctx, const ix_dims *d, ix_rowbuf *rb) {
+    const size_t nt = (size_t)omp_get_max_threads();
+    rb->R = ix_group_rows(d->HI);
+    rb->Lp = ix_lpad(d->L);
+    rb->ld_tile = rb->R * d->HI * 32; /* R*HI query heads x 32 keys (f32 or int32) */
+    rb->rows = pl__scratch(ctx, sizeof(float) * (size_t)(rb->R * rb->Lp) * nt);
+    rb->tile = pl__scratch(ctx, sizeof(float) * (size_t)rb->ld_tile * nt);
+    return rb->rows && rb->tile ? PL_OK : PL_ERR_NOMEM;
+}
+
+/* Scores of the r rows [t, t+r) of batch b over keys [0, t+r) in the call's
+ * precision into the thread's rows (row i at rows + i*Lp). Returns the rows. */
+static float *ix_group(const ix_dims *d, const ix_rowbuf *rb, const ix_prep *p, const float *q,
+                       const float *w, int64_t b, int64_t t, int64_t r) {
+    const size_t tid = (size_t)omp_get_thread_num();
+    const int64_t L = d->L, HI = d->HI, dI = d->dI, Lp = rb->Lp, dIp = p->dIp,
+                  m0 = (b * L + t) * HI;
+    float *rows = rb->rows + tid * (size_t)(rb->R * Lp),
+          *tile = rb->tile + tid * (size_t)rb->ld_tile;
+    if (p->prec == PL_INDEXER_INT8) PL_ISA_PICK(ix_rows_i8, d->isa)
+    (p->q8 + m0 * dIp, p->qoff + m0, p->sq + m0, w + m0, r, HI, dIp, p->k8t + b * Lp * dIp,
+     p->sk + b * Lp, t + r, p->hw, rows, Lp, (int32_t *)tile);
+    else if (p->prec == PL_INDEXER_BF16) PL_ISA_PICK(ix_rows_bf16, d->isa)(
+        p->qp + m0 * dIp, w + m0, r, HI, dIp, p->kb + b * Lp * dIp, t + r, p->hw, rows, Lp, tile);
+    else PL_ISA_PICK(ix_rows_f32, d->isa)(q + m0 * dI, w + m0, r, HI, dI, p->kt + b * Lp * dI,
+                                          t + r, rows, Lp, tile);
+    return rows;
 }
 
 static void indexer_backward(pl_ctx *ctx, pl_node *n) {
@@ -613,12 +1126,13 @@ static void indexer_backward(pl_ctx *ctx, pl_node *n) {
     if (pl__grads(ctx, n, gi)) return;
     float *dq = gi[0], *dk = gi[1], *dw = gi[2];
     float *D = pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * L));
-    if (!D) return;
     const float *q = pl_f32(qI), *k = pl_f32(kI), *wd = pl_f32(w), *g = n->out->grad;
+    const float *kt = D ? ix_pack_keys(ctx, d, k) : NULL;
+    if (!kt) return;
     for (int64_t b = 0; b < B; b++)
         for (int64_t t0 = 0; t0 < L; t0 += T) {
             const int64_t t1 = t0 + T < L ? t0 + T : L, M = (t1 - t0) * HI;
-            if (ix_block_dots(ctx, d, q, k, b, t0, t1, D)) return;
+            if (ix_block_dots(ctx, d, q, kt, b, t0, t1, D)) return;
             PL_PARALLEL_FOR(M * t1, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;
                 PL_ISA_PICK(ix_row_backward, d->isa)
@@ -638,25 +1152,24 @@ pl_tensor *pl_indexer_scores(pl_ctx *ctx, pl_tensor *qI, pl_tensor *kI, pl_tenso
     static const char *fn = "pl_indexer_scores";
     ix_dims d;
     if (ix_shapes(ctx, fn, qI, kI, w, &d)) return NULL;
-    const int64_t B = d.B, L = d.L, HI = d.HI, T = d.T;
+    const int64_t B = d.B, L = d.L, HI = d.HI;
     pl_tensor *out = pl__new(ctx, PL_F32, PL_DIMS(B, L, L));
-    float *D = out ? pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * L)) : NULL;
-    if (!D) return NULL;
+    if (!out) return NULL;
     const float *q = pl_f32(qI), *k = pl_f32(kI), *wd = pl_f32(w);
-    ix_q8 z;
-    if (ix_quantise(ctx, &d, q, k, &z)) return NULL;
     float *o = pl_f32(out);
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t t0 = 0; t0 < L; t0 += T) {
-            const int64_t t1 = t0 + T < L ? t0 + T : L;
-            if (ix_block(ctx, &d, q, k, &z, b, t0, t1, D)) return NULL;
-            PL_PARALLEL_FOR((t1 - t0) * HI * t1, schedule(static), i, t1 - t0, {
-                const int64_t t = t0 + i;
-                float *row = o + (b * L + t) * L;
-                ix_row(&d, &z, D, wd, b, t0, t, t1, row);
-                for (int64_t s = t + 1; s < L; s++) row[s] = -INFINITY;
-            });
+    ix_prep pp;
+    ix_rowbuf rb;
+    if (ix_prepare(ctx, &d, q, k, &pp) || ix_rowbuf_new(ctx, &d, &rb)) return NULL;
+    const int64_t R = rb.R, G = (L + R - 1) / R;
+    PL_PARALLEL_FOR(B * L * L * HI * d.dI / 2, schedule(dynamic, 1), c, B * G, {
+        const int64_t b = c / G, t = (G - 1 - c % G) * R, r = L - t < R ? L - t : R;
+        const float *rows = ix_group(&d, &rb, &pp, q, wd, b, t, r);
+        for (int64_t i = 0; i < r; i++) {
+            float *row = o + (b * L + t + i) * L;
+            memcpy(row, rows + i * rb.Lp, sizeof(float) * (size_t)(t + i + 1));
+            for (int64_t s = t + i + 1; s < L; s++) row[s] = -INFINITY;
         }
+    });
     pl_tensor *in[3] = {qI, kI, w};
     pl_node *nd;
     if (pl__record(ctx, "indexer_scores", indexer_backward, out, 3, in, sizeof d, &nd)) return NULL;
@@ -675,16 +1188,14 @@ static pl_tensor *ix_topk(pl_ctx *ctx, const char *fn, pl_tensor *qI, pl_tensor 
     ix_dims d;
     if (ix_shapes(ctx, fn, qI, kI, w, &d)) return NULL;
     if (k < 1) return pl__err_null(PL_ERR_ARG, "%s: k = %d must be >= 1", fn, k);
-    const int64_t B = d.B, L = d.L, HI = d.HI, T = d.T;
+    const int64_t B = d.B, L = d.L, HI = d.HI;
     pl_tensor *out = pl__new(ctx, PL_I32, PL_DIMS(B, L, k));
     if (!out) return NULL;
     int32_t *o = pl_i32(out);
     const float *q = pl_f32(qI), *kd = pl_f32(kI), *wd = pl_f32(w);
-    ix_q8 z;
-    if (ix_quantise(ctx, &d, q, kd, &z)) return NULL;
     /* The float32 scores of the selection are the ones to return; otherwise
      * they are computed at the selected keys afterwards. */
-    float *rsc = z.q8 ? NULL : sc;
+    float *rsc = ctx->indexer_precision == PL_INDEXER_F32 ? sc : NULL;
     /* Rows t < k take every s <= t: no scores needed (unless returned). */
     const int64_t tfirst = rsc ? 0 : (k < L ? k : L);
     PL_PARALLEL_FOR(B * tfirst * tfirst, schedule(static), r, B * tfirst, {
@@ -692,31 +1203,26 @@ static pl_tensor *ix_topk(pl_ctx *ctx, const char *fn, pl_tensor *qI, pl_tensor 
         pl__causal_topk_row(NULL, t + 1, k, o + (b * L + t) * k, k, NULL);
     });
     if (tfirst < L) {
+        /* Groups of rows from tfirst, the longest first (dynamic schedule). */
         const int nt = omp_get_max_threads();
-        float *D = pl__scratch(ctx, sizeof(float) * (size_t)(T * HI * L));
-        float *rowbuf = pl__scratch(ctx, sizeof(float) * (size_t)L * (size_t)nt);
         uint32_t *keys = pl__scratch(ctx, sizeof(uint32_t) * 3 * (size_t)L * (size_t)nt);
-        if (!D || !rowbuf || !keys) return NULL;
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t t0 = 0; t0 < L; t0 += T) {
-                const int64_t t1 = t0 + T < L ? t0 + T : L;
-                if (t1 <= tfirst) continue;
-                if (ix_block(ctx, &d, q, kd, &z, b, t0, t1, D)) return NULL;
-                const int64_t ts = t0 > tfirst ? t0 : tfirst;
-                PL_PARALLEL((t1 - ts) * HI * t1, default(shared), {
-                    const size_t tid = (size_t)omp_get_thread_num();
-                    float *row = rowbuf + tid * (size_t)L;
-                    uint32_t *kb = keys + tid * 3 * (size_t)L;
-                    _Pragma("omp for schedule(static)") for (int64_t t = ts; t < t1; t++) {
-                        int32_t *ot = o + (b * L + t) * k;
-                        ix_row(&d, &z, D, wd, b, t0, t, t1, row);
-                        pl__causal_topk_row(row, t + 1, k, ot, k, kb);
-                        if (rsc)
-                            for (int64_t j = 0; j < k; j++)
-                                rsc[(b * L + t) * k + j] = ot[j] >= 0 ? row[ot[j]] : -INFINITY;
-                    }
-                });
+        ix_prep pp;
+        ix_rowbuf rb;
+        if (!keys || ix_prepare(ctx, &d, q, kd, &pp) || ix_rowbuf_new(ctx, &d, &rb)) return NULL;
+        const int64_t R = rb.R, G = (L - tfirst + R - 1) / R;
+        PL_PARALLEL_FOR(B * (L - tfirst) * L * HI * d.dI / 2, schedule(dynamic, 1), c, B * G, {
+            const int64_t b = c / G, t = tfirst + (G - 1 - c % G) * R, r = L - t < R ? L - t : R;
+            const float *rows = ix_group(&d, &rb, &pp, q, wd, b, t, r);
+            uint32_t *kb = keys + (size_t)omp_get_thread_num() * 3 * (size_t)L;
+            for (int64_t i = 0; i < r; i++) {
+                const float *row = rows + i * rb.Lp;
+                int32_t *ot = o + (b * L + t + i) * k;
+                pl__causal_topk_row(row, t + i + 1, k, ot, k, kb);
+                if (rsc)
+                    for (int64_t j = 0; j < k; j++)
+                        rsc[(b * L + t + i) * k + j] = ot[j] >= 0 ? row[ot[j]] : -INFINITY;
             }
+        });
     }
     if (sc && !rsc && ixg_forward(ctx, &d, k, q, kd, wd, o, sc)) return NULL;
     return out;
@@ -777,10 +1283,12 @@ static bool at_blocked(int64_t L, int64_t K) {
 static pl_status ixb_forward(pl_ctx *ctx, const ix_dims *d, const float *q, const float *k,
                              const float *w, const int32_t *idx, int64_t K, float *out, float *D) {
     const int64_t B = d->B, L = d->L, HI = d->HI, T = d->T;
+    const float *kt = ix_pack_keys(ctx, d, k);
+    if (!kt) return PL_ERR_NOMEM;
     for (int64_t b = 0; b < B; b++)
         for (int64_t t0 = 0; t0 < L; t0 += T) {
             const int64_t t1 = t0 + T < L ? t0 + T : L;
-            pl_status st = ix_block_dots(ctx, d, q, k, b, t0, t1, D);
+            pl_status st = ix_block_dots(ctx, d, q, kt, b, t0, t1, D);
             if (st) return st;
             PL_PARALLEL_FOR((t1 - t0) * K * HI, schedule(static), i, t1 - t0, {
                 const int64_t t = t0 + i;

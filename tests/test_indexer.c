@@ -483,11 +483,11 @@ static void quant_ref(const float *x, int64_t n, int64_t dI, float lim, int8_t *
 }
 
 START_TEST(int8_scores_match_reference) {
-    printf("indexer int8: oneDNN runs %s%s\n", pl__dnnl_isa(),
-           strstr(pl__dnnl_isa(), "vnni") || strstr(pl__dnnl_isa(), "bf16") ||
-                   strstr(pl__dnnl_isa(), "amx")
-               ? ""
-               : " (AVX512-VNNI path SKIPPED: not available here or capped)");
+    printf("indexer int8 (%s): %s\n", pl__isa_name(pl__isa()),
+           pl__cpu_vnni() ? "AVX512-VNNI kernel and the vpmaddubsw one (VNNI switched off)"
+           : pl__isa() >= PL_ISA_AVX2
+               ? "vpmaddubsw kernel (AVX512-VNNI path SKIPPED: not available here or capped)"
+               : "plain integer kernel (VNNI and AVX2 paths SKIPPED at this level)");
     uint64_t s = 77;
     ck_assert_int_eq(pl_set_indexer_precision(ctx, PL_INDEXER_INT8), PL_OK);
     ck_assert_int_eq(pl_get_indexer_precision(ctx), PL_INDEXER_INT8);
@@ -495,6 +495,7 @@ START_TEST(int8_scores_match_reference) {
         dims d = {tu_randint(&s, 1, 2), tu_randint(&s, 1, 40), tu_randint(&s, 1, 5),
                   tu_randint(&s, 1, 70)};
         pl__tuning.indexer_block_rows = rep % 2 ? 3 : 0;
+        pl__tuning.indexer_no_ext = rep % 2; /* without VNNI where the CPU has it */
         pl_tensor *q, *k, *w;
         make_inputs(&s, d, rep & 1, &q, &k, &w);
         if (rep == 5) /* extreme codes everywhere: the largest pair sums */
@@ -544,6 +545,79 @@ START_TEST(int8_scores_match_reference) {
         free(q8), free(k8), free(sq), free(sk);
         pl_step_reset(ctx);
     }
+    pl__tuning.indexer_no_ext = false;
+    ck_assert_int_eq(pl_set_indexer_precision(ctx, PL_INDEXER_F32), PL_OK);
+}
+END_TEST
+
+/* x rounded to bfloat16 (to nearest even) as a float; finite inputs. */
+static float bf16_ref(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0) u &= 0x80000000u; /* subnormal: a signed zero */
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* bf16: the documented rounding and dot (pairs of components, the odd one of
+ * each pair first, every sum rounded; each product of two bfloat16 values is
+ * exact in float, so a contraction to an FMA gives the same bits) against
+ * pl_indexer_scores bit for bit, with and without AVX512_BF16; pl_indexer_topk
+ * equals pl_causal_topk of those scores. */
+START_TEST(bf16_scores_match_reference) {
+    printf("indexer bf16 (%s): %s\n", pl__isa_name(pl__isa()),
+           pl__cpu_bf16()
+               ? "vdpbf16ps kernel and the float one (AVX512_BF16 switched off)"
+               : "float kernel (AVX512_BF16 path SKIPPED: not available here or capped)");
+    uint64_t s = 79;
+    ck_assert_int_eq(pl_set_indexer_precision(ctx, PL_INDEXER_BF16), PL_OK);
+    ck_assert_int_eq(pl_get_indexer_precision(ctx), PL_INDEXER_BF16);
+    for (int rep = 0; rep < 8; rep++) {
+        dims d = {tu_randint(&s, 1, 2), tu_randint(&s, 1, 45), tu_randint(&s, 1, 6),
+                  tu_randint(&s, 1, 70)};
+        pl__tuning.indexer_no_ext = rep % 2;
+        pl_tensor *q, *k, *w;
+        make_inputs(&s, d, rep & 1, &q, &k, &w);
+        pl_tensor *I = pl_indexer_scores(ctx, q, k, w);
+        ck_assert_msg(I != NULL, "%s", pl_last_error());
+        const float *qf = pl_f32(q), *kf = pl_f32(k), *wf = pl_f32(w);
+        int64_t bad = 0;
+        for (int b = 0; b < d.B; b++)
+            for (int t = 0; t < d.L; t++)
+                for (int c = 0; c < d.L; c++) {
+                    float want = -INFINITY;
+                    if (c <= t) {
+                        float acc = 0.0f;
+                        for (int j = 0; j < d.HI; j++) {
+                            const float *qr = qf + (((int64_t)b * d.L + t) * d.HI + j) * d.dI;
+                            const float *kr = kf + ((int64_t)b * d.L + c) * d.dI;
+                            float dot = 0.0f;
+                            for (int i = 0; i < d.dI; i += 2) {
+                                if (i + 1 < d.dI) dot += bf16_ref(qr[i + 1]) * bf16_ref(kr[i + 1]);
+                                dot += bf16_ref(qr[i]) * bf16_ref(kr[i]);
+                            }
+                            const float term =
+                                wf[((int64_t)b * d.L + t) * d.HI + j] * (dot > 0 ? dot : 0.0f);
+                            acc = j ? acc + term : term;
+                        }
+                        want = acc;
+                    }
+                    const float got = pl_f32(I)[((int64_t)b * d.L + t) * d.L + c];
+                    bad += memcmp(&want, &got, sizeof got) != 0;
+                }
+        ck_assert_msg(bad == 0, "rep %d: %lld bf16 scores differ from the reference", rep,
+                      (long long)bad);
+        int ks[] = {1, d.L / 2 + 1, d.L + 1};
+        for (int i = 0; i < 3; i++) {
+            pl_tensor *a = pl_causal_topk(ctx, I, ks[i]);
+            pl_tensor *f = pl_indexer_topk(ctx, q, k, w, ks[i]);
+            ck_assert_msg(a && f, "%s", pl_last_error());
+            ck_assert(!memcmp(pl_i32(a), pl_i32(f), sizeof(int32_t) * (size_t)a->numel));
+        }
+        pl_step_reset(ctx);
+    }
+    pl__tuning.indexer_no_ext = false;
     ck_assert_int_eq(pl_set_indexer_precision(ctx, PL_INDEXER_F32), PL_OK);
 }
 END_TEST
@@ -641,6 +715,7 @@ static void isa_cases(TCase *tc) {
     tcase_add_test(tc, at_backward_matches_dense_backward);
     tcase_add_loop_test(tc, topk_scores_fused, 0, 2);
     tcase_add_test(tc, int8_scores_match_reference);
+    tcase_add_test(tc, bf16_scores_match_reference);
     tcase_add_test(tc, decode_scores_kernel);
     tcase_set_timeout(tc, 120);
 }
@@ -658,6 +733,7 @@ int main(void) {
     tcase_add_test(tc, at_backward_matches_dense_backward);
     tcase_add_loop_test(tc, topk_scores_fused, 0, 2);
     tcase_add_test(tc, int8_scores_match_reference);
+    tcase_add_test(tc, bf16_scores_match_reference);
     tcase_add_test(tc, decode_scores_kernel);
     tcase_add_test(tc, errors);
     tu_isa_tcases(s, "indexer", isa_cases);

@@ -1,9 +1,10 @@
-/* Training with the int8 indexer (pl_set_indexer_precision) against float32:
+/* Training with the int8 and the bf16 indexer (pl_set_indexer_precision)
+ * against float32:
  * the trainer's model (examples/plasa-train/model.c, through model.h), 2
  * layers of d = 32 that attend to k = 8 of up to 48 keys chosen by the
  * indexer (trained by its KL loss), learns a Markov chain once per precision
  * from the same initialisation and batches (300 steps of batch 8, a few
- * seconds); the validation loss of the int8 run is within 1% of the float32
+ * seconds); the validation loss of each low-precision run is within 1% of the float32
  * run's. The runs must learn (validation loss below 0.8 of the untrained
  * one) and must differ (the setting is in effect).
  *
@@ -100,24 +101,28 @@ static double train(pl_indexer_precision prec, double *first, double *train_sum)
     return val[1];
 }
 
-START_TEST(int8_indexer_trains_like_f32) {
-    double f0, i0, fsum, isum;
+/* _i = 0: int8, 1: bf16, each against the same f32 run. */
+START_TEST(low_precision_indexer_trains_like_f32) {
+    const pl_indexer_precision prec = _i ? PL_INDEXER_BF16 : PL_INDEXER_INT8;
+    const char *name = _i ? "bf16" : "int8";
+    double f0, l0, fsum, lsum;
     make_chain();
     const double f = train(PL_INDEXER_F32, &f0, &fsum);
-    const double i8 = train(PL_INDEXER_INT8, &i0, &isum);
-    printf("indexer training: validation loss f32 %.5f -> %.5f, int8 %.5f -> %.5f (%+.3f%%)\n", f0,
-           f, i0, i8, 100.0 * (i8 - f) / f);
+    const double lp = train(prec, &l0, &lsum);
+    printf("indexer training: validation loss f32 %.5f -> %.5f, %s %.5f -> %.5f (%+.3f%%)\n", f0, f,
+           name, l0, lp, 100.0 * (lp - f) / f);
     ck_assert_msg(f < 0.8 * f0, "the model did not learn (%g -> %g)", f0, f);
-    ck_assert_msg(fsum != isum, "the int8 run trained exactly like f32: precision not in effect");
-    ck_assert_msg(fabs(i8 - f) <= 0.01 * f, "int8 validation loss %g vs f32 %g: more than 1%%", i8,
-                  f);
+    ck_assert_msg(fsum != lsum, "the %s run trained exactly like f32: precision not in effect",
+                  name);
+    ck_assert_msg(fabs(lp - f) <= 0.01 * f, "%s validation loss %g vs f32 %g: more than 1%%", name,
+                  lp, f);
 }
 END_TEST
 
 int main(void) {
     Suite *s = suite_create("indexer_train");
     TCase *tc = tcase_create("core");
-    tcase_add_test(tc, int8_indexer_trains_like_f32);
+    tcase_add_loop_test(tc, low_precision_indexer_trains_like_f32, 0, 2);
     tcase_set_timeout(tc, 300);
     suite_add_tcase(s, tc);
     return tu_run(s);
