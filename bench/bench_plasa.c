@@ -230,8 +230,9 @@ static void bench_L(pl_ctx *ctx, int L, int max_reps, const int *kdiv, int nk) {
  *                   ns per (query, key, head) pair of the causal half and % of
  *                   sgemm's rate (7 products of 2*D FLOPs per pair);
  *   indexer f32     pl_indexer_topk (random selection: its top-k of the
- *                   Gaussian inputs); indexer int8: the same at
- *                   PL_INDEXER_INT8, and the ratios with it in place of f32;
+ *                   Gaussian inputs); indexer bf16, int8: the same at
+ *                   PL_INDEXER_BF16 and PL_INDEXER_INT8, and the ratios
+ *                   with int8 in place of f32;
  *   sparse <sel>    pl_sparse_attention fwd+bwd on the selection: "random"
  *                   (the indexer's) or "overlap" (each 64-query tile draws its
  *                   rows' k keys from one shared pool of 1.3 k causal keys);
@@ -478,7 +479,9 @@ static void compare_L(pl_ctx *ctx, int L, int k, int reps, double sgf) {
                ix.ms, 1e6 * ix.ms / ix_pairs, ix.mb);
     /* The other precisions (the selection used below stays the f32 one). */
     double i8ms = -1;
-    if (run_ix && pl_set_indexer_precision(ctx, PL_INDEXER_INT8) == PL_OK) {
+    static const pl_indexer_precision lowp[2] = {PL_INDEXER_BF16, PL_INDEXER_INT8};
+    for (int pi = 0; pi < 2; pi++) {
+        if (!run_ix || pl_set_indexer_precision(ctx, lowp[pi]) != PL_OK) continue;
         pl_mark m8 = pl_mark_get(ctx);
         timing i8 = {1e30, 0};
         for (int i = 0; i < reps; i++) {
@@ -491,9 +494,9 @@ static void compare_L(pl_ctx *ctx, int L, int k, int reps, double sgf) {
             if (dt < i8.ms) i8.ms = dt;
         }
         pl_set_indexer_precision(ctx, PL_INDEXER_F32);
-        printf("  %-26s %10.1f ms %8.3f ns per causal (t, s) pair\n", "indexer top-k int8", i8.ms,
-               1e6 * i8.ms / ix_pairs);
-        i8ms = i8.ms;
+        printf("  %-26s %10.1f ms %8.3f ns per causal (t, s) pair\n",
+               pi ? "indexer top-k int8" : "indexer top-k bf16", i8.ms, 1e6 * i8.ms / ix_pairs);
+        if (pi) i8ms = i8.ms;
         pl_mark_release(ctx, m8);
     }
     /* The random selection lives in the step arena: copy it out. */

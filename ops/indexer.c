@@ -508,7 +508,7 @@ enum { IX8_NC = 32 }; /* keys per chunk: two panels of PL__KT */
 #define IX_VNNI __attribute__((target("avx512vnni")))
 static IX_VNNI PL_AI void ix8_tile_vnni(int MR, const int8_t *q8, const int32_t *qoff, int64_t dI4,
                                         const uint8_t *b0, const uint8_t *b1, int32_t *D) {
-    __m512i a[12][2];
+    __m512i a[6][2]; /* MR <= 6: with more, GCC 12 spills the accumulators */
     for (int m = 0; m < MR; m++) a[m][0] = a[m][1] = _mm512_setzero_si512();
     for (int64_t g = 0; g < dI4 / 4; g++) {
         const __m512i k0 = _mm512_loadu_si512(b0 + g * 64), k1 = _mm512_loadu_si512(b1 + g * 64);
@@ -530,8 +530,8 @@ static IX_VNNI void ix8_chunk_vnni(const int8_t *q8, const int32_t *qoff, int64_
                                    const uint8_t *b0, int32_t *D) {
     const uint8_t *b1 = b0 + PL__KT * dI4;
     int64_t m = 0;
-    for (; m + 12 <= M; m += 12)
-        ix8_tile_vnni(12, q8 + m * dI4, qoff + m, dI4, b0, b1, D + m * IX8_NC);
+    for (; m + 6 <= M; m += 6)
+        ix8_tile_vnni(6, q8 + m * dI4, qoff + m, dI4, b0, b1, D + m * IX8_NC);
     for (; m + 4 <= M; m += 4)
         ix8_tile_vnni(4, q8 + m * dI4, qoff + m, dI4, b0, b1, D + m * IX8_NC);
     for (; m < M; m++) ix8_tile_vnni(1, q8 + m * dI4, qoff + m, dI4, b0, b1, D + m * IX8_NC);
