@@ -357,19 +357,6 @@ pl_status pl__sgemm(pl_ctx *ctx, bool ta, bool tb, int64_t M, int64_t N, int64_t
     return sgemm_f32(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-pl_status pl__gemm_s8(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t lda,
-                      const int8_t *B, int64_t ldb, int32_t *C, int64_t ldc) {
-    if (M == 0 || N == 0) return PL_OK;
-    const int32_t co = 0;
-    dnnl_status_t st =
-        dnnl_gemm_s8s8s32('N', 'T', 'F', M, N, K, 1.0f, A, lda, 0, B, ldb, 0, 0.0f, C, ldc, &co);
-    if (st != dnnl_success)
-        return pl__err(PL_ERR_BACKEND,
-                       "oneDNN s8s8s32 gemm failed (status %d) for M=%lld N=%lld K=%lld", (int)st,
-                       (long long)M, (long long)N, (long long)K);
-    return PL_OK;
-}
-
 const char *pl__dnnl_isa(void) {
     switch (dnnl_get_effective_cpu_isa()) {
     case dnnl_cpu_isa_sse41: return "sse41";

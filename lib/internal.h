@@ -210,11 +210,6 @@ static inline int64_t pl__bcast_at(const pl_bcast *p, int j, int64_t i) {
 pl_status pl__sgemm(pl_ctx *ctx, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
                     const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
                     int64_t ldc);
-/* C = A B^T in int32 from int8 A [M, K] and B [N, K], row-major, via oneDNN
- * (VNNI where the CPU has it). Exact while no pair sum of the AVX2 kernel
- * (u8 * s8, A shifted by 128) saturates: |B| <= 63 keeps it exact everywhere. */
-pl_status pl__gemm_s8(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t lda,
-                      const int8_t *B, int64_t ldb, int32_t *C, int64_t ldc);
 /* Frees ctx's bf16 primitives, engine and workspace (pl_ctx_free). */
 void pl__gemm_cache_free(pl_ctx *ctx);
 /* Counters of ctx's bf16 products, for tests: primitives created, products
