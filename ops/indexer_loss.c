@@ -8,16 +8,28 @@
  * Summing the heads' distributions and L1-normalising is the mean over heads.
  * q and k are read as constants (no gradient reaches them); the only gradient
  * is d loss / d score[t, j] = (R_tj - P_tj) / rows, computed in the forward
- * pass and kept ([B,L,K] floats), so backward is a scaled copy. */
+ * pass and kept ([B,L,K] floats), so backward is a scaled copy.
+ *
+ * Kernels: this file is one of PLASA_ISA_SOURCES (CMakeLists.txt): kl_row is
+ * built per instruction set on lib/simd.h (the q.k dots PL_VW keys at a time,
+ * summed by the one transposing tree; the exp/log loops vectorised at the
+ * level's width), the op once; tests/test_indexer_loss.c runs every level the
+ * CPU has against a double-precision reference. */
 #include "internal.h"
 
 #include <math.h>
 #include <omp.h>
 
-typedef struct {
-    float *g; /* [B,L,K] d loss / d scores */
-    int64_t n;
-} kl_saved;
+PL_ISA_DECLARE(double, kl_row,
+               (const float *q, const float *k, const int32_t *ir, const float *sc, float *g,
+                int64_t b, int64_t t, int64_t L, int64_t H, int64_t D, int64_t K, float *P,
+                float *z, int32_t *sel, int32_t *pos));
+
+/* Per-thread scratch of kl_row, in floats: P [K], z [K + H (K + 16)], sel and
+ * pos [K] (16: room for the last chunk of PL_VW <= 16 dots). */
+static inline size_t kl_room(int64_t H, int64_t K) { return (size_t)(4 * K + H * (K + 16)); }
+
+#ifdef PL_ISA /* ---- the kernel (built per instruction set) ---- */
 
 /* ln x for x > 0 (Cephes' logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
  * ln m by a degree-9 polynomial), branch free so that loops over it
@@ -66,10 +78,10 @@ static inline float kl_max(const float *x, int64_t n) {
  * Returns -inf (and leaves g zero) for a row without selected keys: a marker,
  * since a KL divergence is never negative beyond rounding. A NaN anywhere in
  * the row's inputs gives NaN (only exact zeros of P are skipped, 0 log 0 = 0). */
-PL_KERNEL static double kl_row(const float *q, const float *k, const int32_t *ir, const float *sc,
-                               float *g, int64_t b, int64_t t, int64_t L, int64_t H, int64_t D,
-                               int64_t K, float *P, float *z, int32_t *sel, int32_t *pos) {
-    /* scratch: P [K], z [(1 + H) K], sel and pos [K] */
+double PL_ISA_FN(kl_row)(const float *q, const float *k, const int32_t *ir, const float *sc,
+                         float *g, int64_t b, int64_t t, int64_t L, int64_t H, int64_t D, int64_t K,
+                         float *P, float *z, int32_t *sel, int32_t *pos) {
+    /* scratch: P [K], z [K + H (K + 16)], sel and pos [K] (kl_room) */
     int64_t n = 0;
     for (int64_t j = 0; j < K; j++) {
         g[j] = 0.0f;
@@ -81,21 +93,39 @@ PL_KERNEL static double kl_row(const float *q, const float *k, const int32_t *ir
     if (n == 0) return -INFINITY;
     const float scale = 1.0f / sqrtf((float)D);
     const float *qt = q + (b * L + t) * H * D;
-    /* Z[h*n + i] = q_{t,h} . k_{s_i,h} / sqrt(D): one key row (all heads,
-     * contiguous) at a time, the rows a few keys ahead prefetched. */
+    /* Z[h*ld + i] = q_{t,h} . k_{s_i,h} / sqrt(D), PL_VW keys at a time: per
+     * head one accumulator per key over D (PL_VW columns at a time), the
+     * keys' sums by the one transposing tree, then the D % PL_VW last
+     * columns; the next chunk's key rows prefetched. Past n the chunk repeats
+     * key s_0 (results beyond n are not read). */
+    const int64_t ld = pl_rupw(n), dv = D & ~(int64_t)(PL_VW - 1);
     float *Z = z + K;
-    for (int64_t i = 0; i < n; i++) {
-        if (i + 16 < n) {
-            const char *ahead = (const char *)(k + (b * L + sel[i + 16]) * H * D);
+    for (int64_t i0 = 0; i0 < n; i0 += PL_VW) {
+        const float *kp[PL_VW];
+        for (int l = 0; l < PL_VW; l++) kp[l] = k + (b * L + sel[i0 + l < n ? i0 + l : 0]) * H * D;
+        for (int64_t i = i0 + PL_VW; i < n && i < i0 + 2 * PL_VW; i++) {
+            const char *ahead = (const char *)(k + (b * L + sel[i]) * H * D);
             for (int64_t o = 0; o < H * D * (int64_t)sizeof(float); o += 64)
                 __builtin_prefetch(ahead + o);
         }
-        const float *ks = k + (b * L + sel[i]) * H * D;
-        for (int64_t h = 0; h < H; h++) Z[h * n + i] = pl__dot(qt + h * D, ks + h * D, D) * scale;
+        for (int64_t h = 0; h < H; h++) {
+            const float *qh = qt + h * D;
+            pl_vf a[PL_VW];
+            for (int l = 0; l < PL_VW; l++) a[l] = pl_splat(0.0f);
+            for (int64_t i = 0; i < dv; i += PL_VW) {
+                const pl_vf qv = PL_LD(qh + i);
+                for (int l = 0; l < PL_VW; l++) a[l] = pl_vfma(qv, PL_LD(kp[l] + h * D + i), a[l]);
+            }
+            float *x = Z + h * ld + i0;
+            PL_ST(x, pl_vhsum_t(a));
+            for (int64_t i = dv; i < D; i++)
+                for (int l = 0; l < PL_VW; l++) x[l] += qh[i] * kp[l][h * D + i];
+            PL_ST(x, PL_LD(x) * pl_splat(scale));
+        }
     }
     for (int64_t i = 0; i < n; i++) P[i] = 0.0f;
     for (int64_t h = 0; h < H; h++) {
-        float *zh = Z + h * n, m = kl_max(zh, n);
+        float *zh = Z + h * ld, m = kl_max(zh, n);
         for (int64_t i = 0; i < n; i++) zh[i] = pl__expf(zh[i] - m);
         const float inv = 1.0f / (pl__sum(zh, n) * (float)H);
         for (int64_t i = 0; i < n; i++) P[i] += zh[i] * inv;
@@ -133,6 +163,13 @@ PL_KERNEL static double kl_row(const float *q, const float *k, const int32_t *ir
     return kl;
 }
 
+#else /* ---- the op (built once) ---- */
+
+typedef struct {
+    float *g; /* [B,L,K] d loss / d scores */
+    int64_t n;
+} kl_saved;
+
 static void kl_backward(pl_ctx *ctx, pl_node *n) {
     const kl_saved *sv = n->saved;
     float *ds;
@@ -164,16 +201,17 @@ static pl_tensor *indexer_kl_loss_impl(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, 
     float *g = loss ? pl__scratch(ctx, sizeof(float) * (size_t)(rows * K)) : NULL;
     double *rowkl = g ? pl__scratch(ctx, sizeof(double) * (size_t)rows) : NULL;
     const int nt = omp_get_max_threads();
-    const size_t per = (size_t)(4 + H) * (size_t)K; /* P, z, H*K dots, sel, pos */
+    const size_t per = kl_room(H, K);
+    const int isa = pl__isa();
     float *buf = rowkl ? pl__scratch(ctx, sizeof(float) * per * (size_t)nt) : NULL;
     if (!buf) return NULL;
     const float *qd = pl_f32(q), *kd = pl_f32(k), *sd = pl_f32(scores);
     const int32_t *id = pl_i32(idx);
     PL_PARALLEL_FOR(rows * K * H * D, schedule(dynamic, 8), r, rows, {
         float *P = buf + per * (size_t)omp_get_thread_num(), *z = P + K;
-        int32_t *sel = (int32_t *)(z + (1 + H) * K), *pos = sel + K;
-        rowkl[r] = kl_row(qd, kd, id + r * K, sd + r * K, g + r * K, r / L, r % L, L, H, D, K, P, z,
-                          sel, pos);
+        int32_t *sel = (int32_t *)(z + K + H * (K + 16)), *pos = sel + K;
+        rowkl[r] = PL_ISA_PICK(kl_row, isa)(qd, kd, id + r * K, sd + r * K, g + r * K, r / L, r % L,
+                                            L, H, D, K, P, z, sel, pos);
     });
     double total = 0.0;
     int64_t counted = 0;
@@ -202,3 +240,4 @@ pl_tensor *pl_indexer_kl_loss(pl_ctx *ctx, pl_tensor *q, pl_tensor *k, pl_tensor
     pl__prof_end(ctx, "indexer_kl_loss", t0, false);
     return y;
 }
+#endif

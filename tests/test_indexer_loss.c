@@ -198,6 +198,52 @@ START_TEST(long_rows_and_nan) {
 }
 END_TEST
 
+/* D and the row lengths not multiples of the vector width (a vector part
+ * and a remainder at every level), against the reference; 1 and 2 threads
+ * give the same loss and gradient bits. */
+START_TEST(odd_widths_and_threads) {
+    uint64_t s = 47;
+    const int B = 2, L = 45, H = 3, D = 37, K = 33;
+    pl_tensor *q, *k, *sc, *idx;
+    random_case(&s, B, L, H, D, K, &q, &k, &sc, &idx);
+    /* copies that outlive pl_step_reset */
+    pl_tensor *qp = pl_param_new(ctx, "q_keep", PL_DIMS(B, L, H, D)),
+              *kp = pl_param_new(ctx, "k_keep", PL_DIMS(B, L, H, D)),
+              *leaf = pl_param_new(ctx, "sc_leaf", PL_DIMS(B, L, K)),
+              *ip = pl_persistent_new(ctx, "idx_keep", PL_I32, PL_DIMS(B, L, K), false);
+    memcpy(pl_f32(qp), pl_f32(q), sizeof(float) * (size_t)q->numel);
+    memcpy(pl_f32(kp), pl_f32(k), sizeof(float) * (size_t)k->numel);
+    memcpy(pl_f32(leaf), pl_f32(sc), sizeof(float) * (size_t)sc->numel);
+    memcpy(pl_i32(ip), pl_i32(idx), sizeof(int32_t) * (size_t)idx->numel);
+    float *res[2];
+    pl__tuning.par_min = 0;
+    for (int run = 0; run < 2; run++) {
+        pl_set_num_threads(run + 1);
+        pl_step_reset(ctx);
+        pl_zero_grad(ctx);
+        pl_tensor *loss = pl_indexer_kl_loss(ctx, qp, kp, ip, leaf);
+        ck_assert_msg(loss && pl_backward(ctx, loss) == PL_OK, "%s", pl_last_error());
+        res[run] = malloc(sizeof(float) * (size_t)(1 + leaf->numel));
+        res[run][0] = pl_f32(loss)[0];
+        memcpy(res[run] + 1, leaf->grad, sizeof(float) * (size_t)leaf->numel);
+    }
+    pl_set_num_threads(2);
+    ck_assert_msg(!memcmp(res[0], res[1], sizeof(float) * (size_t)(1 + leaf->numel)),
+                  "1 and 2 threads differ");
+    free(res[0]);
+    free(res[1]);
+}
+END_TEST
+
+/* The kernel at each lower instruction-set level the CPU runs. */
+static void isa_cases(TCase *tc) {
+    tcase_add_checked_fixture(tc, tu_setup_parallel, tu_teardown);
+    tcase_add_test(tc, forward_matches_naive);
+    tcase_add_test(tc, zero_at_target_and_empty);
+    tcase_add_test(tc, long_rows_and_nan);
+    tcase_add_test(tc, odd_widths_and_threads);
+}
+
 START_TEST(errors) {
     pl_tensor *q = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 4));
     pl_tensor *kb = pl_zeros(ctx, PL_F32, PL_DIMS(2, 5, 2, 3));
@@ -223,6 +269,8 @@ int main(void) {
     tcase_add_test(tc, zero_at_target_and_empty);
     tcase_add_test(tc, gradient_only_into_scores);
     tcase_add_test(tc, long_rows_and_nan);
+    tcase_add_test(tc, odd_widths_and_threads);
     tcase_add_test(tc, errors);
+    tu_isa_tcases(s, "indexer_loss", isa_cases);
     return tu_run(s);
 }

@@ -247,9 +247,12 @@ static pl_tensor *attention(tr_model *m, int li, pl_tensor *x, float p_drop, int
         pl_tensor *qI = pl_linear(ctx, xi, l->iq, NULL);
         pl_tensor *kI = pl_linear(ctx, xi, l->ik, NULL);
         pl_tensor *wI = pl_linear(ctx, xi, l->iw, NULL);
-        pl_tensor *idx = pl_indexer_topk(ctx, qI, kI, wI, l->k);
-        if (train_indexer && was) {
-            pl_tensor *sc = pl_indexer_scores_at(ctx, qI, kI, wI, idx);
+        /* With the loss, the top-k also returns the scores at its keys (the
+         * products computed once, backward as pl_indexer_scores_at's). */
+        pl_tensor *sc = NULL, *idx = train_indexer && was
+                                         ? pl_indexer_topk_scores(ctx, qI, kI, wI, l->k, &sc)
+                                         : pl_indexer_topk(ctx, qI, kI, wI, l->k);
+        if (idx && sc) {
             pl_tensor *kl = pl_indexer_kl_loss(ctx, q, k, idx, sc);
             *aux = *aux ? pl_add(ctx, *aux, kl) : kl;
         }
