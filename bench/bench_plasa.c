@@ -25,8 +25,11 @@
  *                    [--kdiv 8,4,2] [--ops substr,...] [--min]
  *        bench_plasa --compare [--L 8192,32768,65536] [--k 2048] [--reps N] [--threads N]
  *                    [--cpu] [--ops dense,PLASA,indexer] [--walk tile|sb|auto] [--save FILE]
+ *                    [--gemm gather|gemm|auto] [--pool F]
  *        (--ops: which optional rows to run; without "indexer" the random selection
  *        is uniform; --walk: sparse attention's key walk, see ops/sparse_attention.c;
+ *        --gemm: its choice per query tile between the gather and the micro-GEMMs over
+ *        the tile's union of keys; --pool: the overlap case's pool of F*k keys, 1.3;
  *        --save: append the table rows of docs/benchmarks.md to FILE)
  * (--quick: L up to 2048; --kdiv: k = L/m for each m; --ops: run only the rows
  * whose name contains one of the substrings, e.g. --ops "attention fwd+bwd";
@@ -335,8 +338,9 @@ static timing time_stage(bench *b, stage_fn f, bool backward, int reps) {
 
 /* Each 64-query tile draws its rows' k keys from one pool of ~1.3 k causal
  * keys (keys < the tile's end; a row keeps those <= t), ascending. */
+static double pool_f = 1.3; /* --pool: the pool's size in units of k */
 static void overlap_idx(int32_t *idx, int L, int k, uint64_t seed) {
-    const int pool_n = (int)(1.3 * k);
+    const int pool_n = (int)(pool_f * k);
     int *pool = malloc(sizeof(int) * (size_t)(pool_n > 0 ? pool_n : 1));
     unsigned char *mark = calloc((size_t)L, 1);
     uint64_t x = seed | 1;
@@ -579,6 +583,14 @@ int main(int argc, char **argv) {
             /* sparse attention's key walk: tile, sb (the key-block walk) or auto */
             ++i;
             pl__tuning.sparse_sb = !strcmp(argv[i], "tile") ? 1 : !strcmp(argv[i], "sb") ? 2 : 0;
+        } else if (!strcmp(argv[i], "--gemm") && i + 1 < argc) {
+            /* sparse attention per tile: gather, gemm (micro-GEMMs over the union) or auto */
+            ++i;
+            pl__tuning.sparse_gemm = !strcmp(argv[i], "gather") ? 1
+                                     : !strcmp(argv[i], "gemm") ? 2
+                                                                : 0;
+        } else if (!strcmp(argv[i], "--pool") && i + 1 < argc) {
+            pool_f = atof(argv[++i]);
         } else if (!strcmp(argv[i], "--save") && i + 1 < argc) {
             if (!(save_f = fopen(argv[++i], "a"))) {
                 fprintf(stderr, "bench_plasa: cannot open %s\n", argv[i]);

@@ -67,6 +67,10 @@ typedef struct {
     int64_t SB;
     int32_t *rinfo, *rcur;
     float *mrun, *lrun, *dl;
+    /* Recorded forward of the tile walk: uflag [B, tiles] = 1 where the tile
+     * took the micro-GEMMs over its union (its backward takes them too and
+     * recomputes p from lse, always saved then; P is not written for it). */
+    uint8_t *uflag;
     int64_t qt0; /* decode (pl__sparse_attention_seqs): q, out and idx rows hold the queries
                     t >= qt0 of one sequence (row t - qt0); 0 otherwise */
 } sa_args;
@@ -87,21 +91,28 @@ typedef struct {
     float *z, *w;       /* TQ*H*Kz each */
     float *delta;       /* TQ*H */
     float *zr;          /* H*Kz: recomputed scores of one row */
-    /* The forward's masked micro-GEMM over the tile's union of keys (at most
-     * union_max keys): the keys, each key's place in them (L entries), K^T
-     * and V of the union for one head, the scores and the dense weights. */
+    /* The masked micro-GEMMs over the tile's union of keys (at most
+     * union_max keys): the keys (sorted), each key's place in them (L
+     * entries); transposed [key][row] arrays of the tile's rows (TQ16 columns,
+     * union_max rows): the mask (how often a row selected the key), scores or
+     * weights, score gradients; K, V rows of the union and dk or dv rows of
+     * one head (union_max x D); Q^T and dO^T of one head (D x TQ16). */
     int32_t *uni, *uidx;
-    float *kut, *vu, *su, *pu;
+    float *mt, *pt, *gt, *ku, *vu, *du, *qt, *ot;
+    float *dl; /* 2 x TQ16: Delta and lse of the tile's rows, one head */
 } sa_work;
 
+/* Keys of the union of one tile (sub-tiles of rows when more). */
 static inline int64_t union_max(const sa_args *a) { return 2 * a->Kz; }
+/* Tile rows rounded up to the widest vector (the transposed arrays' stride). */
+static inline int64_t tq16(const sa_args *a) { return (a->TQ + 15) & ~(int64_t)15; }
 #ifndef PL_ISA /* used by the op's part only */
 static inline size_t work_bytes(const sa_args *a) {
     const size_t TQ = (size_t)a->TQ, H = (size_t)a->H, Kz = (size_t)a->Kz, D = (size_t)a->D;
-    const size_t UM = (size_t)union_max(a), L = (size_t)a->L;
-    const size_t bytes = 8 * (2 * TQ + (size_t)a->K) +
-                         4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H + H * Kz) +
-                         4 * (TQ * Kz + L + 2 * D * UM + 2 * TQ * UM) + 128;
+    const size_t UM = (size_t)union_max(a), L = (size_t)a->L, T16 = (size_t)tq16(a);
+    const size_t bytes =
+        8 * (2 * TQ + (size_t)a->K) + 4 * (2 * TQ * Kz + 2 * TQ * H * Kz + TQ * H + H * Kz) +
+        4 * (TQ * Kz + L + 3 * D * UM + 3 * T16 * UM + 2 * D * T16 + 2 * T16) + 128;
     return (bytes + 63) & ~(size_t)63;
 }
 
@@ -117,13 +128,18 @@ static inline sa_work work_carve(const sa_args *a, unsigned char *base) {
     w.sel = (int32_t *)(w.delta + TQ * H);
     w.pos = w.sel + TQ * Kz;
     w.zr = (float *)(w.pos + TQ * Kz);
-    const int64_t UM = union_max(a);
+    const int64_t UM = union_max(a), T16 = tq16(a);
     w.uni = (int32_t *)(w.zr + a->H * Kz);
     w.uidx = w.uni + TQ * Kz;
-    w.kut = (float *)(w.uidx + a->L);
-    w.vu = w.kut + a->D * UM;
-    w.su = w.vu + a->D * UM;
-    w.pu = w.su + TQ * UM;
+    w.mt = (float *)(w.uidx + a->L);
+    w.pt = w.mt + T16 * UM;
+    w.gt = w.pt + T16 * UM;
+    w.ku = w.gt + T16 * UM;
+    w.vu = w.ku + a->D * UM;
+    w.du = w.vu + a->D * UM;
+    w.qt = w.du + a->D * UM;
+    w.ot = w.qt + a->D * T16;
+    w.dl = w.ot + a->D * T16;
     return w;
 }
 #endif
@@ -344,108 +360,202 @@ static void row_keep(const sa_args *a, int64_t b, int64_t t, int64_t n, const in
     }
 }
 
-/* Forward of the query rows [t0, t1) of batch b, all heads. The rows walk the
- * keys in blocks of SK (a block's k or v rows stay in L2 while every row of the
- * tile takes its entries from it): scores z = q.k/sqrt(D) block by block,
- * then p = softmax(z) per row and head (saved as P[b,t,j,h]), then out = sum
- * p' v block by block. */
-static int cmp_i32(const void *x, const void *y) {
-    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
-    return (a > b) - (a < b);
-}
+/* ---- masked micro-GEMMs over a tile's union of keys ----
+ * Where the rows of a tile select largely the same keys, the tile's union U of
+ * keys is processed densely: per head, S^T = K_U Q^T (keys x rows), a softmax
+ * per column over the keys the row selected (the mask M: how often it selected
+ * each), out = P V_U; backward dP^T = V_U dO^T, G = P (dP - Delta) / sqrt(D),
+ * dq += G K_U, dk_U = G^T Q, dv_U = P^T dO. Arrays are [key][row], so the
+ * softmax runs with the rows in the vector lanes. A row's results do not
+ * depend on the other rows: its scores are the same dot products (over d in
+ * order), its max, sum and out sums run over the union in key order, and a
+ * key it did not select adds an exact zero. */
 
-/* The sorted union of the tile's selected keys into w->uni and each key's
- * place in it into w->uidx; returns its size. */
-static int64_t tile_union(const sa_args *a, int64_t nr, const sa_work *w) {
+/* The sorted union of the selected keys of tile rows [r0, r1) into w->uni and
+ * each key's place in it into w->uidx; returns its size. The keys are marked,
+ * then the marked range is scanned in order (no sort). */
+static int64_t tile_union(const sa_args *a, int64_t r0, int64_t r1, const sa_work *w) {
     const int64_t Kz = a->Kz;
-    int64_t nu = 0;
-    for (int64_t r = 0; r < nr; r++) /* INT32_MAX: not in the union yet */
-        for (int64_t i = 0; i < w->n[r]; i++) w->uidx[w->sel[r * Kz + i]] = INT32_MAX;
-    for (int64_t r = 0; r < nr; r++)
-        for (int64_t i = 0; i < w->n[r]; i++) {
-            const int32_t s = w->sel[r * Kz + i];
-            if (w->uidx[s] != INT32_MAX) continue;
-            w->uidx[s] = 0;
-            w->uni[nu++] = s;
+    int64_t lo = INT64_MAX, hi = -1, nu = 0;
+    for (int64_t r = r0; r < r1; r++)
+        if (w->n[r]) { /* entries sorted by key */
+            const int32_t *sel = w->sel + r * Kz;
+            lo = sel[0] < lo ? sel[0] : lo;
+            hi = sel[w->n[r] - 1] > hi ? sel[w->n[r] - 1] : hi;
         }
-    qsort(w->uni, (size_t)nu, sizeof *w->uni, cmp_i32);
-    for (int64_t u = 0; u < nu; u++) w->uidx[w->uni[u]] = (int32_t)u;
+    if (hi < 0) return 0;
+    for (int64_t s = lo; s <= hi; s++) w->uidx[s] = -1;
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t i = 0; i < w->n[r]; i++) w->uidx[w->sel[r * Kz + i]] = 0;
+    for (int64_t s = lo; s <= hi; s++)
+        if (w->uidx[s] == 0) {
+            w->uidx[s] = (int32_t)nu;
+            w->uni[nu++] = (int32_t)s;
+        }
     return nu;
 }
 
-/* Whether the tile starting at row t0 takes the micro-GEMM: when row t0
- * shares at least half of its keys with row t0 - 1. Only rows <= t0 decide,
- * so no row's result depends on a later row (PLASA is causal bit for bit;
- * the two paths round differently). sel, n: row t0's entries; prev (Kz
- * entries), pos (K), tmp: scratch. */
-static bool tile_overlaps(const sa_args *a, int64_t b, int64_t t0, const int32_t *sel, int64_t n,
-                          int32_t *prev, int32_t *pos, int64_t *tmp) {
-    if (t0 <= a->qt0 || n == 0) return false; /* row t0 - 1 must be held */
-    const int64_t np = row_entries(a, b, t0 - 1, prev, pos, tmp);
-    int64_t i = 0, j = 0, common = 0;
-    while (i < n && j < np) {
-        if (sel[i] < prev[j])
-            i++;
-        else if (sel[i] > prev[j])
-            j++;
-        else
-            common++, i++, j++;
+/* A tile takes the micro-GEMMs when its entries fill at least UNION_DENSITY of
+ * rows x union of keys (measured, see docs/benchmarks.md "Sparse attention:
+ * gather or micro-GEMMs") and it has at least UNION_MIN_ROWS rows (fewer rows
+ * amortise the union's K and V rows on too few queries). Not with dropout
+ * (its keep bits are per entry). */
+#define UNION_DENSITY 0.4
+#define UNION_MIN_ROWS 8
+
+/* Whether the forward's tile of rows [t0, t0 + nr) takes the micro-GEMMs: by
+ * the density of the tile before it (rows [t0 - TQ, t0); row t0 alone for the
+ * first tile). Only rows <= t0 decide, so no row's output depends on a later
+ * row (PLASA is causal bit for bit; the two paths round differently). uidx
+ * serves as marks. */
+static bool window_dense(const sa_args *a, int64_t b, int64_t t0, int64_t nr, const sa_work *w) {
+    const int64_t K = a->K;
+    int64_t tw = t0 - a->TQ > a->qt0 ? t0 - a->TQ : a->qt0, te = t0;
+    if (tw == te) te++; /* the first tile */
+    int64_t lo = INT64_MAX, hi = -1, entries = 0, nu = 0;
+    const int32_t *ir = a->idx + (b * a->L + tw - a->qt0) * K;
+    for (int64_t j = 0; j < (te - tw) * K; j++)
+        if (ir[j] >= 0) {
+            lo = ir[j] < lo ? ir[j] : lo;
+            hi = ir[j] > hi ? ir[j] : hi;
+            entries++;
+        }
+    if (hi < 0) return false;
+    memset(w->uidx + lo, 0, sizeof(int32_t) * (size_t)(hi - lo + 1));
+    for (int64_t j = 0; j < (te - tw) * K; j++)
+        if (ir[j] >= 0 && !w->uidx[ir[j]]) {
+            w->uidx[ir[j]] = 1;
+            nu++;
+        }
+    return nr >= UNION_MIN_ROWS && nu > 0 && (double)entries >= UNION_DENSITY * (te - tw) * nu;
+}
+
+/* The mask M^T [nu][nrp] of tile rows [r0, r0 + nr) (entries of row r0 + c in
+ * column c); returns whether some row selected a key twice. */
+static bool union_mask(const sa_args *a, int64_t r0, int64_t nr, int64_t nu, int64_t nrp,
+                       const sa_work *w) {
+    const int64_t Kz = a->Kz;
+    bool dup = false;
+    memset(w->mt, 0, sizeof(float) * (size_t)(nu * nrp));
+    for (int64_t c = 0; c < nr; c++) {
+        const int32_t *sel = w->sel + (r0 + c) * Kz;
+        for (int64_t i = 0; i < w->n[r0 + c]; i++) {
+            float *m = w->mt + (int64_t)w->uidx[sel[i]] * nrp + c;
+            dup |= *m != 0.0f;
+            *m += 1.0f;
+        }
     }
-    return 2 * common >= n;
+    return dup;
 }
 
-/* Scores of the tile's rows at their selected keys by GEMMs over the union of
- * the keys (nu of them, in chunks of union_max): S = Q_h K_U,h^T; each row's
- * entries are then read out of its row of S. A score is the same dot product
- * whatever the union (the micro-GEMM sums over d in order). */
-static PL_AI void union_scores(const sa_args *a, int64_t b, int64_t t0, int64_t nr, int64_t nu,
-                               const sa_work *w) {
-    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D, Kz = a->Kz, UM = union_max(a);
-    for (int64_t h = 0; h < H; h++)
-        for (int64_t u0 = 0; u0 < nu; u0 += UM) {
-            const int64_t cn = nu - u0 < UM ? nu - u0 : UM, nup = pl_rupw(cn);
-            for (int64_t u = 0; u < nup; u++) {
-                const float *kr = a->k + (b * L + (u < cn ? w->uni[u0 + u] : 0)) * HD + h * D;
-                for (int64_t d = 0; d < D; d++) w->kut[d * nup + u] = u < cn ? kr[d] : 0.0f;
-            }
-            pl_gemm(nr, nup, D, a->q + (b * L + t0 - a->qt0) * HD + h * D, HD, 1, w->kut, nup,
-                    w->su, nup, false);
-            for (int64_t r = 0; r < nr; r++) {
-                const int32_t *sel = w->sel + r * Kz;
-                float *z = w->z + (r * H + h) * Kz;
-                for (int64_t i = 0; i < w->n[r]; i++) {
-                    const int64_t u = w->uidx[sel[i]] - u0;
-                    if (u >= 0 && u < cn) z[i] = w->su[r * nup + u];
-                }
-            }
-        }
+/* The union's rows of head h of x (k or v of the batch) into dst [nu][D];
+ * x^T of nr consecutive rows (q or dO from row x0, head h) into dst [D][nrp],
+ * zero columns past nr. */
+static PL_AI void union_rows(const float *x, int64_t HD, int64_t h, int64_t D, int64_t nu,
+                             const int32_t *uni, float *dst, int ND) {
+    for (int64_t u = 0; u < nu; u++) {
+        const float *src = x + uni[u] * HD + h * D;
+        for (int c = 0; c < ND; c++) PL_ST(dst + u * D + PL_VW * c, PL_LD(src + PL_VW * c));
+    }
+}
+static void rows_t(const float *x0, int64_t HD, int64_t D, int64_t nr, int64_t nrp, float *dst) {
+    for (int64_t d = 0; d < D; d++)
+        for (int64_t c = 0; c < nrp; c++) dst[d * nrp + c] = c < nr ? x0[c * HD + d] : 0.0f;
 }
 
-/* out = P' V over the union: the rows' weights spread into dense rows (zero
- * where not selected), times V_U,h, in chunks accumulated in key order. A
- * zero weight adds an exact zero, so a row's output is the sum over its own
- * keys in ascending order whatever the union. */
-static PL_AI void union_out(const sa_args *a, int64_t b, int64_t t0, int64_t nr, int64_t nu,
-                            const float *pw, const sa_work *w) {
-    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D, Kz = a->Kz, UM = union_max(a);
-    for (int64_t h = 0; h < H; h++)
-        for (int64_t u0 = 0; u0 < nu; u0 += UM) {
-            const int64_t cn = nu - u0 < UM ? nu - u0 : UM;
-            for (int64_t u = 0; u < cn; u++)
-                memcpy(w->vu + u * D, a->v + (b * L + w->uni[u0 + u]) * HD + h * D,
-                       sizeof(float) * (size_t)D);
-            memset(w->pu, 0, sizeof(float) * (size_t)(nr * cn));
-            for (int64_t r = 0; r < nr; r++) {
-                const int32_t *sel = w->sel + r * Kz;
-                const float *p = pw + (r * H + h) * Kz;
-                for (int64_t i = 0; i < w->n[r]; i++) { /* += : a row may repeat a key */
-                    const int64_t u = w->uidx[sel[i]] - u0;
-                    if (u >= 0 && u < cn) w->pu[r * cn + u] += p[i];
-                }
+/* Forward of tile rows [r0, r0 + nr) (rows t0 + r0 ...) over their union (nu
+ * keys in w->uni, w->uidx). */
+static PL_AI void union_fwd(const sa_args *a, int64_t b, int64_t t0, int64_t r0, int64_t nr,
+                            int64_t nu, const sa_work *w, int ND) {
+    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D;
+    const int64_t nrp = pl_rupw(nr), row = b * L + t0 + r0; /* first row */
+    const float *q0 = a->q + (row - a->qt0) * HD;
+    float *o0 = a->out + (row - a->qt0) * HD;
+    const bool dup = union_mask(a, r0, nr, nu, nrp, w);
+    const pl_vf zero = pl_splat(0.0f), ms = pl_splat(-INFINITY), sc = pl_splat(a->scale);
+    for (int64_t h = 0; h < H; h++) {
+        union_rows(a->k + b * L * HD, HD, h, D, nu, w->uni, w->ku, ND);
+        rows_t(q0 + h * D, HD, D, nr, nrp, w->qt);
+        pl_gemm(nu, nrp, D, w->ku, D, 1, w->qt, nrp, w->pt, nrp, false); /* S^T */
+        for (int64_t c = 0; c < nrp; c += PL_VW) { /* softmax per column (row of the tile) */
+            pl_vf m = ms, sum = zero;
+            for (int64_t u = 0; u < nu; u++) {
+                const pl_vf sv = PL_LD(w->pt + u * nrp + c);
+                m = PL_SEL((PL_LD(w->mt + u * nrp + c) > zero) & (sv > m), sv, m);
             }
-            pl_gemm(nr, D, cn, w->pu, cn, 1, w->vu, D, a->out + (b * L + t0 - a->qt0) * HD + h * D,
-                    HD, u0 > 0);
+            const pl_vf mss = m * sc;
+            for (int64_t u = 0; u < nu; u++) { /* E = M e^(S/sqrt(D) - max) */
+                const pl_vf mk = PL_LD(w->mt + u * nrp + c);
+                const pl_vf e =
+                    PL_SEL(mk > zero, pl_vexp(PL_LD(w->pt + u * nrp + c) * sc - mss), zero);
+                sum += dup ? e * mk : e;
+                if (dup)
+                    PL_ST(w->pt + u * nrp + c, e * mk); /* a key selected twice weighs twice */
+                else
+                    PL_ST(w->pt + u * nrp + c, e);
+            }
+            PL_ST(w->dl + c, PL_SEL(sum > zero, pl_splat(1.0f) / sum, zero));
+            for (int64_t i = 0; i < PL_VW && c + i < nr; i++)
+                if (a->lse && sum[i] > 0.0f) a->lse[(row + c + i) * H + h] = mss[i] + logf(sum[i]);
         }
+        union_rows(a->v + b * L * HD, HD, h, D, nu, w->uni, w->vu, ND);
+        pl_gemm(nr, D, nu, w->pt, 1, nrp, w->vu, D, o0 + h * D, HD, false); /* out = E V_U */
+        for (int64_t c = 0; c < nr; c++) {                                  /* / sum */
+            const pl_vf inv = pl_splat(w->dl[c]);
+            for (int x = 0; x < ND; x++)
+                PL_ST(o0 + c * HD + h * D + PL_VW * x,
+                      PL_LD(o0 + c * HD + h * D + PL_VW * x) * inv);
+        }
+    }
+}
+
+/* Backward of tile rows [r0, r0 + nr) over their union (w->uni, w->uidx),
+ * p recomputed from lse; Delta of tile row r, head h in w->delta[r*H + h]. */
+static PL_AI void union_bwd(const sa_args *a, const float *dO, float *dq, float *dkb, float *dvb,
+                            int64_t b, int64_t t0, int64_t r0, int64_t nr, int64_t nu,
+                            const sa_work *w, int ND) {
+    const int64_t L = a->L, H = a->H, D = a->D, HD = H * D;
+    const int64_t nrp = pl_rupw(nr), row = b * L + t0 + r0;
+    const float *q0 = a->q + row * HD, *dO0 = dO + row * HD;
+    (void)union_mask(a, r0, nr, nu, nrp, w);
+    const pl_vf zero = pl_splat(0.0f), sc = pl_splat(a->scale);
+    float *dl = w->dl, *ls = w->dl + nrp; /* Delta and lse of the rows, one head */
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t c = 0; c < nrp; c++) {
+            dl[c] = c < nr ? w->delta[(r0 + c) * H + h] : 0.0f;
+            ls[c] = c < nr ? a->lse[(row + c) * H + h] : 0.0f;
+        }
+        union_rows(a->k + b * L * HD, HD, h, D, nu, w->uni, w->ku, ND);
+        union_rows(a->v + b * L * HD, HD, h, D, nu, w->uni, w->vu, ND);
+        rows_t(dO0 + h * D, HD, D, nr, nrp, w->ot);
+        pl_gemm(nu, nrp, D, w->vu, D, 1, w->ot, nrp, w->gt, nrp, false); /* dP^T */
+        /* P^T = M e^(S^T / sqrt(D) - lse) (a key selected twice weighs twice) */
+        rows_t(q0 + h * D, HD, D, nr, nrp, w->qt);
+        pl_gemm(nu, nrp, D, w->ku, D, 1, w->qt, nrp, w->pt, nrp, false);
+        for (int64_t u = 0; u < nu; u++)
+            for (int64_t c = 0; c < nrp; c += PL_VW) {
+                const pl_vf mk = PL_LD(w->mt + u * nrp + c);
+                const pl_vf e = pl_vexp(PL_LD(w->pt + u * nrp + c) * sc - PL_LD(ls + c));
+                PL_ST(w->pt + u * nrp + c, PL_SEL(mk > zero, e * mk, zero));
+            }
+        for (int64_t u = 0; u < nu; u++) /* G^T = P^T (dP^T - Delta) / sqrt(D) */
+            for (int64_t c = 0; c < nrp; c += PL_VW) {
+                float *g = w->gt + u * nrp + c;
+                PL_ST(g, PL_LD(w->pt + u * nrp + c) * (PL_LD(g) - PL_LD(dl + c)) * sc);
+            }
+        if (dq) pl_gemm(nr, D, nu, w->gt, 1, nrp, w->ku, D, dq + row * HD + h * D, HD, true);
+        for (int x = 0; x < 2; x++) { /* dk_U = G^T Q, dv_U = P^T dO, into the key rows */
+            float *dst = x ? dvb : dkb;
+            if (!dst) continue;
+            pl_gemm(nu, D, nr, x ? w->pt : w->gt, nrp, 1, (x ? dO0 : q0) + h * D, HD, w->du, D,
+                    false);
+            for (int64_t u = 0; u < nu; u++) {
+                float *dr = dst + (int64_t)w->uni[u] * HD + h * D;
+                for (int c = 0; c < ND; c++)
+                    PL_ST(dr + PL_VW * c, PL_LD(dr + PL_VW * c) + PL_LD(w->du + u * D + PL_VW * c));
+            }
+        }
+    }
 }
 
 /* Scores z of the tile's rows at their entries with keys in [s0, se), gathered
@@ -476,6 +586,12 @@ static PL_AI void out_walk(const sa_args *a, int64_t b, int64_t t0, int64_t t1, 
     }
 }
 
+/* Forward of the query rows [t0, t1) of batch b, all heads. The rows walk the
+ * keys in blocks of SK (a block's k or v rows stay in L2 while every row of the
+ * tile takes its entries from it): scores z = q.k/sqrt(D) block by block,
+ * then p = softmax(z) per row and head (saved as P[b,t,j,h]), then out = sum
+ * p' v block by block. Or, where the selections are dense enough, the same by
+ * micro-GEMMs over the tile's union of keys. */
 static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t t1,
                                 const sa_work *w, int ND) {
     const int64_t L = a->L, H = a->H, K = a->K, HD = H * a->D, Kz = a->Kz;
@@ -487,18 +603,21 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
         memset(a->out + (b * L + t - a->qt0) * HD, 0, sizeof(float) * (size_t)HD);
         if (a->keep && n) row_keep(a, b, t, n, pos);
     }
-    /* Per tile, by the measured overlap of neighbouring rows' selections
-     * (tile_overlaps): a masked micro-GEMM over the union of the tile's keys,
-     * or a gather per query. */
-    int64_t nu = -1;
+    /* Per tile, by the measured density of the selections of the rows up to
+     * t0 (window_dense): masked micro-GEMMs over the union of the tile's keys
+     * (in sub-tiles of rows whose union fits), or a gather per query. */
     const int64_t nr = t1 - t0, mode = pl__tuning.sparse_gemm;
-    if (ND && mode != 1 &&
-        (mode == 2 || tile_overlaps(a, b, t0, w->sel, w->n[0], w->uni, (int32_t *)w->kut, w->tmp)))
-        nu = tile_union(a, nr, w);
-    if (nu >= 0)
-        union_scores(a, b, t0, nr, nu, w);
-    else
-        scores_walk(a, b, t0, t1, 0, L, w, ND);
+    const bool uni = ND && !a->keep && mode != 1 && (mode == 2 || window_dense(a, b, t0, nr, w));
+    if (a->uflag) a->uflag[b * ((a->L + a->TQ - 1) / a->TQ) + t0 / a->TQ] = uni;
+    if (uni) {
+        for (int64_t r0 = 0, r1 = nr; r0 < nr; r0 = r1, r1 = nr) {
+            int64_t nu;
+            while ((nu = tile_union(a, r0, r1, w)) > union_max(a)) r1 = r0 + (r1 - r0) / 2;
+            union_fwd(a, b, t0, r0, r1 - r0, nu, w, ND);
+        }
+        return;
+    }
+    scores_walk(a, b, t0, t1, 0, L, w, ND);
     for (int64_t t = t0; t < t1; t++) {
         const int64_t r = t - t0, n = w->n[r], n8 = pl_rupw(n), row0 = (b * L + t) * H;
         const int32_t *pos = w->pos + r * Kz;
@@ -535,12 +654,7 @@ static PL_AI void fwd_tile_impl(const sa_args *a, int64_t b, int64_t t0, int64_t
                 for (int64_t h = 0; h < H; h++) P[pos[i] * H + h] = zr[h * Kz + i];
         }
     }
-    const float *pw = a->keep ? w->w : w->z;
-    if (nu >= 0) {
-        union_out(a, b, t0, nr, nu, pw, w);
-        return;
-    }
-    out_walk(a, b, t0, t1, 0, L, pw, w, ND);
+    out_walk(a, b, t0, t1, 0, L, a->keep ? w->w : w->z, w, ND);
 }
 
 void PL_ISA_FN(sa_fwd_tile)(const sa_args *a, int64_t b, int64_t t0, int64_t t1, const sa_work *w) {
@@ -789,6 +903,16 @@ static PL_AI void bwd_tile_impl(const sa_args *a, const float *dO, float *dq, fl
         w->cur[r] = 0;
         for (int64_t h = 0; h < H; h++)
             w->delta[r * H + h] = pl__dot(dO + (row0 + h) * D, a->out + (row0 + h) * D, D);
+    }
+    /* The micro-GEMMs where the forward took them (same sub-tiles). */
+    const int64_t nr = t1 - t0;
+    if (a->uflag && a->uflag[b * ((L + a->TQ - 1) / a->TQ) + t0 / a->TQ]) {
+        for (int64_t r0 = 0, r1 = nr; r0 < nr; r0 = r1, r1 = nr) { /* the forward's sub-tiles */
+            int64_t nu;
+            while ((nu = tile_union(a, r0, r1, w)) > union_max(a)) r1 = r0 + (r1 - r0) / 2;
+            union_bwd(a, dO, dq, dkb, dvb, b, t0, r0, r1 - r0, nu, w, ND);
+        }
+        return;
     }
     bwd_walk(a, dO, dq, dkb, dvb, b, t0, t1, 0, L, w->delta, w, ND);
 }
@@ -1093,14 +1217,18 @@ static pl_tensor *sparse_attention_impl(pl_ctx *ctx, pl_tensor *q, pl_tensor *k,
                  NULL,
                  NULL,
                  NULL,
+                 NULL,
                  0};
     const size_t pbytes = sizeof(float) * (size_t)(B * L * K * H);
     const bool lse_only =
         ctx->sparse_save == PL_SPARSE_SAVE_LSE ||
         (ctx->sparse_save == PL_SPARSE_SAVE_AUTO && pbytes > PL_SPARSE_SAVE_AUTO_BYTES);
-    if (record && lse_only && !(a.lse = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * H))))
-        return NULL;
+    /* lse is saved in both modes: the tiles that take the micro-GEMMs (uflag,
+     * tile walk) recompute p from it. */
+    if (record && !(a.lse = pl__scratch(ctx, sizeof(float) * (size_t)(B * L * H)))) return NULL;
     if (record && !lse_only && !(a.P = pl__scratch(ctx, pbytes))) return NULL;
+    if (record && !a.SB && !(a.uflag = pl__scratch(ctx, (size_t)(B * ((L + TQ - 1) / TQ)))))
+        return NULL;
     /* Backward reads idx: keep a copy, checked above, that the caller cannot change. */
     if (record && !(a.idx = pl__idx_copy(ctx, idx))) return NULL;
     if (dropout_p > 0.0f &&
@@ -1129,7 +1257,7 @@ static pl_tensor *sparse_attention_impl(pl_ctx *ctx, pl_tensor *q, pl_tensor *k,
             if (r0 < r1) PL_ISA_PICK(sa_fwd_sb, a.isa)(&a, b, r0, r1, &w);
         });
         /* lse was only scratch unless recorded; the running sums are done */
-        if (!(record && lse_only)) a.lse = NULL;
+        if (!record) a.lse = NULL;
         a.rcur = NULL;
         a.mrun = a.lrun = NULL;
         pl_mark_release(ctx, mk);

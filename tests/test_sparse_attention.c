@@ -370,12 +370,12 @@ START_TEST(recompute_matches_saved) {
         /* The forward outputs are the same computation in both modes. */
         ck_assert(!memcmp(res[0], res[1], sizeof(float) * (size_t)n));
         tu_assert_close(res[1] + n, res[0] + n, 3 * n, 1e-5, 1e-4);
-        /* Saved: P (B*L*K*H floats) vs lse (B*L*H floats), each rounded up to the
-         * arena's 64-byte alignment); nothing else differs. */
-        const size_t P = (sizeof(float) * (size_t)(B * L * K * H) + 63) & ~(size_t)63,
-                     lse = (sizeof(float) * (size_t)(B * L * H) + 63) & ~(size_t)63;
-        ck_assert_msg(grew[0] - grew[1] == P - lse,
-                      "forward took %zu bytes saving P, %zu saving lse", grew[0], grew[1]);
+        /* Saved: P (B*L*K*H floats, rounded up to the arena's 64-byte
+         * alignment) and lse vs lse alone (the tiles that take the
+         * micro-GEMMs recompute p from lse in both modes); nothing else differs. */
+        const size_t P = (sizeof(float) * (size_t)(B * L * K * H) + 63) & ~(size_t)63;
+        ck_assert_msg(grew[0] - grew[1] == P, "forward took %zu bytes saving P, %zu saving lse",
+                      grew[0], grew[1]);
         free(seed);
         free(res[0]);
         free(res[1]);
@@ -392,10 +392,12 @@ START_TEST(recompute_matches_saved) {
 }
 END_TEST
 
-/* The masked micro-GEMM over a tile's union of keys against the gather and
- * the double reference (outputs and gradients): overlapping selections (each tile's rows draw from
- * a shared pool of keys), padded rows, dropout, D a multiple of the vector width and not; gradients
- * through both (the backward is the same). */
+/* The masked micro-GEMMs over a tile's union of keys (forward and backward)
+ * against the gather and the double reference (outputs and gradients):
+ * overlapping selections (each tile's rows draw from a shared pool of keys),
+ * padded rows, a key twice in a row, dropout (which gathers), D a multiple of
+ * the vector width and not, both save modes; the micro-GEMMs at 1 and 2
+ * threads give the same bits. */
 START_TEST(union_gemm_matches_gather) {
     uint64_t s = 61;
     const int Ds[] = {32, 16, 64, 12};
@@ -423,10 +425,14 @@ START_TEST(union_gemm_matches_gather) {
                 (void)n;
             }
         const int64_t n = q->numel;
-        float *seed = malloc(sizeof(float) * (size_t)n), *res[2];
+        for (int b = 0; b < B; b++) /* row 20: key 17 in two slots */
+            for (int j = 0; j < 2; j++) id[((int64_t)b * L + 20) * K + j] = 17;
+        float *seed = malloc(sizeof(float) * (size_t)n), *res[3];
         tu_fill(seed, n, &s, -1, 1);
-        for (int mode = 0; mode < 2; mode++) {
+        set_save(rep / 4);
+        for (int mode = 0; mode < 3; mode++) {
             pl__tuning.sparse_gemm = mode ? 2 : 1;
+            pl_set_num_threads(mode == 2 ? 2 : 1);
             pl_zero_grad(ctx);
             pl_rng rng;
             pl_rng_init(&rng, 9);
@@ -448,7 +454,10 @@ START_TEST(union_gemm_matches_gather) {
             res[mode] = out_and_grads(o, q, k, v, n);
             pl_step_reset(ctx);
         }
+        pl_set_num_threads(2);
         tu_assert_close(res[1] + n, res[0] + n, 3 * n, 1e-5, 1e-4);
+        ck_assert_msg(!memcmp(res[1], res[2], sizeof(float) * (size_t)n * 4),
+                      "micro-GEMMs: 1 and 2 threads differ (rep %d)", rep);
         /* Causal bit for bit on the micro-GEMM path too: the last row selecting
          * other keys (so the tiles' unions change) and the last token's k and v
          * changing leave every earlier row's output as it was. */
@@ -481,11 +490,13 @@ START_TEST(union_gemm_matches_gather) {
         free(seed);
         free(res[0]);
         free(res[1]);
+        free(res[2]);
         pl_tensor_free(q);
         pl_tensor_free(k);
         pl_tensor_free(v);
         pl_tensor_free(idx);
     }
+    pl_set_sparse_attention_save(ctx, PL_SPARSE_SAVE_AUTO);
 }
 END_TEST
 
