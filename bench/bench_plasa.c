@@ -620,8 +620,12 @@ int main(int argc, char **argv) {
         } else {
             fprintf(stderr,
                     "usage: %s [--L 128,512,...] [--reps N] [--threads N] [--quick] "
-                    "[--kdiv 8,4,2] [--ops substr,...] [--min]\n",
-                    argv[0]);
+                    "[--kdiv 8,4,2] [--ops substr,...] [--min]\n"
+                    "       %s --compare [--L 8192,32768,65536] [--k 2048] [--reps N] "
+                    "[--threads N] [--cpu] [--ops dense,PLASA,indexer] [--walk tile|sb|auto] "
+                    "[--gemm gather|gemm|auto] [--pool F] [--save FILE]\n"
+                    "(the options are described at the top of bench/bench_plasa.c)\n",
+                    argv[0], argv[0]);
             return 2;
         }
     }
