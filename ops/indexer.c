@@ -39,11 +39,11 @@
  * lib/simd.h, the ops section once; each op takes its level once (pl__isa(),
  * saved for backward). The file is built with -ffp-contract=off: the
  * elementwise kernels (score rows, their backward, int8 scaling) give the same
- * bits on every path. The dot products (ixg_dots, the fused and decode kernels, dq) use
+ * bits on every path. The dot products (the fused and decode kernels, dq) use
  * explicit FMAs (pl_vfma) where the level has them, as an sgemm does, and
  * the gathered dots (ixg_chunk_dots) sum their PL_VW lanes by the one
- * transposing tree: there the paths differ in the last bits. Every path is tested against the references of
- * tests/test_indexer.c (tu_isa_tcases forces each level the CPU has). */
+ * transposing tree: there the paths differ in the last bits. Every path is tested against the
+ * references of tests/test_indexer.c (tu_isa_tcases forces each level the CPU has). */
 #include "internal.h"
 
 #include <math.h>
