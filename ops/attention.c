@@ -427,32 +427,25 @@ static PL_AI void gemm2(int64_t M, int64_t N, int64_t K, const float *A1, const 
 #define G2(RR)                                                                                     \
     (NV == 2 ? gemm2_tile(RR, 2, K, a1, a2, lda, B1 + n, B2 + n, ldb, c1, c2)                      \
              : gemm2_tile(RR, 1, K, a1, a2, lda, B1 + n, B2 + n, ldb, c1, c2))
-            if (R == G2R) G2(G2R);
+            int64_t done = 0; /* rows of the tile done by a multi-row kernel */
+            if (R == G2R) {
+                G2(G2R);
+                done = R;
+            }
 #if PL_VW == 16
             else if (R >= 4) {
                 G2(4);
-                if (R > 4) {
-                    const int64_t m2 = m + 4;
-                    for (int64_t x = m2; x < m + R; x++) {
-                        const float *e1 = A1 + x * lda, *e2 = A2 + x * lda;
-                        float *f1 = C1 + x * ldb + n, *f2 = C2 + x * ldb + n;
-                        if (NV == 2)
-                            gemm2_tile(1, 2, K, e1, e2, lda, B1 + n, B2 + n, ldb, f1, f2);
-                        else
-                            gemm2_tile(1, 1, K, e1, e2, lda, B1 + n, B2 + n, ldb, f1, f2);
-                    }
-                }
+                done = 4;
             }
 #endif
-            else
-                for (int64_t x = m; x < m + R; x++) {
-                    const float *e1 = A1 + x * lda, *e2 = A2 + x * lda;
-                    float *f1 = C1 + x * ldb + n, *f2 = C2 + x * ldb + n;
-                    if (NV == 2)
-                        gemm2_tile(1, 2, K, e1, e2, lda, B1 + n, B2 + n, ldb, f1, f2);
-                    else
-                        gemm2_tile(1, 1, K, e1, e2, lda, B1 + n, B2 + n, ldb, f1, f2);
-                }
+            for (int64_t x = m + done; x < m + R; x++) { /* the rest, a row at a time */
+                const float *e1 = A1 + x * lda, *e2 = A2 + x * lda;
+                float *f1 = C1 + x * ldb + n, *f2 = C2 + x * ldb + n;
+                if (NV == 2)
+                    gemm2_tile(1, 2, K, e1, e2, lda, B1 + n, B2 + n, ldb, f1, f2);
+                else
+                    gemm2_tile(1, 1, K, e1, e2, lda, B1 + n, B2 + n, ldb, f1, f2);
+            }
 #undef G2
         }
     }
